@@ -1,0 +1,48 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV := $(BIN)/uv
+PROTOS := $(wildcard protos/wa/v1/*.proto)
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck proto install bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(UV): | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "uv>=0.9,<1"
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --quiet --python $(BIN)/python
+	touch $(STAMP)
+
+install: $(STAMP) gen/.stamp
+
+gen/.stamp: $(PROTOS) $(STAMP)
+	$(BIN)/python -m common.codegen
+	touch gen/.stamp
+
+proto: gen/.stamp
+
+run: install
+	$(BIN)/wa run
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy common services cli tests bench
+	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy common services cli tests bench
+
+bench: install
+	$(BIN)/python -m bench.ack
+
+clean:
+	rm -rf gen .run .mypy_cache .ruff_cache .pytest_cache

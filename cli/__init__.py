@@ -1,0 +1,1 @@
+"""`wa`: the operator's command line (run, simulate, dlq, health, stats, trace, migrate)."""

@@ -1,0 +1,186 @@
+"""`wa dlq list|show|retry|purge`, over the dlq service's gRPC API.
+
+`--json` output is stable: `list` prints a JSON array of items, `show` one item; an item has
+id, message_id, conversation_id, wa_id, status, attempts, error_class, error_message,
+retryable, correlation_id, created_at, updated_at, next_attempt_at (and, for `show`,
+payload and history: [{at, error_class, error_message}], timeline: [...]).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import grpc
+import orjson
+from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
+
+from common import config, grpcserver
+
+FIELDS = (
+    "id",
+    "message_id",
+    "conversation_id",
+    "wa_id",
+    "status",
+    "attempts",
+    "error_class",
+    "error_message",
+    "retryable",
+    "correlation_id",
+    "created_at",
+    "updated_at",
+    "next_attempt_at",
+)
+
+
+def item_dict(item: dlq_pb2.DlqItem, *, full: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {f: getattr(item, f) for f in FIELDS}
+    out["next_attempt_at"] = out["next_attempt_at"] or None
+    if full:
+        out["payload"] = orjson.loads(item.payload_json) if item.payload_json else None
+        out["history"] = [
+            {"at": h.at, "error_class": h.error_class, "error_message": h.error_message}
+            for h in item.history
+        ]
+    return out
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = ("id", "status", "attempts", "message_id", "wa_id", "error", "next_attempt", "created")
+    data = [
+        (
+            str(r["id"]),
+            r["status"],
+            str(r["attempts"]),
+            r["message_id"],
+            r["wa_id"],
+            f"{r['error_class']}: {r['error_message']}"[:60],
+            (r["next_attempt_at"] or "-")[:19],
+            r["created_at"][:19],
+        )
+        for r in rows
+    ]
+    widths = [
+        max(len(c), *(len(d[i]) for d in data)) if data else len(c) for i, c in enumerate(cols)
+    ]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)) for d in data]
+    return "\n".join(lines)
+
+
+async def list_items(status: str, as_json: bool, limit: int) -> int:
+    settings = config.Settings.from_env()
+    async with grpcserver.channel(settings.dlq_addr) as ch:
+        resp = await dlq_pb2_grpc.DlqStub(ch).List(
+            dlq_pb2.ListRequest(status=status, limit=limit), timeout=10
+        )
+    rows = [item_dict(i) for i in resp.items]
+    if as_json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    elif rows:
+        print(_table(rows))
+    else:
+        print("no dead-letter items" + (f" with status {status}" if status else ""))
+    return 0
+
+
+async def show(item_id: int, as_json: bool) -> int:
+    settings = config.Settings.from_env()
+    async with grpcserver.channel(settings.dlq_addr) as ch:
+        try:
+            item = await dlq_pb2_grpc.DlqStub(ch).Get(dlq_pb2.GetRequest(id=item_id), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            print(exc.details(), file=sys.stderr)
+            return 1
+    data = item_dict(item, full=True)
+    timeline: list[dict[str, Any]] = []
+    async with grpcserver.channel(settings.state_addr) as ch:
+        try:
+            tl = await state_pb2_grpc.StateStub(ch).GetTimeline(
+                state_pb2.GetTimelineRequest(message_id=item.message_id, limit=10), timeout=10
+            )
+            timeline = [
+                {
+                    "at": t.at,
+                    "message_id": t.message_id,
+                    "entity": t.entity,
+                    "from": t.from_state,
+                    "to": t.to_state,
+                    "reason": t.reason,
+                }
+                for t in tl.transitions
+            ]
+        except grpc.aio.AioRpcError as exc:
+            timeline = [{"error": f"timeline unavailable: {exc.code().name}"}]
+    data["timeline"] = timeline
+    if as_json:
+        print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"dead-letter item {data['id']}  [{data['status']}]")
+    for key in (
+        "message_id",
+        "wa_id",
+        "conversation_id",
+        "attempts",
+        "retryable",
+        "correlation_id",
+        "created_at",
+        "updated_at",
+        "next_attempt_at",
+    ):
+        print(f"  {key:<16} {data[key]}")
+    print(f"  {'last error':<16} {data['error_class']}: {data['error_message']}")
+    print("  payload:")
+    print("    " + orjson.dumps(data["payload"]).decode())
+    print("  error history:")
+    for h in data["history"]:
+        print(f"    {h['at'][:19]}  {h['error_class']}: {h['error_message']}")
+    print("  conversation timeline (newest first):")
+    for t in timeline:
+        if "error" in t:
+            print(f"    {t['error']}")
+            continue
+        print(
+            f"    {t['at'][:19]}  {t['entity']:<12} {t['message_id'] or '-':<24} "
+            f"{t['from'] or '(new)'} -> {t['to']}  {t['reason']}"
+        )
+    return 0
+
+
+async def retry(ids: list[int], all_items: bool, status: str, as_json: bool) -> int:
+    settings = config.Settings.from_env()
+    async with grpcserver.channel(settings.dlq_addr) as ch:
+        try:
+            resp = await dlq_pb2_grpc.DlqStub(ch).Retry(
+                dlq_pb2.RetryRequest(ids=ids, all=all_items, status=status), timeout=60
+            )
+        except grpc.aio.AioRpcError as exc:
+            print(exc.details(), file=sys.stderr)
+            return 2
+    if as_json:
+        print(orjson.dumps({"redriven": list(resp.redriven), "errors": list(resp.errors)}).decode())
+    else:
+        print(f"redriven: {', '.join(map(str, resp.redriven)) or 'none'}")
+        for err in resp.errors:
+            print(f"not redriven: {err}")
+    return 0 if not resp.errors else 1
+
+
+def confirm_purge(ids: list[int]) -> bool:
+    if not sys.stdin.isatty():
+        print("refusing to purge without confirmation: pass --yes", file=sys.stderr)
+        return False
+    answer = input(f"Purge {len(ids)} item(s) {', '.join(map(str, ids))} for good? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        print("nothing purged", file=sys.stderr)
+        return False
+    return True
+
+
+async def purge(ids: list[int]) -> int:
+    settings = config.Settings.from_env()
+    async with grpcserver.channel(settings.dlq_addr) as ch:
+        resp = await dlq_pb2_grpc.DlqStub(ch).Purge(dlq_pb2.PurgeRequest(ids=ids), timeout=10)
+    print(f"purged {resp.purged} item(s)")
+    return 0

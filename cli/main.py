@@ -1,0 +1,109 @@
+"""The `wa` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from common import config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wa", description="Operate the WhatsApp agent system.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="start everything in the foreground (what `make run` does)")
+    sub.add_parser("migrate", help="apply database migrations")
+
+    sim = sub.add_parser("simulate", help="send a correctly signed sample text message")
+    sim.add_argument("text")
+    sim.add_argument("--from", dest="wa_id", default="15550001111", help="sender WhatsApp id")
+    sim.add_argument("--url", default="", help="gateway webhook URL")
+    sim.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the outcome")
+
+    dlq = sub.add_parser("dlq", help="the dead-letter queue")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True)
+    ls = dsub.add_parser("list", help="list items")
+    ls.add_argument(
+        "--status", default="", choices=["", "pending", "retrying", "dead", "resolved", "purged"]
+    )
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--limit", type=int, default=100)
+    show = dsub.add_parser("show", help="one item with its payload and error history")
+    show.add_argument("id", type=int)
+    show.add_argument("--json", action="store_true")
+    rt = dsub.add_parser("retry", help="redrive items now (dead ones too)")
+    rt.add_argument("ids", type=int, nargs="*")
+    rt.add_argument("--all", action="store_true")
+    rt.add_argument("--status", default="", choices=["", "pending", "retrying", "dead"])
+    rt.add_argument("--json", action="store_true")
+    pg = dsub.add_parser("purge", help="drop items for good")
+    pg.add_argument("ids", type=int, nargs="+")
+    pg.add_argument("--yes", action="store_true")
+
+    health = sub.add_parser(
+        "health", help="the system's health: exit 0 healthy, 1 degraded, 2 down"
+    )
+    health.add_argument("--json", action="store_true")
+
+    tr = sub.add_parser("trace", help="a message's timeline and trace id")
+    tr.add_argument("target", help="WhatsApp message id or phone (wa_id)")
+    tr.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except config.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from . import run
+
+        return run.main()
+    if args.command == "migrate":
+        from common import migrate
+
+        migrate.main()
+        return 0
+    if args.command == "simulate":
+        from . import simulate
+
+        return asyncio.run(simulate.simulate(args.text, args.wa_id, args.url, args.wait))
+    if args.command == "dlq":
+        from . import dlq
+
+        if args.dlq_command == "list":
+            return asyncio.run(dlq.list_items(args.status, args.json, args.limit))
+        if args.dlq_command == "show":
+            return asyncio.run(dlq.show(args.id, args.json))
+        if args.dlq_command == "retry":
+            if not args.ids and not args.all:
+                print("give item ids or --all", file=sys.stderr)
+                return 2
+            return asyncio.run(dlq.retry(args.ids, args.all, args.status, args.json))
+        if args.dlq_command == "purge":
+            if not args.yes and not dlq.confirm_purge(args.ids):
+                return 1
+            return asyncio.run(dlq.purge(args.ids))
+    if args.command == "health":
+        from . import health
+
+        return asyncio.run(health.health(args.json))
+    if args.command == "trace":
+        from . import trace
+
+        return asyncio.run(trace.trace(args.target, args.json))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

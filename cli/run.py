@@ -1,0 +1,160 @@
+"""`wa run` (what `make run` starts): embedded servers when DATABASE_URL / REDIS_URL are unset,
+migrations, then the four services as supervised processes, in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+from dotenv import dotenv_values
+
+from common import config, embedded, logs, migrate, supervisor
+
+log = logging.getLogger("wa.run")
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("state", "agent", "dlq", "gateway")
+METRICS_PORTS = {"state": 9101, "agent": 9102, "dlq": 9103}
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def _wait_postgres(dsn: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=2)
+            await conn.close()
+            return
+        except (OSError, asyncpg.PostgresError) as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start: {exc}") from exc
+            await asyncio.sleep(0.1)
+
+
+async def _wait_redis(url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        while True:
+            try:
+                await client.ping()
+                return
+            except (OSError, redis.exceptions.RedisError) as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Redis did not start: {exc}") from exc
+                await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+
+
+def _dev_defaults(env: dict[str, str]) -> list[str]:
+    """Fills development-only values from .env.example; returns what was filled."""
+    filled: list[str] = []
+    example = {k: v for k, v in dotenv_values(ROOT / ".env.example").items() if v}
+    for key in ("WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"):
+        if not env.get(key) and key in example:
+            env[key] = example[key]
+            filled.append(key)
+    return filled
+
+
+async def run() -> int:
+    settings = config.Settings.from_env()
+    logs.setup("run", settings.log_level)
+    supervisor.die_with_parent(signal.SIGTERM)
+    run_dir = settings.run_dir.resolve()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    sup = supervisor.Supervisor(on_event=lambda name, what: say(f"[wa run] {name}: {what}"))
+    env: dict[str, str] = {}
+    database_url = settings.database_url
+    redis_url = settings.redis_url
+    try:
+        if not database_url:
+            pg = await asyncio.to_thread(embedded.prepare_postgres, run_dir / "postgres")
+            await sup.start(
+                supervisor.Spec(
+                    "postgres",
+                    pg.argv,
+                    stop_signal=signal.SIGINT,  # "fast" shutdown; SIGTERM waits for clients
+                    user=pg.user,
+                    log_file=str(run_dir / "logs" / "postgres.log"),
+                )
+            )
+            database_url = pg.dsn
+            await _wait_postgres(database_url)
+        if not redis_url:
+            port = embedded.free_port(16379)
+            await sup.start(
+                supervisor.Spec(
+                    "valkey",
+                    embedded.valkey_argv(port, run_dir / "valkey"),
+                    log_file=str(run_dir / "logs" / "valkey.log"),
+                )
+            )
+            redis_url = f"redis://127.0.0.1:{port}/0"
+            await _wait_redis(redis_url)
+        applied = await migrate.migrate(database_url)
+        say(f"[wa run] migrations applied: {', '.join(applied) or 'none pending'}")
+
+        env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, RUN_DIR=str(run_dir))
+        base = {**{k: v for k, v in dotenv_values(".env").items() if v}, **os.environ, **env}
+        filled = _dev_defaults(base)
+        for key in filled:
+            env[key] = base[key]
+            say(f"[wa run] {key} is not set: using the DEVELOPMENT value from .env.example")
+        for name in SERVICES:
+            service_env = dict(env)
+            if name in METRICS_PORTS:
+                service_env["METRICS_PORT"] = str(
+                    os.environ.get(f"{name.upper()}_METRICS_PORT", METRICS_PORTS[name])
+                )
+            await sup.start(
+                supervisor.Spec(name, [sys.executable, "-m", f"services.{name}"], env=service_env)
+            )
+        _print_endpoints(settings, database_url, redis_url)
+        await stop.wait()
+    finally:
+        say("[wa run] stopping")
+        # Front door first, then the services, then the servers they use.
+        await sup.stop(["gateway"], timeout=4)
+        await sup.stop(["state", "agent", "dlq"], timeout=4)
+        await sup.stop(timeout=2)
+        say("[wa run] stopped")
+    return 0
+
+
+def _print_endpoints(settings: config.Settings, database_url: str, redis_url: str) -> None:
+    gw = f"http://127.0.0.1:{settings.gateway_port}"
+    lines = [
+        "",
+        "  wa is running. Ctrl-C stops everything.",
+        f"  gateway   {gw}/webhook   ({gw}/healthz, /readyz, /metrics)",
+        f"  state     grpc 127.0.0.1:{settings.state_port}   metrics :{METRICS_PORTS['state']}",
+        f"  agent     grpc 127.0.0.1:{settings.agent_port}   metrics :{METRICS_PORTS['agent']}",
+        f"  dlq       grpc 127.0.0.1:{settings.dlq_port}   metrics :{METRICS_PORTS['dlq']}",
+        f"  postgres  {database_url}",
+        f"  redis     {redis_url}",
+        '  try:      .venv/bin/wa simulate "hello"',
+        "",
+    ]
+    say("\n".join(lines))
+
+
+def main() -> int:
+    return asyncio.run(run())

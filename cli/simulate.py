@@ -1,0 +1,119 @@
+"""`wa simulate`: a correctly signed sample delivery to the gateway, and what became of it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+import orjson
+from dotenv import dotenv_values
+from wa.v1 import state_pb2, state_pb2_grpc
+
+from common import config, grpcserver
+from services.gateway import signature
+
+from .run import ROOT
+
+
+def text_delivery(
+    text: str,
+    *,
+    wa_id: str = "15550001111",
+    name: str = "Test Customer",
+    phone_number_id: str = "100000000000001",
+    display_phone_number: str = "15550009999",
+    message_id: str | None = None,
+    timestamp: int | None = None,
+) -> dict[str, Any]:
+    """A delivery exactly as Meta sends one text message."""
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "200000000000002",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": display_phone_number,
+                                "phone_number_id": phone_number_id,
+                            },
+                            "contacts": [{"profile": {"name": name}, "wa_id": wa_id}],
+                            "messages": [
+                                {
+                                    "from": wa_id,
+                                    "id": message_id or f"wamid.SIM{uuid.uuid4().hex.upper()}",
+                                    "timestamp": str(timestamp or int(time.time())),
+                                    "type": "text",
+                                    "text": {"body": text},
+                                }
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def app_secret(settings: config.Settings) -> str:
+    if settings.app_secret:
+        return settings.app_secret.reveal()
+    return str(dotenv_values(ROOT / ".env.example").get("WHATSAPP_APP_SECRET") or "")
+
+
+async def simulate(text: str, wa_id: str, url: str, wait: float) -> int:
+    settings = config.Settings.from_env()
+    delivery = text_delivery(text, wa_id=wa_id)
+    message_id = delivery["entry"][0]["changes"][0]["value"]["messages"][0]["id"]
+    body = orjson.dumps(delivery)
+    headers = {
+        "Content-Type": "application/json",
+        "X-Hub-Signature-256": signature.sign(body, app_secret(settings)),
+    }
+    target = url or f"http://127.0.0.1:{settings.gateway_port}/webhook"
+    async with httpx.AsyncClient(timeout=10) as client:
+        try:
+            resp = await client.post(target, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            print(f"cannot reach the gateway at {target}: {exc}")
+            return 2
+    print(f"POST {target} -> {resp.status_code} {resp.text}")
+    if resp.status_code != 200:
+        return 1
+    print(f"message {message_id} from {wa_id}: {text!r}")
+    if wait <= 0:
+        return 0
+    async with grpcserver.channel(settings.state_addr) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        deadline = time.monotonic() + wait
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                tl = await stub.GetTimeline(
+                    state_pb2.GetTimelineRequest(message_id=message_id, limit=5), timeout=3
+                )
+            except Exception as exc:  # the state service may be restarting
+                last = str(exc)
+                await asyncio.sleep(0.3)
+                continue
+            mine = next((m for m in tl.messages if m.message_id == message_id), None)
+            if mine is not None and mine.status != last:
+                last = mine.status
+                print(
+                    f"  status: {mine.status}"
+                    + (f" ({mine.status_reason})" if mine.status_reason else "")
+                )
+            if mine is not None and mine.status in ("replied", "skipped", "dead_lettered"):
+                if mine.reply_text:
+                    print(f"  reply: {mine.reply_text}")
+                print(f"  correlation id: {mine.correlation_id}")
+                return 0 if mine.status != "dead_lettered" else 1
+            await asyncio.sleep(0.2)
+    print(f"  still {last or 'unknown'} after {wait:.0f}s")
+    return 1

@@ -1,0 +1,80 @@
+"""`wa trace MESSAGE_ID|PHONE`: a message's timeline and its trace id."""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+import orjson
+from wa.v1 import state_pb2, state_pb2_grpc
+
+from common import config, grpcserver
+
+
+async def trace(target: str, as_json: bool) -> int:
+    settings = config.Settings.from_env()
+    by_phone = not target.startswith("wamid.") and target.lstrip("+").isdigit()
+    request = state_pb2.GetTimelineRequest(
+        message_id="" if by_phone else target,
+        wa_id=target.lstrip("+") if by_phone else "",
+        limit=20,
+    )
+    async with grpcserver.channel(settings.state_addr) as ch:
+        try:
+            tl = await state_pb2_grpc.StateStub(ch).GetTimeline(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            print(f"{target}: {exc.details()}", file=sys.stderr)
+            return 1
+    messages = [
+        {
+            "message_id": m.message_id,
+            "type": m.type,
+            "status": m.status,
+            "reason": m.status_reason,
+            "text": m.text,
+            "reply_text": m.reply_text,
+            "reply_message_id": m.reply_message_id,
+            "reply_status": m.reply_status,
+            "correlation_id": m.correlation_id,
+            "trace_id": m.trace_id,
+            "received_at": m.received_at,
+            "attempts": m.attempts,
+        }
+        for m in tl.messages
+    ]
+    focus = [m for m in messages if m["message_id"] == target] or messages[:1]
+    ids = {m["message_id"] for m in focus}
+    transitions = [
+        {
+            "at": t.at,
+            "message_id": t.message_id,
+            "entity": t.entity,
+            "from": t.from_state,
+            "to": t.to_state,
+            "reason": t.reason,
+            "correlation_id": t.correlation_id,
+        }
+        for t in reversed(tl.transitions)
+        if t.message_id in ids or (t.entity == "conversation" and not t.message_id)
+    ]
+    if as_json:
+        print(
+            orjson.dumps(
+                {"messages": focus, "transitions": transitions}, option=orjson.OPT_INDENT_2
+            ).decode()
+        )
+        return 0
+    for m in focus:
+        print(f"message {m['message_id']} ({m['type']}) [{m['status']}]")
+        print(f"  trace id        {m['trace_id'] or '-'}")
+        print(f"  correlation id  {m['correlation_id']}")
+        print(f"  received        {m['received_at'][:23]}   attempts {m['attempts']}")
+        print(f"  text            {m['text']!r}")
+        if m["reply_text"]:
+            print(f"  reply           {m['reply_text']!r}")
+            print(f"  delivery        {m['reply_status'] or 'not sent'} {m['reply_message_id']}")
+    print("timeline:")
+    for t in transitions:
+        if t["message_id"] in ids:
+            print(f"  {t['at'][:23]}  {t['from'] or '(new)'} -> {t['to']}  {t['reason']}")
+    return 0

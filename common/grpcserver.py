@@ -1,0 +1,106 @@
+"""gRPC server bootstrap shared by the state, agent and dlq services.
+
+Health (the stock `grpc.health.v1` servicer), reflection, tracing and correlation interceptors,
+a Prometheus metrics port, and a graceful stop on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import config, logs, telemetry
+
+log = logging.getLogger(__name__)
+
+GRACE_SECONDS = 5.0
+
+# A set-up receives the server (to add its servicers) and yields the full names of its services;
+# everything it opened is closed when it exits, after the server has stopped.
+Setup = Callable[[grpc.aio.Server, config.Settings], AbstractAsyncContextManager[list[str]]]
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(name: str, port: int, setup: Setup, settings: config.Settings) -> None:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    server = grpc.aio.server(
+        interceptors=telemetry.server_interceptors(),
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    async with setup(server, settings) as service_names:
+        reflection.enable_server_reflection(
+            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        bound = server.add_insecure_port(f"[::]:{port}")
+        await server.start()
+        for service in ["", *service_names]:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if settings.metrics_port:
+            prometheus_client.start_http_server(settings.metrics_port)
+        log.info(
+            "serving",
+            extra={"port": bound, "services": service_names, "metrics_port": settings.metrics_port},
+        )
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping")
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(GRACE_SECONDS)
+    telemetry.shutdown_telemetry()
+    log.info("stopped")
+
+
+def main(name: str, port_of: Callable[[config.Settings], int], setup: Setup) -> None:
+    """Entry point of a gRPC service process."""
+    settings = config.Settings.from_env()
+    logs.setup(name, settings.log_level)
+    telemetry.init_telemetry(name)
+    try:
+        asyncio.run(serve(name, port_of(settings), setup, settings))
+    except config.ConfigError as exc:
+        log.critical("configuration error: %s", exc)
+        raise SystemExit(2) from exc
+
+
+@contextlib.asynccontextmanager
+async def channel(target: str) -> AsyncIterator[grpc.aio.Channel]:
+    """A client channel with our interceptors; closed on exit."""
+    ch = grpc.aio.insecure_channel(
+        target,
+        interceptors=telemetry.client_interceptors(),
+        options=[("grpc.enable_retries", 1), ("grpc.keepalive_time_ms", 30000)],
+    )
+    try:
+        yield ch
+    finally:
+        await ch.close()
+
+
+async def check_health(target: str, timeout: float = 2.0) -> tuple[bool, str]:
+    """Asks a service's standard health endpoint; returns (serving, detail)."""
+    try:
+        async with channel(target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        return False, f"{exc.code().name}: {exc.details()}"
+    serving = resp.status == health_pb2.HealthCheckResponse.SERVING
+    return serving, health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

@@ -1,0 +1,1 @@
+"""The four services; each owns its domain and its tables."""

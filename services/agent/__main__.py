@@ -1,0 +1,5 @@
+from common import grpcserver
+
+from .server import setup
+
+grpcserver.main("agent", lambda s: s.agent_port, setup)

@@ -1,0 +1,125 @@
+"""Agent types from configuration (TOML), and keyword routing between them."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class AgentConfigError(Exception):
+    """The agent configuration is invalid; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class AgentType:
+    name: str
+    description: str
+    system_prompt: str
+    model: str
+    temperature: float
+    token_limit: int
+    keywords: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AgentCatalog:
+    default: str
+    agents: dict[str, AgentType]
+
+    def get(self, name: str) -> AgentType:
+        return self.agents.get(name) or self.agents[self.default]
+
+    def route(self, current: str, text: str) -> str:
+        """The agent type a message should be handled by (the current one unless a keyword of
+        another agent appears in it)."""
+        words = set(re.findall(r"[\w']+", text.lower()))
+        for agent in self.agents.values():
+            if agent.name != current and words.intersection(agent.keywords):
+                return agent.name
+        return current if current in self.agents else self.default
+
+
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "description": str,
+    "system_prompt": str,
+    "model": str,
+    "temperature": (int, float),
+    "token_limit": int,
+    "keywords": list,
+}
+
+
+def _line_of(text: str, agent: str, key: str | None = None) -> int:
+    lines = text.splitlines()
+    header = re.compile(rf"^\s*\[agents\.{re.escape(agent)}\]\s*$")
+    start = next((i for i, line in enumerate(lines) if header.match(line)), None)
+    if start is None:
+        return 1
+    if key is None:
+        return start + 1
+    for i in range(start + 1, len(lines)):
+        if lines[i].lstrip().startswith("["):
+            break
+        if re.match(rf"^\s*{re.escape(key)}\s*=", lines[i]):
+            return i + 1
+    return start + 1
+
+
+def load(path: Path) -> AgentCatalog:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise AgentConfigError(f"{path}: cannot read: {exc}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise AgentConfigError(f"{path}: {exc}") from exc
+    agents_raw = raw.get("agents")
+    if not isinstance(agents_raw, dict) or not agents_raw:
+        raise AgentConfigError(f"{path}:1: no [agents.NAME] tables")
+    agents: dict[str, AgentType] = {}
+    for name, spec in agents_raw.items():
+        if not isinstance(spec, dict):
+            raise AgentConfigError(f"{path}:{_line_of(text, name)}: agents.{name} must be a table")
+        for key, kind in _FIELDS.items():
+            if key not in spec:
+                raise AgentConfigError(
+                    f"{path}:{_line_of(text, name)}: agents.{name} is missing {key!r}"
+                )
+            if not isinstance(spec[key], kind) or isinstance(spec[key], bool):
+                raise AgentConfigError(
+                    f"{path}:{_line_of(text, name, key)}: agents.{name}.{key} has the wrong type"
+                )
+        unknown = set(spec) - set(_FIELDS)
+        if unknown:
+            key = sorted(unknown)[0]
+            raise AgentConfigError(
+                f"{path}:{_line_of(text, name, key)}: agents.{name}.{key} is not a known setting"
+            )
+        if not 0 <= float(spec["temperature"]) <= 2:
+            raise AgentConfigError(
+                f"{path}:{_line_of(text, name, 'temperature')}: temperature must be in [0, 2]"
+            )
+        if spec["token_limit"] <= 0:
+            raise AgentConfigError(
+                f"{path}:{_line_of(text, name, 'token_limit')}: token_limit must be positive"
+            )
+        if not spec["system_prompt"].strip():
+            raise AgentConfigError(
+                f"{path}:{_line_of(text, name, 'system_prompt')}: system_prompt is empty"
+            )
+        agents[name] = AgentType(
+            name=name,
+            description=spec["description"],
+            system_prompt=spec["system_prompt"].strip(),
+            model=spec["model"],
+            temperature=float(spec["temperature"]),
+            token_limit=int(spec["token_limit"]),
+            keywords=tuple(str(k).lower() for k in spec["keywords"]),
+        )
+    default = raw.get("default", "")
+    if default not in agents:
+        raise AgentConfigError(f"{path}:1: default agent {default!r} is not defined")
+    return AgentCatalog(default=default, agents=agents)

@@ -1,0 +1,73 @@
+"""A circuit breaker per backend: after repeated failures it fails fast, then lets one call
+through to probe whether the backend is back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import Gauge
+
+BREAKER_STATE = Gauge(
+    "wa_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["backend"]
+)
+
+CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+_LEVEL = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+class BreakerOpen(Exception):
+    pass
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 5,
+        reset_after: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.reset_after = reset_after
+        self.clock = clock
+        self._failures = 0
+        self._opened_at = 0.0
+        self._state = CLOSED
+        self._probing = False
+        BREAKER_STATE.labels(name).set(0)
+
+    @property
+    def state(self) -> str:
+        if self._state == OPEN and self.clock() - self._opened_at >= self.reset_after:
+            return HALF_OPEN
+        return self._state
+
+    def _set(self, state: str) -> None:
+        self._state = state
+        BREAKER_STATE.labels(self.name).set(_LEVEL[state])
+
+    def before_call(self) -> None:
+        """Raises BreakerOpen when calls must fail fast."""
+        state = self.state
+        if state == OPEN:
+            raise BreakerOpen(f"circuit breaker for {self.name} is open")
+        if state == HALF_OPEN:
+            if self._probing:
+                raise BreakerOpen(f"circuit breaker for {self.name} is probing")
+            self._probing = True
+            self._set(HALF_OPEN)
+
+    def success(self) -> None:
+        self._failures = 0
+        self._probing = False
+        self._set(CLOSED)
+
+    def failure(self) -> None:
+        self._probing = False
+        self._failures += 1
+        if self._state == HALF_OPEN or self._failures >= self.failure_threshold:
+            self._opened_at = self.clock()
+            self._set(OPEN)

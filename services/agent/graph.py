@@ -1,0 +1,152 @@
+"""The WhatsApp Cloud (Graph) API: send a text reply, mark a message read, with bounded retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from prometheus_client import Counter, Histogram
+
+from common import retry
+
+log = logging.getLogger(__name__)
+
+GRAPH_SECONDS = Histogram(
+    "wa_graph_call_seconds",
+    "Graph API call latency",
+    ["call"],
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+GRAPH_ERRORS = Counter("wa_graph_errors_total", "Graph API call errors", ["call", "kind"])
+
+# WhatsApp error codes that can succeed on a later try (throttling, temporary outages).
+RETRYABLE_CODES = {1, 2, 4, 17, 341, 80007, 130429, 131000, 131016, 131048, 131056, 133004}
+
+
+class GraphError(Exception):
+    def __init__(self, message: str, *, code: str, retryable: bool, status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Sent:
+    message_id: str
+    attempts: int
+
+
+class GraphClient:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        base_url: str,
+        version: str,
+        access_token: str,
+        max_retries: int = 3,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 5.0,
+    ) -> None:
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+        self.version = version
+        self.access_token = access_token
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.access_token)
+
+    def _url(self, phone_number_id: str) -> str:
+        return f"{self.base_url}/{self.version}/{phone_number_id}/messages"
+
+    async def send_text(self, phone_number_id: str, to: str, body: str, reply_to: str = "") -> Sent:
+        payload: dict[str, Any] = {
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": to,
+            "type": "text",
+            "text": {"preview_url": False, "body": body},
+        }
+        if reply_to:
+            payload["context"] = {"message_id": reply_to}
+        data, attempts = await self._post("send", phone_number_id, payload)
+        messages = data.get("messages") or [{}]
+        return Sent(message_id=str(messages[0].get("id", "")), attempts=attempts)
+
+    async def mark_read(self, phone_number_id: str, message_id: str) -> None:
+        """Read receipt with a typing indicator: the customer sees the turn has started."""
+        payload = {
+            "messaging_product": "whatsapp",
+            "status": "read",
+            "message_id": message_id,
+            "typing_indicator": {"type": "text"},
+        }
+        await self._post("mark_read", phone_number_id, payload, retries=0)
+
+    async def _post(
+        self, call: str, phone_number_id: str, payload: dict[str, Any], retries: int | None = None
+    ) -> tuple[dict[str, Any], int]:
+        max_retries = self.max_retries if retries is None else retries
+        headers = {"Authorization": f"Bearer {self.access_token}"}
+        attempt = 0
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                resp = await self.http.post(
+                    self._url(phone_number_id), json=payload, headers=headers
+                )
+                error = _error_of(resp)
+            except httpx.HTTPError as exc:
+                error = GraphError(f"{type(exc).__name__}: {exc}", code="network", retryable=True)
+                resp = None
+            finally:
+                GRAPH_SECONDS.labels(call).observe(time.perf_counter() - started)
+            if error is None and resp is not None:
+                body: dict[str, Any] = resp.json()
+                return body, attempt
+            assert error is not None
+            GRAPH_ERRORS.labels(call, "retryable" if error.retryable else "final").inc()
+            if not error.retryable or attempt > max_retries:
+                raise error
+            delay = retry.full_jitter(attempt, self.backoff_base, self.backoff_cap)
+            if resp is not None:
+                delay = retry.parse_retry_after(resp.headers.get("retry-after"), 30.0) or delay
+            log.warning("graph %s failed, retrying: %s", call, error, extra={"attempt": attempt})
+            await asyncio.sleep(delay)
+
+
+def _error_of(resp: httpx.Response) -> GraphError | None:
+    if resp.status_code < 400:
+        return None
+    code = ""
+    message = resp.text[:300]
+    try:
+        err = resp.json().get("error", {})
+        code = str(err.get("code", ""))
+        message = str(err.get("message", message))
+        details = (err.get("error_data") or {}).get("details")
+        if details:
+            message = f"{message}: {details}"
+    except ValueError:
+        pass
+    retryable = resp.status_code >= 500 or resp.status_code in (408, 409, 429)
+    if code.isdigit() and int(code) in RETRYABLE_CODES:
+        retryable = True
+    elif code.isdigit() and resp.status_code < 500:
+        retryable = False
+    return GraphError(
+        f"HTTP {resp.status_code} code {code or '-'}: {message}",
+        code=code or str(resp.status_code),
+        retryable=retryable,
+        status=resp.status_code,
+    )

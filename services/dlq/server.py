@@ -1,0 +1,183 @@
+"""The dlq service's gRPC adapter and its redrive worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import asyncpg
+import grpc
+import orjson
+from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
+
+from common import config, db, grpcserver, logs
+
+from . import store
+from .redrive import RedriveUnavailable, Worker, redrive_items
+
+log = logging.getLogger(__name__)
+
+
+def _iso(value: object) -> str:
+    return value.isoformat() if hasattr(value, "isoformat") else ""
+
+
+def to_item(row: asyncpg.Record, *, full: bool = False) -> dlq_pb2.DlqItem:
+    item = dlq_pb2.DlqItem(
+        id=row["id"],
+        message_id=row["message_id"],
+        conversation_id=row["conversation_id"] or 0,
+        status=row["status"],
+        attempts=row["attempts"],
+        error_class=row["error_class"],
+        error_message=row["error_message"],
+        next_attempt_at=_iso(row["next_attempt_at"]),
+        created_at=_iso(row["created_at"]),
+        updated_at=_iso(row["updated_at"]),
+        correlation_id=row["correlation_id"],
+        retryable=row["retryable"],
+        wa_id=row.get("wa_id") or "",
+    )
+    if full:
+        item.payload_json = orjson.dumps(row["payload"]).decode()
+        for h in row["history"]:
+            item.history.append(
+                dlq_pb2.DlqAttempt(
+                    at=str(h.get("at", "")),
+                    error_class=str(h.get("error_class", "")),
+                    error_message=str(h.get("error_message", "")),
+                )
+            )
+    return item
+
+
+class GrpcState:
+    def __init__(self, channel: grpc.aio.Channel, timeout: float = 5.0) -> None:
+        self.stub = state_pb2_grpc.StateStub(channel)
+        self.timeout = timeout
+
+    async def redrive(self, message_id: str, reason: str, correlation_id: str) -> bool:
+        try:
+            resp = await self.stub.Redrive(
+                state_pb2.RedriveRequest(
+                    message_id=message_id, reason=reason, correlation_id=correlation_id
+                ),
+                timeout=self.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise RedriveUnavailable(f"{exc.code().name}: {exc.details()}") from exc
+        return bool(resp.accepted)
+
+
+class DlqServicer(dlq_pb2_grpc.DlqServicer):
+    def __init__(self, pool: asyncpg.Pool, state: GrpcState, settings: config.Settings) -> None:
+        self.pool = pool
+        self.state = state
+        self.settings = settings
+
+    async def Enqueue(
+        self, request: dlq_pb2.EnqueueRequest, context: grpc.aio.ServicerContext
+    ) -> dlq_pb2.DlqItem:
+        if request.correlation_id:
+            logs.correlation_id.set(request.correlation_id)
+        if not request.message_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "message_id is required")
+        row = await store.enqueue(
+            self.pool,
+            message_id=request.message_id,
+            conversation_id=request.conversation_id,
+            error_class=request.error_class or "Error",
+            error_message=request.error_message,
+            retryable=request.retryable,
+            correlation_id=request.correlation_id,
+            max_attempts=self.settings.dlq_max_attempts,
+            base_seconds=self.settings.dlq_retry_base_seconds,
+        )
+        extra = {"dlq_id": row["id"], "message_id": row["message_id"], "attempts": row["attempts"]}
+        if row["status"] == "dead":
+            log.warning(
+                "dead-letter item is dead: %s: %s",
+                row["error_class"],
+                row["error_message"],
+                extra=extra,
+            )
+        else:
+            log.info("dead-lettered, redrive scheduled", extra=extra)
+        return to_item(row)
+
+    async def List(
+        self, request: dlq_pb2.ListRequest, context: grpc.aio.ServicerContext
+    ) -> dlq_pb2.ListResponse:
+        if request.status and request.status not in store.STATUSES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"status must be one of {store.STATUSES}"
+            )
+        rows = await store.list_items(self.pool, request.status, request.limit or 100)
+        return dlq_pb2.ListResponse(items=[to_item(r) for r in rows])
+
+    async def Get(
+        self, request: dlq_pb2.GetRequest, context: grpc.aio.ServicerContext
+    ) -> dlq_pb2.DlqItem:
+        row = await store.get(self.pool, request.id)
+        if row is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no dead-letter item {request.id}")
+        assert row is not None
+        return to_item(row, full=True)
+
+    async def Retry(
+        self, request: dlq_pb2.RetryRequest, context: grpc.aio.ServicerContext
+    ) -> dlq_pb2.RetryResponse:
+        if request.all:
+            statuses = [request.status] if request.status else ["pending", "dead"]
+            if any(s not in ("pending", "dead", "retrying") for s in statuses):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "only pending, retrying or dead can be retried",
+                )
+            items = await store.claim_status(self.pool, statuses)
+        elif request.ids:
+            items = await store.claim_ids(self.pool, list(request.ids))
+            missing = set(request.ids) - {i.id for i in items}
+            if missing:
+                log.info("not retryable (unknown, resolved or purged): %s", sorted(missing))
+        else:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give ids or all")
+        done, errors = await redrive_items(self.pool, self.state, items, "redriven by an operator")
+        if request.ids:
+            errors.extend(
+                f"{i}: unknown, resolved or purged"
+                for i in sorted(set(request.ids) - {c.id for c in items})
+            )
+        return dlq_pb2.RetryResponse(redriven=done, errors=errors)
+
+    async def Purge(
+        self, request: dlq_pb2.PurgeRequest, context: grpc.aio.ServicerContext
+    ) -> dlq_pb2.PurgeResponse:
+        return dlq_pb2.PurgeResponse(purged=await store.purge(self.pool, list(request.ids)))
+
+    async def Resolve(
+        self, request: dlq_pb2.ResolveRequest, context: grpc.aio.ServicerContext
+    ) -> dlq_pb2.ResolveResponse:
+        resolved = await store.resolve_message(self.pool, request.message_id)
+        if resolved:
+            log.info("dead-letter item resolved", extra={"message_id": request.message_id})
+        return dlq_pb2.ResolveResponse(resolved=resolved)
+
+
+@contextlib.asynccontextmanager
+async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIterator[list[str]]:
+    pool = await db.create_pool(settings.require_database())
+    async with grpcserver.channel(settings.state_addr) as state_ch:
+        state = GrpcState(state_ch)
+        worker = Worker(pool, state, poll_seconds=settings.dlq_poll_seconds)
+        task = asyncio.create_task(worker.run(), name="dlq-worker")
+        dlq_pb2_grpc.add_DlqServicer_to_server(DlqServicer(pool, state, settings), server)
+        try:
+            yield [dlq_pb2.DESCRIPTOR.services_by_name["Dlq"].full_name]
+        finally:
+            worker.stop()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 5)
+            await pool.close()

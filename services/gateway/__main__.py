@@ -1,0 +1,43 @@
+"""Runs the gateway under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import uvicorn
+
+from common import config, logs, telemetry
+
+from .app import create_app
+
+log = logging.getLogger("services.gateway")
+
+
+def main() -> None:
+    settings = config.Settings.from_env()
+    logs.setup("gateway", settings.log_level)
+    telemetry.init_telemetry("gateway")
+    try:
+        app = create_app(settings)
+    except config.ConfigError as exc:
+        log.critical("configuration error: %s", exc)
+        raise SystemExit(2) from exc
+    asgi: Any = app
+    if telemetry.export_enabled():
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        asgi = OpenTelemetryMiddleware(app, excluded_urls="healthz,readyz,metrics")
+    uvicorn.run(
+        asgi,
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+
+
+if __name__ == "__main__":
+    main()

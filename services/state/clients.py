@@ -1,0 +1,94 @@
+"""gRPC adapters of the agent and dlq ports."""
+
+from __future__ import annotations
+
+import grpc
+from wa.v1 import agent_pb2, agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc
+
+from .ports import AgentUnavailable, DlqUnavailable, Failure, TurnResult
+from .store import WorkItem
+
+# Codes that mean "the turn did not run", as opposed to "the turn ran and failed".
+_UNAVAILABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+}
+
+
+class GrpcAgent:
+    def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
+        self.stub = agent_pb2_grpc.AgentStub(channel)
+        self.timeout = timeout
+
+    async def reply(self, item: WorkItem, token: int) -> TurnResult:
+        request = agent_pb2.ReplyRequest(
+            message_id=item.message_id,
+            conversation_id=item.conversation_id,
+            fence_token=token,
+            phone_number_id=item.phone_number_id,
+            wa_id=item.wa_id,
+            text=item.text,
+            type=item.type,
+            correlation_id=item.correlation_id,
+            contact_name=item.contact_name,
+        )
+        try:
+            resp = await self.stub.Reply(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _UNAVAILABLE:
+                raise AgentUnavailable(f"{exc.code().name}: {exc.details()}") from exc
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # The agent refused a stale fencing token: this holder lost the conversation.
+                from .store import StaleFence
+
+                raise StaleFence(exc.details() or "stale fencing token") from exc
+            return TurnResult(
+                outcome="failed",
+                error_class=f"Agent{exc.code().name.title().replace('_', '')}",
+                error_message=exc.details() or "",
+                retryable=False,
+            )
+        return TurnResult(
+            outcome=resp.outcome,
+            reply_text=resp.reply_text,
+            error_class=resp.error_class,
+            error_message=resp.error_message,
+            retryable=resp.retryable,
+            agent_type=resp.agent_type,
+        )
+
+
+class GrpcDlq:
+    def __init__(self, channel: grpc.aio.Channel, timeout: float = 5.0) -> None:
+        self.stub = dlq_pb2_grpc.DlqStub(channel)
+        self.timeout = timeout
+
+    async def enqueue(self, failure: Failure) -> None:
+        try:
+            await self.stub.Enqueue(
+                dlq_pb2.EnqueueRequest(
+                    message_id=failure.message_id,
+                    conversation_id=failure.conversation_id,
+                    error_class=failure.error_class,
+                    error_message=failure.error_message,
+                    retryable=failure.retryable,
+                    payload_json=failure.payload_json,
+                    correlation_id=failure.correlation_id,
+                ),
+                timeout=self.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise DlqUnavailable(f"{exc.code().name}: {exc.details()}") from exc
+
+    async def resolve(self, message_id: str, correlation_id: str) -> None:
+        try:
+            await self.stub.Resolve(
+                dlq_pb2.ResolveRequest(message_id=message_id, correlation_id=correlation_id),
+                timeout=self.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise DlqUnavailable(f"{exc.code().name}: {exc.details()}") from exc

@@ -1,0 +1,245 @@
+"""The driver of acknowledged work: one turn at a time per conversation, oldest message first.
+
+`notify(conversation_id)` is called after ingest (and by the sweeper); the conversation is then
+claimed with a Redis lease plus a PostgreSQL fencing token and its waiting messages are handed to
+the agent one by one until none is left. Everything it needs to resume lives in PostgreSQL, so a
+killed driver loses nothing: the sweeper (or the next start) dispatches the conversation again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import asyncpg
+from opentelemetry import trace
+
+from common import logs, retry, telemetry
+
+from . import machine, metrics, store
+from .locks import Lease, Locks
+from .ports import AgentPort, AgentUnavailable, DlqPort, DlqUnavailable, Failure, TurnResult
+
+log = logging.getLogger(__name__)
+tracer = telemetry.tracer(__name__)
+
+# A message whose turn was started this many times without finishing is not retried again:
+# something in it kills its driver, and it goes to the dead-letter queue instead.
+MAX_TURN_STARTS = 5
+RETRY_BASE_SECONDS = 0.5
+RETRY_MAX_SECONDS = 15.0
+
+
+def backoff(failures: int) -> float:
+    return retry.full_jitter(failures, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        locks: Locks,
+        agent: AgentPort,
+        dlq: DlqPort,
+        *,
+        max_concurrent: int = 64,
+    ) -> None:
+        self.pool = pool
+        self.locks = locks
+        self.agent = agent
+        self.dlq = dlq
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._dirty: set[int] = set()
+        self._failures: dict[int, int] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._closing = False
+
+    def notify(self, conversation_id: int) -> None:
+        """There may be work for this conversation; drive it unless already driving it."""
+        if self._closing:
+            return
+        if conversation_id in self._tasks:
+            self._dirty.add(conversation_id)
+            return
+        task = asyncio.create_task(self._drive(conversation_id), name=f"conv-{conversation_id}")
+        self._tasks[conversation_id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(conversation_id, None))
+
+    def driving(self, conversation_id: int) -> bool:
+        return conversation_id in self._tasks
+
+    @property
+    def busy(self) -> int:
+        return len(self._tasks)
+
+    def _later(self, conversation_id: int) -> None:
+        failures = self._failures.get(conversation_id, 0) + 1
+        self._failures[conversation_id] = failures
+        delay = backoff(failures)
+        if conversation_id not in self._timers:
+            loop = asyncio.get_running_loop()
+            self._timers[conversation_id] = loop.call_later(delay, self._fire, conversation_id)
+
+    def _fire(self, conversation_id: int) -> None:
+        self._timers.pop(conversation_id, None)
+        self.notify(conversation_id)
+
+    async def close(self) -> None:
+        self._closing = True
+        for handle in self._timers.values():
+            handle.cancel()
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _drive(self, conversation_id: int) -> None:
+        async with self._slots:
+            metrics.ACTIVE_CONVERSATIONS.inc()
+            try:
+                while True:
+                    self._dirty.discard(conversation_id)
+                    try:
+                        held = await self._hold(conversation_id)
+                    except AgentUnavailable as exc:
+                        log.warning("agent unavailable, will retry: %s", exc)
+                        self._later(conversation_id)
+                        return
+                    except store.StaleFence as exc:
+                        metrics.STALE_WRITES.inc()
+                        log.warning("lost the conversation to a later holder: %s", exc)
+                        return
+                    except Exception:
+                        log.exception(
+                            "driving the conversation failed, will retry",
+                            extra={"conversation_id": conversation_id},
+                        )
+                        self._later(conversation_id)
+                        return
+                    if not held:
+                        return
+                    self._failures.pop(conversation_id, None)
+                    if conversation_id in self._dirty:
+                        continue
+                    if not await store.has_waiting(self.pool, conversation_id):
+                        return
+            finally:
+                metrics.ACTIVE_CONVERSATIONS.dec()
+
+    async def _hold(self, conversation_id: int) -> bool:
+        """Claims the conversation and runs its waiting turns; False when someone else holds it."""
+        try:
+            lease = await self.locks.acquire(conversation_id)
+        except Exception:
+            metrics.LOCK_ERRORS.inc()
+            raise
+        if lease is None:
+            metrics.LOCK_CONTENDED.inc()
+            return False
+        token: int | None = None
+        try:
+            async with self.locks.keep_renewed(lease):
+                token = await store.claim_conversation(self.pool, conversation_id, lease.owner)
+                while not lease.lost:
+                    item = await store.next_message(self.pool, conversation_id, token)
+                    if item is None:
+                        break
+                    await self._turn(lease, item, token)
+        finally:
+            if token is not None and not lease.lost:
+                with contextlib.suppress(Exception):
+                    await store.release_conversation(self.pool, conversation_id, token)
+            with contextlib.suppress(Exception):
+                await self.locks.release(lease)
+        return True
+
+    async def _turn(self, lease: Lease, item: store.WorkItem, token: int) -> None:
+        logs.correlation_id.set(item.correlation_id)
+        parent = telemetry.context_from_traceparent(item.traceparent)
+        with tracer.start_as_current_span("state.turn", context=parent) as span:
+            telemetry.annotate(
+                span,
+                correlation_id=item.correlation_id,
+                message_id=item.message_id,
+                conversation_id=item.conversation_id,
+                phone_number_id=item.phone_number_id,
+            )
+            started = time.perf_counter()
+            if item.attempts > MAX_TURN_STARTS:
+                await self._fail(
+                    item,
+                    token,
+                    TurnResult(
+                        outcome="failed",
+                        error_class="TurnNeverFinished",
+                        error_message=f"its turn was started {item.attempts - 1} times "
+                        "and never finished",
+                        retryable=False,
+                    ),
+                )
+                return
+            try:
+                result = await self.agent.reply(item, token)
+            except AgentUnavailable as exc:
+                span.set_status(trace.StatusCode.ERROR, str(exc))
+                await store.transition(
+                    self.pool,
+                    item.message_id,
+                    machine.RECEIVED,
+                    f"agent unavailable: {exc}",
+                    token=token,
+                )
+                raise
+            metrics.TURN_SECONDS.observe(time.perf_counter() - started)
+            if result.outcome == "replied":
+                await store.transition(
+                    self.pool, item.message_id, machine.REPLIED, "reply sent", token=token
+                )
+                metrics.OUTCOMES.labels("replied").inc()
+                log.info("message replied", extra={"message_id": item.message_id})
+                if item.attempts > 1:
+                    with contextlib.suppress(DlqUnavailable):
+                        await self.dlq.resolve(item.message_id, item.correlation_id)
+            else:
+                span.set_status(trace.StatusCode.ERROR, result.error_message)
+                await self._fail(item, token, result)
+
+    async def _fail(self, item: store.WorkItem, token: int, result: TurnResult) -> None:
+        reason = f"{result.error_class}: {result.error_message}"
+        await store.transition(self.pool, item.message_id, machine.FAILED, reason, token=token)
+        metrics.OUTCOMES.labels("failed").inc()
+        log.warning("message failed", extra={"message_id": item.message_id, "reason": reason})
+        failure = Failure(
+            message_id=item.message_id,
+            conversation_id=item.conversation_id,
+            error_class=result.error_class,
+            error_message=result.error_message,
+            retryable=result.retryable,
+            payload_json="",
+            correlation_id=item.correlation_id,
+        )
+        await dead_letter(self.pool, self.dlq, failure)
+
+
+async def dead_letter(pool: asyncpg.Pool, dlq: DlqPort, failure: Failure) -> bool:
+    """Hands a failed message to the DLQ; a failed hand-off is retried by the sweeper."""
+    try:
+        await dlq.enqueue(failure)
+    except DlqUnavailable as exc:
+        log.warning("dlq unavailable, the sweeper will hand the message over: %s", exc)
+        return False
+    with contextlib.suppress(machine.IllegalTransition):
+        await store.transition(
+            pool,
+            failure.message_id,
+            machine.DEAD_LETTERED,
+            f"in the dead-letter queue: {failure.error_class}",
+            correlation_id=failure.correlation_id,
+        )
+        metrics.OUTCOMES.labels("dead_lettered").inc()
+    return True

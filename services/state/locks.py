@@ -1,0 +1,111 @@
+"""Per-conversation leases in Redis: `SET NX PX`, compare-and-delete release, renewal.
+
+A lease is not a guarantee (a holder can stall past its TTL); the fencing token in PostgreSQL
+is what refuses a stale holder's writes. Each process also keeps a heartbeat key so that the
+sweeper can tell a lease held by a dead process from one held by a live, slow one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def lock_key(conversation_id: int) -> str:
+    return f"wa:conv:{conversation_id}:lock"
+
+
+def heartbeat_key(instance: str) -> str:
+    return f"wa:instance:{instance}"
+
+
+@dataclass
+class Lease:
+    conversation_id: int
+    owner: str
+    lost: bool = False
+
+
+class Locks:
+    def __init__(self, client: aioredis.Redis, ttl_seconds: float, instance: str | None = None):
+        self.client = client
+        self.ttl_ms = int(ttl_seconds * 1000)
+        self.instance = instance or uuid.uuid4().hex[:12]
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+
+    def _owner(self) -> str:
+        return f"{self.instance}:{uuid.uuid4().hex[:8]}"
+
+    async def acquire(self, conversation_id: int) -> Lease | None:
+        owner = self._owner()
+        ok = await self.client.set(lock_key(conversation_id), owner, nx=True, px=self.ttl_ms)
+        return Lease(conversation_id, owner) if ok else None
+
+    async def release(self, lease: Lease) -> bool:
+        return bool(await self._release(keys=[lock_key(lease.conversation_id)], args=[lease.owner]))
+
+    async def renew(self, lease: Lease) -> bool:
+        ok = bool(
+            await self._renew(
+                keys=[lock_key(lease.conversation_id)], args=[lease.owner, self.ttl_ms]
+            )
+        )
+        if not ok:
+            lease.lost = True
+        return ok
+
+    @contextlib.asynccontextmanager
+    async def keep_renewed(self, lease: Lease):  # type: ignore[no-untyped-def]
+        """Renews the lease every third of its TTL while the body runs."""
+
+        async def renew_loop() -> None:
+            while not lease.lost:
+                await asyncio.sleep(self.ttl_ms / 3000)
+                try:
+                    await self.renew(lease)
+                except Exception:
+                    log.warning("lease renewal failed", extra={"conv": lease.conversation_id})
+            log.warning("lease lost", extra={"conversation_id": lease.conversation_id})
+
+        task = asyncio.create_task(renew_loop())
+        try:
+            yield lease
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def holder(self, conversation_id: int) -> str | None:
+        value = await self.client.get(lock_key(conversation_id))
+        return str(value) if value is not None else None
+
+    async def holder_alive(self, owner: str) -> bool:
+        instance = owner.split(":", 1)[0]
+        return bool(await self.client.exists(heartbeat_key(instance)))
+
+    async def break_lock(self, conversation_id: int, owner: str) -> bool:
+        """Removes a dead holder's lease (compare-and-delete: only that holder's)."""
+        return bool(await self._release(keys=[lock_key(conversation_id)], args=[owner]))
+
+    async def heartbeat(self, ttl_seconds: float) -> None:
+        await self.client.set(heartbeat_key(self.instance), "1", px=int(ttl_seconds * 1000))
+
+    async def ping(self) -> None:
+        await self.client.ping()

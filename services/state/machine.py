@@ -1,0 +1,54 @@
+"""The validated state machines of messages and conversations."""
+
+from __future__ import annotations
+
+from typing import Final
+
+RECEIVED: Final = "received"
+PROCESSING: Final = "processing"
+REPLIED: Final = "replied"
+SKIPPED: Final = "skipped"
+FAILED: Final = "failed"
+DEAD_LETTERED: Final = "dead_lettered"
+
+MESSAGE_STATES: Final = frozenset({RECEIVED, PROCESSING, REPLIED, SKIPPED, FAILED, DEAD_LETTERED})
+TERMINAL: Final = frozenset({REPLIED, SKIPPED})
+
+# None is "not stored yet".
+MESSAGE_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
+    None: frozenset({RECEIVED, SKIPPED}),
+    RECEIVED: frozenset({PROCESSING, SKIPPED}),
+    # back to received: the turn could not run (agent unreachable) or its holder died.
+    PROCESSING: frozenset({REPLIED, SKIPPED, FAILED, RECEIVED}),
+    FAILED: frozenset({DEAD_LETTERED, RECEIVED}),
+    DEAD_LETTERED: frozenset({RECEIVED}),
+    REPLIED: frozenset(),
+    SKIPPED: frozenset(),
+}
+
+IDLE: Final = "idle"
+ACTIVE: Final = "active"
+CONVERSATION_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
+    None: frozenset({IDLE}),
+    IDLE: frozenset({ACTIVE}),
+    # active -> active: a new holder took over (the previous one died or stalled).
+    ACTIVE: frozenset({IDLE, ACTIVE}),
+}
+
+
+class IllegalTransition(Exception):
+    def __init__(self, entity: str, from_state: str | None, to_state: str) -> None:
+        super().__init__(f"illegal {entity} transition {from_state or '(new)'} -> {to_state}")
+        self.entity = entity
+        self.from_state = from_state
+        self.to_state = to_state
+
+
+def check_message(from_state: str | None, to_state: str) -> None:
+    if to_state not in MESSAGE_TRANSITIONS.get(from_state, frozenset()):
+        raise IllegalTransition("message", from_state, to_state)
+
+
+def check_conversation(from_state: str | None, to_state: str) -> None:
+    if to_state not in CONVERSATION_TRANSITIONS.get(from_state, frozenset()):
+        raise IllegalTransition("conversation", from_state, to_state)

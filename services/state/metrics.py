@@ -1,0 +1,19 @@
+"""Prometheus metrics of the state service."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INGESTED = Counter("wa_state_ingested_total", "Messages offered to ingest", ["result"])
+OUTCOMES = Counter("wa_messages_total", "Messages by final outcome of a turn", ["outcome"])
+TURN_SECONDS = Histogram(
+    "wa_turn_seconds",
+    "Duration of one agent turn as seen by the state service",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+LOCK_CONTENDED = Counter("wa_lock_contended_total", "Conversation lock attempts that found it held")
+LOCK_ERRORS = Counter("wa_lock_errors_total", "Conversation lock attempts that failed (Redis)")
+ACTIVE_CONVERSATIONS = Gauge("wa_active_conversations", "Conversations being driven here")
+RECOVERED = Counter("wa_sweeper_recovered_total", "Work the sweeper picked up again", ["kind"])
+SWEEPS = Counter("wa_sweeper_runs_total", "Sweeper runs", ["result"])
+STALE_WRITES = Counter("wa_stale_fence_total", "Writes refused because a later holder owns it")

@@ -1,0 +1,330 @@
+"""The state service's tables: ingest, turns, transitions and timelines, all fenced and audited."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from common import sqlfile
+from common.db import Conn
+
+from . import machine
+
+log = logging.getLogger(__name__)
+Q = sqlfile.load("services.state", "queries.sql")
+
+
+class StaleFence(Exception):
+    """A turn's fencing token is no longer the conversation's: a later holder owns it."""
+
+
+class UnknownMessage(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Inbound:
+    message_id: str
+    phone_number_id: str
+    wa_id: str
+    contact_name: str
+    type: str
+    timestamp: int
+    text: str
+    payload_json: str
+
+
+@dataclass(frozen=True)
+class Status:
+    message_id: str
+    phone_number_id: str
+    recipient_id: str
+    status: str
+    timestamp: int
+    payload_json: str
+    error_code: str = ""
+
+
+@dataclass(frozen=True)
+class Ingested:
+    message_id: str
+    conversation_id: int
+    status: str  # received / skipped, or "" for a duplicate
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    id: int
+    message_id: str
+    conversation_id: int
+    phone_number_id: str
+    wa_id: str
+    type: str
+    text: str
+    timestamp: int
+    correlation_id: str
+    traceparent: str
+    attempts: int
+    contact_name: str
+    resumed: bool = False
+
+
+@dataclass
+class Timeline:
+    messages: list[asyncpg.Record] = field(default_factory=list)
+    transitions: list[asyncpg.Record] = field(default_factory=list)
+
+
+ANSWERED_TYPES = frozenset({"text"})
+
+
+def skip_reason(message_type: str) -> str:
+    """Why a message is stored but not answered ("" when it is answered)."""
+    if message_type in ANSWERED_TYPES:
+        return ""
+    return f"message type {message_type!r} is not answered"
+
+
+def _ts(seconds: int) -> dt.datetime:
+    if seconds <= 0:
+        return dt.datetime.now(dt.UTC)
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
+
+
+async def ingest(
+    pool: asyncpg.Pool,
+    messages: list[Inbound],
+    statuses: list[Status],
+    correlation_id: str,
+    traceparent: str,
+) -> tuple[list[Ingested], int]:
+    """Stores one delivery in one transaction: all of it or, on error, none of it."""
+    results: list[Ingested] = []
+    stored_statuses = 0
+    async with pool.acquire() as conn, conn.transaction():
+        for m in messages:
+            reason = skip_reason(m.type)
+            row = await conn.fetchrow(
+                Q["ingest_message"],
+                m.phone_number_id,
+                m.wa_id,
+                m.contact_name,
+                correlation_id,
+                _ts(m.timestamp),
+                m.message_id,
+                m.type,
+                m.text,
+                m.payload_json or "{}",
+                machine.SKIPPED if reason else machine.RECEIVED,
+                reason,
+                traceparent,
+            )
+            assert row is not None
+            status = row["status"] or ""
+            results.append(Ingested(m.message_id, row["conversation_id"], status, not status))
+        for s in statuses:
+            row = await conn.fetchrow(
+                Q["ingest_status"],
+                s.message_id,
+                s.phone_number_id,
+                s.recipient_id,
+                s.status,
+                _ts(s.timestamp),
+                s.payload_json or "{}",
+                s.error_code,
+                correlation_id,
+                traceparent,
+            )
+            assert row is not None
+            stored_statuses += row["inserted"]
+    return results, stored_statuses
+
+
+async def claim_conversation(pool: asyncpg.Pool, conversation_id: int, owner: str) -> int:
+    """Moves the fencing token on and marks the conversation active; returns the new token."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(Q["claim_conversation"], conversation_id, owner)
+        if row is None:
+            raise UnknownMessage(f"conversation {conversation_id} does not exist")
+        previous = row["previous"]
+        reason = "claimed" if previous == machine.IDLE else "taken over from a previous holder"
+        await conn.execute(
+            Q["record_transition"],
+            conversation_id,
+            None,
+            "conversation",
+            previous,
+            machine.ACTIVE,
+            f"{reason} by {owner}",
+            row["fence_token"],
+            "",
+        )
+        return int(row["fence_token"])
+
+
+async def release_conversation(pool: asyncpg.Pool, conversation_id: int, token: int) -> bool:
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(Q["release_conversation"], conversation_id, token)
+        if row is None:
+            return False
+        await conn.execute(
+            Q["record_transition"],
+            conversation_id,
+            None,
+            "conversation",
+            machine.ACTIVE,
+            machine.IDLE,
+            "no waiting messages",
+            token,
+            "",
+        )
+        return True
+
+
+async def _check_fence(conn: Conn, conversation_id: int, token: int) -> None:
+    current = await conn.fetchval(Q["fence_for_share"], conversation_id)
+    if current != token:
+        raise StaleFence(
+            f"conversation {conversation_id} is held with token {current}, not {token}"
+        )
+
+
+async def next_message(pool: asyncpg.Pool, conversation_id: int, token: int) -> WorkItem | None:
+    """The oldest waiting message of a claimed conversation, moved to processing."""
+    async with pool.acquire() as conn, conn.transaction():
+        await _check_fence(conn, conversation_id, token)
+        waiting = await conn.fetchrow(Q["next_waiting"], conversation_id)
+        if waiting is None:
+            return None
+        resumed = waiting["status"] == machine.PROCESSING
+        reason = "resumed: its previous turn never finished" if resumed else "turn started"
+        if resumed:
+            # The previous holder died mid-turn; the audit shows processing -> received -> ...
+            await _record(conn, waiting, machine.PROCESSING, machine.RECEIVED, reason, token)
+        row = await conn.fetchrow(Q["set_message_status"], waiting["id"], machine.PROCESSING, "")
+        assert row is not None
+        await _record(conn, row, machine.RECEIVED, machine.PROCESSING, reason, token)
+        return WorkItem(
+            id=row["id"],
+            message_id=row["message_id"],
+            conversation_id=row["conversation_id"],
+            phone_number_id=row["phone_number_id"],
+            wa_id=row["wa_id"],
+            type=row["message_type"],
+            text=row["body"] or "",
+            timestamp=int(row["wa_timestamp"].timestamp()),
+            correlation_id=row["correlation_id"],
+            traceparent=row["traceparent"],
+            attempts=row["attempts"],
+            contact_name=row["contact_name"] or "",
+            resumed=resumed,
+        )
+
+
+async def _record(
+    conn: Conn,
+    row: asyncpg.Record,
+    from_state: str | None,
+    to_state: str,
+    reason: str,
+    token: int | None,
+    correlation_id: str | None = None,
+) -> None:
+    await conn.execute(
+        Q["record_transition"],
+        row["conversation_id"],
+        row["message_id"],
+        "message",
+        from_state,
+        to_state,
+        reason,
+        token,
+        correlation_id if correlation_id is not None else row.get("correlation_id", ""),
+    )
+
+
+async def transition(
+    pool: asyncpg.Pool,
+    message_id: str,
+    to_state: str,
+    reason: str,
+    *,
+    token: int | None = None,
+    correlation_id: str = "",
+) -> str:
+    """Applies one validated, audited transition; returns the state it left.
+
+    With a token, the write happens only while that token is still the conversation's.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(Q["message_for_update"], message_id)
+        if row is None:
+            raise UnknownMessage(message_id)
+        if token is not None and row["fence_token"] != token:
+            raise StaleFence(
+                f"message {message_id}: conversation token is {row['fence_token']}, not {token}"
+            )
+        from_state = row["status"]
+        machine.check_message(from_state, to_state)
+        updated = await conn.fetchrow(Q["set_message_status"], row["id"], to_state, reason)
+        assert updated is not None
+        await _record(conn, updated, from_state, to_state, reason, token, correlation_id or None)
+        return str(from_state)
+
+
+async def record_illegal(
+    pool: asyncpg.Pool, message_id: str, exc: machine.IllegalTransition, correlation_id: str
+) -> None:
+    """An illegal transition is refused, and the refusal is audited."""
+    async with pool.acquire() as conn:
+        conv = await conn.fetchval(Q["conversation_of_message"], message_id)
+        await conn.execute(
+            Q["record_transition"],
+            conv,
+            message_id,
+            exc.entity,
+            exc.from_state,
+            "refused:" + exc.to_state,
+            str(exc),
+            None,
+            correlation_id,
+        )
+
+
+async def has_waiting(pool: asyncpg.Pool, conversation_id: int) -> bool:
+    return bool(await pool.fetchval(Q["has_waiting"], conversation_id))
+
+
+async def sweep_candidates(
+    pool: asyncpg.Pool, unstarted_after: float, stuck_after: float, limit: int = 500
+) -> list[asyncpg.Record]:
+    return list(await pool.fetch(Q["sweep_candidates"], unstarted_after, stuck_after, limit))
+
+
+async def all_waiting_conversations(pool: asyncpg.Pool) -> list[int]:
+    return [r["conversation_id"] for r in await pool.fetch(Q["all_waiting_conversations"])]
+
+
+async def failed_not_dead_lettered(
+    pool: asyncpg.Pool, older_than: float, limit: int = 100
+) -> list[asyncpg.Record]:
+    return list(await pool.fetch(Q["failed_not_dead_lettered"], older_than, limit))
+
+
+async def timeline(pool: asyncpg.Pool, message_id: str, wa_id: str, limit: int) -> Timeline:
+    async with pool.acquire() as conn:
+        conv: int | None = None
+        if message_id:
+            conv = await conn.fetchval(Q["conversation_of_message"], message_id)
+        elif wa_id:
+            conv = await conn.fetchval(Q["conversations_of_phone"], wa_id)
+        if conv is None:
+            raise UnknownMessage(message_id or wa_id)
+        return Timeline(
+            messages=list(await conn.fetch(Q["timeline_messages"], conv, limit)),
+            transitions=list(await conn.fetch(Q["timeline_transitions"], conv, limit * 4)),
+        )

@@ -1,0 +1,112 @@
+"""Recovers acknowledged work that nobody is driving: never started, or stuck in flight.
+
+Safe with several replicas: dispatching is guarded by the conversation lease, and a lease is only
+broken when its holder's process heartbeat has expired (or the turn overran the stuck timeout);
+fencing refuses any late write of the holder it replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import asyncpg
+
+from . import metrics, store
+from .dispatcher import Dispatcher, dead_letter
+from .locks import Locks
+from .ports import DlqPort, Failure
+
+log = logging.getLogger(__name__)
+
+# Work younger than this is still in the hands of whoever acknowledged it.
+UNSTARTED_GRACE_SECONDS = 3.0
+# A process whose heartbeat is older than this is gone; its leases can be broken.
+HEARTBEAT_TTL_SECONDS = 5.0
+
+
+class Sweeper:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        locks: Locks,
+        dispatcher: Dispatcher,
+        dlq: DlqPort,
+        *,
+        stuck_timeout: float,
+    ) -> None:
+        self.pool = pool
+        self.locks = locks
+        self.dispatcher = dispatcher
+        self.dlq = dlq
+        self.stuck_timeout = stuck_timeout
+        # Runs often enough that stuck work resumes well within 1.5 x the timeout.
+        self.interval = max(1.0, min(stuck_timeout / 4, 15.0))
+        self.last_run_ok: bool | None = None
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        """Heartbeats every second (so other replicas know our leases are live) and sweeps
+        every `interval`, until stopped."""
+        log.info("sweeper started", extra={"interval": self.interval})
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time()
+        while not self._stop.is_set():
+            try:
+                await self.locks.heartbeat(HEARTBEAT_TTL_SECONDS)
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + self.interval
+                    recovered = await self.sweep_once()
+                    self.last_run_ok = True
+                    metrics.SWEEPS.labels("ok").inc()
+                    if recovered:
+                        log.info("sweeper recovered work", extra={"conversations": recovered})
+            except Exception as exc:
+                self.last_run_ok = False
+                metrics.SWEEPS.labels("error").inc()
+                log.warning("sweep failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def sweep_once(self) -> list[int]:
+        recovered: list[int] = []
+        candidates = await store.sweep_candidates(
+            self.pool, UNSTARTED_GRACE_SECONDS, self.stuck_timeout
+        )
+        for row in candidates:
+            conv = int(row["conversation_id"])
+            if self.dispatcher.driving(conv):
+                continue
+            owner = await self.locks.holder(conv)
+            if owner is not None:
+                alive = await self.locks.holder_alive(owner)
+                if alive and not row["stuck"]:
+                    continue
+                if not await self.locks.break_lock(conv, owner):
+                    continue
+                why = "stuck past the timeout" if alive else "its holder's process is gone"
+                log.warning("broke a conversation lease: %s", why, extra={"conversation_id": conv})
+                metrics.RECOVERED.labels("lease").inc()
+            else:
+                metrics.RECOVERED.labels("unstarted").inc()
+            recovered.append(conv)
+            self.dispatcher.notify(conv)
+        for row in await store.failed_not_dead_lettered(self.pool, UNSTARTED_GRACE_SECONDS):
+            reason = row["status_reason"] or "failed"
+            error_class, _, error_message = reason.partition(": ")
+            failure = Failure(
+                message_id=row["message_id"],
+                conversation_id=row["conversation_id"],
+                error_class=error_class,
+                error_message=error_message,
+                retryable=True,
+                payload_json="",
+                correlation_id=row["correlation_id"],
+            )
+            if await dead_letter(self.pool, self.dlq, failure):
+                metrics.RECOVERED.labels("dead_letter_handoff").inc()
+        return recovered
