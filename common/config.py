@@ -88,6 +88,7 @@ class Settings:
     metrics_port: int = 0
     database_url: str = ""
     redis_url: str = ""
+    redis_prefix: str = "wa:"
     run_dir: Path = Path(".run")
     agent_backend: str = "rules"
     agent_config: Path = Path("config/agents.toml")
@@ -141,6 +142,7 @@ class Settings:
             metrics_port=_int(e, "METRICS_PORT", 0),
             database_url=e.get("DATABASE_URL", ""),
             redis_url=e.get("REDIS_URL", ""),
+            redis_prefix=e.get("REDIS_KEY_PREFIX") or "wa:",
             run_dir=Path(e.get("RUN_DIR") or ".run"),
             agent_backend=backend,
             agent_config=Path(e.get("AGENT_CONFIG") or "config/agents.toml"),

@@ -13,7 +13,12 @@ from opentelemetry import trace
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's duplicate of msg with terminal colours
+}
 
 
 class JsonFormatter(logging.Formatter):

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ class Child:
     restarts: int = 0
     started_at: float = 0.0
     task: asyncio.Task[None] | None = None
-    _log: IO[Any] | None = None
 
 
 class Supervisor:
@@ -70,17 +69,20 @@ class Supervisor:
         env = {**os.environ, **spec.env}
         out: Any = None
         if spec.log_file:
-            child._log = open(spec.log_file, "ab")  # noqa: ASYNC230 - closed with the child
-            out = child._log
-        child.process = await asyncio.create_subprocess_exec(
-            *spec.argv,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            user=spec.user,
-            preexec_fn=die_with_parent,
-        )
+            out = open(spec.log_file, "ab")  # noqa: ASYNC230 - a local file, opened once per start
+        try:
+            child.process = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                user=spec.user,
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            if out is not None:
+                out.close()  # the child has its own copy of the descriptor
         child.started_at = time.monotonic()
         self.on_event(spec.name, f"started pid {child.process.pid}")
 
@@ -95,9 +97,6 @@ class Supervisor:
         while True:
             assert child.process is not None
             code = await child.process.wait()
-            if child._log is not None:
-                child._log.close()
-                child._log = None
             if self._stopping or not child.spec.restart:
                 return
             ran = time.monotonic() - child.started_at

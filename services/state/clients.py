@@ -55,6 +55,7 @@ class GrpcAgent:
         return TurnResult(
             outcome=resp.outcome,
             reply_text=resp.reply_text,
+            reply_message_id=resp.reply_message_id,
             error_class=resp.error_class,
             error_message=resp.error_message,
             retryable=resp.retryable,

@@ -197,8 +197,13 @@ class Dispatcher:
                 raise
             metrics.TURN_SECONDS.observe(time.perf_counter() - started)
             if result.outcome == "replied":
+                reason = (
+                    f"reply sent as {result.reply_message_id}"
+                    if result.reply_message_id
+                    else "reply recorded, not sent (no WHATSAPP_ACCESS_TOKEN)"
+                )
                 await store.transition(
-                    self.pool, item.message_id, machine.REPLIED, "reply sent", token=token
+                    self.pool, item.message_id, machine.REPLIED, reason, token=token
                 )
                 metrics.OUTCOMES.labels("replied").inc()
                 log.info("message replied", extra={"message_id": item.message_id})

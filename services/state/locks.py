@@ -27,12 +27,6 @@ return 0
 """
 
 
-def lock_key(conversation_id: int) -> str:
-    return f"wa:conv:{conversation_id}:lock"
-
-
-def heartbeat_key(instance: str) -> str:
-    return f"wa:instance:{instance}"
 
 
 @dataclass
@@ -43,28 +37,42 @@ class Lease:
 
 
 class Locks:
-    def __init__(self, client: aioredis.Redis, ttl_seconds: float, instance: str | None = None):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl_seconds: float,
+        *,
+        prefix: str = "wa:",
+        instance: str | None = None,
+    ) -> None:
         self.client = client
+        self.prefix = prefix
         self.ttl_ms = int(ttl_seconds * 1000)
         self.instance = instance or uuid.uuid4().hex[:12]
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
+
+    def lock_key(self, conversation_id: int) -> str:
+        return f"{self.prefix}conv:{conversation_id}:lock"
+
+    def heartbeat_key(self, instance: str) -> str:
+        return f"{self.prefix}instance:{instance}"
 
     def _owner(self) -> str:
         return f"{self.instance}:{uuid.uuid4().hex[:8]}"
 
     async def acquire(self, conversation_id: int) -> Lease | None:
         owner = self._owner()
-        ok = await self.client.set(lock_key(conversation_id), owner, nx=True, px=self.ttl_ms)
+        ok = await self.client.set(self.lock_key(conversation_id), owner, nx=True, px=self.ttl_ms)
         return Lease(conversation_id, owner) if ok else None
 
     async def release(self, lease: Lease) -> bool:
-        return bool(await self._release(keys=[lock_key(lease.conversation_id)], args=[lease.owner]))
+        return bool(await self._release(keys=[self.lock_key(lease.conversation_id)], args=[lease.owner]))
 
     async def renew(self, lease: Lease) -> bool:
         ok = bool(
             await self._renew(
-                keys=[lock_key(lease.conversation_id)], args=[lease.owner, self.ttl_ms]
+                keys=[self.lock_key(lease.conversation_id)], args=[lease.owner, self.ttl_ms]
             )
         )
         if not ok:
@@ -93,19 +101,19 @@ class Locks:
                 await task
 
     async def holder(self, conversation_id: int) -> str | None:
-        value = await self.client.get(lock_key(conversation_id))
+        value = await self.client.get(self.lock_key(conversation_id))
         return str(value) if value is not None else None
 
     async def holder_alive(self, owner: str) -> bool:
         instance = owner.split(":", 1)[0]
-        return bool(await self.client.exists(heartbeat_key(instance)))
+        return bool(await self.client.exists(self.heartbeat_key(instance)))
 
     async def break_lock(self, conversation_id: int, owner: str) -> bool:
         """Removes a dead holder's lease (compare-and-delete: only that holder's)."""
-        return bool(await self._release(keys=[lock_key(conversation_id)], args=[owner]))
+        return bool(await self._release(keys=[self.lock_key(conversation_id)], args=[owner]))
 
     async def heartbeat(self, ttl_seconds: float) -> None:
-        await self.client.set(heartbeat_key(self.instance), "1", px=int(ttl_seconds * 1000))
+        await self.client.set(self.heartbeat_key(self.instance), "1", px=int(ttl_seconds * 1000))
 
     async def ping(self) -> None:
         await self.client.ping()

@@ -21,6 +21,7 @@ class DlqUnavailable(Exception):
 class TurnResult:
     outcome: str  # replied | failed
     reply_text: str = ""
+    reply_message_id: str = ""
     error_class: str = ""
     error_message: str = ""
     retryable: bool = True

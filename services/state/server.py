@@ -292,7 +292,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
 async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIterator[list[str]]:
     pool = await db.create_pool(settings.require_database(), max_size=20)
     redis = kv.create_client(settings.require_redis())
-    locks = Locks(redis, settings.lock_ttl_seconds)
+    locks = Locks(redis, settings.lock_ttl_seconds, prefix=settings.redis_prefix)
     background: list[asyncio.Task[None]] = []
     dispatcher: Dispatcher | None = None
     sweeper: Sweeper | None = None

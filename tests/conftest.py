@@ -1,0 +1,99 @@
+"""Shared fixtures: one PostgreSQL and one Redis per session (real ones when DATABASE_URL /
+REDIS_URL are set, embedded otherwise), a fresh database per test from a migrated template,
+Redis keys under a unique prefix per test, and the fakes of the Graph API and the model."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.support.fakes import FakeGraph, FakeModel
+from tests.support.servers import Postgres, Redis
+from tests.support.system import System
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    server = Postgres(tmp_path_factory.mktemp("postgres"))
+    server.start()
+    yield server
+    asyncio.run(server.drop_all())
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+    server = Redis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+async def template(pg: Postgres) -> str:
+    return await pg.create_template()
+
+
+@pytest.fixture
+async def database_url(pg: Postgres, template: str) -> str:
+    return await pg.create_database(template)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    from common import db
+
+    p = await db.create_pool(database_url, min_size=1, max_size=10)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+def graph() -> Iterator[FakeGraph]:
+    server = FakeGraph().start()
+    yield server
+    server.release.set()
+    server.stop()
+
+
+@pytest.fixture
+def model() -> Iterator[FakeModel]:
+    server = FakeModel().start()
+    yield server
+    server.stop()
+
+
+StartSystem = Callable[..., Awaitable[System]]
+
+
+@pytest.fixture
+async def start_system(
+    tmp_path: Path,
+    database_url: str,
+    redis_server: Redis,
+    redis_prefix: str,
+    graph: FakeGraph,
+) -> AsyncIterator[StartSystem]:
+    systems: list[System] = []
+
+    async def start(wait: bool = True, **env: str) -> System:
+        root = tmp_path / f"system{len(systems)}"
+        root.mkdir()
+        env.setdefault("WHATSAPP_API_BASE_URL", graph.url)
+        system = System(root, database_url, redis_server.url, redis_prefix, env)
+        systems.append(system)
+        return await system.start(wait=wait)
+
+    yield start
+    for system in systems:
+        await system.stop()

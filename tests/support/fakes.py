@@ -1,0 +1,176 @@
+"""The WhatsApp Graph API and an OpenAI-compatible model server, played by real HTTP servers on
+127.0.0.1 that record what they receive and answer what the test scripts."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    at: float = field(default_factory=time.monotonic)
+
+
+Reply = tuple[int, dict[str, Any], dict[str, str]]
+
+
+class FakeServer:
+    """A threaded HTTP server; subclasses decide the answer to each POST."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw or b"{}")
+                except ValueError:
+                    body = {"_raw": raw.decode(errors="replace")}
+                rec = Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()},
+                               body)
+                with outer.lock:
+                    outer.requests.append(rec)
+                status, payload, headers = outer.answer(rec)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def answer(self, rec: Recorded) -> Reply:
+        raise NotImplementedError
+
+    def start(self) -> FakeServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.05)
+        return predicate()
+
+
+class FakeGraph(FakeServer):
+    """The Graph API's `/{version}/{phone_number_id}/messages`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.script: deque[Reply] = deque()
+        self.release = threading.Event()
+        self.release.set()
+
+    def fail_next(self, *replies: Reply) -> None:
+        self.script.extend(replies)
+
+    @staticmethod
+    def error(status: int, code: int, message: str = "error") -> Reply:
+        return status, {"error": {"message": message, "type": "OAuthException", "code": code,
+                                  "fbtrace_id": "trace"}}, {}
+
+    def answer(self, rec: Recorded) -> Reply:
+        if rec.body.get("status") == "read":
+            return 200, {"success": True}, {}
+        self.release.wait(30)
+        with self.lock:
+            scripted = self.script.popleft() if self.script else None
+        if scripted is not None:
+            return scripted
+        wa_id = rec.body.get("to", "")
+        return 200, {
+            "messaging_product": "whatsapp",
+            "contacts": [{"input": wa_id, "wa_id": wa_id}],
+            "messages": [{"id": f"wamid.OUT{uuid.uuid4().hex.upper()}"}],
+        }, {}
+
+    @property
+    def sends(self) -> list[Recorded]:
+        """Reply attempts (text messages), leaving out read receipts."""
+        with self.lock:
+            return [r for r in self.requests if r.body.get("type") == "text"]
+
+    @property
+    def reads(self) -> list[Recorded]:
+        with self.lock:
+            return [r for r in self.requests if r.body.get("status") == "read"]
+
+
+class FakeModel(FakeServer):
+    """An OpenAI-compatible `/chat/completions` that records every request, can be scripted to
+    fail or be slow, and measures overlapping calls per conversation key."""
+
+    def __init__(self, key: Callable[[dict[str, Any]], str] | None = None) -> None:
+        super().__init__()
+        self.script: deque[Reply] = deque()
+        self.delay = 0.0
+        self.down = False
+        self.key = key or (lambda body: "")
+        self.in_flight: dict[str, int] = {}
+        self.overlaps: list[str] = []
+
+    def answer(self, rec: Recorded) -> Reply:
+        k = self.key(rec.body)
+        with self.lock:
+            self.in_flight[k] = self.in_flight.get(k, 0) + 1
+            if k and self.in_flight[k] > 1:
+                self.overlaps.append(k)
+            scripted = self.script.popleft() if self.script else None
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            if self.down:
+                return 503, {"error": {"message": "model down"}}, {}
+            if scripted is not None:
+                return scripted
+            messages = rec.body.get("messages", [])
+            last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            text = f"echo: {last}"
+            prompt = sum(len(m.get("content", "").split()) for m in messages)
+            return 200, {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:8]}",
+                "object": "chat.completion",
+                "model": rec.body.get("model", ""),
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": len(text.split()),
+                          "total_tokens": prompt + len(text.split())},
+            }, {}
+        finally:
+            with self.lock:
+                self.in_flight[k] -= 1

