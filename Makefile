@@ -32,7 +32,9 @@ run: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy common services cli tests bench
-	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
+	@# pytest exits 5 when it collected nothing: that is a failure, not a pass.
+	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS); code=$$?; \
+	if [ $$code -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$code
 
 lint: install
 	$(BIN)/ruff check .

@@ -14,7 +14,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("run", help="start everything in the foreground (what `make run` does)")
-    sub.add_parser("migrate", help="apply database migrations")
+    mig = sub.add_parser("migrate", help="apply database migrations")
+    mig.add_argument("--check", action="store_true", help="exit 1 if migrations are pending")
 
     sim = sub.add_parser("simulate", help="send a correctly signed sample text message")
     sim.add_argument("text")
@@ -72,8 +73,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "migrate":
         from common import migrate
 
-        migrate.main()
-        return 0
+        return migrate.main(["--check"] if args.check else [])
     if args.command == "simulate":
         from . import simulate
 

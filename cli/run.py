@@ -25,6 +25,11 @@ SERVICES = ("state", "agent", "dlq", "gateway")
 METRICS_PORTS = {"state": 9101, "agent": 9102, "dlq": 9103}
 
 
+def service_command(name: str, python: str = sys.executable) -> list[str]:
+    """How every service process is started, here and in docker-compose.yml."""
+    return [python, "-m", f"services.{name}"]
+
+
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -125,7 +130,7 @@ async def run() -> int:
                     os.environ.get(f"{name.upper()}_METRICS_PORT", METRICS_PORTS[name])
                 )
             await sup.start(
-                supervisor.Spec(name, [sys.executable, "-m", f"services.{name}"], env=service_env)
+                supervisor.Spec(name, service_command(name), env=service_env)
             )
         _print_endpoints(settings, database_url, redis_url)
         await stop.wait()

@@ -49,13 +49,39 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
     return applied
 
 
-def main() -> None:
+async def pending(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        done = (
+            {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            if exists
+            else set()
+        )
+    finally:
+        await conn.close()
+    return [p.name for p in pending_files(directory) if p.name not in done]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m common.migrate [--check]`: apply, or (--check) exit 1 when any is pending."""
+    import argparse
+
     from . import config, logs
 
+    parser = argparse.ArgumentParser(prog="migrate")
+    parser.add_argument("--check", action="store_true", help="exit 1 if migrations are pending")
+    args = parser.parse_args(argv)
     settings = config.Settings.from_env()
     logs.setup("migrate", settings.log_level)
+    if args.check:
+        missing = asyncio.run(pending(settings.require_database()))
+        if missing:
+            log.warning("pending migrations", extra={"pending": missing})
+        return 1 if missing else 0
     asyncio.run(migrate(settings.require_database()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""`make run`: the whole system from the Makefile, stopped by SIGTERM with nothing left behind,
+and a killed service restarted by the supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from common import embedded
+from tests.support import payloads
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wait_ready(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=3).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("make run did not become ready")
+
+
+def _service_pid(root: psutil.Process, module: str) -> int | None:
+    for p in root.children(recursive=True):
+        try:
+            if module in " ".join(p.cmdline()):
+                return p.pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+@pytest.fixture
+def make_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    ports = {k: embedded.free_port() for k in ("gw", "st", "ag", "dq", "ms", "ma", "md")}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
+        "RUN_DIR": str(tmp_path / "run"),
+        "GATEWAY_PORT": str(ports["gw"]),
+        "STATE_GRPC_PORT": str(ports["st"]),
+        "AGENT_GRPC_PORT": str(ports["ag"]),
+        "DLQ_GRPC_PORT": str(ports["dq"]),
+        "STATE_METRICS_PORT": str(ports["ms"]),
+        "AGENT_METRICS_PORT": str(ports["ma"]),
+        "DLQ_METRICS_PORT": str(ports["md"]),
+    }
+    log = (tmp_path / "make-run.log").open("wb")
+    proc = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc, f"http://127.0.0.1:{ports['gw']}", tmp_path / "make-run.log"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        log.close()
+
+
+def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> None:  # type: ignore[type-arg]
+    proc, url, log = make_run
+    _wait_ready(url)
+    root = psutil.Process(proc.pid)
+    family = [p.pid for p in root.children(recursive=True)]
+    names = " ".join(" ".join(psutil.Process(p).cmdline()) for p in family)
+    for expected in ("services.state", "services.agent", "services.dlq", "services.gateway",
+                     "valkey-server", "postgres"):
+        assert expected in names
+    # The running system answers a real signed delivery with the development secret.
+    body, headers = payloads.sign(payloads.text_delivery("hello"), "dev-app-secret-change-me")
+    assert httpx.post(f"{url}/webhook", content=body, headers=headers).status_code == 200
+    output = log.read_text()
+    assert "DEVELOPMENT value" in output
+    assert url.split("//")[1] in output or str(url.rsplit(":", 1)[1]) in output
+
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    deadline = started + 15
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) and
+                                              psutil.Process(p).status() != "zombie"
+                                              for p in family):
+        time.sleep(0.1)
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert alive == [], f"left behind: {alive}\n{log.read_text()[-3000:]}"
+    assert time.monotonic() - started < 12
+
+
+def test_a_killed_service_is_restarted(make_run: tuple) -> None:  # type: ignore[type-arg]
+    proc, url, log = make_run
+    _wait_ready(url)
+    root = psutil.Process(proc.pid)
+    victim = _service_pid(root, "services.agent")
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    replacement = None
+    while time.monotonic() < deadline:
+        replacement = _service_pid(root, "services.agent")
+        if replacement and replacement != victim:
+            break
+        time.sleep(0.1)
+    assert replacement and replacement != victim, log.read_text()[-3000:]
+    _wait_ready(url)
+    assert "agent: exited" in log.read_text()
