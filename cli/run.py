@@ -129,9 +129,7 @@ async def run() -> int:
                 service_env["METRICS_PORT"] = str(
                     os.environ.get(f"{name.upper()}_METRICS_PORT", METRICS_PORTS[name])
                 )
-            await sup.start(
-                supervisor.Spec(name, service_command(name), env=service_env)
-            )
+            await sup.start(supervisor.Spec(name, service_command(name), env=service_env))
         _print_endpoints(settings, database_url, redis_url)
         await stop.wait()
     finally:

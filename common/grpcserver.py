@@ -1,6 +1,6 @@
 """gRPC server bootstrap shared by the state, agent and dlq services.
 
-Health (the stock `grpc.health.v1` servicer), reflection, tracing and correlation interceptors,
+Health (the stock `grpc.health.v1` servicer), reflection, the tracing interceptor (when on),
 a Prometheus metrics port, and a graceful stop on SIGTERM/SIGINT.
 """
 
@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 
 import grpc
 import prometheus_client
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -74,7 +75,7 @@ def main(name: str, port_of: Callable[[config.Settings], int], setup: Setup) -> 
     logs.setup(name, settings.log_level)
     telemetry.init_telemetry(name)
     try:
-        asyncio.run(serve(name, port_of(settings), setup, settings))
+        uvloop.run(serve(name, port_of(settings), setup, settings))
     except config.ConfigError as exc:
         log.critical("configuration error: %s", exc)
         raise SystemExit(2) from exc

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span
 
-from . import logs
-
-CORRELATION_HEADER = "x-correlation-id"
 ATTR_CORRELATION = "wa.correlation_id"
 
 _initialised = False
@@ -94,43 +89,8 @@ def annotate(span: Span, **attributes: str | int) -> None:
             span.set_attribute(key if key.startswith("wa.") else f"wa.{key}", value)
 
 
-def _is_health(method: str) -> bool:
-    return method.startswith("/grpc.health.v1.") or method.startswith("/grpc.reflection.")
-
-
-class CorrelationServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Puts the caller's correlation id in the log context and on the server span."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == CORRELATION_HEADER:
-                logs.correlation_id.set(str(value))
-                break
-        else:
-            logs.correlation_id.set("")
-        return await continuation(handler_call_details)
-
-
-class _CorrelationClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        cid = logs.correlation_id.get()
-        if cid:
-            metadata = list(client_call_details.metadata or [])
-            metadata.append((CORRELATION_HEADER, cid))
-            client_call_details = grpc.aio.ClientCallDetails(
-                client_call_details.method,
-                client_call_details.timeout,
-                grpc.aio.Metadata(*metadata),
-                client_call_details.credentials,
-                client_call_details.wait_for_ready,
-            )
-        return await continuation(client_call_details, request)
+# The correlation id travels in every internal request that concerns a message (and, with
+# tracing on, in the span attributes and baggage); no interceptor of ours sits on the hot path.
 
 
 def server_interceptors() -> list[Any]:
@@ -139,12 +99,11 @@ def server_interceptors() -> list[Any]:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
         interceptors.append(aio_server_interceptor(filter_=filters.negate(filters.health_check())))
-    interceptors.append(CorrelationServerInterceptor())
     return interceptors
 
 
 def client_interceptors() -> list[Any]:
-    interceptors: list[Any] = [_CorrelationClientInterceptor()]
+    interceptors: list[Any] = []
     if export_enabled():
         from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
 

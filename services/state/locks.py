@@ -27,8 +27,6 @@ return 0
 """
 
 
-
-
 @dataclass
 class Lease:
     conversation_id: int
@@ -67,7 +65,9 @@ class Locks:
         return Lease(conversation_id, owner) if ok else None
 
     async def release(self, lease: Lease) -> bool:
-        return bool(await self._release(keys=[self.lock_key(lease.conversation_id)], args=[lease.owner]))
+        return bool(
+            await self._release(keys=[self.lock_key(lease.conversation_id)], args=[lease.owner])
+        )
 
     async def renew(self, lease: Lease) -> bool:
         ok = bool(

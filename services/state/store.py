@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
@@ -89,6 +90,11 @@ def skip_reason(message_type: str) -> str:
     return f"message type {message_type!r} is not answered"
 
 
+def _atomic(conn: Conn, statements: int) -> contextlib.AbstractAsyncContextManager[object]:
+    """A transaction, unless the work is one statement (atomic by itself, one round trip)."""
+    return conn.transaction() if statements > 1 else contextlib.nullcontext()
+
+
 def _ts(seconds: int) -> dt.datetime:
     if seconds <= 0:
         return dt.datetime.now(dt.UTC)
@@ -105,7 +111,7 @@ async def ingest(
     """Stores one delivery in one transaction: all of it or, on error, none of it."""
     results: list[Ingested] = []
     stored_statuses = 0
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn, _atomic(conn, len(messages) + len(statuses)):
         for m in messages:
             reason = skip_reason(m.type)
             row = await conn.fetchrow(

@@ -37,7 +37,7 @@ def _service_pid(root: psutil.Process, module: str) -> int | None:
     for p in root.children(recursive=True):
         try:
             if module in " ".join(p.cmdline()):
-                return p.pid
+                return int(p.pid)
         except psutil.NoSuchProcess:
             continue
     return None
@@ -58,8 +58,14 @@ def make_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Pat
         "DLQ_METRICS_PORT": str(ports["md"]),
     }
     log = (tmp_path / "make-run.log").open("wb")
-    proc = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "--no-print-directory", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         yield proc, f"http://127.0.0.1:{ports['gw']}", tmp_path / "make-run.log"
     finally:
@@ -79,8 +85,14 @@ def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> N
     root = psutil.Process(proc.pid)
     family = [p.pid for p in root.children(recursive=True)]
     names = " ".join(" ".join(psutil.Process(p).cmdline()) for p in family)
-    for expected in ("services.state", "services.agent", "services.dlq", "services.gateway",
-                     "valkey-server", "postgres"):
+    for expected in (
+        "services.state",
+        "services.agent",
+        "services.dlq",
+        "services.gateway",
+        "valkey-server",
+        "postgres",
+    ):
         assert expected in names
     # The running system answers a real signed delivery with the development secret.
     body, headers = payloads.sign(payloads.text_delivery("hello"), "dev-app-secret-change-me")
@@ -92,9 +104,9 @@ def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> N
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     deadline = started + 15
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) and
-                                              psutil.Process(p).status() != "zombie"
-                                              for p in family):
+    while time.monotonic() < deadline and any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in family
+    ):
         time.sleep(0.1)
     alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert alive == [], f"left behind: {alive}\n{log.read_text()[-3000:]}"

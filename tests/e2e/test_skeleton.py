@@ -66,7 +66,8 @@ async def test_unsigned_and_forged_deliveries_are_refused(
     doc = payloads.text_delivery("sneaky")
     body, _ = payloads.sign(doc, "irrelevant")
     resp = await system.http.post(
-        f"{system.url}/webhook", content=body,
+        f"{system.url}/webhook",
+        content=body,
         headers={"Content-Type": "application/json", **headers},
     )
     assert resp.status_code == 401
@@ -94,8 +95,11 @@ async def test_verification_handshake(start_system: StartSystem) -> None:
     system = await start_system()
     ok = await system.http.get(
         f"{system.url}/webhook",
-        params={"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN,
-                "hub.challenge": "1158201444"},
+        params={
+            "hub.mode": "subscribe",
+            "hub.verify_token": VERIFY_TOKEN,
+            "hub.challenge": "1158201444",
+        },
     )
     assert ok.status_code == 200
     assert ok.text == "1158201444"

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 
 @dataclass
@@ -47,8 +47,9 @@ class FakeServer:
                     body = json.loads(raw or b"{}")
                 except ValueError:
                     body = {"_raw": raw.decode(errors="replace")}
-                rec = Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()},
-                               body)
+                rec = Recorded(
+                    "POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body
+                )
                 with outer.lock:
                     outer.requests.append(rec)
                 status, payload, headers = outer.answer(rec)
@@ -70,7 +71,7 @@ class FakeServer:
     def answer(self, rec: Recorded) -> Reply:
         raise NotImplementedError
 
-    def start(self) -> FakeServer:
+    def start(self) -> Self:
         self.thread.start()
         return self
 
@@ -101,8 +102,18 @@ class FakeGraph(FakeServer):
 
     @staticmethod
     def error(status: int, code: int, message: str = "error") -> Reply:
-        return status, {"error": {"message": message, "type": "OAuthException", "code": code,
-                                  "fbtrace_id": "trace"}}, {}
+        return (
+            status,
+            {
+                "error": {
+                    "message": message,
+                    "type": "OAuthException",
+                    "code": code,
+                    "fbtrace_id": "trace",
+                }
+            },
+            {},
+        )
 
     def answer(self, rec: Recorded) -> Reply:
         if rec.body.get("status") == "read":
@@ -113,11 +124,15 @@ class FakeGraph(FakeServer):
         if scripted is not None:
             return scripted
         wa_id = rec.body.get("to", "")
-        return 200, {
-            "messaging_product": "whatsapp",
-            "contacts": [{"input": wa_id, "wa_id": wa_id}],
-            "messages": [{"id": f"wamid.OUT{uuid.uuid4().hex.upper()}"}],
-        }, {}
+        return (
+            200,
+            {
+                "messaging_product": "whatsapp",
+                "contacts": [{"input": wa_id, "wa_id": wa_id}],
+                "messages": [{"id": f"wamid.OUT{uuid.uuid4().hex.upper()}"}],
+            },
+            {},
+        )
 
     @property
     def sends(self) -> list[Recorded]:
@@ -162,15 +177,27 @@ class FakeModel(FakeServer):
             last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             text = f"echo: {last}"
             prompt = sum(len(m.get("content", "").split()) for m in messages)
-            return 200, {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:8]}",
-                "object": "chat.completion",
-                "model": rec.body.get("model", ""),
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": text}}],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": len(text.split()),
-                          "total_tokens": prompt + len(text.split())},
-            }, {}
+            return (
+                200,
+                {
+                    "id": f"chatcmpl-{uuid.uuid4().hex[:8]}",
+                    "object": "chat.completion",
+                    "model": rec.body.get("model", ""),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": text},
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": len(text.split()),
+                        "total_tokens": prompt + len(text.split()),
+                    },
+                },
+                {},
+            )
         finally:
             with self.lock:
                 self.in_flight[k] -= 1

@@ -31,33 +31,91 @@ def message(kind: str, wa_id: str = "15550001111", **overrides: Any) -> dict[str
     }
     bodies: dict[str, dict[str, Any]] = {
         "text": {"text": {"body": "hello"}},
-        "image": {"image": {"caption": "a photo", "mime_type": "image/jpeg",
-                            "sha256": "abc", "id": "media-1"}},
-        "audio": {"audio": {"mime_type": "audio/ogg; codecs=opus", "sha256": "abc",
-                            "id": "media-2", "voice": True}},
+        "image": {
+            "image": {
+                "caption": "a photo",
+                "mime_type": "image/jpeg",
+                "sha256": "abc",
+                "id": "media-1",
+            }
+        },
+        "audio": {
+            "audio": {
+                "mime_type": "audio/ogg; codecs=opus",
+                "sha256": "abc",
+                "id": "media-2",
+                "voice": True,
+            }
+        },
         "video": {"video": {"mime_type": "video/mp4", "sha256": "abc", "id": "media-3"}},
-        "document": {"document": {"caption": "invoice", "filename": "a.pdf",
-                                  "mime_type": "application/pdf", "sha256": "abc",
-                                  "id": "media-4"}},
-        "sticker": {"sticker": {"mime_type": "image/webp", "sha256": "abc", "id": "media-5",
-                                "animated": False}},
-        "location": {"location": {"latitude": 51.5, "longitude": -0.12,
-                                  "name": "Office", "address": "1 Main St"}},
-        "contacts": {"contacts": [{"name": {"formatted_name": "Ann", "first_name": "Ann"},
-                                   "phones": [{"phone": "+1555", "type": "CELL"}]}]},
+        "document": {
+            "document": {
+                "caption": "invoice",
+                "filename": "a.pdf",
+                "mime_type": "application/pdf",
+                "sha256": "abc",
+                "id": "media-4",
+            }
+        },
+        "sticker": {
+            "sticker": {
+                "mime_type": "image/webp",
+                "sha256": "abc",
+                "id": "media-5",
+                "animated": False,
+            }
+        },
+        "location": {
+            "location": {
+                "latitude": 51.5,
+                "longitude": -0.12,
+                "name": "Office",
+                "address": "1 Main St",
+            }
+        },
+        "contacts": {
+            "contacts": [
+                {
+                    "name": {"formatted_name": "Ann", "first_name": "Ann"},
+                    "phones": [{"phone": "+1555", "type": "CELL"}],
+                }
+            ]
+        },
         "reaction": {"reaction": {"message_id": new_id(), "emoji": "\U0001f44d"}},
-        "interactive": {"interactive": {"type": "button_reply",
-                                        "button_reply": {"id": "b1", "title": "Yes"}}},
+        "interactive": {
+            "interactive": {"type": "button_reply", "button_reply": {"id": "b1", "title": "Yes"}}
+        },
         "button": {"button": {"payload": "yes", "text": "Yes"}},
-        "order": {"order": {"catalog_id": "c1", "product_items": [
-            {"product_retailer_id": "p1", "quantity": 1, "item_price": 9.5,
-             "currency": "USD"}]}},
-        "system": {"system": {"body": "changed number", "type": "user_changed_number",
-                              "wa_id": "15550002222"}},
-        "unsupported": {"errors": [{"code": 131051, "title": "Message type unknown",
-                                    "message": "Message type unknown",
-                                    "error_data": {"details": "Message type is not "
-                                                              "currently supported"}}]},
+        "order": {
+            "order": {
+                "catalog_id": "c1",
+                "product_items": [
+                    {
+                        "product_retailer_id": "p1",
+                        "quantity": 1,
+                        "item_price": 9.5,
+                        "currency": "USD",
+                    }
+                ],
+            }
+        },
+        "system": {
+            "system": {
+                "body": "changed number",
+                "type": "user_changed_number",
+                "wa_id": "15550002222",
+            }
+        },
+        "unsupported": {
+            "errors": [
+                {
+                    "code": 131051,
+                    "title": "Message type unknown",
+                    "message": "Message type unknown",
+                    "error_data": {"details": "Message type is not currently supported"},
+                }
+            ]
+        },
         "request_welcome": {},
     }
     base.update(bodies.get(kind, {}))
@@ -66,13 +124,27 @@ def message(kind: str, wa_id: str = "15550001111", **overrides: Any) -> dict[str
 
 
 ALL_MESSAGE_TYPES = (
-    "text", "image", "audio", "video", "document", "sticker", "location", "contacts",
-    "reaction", "interactive", "button", "order", "system", "unsupported", "request_welcome",
+    "text",
+    "image",
+    "audio",
+    "video",
+    "document",
+    "sticker",
+    "location",
+    "contacts",
+    "reaction",
+    "interactive",
+    "button",
+    "order",
+    "system",
+    "unsupported",
+    "request_welcome",
 )
 
 
-def status(outbound_id: str, kind: str, recipient: str = "15550001111",
-           **overrides: Any) -> dict[str, Any]:
+def status(
+    outbound_id: str, kind: str, recipient: str = "15550001111", **overrides: Any
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": outbound_id,
         "status": kind,
@@ -106,8 +178,7 @@ def delivery(
         value["statuses"] = statuses
     return {
         "object": "whatsapp_business_account",
-        "entry": [{"id": "200000000000002",
-                   "changes": [{"field": "messages", "value": value}]}],
+        "entry": [{"id": "200000000000002", "changes": [{"field": "messages", "value": value}]}],
     }
 
 

@@ -24,12 +24,15 @@ SERVICES = ("state", "agent", "dlq", "gateway")
 
 
 class System:
-    def __init__(self, root: Path, database_url: str, redis_url: str, redis_prefix: str,
-                 env: dict[str, str]) -> None:
+    def __init__(
+        self, root: Path, database_url: str, redis_url: str, redis_prefix: str, env: dict[str, str]
+    ) -> None:
         self.root = root
         self.database_url = database_url
-        self.ports = {name: embedded.free_port() for name in
-                      ("gateway", "state", "agent", "dlq", "m_state", "m_agent", "m_dlq")}
+        self.ports = {
+            name: embedded.free_port()
+            for name in ("gateway", "state", "agent", "dlq", "m_state", "m_agent", "m_dlq")
+        }
         self.env = {
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
@@ -120,11 +123,16 @@ class System:
         assert self._db is not None
         return self._db
 
-    async def post(self, doc: dict[str, Any] | bytes, secret: str = SECRET,
-                   headers: dict[str, str] | None = None) -> httpx.Response:
+    async def post(
+        self,
+        doc: dict[str, Any] | bytes,
+        secret: str = SECRET,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         body, signed = payloads.sign(doc, secret)
-        return await self.http.post(f"{self.url}/webhook", content=body,
-                                    headers={**signed, **(headers or {})})
+        return await self.http.post(
+            f"{self.url}/webhook", content=body, headers={**signed, **(headers or {})}
+        )
 
     async def statuses(self) -> dict[str, str]:
         pool = await self.db()
@@ -133,8 +141,9 @@ class System:
         )
         return {r["message_id"]: r["status"] for r in rows}
 
-    async def wait_status(self, message_ids: list[str], statuses: set[str],
-                          timeout: float = 30.0) -> dict[str, str]:
+    async def wait_status(
+        self, message_ids: list[str], statuses: set[str], timeout: float = 30.0
+    ) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         current: dict[str, str] = {}
         while time.monotonic() < deadline:

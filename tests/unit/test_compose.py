@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -12,8 +13,9 @@ from common import config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _compose() -> dict:  # type: ignore[type-arg]
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+def _compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return doc
 
 
 def test_compose_parses_and_every_service_has_a_healthcheck() -> None:
@@ -43,8 +45,10 @@ def test_compose_environment_names_settings_that_exist() -> None:
     assert env["DATABASE_URL"].startswith("postgresql://")
     assert env["STATE_ADDR"] == "dns:///state:50051"
     settings = config.Settings.from_env(
-        {k: str(v).split(":-")[-1].rstrip("}") if "${" in str(v) else str(v)
-         for k, v in env.items()}
+        {
+            k: str(v).split(":-")[-1].rstrip("}") if "${" in str(v) else str(v)
+            for k, v in env.items()
+        }
     )
     assert settings.agent_addr == "dns:///agent:50052"
     assert settings.database_url and settings.redis_url and known

@@ -12,8 +12,9 @@ from tests.support import payloads
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -37,18 +38,20 @@ def test_every_message_type_is_parsed_with_its_text() -> None:
 
 
 def test_statuses_with_errors() -> None:
-    doc = payloads.delivery(statuses=[payloads.status("wamid.X", "failed"),
-                                      payloads.status("wamid.X", "read")])
+    doc = payloads.delivery(
+        statuses=[payloads.status("wamid.X", "failed"), payloads.status("wamid.X", "read")]
+    )
     delivery = parse.parse(orjson.dumps(doc))
     assert [(s.status, s.error_code) for s in delivery.statuses] == [
-        ("failed", "131047"), ("read", "")]
+        ("failed", "131047"),
+        ("read", ""),
+    ]
 
 
 def test_events_without_ids_are_dropped_not_crashing() -> None:
     bad = payloads.message("text")
     del bad["id"]
-    doc = payloads.delivery(messages=[bad, payloads.message("text")],
-                            statuses=[{"status": "read"}])
+    doc = payloads.delivery(messages=[bad, payloads.message("text")], statuses=[{"status": "read"}])
     delivery = parse.parse(orjson.dumps(doc))
     assert len(delivery.messages) == 1
     assert len(delivery.dropped) == 2
@@ -72,13 +75,30 @@ def test_any_json_object_parses_without_exceptions(doc: dict[str, Any]) -> None:
 
 
 @settings(max_examples=300)
-@given(value=json_values, messages=st.lists(json_values, max_size=3),
-       statuses=st.lists(json_values, max_size=3))
+@given(
+    value=json_values,
+    messages=st.lists(json_values, max_size=3),
+    statuses=st.lists(json_values, max_size=3),
+)
 def test_any_shape_inside_a_delivery_parses_without_exceptions(
     value: Any, messages: list[Any], statuses: list[Any]
 ) -> None:
-    doc = {"entry": [{"changes": [{"value": {"metadata": value, "messages": messages,
-                                             "statuses": statuses, "contacts": value}}]}]}
+    doc = {
+        "entry": [
+            {
+                "changes": [
+                    {
+                        "value": {
+                            "metadata": value,
+                            "messages": messages,
+                            "statuses": statuses,
+                            "contacts": value,
+                        }
+                    }
+                ]
+            }
+        ]
+    }
     delivery = parse.parse_obj(doc)
     for m in delivery.messages:
         assert m.message_id and m.wa_id

@@ -1,0 +1,1 @@
+"""Benchmarks: performance is measured here, against a baseline run side by side."""
