@@ -24,6 +24,7 @@ from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 from common import config, grpcserver, logs, telemetry
 
 from . import parse, signature
+from .batcher import IngestBatcher, IngestError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ INGEST_TIMEOUT = 5.0
 class GatewayState:
     settings: config.Settings
     state: state_pb2_grpc.StateStub
-    channels: dict[str, grpc.aio.Channel]
+    batcher: IngestBatcher
 
 
 def _json(code: int, **body: Any) -> Response:
@@ -153,10 +154,10 @@ async def receive_delivery(request: Request) -> Response:
         ],
     )
     try:
-        resp = await st.state.Ingest(request_pb, timeout=INGEST_TIMEOUT)
-    except grpc.aio.AioRpcError as exc:
+        resp = await st.batcher.submit(request_pb)
+    except IngestError as exc:
         DELIVERIES.labels("unavailable").inc()
-        log.error("could not store the delivery: %s %s", exc.code().name, exc.details())
+        log.error("could not store the delivery: %s", exc)
         return _json(503, error="cannot store the delivery durably; retry later")
     duplicates = sum(1 for r in resp.results if r.duplicate)
     DELIVERIES.labels("stored").inc()
@@ -233,13 +234,12 @@ def create_app(settings: config.Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             channel = await stack.enter_async_context(grpcserver.channel(settings.state_addr))
-            app.state.gw = GatewayState(
-                settings=settings,
-                state=state_pb2_grpc.StateStub(channel),
-                channels={"state": channel},
-            )
+            stub = state_pb2_grpc.StateStub(channel)
+            batcher = IngestBatcher(stub, timeout=INGEST_TIMEOUT)
+            app.state.gw = GatewayState(settings=settings, state=stub, batcher=batcher)
             log.info("gateway ready", extra={"port": settings.gateway_port})
             yield
+            await batcher.close()
 
     app = Starlette(
         routes=[

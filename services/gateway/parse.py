@@ -61,7 +61,8 @@ def _list(value: Any) -> list[Any]:
 
 def _str(value: Any) -> str:
     if isinstance(value, str):
-        return value
+        # PostgreSQL text cannot hold NUL; nothing a person typed needs it.
+        return value.replace("\x00", "") if "\x00" in value else value
     if isinstance(value, bool) or value is None:
         return ""
     if isinstance(value, int | float):
@@ -74,6 +75,11 @@ def _int(value: Any) -> int:
         return int(_str(value) or 0)
     except ValueError:
         return 0
+
+
+def _json(obj: dict[str, Any]) -> str:
+    # jsonb rejects the \u0000 escape; drop it rather than lose the whole event.
+    return orjson.dumps(obj).decode().replace("\\u0000", "")
 
 
 def text_of(message: dict[str, Any]) -> str:
@@ -145,7 +151,7 @@ def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
                 type=kind,
                 timestamp=_int(message.get("timestamp")),
                 text=text_of(message),
-                payload_json=orjson.dumps(message).decode(),
+                payload_json=_json(message),
                 context_message_id=_str(_dict(message.get("context")).get("id")),
             )
         )
@@ -164,7 +170,7 @@ def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
                 recipient_id=_str(status.get("recipient_id")),
                 status=kind,
                 timestamp=_int(status.get("timestamp")),
-                payload_json=orjson.dumps(status).decode(),
+                payload_json=_json(status),
                 error_code=_str(error.get("code")),
                 error_title=_str(error.get("title")),
             )

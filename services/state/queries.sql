@@ -1,58 +1,90 @@
--- name: ingest_message
--- One round trip per message: upsert the conversation, insert the message once (the unique
--- message_id makes a concurrent duplicate wait and then do nothing), audit what was stored.
-WITH conv AS (
-    INSERT INTO webhook_conversations
+-- name: ingest_messages
+-- A whole batch of messages in one statement: upsert their conversations, insert each message
+-- once (the unique message_id decides duplicates, concurrent ones included), audit what was
+-- stored. Rows are written in key order so concurrent batches cannot deadlock each other.
+WITH input AS (
+    SELECT *
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                  $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::text[],
+                  $11::text[], $12::text[])
+           WITH ORDINALITY AS t(message_id, phone_number_id, wa_id, contact_name,
+                                correlation_id, wa_timestamp, message_type, body, payload,
+                                status, reason, traceparent, ord)
+), conv AS (
+    INSERT INTO webhook_conversations AS c
         (phone_number_id, wa_id, contact_name, correlation_id, last_message_at)
-    VALUES ($1, $2, NULLIF($3, ''), $4, $5)
+    SELECT DISTINCT ON (phone_number_id, wa_id)
+           phone_number_id, wa_id, NULLIF(contact_name, ''), correlation_id, wa_timestamp
+      FROM input
+     ORDER BY phone_number_id, wa_id, wa_timestamp DESC
     ON CONFLICT (phone_number_id, wa_id) DO UPDATE
-        SET contact_name = COALESCE(EXCLUDED.contact_name, webhook_conversations.contact_name),
-            last_message_at = GREATEST(webhook_conversations.last_message_at,
-                                       EXCLUDED.last_message_at),
+        SET contact_name = COALESCE(EXCLUDED.contact_name, c.contact_name),
+            last_message_at = GREATEST(c.last_message_at, EXCLUDED.last_message_at),
             last_activity_at = now()
-    RETURNING id
+    RETURNING id, phone_number_id, wa_id
 ), msg AS (
     INSERT INTO processed_webhook_messages
         (message_id, kind, conversation_id, phone_number_id, wa_id, message_type, wa_timestamp,
          body, payload, status, status_reason, correlation_id, traceparent)
-    SELECT $6, 'message', conv.id, $1, $2, $7, $5, NULLIF($8, ''), $9::jsonb, $10,
-           NULLIF($11, ''), $4, $12
-    FROM conv
+    SELECT i.message_id, 'message', conv.id, i.phone_number_id, i.wa_id, i.message_type,
+           i.wa_timestamp, NULLIF(i.body, ''), i.payload::jsonb, i.status, NULLIF(i.reason, ''),
+           i.correlation_id, i.traceparent
+      FROM input i JOIN conv USING (phone_number_id, wa_id)
+     ORDER BY i.message_id
     ON CONFLICT (message_id) DO NOTHING
-    RETURNING conversation_id, status
+    RETURNING message_id, conversation_id, status, status_reason, correlation_id
 ), audit AS (
     INSERT INTO conversation_state_transitions
         (conversation_id, message_id, entity, from_state, to_state, reason, correlation_id)
-    SELECT conversation_id, $6, 'message', NULL, status,
-           CASE WHEN status = 'skipped' THEN $11 ELSE 'ingested' END, $4
-    FROM msg
+    SELECT conversation_id, message_id, 'message', NULL, status,
+           COALESCE(status_reason, 'ingested'), correlation_id
+      FROM msg
 )
-SELECT (SELECT id FROM conv) AS conversation_id, (SELECT status FROM msg) AS status
+SELECT i.ord, i.message_id, conv.id AS conversation_id, msg.status
+  FROM input i
+  JOIN conv USING (phone_number_id, wa_id)
+  LEFT JOIN msg USING (message_id)
+ ORDER BY i.ord
 
--- name: ingest_status
--- A delivery status is stored once per (outbound id, status) and moves the outbound message's
--- delivery state forward only: read never goes back to sent.
-WITH ins AS (
+-- name: ingest_statuses
+-- Delivery statuses, each stored once per (outbound id, status); the outbound message's
+-- delivery state only moves forward (read never goes back to sent).
+WITH input AS (
+    SELECT *
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                  $6::text[], $7::text[], $8::text[], $9::text[])
+           AS t(outbound_id, phone_number_id, recipient_id, status, ts, payload, error_code,
+                correlation_id, traceparent)
+), ins AS (
     INSERT INTO processed_webhook_messages
         (message_id, kind, conversation_id, phone_number_id, wa_id, message_type, wa_timestamp,
          body, payload, status, status_reason, reply_message_id, reply_status, reply_error_code,
          correlation_id, traceparent)
-    VALUES ('status:' || $1 || ':' || $4, 'status',
-            (SELECT id FROM webhook_conversations WHERE phone_number_id = $2 AND wa_id = $3),
-            $2, $3, 'status', $5, $4, $6::jsonb, 'skipped', 'status update: ' || $4, $1, $4,
-            NULLIF($7, ''), $8, $9)
+    SELECT 'status:' || i.outbound_id || ':' || i.status, 'status',
+           (SELECT c.id FROM webhook_conversations c
+             WHERE c.phone_number_id = i.phone_number_id AND c.wa_id = i.recipient_id),
+           i.phone_number_id, i.recipient_id, 'status', i.ts, i.status, i.payload::jsonb,
+           'skipped', 'status update: ' || i.status, i.outbound_id, i.status,
+           NULLIF(i.error_code, ''), i.correlation_id, i.traceparent
+      FROM input i
+     ORDER BY 1
     ON CONFLICT (message_id) DO NOTHING
-    RETURNING id
+    RETURNING message_id
+), best AS (
+    SELECT DISTINCT ON (outbound_id) outbound_id, status, error_code
+      FROM input
+     ORDER BY outbound_id, wa_delivery_rank(status) DESC
 ), upd AS (
-    UPDATE processed_webhook_messages
-       SET reply_status = $4,
-           reply_error_code = COALESCE(NULLIF($7, ''), reply_error_code),
+    UPDATE processed_webhook_messages m
+       SET reply_status = b.status,
+           reply_error_code = COALESCE(NULLIF(b.error_code, ''), m.reply_error_code),
            updated_at = now()
-     WHERE reply_message_id = $1 AND kind = 'message'
-       AND wa_delivery_rank(reply_status) < wa_delivery_rank($4)
-    RETURNING id
+      FROM best b
+     WHERE m.reply_message_id = b.outbound_id AND m.kind = 'message'
+       AND wa_delivery_rank(m.reply_status) < wa_delivery_rank(b.status)
+    RETURNING m.id
 )
-SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM upd) AS updated
+SELECT message_id FROM ins
 
 -- name: claim_conversation
 UPDATE webhook_conversations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 import grpc
@@ -20,6 +20,40 @@ from .locks import Locks
 from .sweeper import Sweeper
 
 log = logging.getLogger(__name__)
+
+
+def _delivery_in(request: state_pb2.IngestRequest) -> store.DeliveryIn:
+    return store.DeliveryIn(
+        messages=[
+            store.Inbound(
+                message_id=m.message_id,
+                phone_number_id=m.phone_number_id,
+                wa_id=m.wa_id,
+                contact_name=m.contact_name,
+                type=m.type,
+                timestamp=m.timestamp,
+                text=m.text,
+                payload_json=m.payload_json,
+            )
+            for m in request.messages
+            if m.message_id
+        ],
+        statuses=[
+            store.Status(
+                message_id=s.message_id,
+                phone_number_id=s.phone_number_id,
+                recipient_id=s.recipient_id,
+                status=s.status,
+                timestamp=s.timestamp,
+                payload_json=s.payload_json,
+                error_code=s.error_code,
+            )
+            for s in request.statuses
+            if s.message_id
+        ],
+        correlation_id=request.correlation_id,
+        traceparent=request.traceparent,
+    )
 
 
 def _iso(value: object) -> str:
@@ -40,58 +74,61 @@ class StateServicer(state_pb2_grpc.StateServicer):
     async def Ingest(
         self, request: state_pb2.IngestRequest, context: grpc.aio.ServicerContext
     ) -> state_pb2.IngestResponse:
-        if request.correlation_id:
-            logs.correlation_id.set(request.correlation_id)
-        messages = [
-            store.Inbound(
-                message_id=m.message_id,
-                phone_number_id=m.phone_number_id,
-                wa_id=m.wa_id,
-                contact_name=m.contact_name,
-                type=m.type,
-                timestamp=m.timestamp,
-                text=m.text,
-                payload_json=m.payload_json,
-            )
-            for m in request.messages
-        ]
-        statuses = [
-            store.Status(
-                message_id=s.message_id,
-                phone_number_id=s.phone_number_id,
-                recipient_id=s.recipient_id,
-                status=s.status,
-                timestamp=s.timestamp,
-                payload_json=s.payload_json,
-                error_code=s.error_code,
-            )
-            for s in request.statuses
-        ]
-        if any(not m.message_id for m in messages) or any(not s.message_id for s in statuses):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "every event needs an id")
+        (answer,) = await self._ingest([request])
+        if answer.error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, answer.error)
+        return answer
+
+    async def IngestBatch(
+        self, request: state_pb2.IngestBatchRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.IngestBatchResponse:
+        return state_pb2.IngestBatchResponse(deliveries=await self._ingest(request.deliveries))
+
+    async def _ingest(
+        self, requests: Sequence[state_pb2.IngestRequest]
+    ) -> list[state_pb2.IngestResponse]:
+        deliveries = [_delivery_in(r) for r in requests]
         try:
-            results, stored = await store.ingest(
-                self.pool, messages, statuses, request.correlation_id, request.traceparent
+            outs: list[store.DeliveryOut | str] = list(
+                await store.ingest_many(self.pool, deliveries)
             )
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            log.error("ingest failed: %s", exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot store: {exc}")
-        for r in results:
-            metrics.INGESTED.labels("duplicate" if r.duplicate else r.status).inc()
-            if r.status == machine.RECEIVED and self.dispatcher is not None:
-                self.dispatcher.notify(r.conversation_id)
-        return state_pb2.IngestResponse(
-            results=[
-                state_pb2.IngestResult(
-                    message_id=r.message_id,
-                    duplicate=r.duplicate,
-                    status=r.status,
-                    conversation_id=r.conversation_id,
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            if len(deliveries) == 1 or not isinstance(exc, asyncpg.DataError):
+                log.error("ingest failed: %s", exc)
+                return [state_pb2.IngestResponse(error=f"cannot store: {exc}")] * len(requests)
+            # One delivery's data poisons the batch: store the others one by one.
+            outs = []
+            for delivery in deliveries:
+                try:
+                    (one,) = await store.ingest_many(self.pool, [delivery])
+                    outs.append(one)
+                except (OSError, TimeoutError, asyncpg.PostgresError) as one_exc:
+                    log.error("ingest failed: %s", one_exc)
+                    outs.append(f"cannot store: {one_exc}")
+        answers = []
+        for out in outs:
+            if isinstance(out, str):
+                answers.append(state_pb2.IngestResponse(error=out))
+                continue
+            for r in out.results:
+                metrics.INGESTED.labels("duplicate" if r.duplicate else r.status).inc()
+                if r.status == machine.RECEIVED and self.dispatcher is not None:
+                    self.dispatcher.notify(r.conversation_id)
+            answers.append(
+                state_pb2.IngestResponse(
+                    results=[
+                        state_pb2.IngestResult(
+                            message_id=r.message_id,
+                            duplicate=r.duplicate,
+                            status=r.status,
+                            conversation_id=r.conversation_id,
+                        )
+                        for r in out.results
+                    ],
+                    statuses_stored=out.statuses_stored,
                 )
-                for r in results
-            ],
-            statuses_stored=stored,
-        )
+            )
+        return answers
 
     async def ClaimNext(
         self, request: state_pb2.ClaimNextRequest, context: grpc.aio.ServicerContext

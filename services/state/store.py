@@ -90,15 +90,24 @@ def skip_reason(message_type: str) -> str:
     return f"message type {message_type!r} is not answered"
 
 
-def _atomic(conn: Conn, statements: int) -> contextlib.AbstractAsyncContextManager[object]:
-    """A transaction, unless the work is one statement (atomic by itself, one round trip)."""
-    return conn.transaction() if statements > 1 else contextlib.nullcontext()
-
-
 def _ts(seconds: int) -> dt.datetime:
     if seconds <= 0:
         return dt.datetime.now(dt.UTC)
     return dt.datetime.fromtimestamp(seconds, dt.UTC)
+
+
+@dataclass(frozen=True)
+class DeliveryIn:
+    messages: list[Inbound]
+    statuses: list[Status]
+    correlation_id: str
+    traceparent: str
+
+
+@dataclass(frozen=True)
+class DeliveryOut:
+    results: list[Ingested]
+    statuses_stored: int
 
 
 async def ingest(
@@ -108,46 +117,77 @@ async def ingest(
     correlation_id: str,
     traceparent: str,
 ) -> tuple[list[Ingested], int]:
-    """Stores one delivery in one transaction: all of it or, on error, none of it."""
-    results: list[Ingested] = []
-    stored_statuses = 0
-    async with pool.acquire() as conn, _atomic(conn, len(messages) + len(statuses)):
-        for m in messages:
-            reason = skip_reason(m.type)
-            row = await conn.fetchrow(
-                Q["ingest_message"],
-                m.phone_number_id,
-                m.wa_id,
-                m.contact_name,
-                correlation_id,
-                _ts(m.timestamp),
-                m.message_id,
-                m.type,
-                m.text,
-                m.payload_json or "{}",
-                machine.SKIPPED if reason else machine.RECEIVED,
-                reason,
-                traceparent,
-            )
-            assert row is not None
-            status = row["status"] or ""
-            results.append(Ingested(m.message_id, row["conversation_id"], status, not status))
-        for s in statuses:
-            row = await conn.fetchrow(
-                Q["ingest_status"],
-                s.message_id,
-                s.phone_number_id,
-                s.recipient_id,
-                s.status,
-                _ts(s.timestamp),
-                s.payload_json or "{}",
-                s.error_code,
-                correlation_id,
-                traceparent,
-            )
-            assert row is not None
-            stored_statuses += row["inserted"]
-    return results, stored_statuses
+    """Stores one delivery atomically: all of it or, on error, none of it."""
+    (out,) = await ingest_many(pool, [DeliveryIn(messages, statuses, correlation_id, traceparent)])
+    return out.results, out.statuses_stored
+
+
+async def ingest_many(pool: asyncpg.Pool, deliveries: list[DeliveryIn]) -> list[DeliveryOut]:
+    """Stores several deliveries atomically, in at most two statements."""
+    messages = [(d, m) for d in deliveries for m in d.messages]
+    statuses = [(d, s) for d in deliveries for s in d.statuses]
+    async with pool.acquire() as conn:
+        # One statement is atomic by itself: no BEGIN/COMMIT round trips.
+        both = bool(messages and statuses)
+        async with conn.transaction() if both else contextlib.nullcontext():
+            rows = await _insert_messages(conn, messages) if messages else []
+            stored = await _insert_statuses(conn, statuses) if statuses else set()
+    seen: set[str] = set()
+    results: dict[int, list[Ingested]] = {id(d): [] for d in deliveries}
+    for (d, m), row in zip(messages, rows, strict=True):
+        status = row["status"] or ""
+        # A second copy inside the same batch is a duplicate too.
+        duplicate = not status or m.message_id in seen
+        seen.add(m.message_id)
+        results[id(d)].append(
+            Ingested(m.message_id, row["conversation_id"], "" if duplicate else status, duplicate)
+        )
+    counts: dict[int, int] = {id(d): 0 for d in deliveries}
+    for d, st in statuses:
+        key = f"status:{st.message_id}:{st.status}"
+        if key in stored:
+            counts[id(d)] += 1
+            stored.discard(key)
+    return [DeliveryOut(results[id(d)], counts[id(d)]) for d in deliveries]
+
+
+async def _insert_messages(
+    conn: Conn, messages: list[tuple[DeliveryIn, Inbound]]
+) -> list[asyncpg.Record]:
+    reasons = [skip_reason(m.type) for _, m in messages]
+    return list(
+        await conn.fetch(
+            Q["ingest_messages"],
+            [m.message_id for _, m in messages],
+            [m.phone_number_id for _, m in messages],
+            [m.wa_id for _, m in messages],
+            [m.contact_name for _, m in messages],
+            [d.correlation_id for d, _ in messages],
+            [_ts(m.timestamp) for _, m in messages],
+            [m.type for _, m in messages],
+            [m.text for _, m in messages],
+            [m.payload_json or "{}" for _, m in messages],
+            [machine.SKIPPED if r else machine.RECEIVED for r in reasons],
+            reasons,
+            [d.traceparent for d, _ in messages],
+        )
+    )
+
+
+async def _insert_statuses(conn: Conn, statuses: list[tuple[DeliveryIn, Status]]) -> set[str]:
+    rows = await conn.fetch(
+        Q["ingest_statuses"],
+        [s.message_id for _, s in statuses],
+        [s.phone_number_id for _, s in statuses],
+        [s.recipient_id for _, s in statuses],
+        [s.status for _, s in statuses],
+        [_ts(s.timestamp) for _, s in statuses],
+        [s.payload_json or "{}" for _, s in statuses],
+        [s.error_code for _, s in statuses],
+        [d.correlation_id for d, _ in statuses],
+        [d.traceparent for d, _ in statuses],
+    )
+    return {r["message_id"] for r in rows}
 
 
 async def claim_conversation(pool: asyncpg.Pool, conversation_id: int, owner: str) -> int:
