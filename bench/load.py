@@ -61,8 +61,9 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def run(url: str, secret: str, *, connections: int, seconds: float,
-              conversations: int = 200) -> Result:
+async def run(
+    url: str, secret: str, *, connections: int, seconds: float, conversations: int = 200
+) -> Result:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     latencies: list[float] = []
@@ -92,12 +93,25 @@ async def run(url: str, secret: str, *, connections: int, seconds: float,
 
 
 def main() -> None:
-    url, secret, connections, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(
-        sys.argv[4])
+    url, secret, connections, seconds = (
+        sys.argv[1],
+        sys.argv[2],
+        int(sys.argv[3]),
+        float(sys.argv[4]),
+    )
     result = asyncio.run(run(url, secret, connections=connections, seconds=seconds))
-    print(orjson.dumps({"requests": result.requests, "errors": result.errors,
-                        "seconds": result.seconds, "rps": result.rps,
-                        "p50": result.pct(50), "p99": result.pct(99)}).decode())
+    print(
+        orjson.dumps(
+            {
+                "requests": result.requests,
+                "errors": result.errors,
+                "seconds": result.seconds,
+                "rps": result.rps,
+                "p50": result.pct(50),
+                "p99": result.pct(99),
+            }
+        ).decode()
+    )
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class Settings:
     model_timeout_seconds: float = 10.0
     graph_timeout_seconds: float = 10.0
     graph_max_retries: int = 3
+    send_confirm_seconds: float = 10.0
     dlq_max_attempts: int = 3
     dlq_retry_base_seconds: float = 30.0
     dlq_poll_seconds: float = 1.0
@@ -154,6 +155,7 @@ class Settings:
             model_timeout_seconds=_float(e, "AGENT_TIMEOUT_SECONDS", 10.0),
             graph_timeout_seconds=_float(e, "WHATSAPP_TIMEOUT_SECONDS", 10.0),
             graph_max_retries=_int(e, "WHATSAPP_MAX_RETRIES", 3),
+            send_confirm_seconds=_float(e, "WHATSAPP_SEND_CONFIRM_SECONDS", 10.0),
             dlq_max_attempts=_int(e, "DLQ_MAX_ATTEMPTS", 3),
             dlq_retry_base_seconds=_float(e, "DLQ_RETRY_BASE_SECONDS", 30.0),
             dlq_poll_seconds=_float(e, "DLQ_POLL_SECONDS", 1.0),

@@ -78,6 +78,9 @@ class GraphClient:
         }
         if reply_to:
             payload["context"] = {"message_id": reply_to}
+            # Echoed in this reply's status webhooks: ties a delivery to the message it answers
+            # even when we never saw the send's response.
+            payload["biz_opaque_callback_data"] = reply_to
         data, attempts = await self._post("send", phone_number_id, payload)
         messages = data.get("messages") or [{}]
         return Sent(message_id=str(messages[0].get("id", "")), attempts=attempts)

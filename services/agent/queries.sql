@@ -1,5 +1,6 @@
 -- name: reply_state
-SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type
+SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
+       m.send_started_at
   FROM processed_webhook_messages m
  WHERE m.message_id = $1 AND m.kind = 'message'
 
@@ -47,7 +48,11 @@ UPDATE processed_webhook_messages m
        updated_at = now()
  WHERE m.message_id = $1
 
+-- name: send_started
+UPDATE processed_webhook_messages SET send_started_at = now() WHERE message_id = $1
+
 -- name: record_send_error
+-- The Graph API answered: this attempt definitely did not deliver.
 UPDATE processed_webhook_messages
-   SET reply_error_code = $2, updated_at = now()
+   SET reply_error_code = $2, send_started_at = NULL, updated_at = now()
  WHERE message_id = $1

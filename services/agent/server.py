@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from . import agents
 from .backends import Backend, OpenAIBackend, RulesBackend
 from .breaker import CircuitBreaker
 from .graph import GraphClient
-from .turn import Agent, StaleFence, TurnRequest, UnknownMessage
+from .turn import Agent, StaleFence, TurnOutcome, TurnRequest, UnknownMessage
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,19 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         if request.correlation_id:
             logs.correlation_id.set(request.correlation_id)
         try:
-            out = await self.agent.reply(
-                TurnRequest(
-                    message_id=request.message_id,
-                    conversation_id=request.conversation_id,
-                    fence_token=request.fence_token,
-                    phone_number_id=request.phone_number_id,
-                    wa_id=request.wa_id,
-                    text=request.text,
-                    correlation_id=request.correlation_id,
+            # Shielded: once a turn runs, a caller that goes away (a killed state service)
+            # must not cut it between the Graph API send and recording that send.
+            out = await asyncio.shield(
+                self.agent.reply(
+                    TurnRequest(
+                        message_id=request.message_id,
+                        conversation_id=request.conversation_id,
+                        fence_token=request.fence_token,
+                        phone_number_id=request.phone_number_id,
+                        wa_id=request.wa_id,
+                        text=request.text,
+                        correlation_id=request.correlation_id,
+                    )
                 )
             )
         except StaleFence as exc:
@@ -58,7 +63,18 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             error_message=out.error_message,
             retryable=out.retryable,
             agent_type=out.agent_type,
+            detail=_detail(out),
         )
+
+
+def _detail(out: TurnOutcome) -> str:
+    if out.outcome != "replied":
+        return f"{out.error_class}: {out.error_message}"
+    if out.confirmed_by_status:
+        return f"reply sent as {out.reply_message_id} (confirmed by its status webhook)"
+    if out.reply_message_id:
+        return f"reply sent as {out.reply_message_id}"
+    return "reply recorded, not sent (no WHATSAPP_ACCESS_TOKEN)"
 
 
 def make_backend(settings: config.Settings, http: httpx.AsyncClient) -> Backend:
@@ -101,6 +117,7 @@ async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIter
             make_backend(settings, http),
             graph,
             token_limit=settings.agent_token_limit,
+            confirm_seconds=settings.send_confirm_seconds,
         )
         agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(agent), server)
         try:

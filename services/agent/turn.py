@@ -56,6 +56,8 @@ class TurnOutcome:
     error_message: str = ""
     retryable: bool = True
     agent_type: str = ""
+    # Sent by a run that died before recording it, and confirmed by its status webhook.
+    confirmed_by_status: bool = False
 
 
 class Agent:
@@ -67,12 +69,14 @@ class Agent:
         graph: GraphClient,
         *,
         token_limit: int,
+        confirm_seconds: float = 10.0,
     ) -> None:
         self.pool = pool
         self.catalog = catalog
         self.backend = backend
         self.graph = graph
         self.token_limit = token_limit
+        self.confirm_seconds = confirm_seconds
         self._background: set[asyncio.Task[None]] = set()
 
     async def reply(self, req: TurnRequest) -> TurnOutcome:
@@ -87,6 +91,13 @@ class Agent:
                 reply_message_id=state["reply_message_id"],
                 agent_type=state["agent_type"] or "",
             )
+        if state["send_started_at"] is not None and self.graph.enabled:
+            # A previous run died while sending: the customer may have the reply already.
+            # Its status webhook carries our callback data and confirms it; only when no
+            # confirmation comes is the reply sent again (at least once beats lost).
+            confirmed = await self._await_confirmation(req)
+            if confirmed is not None:
+                return confirmed
         if self.graph.enabled:
             task = asyncio.create_task(self._mark_read(req))
             self._background.add(task)
@@ -105,6 +116,30 @@ class Agent:
                     retryable=exc.retryable,
                 )
         return await self._deliver(req, reply_text, agent_type)
+
+    async def _await_confirmation(self, req: TurnRequest) -> TurnOutcome | None:
+        log.warning(
+            "a send was in flight when its turn died; waiting for its status webhook",
+            extra={"message_id": req.message_id, "wait_seconds": self.confirm_seconds},
+        )
+        deadline = time.monotonic() + self.confirm_seconds
+        while True:
+            state = await self.pool.fetchrow(Q["reply_state"], req.message_id)
+            if state is not None and state["reply_message_id"]:
+                return TurnOutcome(
+                    outcome="replied",
+                    reply_text=state["reply_text"] or "",
+                    reply_message_id=state["reply_message_id"],
+                    agent_type=state["agent_type"] or "",
+                    confirmed_by_status=True,
+                )
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "no status webhook confirmed the interrupted send; sending again",
+                    extra={"message_id": req.message_id},
+                )
+                return None
+            await asyncio.sleep(0.25)
 
     async def _mark_read(self, req: TurnRequest) -> None:
         try:
@@ -214,6 +249,7 @@ class Agent:
                 message_id=req.message_id,
                 phone_number_id=req.phone_number_id,
             )
+            await self.pool.execute(Q["send_started"], req.message_id)
             try:
                 sent = await self.graph.send_text(
                     req.phone_number_id, req.wa_id, text, reply_to=req.message_id

@@ -4,9 +4,9 @@
 INSERT INTO webhook_dlq AS d
     (message_id, conversation_id, payload, error_class, error_message, retryable, attempts,
      history, status, next_attempt_at, correlation_id)
-VALUES ($1, $2, $3::jsonb, $4, $5, $6, 1,
-        jsonb_build_array(jsonb_build_object('at', now(), 'error_class', $4,
-                                             'error_message', $5)),
+VALUES ($1, $2, $3::jsonb, $4::text, $5::text, $6, 1,
+        jsonb_build_array(jsonb_build_object('at', now(), 'error_class', $4::text,
+                                             'error_message', $5::text)),
         CASE WHEN $6 AND $7 >= 1 THEN 'pending' ELSE 'dead' END,
         CASE WHEN $6 AND $7 >= 1
              THEN now() + make_interval(secs => $8 * (0.5 + random() / 2)) END,

@@ -149,6 +149,7 @@ async def receive_delivery(request: Request) -> Response:
                 payload_json=s.payload_json,
                 error_code=s.error_code,
                 error_title=s.error_title,
+                callback_data=s.callback_data,
             )
             for s in delivery.statuses
         ],

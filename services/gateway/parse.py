@@ -41,6 +41,7 @@ class Status:
     payload_json: str
     error_code: str = ""
     error_title: str = ""
+    callback_data: str = ""
 
 
 @dataclass
@@ -173,5 +174,6 @@ def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
                 payload_json=_json(status),
                 error_code=_str(error.get("code")),
                 error_title=_str(error.get("title")),
+                callback_data=_str(status.get("biz_opaque_callback_data")),
             )
         )

@@ -60,6 +60,7 @@ class GrpcAgent:
             error_message=resp.error_message,
             retryable=resp.retryable,
             agent_type=resp.agent_type,
+            detail=resp.detail,
         )
 
 

@@ -197,11 +197,7 @@ class Dispatcher:
                 raise
             metrics.TURN_SECONDS.observe(time.perf_counter() - started)
             if result.outcome == "replied":
-                reason = (
-                    f"reply sent as {result.reply_message_id}"
-                    if result.reply_message_id
-                    else "reply recorded, not sent (no WHATSAPP_ACCESS_TOKEN)"
-                )
+                reason = result.detail or "replied"
                 await store.transition(
                     self.pool, item.message_id, machine.REPLIED, reason, token=token
                 )

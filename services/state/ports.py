@@ -26,6 +26,7 @@ class TurnResult:
     error_message: str = ""
     retryable: bool = True
     agent_type: str = ""
+    detail: str = ""
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,9 @@ SELECT i.ord, i.message_id, conv.id AS conversation_id, msg.status
 WITH input AS (
     SELECT *
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-                  $6::text[], $7::text[], $8::text[], $9::text[])
+                  $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
            AS t(outbound_id, phone_number_id, recipient_id, status, ts, payload, error_code,
-                correlation_id, traceparent)
+                correlation_id, traceparent, callback_data)
 ), ins AS (
     INSERT INTO processed_webhook_messages
         (message_id, kind, conversation_id, phone_number_id, wa_id, message_type, wa_timestamp,
@@ -74,6 +74,17 @@ WITH input AS (
     SELECT DISTINCT ON (outbound_id) outbound_id, status, error_code
       FROM input
      ORDER BY outbound_id, wa_delivery_rank(status) DESC
+), confirm AS (
+    -- A reply whose send was never recorded (its turn died mid-send) is confirmed by the
+    -- status webhook that carries our callback data: the inbound message id.
+    UPDATE processed_webhook_messages m
+       SET reply_message_id = i.outbound_id, reply_status = i.status,
+           reply_confirmed_by = 'status webhook: ' || i.status, send_started_at = NULL,
+           updated_at = now()
+      FROM input i
+     WHERE i.callback_data <> '' AND m.message_id = i.callback_data AND m.kind = 'message'
+       AND m.reply_message_id IS NULL
+    RETURNING m.id
 ), upd AS (
     UPDATE processed_webhook_messages m
        SET reply_status = b.status,

@@ -47,6 +47,7 @@ def _delivery_in(request: state_pb2.IngestRequest) -> store.DeliveryIn:
                 timestamp=s.timestamp,
                 payload_json=s.payload_json,
                 error_code=s.error_code,
+                callback_data=s.callback_data,
             )
             for s in request.statuses
             if s.message_id
@@ -340,9 +341,11 @@ async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIter
         dlq = GrpcDlq(dlq_ch)
         if settings.enhanced_processing:
             # Long enough for the model's retries and the Graph API's; the agent bounds both.
-            turn_timeout = (settings.model_timeout_seconds + 2) * (
-                settings.agent_max_retries + 1
-            ) + (settings.graph_timeout_seconds + 2) * (settings.graph_max_retries + 1)
+            turn_timeout = (
+                (settings.model_timeout_seconds + 2) * (settings.agent_max_retries + 1)
+                + (settings.graph_timeout_seconds + 2) * (settings.graph_max_retries + 1)
+                + settings.send_confirm_seconds
+            )
             dispatcher = Dispatcher(
                 pool,
                 locks,

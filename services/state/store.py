@@ -47,6 +47,7 @@ class Status:
     timestamp: int
     payload_json: str
     error_code: str = ""
+    callback_data: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ async def _insert_statuses(conn: Conn, statuses: list[tuple[DeliveryIn, Status]]
         [s.error_code for _, s in statuses],
         [d.correlation_id for d, _ in statuses],
         [d.traceparent for d, _ in statuses],
+        [s.callback_data for _, s in statuses],
     )
     return {r["message_id"] for r in rows}
 

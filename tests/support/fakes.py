@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -12,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
+
+import httpx
 
 
 @dataclass
@@ -89,13 +93,69 @@ class FakeServer:
 
 
 class FakeGraph(FakeServer):
-    """The Graph API's `/{version}/{phone_number_id}/messages`."""
+    """The Graph API's `/{version}/{phone_number_id}/messages`. Like Meta, once a webhook is
+    set it posts a signed `sent` status for each message it accepted (with the message's
+    biz_opaque_callback_data), retrying while the gateway does not answer 200."""
 
     def __init__(self) -> None:
         super().__init__()
         self.script: deque[Reply] = deque()
         self.release = threading.Event()
         self.release.set()
+        self.webhook: tuple[str, str] | None = None  # (gateway URL, app secret)
+
+    def _post_status(self, out_id: str, body: dict[str, Any]) -> None:
+        if self.webhook is None:
+            return
+        url, secret = self.webhook
+        status: dict[str, Any] = {
+            "id": out_id,
+            "status": "sent",
+            "timestamp": str(int(time.time())),
+            "recipient_id": body.get("to", ""),
+        }
+        if body.get("biz_opaque_callback_data"):
+            status["biz_opaque_callback_data"] = body["biz_opaque_callback_data"]
+        phone_number_id = self.path_phone(body)
+        doc = {
+            "object": "whatsapp_business_account",
+            "entry": [
+                {
+                    "id": "1",
+                    "changes": [
+                        {
+                            "field": "messages",
+                            "value": {
+                                "messaging_product": "whatsapp",
+                                "metadata": {
+                                    "display_phone_number": "1",
+                                    "phone_number_id": phone_number_id,
+                                },
+                                "statuses": [status],
+                            },
+                        }
+                    ],
+                }
+            ],
+        }
+        data = json.dumps(doc).encode()
+        sig = "sha256=" + hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
+        for _ in range(60):
+            try:
+                with httpx.Client(timeout=5) as client:
+                    resp = client.post(
+                        url,
+                        content=data,
+                        headers={"Content-Type": "application/json", "X-Hub-Signature-256": sig},
+                    )
+                if resp.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+
+    def path_phone(self, body: dict[str, Any]) -> str:
+        return str(body.get("_phone_number_id", ""))
 
     def fail_next(self, *replies: Reply) -> None:
         self.script.extend(replies)
@@ -124,12 +184,16 @@ class FakeGraph(FakeServer):
         if scripted is not None:
             return scripted
         wa_id = rec.body.get("to", "")
+        out_id = f"wamid.OUT{uuid.uuid4().hex.upper()}"
+        if self.webhook is not None:
+            body = {**rec.body, "_phone_number_id": rec.path.split("/")[2]}
+            threading.Thread(target=self._post_status, args=(out_id, body), daemon=True).start()
         return (
             200,
             {
                 "messaging_product": "whatsapp",
                 "contacts": [{"input": wa_id, "wa_id": wa_id}],
-                "messages": [{"id": f"wamid.OUT{uuid.uuid4().hex.upper()}"}],
+                "messages": [{"id": out_id}],
             },
             {},
         )

@@ -78,6 +78,39 @@ class System:
             await self.wait_ready()
         return self
 
+    async def restart(self, name: str, **env: str) -> None:
+        """Stops one service and starts it again, with `env` changed."""
+        await self.sup.stop([name])
+        self.env.update(env)
+        await self.start((name,), wait=False)
+
+    def kill(self, name: str) -> int:
+        """SIGKILLs one service (the supervisor restarts it); returns the killed pid."""
+        import os
+        import signal
+
+        pid = self.sup.pid(name)
+        assert pid is not None, f"{name} is not running"
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    async def deliver(self, doc: dict[str, Any], timeout: float = 90.0) -> httpx.Response:
+        """Posts until the gateway answers 200, as Meta does (it retries non-200 answers)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            try:
+                resp = await self.post(doc)
+                if resp.status_code == 200:
+                    return resp
+                assert resp.status_code in (502, 503, 504), resp.text
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("delivery never acknowledged")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
     async def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         last = ""
@@ -152,4 +185,20 @@ class System:
                 return current
             await asyncio.sleep(0.1)
         missing = {m: current.get(m) for m in message_ids if current.get(m) not in statuses}
-        raise TimeoutError(f"not {statuses}: {list(missing.items())[:5]}\n{self.tail_logs()}")
+        pool = await self.db()
+        trail = []
+        for m in list(missing)[:3]:
+            rows = await pool.fetch(
+                "SELECT from_state, to_state, reason FROM conversation_state_transitions "
+                "WHERE message_id = $1 ORDER BY id",
+                m,
+            )
+            trail.append(
+                f"{m}: "
+                + " | ".join(f"{r['from_state']}->{r['to_state']} ({r['reason']})" for r in rows)
+            )
+        raise TimeoutError(
+            f"not {statuses}: {list(missing.items())[:5]}\n"
+            + "\n".join(trail)
+            + f"\n{self.tail_logs()}"
+        )

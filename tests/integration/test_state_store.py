@@ -1,0 +1,173 @@
+"""The state service's domain against real PostgreSQL and Redis: idempotent ingest under
+concurrency, fencing of a stalled holder, audited refusals, monotonic delivery states."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import pytest
+
+from common import kv
+from services.state import machine, store
+from services.state.locks import Locks
+from tests.support.servers import Redis
+
+
+def inbound(
+    message_id: str, wa_id: str = "15550001111", ts: int = 0, kind: str = "text", text: str = "hi"
+) -> store.Inbound:
+    return store.Inbound(
+        message_id=message_id,
+        phone_number_id="100",
+        wa_id=wa_id,
+        contact_name="Ann",
+        type=kind,
+        timestamp=ts or int(time.time()),
+        text=text,
+        payload_json=f'{{"id": "{message_id}"}}',
+    )
+
+
+async def test_concurrent_copies_of_one_message_store_it_once(pool: asyncpg.Pool) -> None:
+    copies = [store.ingest(pool, [inbound("wamid.DUP")], [], f"c{i}", "") for i in range(12)]
+    results = await asyncio.gather(*copies)
+    fresh = [r for (rs, _) in results for r in rs if not r.duplicate]
+    assert len(fresh) == 1
+    assert await pool.fetchval("SELECT count(*) FROM processed_webhook_messages") == 1
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM conversation_state_transitions WHERE message_id = 'wamid.DUP'"
+        )
+        == 1
+    )
+
+
+async def test_a_batch_keeps_deliveries_apart_and_dedupes_inside(pool: asyncpg.Pool) -> None:
+    d1 = store.DeliveryIn([inbound("wamid.A"), inbound("wamid.B", kind="image")], [], "c1", "")
+    d2 = store.DeliveryIn([inbound("wamid.A")], [], "c2", "")
+    out = await store.ingest_many(pool, [d1, d2])
+    assert [(r.message_id, r.status, r.duplicate) for r in out[0].results] == [
+        ("wamid.A", "received", False),
+        ("wamid.B", "skipped", False),
+    ]
+    assert [(r.message_id, r.duplicate) for r in out[1].results] == [("wamid.A", True)]
+    reason = await pool.fetchval(
+        "SELECT status_reason FROM processed_webhook_messages WHERE message_id = 'wamid.B'"
+    )
+    assert "image" in reason
+
+
+async def test_statuses_are_idempotent_and_monotonic(pool: asyncpg.Pool) -> None:
+    await store.ingest(pool, [inbound("wamid.IN")], [], "c", "")
+    await pool.execute(
+        "UPDATE processed_webhook_messages SET reply_message_id = 'wamid.OUT' "
+        "WHERE message_id = 'wamid.IN'"
+    )
+
+    def st(kind: str) -> store.Status:
+        return store.Status("wamid.OUT", "100", "15550001111", kind, int(time.time()), "{}")
+
+    _, n = await store.ingest(pool, [], [st("read"), st("delivered")], "c", "")
+    assert n == 2
+    _, n = await store.ingest(pool, [], [st("sent"), st("read")], "c", "")
+    assert n == 1  # read was already stored
+    state = await pool.fetchval(
+        "SELECT reply_status FROM processed_webhook_messages WHERE message_id = 'wamid.IN'"
+    )
+    assert state == "read"
+
+
+async def test_next_message_is_the_oldest_by_whatsapp_timestamp(pool: asyncpg.Pool) -> None:
+    base = int(time.time())
+    msgs = [inbound(f"wamid.O{i}", ts=base + i) for i in (3, 1, 2, 0)]
+    await store.ingest(pool, msgs, [], "c", "")
+    (conv,) = {
+        r["conversation_id"]
+        for r in await pool.fetch("SELECT conversation_id FROM processed_webhook_messages")
+    }
+    token = await store.claim_conversation(pool, conv, "me")
+    seen = []
+    while (item := await store.next_message(pool, conv, token)) is not None:
+        seen.append(item.message_id)
+        await store.transition(pool, item.message_id, machine.REPLIED, "ok", token=token)
+    assert seen == ["wamid.O0", "wamid.O1", "wamid.O2", "wamid.O3"]
+
+
+async def test_a_stalled_holder_cannot_write_over_its_successor(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    client = kv.create_client(redis_server.url)
+    try:
+        holder_a = Locks(client, ttl_seconds=0.3, prefix=redis_prefix, instance="a")
+        holder_b = Locks(client, ttl_seconds=30, prefix=redis_prefix, instance="b")
+        await store.ingest(pool, [inbound("wamid.S1"), inbound("wamid.S2")], [], "c", "")
+        conv = await pool.fetchval("SELECT id FROM webhook_conversations")
+
+        lease_a = await holder_a.acquire(conv)
+        assert lease_a is not None
+        token_a = await store.claim_conversation(pool, conv, lease_a.owner)
+        item_a = await store.next_message(pool, conv, token_a)
+        assert item_a is not None
+        assert await holder_b.acquire(conv) is None  # A's lease holds
+
+        await asyncio.sleep(0.5)  # A stalls past its TTL
+        lease_b = await holder_b.acquire(conv)
+        assert lease_b is not None
+        token_b = await store.claim_conversation(pool, conv, lease_b.owner)
+        assert token_b > token_a
+
+        with pytest.raises(store.StaleFence):
+            await store.transition(pool, item_a.message_id, machine.REPLIED, "late", token=token_a)
+        with pytest.raises(store.StaleFence):
+            await store.next_message(pool, conv, token_a)
+        assert not await holder_a.release(lease_a)  # compare-and-delete: not A's any more
+        assert await holder_b.holder(conv) == lease_b.owner
+
+        # B resumes A's message and finishes it.
+        item_b = await store.next_message(pool, conv, token_b)
+        assert item_b is not None and item_b.message_id == item_a.message_id and item_b.resumed
+        await store.transition(pool, item_b.message_id, machine.REPLIED, "ok", token=token_b)
+        status = await pool.fetchval(
+            "SELECT status FROM processed_webhook_messages WHERE message_id = $1", item_a.message_id
+        )
+        assert status == "replied"
+    finally:
+        await client.aclose()
+
+
+async def test_illegal_transitions_are_refused_and_audited(pool: asyncpg.Pool) -> None:
+    await store.ingest(pool, [inbound("wamid.I")], [], "c", "")
+    with pytest.raises(machine.IllegalTransition) as info:
+        await store.transition(pool, "wamid.I", machine.REPLIED, "skip the turn")
+    await store.record_illegal(pool, "wamid.I", info.value, "c")
+    rows = await pool.fetch(
+        "SELECT from_state, to_state FROM conversation_state_transitions "
+        "WHERE message_id = 'wamid.I' ORDER BY id"
+    )
+    assert [(r["from_state"], r["to_state"]) for r in rows] == [
+        (None, "received"),
+        ("received", "refused:replied"),
+    ]
+    assert (
+        await pool.fetchval(
+            "SELECT status FROM processed_webhook_messages WHERE message_id = 'wamid.I'"
+        )
+        == "received"
+    )
+
+
+async def test_lease_renewal_keeps_a_long_turn(redis_server: Redis, redis_prefix: str) -> None:
+    client = kv.create_client(redis_server.url)
+    try:
+        locks = Locks(client, ttl_seconds=0.3, prefix=redis_prefix)
+        lease = await locks.acquire(7)
+        assert lease is not None
+        async with locks.keep_renewed(lease):
+            await asyncio.sleep(0.8)
+            assert await locks.holder(7) == lease.owner
+        assert await locks.release(lease)
+        assert await locks.holder(7) is None
+    finally:
+        await client.aclose()
