@@ -158,3 +158,39 @@ async def test_processing_switched_off_acknowledges_only_and_resumes_in_order(
     await system.wait_status([m for m, _ in docs], {"replied"})
     assert cv.seen_by_model(conv_model) == {f"c{c:03d}": [0, 1, 2] for c in range(3)}
     assert set(cv.replies_per_message(graph).values()) == {1}
+
+
+async def test_illegal_transitions_are_refused_over_grpc_and_audited(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    import grpc
+    from wa.v1 import state_pb2, state_pb2_grpc
+
+    system = await start_system()
+    doc = payloads.delivery(messages=[payloads.message("image")])
+    message_id = doc["entry"][0]["changes"][0]["value"]["messages"][0]["id"]
+    assert (await system.post(doc)).status_code == 200
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{system.ports['state']}") as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Transition(
+                state_pb2.TransitionRequest(message_id=message_id, to_state="processing",
+                                            reason="operator mistake"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.Transition(
+                state_pb2.TransitionRequest(message_id="wamid.NOPE", to_state="received"),
+                timeout=5)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as stale:
+            await stub.CompleteTurn(
+                state_pb2.CompleteTurnRequest(message_id=message_id, fence_token=999,
+                                              outcome="replied"), timeout=5)
+        assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        timeline = await stub.GetTimeline(
+            state_pb2.GetTimelineRequest(message_id=message_id), timeout=5)
+    moves = [(t.from_state, t.to_state) for t in timeline.transitions
+             if t.message_id == message_id]
+    assert ("skipped", "refused:processing") in moves
+    assert [m.status for m in timeline.messages] == ["skipped"]
+    assert any("refused" in line["msg"] for line in system.log_lines("state"))

@@ -24,9 +24,9 @@ def with_database(dsn: str, name: str) -> str:
 
 
 class Postgres:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, embedded_only: bool = False) -> None:
         self.root = root
-        self.external = os.environ.get("DATABASE_URL", "")
+        self.external = "" if embedded_only else os.environ.get("DATABASE_URL", "")
         self.proc: subprocess.Popen[bytes] | None = None
         self.command: embedded.PostgresCommand | None = None
         self.admin_dsn = self.external
@@ -116,9 +116,9 @@ class Postgres:
 
 
 class Redis:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, embedded_only: bool = False) -> None:
         self.root = root
-        self.external = os.environ.get("REDIS_URL", "")
+        self.external = "" if embedded_only else os.environ.get("REDIS_URL", "")
         self.url = self.external
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
