@@ -97,6 +97,8 @@ class Settings:
     agent_model: str = "gpt-4o-mini"
     agent_token_limit: int = 4000
     agent_max_retries: int = 3
+    breaker_threshold: int = 5
+    breaker_reset_seconds: float = 30.0
     model_timeout_seconds: float = 10.0
     graph_timeout_seconds: float = 10.0
     graph_max_retries: int = 3
@@ -152,6 +154,8 @@ class Settings:
             agent_model=e.get("AGENT_MODEL") or "gpt-4o-mini",
             agent_token_limit=_int(e, "AGENT_TOKEN_LIMIT", 4000),
             agent_max_retries=_int(e, "AGENT_MAX_RETRIES", 3),
+            breaker_threshold=_int(e, "AGENT_BREAKER_THRESHOLD", 5),
+            breaker_reset_seconds=_float(e, "AGENT_BREAKER_RESET_SECONDS", 30.0),
             model_timeout_seconds=_float(e, "AGENT_TIMEOUT_SECONDS", 10.0),
             graph_timeout_seconds=_float(e, "WHATSAPP_TIMEOUT_SECONDS", 10.0),
             graph_max_retries=_int(e, "WHATSAPP_MAX_RETRIES", 3),

@@ -3,10 +3,13 @@ through to probe whether the backend is back."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from prometheus_client import Gauge
+
+log = logging.getLogger(__name__)
 
 BREAKER_STATE = Gauge(
     "wa_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", ["backend"]
@@ -46,6 +49,8 @@ class CircuitBreaker:
         return self._state
 
     def _set(self, state: str) -> None:
+        if state != self._state:
+            log.warning("circuit breaker %s: %s -> %s", self.name, self._state, state)
         self._state = state
         BREAKER_STATE.labels(self.name).set(_LEVEL[state])
 

@@ -66,6 +66,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             detail=_detail(out),
         )
 
+    async def GetStatus(
+        self, request: agent_pb2.AgentStatusRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.AgentStatusResponse:
+        backend = self.agent.backend
+        return agent_pb2.AgentStatusResponse(backend=backend.name, breaker_state=backend.status())
+
 
 def _detail(out: TurnOutcome) -> str:
     if out.outcome != "replied":
@@ -86,7 +92,11 @@ def make_backend(settings: config.Settings, http: httpx.AsyncClient) -> Backend:
             model=settings.agent_model,
             timeout=settings.model_timeout_seconds,
             max_retries=settings.agent_max_retries,
-            breaker=CircuitBreaker("openai"),
+            breaker=CircuitBreaker(
+                "openai",
+                failure_threshold=settings.breaker_threshold,
+                reset_after=settings.breaker_reset_seconds,
+            ),
         )
     return RulesBackend()
 

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
+from wa.v1 import agent_pb2, agent_pb2_grpc, common_pb2, state_pb2, state_pb2_grpc
 
 from common import config, grpcserver, logs, telemetry
 
@@ -204,7 +204,29 @@ async def check_components(
 
     async def service(name: str, target: str) -> dict[str, Any]:
         ok, detail = await grpcserver.check_health(target)
-        return {"name": name, "healthy": ok, "detail": detail, "target": target}
+        component: dict[str, Any] = {
+            "name": name,
+            "healthy": ok,
+            "detail": detail,
+            "target": target,
+        }
+        if name == "agent" and ok:
+            # An open breaker does not make the gateway unready (acks do not need the model);
+            # it is shown so an operator sees why replies are not going out.
+            async with grpcserver.channel(target) as ch:
+                try:
+                    status = await agent_pb2_grpc.AgentStub(ch).GetStatus(
+                        agent_pb2.AgentStatusRequest(), timeout=2
+                    )
+                    component["backend"] = status.backend
+                    component["breaker"] = status.breaker_state
+                    component["detail"] = (
+                        f"{detail}; model backend {status.backend}, "
+                        f"circuit breaker {status.breaker_state}"
+                    )
+                except grpc.aio.AioRpcError:
+                    pass
+        return component
 
     results = await asyncio.gather(
         deps(),

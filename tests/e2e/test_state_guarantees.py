@@ -174,23 +174,29 @@ async def test_illegal_transitions_are_refused_over_grpc_and_audited(
         stub = state_pb2_grpc.StateStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Transition(
-                state_pb2.TransitionRequest(message_id=message_id, to_state="processing",
-                                            reason="operator mistake"), timeout=5)
+                state_pb2.TransitionRequest(
+                    message_id=message_id, to_state="processing", reason="operator mistake"
+                ),
+                timeout=5,
+            )
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await stub.Transition(
-                state_pb2.TransitionRequest(message_id="wamid.NOPE", to_state="received"),
-                timeout=5)
+                state_pb2.TransitionRequest(message_id="wamid.NOPE", to_state="received"), timeout=5
+            )
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.aio.AioRpcError) as stale:
             await stub.CompleteTurn(
-                state_pb2.CompleteTurnRequest(message_id=message_id, fence_token=999,
-                                              outcome="replied"), timeout=5)
+                state_pb2.CompleteTurnRequest(
+                    message_id=message_id, fence_token=999, outcome="replied"
+                ),
+                timeout=5,
+            )
         assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         timeline = await stub.GetTimeline(
-            state_pb2.GetTimelineRequest(message_id=message_id), timeout=5)
-    moves = [(t.from_state, t.to_state) for t in timeline.transitions
-             if t.message_id == message_id]
+            state_pb2.GetTimelineRequest(message_id=message_id), timeout=5
+        )
+    moves = [(t.from_state, t.to_state) for t in timeline.transitions if t.message_id == message_id]
     assert ("skipped", "refused:processing") in moves
     assert [m.status for m in timeline.messages] == ["skipped"]
     assert any("refused" in line["msg"] for line in system.log_lines("state"))

@@ -210,6 +210,10 @@ class FakeGraph(FakeServer):
             return [r for r in self.requests if r.body.get("status") == "read"]
 
 
+def model_error(status: int, message: str = "error") -> Reply:
+    return status, {"error": {"message": message, "type": "server_error"}}, {}
+
+
 class FakeModel(FakeServer):
     """An OpenAI-compatible `/chat/completions` that records every request, can be scripted to
     fail or be slow, and measures overlapping calls per conversation key."""
@@ -222,6 +226,7 @@ class FakeModel(FakeServer):
         self.key = key or (lambda body: "")
         self.in_flight: dict[str, int] = {}
         self.overlaps: list[str] = []
+        self.served: list[dict[str, int]] = []  # the usage of every successful answer
 
     def answer(self, rec: Recorded) -> Reply:
         k = self.key(rec.body)
@@ -241,6 +246,9 @@ class FakeModel(FakeServer):
             last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             text = f"echo: {last}"
             prompt = sum(len(m.get("content", "").split()) for m in messages)
+            usage = {"prompt_tokens": prompt, "completion_tokens": len(text.split())}
+            with self.lock:
+                self.served.append(usage)
             return (
                 200,
                 {
@@ -254,11 +262,7 @@ class FakeModel(FakeServer):
                             "message": {"role": "assistant", "content": text},
                         }
                     ],
-                    "usage": {
-                        "prompt_tokens": prompt,
-                        "completion_tokens": len(text.split()),
-                        "total_tokens": prompt + len(text.split()),
-                    },
+                    "usage": {**usage, "total_tokens": sum(usage.values())},
                 },
                 {},
             )
