@@ -223,6 +223,7 @@ async def test_sessions_add_up_to_what_the_model_served(
         "SELECT sum(turns) AS turns, sum(tokens_in) AS tin, "
         "sum(tokens_out) AS tout, sum(errors) AS errors FROM agent_sessions"
     )
+    assert row is not None
     assert row["turns"] == 4 and row["errors"] == 0
     assert row["tin"] == sum(u["prompt_tokens"] for u in model.served)
     assert row["tout"] == sum(u["completion_tokens"] for u in model.served)
