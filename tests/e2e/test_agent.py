@@ -171,6 +171,7 @@ async def test_routing_switches_the_agent_type_and_records_it(
         "SELECT from_state, to_state, message_id FROM conversation_state_transitions "
         "WHERE entity = 'agent'"
     )
+    assert row is not None
     assert dict(row) == {
         "from_state": "concierge",
         "to_state": "bookings",
