@@ -50,7 +50,9 @@ class Completion:
 class Backend(Protocol):
     name: str
 
-    async def complete(self, agent: AgentType, messages: list[dict[str, str]]) -> Completion: ...
+    async def complete(
+        self, agent: AgentType, messages: list[dict[str, str]], *, probe: bool = False
+    ) -> Completion: ...
 
     def status(self) -> str: ...
 
@@ -65,7 +67,9 @@ class RulesBackend:
 
     name = "rules"
 
-    async def complete(self, agent: AgentType, messages: list[dict[str, str]]) -> Completion:
+    async def complete(
+        self, agent: AgentType, messages: list[dict[str, str]], *, probe: bool = False
+    ) -> Completion:
         from . import window
 
         last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
@@ -135,7 +139,10 @@ class OpenAIBackend:
     def status(self) -> str:
         return self.breaker.state
 
-    async def complete(self, agent: AgentType, messages: list[dict[str, str]]) -> Completion:
+    async def complete(
+        self, agent: AgentType, messages: list[dict[str, str]], *, probe: bool = False
+    ) -> Completion:
+        """`probe`: an operator asked for this turn; an open breaker lets it through once."""
         payload: dict[str, Any] = {
             "model": self.model or agent.model,
             "messages": messages,
@@ -146,7 +153,7 @@ class OpenAIBackend:
         while True:
             attempt += 1
             try:
-                self.breaker.before_call()
+                self.breaker.before_call(probe=probe and attempt == 1)
             except BreakerOpen as exc:
                 MODEL_ERRORS.labels(self.name, "breaker_open").inc()
                 raise ModelError(str(exc), retryable=True, error_class="BreakerOpen") from exc

@@ -54,9 +54,14 @@ class CircuitBreaker:
         self._state = state
         BREAKER_STATE.labels(self.name).set(_LEVEL[state])
 
-    def before_call(self) -> None:
-        """Raises BreakerOpen when calls must fail fast."""
+    def before_call(self, *, probe: bool = False) -> None:
+        """Raises BreakerOpen when calls must fail fast. A `probe` (an operator's explicit
+        retry) goes through an open breaker, as the half-open probe would."""
         state = self.state
+        if probe and state != CLOSED:
+            self._probing = True
+            self._set(HALF_OPEN)
+            return
         if state == OPEN:
             raise BreakerOpen(f"circuit breaker for {self.name} is open")
         if state == HALF_OPEN:

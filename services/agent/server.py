@@ -45,6 +45,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                         wa_id=request.wa_id,
                         text=request.text,
                         correlation_id=request.correlation_id,
+                        probe=request.probe,
                     )
                 )
             )

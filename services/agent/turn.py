@@ -45,6 +45,7 @@ class TurnRequest:
     wa_id: str
     text: str
     correlation_id: str
+    probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Agent:
             span.set_attribute("wa.model.backend", self.backend.name)
             span.set_attribute("wa.model.window_tokens", win.tokens)
             try:
-                completion = await self.backend.complete(agent, win.messages)
+                completion = await self.backend.complete(agent, win.messages, probe=req.probe)
             except ModelError as exc:
                 span.set_status(trace.StatusCode.ERROR, str(exc))
                 raise

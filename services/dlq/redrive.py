@@ -24,7 +24,9 @@ REDRIVES = Counter("wa_dlq_redrives_total", "Redrives by result", ["result"])
 
 
 class StatePort(Protocol):
-    async def redrive(self, message_id: str, reason: str, correlation_id: str) -> bool:
+    async def redrive(
+        self, message_id: str, reason: str, correlation_id: str, *, operator: bool
+    ) -> bool:
         """True when the message was put back in its conversation's queue; False when it needs
         no redrive (already replied or skipped). Raises RedriveUnavailable."""
         ...
@@ -35,14 +37,21 @@ class RedriveUnavailable(Exception):
 
 
 async def redrive_items(
-    pool: asyncpg.Pool, state: StatePort, items: list[store.Claimed], reason: str
+    pool: asyncpg.Pool,
+    state: StatePort,
+    items: list[store.Claimed],
+    reason: str,
+    *,
+    operator: bool = False,
 ) -> tuple[list[int], list[str]]:
     done: list[int] = []
     errors: list[str] = []
     for item in items:
         logs.correlation_id.set(item.correlation_id)
         try:
-            accepted = await state.redrive(item.message_id, reason, item.correlation_id)
+            accepted = await state.redrive(
+                item.message_id, reason, item.correlation_id, operator=operator
+            )
         except RedriveUnavailable as exc:
             REDRIVES.labels("unavailable").inc()
             delay = retry.full_jitter(item.attempts, 1.0, 30.0) + 1.0

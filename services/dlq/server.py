@@ -58,11 +58,16 @@ class GrpcState:
         self.stub = state_pb2_grpc.StateStub(channel)
         self.timeout = timeout
 
-    async def redrive(self, message_id: str, reason: str, correlation_id: str) -> bool:
+    async def redrive(
+        self, message_id: str, reason: str, correlation_id: str, *, operator: bool
+    ) -> bool:
         try:
             resp = await self.stub.Redrive(
                 state_pb2.RedriveRequest(
-                    message_id=message_id, reason=reason, correlation_id=correlation_id
+                    message_id=message_id,
+                    reason=reason,
+                    correlation_id=correlation_id,
+                    operator=operator,
                 ),
                 timeout=self.timeout,
             )
@@ -144,7 +149,9 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
                 log.info("not retryable (unknown, resolved or purged): %s", sorted(missing))
         else:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give ids or all")
-        done, errors = await redrive_items(self.pool, self.state, items, "redriven by an operator")
+        done, errors = await redrive_items(
+            self.pool, self.state, items, "redriven by an operator", operator=True
+        )
         if request.ids:
             errors.extend(
                 f"{i}: unknown, resolved or purged"

@@ -35,6 +35,7 @@ class GrpcAgent:
             type=item.type,
             correlation_id=item.correlation_id,
             contact_name=item.contact_name,
+            probe=item.operator_redrive,
         )
         try:
             resp = await self.stub.Reply(request, timeout=self.timeout)

@@ -36,6 +36,10 @@ CONVERSATION_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
 }
 
 
+# The reason recorded when an operator redrives a message; its next turn may probe the model.
+OPERATOR_REDRIVE = "redriven by an operator"
+
+
 class IllegalTransition(Exception):
     def __init__(self, entity: str, from_state: str | None, to_state: str) -> None:
         super().__init__(f"illegal {entity} transition {from_state or '(new)'} -> {to_state}")

@@ -244,7 +244,9 @@ class StateServicer(state_pb2_grpc.StateServicer):
                 self.pool,
                 request.message_id,
                 machine.RECEIVED,
-                request.reason or "redriven from the dead-letter queue",
+                machine.OPERATOR_REDRIVE
+                if request.operator
+                else request.reason or "redriven from the dead-letter queue",
                 correlation_id=request.correlation_id,
             )
         except store.UnknownMessage:

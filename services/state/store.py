@@ -73,6 +73,7 @@ class WorkItem:
     attempts: int
     contact_name: str
     resumed: bool = False
+    operator_redrive: bool = False
 
 
 @dataclass
@@ -270,6 +271,7 @@ async def next_message(pool: asyncpg.Pool, conversation_id: int, token: int) -> 
             attempts=row["attempts"],
             contact_name=row["contact_name"] or "",
             resumed=resumed,
+            operator_redrive=row["queued_because"] == machine.OPERATOR_REDRIVE,
         )
 
 

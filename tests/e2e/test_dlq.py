@@ -1,0 +1,219 @@
+"""The dead-letter queue from outside: automatic redrive with growing delays, `dead`, operator
+redrive and purge through the installed `wa` executable, replicas that never double-redrive."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common import embedded, supervisor
+from tests.conftest import StartSystem
+from tests.support import conversations as cv
+from tests.support import payloads
+from tests.support.fakes import FakeGraph, FakeModel, model_error
+from tests.support.system import System
+
+pytestmark = pytest.mark.e2e
+WA = str(Path(sys.executable).parent / "wa")
+
+
+def wa(system: System, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **system.env}
+    env.pop("DATABASE_URL", None)  # the CLI talks to the services, not the database
+    return subprocess.run(
+        [WA, *args], env=env, capture_output=True, text=True, timeout=60, input=stdin
+    )
+
+
+def wa_json(system: System, *args: str) -> Any:
+    done = wa(system, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def model_env(model: FakeModel, **extra: str) -> dict[str, str]:
+    return {
+        "AGENT_BACKEND": "openai",
+        "OPENAI_BASE_URL": model.url,
+        "OPENAI_API_KEY": "k",
+        "AGENT_MODEL": "fake",
+        **extra,
+    }
+
+
+async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError("condition not met")
+
+
+async def test_model_down_retried_with_growing_delays_then_dead_then_operator_redrive(
+    start_system: StartSystem, model: FakeModel, graph: FakeGraph
+) -> None:
+    model.down = True
+    system = await start_system(
+        **model_env(
+            model,
+            DLQ_RETRY_BASE_SECONDS="1",
+            DLQ_MAX_ATTEMPTS="3",
+            AGENT_MAX_RETRIES="1",
+            DLQ_POLL_SECONDS="0.2",
+        )
+    )
+    msg = payloads.message("text", text={"body": "are you there?"})
+    assert (await system.post(payloads.delivery(messages=[msg]))).status_code == 200
+
+    async def listed() -> list[dict[str, Any]]:
+        return await asyncio.to_thread(wa_json, system, "dlq", "list")  # type: ignore[no-any-return]
+
+    async def is_dead() -> bool:
+        items = await listed()
+        return bool(items) and items[0]["status"] == "dead"
+
+    await wait_for(is_dead, timeout=60)
+    (item,) = await listed()
+    assert item["message_id"] == msg["id"] and item["attempts"] == 4
+    assert item["error_class"] and item["error_message"]
+    shown = await asyncio.to_thread(wa_json, system, "dlq", "show", str(item["id"]))
+    times = [dt.datetime.fromisoformat(h["at"]) for h in shown["history"]]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 3 and gaps[0] < gaps[1] < gaps[2], gaps
+    assert gaps[0] >= 0.5 and gaps[2] >= 2.0
+    assert shown["payload"]["id"] == msg["id"]
+    assert any(t["to"] == "dead_lettered" for t in shown["timeline"])
+    assert graph.sends == []
+    human = await asyncio.to_thread(wa, system, "dlq", "show", str(item["id"]))
+    assert "error history" in human.stdout and msg["id"] in human.stdout
+
+    model.down = False
+    done = await asyncio.to_thread(wa, system, "dlq", "retry", "--all")
+    assert done.returncode == 0, done.stdout + done.stderr
+    await system.wait_status([msg["id"]], {"replied"})
+
+    async def resolved() -> bool:
+        return (await listed())[0]["status"] == "resolved"
+
+    await wait_for(resolved)
+    await asyncio.sleep(1.5)
+    assert [r.body["context"]["message_id"] for r in graph.sends] == [msg["id"]]
+    # 1 + 3 automatic turns of 2 calls each, cut short once the breaker opened (after 5
+    # failures), then the operator's redrive, which probes through the open breaker.
+    assert 6 <= len(model.requests) <= 9
+
+
+async def test_purge_needs_confirmation_and_purged_items_are_never_redriven(
+    start_system: StartSystem, model: FakeModel, graph: FakeGraph
+) -> None:
+    model.script.extend([model_error(401), model_error(401)])
+    system = await start_system(**model_env(model))
+    a, b = (payloads.message("text", wa_id=w, text={"body": "hi"}) for w in ("1555001", "1555002"))
+    for m in (a, b):
+        assert (await system.post(payloads.delivery(messages=[m]))).status_code == 200
+    await system.wait_status([a["id"], b["id"]], {"dead_lettered"})
+    items = {i["message_id"]: i for i in wa_json(system, "dlq", "list")}
+    table = wa(system, "dlq", "list")
+    assert "STATUS" in table.stdout and a["id"] in table.stdout
+
+    refused = wa(system, "dlq", "purge", str(items[a["id"]]["id"]), stdin="")
+    assert refused.returncode != 0 and "--yes" in refused.stderr
+    purged = wa(system, "dlq", "purge", str(items[a["id"]]["id"]), "--yes")
+    assert purged.returncode == 0 and "purged 1" in purged.stdout
+    remaining = [i["message_id"] for i in wa_json(system, "dlq", "list")]
+    assert remaining == [b["id"]]
+    assert [i["message_id"] for i in wa_json(system, "dlq", "list", "--status", "purged")] == [
+        a["id"]
+    ]
+
+    again = wa(system, "dlq", "retry", str(items[a["id"]]["id"]))
+    assert again.returncode == 1 and "purged" in again.stdout
+    done = wa(system, "dlq", "retry", "--all")
+    assert done.returncode == 0
+    await system.wait_status([b["id"]], {"replied"})
+    await asyncio.sleep(1)
+    assert (await system.statuses())[a["id"]] == "dead_lettered"
+    assert [r.body["context"]["message_id"] for r in graph.sends] == [b["id"]]
+
+
+async def test_two_dlq_replicas_never_redrive_the_same_item_twice(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    system = await start_system(DLQ_POLL_SECONDS="0.1", WA_ENHANCED_PROCESSING="false")
+    msgs = [payloads.message("text", wa_id=f"1555{i:05d}") for i in range(60)]
+    assert (await system.post(payloads.delivery(messages=msgs))).status_code == 200
+    pool = await system.db()
+    # 60 messages failed and are due for an automatic redrive right now.
+    await pool.execute("UPDATE processed_webhook_messages SET status = 'dead_lettered'")
+    await pool.execute(
+        "INSERT INTO webhook_dlq (message_id, conversation_id, error_class, status, "
+        "next_attempt_at) SELECT message_id, conversation_id, 'Test', 'pending', now() "
+        "FROM processed_webhook_messages"
+    )
+    port = embedded.free_port()
+    env = system.env_for("dlq")
+    env["DLQ_GRPC_PORT"] = str(port)
+    env["METRICS_PORT"] = str(embedded.free_port())
+    await system.sup.start(
+        supervisor.Spec(
+            "dlq2",
+            [sys.executable, "-m", "services.dlq"],
+            env=env,
+            log_file=str(system.root / "dlq2.log"),
+        )
+    )
+
+    async def all_redriven() -> bool:
+        return (
+            await pool.fetchval("SELECT count(*) FROM webhook_dlq WHERE status = 'retrying'") == 60
+        )
+
+    await wait_for(all_redriven)
+    await asyncio.sleep(1)
+    counts = await pool.fetch(
+        "SELECT message_id, count(*) AS n FROM conversation_state_transitions "
+        "WHERE to_state = 'received' AND from_state = 'dead_lettered' GROUP BY message_id"
+    )
+    assert len(counts) == 60 and {r["n"] for r in counts} == {1}
+
+
+async def test_a_redrive_does_not_break_the_order_of_waiting_messages(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    model = cv.model_for_conversations().start()
+    try:
+        model.script.append(model_error(401))
+        system = await start_system(**model_env(model))
+        base = int(time.time())
+        first, doc = cv.message_doc(5, 0, base)
+        assert (await system.post(doc)).status_code == 200
+        await system.wait_status([first], {"dead_lettered"})
+        model.delay = 0.3
+        later = []
+        for n in (1, 2, 3):
+            message_id, doc = cv.message_doc(5, n, base)
+            later.append(message_id)
+            assert (await system.post(doc)).status_code == 200
+            if n == 1:
+                done = await asyncio.to_thread(wa, system, "dlq", "retry", "--all")
+                assert done.returncode == 0
+        await system.wait_status([first, *later], {"replied"})
+        seen = cv.seen_by_model(model)["c005"]
+        waiting = [n for n in seen if n in (1, 2, 3)]
+        assert waiting == [1, 2, 3]
+        assert seen.count(0) == 2  # the failed call and the redriven one
+        replies = cv.replies_per_message(graph)
+        assert {m: replies[m] for m in [first, *later]} == {m: 1 for m in [first, *later]}
+    finally:
+        model.stop()
