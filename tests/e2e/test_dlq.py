@@ -104,7 +104,7 @@ async def test_model_down_retried_with_growing_delays_then_dead_then_operator_re
     await system.wait_status([msg["id"]], {"replied"})
 
     async def resolved() -> bool:
-        return (await listed())[0]["status"] == "resolved"
+        return bool((await listed())[0]["status"] == "resolved")
 
     await wait_for(resolved)
     await asyncio.sleep(1.5)
@@ -175,9 +175,8 @@ async def test_two_dlq_replicas_never_redrive_the_same_item_twice(
     )
 
     async def all_redriven() -> bool:
-        return (
-            await pool.fetchval("SELECT count(*) FROM webhook_dlq WHERE status = 'retrying'") == 60
-        )
+        n = await pool.fetchval("SELECT count(*) FROM webhook_dlq WHERE status = 'retrying'")
+        return bool(n == 60)
 
     await wait_for(all_redriven)
     await asyncio.sleep(1)
