@@ -1,19 +1,44 @@
-"""OpenTelemetry set-up, once per process, and the correlation id carried across gRPC hops.
+"""OpenTelemetry set-up, once per process, and the correlation id on every span.
 
 With no `OTEL_EXPORTER_OTLP_*ENDPOINT` set, the global no-op tracer stays in place: nothing is
-exported and instrumentation costs next to nothing.
+exported and instrumentation costs next to nothing. With one set, every span (our own and the
+instrumented gRPC, asyncpg, Redis and HTTP ones) gets `wa.correlation_id` from the baggage or
+the log context, and work started later continues the message's trace from the traceparent
+stored with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import baggage, propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import Span
 
+from . import logs
+
 ATTR_CORRELATION = "wa.correlation_id"
+
+
+class CorrelationSpanProcessor(SpanProcessor):
+    """Stamps every span with the correlation id of the work it belongs to."""
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        cid = baggage.get_baggage(ATTR_CORRELATION, parent_context) or logs.correlation_id.get()
+        if cid:
+            span.set_attribute(ATTR_CORRELATION, str(cid))
+
+    def on_end(self, span: ReadableSpan) -> None:
+        pass
+
+
+def with_correlation(correlation_id: str, ctx: otel_context.Context | None = None) -> Any:
+    """A context whose baggage carries the correlation id to the next hops."""
+    return baggage.set_baggage(ATTR_CORRELATION, correlation_id, ctx)
 
 _initialised = False
 
@@ -46,6 +71,7 @@ def init_telemetry(service_name: str) -> None:
 
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)
+    provider.add_span_processor(CorrelationSpanProcessor())
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     AsyncPGInstrumentor().instrument()
@@ -72,6 +98,21 @@ def current_traceparent() -> str:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent", "")
+
+
+@contextlib.contextmanager
+def continued(name: str, traceparent: str, correlation_id: str, **attributes: str | int) -> Any:
+    """A span continuing a message's trace from its stored traceparent, with the correlation id
+    in the log context and the baggage (so the next gRPC hops carry it)."""
+    logs.correlation_id.set(correlation_id)
+    ctx = with_correlation(correlation_id, context_from_traceparent(traceparent))
+    token = otel_context.attach(ctx)
+    try:
+        with trace.get_tracer("wa").start_as_current_span(name) as span:
+            annotate(span, correlation_id=correlation_id, **attributes)
+            yield span
+    finally:
+        otel_context.detach(token)
 
 
 def context_from_traceparent(traceparent: str) -> Any:

@@ -267,6 +267,14 @@ class Agent:
                     agent_type=agent_type,
                 )
         await self.pool.execute(Q["record_sent"], req.message_id, sent.message_id)
+        log.info(
+            "reply sent",
+            extra={
+                "message_id": req.message_id,
+                "reply_id": sent.message_id,
+                "attempts": sent.attempts,
+            },
+        )
         return TurnOutcome(
             outcome="replied",
             reply_text=text,

@@ -33,19 +33,25 @@ UPDATE webhook_dlq
                ORDER BY next_attempt_at
                LIMIT $1
                  FOR UPDATE SKIP LOCKED)
-RETURNING id, message_id, correlation_id, attempts
+RETURNING id, message_id, correlation_id, attempts,
+          (SELECT m.traceparent FROM processed_webhook_messages m
+            WHERE m.message_id = webhook_dlq.message_id) AS traceparent
 
 -- name: claim_ids
 UPDATE webhook_dlq
    SET status = 'retrying', updated_at = now()
  WHERE id = ANY($1::bigint[]) AND status IN ('pending', 'dead', 'retrying')
-RETURNING id, message_id, correlation_id, attempts
+RETURNING id, message_id, correlation_id, attempts,
+          (SELECT m.traceparent FROM processed_webhook_messages m
+            WHERE m.message_id = webhook_dlq.message_id) AS traceparent
 
 -- name: claim_status
 UPDATE webhook_dlq
    SET status = 'retrying', updated_at = now()
  WHERE status = ANY($1::text[])
-RETURNING id, message_id, correlation_id, attempts
+RETURNING id, message_id, correlation_id, attempts,
+          (SELECT m.traceparent FROM processed_webhook_messages m
+            WHERE m.message_id = webhook_dlq.message_id) AS traceparent
 
 -- name: back_to_pending
 -- The redrive itself could not be handed over (state unreachable): try again later.

@@ -12,7 +12,7 @@ from typing import Protocol
 import asyncpg
 from prometheus_client import Counter, Gauge
 
-from common import logs, retry
+from common import retry, telemetry
 
 from . import store
 
@@ -47,27 +47,46 @@ async def redrive_items(
     done: list[int] = []
     errors: list[str] = []
     for item in items:
-        logs.correlation_id.set(item.correlation_id)
-        try:
-            accepted = await state.redrive(
-                item.message_id, reason, item.correlation_id, operator=operator
-            )
-        except RedriveUnavailable as exc:
-            REDRIVES.labels("unavailable").inc()
-            delay = retry.full_jitter(item.attempts, 1.0, 30.0) + 1.0
-            await store.back_to_pending(pool, item.id, delay, str(exc))
-            errors.append(f"{item.id}: {exc}")
-            log.warning("redrive could not be handed over: %s", exc, extra={"dlq_id": item.id})
-            continue
-        if accepted:
-            REDRIVES.labels("redriven").inc()
-            log.info("redriven", extra={"dlq_id": item.id, "message_id": item.message_id})
-        else:
-            # Processed meanwhile: nothing to redo, and nothing may be sent twice.
-            REDRIVES.labels("already_done").inc()
-            await store.resolve_id(pool, item.id)
-        done.append(item.id)
+        # A redrive continues the message's own trace: one trace shows its whole life.
+        with telemetry.continued(
+            "dlq.redrive", item.traceparent, item.correlation_id, message_id=item.message_id
+        ) as span:
+            span.set_attribute("wa.dlq_id", item.id)
+            span.set_attribute("wa.operator", operator)
+            error = await _redrive_one(pool, state, item, reason, operator, done)
+            if error:
+                errors.append(error)
     return done, errors
+
+
+async def _redrive_one(
+    pool: asyncpg.Pool,
+    state: StatePort,
+    item: store.Claimed,
+    reason: str,
+    operator: bool,
+    done: list[int],
+) -> str:
+    """Hands one item back to the state service; returns an error text, or "" when handed."""
+    try:
+        accepted = await state.redrive(
+            item.message_id, reason, item.correlation_id, operator=operator
+        )
+    except RedriveUnavailable as exc:
+        REDRIVES.labels("unavailable").inc()
+        delay = retry.full_jitter(item.attempts, 1.0, 30.0) + 1.0
+        await store.back_to_pending(pool, item.id, delay, str(exc))
+        log.warning("redrive could not be handed over: %s", exc, extra={"dlq_id": item.id})
+        return f"{item.id}: {exc}"
+    if accepted:
+        REDRIVES.labels("redriven").inc()
+        log.info("redriven", extra={"dlq_id": item.id, "message_id": item.message_id})
+    else:
+        # Processed meanwhile: nothing to redo, and nothing may be sent twice.
+        REDRIVES.labels("already_done").inc()
+        await store.resolve_id(pool, item.id)
+    done.append(item.id)
+    return ""
 
 
 class Worker:

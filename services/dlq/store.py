@@ -19,6 +19,7 @@ class Claimed:
     message_id: str
     correlation_id: str
     attempts: int
+    traceparent: str = ""
 
 
 async def enqueue(
@@ -52,7 +53,12 @@ async def enqueue(
 
 
 def _claimed(rows: list[asyncpg.Record]) -> list[Claimed]:
-    return [Claimed(r["id"], r["message_id"], r["correlation_id"], r["attempts"]) for r in rows]
+    return [
+        Claimed(
+            r["id"], r["message_id"], r["correlation_id"], r["attempts"], r["traceparent"] or ""
+        )
+        for r in rows
+    ]
 
 
 async def claim_due(pool: asyncpg.Pool, limit: int) -> list[Claimed]:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import orjson
 import prometheus_client
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 from starlette.applications import Starlette
@@ -117,6 +118,7 @@ async def receive_delivery(request: Request) -> Response:
         DELIVERIES.labels("empty").inc()
         return _json(200, status="ok", stored=0, duplicates=0, correlation_id=cid)
     span = trace.get_current_span()
+    tracing = span.is_recording()
     telemetry.annotate(span, correlation_id=cid)
     if delivery.messages:
         first = delivery.messages[0]
@@ -154,17 +156,31 @@ async def receive_delivery(request: Request) -> Response:
             for s in delivery.statuses
         ],
     )
+    token = otel_context.attach(telemetry.with_correlation(cid)) if tracing else None
     try:
         resp = await st.batcher.submit(request_pb)
     except IngestError as exc:
         DELIVERIES.labels("unavailable").inc()
         log.error("could not store the delivery: %s", exc)
         return _json(503, error="cannot store the delivery durably; retry later")
+    finally:
+        if token is not None:
+            otel_context.detach(token)
     duplicates = sum(1 for r in resp.results if r.duplicate)
     DELIVERIES.labels("stored").inc()
     EVENTS.labels("message").inc(len(delivery.messages))
     EVENTS.labels("status").inc(len(delivery.statuses))
     ACK_SECONDS.observe(time.perf_counter() - started)
+    if log.isEnabledFor(logging.INFO):
+        log.info(
+            "delivery acknowledged",
+            extra={
+                "message_ids": [r.message_id for r in resp.results],
+                "message_id": resp.results[0].message_id if resp.results else "",
+                "statuses": len(delivery.statuses),
+                "duplicates": duplicates,
+            },
+        )
     return _json(
         200,
         status="ok",

@@ -16,14 +16,13 @@ import time
 import asyncpg
 from opentelemetry import trace
 
-from common import logs, retry, telemetry
+from common import retry, telemetry
 
 from . import machine, metrics, store
 from .locks import Lease, Locks
 from .ports import AgentPort, AgentUnavailable, DlqPort, DlqUnavailable, Failure, TurnResult
 
 log = logging.getLogger(__name__)
-tracer = telemetry.tracer(__name__)
 
 # A message whose turn was started this many times without finishing is not retried again:
 # something in it kills its driver, and it goes to the dead-letter queue instead.
@@ -159,16 +158,16 @@ class Dispatcher:
         return True
 
     async def _turn(self, lease: Lease, item: store.WorkItem, token: int) -> None:
-        logs.correlation_id.set(item.correlation_id)
-        parent = telemetry.context_from_traceparent(item.traceparent)
-        with tracer.start_as_current_span("state.turn", context=parent) as span:
-            telemetry.annotate(
-                span,
-                correlation_id=item.correlation_id,
-                message_id=item.message_id,
-                conversation_id=item.conversation_id,
-                phone_number_id=item.phone_number_id,
-            )
+        with telemetry.continued(
+            "state.turn",
+            item.traceparent,
+            item.correlation_id,
+            message_id=item.message_id,
+            conversation_id=item.conversation_id,
+            phone_number_id=item.phone_number_id,
+        ) as span:
+            # Each turn starts with a full lease (and the renewal shows in the message's trace).
+            await self.locks.renew(lease)
             started = time.perf_counter()
             if item.attempts > MAX_TURN_STARTS:
                 await self._fail(

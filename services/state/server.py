@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from contextlib import nullcontext
 
 import asyncpg
 import grpc
+from opentelemetry import trace
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
 from common import config, db, grpcserver, kv, logs, telemetry
@@ -57,6 +59,28 @@ def _delivery_in(request: state_pb2.IngestRequest) -> store.DeliveryIn:
     )
 
 
+def _ingest_spans(deliveries: list[store.DeliveryIn]) -> list[trace.Span]:
+    """One span per delivery, in that delivery's own trace (a batch mixes several)."""
+    if not telemetry.export_enabled():
+        return []
+    tracer = trace.get_tracer(__name__)
+    spans = []
+    for d in deliveries:
+        ctx = telemetry.with_correlation(
+            d.correlation_id, telemetry.context_from_traceparent(d.traceparent)
+        )
+        span = tracer.start_span("state.ingest", context=ctx)
+        telemetry.annotate(
+            span,
+            correlation_id=d.correlation_id,
+            message_id=d.messages[0].message_id if d.messages else "",
+        )
+        span.set_attribute("wa.messages", len(d.messages))
+        span.set_attribute("wa.statuses", len(d.statuses))
+        spans.append(span)
+    return spans
+
+
 def _iso(value: object) -> str:
     return value.isoformat() if hasattr(value, "isoformat") else ""
 
@@ -89,10 +113,12 @@ class StateServicer(state_pb2_grpc.StateServicer):
         self, requests: Sequence[state_pb2.IngestRequest]
     ) -> list[state_pb2.IngestResponse]:
         deliveries = [_delivery_in(r) for r in requests]
+        spans = _ingest_spans(deliveries)
         try:
-            outs: list[store.DeliveryOut | str] = list(
-                await store.ingest_many(self.pool, deliveries)
-            )
+            with trace.use_span(spans[0], end_on_exit=False) if spans else nullcontext():
+                outs: list[store.DeliveryOut | str] = list(
+                    await store.ingest_many(self.pool, deliveries)
+                )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             if len(deliveries) == 1 or not isinstance(exc, asyncpg.DataError):
                 log.error("ingest failed: %s", exc)
@@ -106,6 +132,9 @@ class StateServicer(state_pb2_grpc.StateServicer):
                 except (OSError, TimeoutError, asyncpg.PostgresError) as one_exc:
                     log.error("ingest failed: %s", one_exc)
                     outs.append(f"cannot store: {one_exc}")
+        finally:
+            for span in spans:
+                span.end()
         answers = []
         for out in outs:
             if isinstance(out, str):
