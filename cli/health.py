@@ -1,56 +1,85 @@
-"""`wa health`: each component's status and, when unhealthy, why."""
+"""`wa health`: every component with its status and, when unhealthy, why; then the database's
+own checks (check_webhook_system_health). Exit 0 healthy, 1 degraded, 2 down."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import grpc
 import httpx
 import orjson
-from wa.v1 import state_pb2_grpc
+from wa.v1 import state_pb2, state_pb2_grpc
 
 from common import config, grpcserver
 from services.gateway.app import check_components
 
-# Without these the system cannot acknowledge at all: down. Anything else missing: degraded.
-CRITICAL = {"postgres", "state", "gateway"}
+# A stopped service or database means messages are not acknowledged or not processed: down.
+# Redis missing (processing paused, acks go on) or a failing check: degraded.
+DOWN_IF_UNHEALTHY = {"postgres", "state", "agent", "dlq", "gateway"}
 
 
-async def health(as_json: bool) -> int:
-    settings = config.Settings.from_env()
-    async with grpcserver.channel(settings.state_addr) as ch:
-        components = await check_components(settings, state_pb2_grpc.StateStub(ch))
+async def _gateway(settings: config.Settings) -> dict[str, Any]:
     url = f"http://127.0.0.1:{settings.gateway_port}/healthz"
     try:
         async with httpx.AsyncClient(timeout=3) as client:
             resp = await client.get(url)
-        gateway = {
+        return {
             "name": "gateway",
             "healthy": resp.status_code == 200,
             "detail": f"HTTP {resp.status_code}",
             "target": url,
         }
     except httpx.HTTPError as exc:
-        gateway = {
+        return {
             "name": "gateway",
             "healthy": False,
-            "detail": f"unreachable: {exc}",
+            "detail": f"unreachable: {exc!r}",
             "target": url,
         }
-    components.append(gateway)
+
+
+async def health(as_json: bool) -> int:
+    settings = config.Settings.from_env()
+    checks: list[dict[str, Any]] = []
+    async with grpcserver.channel(settings.state_addr) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        components = await check_components(settings, stub)
+        try:
+            resp = await stub.GetSystemHealth(state_pb2.GetSystemHealthRequest(), timeout=10)
+            checks = [
+                {"name": c.name, "status": c.status, "value": c.value, "detail": c.detail}
+                for c in resp.checks
+            ]
+        except grpc.aio.AioRpcError as exc:
+            checks = [
+                {
+                    "name": "database_checks",
+                    "status": "unknown",
+                    "value": 0,
+                    "detail": f"not available: {exc.code().name}",
+                }
+            ]
+    components.append(await _gateway(settings))
     unhealthy = {c["name"] for c in components if not c["healthy"]}
-    if unhealthy & CRITICAL or {"agent", "state"} <= unhealthy:
+    failing = [c for c in checks if c["status"] not in ("ok", "unknown")]
+    if unhealthy & DOWN_IF_UNHEALTHY:
         status, code = "down", 2
-    elif unhealthy:
+    elif unhealthy or failing:
         status, code = "degraded", 1
     else:
         status, code = "healthy", 0
     if as_json:
         print(
             orjson.dumps(
-                {"status": status, "components": components}, option=orjson.OPT_INDENT_2
+                {"status": status, "components": components, "checks": checks},
+                option=orjson.OPT_INDENT_2,
             ).decode()
         )
-    else:
-        print(f"system: {status}")
-        for c in components:
-            mark = "ok  " if c["healthy"] else "DOWN"
-            print(f"  {mark} {c['name']:<9} {c['detail']}")
+        return code
+    print(f"system: {status}")
+    for c in components:
+        mark = "ok  " if c["healthy"] else "DOWN"
+        print(f"  {mark} {c['name']:<9} {c['detail']}")
+    for c in checks:
+        print(f"  {c['status']:<8} {c['name']:<20} {c['detail']}")
     return code

@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--json", action="store_true")
 
+    st = sub.add_parser("stats", help="processing metrics: counts, avg, p95, p99")
+    st.add_argument("--hours", type=float, default=1.0)
+    st.add_argument("--json", action="store_true")
+
     tr = sub.add_parser("trace", help="a message's timeline and trace id")
     tr.add_argument("target", help="WhatsApp message id or phone (wa_id)")
     tr.add_argument("--json", action="store_true")
@@ -98,6 +102,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import health
 
         return asyncio.run(health.health(args.json))
+    if args.command == "stats":
+        from . import stats
+
+        return asyncio.run(stats.stats(args.hours, args.json))
     if args.command == "trace":
         from . import trace
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import grpc
 import orjson
-from wa.v1 import state_pb2, state_pb2_grpc
+from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
 from common import config, grpcserver
 
@@ -44,6 +45,7 @@ async def trace(target: str, as_json: bool) -> int:
     ]
     focus = [m for m in messages if m["message_id"] == target] or messages[:1]
     ids = {m["message_id"] for m in focus}
+    dlq = await _dlq_attempts(settings, ids)
     transitions = [
         {
             "at": t.at,
@@ -60,7 +62,8 @@ async def trace(target: str, as_json: bool) -> int:
     if as_json:
         print(
             orjson.dumps(
-                {"messages": focus, "transitions": transitions}, option=orjson.OPT_INDENT_2
+                {"messages": focus, "transitions": transitions, "dlq": dlq},
+                option=orjson.OPT_INDENT_2,
             ).decode()
         )
         return 0
@@ -77,4 +80,34 @@ async def trace(target: str, as_json: bool) -> int:
     for t in transitions:
         if t["message_id"] in ids:
             print(f"  {t['at'][:23]}  {t['from'] or '(new)'} -> {t['to']}  {t['reason']}")
+    for item in dlq:
+        print(f"dead-letter item {item['id']} [{item['status']}]")
+        for a in item["attempts"]:
+            print(f"  {a['at'][:23]}  {a['error_class']}: {a['error_message']}")
     return 0
+
+
+async def _dlq_attempts(settings: config.Settings, ids: set[str]) -> list[dict[str, Any]]:
+    """The message's dead-letter items and their attempts (empty when it never failed)."""
+    out: list[dict[str, Any]] = []
+    async with grpcserver.channel(settings.dlq_addr) as ch:
+        for message_id in sorted(ids):
+            try:
+                listed = await dlq_pb2_grpc.DlqStub(ch).List(
+                    dlq_pb2.ListRequest(message_id=message_id), timeout=10
+                )
+            except grpc.aio.AioRpcError:
+                continue
+            out.extend(
+                {
+                    "id": item.id,
+                    "message_id": item.message_id,
+                    "status": item.status,
+                    "attempts": [
+                        {"at": h.at, "error_class": h.error_class, "error_message": h.error_message}
+                        for h in item.history
+                    ],
+                }
+                for item in listed.items
+            )
+    return out

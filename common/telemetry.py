@@ -40,6 +40,7 @@ def with_correlation(correlation_id: str, ctx: otel_context.Context | None = Non
     """A context whose baggage carries the correlation id to the next hops."""
     return baggage.set_baggage(ATTR_CORRELATION, correlation_id, ctx)
 
+
 _initialised = False
 
 

@@ -22,7 +22,8 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     server = Postgres(tmp_path_factory.mktemp("postgres"))
     server.start()
     yield server
-    asyncio.run(server.drop_all())
+    if server.external:  # an embedded server's folder goes away with the session
+        asyncio.run(server.drop_all())
     server.stop()
 
 

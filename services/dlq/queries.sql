@@ -84,7 +84,8 @@ RETURNING id
 SELECT d.*, c.wa_id
   FROM webhook_dlq d
   LEFT JOIN webhook_conversations c ON c.id = d.conversation_id
- WHERE ($1 = '' AND d.status <> 'purged') OR d.status = $1
+ WHERE (($1 = '' AND d.status <> 'purged') OR d.status = $1)
+   AND ($3 = '' OR d.message_id = $3)
  ORDER BY d.created_at DESC, d.id DESC
  LIMIT $2
 

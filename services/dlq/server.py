@@ -119,8 +119,11 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"status must be one of {store.STATUSES}"
             )
-        rows = await store.list_items(self.pool, request.status, request.limit or 100)
-        return dlq_pb2.ListResponse(items=[to_item(r) for r in rows])
+        rows = await store.list_items(
+            self.pool, request.status, request.limit or 100, request.message_id
+        )
+        full = bool(request.message_id)
+        return dlq_pb2.ListResponse(items=[to_item(r, full=full) for r in rows])
 
     async def Get(
         self, request: dlq_pb2.GetRequest, context: grpc.aio.ServicerContext

@@ -89,8 +89,10 @@ async def purge(pool: asyncpg.Pool, ids: list[int]) -> int:
     return len(await pool.fetch(Q["purge"], ids))
 
 
-async def list_items(pool: asyncpg.Pool, status: str, limit: int) -> list[asyncpg.Record]:
-    return list(await pool.fetch(Q["list"], status, limit))
+async def list_items(
+    pool: asyncpg.Pool, status: str, limit: int, message_id: str = ""
+) -> list[asyncpg.Record]:
+    return list(await pool.fetch(Q["list"], status, limit, message_id))
 
 
 async def get(pool: asyncpg.Pool, item_id: int) -> asyncpg.Record | None:

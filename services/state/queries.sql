@@ -197,6 +197,12 @@ SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1
 -- name: conversations_of_phone
 SELECT id FROM webhook_conversations WHERE wa_id = $1 ORDER BY last_activity_at DESC LIMIT 1
 
+-- name: performance_stats
+SELECT * FROM get_webhook_performance_stats($1)
+
+-- name: system_health
+SELECT * FROM check_webhook_system_health()
+
 -- name: timeline_transitions
 SELECT message_id, entity, from_state, to_state, reason, correlation_id, created_at
   FROM conversation_state_transitions

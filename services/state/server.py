@@ -331,6 +331,43 @@ class StateServicer(state_pb2_grpc.StateServicer):
             ],
         )
 
+    async def GetStats(
+        self, request: state_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.GetStatsResponse:
+        hours = request.hours or 1.0
+        if hours <= 0 or hours > 24 * 90:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hours must be in (0, 2160]")
+        row = await self.pool.fetchrow(store.Q["performance_stats"], hours)
+        assert row is not None
+        return state_pb2.GetStatsResponse(
+            hours=hours,
+            total=row["total"] or 0,
+            replied=row["replied"] or 0,
+            skipped=row["skipped"] or 0,
+            failed=row["failed"] or 0,
+            dead_lettered=row["dead_lettered"] or 0,
+            in_flight=row["in_flight"] or 0,
+            avg_ms=float(row["avg_ms"] or 0),
+            p95_ms=float(row["p95_ms"] or 0),
+            p99_ms=float(row["p99_ms"] or 0),
+        )
+
+    async def GetSystemHealth(
+        self, request: state_pb2.GetSystemHealthRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.GetSystemHealthResponse:
+        rows = await self.pool.fetch(store.Q["system_health"])
+        return state_pb2.GetSystemHealthResponse(
+            checks=[
+                state_pb2.HealthCheck(
+                    name=r["check_name"],
+                    status=r["status"],
+                    value=float(r["value"] or 0),
+                    detail=r["detail"] or "",
+                )
+                for r in rows
+            ]
+        )
+
     async def CheckDependencies(
         self, request: state_pb2.CheckDependenciesRequest, context: grpc.aio.ServicerContext
     ) -> state_pb2.CheckDependenciesResponse:

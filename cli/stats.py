@@ -1,0 +1,49 @@
+"""`wa stats [--hours N] [--json]`: processing figures from get_webhook_performance_stats."""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+import orjson
+from wa.v1 import state_pb2, state_pb2_grpc
+
+from common import config, grpcserver
+
+FIELDS = (
+    "total",
+    "replied",
+    "skipped",
+    "failed",
+    "dead_lettered",
+    "in_flight",
+    "avg_ms",
+    "p95_ms",
+    "p99_ms",
+)
+
+
+async def stats(hours: float, as_json: bool) -> int:
+    settings = config.Settings.from_env()
+    async with grpcserver.channel(settings.state_addr) as ch:
+        try:
+            resp = await state_pb2_grpc.StateStub(ch).GetStats(
+                state_pb2.GetStatsRequest(hours=hours), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            print(f"cannot read the statistics: {exc.details()}", file=sys.stderr)
+            return 2
+    data = {"hours": resp.hours, **{f: getattr(resp, f) for f in FIELDS}}
+    if as_json:
+        print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"last {resp.hours:g} hour(s)")
+    print(f"  messages       {resp.total}")
+    print(f"  replied        {resp.replied}")
+    print(f"  skipped        {resp.skipped}")
+    print(f"  failed         {resp.failed}")
+    print(f"  dead-lettered  {resp.dead_lettered}")
+    print(f"  in flight      {resp.in_flight}")
+    print("  latency, acknowledged -> replied:")
+    print(f"    avg {resp.avg_ms:.1f} ms   p95 {resp.p95_ms:.1f} ms   p99 {resp.p99_ms:.1f} ms")
+    return 0

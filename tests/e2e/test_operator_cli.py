@@ -1,0 +1,75 @@
+"""`wa stats`, `wa health` and `wa trace` through the installed executable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.conftest import StartSystem
+from tests.e2e.test_dlq import model_env, wa, wa_json
+from tests.support import payloads
+from tests.support.fakes import FakeGraph, FakeModel, model_error
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_stats_after_a_known_workload(
+    start_system: StartSystem, model: FakeModel, graph: FakeGraph
+) -> None:
+    model.script.extend([model_error(401), model_error(401)])
+    system = await start_system(**model_env(model))
+    # Two conversations fail first (the model refuses its first two calls), then 50 replies.
+    texts = [payloads.message("text", wa_id=f"1555{i:04d}") for i in range(52)]
+    images = [payloads.message("image", wa_id=f"1556{i:04d}") for i in range(3)]
+    first, rest = texts[:2], texts[2:]
+    assert (await system.post(payloads.delivery(messages=first))).status_code == 200
+    await system.wait_status([m["id"] for m in first], {"dead_lettered"})
+    assert (await system.post(payloads.delivery(messages=rest + images))).status_code == 200
+    await system.wait_status([m["id"] for m in rest], {"replied"}, timeout=60)
+
+    data = await asyncio.to_thread(wa_json, system, "stats", "--hours", "1")
+    assert (
+        data["total"],
+        data["replied"],
+        data["skipped"],
+        data["dead_lettered"],
+        data["in_flight"],
+    ) == (55, 50, 3, 2, 0)
+    assert 0 < data["avg_ms"] < 30_000
+    assert data["avg_ms"] <= data["p99_ms"] and data["p95_ms"] <= data["p99_ms"]
+    human = await asyncio.to_thread(wa, system, "stats")
+    assert "replied        50" in human.stdout and "p99" in human.stdout
+
+
+async def test_health_is_healthy_then_down_when_a_service_stops(
+    start_system: StartSystem,
+) -> None:
+    system = await start_system()
+    ok = await asyncio.to_thread(wa, system, "health", "--json")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["status"] == "healthy"
+    await system.sup.stop(["dlq"])
+    down = await asyncio.to_thread(wa, system, "health")
+    assert down.returncode == 2
+    assert "system: down" in down.stdout
+    line = next(x for x in down.stdout.splitlines() if " dlq " in x)
+    assert "DOWN" in line and "UNAVAILABLE" in line
+
+
+async def test_trace_shows_the_timeline_and_the_dlq_attempts(
+    start_system: StartSystem, model: FakeModel
+) -> None:
+    model.script.append(model_error(401, "bad key"))
+    system = await start_system(**model_env(model))
+    msg = payloads.message("text", wa_id="15557770000", text={"body": "hi"})
+    assert (await system.post(payloads.delivery(messages=[msg]))).status_code == 200
+    await system.wait_status([msg["id"]], {"dead_lettered"})
+    by_id = await asyncio.to_thread(wa_json, system, "trace", msg["id"])
+    moves = [(t["from"], t["to"]) for t in by_id["transitions"] if t["message_id"] == msg["id"]]
+    assert moves[:3] == [("", "received"), ("received", "processing"), ("processing", "failed")]
+    assert by_id["dlq"][0]["attempts"][0]["error_class"] == "ModelHTTP401"
+    by_phone = await asyncio.to_thread(wa, system, "trace", "+15557770000")
+    assert by_phone.returncode == 0 and msg["id"] in by_phone.stdout
+    assert "trace id" in by_phone.stdout and "dead-letter item" in by_phone.stdout

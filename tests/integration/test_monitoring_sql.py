@@ -1,0 +1,143 @@
+"""The seed's views and functions, on a fixture workload with known figures, and their plans on
+a large table."""
+
+from __future__ import annotations
+
+import asyncpg
+
+
+async def _workload(pool: asyncpg.Pool) -> None:
+    await pool.execute("""
+        INSERT INTO webhook_conversations (id, phone_number_id, wa_id, status)
+        VALUES (1, '100', '1555001', 'idle'), (2, '100', '1555002', 'active'),
+               (3, '100', '1555003', 'idle');
+        -- conversation 1: 10 replied in i*100 ms, 2 skipped
+        INSERT INTO processed_webhook_messages
+            (message_id, kind, conversation_id, phone_number_id, wa_id, message_type,
+             wa_timestamp, payload, status, correlation_id, received_at, finished_at)
+        SELECT 'r' || i, 'message', 1, '100', '1555001', 'text', now(), '{}', 'replied', 'c',
+               now() - interval '10 minutes',
+               now() - interval '10 minutes' + i * interval '100 milliseconds'
+          FROM generate_series(1, 10) i;
+        INSERT INTO processed_webhook_messages
+            (message_id, kind, conversation_id, phone_number_id, wa_id, message_type,
+             wa_timestamp, payload, status, status_reason, correlation_id, received_at)
+        SELECT 's' || i, 'message', 1, '100', '1555001', 'image', now(), '{}', 'skipped',
+               'not answered', 'c', now() - interval '5 minutes'
+          FROM generate_series(1, 2) i;
+        -- conversation 2: one stuck in processing for 10 minutes, one waiting behind it
+        INSERT INTO processed_webhook_messages
+            (message_id, kind, conversation_id, phone_number_id, wa_id, message_type,
+             wa_timestamp, payload, status, correlation_id, received_at, started_at)
+        VALUES ('p1', 'message', 2, '100', '1555002', 'text', now(), '{}', 'processing', 'c',
+                now() - interval '11 minutes', now() - interval '10 minutes'),
+               ('p2', 'message', 2, '100', '1555002', 'text', now(), '{}', 'received', 'c',
+                now() - interval '9 minutes', NULL);
+        -- conversation 3: one dead-lettered, and one message from yesterday
+        INSERT INTO processed_webhook_messages
+            (message_id, kind, conversation_id, phone_number_id, wa_id, message_type,
+             wa_timestamp, payload, status, correlation_id, received_at, finished_at)
+        VALUES ('d1', 'message', 3, '100', '1555003', 'text', now(), '{}', 'dead_lettered',
+                'c', now() - interval '20 minutes', now() - interval '19 minutes'),
+               ('old', 'message', 3, '100', '1555003', 'text', now(), '{}', 'replied', 'c',
+                now() - interval '30 hours', now() - interval '30 hours');
+        INSERT INTO webhook_dlq (message_id, conversation_id, error_class, status, attempts,
+                                 created_at)
+        VALUES ('d1', 3, 'ModelHTTP401', 'dead', 1, now() - interval '19 minutes'),
+               ('x1', 3, 'ModelTimeout', 'pending', 2, now() - interval '2 hours'),
+               ('x2', 3, 'ModelTimeout', 'resolved', 3, now() - interval '3 hours');
+        INSERT INTO agent_sessions (conversation_id, agent_type, turns, tokens_in, tokens_out,
+                                    total_latency_ms, errors)
+        VALUES (1, 'concierge', 8, 800, 80, 800, 0), (1, 'bookings', 2, 300, 30, 600, 1),
+               (3, 'concierge', 0, 0, 0, 0, 1);
+    """)
+
+
+async def test_performance_stats_counts_and_percentiles(pool: asyncpg.Pool) -> None:
+    await _workload(pool)
+    row = await pool.fetchrow("SELECT * FROM get_webhook_performance_stats(1)")
+    assert row is not None
+    assert (
+        row["total"],
+        row["replied"],
+        row["skipped"],
+        row["dead_lettered"],
+        row["in_flight"],
+    ) == (15, 10, 2, 1, 2)
+    assert float(row["avg_ms"]) == 550.0
+    assert 950 <= float(row["p95_ms"]) <= 1000 and 990 <= float(row["p99_ms"]) <= 1000
+    day = await pool.fetchrow("SELECT * FROM get_webhook_performance_stats(48)")
+    assert day is not None and day["total"] == 16
+
+
+async def test_views(pool: asyncpg.Pool) -> None:
+    await _workload(pool)
+    stuck = await pool.fetch("SELECT * FROM stuck_webhook_conversations")
+    assert [(r["conversation_id"], r["stuck_messages"], r["in_turn"]) for r in stuck] == [
+        (2, 2, True)
+    ]
+    health = {
+        r["conversation_id"]: r
+        for r in await pool.fetch("SELECT * FROM webhook_conversation_health")
+    }
+    assert health[1]["health"] == "healthy" and health[1]["replied"] == 10
+    assert health[3]["health"] == "degraded" and health[3]["dead_lettered"] == 1
+    agents = {
+        r["agent_type"]: r for r in await pool.fetch("SELECT * FROM webhook_agent_performance")
+    }
+    assert agents["concierge"]["turns"] == 8 and agents["concierge"]["errors"] == 1
+    assert float(agents["bookings"]["avg_latency_ms"]) == 300.0
+    hours = await pool.fetch("SELECT * FROM webhook_message_processing_metrics")
+    assert sum(r["messages"] for r in hours) == 15
+    dlq = {r["status"]: r for r in await pool.fetch("SELECT * FROM webhook_dlq_summary")}
+    assert dlq["dead"]["items"] == 1 and dlq["pending"]["items"] == 1
+    assert dlq["pending"]["oldest_age_seconds"] >= 7200
+
+
+async def test_system_health_checks(pool: asyncpg.Pool) -> None:
+    ok = {
+        r["check_name"]: r["status"]
+        for r in await pool.fetch("SELECT * FROM check_webhook_system_health()")
+    }
+    assert set(ok.values()) == {"ok"}
+    await _workload(pool)
+    checks = {
+        r["check_name"]: r for r in await pool.fetch("SELECT * FROM check_webhook_system_health()")
+    }
+    assert checks["stuck_conversations"]["status"] == "warning"
+    assert checks["dlq_pending"]["status"] == "critical"  # older than an hour
+    assert checks["dlq_dead"]["status"] == "warning"
+    assert checks["error_rate_1h"]["status"] == "warning"  # 1 of 15
+
+
+async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -> None:
+    # A million messages over 90 days.
+    await pool.execute(
+        """
+        INSERT INTO webhook_conversations (id, phone_number_id, wa_id) VALUES (1, '1', '1');
+        INSERT INTO processed_webhook_messages
+            (message_id, kind, conversation_id, phone_number_id, wa_id, message_type,
+             wa_timestamp, payload, status, correlation_id, received_at, finished_at)
+        SELECT 'm' || i, 'message', 1, '1', '1', 'text', now(), '{}', 'replied', 'c',
+               now() - i * interval '8 seconds', now() - i * interval '8 seconds'
+          FROM generate_series(1, 1000000) i;
+        ANALYZE processed_webhook_messages;
+    """,
+        timeout=300,
+    )
+    for query in (
+        "SELECT * FROM get_webhook_performance_stats(1)",
+        "SELECT * FROM webhook_message_processing_metrics",
+        "SELECT * FROM stuck_webhook_conversations",
+        "SELECT * FROM check_webhook_system_health()",
+    ):
+        plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {query}"))
+        assert "Seq Scan on processed_webhook_messages" not in plan, (query, plan)
+    plan = "\n".join(
+        r[0]
+        for r in await pool.fetch(
+            "EXPLAIN SELECT id FROM processed_webhook_messages WHERE conversation_id = 1 "
+            "AND status IN ('received', 'processing') ORDER BY wa_timestamp, id LIMIT 1"
+        )
+    )
+    assert "Index" in plan and "Seq Scan" not in plan, plan
