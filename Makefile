@@ -45,6 +45,7 @@ typecheck: install
 
 bench: install
 	$(BIN)/python -m bench.ack
+	$(BIN)/python -m bench.e2e
 
 clean:
 	rm -rf gen .run .mypy_cache .ruff_cache .pytest_cache

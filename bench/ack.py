@@ -1,8 +1,13 @@
-"""Acknowledgement throughput: our gateway (signature, parse, gRPC Ingest to state, durable
-insert) against the baseline (bare Starlette, signature, one asyncpg insert), side by side in
-one run on the same PostgreSQL. Prints both and the ratio (target: >= 0.5).
+"""Acknowledgement benchmarks, each against a baseline measured in the same run.
 
-    make bench                          # embedded PostgreSQL and Valkey
+1. Throughput: our gateway (signature, parse, gRPC IngestBatch to state, durable insert)
+   against a bare Starlette endpoint that checks the signature and does one asyncpg insert,
+   on the same PostgreSQL. Target: ratio >= 0.5.
+2. Tracing: ack p50 with OTLP export on (to a local sink) against off. Target: within 15 %.
+3. Slow model: ack p99 while the agent's model takes 2 s per call, against a fast model.
+   Target: p99 does not move (the acknowledgement never waits for the agent).
+
+    make bench                                   # embedded PostgreSQL and Valkey
     DATABASE_URL=... REDIS_URL=... make bench
     BENCH_SECONDS=20 BENCH_CONNECTIONS=64 make bench
 """
@@ -10,32 +15,16 @@ one run on the same PostgreSQL. Prints both and the ratio (target: >= 0.5).
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import httpx
-import orjson
 
 from common import embedded
-from tests.support.servers import Postgres, Redis
-from tests.support.system import SECRET, System
+from tests.support.fakes import FakeGraph, FakeModel
+from tests.support.system import SECRET
 
-SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))
-CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
-
-
-def load(url: str) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.load", url, SECRET, str(CONNECTIONS), str(SECONDS)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    result: dict[str, float] = orjson.loads(out.stdout.strip().splitlines()[-1])
-    return result
+from . import harness
 
 
 async def wait_http(url: str) -> None:
@@ -49,58 +38,99 @@ async def wait_http(url: str) -> None:
     raise TimeoutError(url)
 
 
-async def main() -> None:
-    root = Path(tempfile.mkdtemp(prefix="wa-bench-"))
-    pg, redis = Postgres(root), Redis(root)
-    await asyncio.to_thread(pg.start)
-    await asyncio.to_thread(redis.start)
+async def throughput(s: harness.Servers) -> None:
+    port = embedded.free_port()
+    baseline = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
+        [sys.executable, "-m", "bench.baseline_app", str(port), await s.database(), SECRET]
+    )
+    base_url = f"http://127.0.0.1:{port}/webhook"
     try:
-        template = await pg.create_template()
-        ours_db = await pg.create_database(template)
-        base_db = await pg.create_database(template)
-
-        port = embedded.free_port()
-        baseline = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
-            [sys.executable, "-m", "bench.baseline_app", str(port), base_db, SECRET]
-        )
-        base_url = f"http://127.0.0.1:{port}/webhook"
         await wait_http(base_url)
-
-        system = System(
-            root / "system",
-            ours_db,
-            redis.url,
-            "bench:",
-            {"WA_ENHANCED_PROCESSING": "false", "LOG_LEVEL": "WARNING"},
-        )
-        (root / "system").mkdir()
-        await system.start(("state", "agent", "dlq", "gateway"))
-        ours_url = f"{system.url}/webhook"
-        try:
-            # Warm both up, then alternate so neither gets a quieter machine.
+        async with s.system(WA_ENHANCED_PROCESSING="false") as system:
+            ours_url = f"{system.url}/webhook"
             results: dict[str, list[dict[str, float]]] = {"baseline": [], "gateway": []}
-            for _round in range(2):
-                results["baseline"].append(await asyncio.to_thread(load, base_url))
-                results["gateway"].append(await asyncio.to_thread(load, ours_url))
-                await asyncio.sleep(1)
-        finally:
-            await system.stop()
-            baseline.terminate()
-            baseline.wait(10)
-        best = {k: max(v, key=lambda r: r["rps"]) for k, v in results.items()}
-        for name, r in best.items():
-            print(
-                f"{name:<9} {r['rps']:8.0f} req/s  p50 {r['p50']:6.1f} ms  "
-                f"p99 {r['p99']:6.1f} ms  errors {int(r['errors'])}"
-            )
-        print(
-            f"ratio gateway/baseline: {best['gateway']['rps'] / best['baseline']['rps']:.2f} "
-            f"({CONNECTIONS} connections, {SECONDS:.0f}s per run, best of 2)"
-        )
+            for _ in range(2):  # alternate, so neither gets a quieter machine
+                results["baseline"].append(await asyncio.to_thread(harness.load, base_url))
+                results["gateway"].append(await asyncio.to_thread(harness.load, ours_url))
     finally:
-        await pg.drop_all()
-        pg.stop()
-        redis.stop()
+        baseline.terminate()
+        baseline.wait(10)
+    best = {k: max(v, key=lambda r: r["rps"]) for k, v in results.items()}
+    print(
+        "== 1. acknowledgement throughput "
+        f"({harness.CONNECTIONS} connections, {harness.SECONDS:.0f} s runs, best of 2)"
+    )
+    for name, r in best.items():
+        print(harness.row(name, r))
+    print(f"ratio gateway/baseline: {best['gateway']['rps'] / best['baseline']['rps']:.2f}")
+
+
+async def tracing(s: harness.Servers) -> None:
+    sink = harness.Sink()
+    results = {}
+    try:
+        for name, env in (
+            ("tracing off", {"WA_ENHANCED_PROCESSING": "false"}),
+            (
+                "tracing on (OTLP export)",
+                {
+                    "WA_ENHANCED_PROCESSING": "false",
+                    "OTEL_SDK_DISABLED": "false",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
+                },
+            ),
+        ):
+            async with s.system(**env) as system:
+                url = f"{system.url}/webhook"
+                await asyncio.to_thread(harness.load, url, 8, 2)  # warm up
+                results[name] = await asyncio.to_thread(harness.load, url, 8)
+    finally:
+        sink.stop()
+    print("== 2. tracing cost (8 connections)")
+    for name, r in results.items():
+        print(harness.row(name, r))
+    off, on = results["tracing off"]["p50"], results["tracing on (OTLP export)"]["p50"]
+    print(f"ack p50 on/off: {on / off:.2f} (target <= 1.15)")
+
+
+async def slow_model(s: harness.Servers) -> None:
+    graph = FakeGraph().start()
+    results = {}
+    try:
+        for name, delay in (("model answers at once", 0.0), ("model takes 2 s", 2.0)):
+            model = FakeModel().start()
+            model.delay = delay
+            try:
+                async with s.system(
+                    AGENT_BACKEND="openai",
+                    OPENAI_BASE_URL=model.url,
+                    OPENAI_API_KEY="k",
+                    AGENT_MODEL="m",
+                    WHATSAPP_API_BASE_URL=graph.url,
+                ) as system:
+                    results[name] = await asyncio.to_thread(
+                        harness.load, f"{system.url}/webhook", 16
+                    )
+            finally:
+                model.stop()
+    finally:
+        graph.stop()
+    print("== 3. acknowledgement while the model is slow (16 connections, processing on)")
+    for name, r in results.items():
+        print(harness.row(name, r))
+    fast, slow = results["model answers at once"]["p99"], results["model takes 2 s"]["p99"]
+    print(f"ack p99 slow/fast model: {slow / fast:.2f} (the ack never waits for the model)")
+
+
+async def main() -> None:
+    which = set(sys.argv[1:]) or {"throughput", "tracing", "slow-model"}
+    async with harness.servers() as s:
+        if "throughput" in which:
+            await throughput(s)
+        if "tracing" in which:
+            await tracing(s)
+        if "slow-model" in which:
+            await slow_model(s)
 
 
 if __name__ == "__main__":

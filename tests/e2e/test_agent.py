@@ -18,16 +18,6 @@ from tests.support.system import System
 pytestmark = pytest.mark.e2e
 
 
-def env(model: FakeModel, **extra: str) -> dict[str, str]:
-    return {
-        "AGENT_BACKEND": "openai",
-        "OPENAI_BASE_URL": model.url,
-        "OPENAI_API_KEY": "sk-test",
-        "AGENT_MODEL": "fake-model",
-        **extra,
-    }
-
-
 async def say(
     system: System,
     text: str,
@@ -51,7 +41,7 @@ async def dlq_rows(system: System) -> list[dict[str, Any]]:
 async def test_six_turns_send_the_whole_conversation_also_across_a_restart(
     start_system: StartSystem, model: FakeModel
 ) -> None:
-    system = await start_system(**env(model))
+    system = await start_system(**model.env())
     base = int(time.time())
     for n in range(1, 7):
         if n == 4:
@@ -72,7 +62,7 @@ async def test_six_turns_send_the_whole_conversation_also_across_a_restart(
 async def test_the_token_window_keeps_the_system_prompt_and_the_newest_messages(
     start_system: StartSystem, model: FakeModel
 ) -> None:
-    system = await start_system(**env(model, AGENT_TOKEN_LIMIT="600"))
+    system = await start_system(**model.env(AGENT_TOKEN_LIMIT="600"))
     base = int(time.time())
     words = "the quick brown fox jumps over a lazy dog near the river bank today".split()
     for n in range(25):
@@ -97,7 +87,7 @@ async def test_model_500_twice_then_one_reply(
     start_system: StartSystem, model: FakeModel, graph: FakeGraph
 ) -> None:
     model.script.extend([model_error(500), model_error(503)])
-    system = await start_system(**env(model))
+    system = await start_system(**model.env())
     message_id = await say(system, "hello there")
     assert len(model.requests) == 3
     assert [r.body["context"]["message_id"] for r in graph.sends] == [message_id]
@@ -107,7 +97,7 @@ async def test_model_401_is_not_retried_and_goes_to_the_dlq(
     start_system: StartSystem, model: FakeModel, graph: FakeGraph
 ) -> None:
     model.script.append(model_error(401, "invalid api key"))
-    system = await start_system(**env(model))
+    system = await start_system(**model.env())
     message_id = await say(system, "hello there", wait={"dead_lettered"})
     await asyncio.sleep(0.5)
     assert len(model.requests) == 1
@@ -124,8 +114,7 @@ async def test_the_breaker_opens_fails_fast_and_closes_when_the_model_is_back(
     model.down = True
     model.delay = 0.3
     system = await start_system(
-        **env(
-            model,
+        **model.env(
             AGENT_MAX_RETRIES="1",
             AGENT_BREAKER_THRESHOLD="4",
             AGENT_BREAKER_RESET_SECONDS="3",
@@ -161,7 +150,7 @@ async def test_the_breaker_opens_fails_fast_and_closes_when_the_model_is_back(
 async def test_routing_switches_the_agent_type_and_records_it(
     start_system: StartSystem, model: FakeModel
 ) -> None:
-    system = await start_system(**env(model))
+    system = await start_system(**model.env())
     await say(system, "good evening")
     message_id = await say(system, "I would like to book a table for two")
     assert "bookings" in model.requests[-1].body["messages"][0]["content"]
@@ -215,7 +204,7 @@ async def test_graph_131047_is_final_recorded_and_dead_lettered(
 async def test_sessions_add_up_to_what_the_model_served(
     start_system: StartSystem, model: FakeModel
 ) -> None:
-    system = await start_system(**env(model))
+    system = await start_system(**model.env())
     base = int(time.time())
     for n in range(4):
         await say(system, f"question {n}", ts=base + n)

@@ -41,16 +41,6 @@ def wa_json(system: System, *args: str) -> Any:
     return json.loads(done.stdout)
 
 
-def model_env(model: FakeModel, **extra: str) -> dict[str, str]:
-    return {
-        "AGENT_BACKEND": "openai",
-        "OPENAI_BASE_URL": model.url,
-        "OPENAI_API_KEY": "k",
-        "AGENT_MODEL": "fake",
-        **extra,
-    }
-
-
 async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -65,8 +55,7 @@ async def test_model_down_retried_with_growing_delays_then_dead_then_operator_re
 ) -> None:
     model.down = True
     system = await start_system(
-        **model_env(
-            model,
+        **model.env(
             DLQ_RETRY_BASE_SECONDS="1",
             DLQ_MAX_ATTEMPTS="3",
             AGENT_MAX_RETRIES="1",
@@ -118,7 +107,7 @@ async def test_purge_needs_confirmation_and_purged_items_are_never_redriven(
     start_system: StartSystem, model: FakeModel, graph: FakeGraph
 ) -> None:
     model.script.extend([model_error(401), model_error(401)])
-    system = await start_system(**model_env(model))
+    system = await start_system(**model.env())
     a, b = (payloads.message("text", wa_id=w, text={"body": "hi"}) for w in ("1555001", "1555002"))
     for m in (a, b):
         assert (await system.post(payloads.delivery(messages=[m]))).status_code == 200
@@ -193,7 +182,7 @@ async def test_a_redrive_does_not_break_the_order_of_waiting_messages(
     model = cv.model_for_conversations().start()
     try:
         model.script.append(model_error(401))
-        system = await start_system(**model_env(model))
+        system = await start_system(**model.env())
         base = int(time.time())
         first, doc = cv.message_doc(5, 0, base)
         assert (await system.post(doc)).status_code == 200

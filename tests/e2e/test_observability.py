@@ -26,15 +26,11 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 
 def traced_env(otlp: OtlpReceiver, model: FakeModel) -> dict[str, str]:
-    return {
-        "OTEL_SDK_DISABLED": "false",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url,
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "AGENT_BACKEND": "openai",
-        "OPENAI_BASE_URL": model.url,
-        "OPENAI_API_KEY": "k",
-        "AGENT_MODEL": "fake",
-    }
+    return model.env(
+        OTEL_SDK_DISABLED="false",
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url,
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
 
 
 async def send(system: System, text: str, wa_id: str) -> tuple[str, str]:

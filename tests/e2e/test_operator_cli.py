@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.conftest import StartSystem
-from tests.e2e.test_dlq import model_env, wa, wa_json
+from tests.e2e.test_dlq import wa, wa_json
 from tests.support import payloads
 from tests.support.fakes import FakeGraph, FakeModel, model_error
 
@@ -19,7 +19,7 @@ async def test_stats_after_a_known_workload(
     start_system: StartSystem, model: FakeModel, graph: FakeGraph
 ) -> None:
     model.script.extend([model_error(401), model_error(401)])
-    system = await start_system(**model_env(model))
+    system = await start_system(**model.env())
     # Two conversations fail first (the model refuses its first two calls), then 50 replies.
     texts = [payloads.message("text", wa_id=f"1555{i:04d}") for i in range(52)]
     images = [payloads.message("image", wa_id=f"1556{i:04d}") for i in range(3)]
@@ -62,7 +62,7 @@ async def test_trace_shows_the_timeline_and_the_dlq_attempts(
     start_system: StartSystem, model: FakeModel
 ) -> None:
     model.script.append(model_error(401, "bad key"))
-    system = await start_system(**model_env(model))
+    system = await start_system(**model.env())
     msg = payloads.message("text", wa_id="15557770000", text={"body": "hi"})
     assert (await system.post(payloads.delivery(messages=[msg]))).status_code == 200
     await system.wait_status([msg["id"]], {"dead_lettered"})

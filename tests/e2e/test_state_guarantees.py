@@ -26,20 +26,10 @@ def conv_model() -> Iterator[FakeModel]:
     server.stop()
 
 
-def model_env(model: FakeModel, **extra: str) -> dict[str, str]:
-    return {
-        "AGENT_BACKEND": "openai",
-        "OPENAI_BASE_URL": model.url,
-        "OPENAI_API_KEY": "k",
-        "AGENT_MODEL": "fake",
-        **extra,
-    }
-
-
 async def test_twelve_deliveries_of_one_message_give_one_reply(
     start_system: StartSystem, graph: FakeGraph, conv_model: FakeModel
 ) -> None:
-    system = await start_system(**model_env(conv_model))
+    system = await start_system(**conv_model.env())
     message_id, doc = cv.message_doc(1, 0)
     answers = await asyncio.gather(*(system.post(doc) for _ in range(8)))
     assert [a.status_code for a in answers] == [200] * 8
@@ -57,7 +47,7 @@ async def test_forty_conversations_in_parallel_one_turn_at_a_time_in_order(
     start_system: StartSystem, graph: FakeGraph, conv_model: FakeModel
 ) -> None:
     conv_model.delay = 0.05
-    system = await start_system(**model_env(conv_model))
+    system = await start_system(**conv_model.env())
     base = int(time.time())
     ids: list[str] = []
 
@@ -87,7 +77,7 @@ async def test_forty_conversations_in_parallel_one_turn_at_a_time_in_order(
 async def test_messages_of_one_delivery_are_processed_in_timestamp_order(
     start_system: StartSystem, graph: FakeGraph, conv_model: FakeModel
 ) -> None:
-    system = await start_system(**model_env(conv_model))
+    system = await start_system(**conv_model.env())
     base = int(time.time())
     msgs = [
         payloads.message(
@@ -128,7 +118,7 @@ async def test_sigkill_mid_burst_every_acknowledged_message_is_replied_once(
     start_system: StartSystem, graph: FakeGraph, conv_model: FakeModel, victim: str
 ) -> None:
     conv_model.delay = 0.2
-    system = await start_system(**model_env(conv_model, STUCK_TIMEOUT_SECONDS="10"))
+    system = await start_system(**conv_model.env(STUCK_TIMEOUT_SECONDS="10"))
     graph.webhook = (f"{system.url}/webhook", SECRET)  # statuses flow back, as from Meta
     ids = await _burst_with_a_kill(system, victim)
     await system.wait_status(ids, {"replied"}, timeout=120)
@@ -145,7 +135,7 @@ async def test_sigkill_mid_burst_every_acknowledged_message_is_replied_once(
 async def test_processing_switched_off_acknowledges_only_and_resumes_in_order(
     start_system: StartSystem, graph: FakeGraph, conv_model: FakeModel
 ) -> None:
-    system = await start_system(**model_env(conv_model, WA_ENHANCED_PROCESSING="false"))
+    system = await start_system(**conv_model.env(WA_ENHANCED_PROCESSING="false"))
     base = int(time.time())
     docs = [cv.message_doc(c, n, base) for c in range(3) for n in range(3)]
     for _, doc in docs:

@@ -228,6 +228,16 @@ class FakeModel(FakeServer):
         self.overlaps: list[str] = []
         self.served: list[dict[str, int]] = []  # the usage of every successful answer
 
+    def env(self, **extra: str) -> dict[str, str]:
+        """The settings that point the agent service at this server."""
+        return {
+            "AGENT_BACKEND": "openai",
+            "OPENAI_BASE_URL": self.url,
+            "OPENAI_API_KEY": "sk-test",
+            "AGENT_MODEL": "fake-model",
+            **extra,
+        }
+
     def answer(self, rec: Recorded) -> Reply:
         k = self.key(rec.body)
         with self.lock:

@@ -1,0 +1,114 @@
+"""What every benchmark needs: PostgreSQL and Redis (embedded, or DATABASE_URL / REDIS_URL),
+fresh databases, the system as processes, and a load run in a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.support.servers import Postgres, Redis
+from tests.support.system import SECRET, System
+
+SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+
+
+class Servers:
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="wa-bench-"))
+        self.pg = Postgres(self.root)
+        self.redis = Redis(self.root)
+        self.template = ""
+        self._n = 0
+
+    async def database(self) -> str:
+        return await self.pg.create_database(self.template)
+
+    @contextlib.asynccontextmanager
+    async def system(self, **env: str) -> AsyncIterator[System]:
+        self._n += 1
+        root = self.root / f"system{self._n}"
+        root.mkdir()
+        system = System(
+            root,
+            await self.database(),
+            self.redis.url,
+            f"bench{self._n}:",
+            {"LOG_LEVEL": "WARNING", **env},
+        )
+        await system.start()
+        try:
+            yield system
+        finally:
+            await system.stop()
+
+
+@contextlib.asynccontextmanager
+async def servers() -> AsyncIterator[Servers]:
+    s = Servers()
+    await asyncio.to_thread(s.pg.start)
+    await asyncio.to_thread(s.redis.start)
+    s.template = await s.pg.create_template()
+    try:
+        yield s
+    finally:
+        if s.pg.external:
+            await s.pg.drop_all()
+        s.pg.stop()
+        s.redis.stop()
+
+
+def load(url: str, connections: int = CONNECTIONS, seconds: float = SECONDS) -> dict[str, float]:
+    """Runs bench.load in its own process; returns rps, p50, p99 and errors."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.load", url, SECRET, str(connections), str(seconds)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result: dict[str, float] = orjson.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+class Sink:
+    """An OTLP/HTTP endpoint that accepts and drops everything (the exporter's cost only)."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def row(name: str, r: dict[str, float]) -> str:
+    return (
+        f"{name:<28} {r['rps']:8.0f} req/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms"
+        f"  errors {int(r['errors'])}"
+    )
