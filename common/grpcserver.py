@@ -82,11 +82,12 @@ def main(name: str, port_of: Callable[[config.Settings], int], setup: Setup) -> 
 
 
 @contextlib.asynccontextmanager
-async def channel(target: str) -> AsyncIterator[grpc.aio.Channel]:
-    """A client channel with our interceptors; closed on exit."""
+async def channel(target: str, *, traced: bool = True) -> AsyncIterator[grpc.aio.Channel]:
+    """A client channel, with the tracing interceptors unless `traced` is false; closed on
+    exit."""
     ch = grpc.aio.insecure_channel(
         target,
-        interceptors=telemetry.client_interceptors(),
+        interceptors=telemetry.client_interceptors() if traced else [],
         options=[("grpc.enable_retries", 1), ("grpc.keepalive_time_ms", 30000)],
     )
     try:

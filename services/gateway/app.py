@@ -272,7 +272,10 @@ def create_app(settings: config.Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            channel = await stack.enter_async_context(grpcserver.channel(settings.state_addr))
+            # Untraced: each delivery's trace context travels in its IngestRequest.
+            channel = await stack.enter_async_context(
+                grpcserver.channel(settings.state_addr, traced=False)
+            )
             stub = state_pb2_grpc.StateStub(channel)
             batcher = IngestBatcher(stub, timeout=INGEST_TIMEOUT)
             app.state.gw = GatewayState(settings=settings, state=stub, batcher=batcher)
