@@ -10,10 +10,13 @@ import asyncio
 import sys
 import time
 
+import orjson
+
 from tests.support import conversations as cv
 from tests.support.fakes import FakeGraph
+from tests.support.system import SECRET
 
-from . import harness
+from . import harness, load
 
 CONVERSATIONS = 200
 
@@ -26,15 +29,14 @@ async def main() -> None:
             base = int(time.time())
             docs = [cv.message_doc(c, n, base) for n in range(per) for c in range(CONVERSATIONS)]
             total = len(docs)
-            sem = asyncio.Semaphore(64)
-
-            async def send(doc: dict) -> None:  # type: ignore[type-arg]
-                async with sem:
-                    await system.deliver(doc)
-
+            host = system.url.split("//")[1]
+            requests = [
+                load.signed_request(host, "/webhook", SECRET, orjson.dumps(doc)) for _, doc in docs
+            ]
             started = time.monotonic()
-            await asyncio.gather(*(send(doc) for _, doc in docs))
+            errors = await load.post_all(f"{system.url}/webhook", requests, 32)
             acked = time.monotonic() - started
+            assert errors == 0, f"{errors} deliveries were not acknowledged"
             await asyncio.to_thread(graph.wait_for, lambda: len(graph.sends) >= total, 600)
             elapsed = time.monotonic() - started
             replies = cv.replies_per_message(graph)

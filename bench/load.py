@@ -41,6 +41,10 @@ def request_bytes(host: str, path: str, secret: str, n: int, i: int, conversatio
     body = orjson.dumps(
         text_delivery(f"bench {n}-{i}", wa_id=wa_id, message_id=f"wamid.B{uuid.uuid4().hex}")
     )
+    return signed_request(host, path, secret, body)
+
+
+def signed_request(host: str, path: str, secret: str, body: bytes) -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"X-Hub-Signature-256: {signature.sign(body, secret)}\r\n"
@@ -49,7 +53,28 @@ def request_bytes(host: str, path: str, secret: str, n: int, i: int, conversatio
     return head.encode() + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def post_all(url: str, requests: list[bytes], connections: int) -> int:
+    """Sends prepared requests over `connections` keep-alive connections; returns non-200s."""
+    parts = urlsplit(url)
+    queue = list(reversed(requests))
+    errors = 0
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            while queue:
+                writer.write(queue.pop())
+                if await read_response(reader) != 200:
+                    errors += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return errors
+
+
+async def read_response(reader: asyncio.StreamReader) -> int:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     length = 0
@@ -80,7 +105,7 @@ async def run(
                 data = request_bytes(f"{host}:{port}", parts.path, secret, n, i, conversations)
                 started = time.perf_counter()
                 writer.write(data)
-                status = await _read_response(reader)
+                status = await read_response(reader)
                 latencies.append((time.perf_counter() - started) * 1000)
                 if status != 200:
                     errors += 1

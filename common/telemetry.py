@@ -63,8 +63,8 @@ def init_telemetry(service_name: str) -> None:
     if not export_enabled():
         return
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
-    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -77,7 +77,7 @@ def init_telemetry(service_name: str) -> None:
     trace.set_tracer_provider(provider)
     AsyncPGInstrumentor().instrument()
     RedisInstrumentor().instrument()
-    HTTPXClientInstrumentor().instrument()
+    AioHttpClientInstrumentor().instrument()
 
 
 def shutdown_telemetry() -> None:
@@ -105,7 +105,7 @@ def current_traceparent() -> str:
 def continued(name: str, traceparent: str, correlation_id: str, **attributes: str | int) -> Any:
     """A span continuing a message's trace from its stored traceparent, with the correlation id
     in the log context and the baggage (so the next gRPC hops carry it)."""
-    logs.correlation_id.set(correlation_id)
+    cid_token = logs.correlation_id.set(correlation_id)
     ctx = with_correlation(correlation_id, context_from_traceparent(traceparent))
     token = otel_context.attach(ctx)
     try:
@@ -114,6 +114,7 @@ def continued(name: str, traceparent: str, correlation_id: str, **attributes: st
             yield span
     finally:
         otel_context.detach(token)
+        logs.correlation_id.reset(cid_token)
 
 
 def context_from_traceparent(traceparent: str) -> Any:

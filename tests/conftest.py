@@ -11,10 +11,15 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import settings
 
 from tests.support.fakes import FakeGraph, FakeModel
 from tests.support.servers import Postgres, Redis
 from tests.support.system import System
+
+# Other tests' processes share these two cores: wall-clock deadlines would only measure that.
+settings.register_profile("wa", deadline=None)
+settings.load_profile("wa")
 
 
 @pytest.fixture(scope="session")

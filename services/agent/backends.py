@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 from prometheus_client import Counter, Histogram
 
 from common import retry
 
+from . import http
 from .agents import AgentType
 from .breaker import BreakerOpen, CircuitBreaker
 
@@ -115,7 +116,7 @@ class OpenAIBackend:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: aiohttp.ClientSession,
         *,
         base_url: str,
         api_key: str,
@@ -160,29 +161,24 @@ class OpenAIBackend:
             started = time.perf_counter()
             retry_after: float | None = None
             try:
-                resp = await self.http.post(
-                    self.url, json=payload, headers=headers, timeout=self.timeout
+                resp = await http.post_json(
+                    self.http, self.url, payload, headers=headers, timeout=self.timeout
                 )
-                if resp.status_code == 200:
+                if resp.status == 200:
                     self.breaker.success()
                     return _completion(resp.json(), attempt)
-                retryable = resp.status_code >= 500 or resp.status_code in RETRYABLE_STATUS
+                retryable = resp.status >= 500 or resp.status in RETRYABLE_STATUS
                 retry_after = retry.parse_retry_after(resp.headers.get("retry-after"), 30.0)
                 error = ModelError(
-                    f"model answered HTTP {resp.status_code}: {resp.text[:200]}",
+                    f"model answered HTTP {resp.status}: {resp.text[:200]}",
                     retryable=retryable,
-                    error_class=f"ModelHTTP{resp.status_code}",
+                    error_class=f"ModelHTTP{resp.status}",
                 )
-            except httpx.TimeoutException as exc:
+            except http.HttpFailure as exc:
                 error = ModelError(
-                    f"model call timed out after {self.timeout}s",
+                    f"model call failed: {exc}",
                     retryable=True,
-                    error_class="ModelTimeout",
-                )
-                error.__cause__ = exc
-            except httpx.HTTPError as exc:
-                error = ModelError(
-                    f"{type(exc).__name__}: {exc}", retryable=True, error_class="ModelUnreachable"
+                    error_class="ModelTimeout" if exc.timeout else "ModelUnreachable",
                 )
             except ValueError as exc:
                 error = ModelError(

@@ -8,10 +8,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from prometheus_client import Counter, Histogram
 
 from common import retry
+
+from . import http
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,13 @@ class Sent:
 class GraphClient:
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: aiohttp.ClientSession,
         *,
         base_url: str,
         version: str,
         access_token: str,
         max_retries: int = 3,
+        timeout: float = 10.0,
         backoff_base: float = 0.2,
         backoff_cap: float = 5.0,
     ) -> None:
@@ -58,6 +61,7 @@ class GraphClient:
         self.version = version
         self.access_token = access_token
         self.max_retries = max_retries
+        self.timeout = timeout
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
 
@@ -104,18 +108,25 @@ class GraphClient:
         while True:
             attempt += 1
             started = time.perf_counter()
+            resp: http.Answer | None = None
             try:
-                resp = await self.http.post(
-                    self._url(phone_number_id), json=payload, headers=headers
+                resp = await http.post_json(
+                    self.http,
+                    self._url(phone_number_id),
+                    payload,
+                    headers=headers,
+                    timeout=self.timeout,
                 )
                 error = _error_of(resp)
-            except httpx.HTTPError as exc:
-                error = GraphError(f"{type(exc).__name__}: {exc}", code="network", retryable=True)
-                resp = None
+            except http.HttpFailure as exc:
+                error = GraphError(str(exc), code="network", retryable=True)
             finally:
                 GRAPH_SECONDS.labels(call).observe(time.perf_counter() - started)
             if error is None and resp is not None:
-                body: dict[str, Any] = resp.json()
+                try:
+                    body: dict[str, Any] = resp.json()
+                except ValueError:
+                    body = {}
                 return body, attempt
             assert error is not None
             GRAPH_ERRORS.labels(call, "retryable" if error.retryable else "final").inc()
@@ -128,13 +139,14 @@ class GraphClient:
             await asyncio.sleep(delay)
 
 
-def _error_of(resp: httpx.Response) -> GraphError | None:
-    if resp.status_code < 400:
+def _error_of(resp: http.Answer) -> GraphError | None:
+    if resp.status < 400:
         return None
     code = ""
     message = resp.text[:300]
     try:
-        err = resp.json().get("error", {})
+        doc = resp.json()
+        err = doc.get("error", {}) if isinstance(doc, dict) else {}
         code = str(err.get("code", ""))
         message = str(err.get("message", message))
         details = (err.get("error_data") or {}).get("details")
@@ -142,14 +154,14 @@ def _error_of(resp: httpx.Response) -> GraphError | None:
             message = f"{message}: {details}"
     except ValueError:
         pass
-    retryable = resp.status_code >= 500 or resp.status_code in (408, 409, 429)
+    retryable = resp.status >= 500 or resp.status in (408, 409, 429)
     if code.isdigit() and int(code) in RETRYABLE_CODES:
         retryable = True
-    elif code.isdigit() and resp.status_code < 500:
+    elif code.isdigit() and resp.status < 500:
         retryable = False
     return GraphError(
-        f"HTTP {resp.status_code} code {code or '-'}: {message}",
-        code=code or str(resp.status_code),
+        f"HTTP {resp.status} code {code or '-'}: {message}",
+        code=code or str(resp.status),
         retryable=retryable,
-        status=resp.status_code,
+        status=resp.status,
     )

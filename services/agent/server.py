@@ -7,14 +7,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 import grpc
-import httpx
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
 from common import config, db, logs
 
 from . import agents
+from . import http as outbound
 from .backends import Backend, OpenAIBackend, RulesBackend
 from .breaker import CircuitBreaker
 from .graph import GraphClient
@@ -84,7 +85,7 @@ def _detail(out: TurnOutcome) -> str:
     return "reply recorded, not sent (no WHATSAPP_ACCESS_TOKEN)"
 
 
-def make_backend(settings: config.Settings, http: httpx.AsyncClient) -> Backend:
+def make_backend(settings: config.Settings, http: aiohttp.ClientSession) -> Backend:
     if settings.agent_backend == "openai":
         return OpenAIBackend(
             http,
@@ -109,12 +110,10 @@ async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIter
     except agents.AgentConfigError as exc:
         raise config.ConfigError(str(exc)) from exc
     pool = await db.create_pool(settings.require_database(), max_size=20)
-    limits = httpx.Limits(max_connections=100, max_keepalive_connections=50)
-    async with httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.graph_timeout_seconds, connect=5.0), limits=limits
-    ) as http:
+    async with outbound.session() as http:
         graph = GraphClient(
             http,
+            timeout=settings.graph_timeout_seconds,
             base_url=settings.api_base_url,
             version=settings.api_version,
             access_token=settings.access_token.reveal(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 
@@ -24,9 +25,10 @@ from .ports import AgentPort, AgentUnavailable, DlqPort, DlqUnavailable, Failure
 
 log = logging.getLogger(__name__)
 
-# A message whose turn was started this many times without finishing is not retried again:
-# something in it kills its driver, and it goes to the dead-letter queue instead.
-MAX_TURN_STARTS = 5
+# A message whose turn was cut off by a dying driver this many times is not retried again:
+# something in it kills its driver, and it goes to the dead-letter queue instead. (A turn that
+# could not start because the agent was unreachable does not count.)
+MAX_TURN_RESUMES = 5
 RETRY_BASE_SECONDS = 0.5
 RETRY_MAX_SECONDS = 15.0
 
@@ -63,7 +65,13 @@ class Dispatcher:
         if conversation_id in self._tasks:
             self._dirty.add(conversation_id)
             return
-        task = asyncio.create_task(self._drive(conversation_id), name=f"conv-{conversation_id}")
+        # A fresh context: the driver serves many messages and must not inherit the correlation
+        # id (or trace) of whichever request happened to notify it; each turn sets its own.
+        task = asyncio.create_task(
+            self._drive(conversation_id),
+            name=f"conv-{conversation_id}",
+            context=contextvars.Context(),
+        )
         self._tasks[conversation_id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(conversation_id, None))
 
@@ -169,15 +177,15 @@ class Dispatcher:
             # Each turn starts with a full lease (and the renewal shows in the message's trace).
             await self.locks.renew(lease)
             started = time.perf_counter()
-            if item.attempts > MAX_TURN_STARTS:
+            if item.turn_resumes >= MAX_TURN_RESUMES:
                 await self._fail(
                     item,
                     token,
                     TurnResult(
                         outcome="failed",
                         error_class="TurnNeverFinished",
-                        error_message=f"its turn was started {item.attempts - 1} times "
-                        "and never finished",
+                        error_message=f"its turn was cut off {item.turn_resumes} times "
+                        "(its driver died each time)",
                         retryable=False,
                     ),
                 )

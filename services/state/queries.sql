@@ -134,13 +134,14 @@ UPDATE processed_webhook_messages
    SET status = $2,
        status_reason = NULLIF($3, ''),
        attempts = attempts + CASE WHEN $2 = 'processing' THEN 1 ELSE 0 END,
+       turn_resumes = turn_resumes + CASE WHEN $4 THEN 1 ELSE 0 END,
        started_at = CASE WHEN $2 = 'processing' THEN now() ELSE started_at END,
        finished_at = CASE WHEN $2 IN ('replied', 'skipped', 'failed', 'dead_lettered')
                           THEN now() ELSE finished_at END,
        updated_at = now()
  WHERE id = $1
 RETURNING id, message_id, conversation_id, phone_number_id, wa_id, message_type, wa_timestamp,
-          body, correlation_id, traceparent, attempts,
+          body, correlation_id, traceparent, attempts, turn_resumes,
           (SELECT t.reason FROM conversation_state_transitions t
             WHERE t.message_id = processed_webhook_messages.message_id
               AND t.to_state = 'received' ORDER BY t.id DESC LIMIT 1) AS queued_because,

@@ -114,6 +114,9 @@ class StateServicer(state_pb2_grpc.StateServicer):
     ) -> list[state_pb2.IngestResponse]:
         deliveries = [_delivery_in(r) for r in requests]
         spans = _ingest_spans(deliveries)
+        if deliveries:
+            # The batch's statement runs in its first delivery's trace and log context.
+            logs.correlation_id.set(deliveries[0].correlation_id)
         try:
             with trace.use_span(spans[0], end_on_exit=False) if spans else nullcontext():
                 outs: list[store.DeliveryOut | str] = list(

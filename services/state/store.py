@@ -73,6 +73,7 @@ class WorkItem:
     attempts: int
     contact_name: str
     resumed: bool = False
+    turn_resumes: int = 0
     operator_redrive: bool = False
 
 
@@ -254,7 +255,9 @@ async def next_message(pool: asyncpg.Pool, conversation_id: int, token: int) -> 
         if resumed:
             # The previous holder died mid-turn; the audit shows processing -> received -> ...
             await _record(conn, waiting, machine.PROCESSING, machine.RECEIVED, reason, token)
-        row = await conn.fetchrow(Q["set_message_status"], waiting["id"], machine.PROCESSING, "")
+        row = await conn.fetchrow(
+            Q["set_message_status"], waiting["id"], machine.PROCESSING, "", resumed
+        )
         assert row is not None
         await _record(conn, row, machine.RECEIVED, machine.PROCESSING, reason, token)
         return WorkItem(
@@ -271,6 +274,7 @@ async def next_message(pool: asyncpg.Pool, conversation_id: int, token: int) -> 
             attempts=row["attempts"],
             contact_name=row["contact_name"] or "",
             resumed=resumed,
+            turn_resumes=row["turn_resumes"],
             operator_redrive=row["queued_because"] == machine.OPERATOR_REDRIVE,
         )
 
@@ -320,7 +324,7 @@ async def transition(
             )
         from_state = row["status"]
         machine.check_message(from_state, to_state)
-        updated = await conn.fetchrow(Q["set_message_status"], row["id"], to_state, reason)
+        updated = await conn.fetchrow(Q["set_message_status"], row["id"], to_state, reason, False)
         assert updated is not None
         await _record(conn, updated, from_state, to_state, reason, token, correlation_id or None)
         return str(from_state)

@@ -86,7 +86,11 @@ async def test_one_trace_per_message_across_services_with_the_correlation_id_eve
     ]
     assert any(model.url in u for u in urls), urls
     assert any(graph.url in u and "/messages" in u for u in urls), urls
-    missing = [s.name for s in spans if s.attributes.get("wa.correlation_id") != cid]
+    missing = [
+        (s.service, s.name, str(s.attributes.get("db.statement", ""))[:60])
+        for s in spans
+        if s.attributes.get("wa.correlation_id") != cid
+    ]
     assert missing == [], missing
     assert not any("grpc.health" in s.name for s in otlp.spans)
 
