@@ -52,7 +52,12 @@ class Backend(Protocol):
     name: str
 
     async def complete(
-        self, agent: AgentType, messages: list[dict[str, str]], *, probe: bool = False
+        self,
+        agent: AgentType,
+        messages: list[dict[str, str]],
+        *,
+        probe: bool = False,
+        prompt_tokens: int = 0,
     ) -> Completion: ...
 
     def status(self) -> str: ...
@@ -69,7 +74,12 @@ class RulesBackend:
     name = "rules"
 
     async def complete(
-        self, agent: AgentType, messages: list[dict[str, str]], *, probe: bool = False
+        self,
+        agent: AgentType,
+        messages: list[dict[str, str]],
+        *,
+        probe: bool = False,
+        prompt_tokens: int = 0,
     ) -> Completion:
         from . import window
 
@@ -99,7 +109,8 @@ class RulesBackend:
             )
             if first_turn:
                 reply = "Hello! " + reply
-        tokens_in = sum(window.message_tokens(m) for m in messages)
+        # No server counts for us: the window's own count of what was sent is the usage.
+        tokens_in = prompt_tokens or sum(window.message_tokens(m) for m in messages)
         return Completion(text=reply, tokens_in=tokens_in, tokens_out=window.count(reply))
 
     def status(self) -> str:
@@ -141,7 +152,12 @@ class OpenAIBackend:
         return self.breaker.state
 
     async def complete(
-        self, agent: AgentType, messages: list[dict[str, str]], *, probe: bool = False
+        self,
+        agent: AgentType,
+        messages: list[dict[str, str]],
+        *,
+        probe: bool = False,
+        prompt_tokens: int = 0,
     ) -> Completion:
         """`probe`: an operator asked for this turn; an open breaker lets it through once."""
         payload: dict[str, Any] = {

@@ -154,13 +154,16 @@ class Agent:
         current = row["agent_type"] if row else self.catalog.default
         routed = self.catalog.route(current, req.text)
         agent = self.catalog.get(routed)
-        user = {"role": "user", "content": req.text, "message_id": req.message_id}
+        user: dict[str, Any] = {"role": "user", "content": req.text, "message_id": req.message_id}
+        user["tokens"] = window.message_tokens(user)
         history.append(user)
+        costs = [m.get("tokens") or window.message_tokens(m) for m in history]
         limit = min(self.token_limit, agent.token_limit)
         win = window.fit(
             agent.system_prompt,
             [{"role": m["role"], "content": m["content"]} for m in history],
             limit,
+            costs,
         )
         started = time.perf_counter()
         with tracer.start_as_current_span("agent.model") as span:
@@ -168,7 +171,9 @@ class Agent:
             span.set_attribute("wa.model.backend", self.backend.name)
             span.set_attribute("wa.model.window_tokens", win.tokens)
             try:
-                completion = await self.backend.complete(agent, win.messages, probe=req.probe)
+                completion = await self.backend.complete(
+                    agent, win.messages, probe=req.probe, prompt_tokens=win.tokens
+                )
             except ModelError as exc:
                 span.set_status(trace.StatusCode.ERROR, str(exc))
                 raise
@@ -177,8 +182,11 @@ class Agent:
             raise ModelError(
                 "model answered an empty reply", retryable=True, error_class="EmptyReply"
             )
-        history.append({"role": "assistant", "content": completion.text})
-        token_count = sum(window.message_tokens(m) for m in history)
+        reply: dict[str, Any] = {"role": "assistant", "content": completion.text}
+        reply_tokens = window.message_tokens(reply)
+        reply["tokens"] = reply_tokens
+        history.append(reply)
+        token_count = sum(costs) + reply_tokens
         async with self.pool.acquire() as conn, conn.transaction():
             fence = await conn.fetchval(Q["fence_for_share"], req.conversation_id)
             if fence != req.fence_token:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -33,17 +34,25 @@ class Window:
     dropped: int
 
 
-def fit(system_prompt: str, history: list[dict[str, str]], limit: int) -> Window:
+def fit(
+    system_prompt: str,
+    history: list[dict[str, str]],
+    limit: int,
+    costs: Sequence[int] | None = None,
+) -> Window:
     """Keeps the system prompt and the newest messages whose total stays within `limit`.
 
     Oldest messages go first and whole; only the newest message may be cut, and only when it
     alone does not fit beside the system prompt. The newest user message is never dropped.
+    `costs`, when given, are the messages' token counts (stored with the context, so a long
+    conversation is not re-tokenised on every turn).
     """
     system = {"role": "system", "content": system_prompt}
     used = message_tokens(system) + REPLY_PRIMING
     kept: list[dict[str, str]] = []
+    n = len(history)
     for i, message in enumerate(reversed(history)):
-        cost = message_tokens(message)
+        cost = costs[n - 1 - i] if costs is not None else message_tokens(message)
         if used + cost <= limit:
             kept.append(message)
             used += cost

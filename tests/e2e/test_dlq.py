@@ -84,6 +84,16 @@ async def test_model_down_retried_with_growing_delays_then_dead_then_operator_re
     assert shown["payload"]["id"] == msg["id"]
     assert any(t["to"] == "dead_lettered" for t in shown["timeline"])
     assert graph.sends == []
+    dead_lines = [
+        line
+        for line in system.log_lines("dlq")
+        if line["level"] == "WARNING" and "dead" in line["msg"]
+    ]
+    assert dead_lines and dead_lines[-1]["message_id"] == msg["id"]
+    await asyncio.sleep(0.5)  # the worker refreshes its gauges every poll
+    metrics = await system.http.get(f"http://127.0.0.1:{system.ports['m_dlq']}/metrics")
+    assert 'wa_dlq_items{status="dead"} 1.0' in metrics.text
+    assert "wa_dlq_oldest_pending_seconds" in metrics.text
     human = await asyncio.to_thread(wa, system, "dlq", "show", str(item["id"]))
     assert "error history" in human.stdout and msg["id"] in human.stdout
 

@@ -73,3 +73,17 @@ async def test_trace_shows_the_timeline_and_the_dlq_attempts(
     by_phone = await asyncio.to_thread(wa, system, "trace", "+15557770000")
     assert by_phone.returncode == 0 and msg["id"] in by_phone.stdout
     assert "trace id" in by_phone.stdout and "dead-letter item" in by_phone.stdout
+
+
+async def test_simulate_sends_a_signed_message_and_reports_the_reply(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    system = await start_system()
+    done = await asyncio.to_thread(
+        wa, system, "simulate", "hello from the cli", "--from", "15559990000"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "-> 200" in done.stdout and "status: replied" in done.stdout
+    assert "reply:" in done.stdout
+    (sent,) = graph.sends
+    assert sent.body["to"] == "15559990000"
