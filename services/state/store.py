@@ -201,6 +201,7 @@ async def claim_conversation(pool: asyncpg.Pool, conversation_id: int, owner: st
         if row is None:
             raise UnknownMessage(f"conversation {conversation_id} does not exist")
         previous = row["previous"]
+        machine.check_conversation(previous, machine.ACTIVE)
         reason = "claimed" if previous == machine.IDLE else "taken over from a previous holder"
         await conn.execute(
             Q["record_transition"],
@@ -221,6 +222,7 @@ async def release_conversation(pool: asyncpg.Pool, conversation_id: int, token: 
         row = await conn.fetchrow(Q["release_conversation"], conversation_id, token)
         if row is None:
             return False
+        machine.check_conversation(machine.ACTIVE, machine.IDLE)
         await conn.execute(
             Q["record_transition"],
             conversation_id,
