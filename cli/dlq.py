@@ -1,8 +1,9 @@
 """`wa dlq list|show|retry|purge`, over the dlq service's gRPC API.
 
 `--json` output is stable: `list` prints a JSON array of items, `show` one item; an item has
-id, message_id, conversation_id, wa_id, status, attempts, error_class, error_message,
-retryable, correlation_id, created_at, updated_at, next_attempt_at (and, for `show`,
+id, message_id, conversation_id (also as conversation), wa_id, status, attempts, error_class,
+error_message, last_error ("class: message"), retryable, correlation_id, created_at,
+updated_at, next_attempt_at (and, for `show`,
 payload and history: [{at, error_class, error_message}], timeline: [...]).
 """
 
@@ -37,6 +38,9 @@ FIELDS = (
 def item_dict(item: dlq_pb2.DlqItem, *, full: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {f: getattr(item, f) for f in FIELDS}
     out["next_attempt_at"] = out["next_attempt_at"] or None
+    # The contract's words for two of them, kept alongside.
+    out["conversation"] = item.conversation_id
+    out["last_error"] = f"{item.error_class}: {item.error_message}"
     if full:
         out["payload"] = orjson.loads(item.payload_json) if item.payload_json else None
         out["history"] = [

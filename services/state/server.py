@@ -13,7 +13,7 @@ import grpc
 from opentelemetry import trace
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
-from common import config, db, grpcserver, kv, logs, telemetry
+from common import config, db, grpcserver, kv, logs, migrate, telemetry
 
 from . import machine, metrics, store
 from .clients import GrpcAgent, GrpcDlq
@@ -399,6 +399,9 @@ class StateServicer(state_pb2_grpc.StateServicer):
 
 @contextlib.asynccontextmanager
 async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIterator[list[str]]:
+    # `make run` and compose's job migrate first; a state service started on its own does it
+    # too (the runner's advisory lock makes concurrent starters safe).
+    await migrate.migrate(settings.require_database())
     pool = await db.create_pool(settings.require_database(), max_size=20)
     redis = kv.create_client(settings.require_redis())
     locks = Locks(redis, settings.lock_ttl_seconds, prefix=settings.redis_prefix)

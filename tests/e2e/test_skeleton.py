@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,7 +15,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.conftest import StartSystem
 from tests.support import payloads
 from tests.support.fakes import FakeGraph
-from tests.support.system import ACCESS_TOKEN, VERIFY_TOKEN
+from tests.support.servers import Postgres, Redis, with_database
+from tests.support.system import ACCESS_TOKEN, VERIFY_TOKEN, System
 
 pytestmark = pytest.mark.e2e
 
@@ -172,3 +175,26 @@ async def test_other_message_types_and_statuses_are_stored_and_skipped(
     assert stored_statuses == 3
     await asyncio.sleep(0.5)
     assert graph.sends == []
+
+
+async def test_the_state_service_migrates_an_empty_database_itself(
+    tmp_path: Path, pg: Postgres, redis_server: Redis, redis_prefix: str, graph: FakeGraph
+) -> None:
+    name = f"wa_empty_{uuid.uuid4().hex[:8]}"
+    await pg._admin(f'CREATE DATABASE "{name}"')
+    pg.created.append(name)
+    system = System(
+        tmp_path,
+        with_database(pg.admin_dsn, name),
+        redis_server.url,
+        redis_prefix,
+        {"WHATSAPP_API_BASE_URL": graph.url},
+    )
+    try:
+        await system.start()
+        doc = payloads.text_delivery("hello")
+        message_id = doc["entry"][0]["changes"][0]["value"]["messages"][0]["id"]
+        assert (await system.post(doc)).status_code == 200
+        await system.wait_status([message_id], {"replied"})
+    finally:
+        await system.stop()
