@@ -1,6 +1,7 @@
 -- name: enqueue
 -- One open item per message: a second failure of the same message adds an attempt to it.
--- Delays grow as base * 2^(attempts-1), jittered into its upper half so gaps still grow.
+-- Delays grow as base * 2^(attempts-1), jittered within its top quarter: a burst of failures
+-- spreads out, and each retry still waits longer than the one before.
 INSERT INTO webhook_dlq AS d
     (message_id, conversation_id, payload, error_class, error_message, retryable, attempts,
      history, status, next_attempt_at, correlation_id)
@@ -9,7 +10,7 @@ VALUES ($1, $2, $3::jsonb, $4::text, $5::text, $6, 1,
                                              'error_message', $5::text)),
         CASE WHEN $6 AND $7 >= 1 THEN 'pending' ELSE 'dead' END,
         CASE WHEN $6 AND $7 >= 1
-             THEN now() + make_interval(secs => $8 * (0.5 + random() / 2)) END,
+             THEN now() + make_interval(secs => $8 * (0.75 + random() / 4)) END,
         $9)
 ON CONFLICT (message_id) WHERE status IN ('pending', 'retrying', 'dead') DO UPDATE
    SET attempts = d.attempts + 1,
@@ -20,7 +21,7 @@ ON CONFLICT (message_id) WHERE status IN ('pending', 'retrying', 'dead') DO UPDA
        status = CASE WHEN EXCLUDED.retryable AND d.attempts + 1 <= $7 THEN 'pending'
                      ELSE 'dead' END,
        next_attempt_at = CASE WHEN EXCLUDED.retryable AND d.attempts + 1 <= $7
-             THEN now() + make_interval(secs => $8 * power(2, d.attempts) * (0.5 + random() / 2))
+             THEN now() + make_interval(secs => $8 * power(2, d.attempts) * (0.75 + random() / 4))
              END,
        updated_at = now()
 RETURNING *, (xmax = 0) AS created

@@ -112,7 +112,7 @@ async def test_the_breaker_opens_fails_fast_and_closes_when_the_model_is_back(
     start_system: StartSystem, model: FakeModel, graph: FakeGraph
 ) -> None:
     model.down = True
-    model.delay = 0.3
+    model.delay = 0.6
     system = await start_system(
         **model.env(
             AGENT_MAX_RETRIES="1",

@@ -100,7 +100,7 @@ async def test_a_stalled_holder_cannot_write_over_its_successor(
 ) -> None:
     client = kv.create_client(redis_server.url)
     try:
-        holder_a = Locks(client, ttl_seconds=0.3, prefix=redis_prefix, instance="a")
+        holder_a = Locks(client, ttl_seconds=2.0, prefix=redis_prefix, instance="a")
         holder_b = Locks(client, ttl_seconds=30, prefix=redis_prefix, instance="b")
         await store.ingest(pool, [inbound("wamid.S1"), inbound("wamid.S2")], [], "c", "")
         conv = await pool.fetchval("SELECT id FROM webhook_conversations")
@@ -112,7 +112,9 @@ async def test_a_stalled_holder_cannot_write_over_its_successor(
         assert item_a is not None
         assert await holder_b.acquire(conv) is None  # A's lease holds
 
-        await asyncio.sleep(0.5)  # A stalls past its TTL
+        # A stalls past its TTL (and does not renew): its lease expires.
+        ttl_ms = await client.pttl(holder_a.lock_key(conv))
+        await asyncio.sleep(max(ttl_ms, 0) / 1000 + 0.1)
         lease_b = await holder_b.acquire(conv)
         assert lease_b is not None
         token_b = await store.claim_conversation(pool, conv, lease_b.owner)
