@@ -57,17 +57,11 @@ async def verify_handshake(request: Request) -> Response:
     if (
         q.get("hub.mode") == "subscribe"
         and token
-        and signature_equal(q.get("hub.verify_token", ""), token)
+        and signature.equal(q.get("hub.verify_token", ""), token)
     ):
         return PlainTextResponse(q.get("hub.challenge", ""))
     DELIVERIES.labels("handshake_refused").inc()
     return PlainTextResponse("forbidden", status_code=403)
-
-
-def signature_equal(a: str, b: str) -> bool:
-    import hmac
-
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 async def _read_limited(request: Request, limit: int) -> bytes | None:

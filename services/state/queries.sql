@@ -142,14 +142,15 @@ UPDATE processed_webhook_messages
  WHERE id = $1
 RETURNING id, message_id, conversation_id, phone_number_id, wa_id, message_type, wa_timestamp,
           body, correlation_id, traceparent, attempts, turn_resumes,
-          -- Only a turn that starts needs to know why its message was queued.
+          -- Only a turn that starts needs its contact and why its message was queued.
           CASE WHEN $2 = 'processing' THEN
               (SELECT t.reason FROM conversation_state_transitions t
                 WHERE t.message_id = processed_webhook_messages.message_id
                   AND t.to_state = 'received' ORDER BY t.id DESC LIMIT 1)
           END AS queued_because,
-          (SELECT contact_name FROM webhook_conversations c WHERE c.id = conversation_id)
-              AS contact_name
+          CASE WHEN $2 = 'processing' THEN
+              (SELECT contact_name FROM webhook_conversations c WHERE c.id = conversation_id)
+          END AS contact_name
 
 -- name: record_transition
 INSERT INTO conversation_state_transitions

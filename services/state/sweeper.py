@@ -43,7 +43,6 @@ class Sweeper:
         self.stuck_timeout = stuck_timeout
         # Runs often enough that stuck work resumes well within 1.5 x the timeout.
         self.interval = max(1.0, min(stuck_timeout / 4, 15.0))
-        self.last_run_ok: bool | None = None
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -58,12 +57,10 @@ class Sweeper:
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self.interval
                     recovered = await self.sweep_once()
-                    self.last_run_ok = True
                     metrics.SWEEPS.labels("ok").inc()
                     if recovered:
                         log.info("sweeper recovered work", extra={"conversations": recovered})
             except Exception as exc:
-                self.last_run_ok = False
                 metrics.SWEEPS.labels("error").inc()
                 log.warning("sweep failed: %s", exc)
             with contextlib.suppress(TimeoutError):
