@@ -104,6 +104,10 @@ class Worker:
 
     async def run(self) -> None:
         log.info("dlq worker started", extra={"poll_seconds": self.poll_seconds})
+        with telemetry.untraced():
+            await self._loop()
+
+    async def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 await self.run_once()

@@ -10,6 +10,7 @@ import uvicorn
 from common import config, logs, telemetry
 
 from .app import create_app
+from .tracing import RequestTracing
 
 log = logging.getLogger("services.gateway")
 
@@ -25,12 +26,7 @@ def main() -> None:
         raise SystemExit(2) from exc
     asgi: Any = app
     if telemetry.export_enabled():
-        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-
-        # One span per request: the per-chunk receive/send spans cost more than they tell.
-        asgi = OpenTelemetryMiddleware(
-            app, excluded_urls="healthz,readyz,metrics", exclude_spans=["receive", "send"]
-        )
+        asgi = RequestTracing(app, excluded_paths=frozenset({"/healthz", "/readyz", "/metrics"}))
     uvicorn.run(
         asgi,
         host=settings.gateway_host,

@@ -106,6 +106,12 @@ class Dispatcher:
                 await task
 
     async def _drive(self, conversation_id: int) -> None:
+        # Claiming, leases and the queue are the conversation's, not one message's: untraced.
+        # Each turn continues its message's trace.
+        with telemetry.untraced():
+            await self._drive_untraced(conversation_id)
+
+    async def _drive_untraced(self, conversation_id: int) -> None:
         async with self._slots:
             metrics.ACTIVE_CONVERSATIONS.inc()
             try:

@@ -6,11 +6,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import nullcontext
 
 import asyncpg
 import grpc
-from opentelemetry import trace
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
 from common import config, db, grpcserver, kv, logs, migrate, telemetry
@@ -59,28 +57,6 @@ def _delivery_in(request: state_pb2.IngestRequest) -> store.DeliveryIn:
     )
 
 
-def _ingest_spans(deliveries: list[store.DeliveryIn]) -> list[trace.Span]:
-    """One span per delivery, in that delivery's own trace (a batch mixes several)."""
-    if not telemetry.export_enabled():
-        return []
-    tracer = trace.get_tracer(__name__)
-    spans = []
-    for d in deliveries:
-        ctx = telemetry.with_correlation(
-            d.correlation_id, telemetry.context_from_traceparent(d.traceparent)
-        )
-        span = tracer.start_span("state.ingest", context=ctx)
-        telemetry.annotate(
-            span,
-            correlation_id=d.correlation_id,
-            message_id=d.messages[0].message_id if d.messages else "",
-        )
-        span.set_attribute("wa.messages", len(d.messages))
-        span.set_attribute("wa.statuses", len(d.statuses))
-        spans.append(span)
-    return spans
-
-
 def _iso(value: object) -> str:
     return value.isoformat() if hasattr(value, "isoformat") else ""
 
@@ -113,15 +89,13 @@ class StateServicer(state_pb2_grpc.StateServicer):
         self, requests: Sequence[state_pb2.IngestRequest]
     ) -> list[state_pb2.IngestResponse]:
         deliveries = [_delivery_in(r) for r in requests]
-        spans = _ingest_spans(deliveries)
         if deliveries:
-            # The batch's statement runs in its first delivery's trace and log context.
+            # Log lines about the batch carry its first delivery's correlation id.
             logs.correlation_id.set(deliveries[0].correlation_id)
         try:
-            with trace.use_span(spans[0], end_on_exit=False) if spans else nullcontext():
-                outs: list[store.DeliveryOut | str] = list(
-                    await store.ingest_many(self.pool, deliveries)
-                )
+            outs: list[store.DeliveryOut | str] = list(
+                await store.ingest_many(self.pool, deliveries)
+            )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             if len(deliveries) == 1 or not isinstance(exc, asyncpg.DataError):
                 log.error("ingest failed: %s", exc)
@@ -135,9 +109,6 @@ class StateServicer(state_pb2_grpc.StateServicer):
                 except (OSError, TimeoutError, asyncpg.PostgresError) as one_exc:
                     log.error("ingest failed: %s", one_exc)
                     outs.append(f"cannot store: {one_exc}")
-        finally:
-            for span in spans:
-                span.end()
         answers = []
         for out in outs:
             if isinstance(out, str):
@@ -401,7 +372,8 @@ class StateServicer(state_pb2_grpc.StateServicer):
 async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIterator[list[str]]:
     # `make run` and compose's job migrate first; a state service started on its own does it
     # too (the runner's advisory lock makes concurrent starters safe).
-    await migrate.migrate(settings.require_database())
+    with telemetry.untraced():
+        await migrate.migrate(settings.require_database())
     pool = await db.create_pool(settings.require_database(), max_size=20)
     redis = kv.create_client(settings.require_redis())
     locks = Locks(redis, settings.lock_ttl_seconds, prefix=settings.redis_prefix)
@@ -431,7 +403,9 @@ async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIter
                 pool, locks, dispatcher, dlq, stuck_timeout=settings.stuck_timeout_seconds
             )
             background.append(asyncio.create_task(sweeper.run(), name="sweeper"))
-            background.append(asyncio.create_task(_resume_all(pool, dispatcher), name="resume"))
+            with telemetry.untraced():
+                resume = asyncio.create_task(_resume_all(pool, dispatcher), name="resume")
+            background.append(resume)
         else:
             log.warning("WA_ENHANCED_PROCESSING=false: ingest and acknowledge only")
         state_pb2_grpc.add_StateServicer_to_server(StateServicer(pool, locks, dispatcher), server)

@@ -13,6 +13,8 @@ import logging
 
 import asyncpg
 
+from common import telemetry
+
 from . import metrics, store
 from .dispatcher import Dispatcher, dead_letter
 from .locks import Locks
@@ -51,6 +53,10 @@ class Sweeper:
         log.info("sweeper started", extra={"interval": self.interval})
         loop = asyncio.get_running_loop()
         next_sweep = loop.time()
+        with telemetry.untraced():
+            await self._loop(loop, next_sweep)
+
+    async def _loop(self, loop: asyncio.AbstractEventLoop, next_sweep: float) -> None:
         while not self._stop.is_set():
             try:
                 await self.locks.heartbeat(HEARTBEAT_TTL_SECONDS)

@@ -129,3 +129,35 @@ async def test_a_dead_lettered_message_keeps_its_trace_into_the_dlq(
     errors = [s for s in spans if s.status_code == 2]
     assert errors, "the failed model call and turn set span status to error"
     assert all(s.attributes.get("wa.correlation_id") == cid for s in spans)
+
+
+async def test_the_request_span_continues_a_callers_traceparent_and_housekeeping_is_untraced(
+    start_system: StartSystem, otlp: OtlpReceiver, model: FakeModel
+) -> None:
+    system = await start_system(**traced_env(otlp, model), STUCK_TIMEOUT_SECONDS="4")
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    msg = payloads.message("text", wa_id="15550004444", text={"body": "hi"})
+    resp = await system.post(
+        payloads.delivery(messages=[msg]),
+        headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
+    )
+    assert resp.status_code == 200
+    cid = str(resp.json()["correlation_id"])
+    await system.wait_status([str(msg["id"])], {"replied"})
+    spans = await spans_of(otlp, cid, {"gateway", "state", "agent"})
+    (request,) = [s for s in spans if s.service == "gateway" and s.kind == 2]
+    assert request.trace_id == caller_trace and request.parent_id == caller_span
+    assert request.name == "POST /webhook"
+    assert request.attributes["http.request.method"] == "POST"
+    assert request.attributes["http.route"] == "/webhook"
+    assert request.attributes["http.response.status_code"] == 200
+    assert request.attributes["wa.message_id"] == msg["id"]
+    assert request.attributes["wa.stored"] == 1
+
+    # Probes, polling, leases, sweeps and gauges run all the time and belong to no message:
+    # after a few sweeper and DLQ-worker rounds, every span exported is part of a message.
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert (await system.http.get(f"{system.url}{path}")).status_code == 200
+    await asyncio.sleep(3.0)
+    stray = {(s.service, s.name) for s in otlp.spans if "wa.correlation_id" not in s.attributes}
+    assert stray == set()
