@@ -53,6 +53,28 @@ def check_message(from_state: str | None, to_state: str) -> None:
         raise IllegalTransition("message", from_state, to_state)
 
 
+def _sources(transitions: dict[str | None, frozenset[str]]) -> dict[str, list[str]]:
+    states = {to for targets in transitions.values() for to in targets}
+    return {
+        to: sorted(s for s, targets in transitions.items() if s is not None and to in targets)
+        for to in states
+    }
+
+
+_MESSAGE_SOURCES: Final = _sources(MESSAGE_TRANSITIONS)
+_CONVERSATION_SOURCES: Final = _sources(CONVERSATION_TRANSITIONS)
+
+
+def message_sources(to_state: str) -> list[str]:
+    """The stored states a message may leave for `to_state` (the database applies a move
+    only from one of them)."""
+    return _MESSAGE_SOURCES.get(to_state, [])
+
+
+def conversation_sources(to_state: str) -> list[str]:
+    return _CONVERSATION_SOURCES.get(to_state, [])
+
+
 def check_conversation(from_state: str | None, to_state: str) -> None:
     if to_state not in CONVERSATION_TRANSITIONS.get(from_state, frozenset()):
         raise IllegalTransition("conversation", from_state, to_state)

@@ -98,59 +98,47 @@ WITH input AS (
 SELECT message_id FROM ins
 
 -- name: claim_conversation
-UPDATE webhook_conversations
-   SET fence_token = fence_token + 1, status = 'active', lock_owner = $2, locked_at = now(),
-       last_activity_at = now(), updated_at = now()
- WHERE id = $1
-RETURNING fence_token, (SELECT status FROM webhook_conversations WHERE id = $1) AS previous
+-- Moves the fence on and audits the claim, in one statement. $3: the states the machine lets a
+-- conversation leave for 'active'.
+WITH previous AS (
+    SELECT status FROM webhook_conversations WHERE id = $1
+), claimed AS (
+    UPDATE webhook_conversations
+       SET fence_token = fence_token + 1, status = 'active', lock_owner = $2, locked_at = now(),
+           last_activity_at = now(), updated_at = now()
+     WHERE id = $1 AND status = ANY ($3::text[])
+    RETURNING id, fence_token
+), audit AS (
+    INSERT INTO conversation_state_transitions
+        (conversation_id, entity, from_state, to_state, reason, fence_token)
+    SELECT c.id, 'conversation', p.status, 'active',
+           CASE WHEN p.status = 'idle' THEN 'claimed' ELSE 'taken over from a previous holder'
+           END || ' by ' || $2, c.fence_token
+      FROM claimed c, previous p
+)
+SELECT c.fence_token, p.status AS previous FROM claimed c, previous p
 
 -- name: release_conversation
-UPDATE webhook_conversations
-   SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now(),
-       last_activity_at = now()
- WHERE id = $1 AND fence_token = $2
-RETURNING id
+-- $3: the states the machine lets a conversation leave for 'idle'.
+WITH released AS (
+    UPDATE webhook_conversations
+       SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now(),
+           last_activity_at = now()
+     WHERE id = $1 AND fence_token = $2 AND status = ANY ($3::text[])
+    RETURNING id, fence_token
+), audit AS (
+    INSERT INTO conversation_state_transitions
+        (conversation_id, entity, from_state, to_state, reason, fence_token)
+    SELECT r.id, 'conversation', 'active', 'idle', 'no waiting messages', r.fence_token
+      FROM released r
+)
+SELECT id FROM released
 
--- name: next_waiting
-SELECT id, message_id, status, conversation_id, correlation_id
-  FROM processed_webhook_messages
- WHERE conversation_id = $1 AND status IN ('received', 'processing')
- ORDER BY wa_timestamp, id
- LIMIT 1
-   FOR UPDATE
+-- name: start_turn
+SELECT * FROM wa_start_turn($1, $2)
 
--- name: message_for_update
-SELECT m.id, m.message_id, m.status, m.conversation_id, c.fence_token
-  FROM processed_webhook_messages m
-  LEFT JOIN webhook_conversations c ON c.id = m.conversation_id
- WHERE m.message_id = $1 AND m.kind = 'message'
-   FOR UPDATE OF m
-
--- name: fence_for_share
-SELECT fence_token FROM webhook_conversations WHERE id = $1 FOR SHARE
-
--- name: set_message_status
-UPDATE processed_webhook_messages
-   SET status = $2,
-       status_reason = NULLIF($3, ''),
-       attempts = attempts + CASE WHEN $2 = 'processing' THEN 1 ELSE 0 END,
-       turn_resumes = turn_resumes + CASE WHEN $4 THEN 1 ELSE 0 END,
-       started_at = CASE WHEN $2 = 'processing' THEN now() ELSE started_at END,
-       finished_at = CASE WHEN $2 IN ('replied', 'skipped', 'failed', 'dead_lettered')
-                          THEN now() ELSE finished_at END,
-       updated_at = now()
- WHERE id = $1
-RETURNING id, message_id, conversation_id, phone_number_id, wa_id, message_type, wa_timestamp,
-          body, correlation_id, traceparent, attempts, turn_resumes,
-          -- Only a turn that starts needs its contact and why its message was queued.
-          CASE WHEN $2 = 'processing' THEN
-              (SELECT t.reason FROM conversation_state_transitions t
-                WHERE t.message_id = processed_webhook_messages.message_id
-                  AND t.to_state = 'received' ORDER BY t.id DESC LIMIT 1)
-          END AS queued_because,
-          CASE WHEN $2 = 'processing' THEN
-              (SELECT contact_name FROM webhook_conversations c WHERE c.id = conversation_id)
-          END AS contact_name
+-- name: transition_message
+SELECT * FROM wa_transition_message($1, $2, $3, $4, $5, $6)
 
 -- name: record_transition
 INSERT INTO conversation_state_transitions

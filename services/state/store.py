@@ -195,111 +195,58 @@ async def _insert_statuses(conn: Conn, statuses: list[tuple[DeliveryIn, Status]]
 
 
 async def claim_conversation(pool: asyncpg.Pool, conversation_id: int, owner: str) -> int:
-    """Moves the fencing token on and marks the conversation active; returns the new token."""
-    async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(Q["claim_conversation"], conversation_id, owner)
-        if row is None:
-            raise UnknownMessage(f"conversation {conversation_id} does not exist")
-        previous = row["previous"]
-        machine.check_conversation(previous, machine.ACTIVE)
-        reason = "claimed" if previous == machine.IDLE else "taken over from a previous holder"
-        await conn.execute(
-            Q["record_transition"],
-            conversation_id,
-            None,
-            "conversation",
-            previous,
-            machine.ACTIVE,
-            f"{reason} by {owner}",
-            row["fence_token"],
-            "",
-        )
-        return int(row["fence_token"])
+    """Moves the fencing token on and marks the conversation active (audited, one round trip);
+    returns the new token."""
+    row = await pool.fetchrow(
+        Q["claim_conversation"],
+        conversation_id,
+        owner,
+        machine.conversation_sources(machine.ACTIVE),
+    )
+    if row is None:
+        raise UnknownMessage(f"conversation {conversation_id} does not exist")
+    return int(row["fence_token"])
 
 
 async def release_conversation(pool: asyncpg.Pool, conversation_id: int, token: int) -> bool:
-    async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(Q["release_conversation"], conversation_id, token)
-        if row is None:
-            return False
-        machine.check_conversation(machine.ACTIVE, machine.IDLE)
-        await conn.execute(
-            Q["record_transition"],
-            conversation_id,
-            None,
-            "conversation",
-            machine.ACTIVE,
-            machine.IDLE,
-            "no waiting messages",
-            token,
-            "",
-        )
-        return True
-
-
-async def _check_fence(conn: Conn, conversation_id: int, token: int) -> None:
-    current = await conn.fetchval(Q["fence_for_share"], conversation_id)
-    if current != token:
-        raise StaleFence(
-            f"conversation {conversation_id} is held with token {current}, not {token}"
-        )
+    """Marks the conversation idle (audited) if `token` still holds it."""
+    released = await pool.fetchval(
+        Q["release_conversation"],
+        conversation_id,
+        token,
+        machine.conversation_sources(machine.IDLE),
+    )
+    return released is not None
 
 
 async def next_message(pool: asyncpg.Pool, conversation_id: int, token: int) -> WorkItem | None:
-    """The oldest waiting message of a claimed conversation, moved to processing."""
-    async with pool.acquire() as conn, conn.transaction():
-        await _check_fence(conn, conversation_id, token)
-        waiting = await conn.fetchrow(Q["next_waiting"], conversation_id)
-        if waiting is None:
-            return None
-        resumed = waiting["status"] == machine.PROCESSING
-        reason = "resumed: its previous turn never finished" if resumed else "turn started"
-        if resumed:
-            # The previous holder died mid-turn; the audit shows processing -> received -> ...
-            await _record(conn, waiting, machine.PROCESSING, machine.RECEIVED, reason, token)
-        row = await conn.fetchrow(
-            Q["set_message_status"], waiting["id"], machine.PROCESSING, "", resumed
+    """The oldest waiting message of a claimed conversation, moved to processing (one round
+    trip: `wa_start_turn`, whose moves received -> processing, and processing -> received ->
+    processing for a resumed turn, are legal by the machine)."""
+    row = await pool.fetchrow(Q["start_turn"], conversation_id, token)
+    assert row is not None
+    if row["outcome"] == "stale":
+        raise StaleFence(
+            f"conversation {conversation_id} is held with token {row['fence_token']}, not {token}"
         )
-        assert row is not None
-        await _record(conn, row, machine.RECEIVED, machine.PROCESSING, reason, token)
-        return WorkItem(
-            id=row["id"],
-            message_id=row["message_id"],
-            conversation_id=row["conversation_id"],
-            phone_number_id=row["phone_number_id"],
-            wa_id=row["wa_id"],
-            type=row["message_type"],
-            text=row["body"] or "",
-            timestamp=int(row["wa_timestamp"].timestamp()),
-            correlation_id=row["correlation_id"],
-            traceparent=row["traceparent"],
-            attempts=row["attempts"],
-            contact_name=row["contact_name"] or "",
-            resumed=resumed,
-            turn_resumes=row["turn_resumes"],
-            operator_redrive=row["queued_because"] == machine.OPERATOR_REDRIVE,
-        )
-
-
-async def _record(
-    conn: Conn,
-    row: asyncpg.Record,
-    from_state: str | None,
-    to_state: str,
-    reason: str,
-    token: int | None,
-    correlation_id: str | None = None,
-) -> None:
-    await conn.execute(
-        Q["record_transition"],
-        row["conversation_id"],
-        row["message_id"],
-        "message",
-        from_state,
-        to_state,
-        reason,
-        token,
-        correlation_id if correlation_id is not None else row.get("correlation_id", ""),
+    if row["outcome"] == "none":
+        return None
+    return WorkItem(
+        id=row["id"],
+        message_id=row["message_id"],
+        conversation_id=row["conversation_id"],
+        phone_number_id=row["phone_number_id"],
+        wa_id=row["wa_id"],
+        type=row["message_type"],
+        text=row["body"] or "",
+        timestamp=int(row["wa_timestamp"].timestamp()),
+        correlation_id=row["correlation_id"],
+        traceparent=row["traceparent"],
+        attempts=row["attempts"],
+        contact_name=row["contact_name"] or "",
+        resumed=row["resumed"],
+        turn_resumes=row["turn_resumes"],
+        operator_redrive=row["queued_because"] == machine.OPERATOR_REDRIVE,
     )
 
 
@@ -312,24 +259,30 @@ async def transition(
     token: int | None = None,
     correlation_id: str = "",
 ) -> str:
-    """Applies one validated, audited transition; returns the state it left.
+    """Applies one validated, audited transition in one round trip; returns the state it left.
 
     With a token, the write happens only while that token is still the conversation's.
     """
-    async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(Q["message_for_update"], message_id)
-        if row is None:
-            raise UnknownMessage(message_id)
-        if token is not None and row["fence_token"] != token:
-            raise StaleFence(
-                f"message {message_id}: conversation token is {row['fence_token']}, not {token}"
-            )
-        from_state = row["status"]
-        machine.check_message(from_state, to_state)
-        updated = await conn.fetchrow(Q["set_message_status"], row["id"], to_state, reason, False)
-        assert updated is not None
-        await _record(conn, updated, from_state, to_state, reason, token, correlation_id or None)
-        return str(from_state)
+    row = await pool.fetchrow(
+        Q["transition_message"],
+        message_id,
+        to_state,
+        machine.message_sources(to_state),
+        reason,
+        token,
+        correlation_id,
+    )
+    assert row is not None
+    outcome, from_state = row["outcome"], row["from_state"]
+    if outcome == "unknown":
+        raise UnknownMessage(message_id)
+    if outcome == "stale":
+        raise StaleFence(
+            f"message {message_id}: conversation token is {row['fence_token']}, not {token}"
+        )
+    if outcome == "illegal":
+        raise machine.IllegalTransition("message", from_state, to_state)
+    return str(from_state)
 
 
 async def record_illegal(
