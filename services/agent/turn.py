@@ -81,7 +81,7 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
 
     async def reply(self, req: TurnRequest) -> TurnOutcome:
-        state = await self.pool.fetchrow(Q["reply_state"], req.message_id)
+        state = await self.pool.fetchrow(Q["turn_state"], req.message_id)
         if state is None:
             raise UnknownMessage(req.message_id)
         if state["reply_message_id"]:
@@ -105,9 +105,13 @@ class Agent:
             task.add_done_callback(self._background.discard)
         reply_text = state["reply_text"]
         agent_type = state["agent_type"] or ""
+        # Saving a new reply marks its send as started too (it follows at once).
+        send_started = reply_text is None
         if reply_text is None:
             try:
-                reply_text, agent_type = await self._think(req)
+                reply_text, agent_type = await self._think(
+                    req, state["context_agent_type"], state["context"]
+                )
             except ModelError as exc:
                 await self._session_error(req, agent_type or self.catalog.default)
                 return TurnOutcome(
@@ -116,7 +120,7 @@ class Agent:
                     error_message=str(exc),
                     retryable=exc.retryable,
                 )
-        return await self._deliver(req, reply_text, agent_type)
+        return await self._deliver(req, reply_text, agent_type, send_started=send_started)
 
     async def _await_confirmation(self, req: TurnRequest) -> TurnOutcome | None:
         log.warning(
@@ -148,10 +152,11 @@ class Agent:
         except Exception as exc:
             log.info("mark-as-read failed (the turn goes on): %s", exc)
 
-    async def _think(self, req: TurnRequest) -> tuple[str, str]:
-        row = await self.pool.fetchrow(Q["load_context"], req.conversation_id)
-        history: list[dict[str, Any]] = list(row["messages"]) if row else []
-        current = row["agent_type"] if row else self.catalog.default
+    async def _think(
+        self, req: TurnRequest, context_agent: str | None, context: list[dict[str, Any]] | None
+    ) -> tuple[str, str]:
+        history: list[dict[str, Any]] = list(context) if context is not None else []
+        current = context_agent or self.catalog.default
         routed = self.catalog.route(current, req.text)
         agent = self.catalog.get(routed)
         user: dict[str, Any] = {"role": "user", "content": req.text, "message_id": req.message_id}
@@ -187,44 +192,26 @@ class Agent:
         reply["tokens"] = reply_tokens
         history.append(reply)
         token_count = sum(costs) + reply_tokens
-        async with self.pool.acquire() as conn, conn.transaction():
-            fence = await conn.fetchval(Q["fence_for_share"], req.conversation_id)
-            if fence != req.fence_token:
-                raise StaleFence(
-                    f"conversation {req.conversation_id} is held with token {fence}, "
-                    f"not {req.fence_token}"
-                )
-            await conn.execute(
-                Q["save_context"],
-                req.conversation_id,
-                agent.name,
-                history,
-                token_count,
-                req.fence_token,
-                req.correlation_id,
-            )
-            await conn.execute(Q["store_reply"], req.message_id, completion.text, agent.name)
-            if agent.name != current:
-                await conn.execute(
-                    Q["record_agent_switch"],
-                    req.conversation_id,
-                    req.message_id,
-                    current,
-                    agent.name,
-                    f"routed by keyword in message {req.message_id}",
-                    req.fence_token,
-                    req.correlation_id,
-                )
-            await conn.execute(
-                Q["session_metrics"],
-                req.conversation_id,
-                agent.name,
-                1,
-                completion.tokens_in,
-                completion.tokens_out,
-                latency_ms,
-                0,
-                req.correlation_id,
+        fence = await self.pool.fetchval(
+            Q["save_turn"],
+            req.conversation_id,
+            req.fence_token,
+            req.message_id,
+            agent.name,
+            current,
+            history,
+            token_count,
+            completion.text,
+            completion.tokens_in,
+            completion.tokens_out,
+            latency_ms,
+            req.correlation_id,
+            self.graph.enabled,
+        )
+        if fence != req.fence_token:
+            raise StaleFence(
+                f"conversation {req.conversation_id} is held with token {fence}, "
+                f"not {req.fence_token}"
             )
         return completion.text, agent.name
 
@@ -244,7 +231,9 @@ class Agent:
         except Exception:
             log.exception("could not record the session error")
 
-    async def _deliver(self, req: TurnRequest, text: str, agent_type: str) -> TurnOutcome:
+    async def _deliver(
+        self, req: TurnRequest, text: str, agent_type: str, *, send_started: bool
+    ) -> TurnOutcome:
         if not self.graph.enabled:
             log.info(
                 "no WHATSAPP_ACCESS_TOKEN: reply recorded, not sent",
@@ -258,7 +247,8 @@ class Agent:
                 message_id=req.message_id,
                 phone_number_id=req.phone_number_id,
             )
-            await self.pool.execute(Q["send_started"], req.message_id)
+            if not send_started:
+                await self.pool.execute(Q["send_started"], req.message_id)
             try:
                 sent = await self.graph.send_text(
                     req.phone_number_id, req.wa_id, text, reply_to=req.message_id
