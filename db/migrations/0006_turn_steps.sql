@@ -237,3 +237,8 @@ ALTER TABLE processed_webhook_messages SET (fillfactor = 80);
 -- Every one-hour window filters kind = 'message' and uses processed_messages_kind_received_idx
 -- (0004); this one only cost each insert and each non-HOT update an index entry.
 DROP INDEX processed_messages_received_at_idx;
+
+-- The sweeper's look for failed messages not yet handed to the DLQ (every sweep): failed is a
+-- short-lived state, so this index stays tiny, where a scan would read every message.
+CREATE INDEX processed_messages_failed_idx ON processed_webhook_messages (finished_at)
+    WHERE status = 'failed';

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from services.state import store as state_store
+
 
 async def _workload(pool: asyncpg.Pool) -> None:
     await pool.execute("""
@@ -133,11 +135,15 @@ async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -
     ):
         plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {query}"))
         assert "Seq Scan on processed_webhook_messages" not in plan, (query, plan)
-    plan = "\n".join(
-        r[0]
-        for r in await pool.fetch(
-            "EXPLAIN SELECT id FROM processed_webhook_messages WHERE conversation_id = 1 "
-            "AND status IN ('received', 'processing') ORDER BY wa_timestamp, id LIMIT 1"
-        )
-    )
-    assert "Index" in plan and "Seq Scan" not in plan, plan
+    # The per-message and per-sweep queries too.
+    for query in (
+        "SELECT id FROM processed_webhook_messages WHERE conversation_id = 1 "
+        "AND status IN ('received', 'processing') ORDER BY wa_timestamp, id LIMIT 1",
+        state_store.Q["failed_not_dead_lettered"].replace("$1", "30").replace("$2", "100"),
+        state_store.Q["sweep_candidates"]
+        .replace("$1", "30")
+        .replace("$2", "120")
+        .replace("$3", "100"),
+    ):
+        plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {query}"))
+        assert "Index" in plan and "Seq Scan" not in plan, (query, plan)
