@@ -7,14 +7,12 @@ to the last reply at the (fake, loopback) Graph API. Target: at least 500 messag
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import time
 
 import httpx
 import orjson
 
-from common import embedded
 from tests.support import conversations as cv
 from tests.support.system import SECRET
 
@@ -30,13 +28,7 @@ async def replies(client: httpx.AsyncClient, url: str) -> dict[str, int]:
 
 async def main() -> None:
     per = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    port = embedded.free_port()
-    graph = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
-        [sys.executable, "-m", "bench.graph", str(port)], stdout=subprocess.PIPE, text=True
-    )
-    graph_url = f"http://127.0.0.1:{port}"
-    try:
-        assert graph.stdout is not None and graph.stdout.readline().strip() == "ready"
+    with harness.graph_standin() as graph_url:
         async with (
             harness.servers() as s,
             s.system(WHATSAPP_API_BASE_URL=graph_url) as system,
@@ -63,9 +55,6 @@ async def main() -> None:
             print(f"  all acknowledged after {acked:.1f} s ({total / acked:.0f} acks/s)")
             print(f"  {sent} replies after {elapsed:.1f} s: {sent / elapsed:.0f} messages/s")
             print(f"  duplicates: {counts['duplicates']}")
-    finally:
-        graph.terminate()
-        graph.wait(10)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from common import embedded
 from tests.support.servers import Postgres, Redis
 from tests.support.system import SECRET, System
 
@@ -79,6 +80,21 @@ def load(url: str, connections: int = CONNECTIONS, seconds: float = SECONDS) -> 
     )
     result: dict[str, float] = orjson.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+@contextlib.contextmanager
+def graph_standin() -> Iterator[str]:
+    """bench.graph in its own process; yields its base URL."""
+    port = embedded.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.graph", str(port)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 class Sink:

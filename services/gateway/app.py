@@ -112,13 +112,15 @@ async def receive_delivery(request: Request) -> Response:
         return _json(200, status="ok", stored=0, duplicates=0, correlation_id=cid)
     span = trace.get_current_span()
     tracing = span.is_recording()
-    telemetry.annotate(span, correlation_id=cid)
-    if delivery.messages:
-        first = delivery.messages[0]
-        telemetry.annotate(span, message_id=first.message_id, phone_number_id=first.phone_number_id)
+    if tracing:
+        attributes = {telemetry.ATTR_CORRELATION: cid}
+        if delivery.messages:
+            attributes["wa.message_id"] = delivery.messages[0].message_id
+            attributes["wa.phone_number_id"] = delivery.messages[0].phone_number_id
+        span.set_attributes(attributes)
     request_pb = state_pb2.IngestRequest(
         correlation_id=cid,
-        traceparent=telemetry.current_traceparent(),
+        traceparent=telemetry.traceparent_of(span) if tracing else "",
         messages=[
             common_pb2.InboundMessage(
                 message_id=m.message_id,
@@ -159,8 +161,12 @@ async def receive_delivery(request: Request) -> Response:
     if tracing:
         # The group-committed IngestBatch call serves many traces and has no span of its own:
         # this span's duration includes it, and says what it stored.
-        span.set_attribute("wa.stored", len(resp.results) - duplicates + resp.statuses_stored)
-        span.set_attribute("wa.duplicates", duplicates)
+        span.set_attributes(
+            {
+                "wa.stored": len(resp.results) - duplicates + resp.statuses_stored,
+                "wa.duplicates": duplicates,
+            }
+        )
     DELIVERIES.labels("stored").inc()
     EVENTS.labels("message").inc(len(delivery.messages))
     EVENTS.labels("status").inc(len(delivery.statuses))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -39,34 +40,38 @@ class RequestTracing:
             for name, value in scope["headers"]
             if name in _PROPAGATED
         }
+        parent = propagate.extract(carrier) if carrier else None
         method: str = scope["method"]
-        client = scope.get("client")
-        attributes: dict[str, str | int] = {
-            "http.request.method": method,
-            "url.path": scope["path"],
-        }
-        if client:
-            attributes["client.address"] = client[0]
-        with self.tracer.start_as_current_span(
+        span = self.tracer.start_span(
             method,
-            context=propagate.extract(carrier) if carrier else None,
+            context=parent,
             kind=SpanKind.SERVER,
-            attributes=attributes,
-        ) as span:
+            attributes={"http.request.method": method, "url.path": scope["path"]},
+        )
+        status = 0
 
-            async def traced_send(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    status: int = message["status"]
-                    span.set_attribute("http.response.status_code", status)
-                    if status >= 500:
-                        span.set_status(StatusCode.ERROR)
-                await send(message)
+        async def traced_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
 
-            try:
-                await self.app(scope, receive, traced_send)
-            finally:
-                # The router has matched by now: name the span after the route, not the URL.
-                route = getattr(scope.get("route"), "path", None)
-                if route:
-                    span.set_attribute("http.route", route)
-                    span.update_name(f"{method} {route}")
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        try:
+            await self.app(scope, receive, traced_send)
+        except Exception as exc:
+            span.record_exception(exc)
+            span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            otel_context.detach(token)
+            # The router has matched by now: name the span after the route, not the URL.
+            route = getattr(scope.get("route"), "path", None)
+            if route:
+                span.update_name(f"{method} {route}")
+                span.set_attributes({"http.route": route, "http.response.status_code": status})
+            elif status:
+                span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(StatusCode.ERROR)
+            span.end()
