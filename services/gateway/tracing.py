@@ -2,7 +2,7 @@
 
 This replaces opentelemetry-instrumentation-asgi on the gateway: that middleware cost about
 90 us per request (collecting a dozen attributes, wrapping receive and send, recording its own
-metrics), against about 35 us for this one, and the acknowledgement's p50 is budgeted at 15 %
+metrics), against about 26 us for this one, and the acknowledgement's p50 is budgeted at 15 %
 for all of tracing (`python -m bench.ack tracing`). The span follows the stable HTTP
 semantic conventions, with the attributes an operator searches by.
 """

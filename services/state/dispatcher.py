@@ -73,7 +73,13 @@ class Dispatcher:
             context=contextvars.Context(),
         )
         self._tasks[conversation_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(conversation_id, None))
+        # The driver deregisters itself (see _drive); this only covers a task cancelled before
+        # it ever ran, and never removes a successor registered meanwhile.
+        task.add_done_callback(
+            lambda t: (
+                self._tasks.pop(conversation_id) if self._tasks.get(conversation_id) is t else None
+            )
+        )
 
     def driving(self, conversation_id: int) -> bool:
         return conversation_id in self._tasks
@@ -108,8 +114,18 @@ class Dispatcher:
     async def _drive(self, conversation_id: int) -> None:
         # Claiming, leases and the queue are the conversation's, not one message's: untraced.
         # Each turn continues its message's trace.
-        with telemetry.untraced():
-            await self._drive_untraced(conversation_id)
+        try:
+            with telemetry.untraced():
+                await self._drive_untraced(conversation_id)
+        finally:
+            # A notify that came after the driver's last look only marked the conversation
+            # dirty (it saw this driver still registered): without this, its message would
+            # wait for the sweeper. No await between the look and the deregistration, so none
+            # can slip in; a pending retry timer will notify by itself.
+            if self._tasks.get(conversation_id) is asyncio.current_task():
+                del self._tasks[conversation_id]
+            if conversation_id in self._dirty and conversation_id not in self._timers:
+                self.notify(conversation_id)
 
     async def _drive_untraced(self, conversation_id: int) -> None:
         async with self._slots:

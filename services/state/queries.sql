@@ -169,7 +169,7 @@ SELECT DISTINCT conversation_id
  WHERE status IN ('received', 'processing')
 
 -- name: failed_not_dead_lettered
-SELECT message_id, conversation_id, status_reason, payload, correlation_id
+SELECT message_id, conversation_id, status_reason, payload, correlation_id, traceparent
   FROM processed_webhook_messages
  WHERE status = 'failed' AND finished_at < now() - make_interval(secs => $1)
  ORDER BY finished_at

@@ -110,6 +110,13 @@ class Sweeper:
                 payload_json="",
                 correlation_id=row["correlation_id"],
             )
-            if await dead_letter(self.pool, self.dlq, failure):
-                metrics.RECOVERED.labels("dead_letter_handoff").inc()
+            # A recovery of one message's work: it goes into that message's trace.
+            with telemetry.continued(
+                "state.dead_letter_handoff",
+                row["traceparent"],
+                row["correlation_id"],
+                message_id=row["message_id"],
+            ):
+                if await dead_letter(self.pool, self.dlq, failure):
+                    metrics.RECOVERED.labels("dead_letter_handoff").inc()
         return recovered

@@ -1,0 +1,88 @@
+"""The dispatcher against real PostgreSQL and Redis: no notification is lost between a driver's
+last look at its conversation's queue and its end."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from common import kv
+from services.state import store
+from services.state.dispatcher import Dispatcher
+from services.state.locks import Locks
+from services.state.ports import Failure, TurnResult
+from tests.integration.test_state_store import inbound
+from tests.support.servers import Redis
+
+
+class Agent:
+    def __init__(self, expect: int) -> None:
+        self.replied: list[str] = []
+        self.expect = expect
+        self.done = asyncio.Event()
+
+    async def reply(self, item: store.WorkItem, token: int) -> TurnResult:
+        self.replied.append(item.message_id)
+        if len(self.replied) == self.expect:
+            self.done.set()
+        return TurnResult(outcome="replied", reply_text="ok")
+
+
+class Dlq:
+    async def enqueue(self, failure: Failure) -> None:
+        raise AssertionError(f"nothing should fail: {failure}")
+
+    async def resolve(self, message_id: str, correlation_id: str) -> None:
+        pass
+
+
+class LateCommitPool:
+    """The real pool; the first time the driver asks whether anything still waits, a message
+    commits (and notifies) just after the answer was read, as an acknowledgement can."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.after_has_waiting: Callable[[], Awaitable[None]] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        value = await self.pool.fetchval(query, *args, **kwargs)
+        if query == store.Q["has_waiting"] and self.after_has_waiting is not None:
+            hook, self.after_has_waiting = self.after_has_waiting, None
+            await hook()
+        return value
+
+
+async def test_a_message_acknowledged_as_the_driver_finishes_is_not_left_to_the_sweeper(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    client = kv.create_client(redis_server.url)
+    racing = LateCommitPool(pool)
+    agent = Agent(expect=2)
+    dispatcher = Dispatcher(
+        racing,  # type: ignore[arg-type]
+        Locks(client, ttl_seconds=30, prefix=redis_prefix),
+        agent,
+        Dlq(),
+    )
+    try:
+        ((first,), _) = await store.ingest(pool, [inbound("wamid.R1")], [], "c1", "")
+
+        async def late_message() -> None:
+            ((late,), _) = await store.ingest(pool, [inbound("wamid.R2")], [], "c2", "")
+            dispatcher.notify(late.conversation_id)
+
+        racing.after_has_waiting = late_message
+        dispatcher.notify(first.conversation_id)
+        async with asyncio.timeout(5):  # the sweeper would take 15 s or more
+            await agent.done.wait()
+        assert agent.replied == ["wamid.R1", "wamid.R2"]
+        assert racing.after_has_waiting is None  # the race was staged
+    finally:
+        await dispatcher.close()
+        await client.aclose()
