@@ -83,9 +83,14 @@ class Locks:
     async def keep_renewed(self, lease: Lease):  # type: ignore[no-untyped-def]
         """Renews the lease every third of its TTL while the body runs."""
 
+        stop = asyncio.Event()
+
         async def renew_loop() -> None:
             while not lease.lost:
-                await asyncio.sleep(self.ttl_ms / 3000)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.ttl_ms / 3000)
+                if stop.is_set():
+                    return
                 try:
                     await self.renew(lease)
                 except Exception:
@@ -96,6 +101,10 @@ class Locks:
         try:
             yield lease
         finally:
+            # The flag, not only the cancel: a cancel that lands as a command's own timeout
+            # fires can surface as TimeoutError (Python 3.11's asyncio.timeout), which the loop
+            # would take for a failed renewal and carry on, and this exit would wait forever.
+            stop.set()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
