@@ -229,11 +229,6 @@ BEGIN
 END
 $$;
 
--- A message's row is updated four or five times in its life, mostly in columns no index
--- covers (reply, send state, timestamps): room on the page lets those be HOT updates, which
--- write no index entries.
-ALTER TABLE processed_webhook_messages SET (fillfactor = 80);
-
 -- Every one-hour window filters kind = 'message' and uses processed_messages_kind_received_idx
 -- (0004); this one only cost each insert and each non-HOT update an index entry.
 DROP INDEX processed_messages_received_at_idx;
