@@ -35,6 +35,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
     v_status text;
+    v_message_id text;
+    v_correlation_id text;
     v_reason text;
 BEGIN
     SELECT c.fence_token, c.contact_name INTO fence_token, contact_name
@@ -46,7 +48,8 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT m.id, m.status INTO v_id, v_status
+    SELECT m.id, m.status, m.message_id, m.correlation_id
+      INTO v_id, v_status, v_message_id, v_correlation_id
       FROM processed_webhook_messages m
      WHERE m.conversation_id = p_conversation_id AND m.status IN ('received', 'processing')
      ORDER BY m.wa_timestamp, m.id
@@ -60,22 +63,12 @@ BEGIN
     resumed := v_status = 'processing';
     IF resumed THEN
         v_reason := 'resumed: its previous turn never finished';
-        -- The previous holder died mid-turn: the audit shows processing -> received -> ...
-        INSERT INTO conversation_state_transitions
-            (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
-             correlation_id)
-        SELECT m.conversation_id, m.message_id, 'message', 'processing', 'received', v_reason,
-               p_token, m.correlation_id
-          FROM processed_webhook_messages m
-         WHERE m.id = v_id;
         queued_because := v_reason;
     ELSE
         v_reason := 'turn started';
         SELECT t.reason INTO queued_because
           FROM conversation_state_transitions t
-         WHERE t.message_id = (SELECT m.message_id FROM processed_webhook_messages m
-                                WHERE m.id = v_id)
-           AND t.to_state = 'received'
+         WHERE t.message_id = v_message_id AND t.to_state = 'received'
          ORDER BY t.id DESC
          LIMIT 1;
     END IF;
@@ -84,7 +77,7 @@ BEGIN
        SET status = 'processing',
            status_reason = NULL,
            attempts = m.attempts + 1,
-           turn_resumes = m.turn_resumes + CASE WHEN v_status = 'processing' THEN 1 ELSE 0 END,
+           turn_resumes = m.turn_resumes + CASE WHEN resumed THEN 1 ELSE 0 END,
            started_at = now(),
            updated_at = now()
      WHERE m.id = v_id
@@ -94,13 +87,17 @@ BEGIN
          INTO id, message_id, conversation_id, phone_number_id, wa_id, message_type,
               wa_timestamp, body, correlation_id, traceparent, attempts, turn_resumes;
 
+    -- The audit, in order: a turn whose previous holder died mid-turn shows
+    -- processing -> received -> processing.
     INSERT INTO conversation_state_transitions
         (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
          correlation_id)
-    SELECT m.conversation_id, m.message_id, 'message', 'received', 'processing', v_reason,
-           p_token, m.correlation_id
-      FROM processed_webhook_messages m
-     WHERE m.id = v_id;
+    SELECT p_conversation_id, v_message_id, 'message', s.from_state, s.to_state, v_reason,
+           p_token, v_correlation_id
+      FROM (VALUES (1, 'processing', 'received'), (2, 'received', 'processing'))
+           AS s (n, from_state, to_state)
+     WHERE s.n = 2 OR resumed
+     ORDER BY s.n;
     outcome := 'started';
 END
 $$;

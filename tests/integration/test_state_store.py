@@ -135,6 +135,18 @@ async def test_a_stalled_holder_cannot_write_over_its_successor(
             "SELECT status FROM processed_webhook_messages WHERE message_id = $1", item_a.message_id
         )
         assert status == "replied"
+        trail = await pool.fetch(
+            "SELECT from_state, to_state, fence_token FROM conversation_state_transitions"
+            " WHERE message_id = $1 ORDER BY id",
+            item_a.message_id,
+        )
+        assert [(r["from_state"], r["to_state"], r["fence_token"]) for r in trail] == [
+            (None, "received", None),
+            ("received", "processing", token_a),
+            ("processing", "received", token_b),
+            ("received", "processing", token_b),
+            ("processing", "replied", token_b),
+        ]
     finally:
         await client.aclose()
 
