@@ -164,8 +164,8 @@ def annotate(span: Span, **attributes: str | int) -> None:
 # Health checks are not traced, nor IngestBatch: one group-committed call stores deliveries of
 # many traces (each delivery's context travels in its own `traceparent` field, and its trace
 # goes on from there when its turn starts); the gateway's request span covers the call. Spans
-# per delivery in the state service cost the acknowledgement about 7 % of its p50 on their
-# own (`python -m bench.ack tracing`).
+# per delivery in the state service cost the acknowledgement about a tenth of its p50 on
+# their own (`python -m bench.ack tracing`).
 UNTRACED_METHODS = frozenset(
     {
         "/grpc.health.v1.Health/Check",

@@ -403,9 +403,7 @@ async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIter
                 pool, locks, dispatcher, dlq, stuck_timeout=settings.stuck_timeout_seconds
             )
             background.append(asyncio.create_task(sweeper.run(), name="sweeper"))
-            with telemetry.untraced():
-                resume = asyncio.create_task(_resume_all(pool, dispatcher), name="resume")
-            background.append(resume)
+            background.append(asyncio.create_task(_resume_all(pool, dispatcher), name="resume"))
         else:
             log.warning("WA_ENHANCED_PROCESSING=false: ingest and acknowledge only")
         state_pb2_grpc.add_StateServicer_to_server(StateServicer(pool, locks, dispatcher), server)
@@ -430,7 +428,8 @@ async def _resume_all(pool: asyncpg.Pool, dispatcher: Dispatcher) -> None:
     delay = 0.5
     while True:
         try:
-            conversations = await store.all_waiting_conversations(pool)
+            with telemetry.untraced():  # housekeeping, like the sweeper's
+                conversations = await store.all_waiting_conversations(pool)
             break
         except Exception as exc:
             log.warning("cannot list waiting work yet: %s", exc)

@@ -4,6 +4,7 @@ random event sequences)."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -98,3 +99,23 @@ def test_conversation_machine() -> None:
     machine.check_conversation("active", "active")
     with pytest.raises(machine.IllegalTransition):
         machine.check_conversation("idle", "idle")
+
+
+def _legal(check: Callable[[str | None, str], None], a: str, b: str) -> bool:
+    try:
+        check(a, b)
+    except machine.IllegalTransition:
+        return False
+    return True
+
+
+def test_the_sources_the_database_is_given_are_exactly_the_legal_moves() -> None:
+    # The database applies a move only from these states (wa_transition_message, the claim
+    # and release statements): they must say what check_message / check_conversation say.
+    for a, b in itertools.product(STATES, STATES):
+        assert (a in machine.message_sources(b)) == _legal(machine.check_message, a, b), (a, b)
+    for a, b in itertools.product(["idle", "active"], ["idle", "active"]):
+        assert (a in machine.conversation_sources(b)) == _legal(machine.check_conversation, a, b), (
+            a,
+            b,
+        )
