@@ -63,13 +63,14 @@ def init_telemetry(service_name: str) -> None:
     _initialised = True
     if not export_enabled():
         return
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from .span_encoding import LeanOTLPSpanExporter
 
     class FrozenResource(Resource):
         """The SDK hashes a resource by dumping its attributes to JSON, and the OTLP encoder
@@ -85,7 +86,7 @@ def init_telemetry(service_name: str) -> None:
     created = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=FrozenResource(created.attributes, created.schema_url))
     provider.add_span_processor(CorrelationSpanProcessor())
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(LeanOTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     AsyncPGInstrumentor().instrument()
     RedisInstrumentor().instrument()
