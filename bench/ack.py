@@ -70,25 +70,25 @@ async def throughput(s: harness.Servers) -> None:
 
 # 1: latency of one delivery at a time; 8: a busy gateway (the machine saturates around there).
 TRACING_CONNECTIONS = (1, 8)
-TRACING_ROUNDS = int(os.environ.get("BENCH_TRACING_ROUNDS", "12"))
-TRACING_BURST_SECONDS = 2.0
+TRACING_SECONDS = float(os.environ.get("BENCH_TRACING_SECONDS", "40"))
+TRACING_BLOCK_SECONDS = 0.5
 
 
 async def tracing(s: harness.Servers) -> None:
-    """Both systems run side by side for the whole measurement and take turns under load in
-    short bursts (order flipped every round). Each round's on/off ratio compares two bursts a
-    few seconds apart, so a noisy neighbour or a slow minute hits both alike; the figure is the
-    median of the rounds' ratios."""
+    """Three systems run side by side for the whole measurement: tracing off, a twin of it,
+    and tracing on. One load process keeps connections open to two of them and loads them in
+    turn, half a second each (ABBA order); each pair's ratio compares two blocks a moment
+    apart, so a noisy neighbour or a slow minute hits both alike, and the figure is the median
+    of the pairs' ratios. Off against its twin is the method's own noise: what it reports is
+    how far from 1.00 a ratio can land with no difference at all."""
     sink = harness.Sink()
-    p50s: dict[tuple[str, int], list[float]] = {}
+    off = {"WA_ENHANCED_PROCESSING": "false"}
     sides = {
-        "tracing off": {"WA_ENHANCED_PROCESSING": "false"},
-        "tracing on (OTLP export)": {
-            "WA_ENHANCED_PROCESSING": "false",
-            "OTEL_SDK_DISABLED": "false",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url,
-        },
+        "off": off,
+        "twin": off,
+        "on": {**off, "OTEL_SDK_DISABLED": "false", "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url},
     }
+    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     try:
         async with contextlib.AsyncExitStack() as stack:
             urls = {}
@@ -96,38 +96,30 @@ async def tracing(s: harness.Servers) -> None:
                 system = await stack.enter_async_context(s.system(**env))
                 urls[name] = f"{system.url}/webhook"
                 await asyncio.to_thread(harness.load, urls[name], 8, 2)  # warm up
-            for round_ in range(TRACING_ROUNDS):
-                order = list(sides) if round_ % 2 == 0 else list(reversed(sides))
-                for connections in TRACING_CONNECTIONS:
-                    for name in order:
-                        r = await asyncio.to_thread(
-                            harness.load, urls[name], connections, TRACING_BURST_SECONDS
-                        )
-                        p50s.setdefault((name, connections), []).append(r["p50"])
+            for connections in TRACING_CONNECTIONS:
+                for other in ("on", "twin"):
+                    results[other, connections] = await asyncio.to_thread(
+                        harness.load_paired,
+                        (urls["off"], urls[other]),
+                        connections,
+                        TRACING_SECONDS,
+                        TRACING_BLOCK_SECONDS,
+                    )
     finally:
         sink.stop()
     print(
-        f"== 2. tracing cost (side by side, {TRACING_ROUNDS} rounds of one "
-        f"{TRACING_BURST_SECONDS:.0f} s burst per side; median of the bursts' p50s and of the "
-        "rounds' ratios)"
+        f"== 2. tracing cost (side by side, {TRACING_SECONDS:.0f} s per figure in alternating "
+        f"{TRACING_BLOCK_SECONDS} s blocks; median of the pairs' ratios)"
     )
-    for (name, connections), values in p50s.items():
+    for (other, connections), pairs in results.items():
+        ratios = sorted(b / a for a, b in pairs)
+        q1, median, q3 = statistics.quantiles(ratios, n=4)
+        what = "ack p50 on/off" if other == "on" else "noise: off/off twin"
+        target = " (target <= 1.15)" if other == "on" else ""
         print(
-            f"{name + f', {connections} conn':<34} p50 {statistics.median(values):6.2f} ms"
-            f"  (bursts {min(values):.2f}-{max(values):.2f} ms)"
-        )
-    for connections in TRACING_CONNECTIONS:
-        ratios = [
-            on / off
-            for on, off in zip(
-                p50s["tracing on (OTLP export)", connections],
-                p50s["tracing off", connections],
-                strict=True,
-            )
-        ]
-        print(
-            f"ack p50 on/off at {connections} connection(s): {statistics.median(ratios):.2f}"
-            f" (target <= 1.15; rounds {min(ratios):.2f}-{max(ratios):.2f})"
+            f"{connections} conn, {what:<20} {median:.2f}{target}  [{len(ratios)} pairs, "
+            f"quartiles {q1:.2f}-{q3:.2f}; p50 {statistics.median(a for a, _ in pairs):.2f} ms"
+            f" vs {statistics.median(b for _, b in pairs):.2f} ms]"
         )
 
 

@@ -82,6 +82,33 @@ def load(url: str, connections: int = CONNECTIONS, seconds: float = SECONDS) -> 
     return result
 
 
+def load_paired(
+    urls: tuple[str, str], connections: int, seconds: float, block: float
+) -> list[tuple[float, float]]:
+    """bench.load alternating between two systems in `block`-second turns for `seconds`;
+    returns each pair's two p50s (ms)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.load",
+            urls[0],
+            SECRET,
+            str(connections),
+            str(seconds),
+            "--against",
+            urls[1],
+            "--block",
+            str(block),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    pairs = orjson.loads(out.stdout.strip().splitlines()[-1])["pairs"]
+    return [(a, b) for a, b in pairs]
+
+
 @contextlib.contextmanager
 def graph_standin() -> Iterator[str]:
     """bench.graph in its own process; yields its base URL."""

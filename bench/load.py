@@ -5,9 +5,9 @@ own process so it does not share the measured event loop."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -117,14 +117,82 @@ async def run(
     return Result(len(latencies), errors, time.monotonic() - started, latencies)
 
 
+async def run_paired(
+    urls: tuple[str, str], secret: str, *, connections: int, block: float, pairs: int
+) -> list[tuple[float, float]]:
+    """Loads two systems in turn, `block` seconds each, `pairs` times (ABBA order, so neither
+    always goes first), with `connections` keep-alive connections open to each all along.
+    Returns each pair's two p50s (ms). Two blocks a fraction of a second apart see the same
+    machine, so its drift, large here, cancels out of their ratio."""
+    sides = []
+    for url in urls:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        conns = [await asyncio.open_connection(host, port) for _ in range(connections)]
+        sides.append((f"{host}:{port}", parts.path, conns))
+    counter = 0
+
+    async def worker(side: int, n: int, deadline: float, latencies: list[float]) -> None:
+        nonlocal counter
+        host, path, conns = sides[side]
+        reader, writer = conns[n]
+        while time.monotonic() < deadline:
+            counter += 1
+            data = request_bytes(host, path, secret, n, counter, 200)
+            started = time.perf_counter()
+            writer.write(data)
+            if await read_response(reader) != 200:
+                raise RuntimeError(f"{urls[side]} answered an error")
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    async def one_block(side: int) -> float:
+        latencies: list[float] = []
+        deadline = time.monotonic() + block
+        await asyncio.gather(*(worker(side, n, deadline, latencies) for n in range(connections)))
+        return statistics.median(latencies)
+
+    results = []
+    try:
+        for i in range(pairs + 1):
+            order = (0, 1) if i % 2 == 0 else (1, 0)
+            p50 = {side: await one_block(side) for side in order}
+            if i:  # the first pair warms the connections up
+                results.append((p50[0], p50[1]))
+    finally:
+        for _, _, conns in sides:
+            for _, writer in conns:
+                writer.close()
+    return results
+
+
 def main() -> None:
-    url, secret, connections, seconds = (
-        sys.argv[1],
-        sys.argv[2],
-        int(sys.argv[3]),
-        float(sys.argv[4]),
+    parser = argparse.ArgumentParser(prog="python -m bench.load")
+    parser.add_argument("url")
+    parser.add_argument("secret")
+    parser.add_argument("connections", type=int)
+    parser.add_argument("seconds", type=float)
+    parser.add_argument(
+        "--against",
+        metavar="URL2",
+        help="alternate with this system in blocks; prints each pair's p50s",
     )
-    result = asyncio.run(run(url, secret, connections=connections, seconds=seconds))
+    parser.add_argument("--block", type=float, default=0.5, help="seconds per block")
+    args = parser.parse_args()
+    if args.against:
+        pairs = asyncio.run(
+            run_paired(
+                (args.url, args.against),
+                args.secret,
+                connections=args.connections,
+                block=args.block,
+                pairs=max(1, int(args.seconds / (2 * args.block))),
+            )
+        )
+        print(orjson.dumps({"pairs": pairs}).decode())
+        return
+    result = asyncio.run(
+        run(args.url, args.secret, connections=args.connections, seconds=args.seconds)
+    )
     print(
         orjson.dumps(
             {

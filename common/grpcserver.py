@@ -19,7 +19,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import config, logs, telemetry
+from . import config, logs, runtime, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ async def serve(name: str, port: int, setup: Setup, settings: config.Settings) -
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         bound = server.add_insecure_port(f"[::]:{port}")
+        runtime.settle()
         await server.start()
         for service in ["", *service_names]:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -7,7 +7,7 @@ from typing import Any
 
 import uvicorn
 
-from common import config, logs, telemetry
+from common import config, logs, runtime, telemetry
 
 from .app import create_app
 from .tracing import RequestTracing
@@ -27,6 +27,7 @@ def main() -> None:
     asgi: Any = app
     if telemetry.export_enabled():
         asgi = RequestTracing(app, excluded_paths=frozenset({"/healthz", "/readyz", "/metrics"}))
+    runtime.settle()
     uvicorn.run(
         asgi,
         host=settings.gateway_host,
