@@ -25,17 +25,23 @@ from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_resource,
 )
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import _encode_span
+from opentelemetry.exporter.otlp.proto.http._common import (
+    RequestPayloadTooLargeError,
+    _is_request_too_large,
+)
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
 
 log = logging.getLogger(__name__)
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-# SpanFlags: the span says whether its parent is remote (the second bit) at all (the first).
-_HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200
+_HAS_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
+_IS_REMOTE = SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
 _DOUBLE = struct.Struct("<d").pack
@@ -191,20 +197,39 @@ class SpanEncoder:
 
 
 class LeanOTLPSpanExporter(OTLPSpanExporter):
-    """The SDK's OTLP/HTTP exporter (endpoint, headers, timeout, compression and retries from
-    the standard `OTEL_EXPORTER_OTLP_*` variables), with the encoder above."""
+    """The SDK's OTLP/HTTP exporter (endpoint, headers, timeout, compression, retries, request
+    size limit and its own metrics, from the standard `OTEL_EXPORTER_OTLP_*` variables or the
+    arguments), with the encoder above. `export` is the SDK's, but for the encoding line."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._encoder = SpanEncoder()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._shutdown:
+            log.warning("exporter already shut down, %d spans dropped", len(spans))
             return SpanExportResult.FAILURE
-        try:
-            data = self._encoder.encode(spans)
-        except Exception:
-            log.exception("could not encode a batch of %d spans", len(spans))
-            return SpanExportResult.FAILURE
-        result = self._client.export(data)
-        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+        with self._metrics.export_operation(len(spans)) as result:
+            try:
+                data = self._encoder.encode(spans)
+            except Exception as error:
+                log.exception("could not encode a batch of %d spans", len(spans))
+                result.error = error
+                return SpanExportResult.FAILURE
+            if _is_request_too_large(data, self._max_request_size):
+                log.warning(
+                    "span batch dropped: %d bytes, over the %d-byte request limit",
+                    len(data),
+                    self._max_request_size,
+                )
+                result.error = RequestPayloadTooLargeError(
+                    f"{len(data)} bytes over the {self._max_request_size}-byte limit"
+                )
+                return SpanExportResult.FAILURE
+            sent = self._client.export(data)
+            if not sent.success:
+                result.error = sent.error
+                if sent.status_code is not None:
+                    result.error_attrs = {HTTP_RESPONSE_STATUS_CODE: sent.status_code}
+                return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS

@@ -31,6 +31,9 @@ def _value(v: Any) -> Any:
 class OtlpReceiver:
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        # What it answers; anything but 200 refuses the request without keeping it.
+        self.status = 200
         self.lock = threading.Lock()
         outer = self
 
@@ -40,6 +43,11 @@ class OtlpReceiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if outer.status != 200:
+                    self.send_response(outer.status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.headers.get("content-encoding") == "gzip":
                     body = gzip.decompress(body)
                 request = trace_service_pb2.ExportTraceServiceRequest()
@@ -77,6 +85,7 @@ class OtlpReceiver:
                         )
                     )
         with self.lock:
+            self.requests.append(request)
             self.spans.extend(spans)
 
     def start(self) -> Self:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -28,6 +26,7 @@ from opentelemetry.trace import (
 )
 
 from common.span_encoding import LeanOTLPSpanExporter, SpanEncoder
+from tests.support.otlp import OtlpReceiver
 
 
 class Keep(SpanExporter):
@@ -165,40 +164,16 @@ def test_the_gateway_request_span() -> None:
     assert {a.key: a.value for a in span.attributes}["wa.stored"].int_value == 1
 
 
-class Receiver:
-    """An OTLP/HTTP endpoint on loopback that keeps the bodies and answers `status`."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        self.status = 200
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                receiver.bodies.append(self.rfile.read(int(self.headers["content-length"])))
-                self.send_response(receiver.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
-def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
-    r = Receiver()
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[OtlpReceiver]:
+    r = OtlpReceiver().start()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", r.url)
     yield r
-    r.httpd.shutdown()
-    r.httpd.server_close()
+    r.stop()
 
 
-def test_exporter_posts_what_the_receiver_decodes(receiver: Receiver) -> None:
-    spans = make_spans(
+def one_span() -> list[ReadableSpan]:
+    return make_spans(
         [
             {
                 "tracer": 1,
@@ -214,12 +189,24 @@ def test_exporter_posts_what_the_receiver_decodes(receiver: Receiver) -> None:
             }
         ]
     )
+
+
+def test_exporter_posts_what_the_receiver_decodes(receiver: OtlpReceiver) -> None:
+    spans = one_span()
     exporter = LeanOTLPSpanExporter()
     assert exporter.export(spans) is SpanExportResult.SUCCESS
-    (body,) = receiver.bodies
-    assert ExportTraceServiceRequest.FromString(body) == encode_spans(spans)
+    assert receiver.requests == [encode_spans(spans)]
 
     receiver.status = 400  # not retryable: reported at once
     assert exporter.export(spans) is SpanExportResult.FAILURE
     exporter.shutdown()
     assert exporter.export(spans) is SpanExportResult.FAILURE
+    assert len(receiver.requests) == 1
+
+
+def test_a_batch_over_the_request_limit_is_dropped_not_sent(receiver: OtlpReceiver) -> None:
+    spans = one_span()
+    exporter = LeanOTLPSpanExporter(max_request_size=16)
+    assert exporter.export(spans) is SpanExportResult.FAILURE
+    assert receiver.requests == []
+    exporter.shutdown()
