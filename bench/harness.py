@@ -70,42 +70,27 @@ async def servers() -> AsyncIterator[Servers]:
         s.redis.stop()
 
 
-def load(url: str, connections: int = CONNECTIONS, seconds: float = SECONDS) -> dict[str, float]:
-    """Runs bench.load in its own process; returns rps, p50, p99 and errors."""
+def _run_load(*args: str) -> Any:
+    """bench.load in its own process; returns the JSON it prints last."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.load", url, SECRET, str(connections), str(seconds)],
-        check=True,
-        capture_output=True,
-        text=True,
+        [sys.executable, "-m", "bench.load", *args], check=True, capture_output=True, text=True
     )
-    result: dict[str, float] = orjson.loads(out.stdout.strip().splitlines()[-1])
+    return orjson.loads(out.stdout.strip().splitlines()[-1])
+
+
+def load(url: str, connections: int = CONNECTIONS, seconds: float = SECONDS) -> dict[str, float]:
+    """Loads one system; returns rps, p50, p99 and errors."""
+    result: dict[str, float] = _run_load(url, SECRET, str(connections), str(seconds))
     return result
 
 
 def load_paired(
     urls: tuple[str, str], connections: int, seconds: float, block: float
 ) -> list[tuple[float, float]]:
-    """bench.load alternating between two systems in `block`-second turns for `seconds`;
-    returns each pair's two p50s (ms)."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.load",
-            urls[0],
-            SECRET,
-            str(connections),
-            str(seconds),
-            "--against",
-            urls[1],
-            "--block",
-            str(block),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    pairs = orjson.loads(out.stdout.strip().splitlines()[-1])["pairs"]
+    """Loads two systems in turn, `block` seconds each, for `seconds`; returns each pair's two
+    p50s (ms)."""
+    args = (urls[0], SECRET, str(connections), str(seconds), "--against", urls[1])
+    pairs = _run_load(*args, "--block", str(block))["pairs"]
     return [(a, b) for a, b in pairs]
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -91,30 +93,50 @@ async def run(
 ) -> Result:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    address = f"{host}:{port}"
     latencies: list[float] = []
-    errors = 0
     deadline = time.monotonic() + seconds
 
-    async def worker(n: int) -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection(host, port)
-        i = 0
+    async def worker(n: int) -> int:
+        conn = await asyncio.open_connection(host, port)
         try:
-            while time.monotonic() < deadline:
-                i += 1
-                data = request_bytes(f"{host}:{port}", parts.path, secret, n, i, conversations)
-                started = time.perf_counter()
-                writer.write(data)
-                status = await read_response(reader)
-                latencies.append((time.perf_counter() - started) * 1000)
-                if status != 200:
-                    errors += 1
+            return await post_until(
+                deadline,
+                conn,
+                functools.partial(
+                    request_bytes, address, parts.path, secret, n, conversations=conversations
+                ),
+                latencies,
+            )
         finally:
-            writer.close()
+            conn[1].close()
 
     started = time.monotonic()
-    await asyncio.gather(*(worker(n) for n in range(connections)))
+    errors = sum(await asyncio.gather(*(worker(n) for n in range(connections))))
     return Result(len(latencies), errors, time.monotonic() - started, latencies)
+
+
+async def post_until(
+    deadline: float,
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    make_request: Callable[[int], bytes],
+    latencies: list[float],
+) -> int:
+    """Posts back to back on one keep-alive connection until `deadline`, adding each
+    request's latency (ms) to `latencies`; returns how many were answered with a non-200."""
+    reader, writer = conn
+    errors = 0
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        data = make_request(i)
+        started = time.perf_counter()
+        writer.write(data)
+        status = await read_response(reader)
+        latencies.append((time.perf_counter() - started) * 1000)
+        if status != 200:
+            errors += 1
+    return errors
 
 
 async def run_paired(
@@ -130,25 +152,24 @@ async def run_paired(
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         conns = [await asyncio.open_connection(host, port) for _ in range(connections)]
         sides.append((f"{host}:{port}", parts.path, conns))
-    counter = 0
-
-    async def worker(side: int, n: int, deadline: float, latencies: list[float]) -> None:
-        nonlocal counter
-        host, path, conns = sides[side]
-        reader, writer = conns[n]
-        while time.monotonic() < deadline:
-            counter += 1
-            data = request_bytes(host, path, secret, n, counter, 200)
-            started = time.perf_counter()
-            writer.write(data)
-            if await read_response(reader) != 200:
-                raise RuntimeError(f"{urls[side]} answered an error")
-            latencies.append((time.perf_counter() - started) * 1000)
 
     async def one_block(side: int) -> float:
+        host, path, conns = sides[side]
         latencies: list[float] = []
         deadline = time.monotonic() + block
-        await asyncio.gather(*(worker(side, n, deadline, latencies) for n in range(connections)))
+        errors = await asyncio.gather(
+            *(
+                post_until(
+                    deadline,
+                    conn,
+                    functools.partial(request_bytes, host, path, secret, n, conversations=200),
+                    latencies,
+                )
+                for n, conn in enumerate(conns)
+            )
+        )
+        if any(errors):
+            raise RuntimeError(f"{urls[side]} answered {sum(errors)} errors")
         return statistics.median(latencies)
 
     results = []
