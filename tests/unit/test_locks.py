@@ -14,10 +14,12 @@ class SwallowingClient:
 
     def __init__(self) -> None:
         self.renewals = 0
+        self.in_flight = asyncio.Event()
 
     def register_script(self, source: str) -> Any:
         async def run(keys: list[str], args: list[Any]) -> int:
             self.renewals += 1
+            self.in_flight.set()
             try:
                 await asyncio.sleep(0.5)
             except asyncio.CancelledError:
@@ -31,9 +33,20 @@ async def test_leaving_keep_renewed_stops_renewing_even_if_the_cancel_is_swallow
     client = SwallowingClient()
     locks = Locks(client, ttl_seconds=0.3)  # type: ignore[arg-type]
     lease = Lease(7, "me")
-    async with asyncio.timeout(3):
+
+    async def leave_during_a_renewal() -> None:
         async with locks.keep_renewed(lease):
-            await asyncio.sleep(0.15)  # a renewal is in flight now
-        renewals = client.renewals
-        await asyncio.sleep(0.3)
+            # Leave while a renewal is in flight (waiting for it, not sleeping a guess: on a
+            # busy machine the first renewal can start later than any fixed sleep).
+            await client.in_flight.wait()
+
+    # Not asyncio.timeout: the bug swallows cancels, a timeout's too, and the test would hang.
+    leaving = asyncio.create_task(leave_during_a_renewal())
+    done, _ = await asyncio.wait({leaving}, timeout=3)
+    if leaving not in done:
+        lease.lost = True  # ends the runaway loop, so the failure below ends the test too
+    assert leaving in done, "leaving keep_renewed never returned"
+    leaving.result()
+    renewals = client.renewals
+    await asyncio.sleep(0.3)
     assert renewals >= 1 and client.renewals == renewals  # and no renewal after the body
