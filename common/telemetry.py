@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import Span
 
 from . import logs
+from .lean_span import LeanTracer
 
 ATTR_CORRELATION = "wa.correlation_id"
 
@@ -43,6 +44,8 @@ def with_correlation(correlation_id: str, ctx: otel_context.Context | None = Non
 
 
 _initialised = False
+# The provider installed by init_telemetry, its processor chain and limits (for lean_tracer).
+_pipeline: tuple[Any, Any, Any] | None = None
 
 
 def export_enabled() -> bool:
@@ -67,7 +70,7 @@ def init_telemetry(service_name: str) -> None:
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, SynchronousMultiSpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from .span_encoding import LeanOTLPSpanExporter
@@ -84,13 +87,37 @@ def init_telemetry(service_name: str) -> None:
             return self._hash
 
     created = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=FrozenResource(created.attributes, created.schema_url))
+    global _pipeline
+    processors = SynchronousMultiSpanProcessor()
+    limits = SpanLimits()
+    provider = TracerProvider(
+        resource=FrozenResource(created.attributes, created.schema_url),
+        active_span_processor=processors,
+        span_limits=limits,
+    )
     provider.add_span_processor(CorrelationSpanProcessor())
     provider.add_span_processor(BatchSpanProcessor(LeanOTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    _pipeline = (provider, processors, limits)
     AsyncPGInstrumentor().instrument()
     RedisInstrumentor().instrument()
     AioHttpClientInstrumentor().instrument()
+
+
+def lean_tracer(scope: str) -> LeanTracer:
+    """A `LeanTracer` over the provider `init_telemetry` installed (export must be enabled):
+    for the one span per request on the acknowledgement's path."""
+    if _pipeline is None:
+        raise RuntimeError("init_telemetry() has not installed a tracer provider")
+    provider, processors, limits = _pipeline
+    return LeanTracer(
+        resource=provider.resource,
+        sampler=provider.sampler,
+        id_generator=provider.id_generator,
+        limits=limits,
+        processor=processors,
+        scope=scope,
+    )
 
 
 def shutdown_telemetry() -> None:
