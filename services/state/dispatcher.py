@@ -46,8 +46,10 @@ class Dispatcher:
         dlq: DlqPort,
         *,
         max_concurrent: int = 64,
+        close_timeout: float = 3.0,
     ) -> None:
         self.pool = pool
+        self.close_timeout = close_timeout
         self.locks = locks
         self.agent = agent
         self.dlq = dlq
@@ -107,9 +109,22 @@ class Dispatcher:
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if not tasks:
+            return
+        # A cancelled driver still releases its conversation and lease on the way out; if
+        # PostgreSQL or Redis hangs, shutdown goes on without it (the lease expires by itself
+        # and the sweeper resumes the turn).
+        done, pending = await asyncio.wait(tasks, timeout=self.close_timeout)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("a conversation driver failed while stopping: %r", task.exception())
+        if pending:
+            log.warning(
+                "%d conversation drivers did not stop within %.1f s; leaving them",
+                len(pending),
+                self.close_timeout,
+                extra={"drivers": sorted(t.get_name() for t in pending)},
+            )
 
     async def _drive(self, conversation_id: int) -> None:
         # Claiming, leases and the queue are the conversation's, not one message's: untraced.

@@ -86,3 +86,53 @@ async def test_a_message_acknowledged_as_the_driver_finishes_is_not_left_to_the_
     finally:
         await dispatcher.close()
         await client.aclose()
+
+
+class StuckRelease(Locks):
+    """Releasing a lease never returns, as when Redis stops answering mid-shutdown."""
+
+    async def release(self, lease: Any) -> bool:
+        await asyncio.Event().wait()
+        return True
+
+
+class Waiting:
+    """A turn that is still talking to the model when the service stops."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def reply(self, item: store.WorkItem, token: int) -> TurnResult:
+        self.started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_stopping_does_not_wait_forever_for_a_driver_stuck_on_its_way_out(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    client = kv.create_client(redis_server.url)
+    agent = Waiting()
+    dispatcher = Dispatcher(
+        pool,
+        StuckRelease(client, ttl_seconds=30, prefix=redis_prefix),
+        agent,
+        Dlq(),
+        close_timeout=0.5,
+    )
+    try:
+        ((first,), _) = await store.ingest(pool, [inbound("wamid.S1")], [], "c1", "")
+        dispatcher.notify(first.conversation_id)
+        async with asyncio.timeout(5):
+            await agent.started.wait()
+        # Waited for, not cancelled: an unbounded close waits for the release forever.
+        closing = asyncio.create_task(dispatcher.close())
+        done, _ = await asyncio.wait({closing}, timeout=5)
+        assert closing in done, "close() is still waiting for the stuck driver"
+        # The turn it left is still the message's: received or processing, for the sweeper.
+        status = await pool.fetchval(
+            "SELECT status FROM processed_webhook_messages WHERE message_id = 'wamid.S1'"
+        )
+        assert status in ("received", "processing")
+    finally:
+        await client.aclose()
