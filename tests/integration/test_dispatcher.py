@@ -4,6 +4,7 @@ last look at its conversation's queue and its end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -89,10 +90,17 @@ async def test_a_message_acknowledged_as_the_driver_finishes_is_not_left_to_the_
 
 
 class StuckRelease(Locks):
-    """Releasing a lease never returns, as when Redis stops answering mid-shutdown."""
+    """Releasing a lease does not return until the test says so, as when Redis stops
+    answering mid-shutdown."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unstick = asyncio.Event()
+        self.returned = asyncio.Event()
 
     async def release(self, lease: Any) -> bool:
-        await asyncio.Event().wait()
+        await self.unstick.wait()
+        self.returned.set()
         return True
 
 
@@ -113,9 +121,10 @@ async def test_stopping_does_not_wait_forever_for_a_driver_stuck_on_its_way_out(
 ) -> None:
     client = kv.create_client(redis_server.url)
     agent = Waiting()
+    locks = StuckRelease(client, ttl_seconds=30, prefix=redis_prefix)
     dispatcher = Dispatcher(
         pool,
-        StuckRelease(client, ttl_seconds=30, prefix=redis_prefix),
+        locks,
         agent,
         Dlq(),
         close_timeout=0.5,
@@ -135,4 +144,10 @@ async def test_stopping_does_not_wait_forever_for_a_driver_stuck_on_its_way_out(
         )
         assert status in ("received", "processing")
     finally:
+        # Let the driver it left finish, so no task outlives the test's event loop.
+        locks.unstick.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await locks.returned.wait()
+        await asyncio.sleep(0.05)
         await client.aclose()
