@@ -118,9 +118,11 @@ async def receive_delivery(request: Request) -> Response:
             attributes["wa.message_id"] = delivery.messages[0].message_id
             attributes["wa.phone_number_id"] = delivery.messages[0].phone_number_id
         span.set_attributes(attributes)
+    # The context goes on even when it is not sampled (a caller's unsampled traceparent), so
+    # the work started later from it is not sampled either.
     request_pb = state_pb2.IngestRequest(
         correlation_id=cid,
-        traceparent=telemetry.traceparent_of(span) if tracing else "",
+        traceparent=telemetry.traceparent_of(span) if span.get_span_context().is_valid else "",
         messages=[
             common_pb2.InboundMessage(
                 message_id=m.message_id,

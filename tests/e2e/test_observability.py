@@ -154,6 +154,18 @@ async def test_the_request_span_continues_a_callers_traceparent_and_housekeeping
     assert request.attributes["wa.message_id"] == msg["id"]
     assert request.attributes["wa.stored"] == 1
 
+    # A caller that does not sample its trace: neither the request nor the work after it
+    # (the turn, started later from the stored traceparent) starts a trace of its own.
+    unsampled_trace = "5bf92f3577b34da6a3ce929d0e0e4737"
+    quiet = payloads.message("text", wa_id="15550004445", text={"body": "hi"})
+    resp = await system.post(
+        payloads.delivery(messages=[quiet]),
+        headers={"traceparent": f"00-{unsampled_trace}-{caller_span}-00"},
+    )
+    assert resp.status_code == 200
+    quiet_cid = str(resp.json()["correlation_id"])
+    await system.wait_status([str(quiet["id"])], {"replied"})
+
     # Probes, polling, leases, sweeps and gauges run all the time and belong to no message:
     # after a few sweeper and DLQ-worker rounds, every span exported is part of a message.
     for path in ("/healthz", "/readyz", "/metrics"):
@@ -161,3 +173,5 @@ async def test_the_request_span_continues_a_callers_traceparent_and_housekeeping
     await asyncio.sleep(3.0)
     stray = {(s.service, s.name) for s in otlp.spans if "wa.correlation_id" not in s.attributes}
     assert stray == set()
+    assert not otlp.traces_with("wa.correlation_id", quiet_cid)
+    assert not [s for s in otlp.spans if s.trace_id == unsampled_trace]
