@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -16,6 +17,17 @@ from hypothesis import settings
 from tests.support.fakes import FakeGraph, FakeModel
 from tests.support.servers import Postgres, Redis
 from tests.support.system import System
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failing test's report ends with what its running systems logged last."""
+    report = yield
+    if report.failed:
+        for n, system in enumerate(System.running):
+            report.sections.append((f"system {n} logs (last lines)", system.tail_logs(40)))
+    return report
+
 
 # Other tests' processes share these two cores: wall-clock deadlines would only measure that.
 settings.register_profile("wa", deadline=None)

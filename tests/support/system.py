@@ -7,7 +7,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 import httpx
@@ -24,6 +24,9 @@ SERVICES = ("state", "agent", "dlq", "gateway")
 
 
 class System:
+    # Systems running now: a failing test's report shows their logs (tests/conftest.py).
+    running: ClassVar[set[System]] = set()
+
     def __init__(
         self, root: Path, database_url: str, redis_url: str, redis_prefix: str, env: dict[str, str]
     ) -> None:
@@ -50,7 +53,15 @@ class System:
             "OTEL_SDK_DISABLED": "true",
             **env,
         }
-        self.sup = supervisor.Supervisor(backoff_base=0.2, backoff_max=2.0)
+        # What the supervisor saw (starts, exits, restarts), for a failing test's report.
+        self.events: list[str] = []
+        self.sup = supervisor.Supervisor(
+            backoff_base=0.2,
+            backoff_max=2.0,
+            on_event=lambda name, what: self.events.append(
+                f"{time.strftime('%H:%M:%S')} {name}: {what}"
+            ),
+        )
         self.url = f"http://127.0.0.1:{self.ports['gateway']}"
         self.http = httpx.AsyncClient(timeout=15)
         self._db: asyncpg.Pool | None = None
@@ -65,6 +76,7 @@ class System:
         return self.root / f"{name}.log"
 
     async def start(self, names: tuple[str, ...] = SERVICES, wait: bool = True) -> System:
+        System.running.add(self)
         for name in names:
             await self.sup.start(
                 supervisor.Spec(
@@ -126,7 +138,7 @@ class System:
         raise TimeoutError(f"system not ready: {last}\n{self.tail_logs()}")
 
     def tail_logs(self, lines: int = 30) -> str:
-        out = []
+        out = ["--- supervisor ---", *self.events[-lines:]]
         for name in SERVICES:
             path = self.log_path(name)
             if path.exists():
@@ -145,6 +157,7 @@ class System:
         return result
 
     async def stop(self) -> None:
+        System.running.discard(self)
         await self.sup.stop(timeout=10)
         await self.http.aclose()
         if self._db is not None:
