@@ -63,7 +63,10 @@ class System:
             ),
         )
         self.url = f"http://127.0.0.1:{self.ports['gateway']}"
-        self.http = httpx.AsyncClient(timeout=15)
+        # uvicorn closes a connection idle for 5 s, and httpx reuses one idle for up to 5 s by
+        # default: a request sent on a connection at that instant fails with ReadError. Idle
+        # connections are let go well before the server lets go of them.
+        self.http = httpx.AsyncClient(timeout=15, limits=httpx.Limits(keepalive_expiry=2.0))
         self._db: asyncpg.Pool | None = None
 
     def env_for(self, name: str) -> dict[str, str]:
