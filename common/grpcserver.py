@@ -49,13 +49,22 @@ async def serve(name: str, port: int, setup: Setup, settings: config.Settings) -
         reflection.enable_server_reflection(
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        bound = server.add_insecure_port(f"[::]:{port}")
+        # A port that cannot be bound is a deployment error: say which one, exit 2.
+        try:
+            bound = server.add_insecure_port(f"[::]:{port}")
+        except RuntimeError as exc:
+            raise config.ConfigError(f"gRPC port {port} cannot be bound: {exc}") from exc
+        if settings.metrics_port:
+            try:
+                prometheus_client.start_http_server(settings.metrics_port)
+            except OSError as exc:
+                raise config.ConfigError(
+                    f"METRICS_PORT {settings.metrics_port} cannot be bound: {exc.strerror}"
+                ) from exc
         runtime.settle()
         await server.start()
         for service in ["", *service_names]:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        if settings.metrics_port:
-            prometheus_client.start_http_server(settings.metrics_port)
         log.info(
             "serving",
             extra={"port": bound, "services": service_names, "metrics_port": settings.metrics_port},

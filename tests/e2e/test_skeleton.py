@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -198,3 +202,27 @@ async def test_the_state_service_migrates_an_empty_database_itself(
         await system.wait_status([message_id], {"replied"})
     finally:
         await system.stop()
+
+
+@pytest.mark.parametrize("port_variable", ["AGENT_GRPC_PORT", "METRICS_PORT"])
+async def test_a_service_whose_port_is_taken_says_which_and_exits_2(
+    tmp_path: Path, database_url: str, redis_server: Redis, redis_prefix: str, port_variable: str
+) -> None:
+    system = System(tmp_path, database_url, redis_server.url, redis_prefix, {})
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        env = {**os.environ, **system.env_for("agent"), port_variable: str(taken)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.agent",
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            _, stderr = await proc.communicate()
+    assert proc.returncode == 2
+    (line,) = [json.loads(x) for x in stderr.decode().splitlines() if '"CRITICAL"' in x]
+    assert str(taken) in line["msg"] and "cannot be bound" in line["msg"]
