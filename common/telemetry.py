@@ -17,7 +17,13 @@ from typing import Any
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import (
+    ReadableSpan,
+    SpanLimits,
+    SpanProcessor,
+    SynchronousMultiSpanProcessor,
+    TracerProvider,
+)
 from opentelemetry.trace import Span
 
 from . import logs
@@ -45,7 +51,7 @@ def with_correlation(correlation_id: str, ctx: otel_context.Context | None = Non
 
 _initialised = False
 # The provider installed by init_telemetry, its processor chain and limits (for lean_tracer).
-_pipeline: tuple[Any, Any, Any] | None = None
+_pipeline: tuple[TracerProvider, SynchronousMultiSpanProcessor, SpanLimits] | None = None
 
 
 def export_enabled() -> bool:
@@ -70,7 +76,6 @@ def init_telemetry(service_name: str) -> None:
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import SpanLimits, SynchronousMultiSpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from .span_encoding import LeanOTLPSpanExporter
