@@ -55,15 +55,21 @@ def signed_request(host: str, path: str, secret: str, body: bytes) -> bytes:
     return head.encode() + body
 
 
+def endpoint(url: str) -> tuple[str, int, str]:
+    """Host, port and path of an http URL."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80, parts.path
+
+
 async def post_all(url: str, requests: list[bytes], connections: int) -> int:
     """Sends prepared requests over `connections` keep-alive connections; returns non-200s."""
-    parts = urlsplit(url)
+    host, port, _ = endpoint(url)
     queue = list(reversed(requests))
     errors = 0
 
     async def worker() -> None:
         nonlocal errors
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        reader, writer = await asyncio.open_connection(host, port)
         try:
             while queue:
                 writer.write(queue.pop())
@@ -91,8 +97,7 @@ async def read_response(reader: asyncio.StreamReader) -> int:
 async def run(
     url: str, secret: str, *, connections: int, seconds: float, conversations: int = 200
 ) -> Result:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    host, port, path = endpoint(url)
     address = f"{host}:{port}"
     latencies: list[float] = []
     deadline = time.monotonic() + seconds
@@ -104,7 +109,7 @@ async def run(
                 deadline,
                 conn,
                 functools.partial(
-                    request_bytes, address, parts.path, secret, n, conversations=conversations
+                    request_bytes, address, path, secret, n, conversations=conversations
                 ),
                 latencies,
             )
@@ -148,10 +153,9 @@ async def run_paired(
     machine, so its drift, large here, cancels out of their ratio."""
     sides = []
     for url in urls:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        host, port, path = endpoint(url)
         conns = [await asyncio.open_connection(host, port) for _ in range(connections)]
-        sides.append((f"{host}:{port}", parts.path, conns))
+        sides.append((f"{host}:{port}", path, conns))
 
     async def one_block(side: int) -> float:
         host, path, conns = sides[side]
