@@ -53,8 +53,6 @@ class LeanTracer:
         self.processor = processor
         self.scope = InstrumentationScope(scope)
         self.limits = limits
-        self.max_attributes: int | None = limits.max_span_attributes
-        self.max_length: int | None = limits.max_span_attribute_length
 
     def start_span(
         self,
@@ -135,7 +133,8 @@ class LeanSpan(trace.Span, ReadableSpan):
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
         if self._end_time is not None:
             return
-        max_length = self._tracer.max_length
+        limits = self._tracer.limits
+        max_length = limits.max_span_attribute_length
         if type(value) not in _PLAIN or type(key) is not str or not key:
             cleaned = BoundedAttributes(None, {key: value}, max_value_len=max_length)
             if not cleaned:
@@ -147,11 +146,11 @@ class LeanSpan(trace.Span, ReadableSpan):
         attributes = self._attributes
         if key in attributes:
             del attributes[key]  # a rewritten attribute moves to the end, as in the SDK
-        elif self._tracer.max_attributes is not None:
-            if self._tracer.max_attributes == 0:
+        elif (max_attributes := limits.max_span_attributes) is not None:
+            if max_attributes == 0:
                 self._dropped_attributes += 1
                 return
-            if len(attributes) >= self._tracer.max_attributes:
+            if len(attributes) >= max_attributes:
                 del attributes[next(iter(attributes))]  # the oldest gives way, as in the SDK
                 self._dropped_attributes += 1
         attributes[key] = value
