@@ -33,9 +33,14 @@ def traced_env(otlp: OtlpReceiver, model: FakeModel) -> dict[str, str]:
     )
 
 
-async def send(system: System, text: str, wa_id: str) -> tuple[str, str]:
+async def send(
+    system: System, text: str, wa_id: str, traceparent: str | None = None
+) -> tuple[str, str]:
+    """Posts one text message (with the caller's traceparent, if given); returns its message
+    id and correlation id."""
     msg = payloads.message("text", wa_id=wa_id, text={"body": text})
-    resp = await system.post(payloads.delivery(messages=[msg]))
+    headers = {"traceparent": traceparent} if traceparent else None
+    resp = await system.post(payloads.delivery(messages=[msg]), headers=headers)
     assert resp.status_code == 200
     return str(msg["id"]), str(resp.json()["correlation_id"])
 
@@ -136,14 +141,8 @@ async def test_the_request_span_continues_a_callers_traceparent_and_housekeeping
 ) -> None:
     system = await start_system(**traced_env(otlp, model), STUCK_TIMEOUT_SECONDS="4")
     caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    msg = payloads.message("text", wa_id="15550004444", text={"body": "hi"})
-    resp = await system.post(
-        payloads.delivery(messages=[msg]),
-        headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
-    )
-    assert resp.status_code == 200
-    cid = str(resp.json()["correlation_id"])
-    await system.wait_status([str(msg["id"])], {"replied"})
+    message_id, cid = await send(system, "hi", "15550004444", f"00-{caller_trace}-{caller_span}-01")
+    await system.wait_status([message_id], {"replied"})
     spans = await spans_of(otlp, cid, {"gateway", "state", "agent"})
     (request,) = [s for s in spans if s.service == "gateway" and s.kind == 2]
     assert request.trace_id == caller_trace and request.parent_id == caller_span
@@ -151,20 +150,16 @@ async def test_the_request_span_continues_a_callers_traceparent_and_housekeeping
     assert request.attributes["http.request.method"] == "POST"
     assert request.attributes["http.route"] == "/webhook"
     assert request.attributes["http.response.status_code"] == 200
-    assert request.attributes["wa.message_id"] == msg["id"]
+    assert request.attributes["wa.message_id"] == message_id
     assert request.attributes["wa.stored"] == 1
 
     # A caller that does not sample its trace: neither the request nor the work after it
     # (the turn, started later from the stored traceparent) starts a trace of its own.
     unsampled_trace = "5bf92f3577b34da6a3ce929d0e0e4737"
-    quiet = payloads.message("text", wa_id="15550004445", text={"body": "hi"})
-    resp = await system.post(
-        payloads.delivery(messages=[quiet]),
-        headers={"traceparent": f"00-{unsampled_trace}-{caller_span}-00"},
+    quiet_id, quiet_cid = await send(
+        system, "hi", "15550004445", f"00-{unsampled_trace}-{caller_span}-00"
     )
-    assert resp.status_code == 200
-    quiet_cid = str(resp.json()["correlation_id"])
-    await system.wait_status([str(quiet["id"])], {"replied"})
+    await system.wait_status([quiet_id], {"replied"})
 
     # Probes, polling, leases, sweeps and gauges run all the time and belong to no message:
     # after a few sweeper and DLQ-worker rounds, every span exported is part of a message.
