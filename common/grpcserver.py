@@ -19,7 +19,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import config, logs, runtime, telemetry
+from . import config, runtime, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,7 @@ async def serve(name: str, port: int, setup: Setup, settings: config.Settings) -
 
 def main(name: str, port_of: Callable[[config.Settings], int], setup: Setup) -> None:
     """Entry point of a gRPC service process."""
-    settings = config.Settings.from_env()
-    logs.setup(name, settings.log_level)
-    telemetry.init_telemetry(name)
+    settings = runtime.load_settings(name)
     try:
         uvloop.run(serve(name, port_of(settings), setup, settings))
     except config.ConfigError as exc:

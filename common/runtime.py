@@ -14,6 +14,9 @@ method). Cyclic garbage still gets collected, at worst after 20,000 allocations.
 from __future__ import annotations
 
 import gc
+import logging
+
+from . import config, logs, telemetry
 
 GC_THRESHOLDS = (20_000, 50, 100)
 
@@ -23,3 +26,18 @@ def settle() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def load_settings(service: str) -> config.Settings:
+    """The service's settings, its JSON logs and its telemetry; a setting that cannot be parsed
+    ends the process like any other bad configuration: one CRITICAL line, exit code 2."""
+    try:
+        settings = config.Settings.from_env()
+    except config.ConfigError as exc:
+        # LOG_LEVEL itself may be the bad value: the one line is logged at the default level.
+        logs.setup(service, "INFO")
+        logging.getLogger(f"services.{service}").critical("configuration error: %s", exc)
+        raise SystemExit(2) from exc
+    logs.setup(service, settings.log_level)
+    telemetry.init_telemetry(service)
+    return settings

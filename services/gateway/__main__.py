@@ -7,7 +7,7 @@ from typing import Any
 
 import uvicorn
 
-from common import config, logs, runtime, telemetry
+from common import config, runtime, telemetry
 
 from .app import create_app
 from .tracing import RequestTracing
@@ -16,9 +16,7 @@ log = logging.getLogger("services.gateway")
 
 
 def main() -> None:
-    settings = config.Settings.from_env()
-    logs.setup("gateway", settings.log_level)
-    telemetry.init_telemetry("gateway")
+    settings = runtime.load_settings("gateway")
     try:
         app = create_app(settings)
     except config.ConfigError as exc:
