@@ -18,6 +18,8 @@ from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
 from common import config, grpcserver
 
+from .errors import calling
+
 FIELDS = (
     "id",
     "message_id",
@@ -76,9 +78,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
 async def list_items(status: str, as_json: bool, limit: int) -> int:
     settings = config.Settings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
-        resp = await dlq_pb2_grpc.DlqStub(ch).List(
-            dlq_pb2.ListRequest(status=status, limit=limit), timeout=10
-        )
+        with calling("dlq", settings.dlq_addr):
+            resp = await dlq_pb2_grpc.DlqStub(ch).List(
+                dlq_pb2.ListRequest(status=status, limit=limit), timeout=10
+            )
     rows = [item_dict(i) for i in resp.items]
     if as_json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
@@ -93,8 +96,11 @@ async def show(item_id: int, as_json: bool) -> int:
     settings = config.Settings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
         try:
-            item = await dlq_pb2_grpc.DlqStub(ch).Get(dlq_pb2.GetRequest(id=item_id), timeout=10)
-        except grpc.aio.AioRpcError as exc:
+            with calling("dlq", settings.dlq_addr):
+                item = await dlq_pb2_grpc.DlqStub(ch).Get(
+                    dlq_pb2.GetRequest(id=item_id), timeout=10
+                )
+        except grpc.aio.AioRpcError as exc:  # NOT_FOUND: an unknown id
             print(exc.details(), file=sys.stderr)
             return 1
     data = item_dict(item, full=True)
@@ -156,10 +162,11 @@ async def retry(ids: list[int], all_items: bool, status: str, as_json: bool) -> 
     settings = config.Settings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
         try:
-            resp = await dlq_pb2_grpc.DlqStub(ch).Retry(
-                dlq_pb2.RetryRequest(ids=ids, all=all_items, status=status), timeout=60
-            )
-        except grpc.aio.AioRpcError as exc:
+            with calling("dlq", settings.dlq_addr):
+                resp = await dlq_pb2_grpc.DlqStub(ch).Retry(
+                    dlq_pb2.RetryRequest(ids=ids, all=all_items, status=status), timeout=60
+                )
+        except grpc.aio.AioRpcError as exc:  # INVALID_ARGUMENT
             print(exc.details(), file=sys.stderr)
             return 2
     if as_json:
@@ -185,6 +192,7 @@ def confirm_purge(ids: list[int]) -> bool:
 async def purge(ids: list[int]) -> int:
     settings = config.Settings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
-        resp = await dlq_pb2_grpc.DlqStub(ch).Purge(dlq_pb2.PurgeRequest(ids=ids), timeout=10)
+        with calling("dlq", settings.dlq_addr):
+            resp = await dlq_pb2_grpc.DlqStub(ch).Purge(dlq_pb2.PurgeRequest(ids=ids), timeout=10)
     print(f"purged {resp.purged} item(s)")
     return 0

@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    command = " ".join(part for part in (args.command, getattr(args, "dlq_command", None)) if part)
     try:
         return _dispatch(args)
     except config.ConfigError as exc:
@@ -67,6 +68,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        what = _down(exc)
+        if what is None:
+            raise  # a bug, not something down: its traceback is what is needed
+        print(f"wa {command}: {what}", file=sys.stderr)
+        return 2
+
+
+def _down(exc: Exception) -> str | None:
+    """One line saying which service or server the command needs is down (or failed it), or
+    None when `exc` is not about something down."""
+    import asyncpg
+    import grpc
+    import httpx
+
+    from . import errors
+
+    if isinstance(exc, errors.ServiceDown):
+        what = str(exc)
+    elif isinstance(exc, grpc.aio.AioRpcError):
+        what = f"a service call failed ({exc.code().name}: {exc.details() or ''})"
+    elif isinstance(exc, httpx.HTTPError):
+        what = f"the gateway did not answer: {exc!r}"
+    elif isinstance(exc, OSError | TimeoutError | asyncpg.PostgresError):
+        # PostgreSQL (wa migrate) did not answer, or refused.
+        what = f"cannot use the database: {exc}"
+    else:
+        return None
+    return errors.one_line(what)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from typing import Any
@@ -81,7 +82,7 @@ async def simulate(text: str, wa_id: str, url: str, wait: float) -> int:
         try:
             resp = await client.post(target, content=body, headers=headers)
         except httpx.HTTPError as exc:
-            print(f"cannot reach the gateway at {target}: {exc}")
+            print(f"wa simulate: cannot reach the gateway at {target}: {exc!r}", file=sys.stderr)
             return 2
     print(f"POST {target} -> {resp.status_code} {resp.text}")
     if resp.status_code != 200:

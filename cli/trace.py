@@ -11,6 +11,8 @@ from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
 from common import config, grpcserver
 
+from .errors import calling
+
 
 async def trace(target: str, as_json: bool) -> int:
     settings = config.Settings.from_env()
@@ -22,8 +24,9 @@ async def trace(target: str, as_json: bool) -> int:
     )
     async with grpcserver.channel(settings.state_addr) as ch:
         try:
-            tl = await state_pb2_grpc.StateStub(ch).GetTimeline(request, timeout=10)
-        except grpc.aio.AioRpcError as exc:
+            with calling("state", settings.state_addr):
+                tl = await state_pb2_grpc.StateStub(ch).GetTimeline(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:  # NOT_FOUND: no such message or phone
             print(f"{target}: {exc.details()}", file=sys.stderr)
             return 1
     messages = [

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from common import embedded
 from tests.conftest import StartSystem
-from tests.e2e.test_dlq import wa, wa_json
+from tests.e2e.test_dlq import WA, wa, wa_json
 from tests.support import payloads
 from tests.support.fakes import FakeGraph, FakeModel, model_error
 
@@ -87,3 +91,45 @@ async def test_simulate_sends_a_signed_message_and_reports_the_reply(
     assert "reply:" in done.stdout
     (sent,) = graph.sends
     assert sent.body["to"] == "15559990000"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dlq", "list"],
+        ["dlq", "show", "1"],
+        ["dlq", "retry", "1"],
+        ["dlq", "retry", "--all"],
+        ["dlq", "purge", "1", "--yes"],
+        ["health"],
+        ["stats"],
+        ["trace", "wamid.X"],
+        ["trace", "15550001111"],
+        ["simulate", "hi", "--wait", "1"],
+        ["migrate"],
+        ["migrate", "--check"],
+    ],
+)
+def test_every_command_says_in_one_line_that_what_it_needs_is_down_and_exits_2(
+    args: list[str], tmp_path: Path
+) -> None:
+    port = str(embedded.free_port())  # nothing listens there
+    env = {
+        **os.environ,
+        "STATE_ADDR": f"127.0.0.1:{port}",
+        "DLQ_ADDR": f"127.0.0.1:{port}",
+        "AGENT_ADDR": f"127.0.0.1:{port}",
+        "GATEWAY_PORT": port,
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/postgres",
+        "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+    }
+    done = subprocess.run(
+        [WA, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    if args != ["health"]:  # `wa health` reports every component on stdout, its own way
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"wa {args[0]}") or "statistics" in done.stderr
+    else:
+        assert "system: down" in done.stdout
