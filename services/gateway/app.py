@@ -107,6 +107,14 @@ async def receive_delivery(request: Request) -> Response:
     for reason in delivery.dropped:
         EVENTS.labels("dropped").inc()
         log.warning("event not usable, not stored: %s", reason)
+    for m in delivery.messages:
+        if m.skip_reason:
+            EVENTS.labels("invalid").inc()
+            log.warning(
+                "message not usable, stored as skipped: %s",
+                m.skip_reason,
+                extra={"message_id": m.message_id},
+            )
     if not delivery.messages and not delivery.statuses:
         DELIVERIES.labels("empty").inc()
         return _json(200, status="ok", stored=0, duplicates=0, correlation_id=cid)
@@ -135,6 +143,7 @@ async def receive_delivery(request: Request) -> Response:
                 text=m.text,
                 payload_json=m.payload_json,
                 context_message_id=m.context_message_id,
+                skip_reason=m.skip_reason,
             )
             for m in delivery.messages
         ],

@@ -1,16 +1,45 @@
 """A webhook delivery (`entry[].changes[].value`) as typed events.
 
 Every message and status type Meta sends is kept: the text answered, the others stored and
-skipped with a reason. A well-formed body of an unexpected shape yields fewer events, never an
-exception; only a body that is not a JSON object is rejected.
+skipped with a reason. Every element of a `messages` list becomes a stored message: one that
+cannot be answered (no id, no sender, a `phone_number_id` that is not a Cloud API id, a
+timestamp no clock holds) carries a `skip_reason` and is stored as skipped, never dropped. A
+well-formed body of an unexpected shape yields fewer events, never an exception; only a body
+that is not a JSON object is rejected.
+
+Values are made storable one by one, never by editing encoded text: every string (object keys
+too) loses its NUL characters (PostgreSQL text cannot hold them) and has its lone surrogates
+replaced by U+FFFD (neither UTF-8, protobuf nor PostgreSQL can hold them), numbers JSON
+encoders refuse are kept as their decimal text, and nesting is capped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+# Lengths kept, so that no value can break an index (PostgreSQL's btree holds about 2.7 kB per
+# entry) or be copied at length into every message of a delivery (names, metadata). Meta's ids
+# are well under 100 characters, its profile names under 100.
+MAX_ID_CHARS = 256
+MAX_NAME_CHARS = 256
+MAX_TYPE_CHARS = 64
+MAX_METADATA_CHARS = 64
+# Nesting kept in a stored payload (orjson encodes at most 254 levels; Meta's are under 10).
+MAX_DEPTH = 128
+DEEPER = "[nested too deep: not kept]"
+# 9999-12-31T23:59:59Z: the last second Python's datetime (and so the state service) holds.
+MAX_TIMESTAMP = 253_402_300_799
+# What orjson encodes; larger integers are kept as their decimal text.
+MIN_INT, MAX_INT = -(2**63), 2**64 - 1
+# Messages that cannot be answered, and stored under a synthetic id when they have none.
+INVALID_ID_PREFIX = "invalid:"
 
 
 class NotADelivery(ValueError):
@@ -25,10 +54,12 @@ class Message:
     wa_id: str
     contact_name: str
     type: str
-    timestamp: int
+    timestamp: int  # 0 when the message's own is not usable (the state service uses now)
     text: str
     payload_json: str
     context_message_id: str = ""
+    # Why this message is stored as skipped without a turn ("" when it can be answered).
+    skip_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,7 +79,7 @@ class Status:
 class Delivery:
     messages: list[Message] = field(default_factory=list)
     statuses: list[Status] = field(default_factory=list)
-    # Events we could not use (no id, no sender, ...); counted so they are never silent.
+    # Statuses we could not use (no id, unknown status); counted so they are never silent.
     dropped: list[str] = field(default_factory=list)
 
 
@@ -61,26 +92,74 @@ def _list(value: Any) -> list[Any]:
 
 
 def _str(value: Any) -> str:
+    """The text of a scalar of an already clean document ("" for anything else)."""
     if isinstance(value, str):
-        # PostgreSQL text cannot hold NUL; nothing a person typed needs it.
-        return value.replace("\x00", "") if "\x00" in value else value
+        return value
     if isinstance(value, bool) or value is None:
         return ""
-    if isinstance(value, int | float):
-        return str(int(value)) if float(value).is_integer() else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else str(value)
     return ""
 
 
-def _int(value: Any) -> int:
+def clean_text(value: str) -> str:
+    """`value` as PostgreSQL text and protobuf can hold it: no NUL, and each lone surrogate
+    replaced by U+FFFD (a surrogate pair written as two code points becomes its character, as
+    a JSON parser reads `\\ud83d\\ude00`)."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    if value.isascii():
+        return value
     try:
-        return int(_str(value) or 0)
-    except ValueError:
-        return 0
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return value
 
 
-def _json(obj: dict[str, Any]) -> str:
-    # jsonb rejects the \u0000 escape; drop it rather than lose the whole event.
-    return orjson.dumps(obj).decode().replace("\\u0000", "")
+def clean(value: Any, depth: int = 0) -> Any:
+    """A copy of a JSON value that orjson, protobuf and PostgreSQL all accept."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if MIN_INT <= value <= MAX_INT else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth >= MAX_DEPTH:
+        return DEEPER
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean(v, depth + 1) for v in value]
+    return clean_text(str(value))
+
+
+def _encode(obj: Any, option: int = 0) -> bytes:
+    try:
+        return orjson.dumps(obj, option=option)
+    except TypeError:  # nested deeper than orjson encodes (the document was not cleaned)
+        return orjson.dumps(clean(obj), option=option)
+
+
+def _timestamp(value: Any) -> int | None:
+    """Seconds since the epoch, when `value` is one WhatsApp could send (a decimal string or
+    an integer between 1970 and 9999); None otherwise."""
+    seconds: int
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, float) and value.is_integer():
+        seconds = int(value)
+    elif isinstance(value, str) and 0 < len(value) <= 12 and value.isascii() and value.isdigit():
+        seconds = int(value)
+    else:
+        return None
+    return seconds if 0 < seconds <= MAX_TIMESTAMP else None
 
 
 def text_of(message: dict[str, Any]) -> str:
@@ -109,14 +188,48 @@ def text_of(message: dict[str, Any]) -> str:
     return ""
 
 
+def _big_number(text: str) -> int | str:
+    # The stdlib parser refuses integers of more than 4,300 digits; keep them as text.
+    return int(text) if len(text) <= 40 else text
+
+
+def _finite(text: str) -> float | str:
+    number = float(text)
+    return number if math.isfinite(number) else text
+
+
+def _lenient_loads(body: bytes) -> Any:
+    """What orjson refuses but a JSON object still is: lone surrogate escapes, numbers out of
+    a double's range, raw control characters, invalid UTF-8 (replaced). ValueError otherwise."""
+    try:
+        return json.loads(
+            body.decode("utf-8", "replace"),
+            strict=False,
+            parse_int=_big_number,
+            parse_float=_finite,
+            parse_constant=lambda _: None,  # NaN, Infinity: not JSON
+        )
+    except RecursionError as exc:
+        raise ValueError("nested too deep") from exc
+
+
 def parse(body: bytes) -> Delivery:
-    """Raises ValueError (orjson's) for non-JSON and NotADelivery for a non-object."""
-    return parse_obj(orjson.loads(body))
+    """Raises ValueError for non-JSON and NotADelivery for a non-object."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return parse_obj(_lenient_loads(body))
+    # orjson yields valid strings only, and NUL only from a `\u0000` escape: a body without
+    # one (nearly all) needs no cleaning.
+    return parse_obj(doc, cleaned=b"\\u0000" not in body)
 
 
-def parse_obj(doc: Any) -> Delivery:
+def parse_obj(doc: Any, *, cleaned: bool = False) -> Delivery:
+    """`cleaned`: every string of `doc` is already storable (see `clean`)."""
     if not isinstance(doc, dict):
         raise NotADelivery("a delivery is a JSON object")
+    if not cleaned:
+        doc = clean(doc)
     delivery = Delivery()
     for entry in _list(doc.get("entry")):
         for change in _list(_dict(entry).get("changes")):
@@ -126,40 +239,84 @@ def parse_obj(doc: Any) -> Delivery:
     return delivery
 
 
+def _phone_number_id(metadata: dict[str, Any]) -> tuple[str, str]:
+    """The business number's id and, when it cannot go into a Graph API URL, why."""
+    pnid = _str(metadata.get("phone_number_id"))
+    if not pnid:
+        return "", "delivery without metadata.phone_number_id"
+    if not (pnid.isascii() and pnid.isdigit()) or len(pnid) > MAX_METADATA_CHARS:
+        return pnid[:MAX_METADATA_CHARS], "phone_number_id is not a Cloud API id (digits only)"
+    return pnid, ""
+
+
+def _sender(message: dict[str, Any]) -> tuple[str, str]:
+    """The customer's id and, when there is none usable, why. (Customers identified by a
+    business-scoped user id instead of `from` are one more case here.)"""
+    wa_id = _str(message.get("from"))
+    if not wa_id:
+        return "", "message without a sender (from)"
+    if len(wa_id) > MAX_ID_CHARS:
+        return wa_id[:MAX_ID_CHARS], f"sender longer than {MAX_ID_CHARS} characters"
+    return wa_id, ""
+
+
+def _message(
+    raw: Any, phone: tuple[str, str], display: str, name_of: Callable[[str], str]
+) -> Message:
+    message = raw if isinstance(raw, dict) else {"not_an_object": raw}
+    reasons = [] if isinstance(raw, dict) else ["message is not a JSON object"]
+    phone_number_id, phone_reason = phone
+    if phone_reason:
+        reasons.append(phone_reason)
+    message_id = _str(message.get("id"))
+    if not message_id or len(message_id) > MAX_ID_CHARS:
+        reasons.append(
+            "message without an id"
+            if not message_id
+            else f"message id longer than {MAX_ID_CHARS} characters"
+        )
+        # Deterministic, so Meta's retries of this delivery are still recognised as duplicates.
+        canonical = _encode(message, orjson.OPT_SORT_KEYS)
+        message_id = INVALID_ID_PREFIX + hashlib.sha256(canonical).hexdigest()
+    wa_id, sender_reason = _sender(message)
+    if sender_reason:
+        reasons.append(sender_reason)
+    timestamp = _timestamp(message.get("timestamp"))
+    if timestamp is None:
+        reasons.append("timestamp is not a time in seconds between 1970 and 9999")
+    return Message(
+        message_id=message_id,
+        phone_number_id=phone_number_id,
+        display_phone_number=display,
+        wa_id=wa_id,
+        contact_name=name_of(wa_id),
+        type=_str(message.get("type"))[:MAX_TYPE_CHARS] or "unknown",
+        timestamp=timestamp or 0,
+        text=text_of(message),
+        payload_json=_encode(message).decode(),
+        context_message_id=_str(_dict(message.get("context")).get("id"))[:MAX_ID_CHARS],
+        skip_reason="; ".join(reasons),
+    )
+
+
 def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
     metadata = _dict(value.get("metadata"))
-    phone_number_id = _str(metadata.get("phone_number_id"))
-    display = _str(metadata.get("display_phone_number"))
-    names = {}
+    phone = _phone_number_id(metadata)
+    display = _str(metadata.get("display_phone_number"))[:MAX_METADATA_CHARS]
+    names: dict[str, str] = {}
     for contact in _list(value.get("contacts")):
         contact = _dict(contact)
-        names[_str(contact.get("wa_id"))] = _str(_dict(contact.get("profile")).get("name"))
+        name = _str(_dict(contact.get("profile")).get("name"))[:MAX_NAME_CHARS]
+        names[_str(contact.get("wa_id"))] = name
     for raw in _list(value.get("messages")):
-        message = _dict(raw)
-        message_id = _str(message.get("id"))
-        sender = _str(message.get("from"))
-        if not message_id or not sender or not phone_number_id:
-            delivery.dropped.append(f"message without id, sender or phone_number_id: {message_id}")
-            continue
-        kind = _str(message.get("type")) or "unknown"
-        delivery.messages.append(
-            Message(
-                message_id=message_id,
-                phone_number_id=phone_number_id,
-                display_phone_number=display,
-                wa_id=sender,
-                contact_name=names.get(sender, ""),
-                type=kind,
-                timestamp=_int(message.get("timestamp")),
-                text=text_of(message),
-                payload_json=_json(message),
-                context_message_id=_str(_dict(message.get("context")).get("id")),
-            )
-        )
+        delivery.messages.append(_message(raw, phone, display, lambda wa: names.get(wa, "")))
     for raw in _list(value.get("statuses")):
         status = _dict(raw)
         status_id = _str(status.get("id"))
         kind = _str(status.get("status"))
+        if len(status_id) > MAX_ID_CHARS:
+            delivery.dropped.append(f"status id longer than {MAX_ID_CHARS} characters")
+            continue
         if not status_id or kind not in {"sent", "delivered", "read", "failed"}:
             delivery.dropped.append(f"status without id or with unknown status: {status_id}")
             continue
@@ -167,13 +324,13 @@ def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
         delivery.statuses.append(
             Status(
                 message_id=status_id,
-                phone_number_id=phone_number_id,
-                recipient_id=_str(status.get("recipient_id")),
+                phone_number_id=phone[0],
+                recipient_id=_str(status.get("recipient_id"))[:MAX_ID_CHARS],
                 status=kind,
-                timestamp=_int(status.get("timestamp")),
-                payload_json=_json(status),
-                error_code=_str(error.get("code")),
-                error_title=_str(error.get("title")),
-                callback_data=_str(status.get("biz_opaque_callback_data")),
+                timestamp=_timestamp(status.get("timestamp")) or 0,
+                payload_json=_encode(status).decode(),
+                error_code=_str(error.get("code"))[:MAX_TYPE_CHARS],
+                error_title=_str(error.get("title"))[:MAX_NAME_CHARS],
+                callback_data=_str(status.get("biz_opaque_callback_data"))[:MAX_ID_CHARS],
             )
         )

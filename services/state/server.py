@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 
@@ -22,22 +23,30 @@ from .sweeper import Sweeper
 log = logging.getLogger(__name__)
 
 
+def _inbound(m: common_pb2.InboundMessage) -> store.Inbound:
+    message_id, reason = m.message_id, m.skip_reason
+    if not message_id:
+        # The gateway names every message; a caller that did not still loses nothing.
+        digest = hashlib.sha256(m.SerializeToString(deterministic=True)).hexdigest()
+        message_id, reason = f"invalid:{digest}", reason or "message without an id"
+    if not 0 <= m.timestamp <= store.MAX_TIMESTAMP and not reason:
+        reason = "timestamp is not a time in seconds between 1970 and 9999"
+    return store.Inbound(
+        message_id=message_id,
+        phone_number_id=m.phone_number_id,
+        wa_id=m.wa_id,
+        contact_name=m.contact_name,
+        type=m.type or "unknown",
+        timestamp=m.timestamp,
+        text=m.text,
+        payload_json=m.payload_json,
+        skip_reason=reason,
+    )
+
+
 def _delivery_in(request: state_pb2.IngestRequest) -> store.DeliveryIn:
     return store.DeliveryIn(
-        messages=[
-            store.Inbound(
-                message_id=m.message_id,
-                phone_number_id=m.phone_number_id,
-                wa_id=m.wa_id,
-                contact_name=m.contact_name,
-                type=m.type,
-                timestamp=m.timestamp,
-                text=m.text,
-                payload_json=m.payload_json,
-            )
-            for m in request.messages
-            if m.message_id
-        ],
+        messages=[_inbound(m) for m in request.messages],
         statuses=[
             store.Status(
                 message_id=s.message_id,
@@ -93,22 +102,13 @@ class StateServicer(state_pb2_grpc.StateServicer):
             # Log lines about the batch carry its first delivery's correlation id.
             logs.correlation_id.set(deliveries[0].correlation_id)
         try:
-            outs: list[store.DeliveryOut | str] = list(
-                await store.ingest_many(self.pool, deliveries)
-            )
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-            if len(deliveries) == 1 or not isinstance(exc, asyncpg.DataError):
-                log.error("ingest failed: %s", exc)
-                return [state_pb2.IngestResponse(error=f"cannot store: {exc}")] * len(requests)
-            # One delivery's data poisons the batch: store the others one by one.
-            outs = []
-            for delivery in deliveries:
-                try:
-                    (one,) = await store.ingest_many(self.pool, [delivery])
-                    outs.append(one)
-                except (OSError, TimeoutError, asyncpg.PostgresError) as one_exc:
-                    log.error("ingest failed: %s", one_exc)
-                    outs.append(f"cannot store: {one_exc}")
+            # A value PostgreSQL refuses costs its own message only (stored as a skipped
+            # placeholder); an error here means nothing can be stored now (a 503: Meta retries).
+            outs = await store.ingest_isolating(self.pool, deliveries)
+        except store.PROBLEMS as exc:
+            log.error("ingest failed: %s", store.describe(exc))
+            error = f"cannot store: {store.describe(exc)}"
+            return [state_pb2.IngestResponse(error=error)] * len(requests)
         answers = []
         for out in outs:
             if isinstance(out, str):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
 import asyncpg
+import orjson
 
 from common import sqlfile
 from common.db import Conn
@@ -36,6 +38,8 @@ class Inbound:
     timestamp: int
     text: str
     payload_json: str
+    # Why it is stored as skipped whatever its type (the gateway could not use it); "" if not.
+    skip_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,14 @@ def skip_reason(message_type: str) -> str:
     return f"message type {message_type!r} is not answered"
 
 
+# 9999-12-31T23:59:59Z, the last second a datetime holds.
+MAX_TIMESTAMP = 253_402_300_799
+
+
 def _ts(seconds: int) -> dt.datetime:
-    if seconds <= 0:
+    """The WhatsApp timestamp, or now when there is none a datetime can hold (the gateway has
+    then recorded why the message is skipped)."""
+    if not 0 < seconds <= MAX_TIMESTAMP:
         return dt.datetime.now(dt.UTC)
     return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
@@ -154,10 +164,154 @@ async def ingest_many(pool: asyncpg.Pool, deliveries: list[DeliveryIn]) -> list[
     return [DeliveryOut(results[id(d)], counts[id(d)]) for d in deliveries]
 
 
+# SQLSTATE classes that the values being stored cause, so that storing them again fails again:
+# data exceptions (22, also asyncpg's own for a value it cannot encode), integrity constraints
+# (23), program limits such as an index entry too large (54), cardinality (21). Every other
+# error (connection, resources, shutdown, timeouts, privileges) says "not now", not "never".
+DATA_ERROR_CLASSES = frozenset({"21", "22", "23", "54"})
+PROBLEMS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, OverflowError)
+
+
+def is_data_error(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(exc.sqlstate or "")[:2] in DATA_ERROR_CLASSES
+    # A value Python cannot convert (a lone surrogate, an out-of-range number).
+    return isinstance(exc, ValueError | OverflowError)
+
+
+def describe(exc: BaseException) -> str:
+    """The error without its message: asyncpg's name the values it could not encode, and
+    those are customers' words."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__} {sqlstate}" if sqlstate else type(exc).__name__
+
+
+async def ingest_isolating(
+    pool: asyncpg.Pool, deliveries: list[DeliveryIn]
+) -> list[DeliveryOut | str]:
+    """`ingest_many`, except that a value PostgreSQL refuses costs only its own message: that
+    message is stored as a skipped placeholder with the reason, and the rest of its delivery and
+    of the batch as usual (each delivery then in several statements: a part stored before a
+    failure is a duplicate when Meta retries). Per delivery, its outcome or why it cannot be
+    stored now. Raises what says that nothing can be stored now."""
+    try:
+        return list(await ingest_many(pool, deliveries))
+    except PROBLEMS as exc:
+        if not is_data_error(exc):
+            raise
+        log.warning(
+            "a batch was refused (%s): storing its %d deliveries one by one",
+            describe(exc),
+            len(deliveries),
+        )
+    outs: list[DeliveryOut | str] = []
+    for delivery in deliveries:
+        try:
+            outs.append(await _ingest_one(pool, delivery))
+        except PROBLEMS as exc:
+            log.error("ingest failed: %s", describe(exc))
+            outs.append(f"cannot store: {describe(exc)}")
+    return outs
+
+
+async def _ingest_one(pool: asyncpg.Pool, delivery: DeliveryIn) -> DeliveryOut:
+    try:
+        (out,) = await ingest_many(pool, [delivery])
+        return out
+    except PROBLEMS as exc:
+        if not is_data_error(exc):
+            raise
+    # The delivery's own values, should they be what PostgreSQL refused.
+    cid, tp = _storable(delivery.correlation_id, 128), _storable(delivery.traceparent, 128)
+    results: list[Ingested] = []
+    statuses_stored = 0
+    for message in delivery.messages:
+        one = DeliveryIn([message], [], delivery.correlation_id, delivery.traceparent)
+        try:
+            (out,) = await ingest_many(pool, [one])
+        except PROBLEMS as exc:
+            if not is_data_error(exc):
+                raise
+            log.warning(
+                "a message was refused (%s): stored as a skipped placeholder",
+                describe(exc),
+                extra={"message_id": _storable(message.message_id)[:MAX_ID_CHARS]},
+            )
+            (out,) = await ingest_many(
+                pool,
+                [DeliveryIn([_placeholder(message, exc)], [], cid, tp)],
+            )
+        results.extend(out.results)
+    for status in delivery.statuses:
+        one = DeliveryIn([], [status], delivery.correlation_id, delivery.traceparent)
+        try:
+            (out,) = await ingest_many(pool, [one])
+        except PROBLEMS as exc:
+            if not is_data_error(exc):
+                raise
+            log.warning("a status was refused (%s): stored as a placeholder", describe(exc))
+            (out,) = await ingest_many(
+                pool,
+                [DeliveryIn([], [_status_placeholder(status, exc)], cid, tp)],
+            )
+        statuses_stored += out.statuses_stored
+    return DeliveryOut(results, statuses_stored)
+
+
+MAX_ID_CHARS = 256
+
+
+def _storable(text: str, limit: int | None = None) -> str:
+    """`text` as PostgreSQL text holds it: no NUL, lone surrogates as U+FFFD."""
+    text = text.replace("\x00", "")
+    text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text[:limit] if limit is not None else text
+
+
+def _storable_id(message_id: str) -> str:
+    kept = _storable(message_id)
+    if kept == message_id and 0 < len(kept) <= MAX_ID_CHARS:
+        return kept
+    digest = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"invalid:{digest}"
+
+
+def _placeholder(message: Inbound, exc: BaseException) -> Inbound:
+    """What can be kept of a message PostgreSQL refused: its ids, and its payload as text."""
+    reason = f"could not be stored as delivered ({describe(exc)}): kept as a placeholder"
+    return Inbound(
+        message_id=_storable_id(message.message_id),
+        phone_number_id=_storable(message.phone_number_id, 64),
+        wa_id=_storable(message.wa_id, MAX_ID_CHARS),
+        contact_name="",
+        type=_storable(message.type, 64) or "unknown",
+        timestamp=0,
+        text="",
+        payload_json=orjson.dumps(
+            {"placeholder": reason, "payload_json": _storable(message.payload_json)}
+        ).decode(),
+        skip_reason=reason,
+    )
+
+
+def _status_placeholder(status: Status, exc: BaseException) -> Status:
+    reason = f"could not be stored as delivered ({describe(exc)}): kept as a placeholder"
+    return Status(
+        message_id=_storable_id(status.message_id),
+        phone_number_id=_storable(status.phone_number_id, 64),
+        recipient_id=_storable(status.recipient_id, MAX_ID_CHARS),
+        status=_storable(status.status, 16),
+        timestamp=0,
+        payload_json=orjson.dumps(
+            {"placeholder": reason, "payload_json": _storable(status.payload_json)}
+        ).decode(),
+    )
+
+
 async def _insert_messages(
     conn: Conn, messages: list[tuple[DeliveryIn, Inbound]]
 ) -> list[asyncpg.Record]:
-    reasons = [skip_reason(m.type) for _, m in messages]
+    reasons = [m.skip_reason or skip_reason(m.type) for _, m in messages]
     return list(
         await conn.fetch(
             Q["ingest_messages"],

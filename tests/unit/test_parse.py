@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wa.v1 import common_pb2
 
 from services.gateway import parse
 from tests.support import payloads
+from tests.support.hostile import expected_text, hostile_deliveries
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -48,13 +51,96 @@ def test_statuses_with_errors() -> None:
     ]
 
 
-def test_events_without_ids_are_dropped_not_crashing() -> None:
-    bad = payloads.message("text")
-    del bad["id"]
-    doc = payloads.delivery(messages=[bad, payloads.message("text")], statuses=[{"status": "read"}])
+def test_messages_without_id_sender_or_number_are_stored_as_skipped_not_dropped() -> None:
+    no_id = payloads.message("text")
+    del no_id["id"]
+    no_sender = payloads.message("text")
+    del no_sender["from"]
+    doc = payloads.delivery(
+        messages=[no_id, payloads.message("text")], statuses=[{"status": "read"}]
+    )
+    doc["entry"][0]["changes"][0]["value"]["messages"] += [7, no_sender]
     delivery = parse.parse(orjson.dumps(doc))
-    assert len(delivery.messages) == 1
-    assert len(delivery.dropped) == 2
+    assert [bool(m.skip_reason) for m in delivery.messages] == [True, False, True, True]
+    assert "without an id" in delivery.messages[0].skip_reason
+    assert "not a JSON object" in delivery.messages[2].skip_reason
+    assert "without a sender" in delivery.messages[3].skip_reason
+    assert delivery.messages[0].message_id.startswith(parse.INVALID_ID_PREFIX)
+    assert len(delivery.dropped) == 1  # the status: it answers nothing and has no id
+    # Meta's retry of the same delivery names the same messages (duplicates stay duplicates).
+    again = parse.parse(orjson.dumps(doc))
+    assert [m.message_id for m in again.messages] == [m.message_id for m in delivery.messages]
+    other = dict(no_id, text={"body": "another"})
+    (m,) = parse.parse(orjson.dumps(payloads.delivery(messages=[other]))).messages
+    assert m.message_id != delivery.messages[0].message_id
+
+    metadata = doc["entry"][0]["changes"][0]["value"]["metadata"]
+    del metadata["phone_number_id"]
+    for m in parse.parse(orjson.dumps(doc)).messages:
+        assert "without metadata.phone_number_id" in m.skip_reason
+
+
+@pytest.mark.parametrize(
+    "phone_number_id",
+    [
+        "123/../../me?fields=",
+        "10000 1",
+        "\uff11\uff12\uff13",
+        "\u0661\u0662",
+        "-1",
+        "1.5",
+        "9" * 65,
+    ],
+)
+def test_a_phone_number_id_that_is_not_digits_is_skipped(phone_number_id: str) -> None:
+    doc = payloads.delivery(messages=[payloads.message("text")])
+    doc["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = phone_number_id
+    (m,) = parse.parse(orjson.dumps(doc)).messages
+    assert m.skip_reason == "phone_number_id is not a Cloud API id (digits only)"
+    assert m.text == "hello"
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["99999999999999999999", str(2**63), 2**63, "-5", -5, 0, "", "1e9", "soon", None, 1.5e300],
+)
+def test_a_timestamp_no_clock_holds_is_skipped_with_a_reason(timestamp: Any) -> None:
+    doc = payloads.delivery(messages=[payloads.message("text", timestamp=timestamp)])
+    (m,) = parse.parse(json.dumps(doc).encode()).messages
+    assert m.skip_reason.startswith("timestamp is not a time")
+    assert m.timestamp == 0
+    common_pb2.InboundMessage(timestamp=m.timestamp)  # int64 holds it
+
+
+def test_a_backslash_u0000_typed_by_a_customer_is_kept_as_typed() -> None:
+    typed = "my log says \\u0000 and \\\\u0000 here"
+    doc = payloads.delivery(messages=[payloads.message("text", text={"body": typed})])
+    (m,) = parse.parse(orjson.dumps(doc)).messages
+    assert m.text == typed
+    assert orjson.loads(m.payload_json)["text"]["body"] == typed
+
+
+def test_lone_surrogates_and_nul_escapes_are_repaired_not_refused() -> None:
+    # orjson refuses the body; the message is still read, the surrogate as U+FFFD.
+    body = payloads.delivery(messages=[payloads.message("text", text={"body": "a\ud800b\x00"})])
+    raw = json.dumps(body).encode()
+    assert b"\\ud800" in raw and b"\\u0000" in raw
+    (m,) = parse.parse(raw).messages
+    assert m.text == "a\ufffdb"
+    assert orjson.loads(m.payload_json)["text"]["body"] == "a\ufffdb"
+    assert not m.skip_reason
+
+
+def test_a_payload_nested_deeper_than_json_encoders_go_is_kept_capped() -> None:
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(400):
+        node["x"] = {}
+        node = node["x"]
+    doc = payloads.delivery(messages=[payloads.message("text", extra=deep)])
+    (m,) = parse.parse(json.dumps(doc).encode()).messages
+    assert m.text == "hello"
+    assert parse.DEEPER in m.payload_json
 
 
 @pytest.mark.parametrize("body", [b"[]", b"1", b'"x"', b"null"])
@@ -100,14 +186,67 @@ def test_any_shape_inside_a_delivery_parses_without_exceptions(
         ]
     }
     delivery = parse.parse_obj(doc)
+    assert len(delivery.messages) == len(messages)
     for m in delivery.messages:
-        assert m.message_id and m.wa_id
+        assert m.message_id and (m.wa_id or m.skip_reason)
 
 
 @given(text=st.text(max_size=500))
 def test_text_round_trips(text: str) -> None:
     doc = payloads.delivery(messages=[payloads.message("text", text={"body": text})])
-    (m,) = parse.parse(orjson.dumps(doc)).messages
-    # NUL cannot be stored by PostgreSQL; everything else arrives as typed.
-    assert m.text == text.replace("\x00", "")
-    assert "\\u0000" not in m.payload_json
+    (m,) = parse.parse(json.dumps(doc).encode()).messages
+    assert m.text == expected_text(text)
+    assert orjson.loads(m.payload_json)["text"]["body"] == m.text
+    assert not m.skip_reason
+
+
+def assert_storable(value: str) -> None:
+    assert "\x00" not in value
+    value.encode("utf-8")  # no lone surrogate
+
+
+def assert_delivery_storable(delivery: parse.Delivery) -> None:
+    """Every value protobuf, the state service and PostgreSQL will be given holds."""
+    for m in delivery.messages:
+        for text in (
+            m.message_id, m.phone_number_id, m.display_phone_number, m.wa_id, m.contact_name,
+            m.type, m.text, m.payload_json, m.context_message_id, m.skip_reason,
+        ):  # fmt: skip
+            assert_storable(text)
+        assert 0 < len(m.message_id) <= parse.MAX_ID_CHARS
+        assert len(m.wa_id) <= parse.MAX_ID_CHARS and len(m.phone_number_id) <= 64
+        assert 0 <= m.timestamp <= parse.MAX_TIMESTAMP
+        assert m.skip_reason or (m.phone_number_id.isdigit() and m.wa_id and m.timestamp > 0)
+        assert isinstance(orjson.loads(m.payload_json), dict)
+        common_pb2.InboundMessage(
+            message_id=m.message_id, phone_number_id=m.phone_number_id, wa_id=m.wa_id,
+            contact_name=m.contact_name, type=m.type, timestamp=m.timestamp, text=m.text,
+            payload_json=m.payload_json, context_message_id=m.context_message_id,
+            skip_reason=m.skip_reason,
+        ).SerializeToString()  # fmt: skip
+    for s in delivery.statuses:
+        for text in (s.message_id, s.phone_number_id, s.recipient_id, s.payload_json):
+            assert_storable(text)
+        assert 0 <= s.timestamp <= parse.MAX_TIMESTAMP
+        assert 0 < len(s.message_id) <= parse.MAX_ID_CHARS
+        common_pb2.StatusUpdate(
+            message_id=s.message_id, phone_number_id=s.phone_number_id,
+            recipient_id=s.recipient_id, status=s.status, timestamp=s.timestamp,
+            payload_json=s.payload_json, error_code=s.error_code, error_title=s.error_title,
+            callback_data=s.callback_data,
+        ).SerializeToString()  # fmt: skip
+
+
+@settings(max_examples=400)
+@given(doc=hostile_deliveries())
+def test_parse_yields_only_storable_values_from_any_delivery(doc: dict[str, Any]) -> None:
+    # As Python objects (no encoder in between) and as the bytes a sender would post.
+    assert_delivery_storable(parse.parse_obj(doc))
+    try:
+        body = json.dumps(doc).encode()
+    except ValueError:  # a NaN or infinity: JSON has none
+        return
+    delivery = parse.parse(body)
+    assert_delivery_storable(delivery)
+    messages = doc["entry"][0]["changes"][0]["value"]["messages"]
+    assert len(delivery.messages) == len(messages)
