@@ -68,6 +68,10 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_BODY_BYTES_LIMIT = 16 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Settings:
     app_secret: Secret = field(default_factory=lambda: Secret(""))
@@ -78,7 +82,8 @@ class Settings:
     api_version: str = "v23.0"
     gateway_host: str = "0.0.0.0"
     gateway_port: int = 8080
-    max_body_bytes: int = 1024 * 1024
+    # Meta documents deliveries of up to 3 MB.
+    max_body_bytes: int = MAX_BODY_BYTES
     state_port: int = 50051
     agent_port: int = 50052
     dlq_port: int = 50053
@@ -135,7 +140,7 @@ class Settings:
             api_version=e.get("WHATSAPP_API_VERSION") or "v23.0",
             gateway_host=e.get("GATEWAY_HOST") or "0.0.0.0",
             gateway_port=_int(e, "GATEWAY_PORT", 8080),
-            max_body_bytes=_int(e, "GATEWAY_MAX_BODY_BYTES", 1024 * 1024),
+            max_body_bytes=_int(e, "GATEWAY_MAX_BODY_BYTES", MAX_BODY_BYTES),
             state_port=state_port,
             agent_port=agent_port,
             dlq_port=dlq_port,
@@ -179,6 +184,13 @@ class Settings:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if settings.agent_max_retries < 0:
             raise ConfigError("AGENT_MAX_RETRIES must be zero or more")
+        if not 0 < settings.max_body_bytes <= MAX_BODY_BYTES_LIMIT:
+            # One message (its text and its payload, each up to the body) must fit the
+            # internal gRPC message limit.
+            raise ConfigError(
+                f"GATEWAY_MAX_BODY_BYTES must be between 1 and {MAX_BODY_BYTES_LIMIT}, "
+                f"got {settings.max_body_bytes}"
+            )
         return settings
 
     def require_database(self) -> str:

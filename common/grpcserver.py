@@ -24,6 +24,14 @@ from . import config, runtime, telemetry
 log = logging.getLogger(__name__)
 
 GRACE_SECONDS = 5.0
+# Every server and channel sends and receives messages up to this size: a delivery of up to
+# GATEWAY_MAX_BODY_BYTES (at most 16 MiB) carries its text and its raw payload, and the gateway
+# caps its group-committed batches at a quarter of it.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MESSAGE_SIZE_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 
 # A set-up receives the server (to add its servicers) and yields the full names of its services;
 # everything it opened is closed when it exits, after the server has stopped.
@@ -41,7 +49,7 @@ async def serve(name: str, port: int, setup: Setup, settings: config.Settings) -
     install_stop_signals(stop)
     server = grpc.aio.server(
         interceptors=telemetry.server_interceptors(),
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS],
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -96,7 +104,11 @@ async def channel(target: str, *, traced: bool = True) -> AsyncIterator[grpc.aio
     ch = grpc.aio.insecure_channel(
         target,
         interceptors=telemetry.client_interceptors() if traced else [],
-        options=[("grpc.enable_retries", 1), ("grpc.keepalive_time_ms", 30000)],
+        options=[
+            ("grpc.enable_retries", 1),
+            ("grpc.keepalive_time_ms", 30000),
+            *MESSAGE_SIZE_OPTIONS,
+        ],
     )
     try:
         yield ch

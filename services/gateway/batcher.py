@@ -3,6 +3,12 @@ together in the next `State.IngestBatch` call (one gRPC call and one transaction
 
 Nothing waits for a timer: an idle gateway sends each delivery at once; a busy one sends what
 queued up meanwhile. Each delivery is still answered only once its own batch is stored.
+
+A batch is capped in bytes as well as in deliveries, so that it stays within the state
+service's gRPC message limit (`common.grpcserver.MAX_MESSAGE_BYTES`) however large the
+deliveries (Meta sends up to 3 MB): a delivery larger than the cap goes in parts, each alone,
+and is answered once every part is stored (a part stored before another failed is a duplicate
+when Meta retries).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 
 import grpc
 from prometheus_client import Histogram
@@ -28,6 +35,15 @@ class IngestError(Exception):
     """The delivery could not be stored durably."""
 
 
+# What a delivery adds to an IngestBatchRequest besides its own bytes: a field tag and a length.
+FRAMING_BYTES = 16
+# A quarter of the gRPC message limit: a single message (its text and its payload, each at most
+# GATEWAY_MAX_BODY_BYTES, which config caps at 16 MiB) larger than a batch still fits alone.
+MAX_BATCH_BYTES = 16 * 1024 * 1024
+
+Pending = tuple[state_pb2.IngestRequest, int, asyncio.Future[state_pb2.IngestResponse]]
+
+
 class IngestBatcher:
     def __init__(
         self,
@@ -35,21 +51,37 @@ class IngestBatcher:
         *,
         timeout: float,
         max_batch: int = 128,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
         max_in_flight: int = 4,
     ) -> None:
         self.stub = stub
         self.timeout = timeout
         self.max_batch = max_batch
-        self._queue: list[tuple[state_pb2.IngestRequest, asyncio.Future[state_pb2.IngestResponse]]]
-        self._queue = []
+        self.max_batch_bytes = max_batch_bytes
+        self._queue: deque[Pending] = deque()
         self.max_in_flight = max_in_flight
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: state_pb2.IngestRequest) -> state_pb2.IngestResponse:
+        size = request.ByteSize() + FRAMING_BYTES
+        if size <= self.max_batch_bytes:
+            return await self._submit(request, size)
+        parts = split(request, self.max_batch_bytes)
+        answers = await asyncio.gather(
+            *(self._submit(part, part.ByteSize() + FRAMING_BYTES) for part in parts)
+        )
+        return state_pb2.IngestResponse(
+            results=[r for answer in answers for r in answer.results],
+            statuses_stored=sum(answer.statuses_stored for answer in answers),
+        )
+
+    async def _submit(
+        self, request: state_pb2.IngestRequest, size: int
+    ) -> state_pb2.IngestResponse:
         future: asyncio.Future[state_pb2.IngestResponse] = (
             asyncio.get_running_loop().create_future()
         )
-        self._queue.append((request, future))
+        self._queue.append((request, size, future))
         if len(self._tasks) < self.max_in_flight:
             task = asyncio.create_task(self._send())
             self._tasks.add(task)
@@ -58,18 +90,22 @@ class IngestBatcher:
 
     async def _send(self) -> None:
         while self._queue:
-            batch = self._queue[: self.max_batch]
-            del self._queue[: self.max_batch]
+            batch = [self._queue.popleft()]
+            total = batch[0][1]
+            while (
+                self._queue
+                and len(batch) < self.max_batch
+                and total + self._queue[0][1] <= self.max_batch_bytes
+            ):
+                total += self._queue[0][1]
+                batch.append(self._queue.popleft())
             await self._send_batch(batch)
 
-    async def _send_batch(
-        self,
-        batch: list[tuple[state_pb2.IngestRequest, asyncio.Future[state_pb2.IngestResponse]]],
-    ) -> None:
+    async def _send_batch(self, batch: list[Pending]) -> None:
         BATCH_SIZE.observe(len(batch))
         try:
             resp = await self.stub.IngestBatch(
-                state_pb2.IngestBatchRequest(deliveries=[r for r, _ in batch]),
+                state_pb2.IngestBatchRequest(deliveries=[r for r, _, _ in batch]),
                 timeout=self.timeout,
             )
             answers = list(resp.deliveries)
@@ -81,11 +117,11 @@ class IngestBatcher:
                 if isinstance(exc, grpc.aio.AioRpcError)
                 else str(exc)
             )
-            for _, future in batch:
+            for _, _, future in batch:
                 if not future.done():
                     future.set_exception(IngestError(detail))
             return
-        for (_, future), answer in zip(batch, answers, strict=True):
+        for (_, _, future), answer in zip(batch, answers, strict=True):
             if future.done():
                 continue
             if answer.error:
@@ -97,3 +133,26 @@ class IngestBatcher:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, self.timeout)
+
+
+def split(request: state_pb2.IngestRequest, max_bytes: int) -> list[state_pb2.IngestRequest]:
+    """`request`'s messages and statuses, in order, in parts of at most `max_bytes` each (an
+    event larger than that alone in its part)."""
+
+    def empty() -> state_pb2.IngestRequest:
+        return state_pb2.IngestRequest(
+            correlation_id=request.correlation_id, traceparent=request.traceparent
+        )
+
+    parts = [empty()]
+    base = parts[0].ByteSize() + FRAMING_BYTES
+    size = base
+    for kind in ("messages", "statuses"):
+        for event in getattr(request, kind):
+            event_size = event.ByteSize() + FRAMING_BYTES
+            if size > base and size + event_size > max_bytes:
+                parts.append(empty())
+                size = base
+            getattr(parts[-1], kind).append(event)
+            size += event_size
+    return parts

@@ -93,7 +93,7 @@ async def test_bad_bodies_are_answered_and_never_crash(start_system: StartSystem
     assert array.status_code == 400
     odd = await system.post({"object": "whatsapp_business_account", "entry": [{"changes": 7}]})
     assert odd.status_code == 200
-    big = await system.post(b'{"x": "' + b"a" * (1024 * 1024 + 10) + b'"}')
+    big = await system.post(b'{"x": "' + b"a" * (4 * 1024 * 1024 + 10) + b'"}')
     assert big.status_code == 413
     assert (await system.http.get(f"{system.url}/healthz")).status_code == 200
 
