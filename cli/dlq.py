@@ -3,8 +3,8 @@
 `--json` output is stable: `list` prints a JSON array of items, `show` one item; an item has
 id, message_id, conversation_id (also as conversation), wa_id, status, attempts, error_class,
 error_message, last_error ("class: message"), retryable, correlation_id, created_at,
-updated_at, next_attempt_at (and, for `show`,
-payload and history: [{at, error_class, error_message}], timeline: [...]).
+updated_at, next_attempt_at, deferrals (and, for `show`, payload and history:
+[{at, error_class, error_message, deferred}], timeline: [...]; `deferred`: no attempt used).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ FIELDS = (
     "created_at",
     "updated_at",
     "next_attempt_at",
+    "deferrals",
 )
 
 
@@ -46,7 +47,12 @@ def item_dict(item: dlq_pb2.DlqItem, *, full: bool = False) -> dict[str, Any]:
     if full:
         out["payload"] = orjson.loads(item.payload_json) if item.payload_json else None
         out["history"] = [
-            {"at": h.at, "error_class": h.error_class, "error_message": h.error_message}
+            {
+                "at": h.at,
+                "error_class": h.error_class,
+                "error_message": h.error_message,
+                "deferred": h.deferred,
+            }
             for h in item.history
         ]
     return out
@@ -138,6 +144,7 @@ async def show(item_id: int, as_json: bool) -> int:
         "created_at",
         "updated_at",
         "next_attempt_at",
+        "deferrals",
     ):
         print(f"  {key:<16} {data[key]}")
     print(f"  {'last error':<16} {data['error_class']}: {data['error_message']}")
@@ -145,7 +152,8 @@ async def show(item_id: int, as_json: bool) -> int:
     print("    " + orjson.dumps(data["payload"]).decode())
     print("  error history:")
     for h in data["history"]:
-        print(f"    {h['at'][:19]}  {h['error_class']}: {h['error_message']}")
+        note = "  (deferred, no attempt used)" if h["deferred"] else ""
+        print(f"    {h['at'][:19]}  {h['error_class']}: {h['error_message']}{note}")
     print("  conversation timeline (newest first):")
     for t in timeline:
         if "error" in t:
@@ -159,23 +167,35 @@ async def show(item_id: int, as_json: bool) -> int:
 
 
 async def retry(ids: list[int], all_items: bool, status: str, as_json: bool) -> int:
+    """One call does a bounded amount of work and returns what it did not reach: those are
+    asked for again until none is left (or a call makes no progress)."""
     settings = config.Settings.from_env()
+    redriven: list[int] = []
+    errors: list[str] = []
+    request = dlq_pb2.RetryRequest(ids=ids, all=all_items, status=status)
     async with grpcserver.channel(settings.dlq_addr) as ch:
-        try:
-            with calling("dlq", settings.dlq_addr):
-                resp = await dlq_pb2_grpc.DlqStub(ch).Retry(
-                    dlq_pb2.RetryRequest(ids=ids, all=all_items, status=status), timeout=60
-                )
-        except grpc.aio.AioRpcError as exc:  # INVALID_ARGUMENT
-            print(exc.details(), file=sys.stderr)
-            return 2
+        stub = dlq_pb2_grpc.DlqStub(ch)
+        while True:
+            try:
+                with calling("dlq", settings.dlq_addr):
+                    resp = await stub.Retry(request, timeout=60)
+            except grpc.aio.AioRpcError as exc:  # INVALID_ARGUMENT
+                print(exc.details(), file=sys.stderr)
+                return 2
+            redriven.extend(resp.redriven)
+            errors.extend(resp.errors)
+            remaining = list(resp.remaining)
+            if not remaining or (not resp.redriven and not resp.errors):
+                break
+            request = dlq_pb2.RetryRequest(ids=remaining)
+    errors.extend(f"{i}: not reached, retry it again" for i in remaining)
     if as_json:
-        print(orjson.dumps({"redriven": list(resp.redriven), "errors": list(resp.errors)}).decode())
+        print(orjson.dumps({"redriven": redriven, "errors": errors}).decode())
     else:
-        print(f"redriven: {', '.join(map(str, resp.redriven)) or 'none'}")
-        for err in resp.errors:
+        print(f"redriven: {', '.join(map(str, redriven)) or 'none'}")
+        for err in errors:
             print(f"not redriven: {err}")
-    return 0 if not resp.errors else 1
+    return 0 if not errors else 1
 
 
 def confirm_purge(ids: list[int]) -> bool:

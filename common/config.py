@@ -110,6 +110,7 @@ class Settings:
     send_confirm_seconds: float = 10.0
     dlq_max_attempts: int = 3
     dlq_retry_base_seconds: float = 30.0
+    dlq_max_defer_seconds: float = 1800.0
     dlq_poll_seconds: float = 1.0
     stuck_timeout_seconds: float = 120.0
     lock_ttl_seconds: float = 120.0
@@ -167,6 +168,7 @@ class Settings:
             send_confirm_seconds=_float(e, "WHATSAPP_SEND_CONFIRM_SECONDS", 10.0),
             dlq_max_attempts=_int(e, "DLQ_MAX_ATTEMPTS", 3),
             dlq_retry_base_seconds=_float(e, "DLQ_RETRY_BASE_SECONDS", 30.0),
+            dlq_max_defer_seconds=_float(e, "DLQ_MAX_DEFER_SECONDS", 1800.0),
             dlq_poll_seconds=_float(e, "DLQ_POLL_SECONDS", 1.0),
             stuck_timeout_seconds=_float(e, "STUCK_TIMEOUT_SECONDS", 120.0),
             lock_ttl_seconds=_float(e, "CONVERSATION_LOCK_TTL_SECONDS", 120.0),
@@ -174,6 +176,8 @@ class Settings:
             max_concurrent_conversations=_int(e, "MAX_CONCURRENT_CONVERSATIONS", 64),
             log_level=level,
         )
+        if settings.dlq_max_defer_seconds < 0:
+            raise ConfigError("DLQ_MAX_DEFER_SECONDS must be zero or more")
         for name, value in (
             ("AGENT_TOKEN_LIMIT", settings.agent_token_limit),
             ("CONVERSATION_LOCK_TTL_SECONDS", settings.lock_ttl_seconds),

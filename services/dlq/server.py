@@ -10,14 +10,19 @@ from collections.abc import AsyncIterator
 import asyncpg
 import grpc
 import orjson
-from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
+from wa.v1 import agent_pb2, agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
 from common import config, db, grpcserver, logs
 
 from . import store
-from .redrive import RedriveUnavailable, Worker, redrive_items
+from .redrive import Handed, RedriveUnavailable, Worker, redrive_items
 
 log = logging.getLogger(__name__)
+
+# One operator Retry call considers at most this many items (`--all`) and works for at most
+# RETRY_CALL_SECONDS, stopping before its deadline: the rest is returned as `remaining`.
+MAX_RETRY_ITEMS = 1000
+RETRY_CALL_SECONDS = 30.0
 
 
 def _iso(value: object) -> str:
@@ -39,6 +44,7 @@ def to_item(row: asyncpg.Record, *, full: bool = False) -> dlq_pb2.DlqItem:
         correlation_id=row["correlation_id"],
         retryable=row["retryable"],
         wa_id=row.get("wa_id") or "",
+        deferrals=row["deferrals"],
     )
     if full:
         item.payload_json = orjson.dumps(row["payload"]).decode()
@@ -48,6 +54,7 @@ def to_item(row: asyncpg.Record, *, full: bool = False) -> dlq_pb2.DlqItem:
                     at=str(h.get("at", "")),
                     error_class=str(h.get("error_class", "")),
                     error_message=str(h.get("error_message", "")),
+                    deferred=bool(h.get("deferred", False)),
                 )
             )
     return item
@@ -60,7 +67,7 @@ class GrpcState:
 
     async def redrive(
         self, message_id: str, reason: str, correlation_id: str, *, operator: bool
-    ) -> bool:
+    ) -> Handed:
         try:
             resp = await self.stub.Redrive(
                 state_pb2.RedriveRequest(
@@ -73,7 +80,24 @@ class GrpcState:
             )
         except grpc.aio.AioRpcError as exc:
             raise RedriveUnavailable(f"{exc.code().name}: {exc.details()}") from exc
-        return bool(resp.accepted)
+        return Handed(accepted=bool(resp.accepted), status=resp.status)
+
+
+class GrpcAgentStatus:
+    """The model's circuit breaker, as the agent service reports it."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout: float = 2.0) -> None:
+        self.stub = agent_pb2_grpc.AgentStub(channel)
+        self.timeout = timeout
+
+    async def breaker_state(self) -> str:
+        try:
+            resp = await self.stub.GetStatus(agent_pb2.AgentStatusRequest(), timeout=self.timeout)
+        except grpc.aio.AioRpcError:
+            # Unknown: redrive as usual (the state service waits for an unreachable agent,
+            # and a refused call is deferred when it is enqueued again).
+            return ""
+        return str(resp.breaker_state)
 
 
 class DlqServicer(dlq_pb2_grpc.DlqServicer):
@@ -99,6 +123,7 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
             correlation_id=request.correlation_id,
             max_attempts=self.settings.dlq_max_attempts,
             base_seconds=self.settings.dlq_retry_base_seconds,
+            max_defer_seconds=self.settings.dlq_max_defer_seconds,
         )
         extra = {"dlq_id": row["id"], "message_id": row["message_id"], "attempts": row["attempts"]}
         if row["status"] == "dead":
@@ -144,23 +169,37 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "only pending, retrying or dead can be retried",
                 )
-            items = await store.claim_status(self.pool, statuses)
+            ids = await store.retry_candidates(self.pool, statuses, MAX_RETRY_ITEMS)
         elif request.ids:
-            items = await store.claim_ids(self.pool, list(request.ids))
-            missing = set(request.ids) - {i.id for i in items}
-            if missing:
-                log.info("not retryable (unknown, resolved or purged): %s", sorted(missing))
+            ids = list(dict.fromkeys(request.ids))
         else:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give ids or all")
-        done, errors = await redrive_items(
-            self.pool, self.state, items, "redriven by an operator", operator=True
-        )
-        if request.ids:
-            errors.extend(
-                f"{i}: unknown, resolved or purged"
-                for i in sorted(set(request.ids) - {c.id for c in items})
+        # Each item is claimed just before its hand-over, and none after the time left: a
+        # call cut off by its deadline leaves nothing claimed and not handed over.
+        loop = asyncio.get_running_loop()
+        left = context.time_remaining()
+        budget = min(RETRY_CALL_SECONDS, left if left is not None else RETRY_CALL_SECONDS)
+        stop_at = loop.time() + budget - self.state.timeout - 1.0
+        done: list[int] = []
+        errors: list[str] = []
+        remaining: list[int] = []
+        for n, item_id in enumerate(ids):
+            if loop.time() >= stop_at:
+                remaining = ids[n:]
+                break
+            claimed = await store.claim_ids(self.pool, [item_id])
+            if not claimed:
+                if request.ids:
+                    errors.append(f"{item_id}: unknown, resolved or purged")
+                continue  # --all: taken by the worker meanwhile
+            handed, failed = await redrive_items(
+                self.pool, self.state, claimed, "redriven by an operator", operator=True
             )
-        return dlq_pb2.RetryResponse(redriven=done, errors=errors)
+            done.extend(handed)
+            errors.extend(failed)
+        if remaining:
+            log.info("operator retry: items left for the next call", extra={"n": len(remaining)})
+        return dlq_pb2.RetryResponse(redriven=done, errors=errors, remaining=remaining)
 
     async def Purge(
         self, request: dlq_pb2.PurgeRequest, context: grpc.aio.ServicerContext
@@ -179,9 +218,22 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
 @contextlib.asynccontextmanager
 async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIterator[list[str]]:
     pool = await db.create_pool(settings.require_database())
-    async with grpcserver.channel(settings.state_addr) as state_ch:
-        state = GrpcState(state_ch)
-        worker = Worker(pool, state, poll_seconds=settings.dlq_poll_seconds)
+    async with (
+        grpcserver.channel(settings.state_addr) as state_ch,
+        grpcserver.channel(settings.agent_addr, traced=False) as agent_ch,
+    ):
+        # A hand-over well within the stuck timeout: the worker's recovery of stranded items
+        # never takes one that is still being handed over.
+        state = GrpcState(state_ch, timeout=min(5.0, settings.stuck_timeout_seconds / 4))
+        worker = Worker(
+            pool,
+            state,
+            poll_seconds=settings.dlq_poll_seconds,
+            agent=GrpcAgentStatus(agent_ch),
+            stuck_timeout=settings.stuck_timeout_seconds,
+            retry_base_seconds=settings.dlq_retry_base_seconds,
+            max_defer_seconds=settings.dlq_max_defer_seconds,
+        )
         task = asyncio.create_task(worker.run(), name="dlq-worker")
         dlq_pb2_grpc.add_DlqServicer_to_server(DlqServicer(pool, state, settings), server)
         try:

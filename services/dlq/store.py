@@ -33,6 +33,7 @@ async def enqueue(
     correlation_id: str,
     max_attempts: int,
     base_seconds: float,
+    max_defer_seconds: float,
 ) -> asyncpg.Record:
     async with pool.acquire() as conn, conn.transaction():
         payload = await conn.fetchval(Q["message_payload"], message_id)
@@ -47,6 +48,7 @@ async def enqueue(
             max_attempts,
             base_seconds,
             correlation_id,
+            max_defer_seconds,
         )
         assert row is not None
         return row
@@ -61,16 +63,39 @@ def _claimed(rows: list[asyncpg.Record]) -> list[Claimed]:
     ]
 
 
-async def claim_due(pool: asyncpg.Pool, limit: int) -> list[Claimed]:
-    return _claimed(await pool.fetch(Q["claim_due"], limit))
+async def claim_due(pool: asyncpg.Pool) -> Claimed | None:
+    """The next due item, now `retrying`; the caller hands it over at once."""
+    rows = _claimed(await pool.fetch(Q["claim_due"]))
+    return rows[0] if rows else None
+
+
+async def claim_probe(pool: asyncpg.Pool, probe_timeout: float) -> Claimed | None:
+    """A due item to go through the model's half-open breaker, unless one of ours is probing."""
+    rows = _claimed(await pool.fetch(Q["claim_probe"], probe_timeout))
+    return rows[0] if rows else None
+
+
+async def defer_due(
+    pool: asyncpg.Pool, limit: int, base_seconds: float, max_defer_seconds: float
+) -> list[asyncpg.Record]:
+    """Due items wait while the model's breaker is open: no attempt used."""
+    return list(await pool.fetch(Q["defer_due"], limit, base_seconds, max_defer_seconds))
 
 
 async def claim_ids(pool: asyncpg.Pool, ids: list[int]) -> list[Claimed]:
     return _claimed(await pool.fetch(Q["claim_ids"], ids))
 
 
-async def claim_status(pool: asyncpg.Pool, statuses: list[str]) -> list[Claimed]:
-    return _claimed(await pool.fetch(Q["claim_status"], statuses))
+async def retry_candidates(pool: asyncpg.Pool, statuses: list[str], limit: int) -> list[int]:
+    return [r["id"] for r in await pool.fetch(Q["retry_candidates"], statuses, limit)]
+
+
+async def recover_retrying(
+    pool: asyncpg.Pool, older_than: float, limit: int
+) -> list[asyncpg.Record]:
+    """Stranded `retrying` items back to pending (their message is still dead-lettered) or
+    resolved (it was replied or skipped meanwhile)."""
+    return list(await pool.fetch(Q["recover_retrying"], older_than, limit))
 
 
 async def back_to_pending(pool: asyncpg.Pool, item_id: int, delay: float, error: str) -> None:
@@ -99,5 +124,5 @@ async def get(pool: asyncpg.Pool, item_id: int) -> asyncpg.Record | None:
     return await pool.fetchrow(Q["get"], item_id)
 
 
-async def gauges(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-    return list(await pool.fetch(Q["gauges"]))
+async def gauges(pool: asyncpg.Pool, stranded_after: float) -> list[asyncpg.Record]:
+    return list(await pool.fetch(Q["gauges"], stranded_after))

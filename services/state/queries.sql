@@ -202,3 +202,8 @@ SELECT message_id, entity, from_state, to_state, reason, correlation_id, created
  WHERE conversation_id = $1
  ORDER BY created_at DESC, id DESC
  LIMIT $2
+
+-- name: record_stuck_timeout
+-- The monitoring views and check_webhook_system_health() judge "stuck" by this.
+INSERT INTO wa_runtime_settings (name, value) VALUES ('stuck_timeout_seconds', $1)
+ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()

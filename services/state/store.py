@@ -491,3 +491,8 @@ async def timeline(pool: asyncpg.Pool, message_id: str, wa_id: str, limit: int) 
             messages=list(await conn.fetch(Q["timeline_messages"], conv, limit)),
             transitions=list(await conn.fetch(Q["timeline_transitions"], conv, limit * 4)),
         )
+
+
+async def record_stuck_timeout(pool: asyncpg.Pool, seconds: float) -> None:
+    """STUCK_TIMEOUT_SECONDS, for the monitoring views and functions (db/migrations/0009)."""
+    await pool.execute(Q["record_stuck_timeout"], seconds)

@@ -134,7 +134,7 @@ async def test_any_value_in_a_delivery_is_answered_200_and_every_message_ends_on
         assert len(results) == len(messages)  # none vanished
         stored.update(m["id"] for m in results)
 
-    await drive(hostile.hostile_deliveries(answerable=True), deliver, 40)
+    await drive(hostile.hostile_deliveries(answerable=True), deliver, 60)
     await terminal_once(system, stored)
     pool = await system.db()
     replied = await pool.fetchval(

@@ -147,3 +147,70 @@ async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -
     ):
         plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {query}"))
         assert "Index" in plan and "Seq Scan" not in plan, (query, plan)
+
+
+async def test_stuck_views_and_checks_follow_stuck_timeout_seconds(pool: asyncpg.Pool) -> None:
+    await _workload(pool)  # conversation 2 has work in flight since 10 minutes ago
+
+    async def stuck() -> list[int]:
+        rows = await pool.fetch("SELECT conversation_id FROM stuck_webhook_conversations")
+        return [r["conversation_id"] for r in rows]
+
+    async def health(conversation_id: int) -> str:
+        return str(
+            await pool.fetchval(
+                "SELECT health FROM webhook_conversation_health WHERE conversation_id = $1",
+                conversation_id,
+            )
+        )
+
+    assert await stuck() == [2]  # the default: 120 s
+    await state_store.record_stuck_timeout(pool, 3600)  # what the state service does at start
+    assert await stuck() == [] and await health(2) == "healthy"
+    checks = {
+        r["check_name"]: r for r in await pool.fetch("SELECT * FROM check_webhook_system_health()")
+    }
+    assert checks["stuck_conversations"]["status"] == "ok"
+    assert "over 3600 s" in checks["stuck_conversations"]["detail"]
+    # An explicit timeout wins over the recorded one.
+    given = {
+        r["check_name"]: r
+        for r in await pool.fetch("SELECT * FROM check_webhook_system_health(300)")
+    }
+    assert given["stuck_conversations"]["value"] == 1
+    await state_store.record_stuck_timeout(pool, 30)
+    assert await stuck() == [2]
+
+
+async def test_stranded_retrying_items_are_counted_by_the_health_check(
+    pool: asyncpg.Pool,
+) -> None:
+    await _workload(pool)
+    await pool.execute("""
+        -- stranded: retrying for an hour, its message dead-lettered (never handed over)
+        UPDATE webhook_dlq SET status = 'retrying', updated_at = now() - interval '1 hour'
+         WHERE message_id = 'd1';
+        -- not stranded: handed over, its message in a turn right now
+        INSERT INTO webhook_dlq (message_id, conversation_id, error_class, status, updated_at)
+        VALUES ('p1', 2, 'ModelTimeout', 'retrying', now() - interval '1 hour'),
+        -- not stranded: claimed a moment ago
+               ('r1', 1, 'ModelTimeout', 'retrying', now());
+    """)
+    checks = {
+        r["check_name"]: r for r in await pool.fetch("SELECT * FROM check_webhook_system_health()")
+    }
+    assert checks["dlq_retrying_stranded"]["status"] == "warning"
+    assert checks["dlq_retrying_stranded"]["value"] == 1
+
+
+async def test_a_message_that_fails_counts_in_its_conversations_error_count(
+    pool: asyncpg.Pool,
+) -> None:
+    await _workload(pool)
+    await state_store.transition(pool, "p1", "failed", "ModelTimeout: slow")
+    await state_store.transition(pool, "p1", "dead_lettered", "in the dead-letter queue")
+    counts = {
+        r["id"]: r["error_count"]
+        for r in await pool.fetch("SELECT id, error_count FROM webhook_conversations")
+    }
+    assert counts == {1: 0, 2: 1, 3: 0}
