@@ -22,6 +22,7 @@ def test_defaults_follow_the_contract() -> None:
     assert s.agent_addr == "127.0.0.1:50052"
     assert (s.agent_backend, s.agent_token_limit, s.agent_max_retries) == ("rules", 4000, 3)
     assert (s.dlq_max_attempts, s.dlq_retry_base_seconds) == (3, 30.0)
+    assert s.dlq_max_defer_seconds == 1800.0
     assert (s.stuck_timeout_seconds, s.lock_ttl_seconds) == (120.0, 120.0)
     assert s.enhanced_processing and s.api_base_url == "https://graph.facebook.com"
 
@@ -34,6 +35,8 @@ def test_defaults_follow_the_contract() -> None:
         ({"WA_ENHANCED_PROCESSING": "maybe"}, "WA_ENHANCED_PROCESSING"),
         ({"AGENT_TOKEN_LIMIT": "0"}, "AGENT_TOKEN_LIMIT"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"DLQ_MAX_DEFER_SECONDS": "-1"}, "DLQ_MAX_DEFER_SECONDS"),
+        ({"DLQ_MAX_DEFER_SECONDS": "soon"}, "DLQ_MAX_DEFER_SECONDS"),
     ],
 )
 def test_bad_values_fail_start_up_naming_the_variable(env: dict[str, str], words: str) -> None:
