@@ -17,6 +17,7 @@ FIELDS = (
     "failed",
     "dead_lettered",
     "in_flight",
+    "delivery_failed",
     "avg_ms",
     "p95_ms",
     "p99_ms",
@@ -44,6 +45,7 @@ async def stats(hours: float, as_json: bool) -> int:
     print(f"  failed         {resp.failed}")
     print(f"  dead-lettered  {resp.dead_lettered}")
     print(f"  in flight      {resp.in_flight}")
+    print(f"  not delivered  {resp.delivery_failed}   (replies Meta reported `failed`)")
     print("  latency, acknowledged -> replied:")
     print(f"    avg {resp.avg_ms:.1f} ms   p95 {resp.p95_ms:.1f} ms   p99 {resp.p99_ms:.1f} ms")
     return 0

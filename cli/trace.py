@@ -43,6 +43,9 @@ async def trace(target: str, as_json: bool) -> int:
             "trace_id": m.trace_id,
             "received_at": m.received_at,
             "attempts": m.attempts,
+            "reply_error_code": m.reply_error_code,
+            "reply_parts": m.reply_parts,
+            "reply_parts_failed": m.reply_parts_failed,
         }
         for m in tl.messages
     ]
@@ -78,7 +81,13 @@ async def trace(target: str, as_json: bool) -> int:
         print(f"  text            {m['text']!r}")
         if m["reply_text"]:
             print(f"  reply           {m['reply_text']!r}")
-            print(f"  delivery        {m['reply_status'] or 'not sent'} {m['reply_message_id']}")
+            print(f"  delivery        {_delivery(m)} {m['reply_message_id']}")
+            if m["reply_parts"] > 1:
+                failed = m["reply_parts_failed"]
+                print(
+                    f"  sent as         {m['reply_parts']} messages (too long for one)"
+                    + (f", {failed} of them not delivered" if failed else "")
+                )
     print("timeline:")
     for t in transitions:
         if t["message_id"] in ids:
@@ -88,6 +97,14 @@ async def trace(target: str, as_json: bool) -> int:
         for a in item["attempts"]:
             print(f"  {a['at'][:23]}  {a['error_class']}: {a['error_message']}")
     return 0
+
+
+def _delivery(m: dict[str, Any]) -> str:
+    """The reply's delivery state; `failed` (Meta could not deliver it) with its error code."""
+    status = m["reply_status"] or "not sent"
+    if m["reply_error_code"] and status in ("failed", "not sent"):
+        return f"{status} (error {m['reply_error_code']})"
+    return status
 
 
 async def _dlq_attempts(settings: config.Settings, ids: set[str]) -> list[dict[str, Any]]:

@@ -17,10 +17,13 @@ class AgentType:
     name: str
     description: str
     system_prompt: str
+    # Empty: AGENT_MODEL's.
     model: str
     temperature: float
     token_limit: int
     keywords: tuple[str, ...]
+    # What to do with an answer longer than one WhatsApp text message: split | trim.
+    long_replies: str = "split"
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,16 @@ class AgentCatalog:
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "description": str,
     "system_prompt": str,
-    "model": str,
     "temperature": (int, float),
     "token_limit": int,
     "keywords": list,
 }
+# Settings an agent type may leave out: `model` falls back to AGENT_MODEL.
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    "model": str,
+    "long_replies": str,
+}
+LONG_REPLIES = ("split", "trim")
 
 
 def _line_of(text: str, agent: str, key: str | None = None) -> int:
@@ -83,16 +91,17 @@ def load(path: Path) -> AgentCatalog:
     for name, spec in agents_raw.items():
         if not isinstance(spec, dict):
             raise AgentConfigError(f"{path}:{_line_of(text, name)}: agents.{name} must be a table")
-        for key, kind in _FIELDS.items():
+        for key in _FIELDS:
             if key not in spec:
                 raise AgentConfigError(
                     f"{path}:{_line_of(text, name)}: agents.{name} is missing {key!r}"
                 )
-            if not isinstance(spec[key], kind) or isinstance(spec[key], bool):
+        for key, kind in {**_FIELDS, **_OPTIONAL}.items():
+            if key in spec and (not isinstance(spec[key], kind) or isinstance(spec[key], bool)):
                 raise AgentConfigError(
                     f"{path}:{_line_of(text, name, key)}: agents.{name}.{key} has the wrong type"
                 )
-        unknown = set(spec) - set(_FIELDS)
+        unknown = set(spec) - set(_FIELDS) - set(_OPTIONAL)
         if unknown:
             key = sorted(unknown)[0]
             raise AgentConfigError(
@@ -110,14 +119,21 @@ def load(path: Path) -> AgentCatalog:
             raise AgentConfigError(
                 f"{path}:{_line_of(text, name, 'system_prompt')}: system_prompt is empty"
             )
+        long_replies = spec.get("long_replies", "split")
+        if long_replies not in LONG_REPLIES:
+            raise AgentConfigError(
+                f"{path}:{_line_of(text, name, 'long_replies')}: long_replies must be "
+                f"'split' or 'trim', got {long_replies!r}"
+            )
         agents[name] = AgentType(
             name=name,
             description=spec["description"],
             system_prompt=spec["system_prompt"].strip(),
-            model=spec["model"],
+            model=spec.get("model", "").strip(),
             temperature=float(spec["temperature"]),
             token_limit=int(spec["token_limit"]),
             keywords=tuple(str(k).lower() for k in spec["keywords"]),
+            long_replies=long_replies,
         )
     default = raw.get("default", "")
     if default not in agents:

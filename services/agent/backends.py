@@ -7,6 +7,7 @@ completion; `openai` adds the timeout, bounded retries with backoff and the circ
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -21,6 +22,7 @@ from common import retry
 from . import http
 from .agents import AgentType
 from .breaker import BreakerOpen, CircuitBreaker
+from .deadline import UNBOUNDED, Deadline
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Backend(Protocol):
         *,
         probe: bool = False,
         prompt_tokens: int = 0,
+        deadline: Deadline = UNBOUNDED,
     ) -> Completion: ...
 
     def status(self) -> str: ...
@@ -80,6 +83,7 @@ class RulesBackend:
         *,
         probe: bool = False,
         prompt_tokens: int = 0,
+        deadline: Deadline = UNBOUNDED,
     ) -> Completion:
         from . import window
 
@@ -158,10 +162,13 @@ class OpenAIBackend:
         *,
         probe: bool = False,
         prompt_tokens: int = 0,
+        deadline: Deadline = UNBOUNDED,
     ) -> Completion:
-        """`probe`: an operator asked for this turn; an open breaker lets it through once."""
+        """`probe`: an operator asked for this turn; an open breaker lets it through once.
+        Every call and every wait between retries ends before `deadline`."""
         payload: dict[str, Any] = {
-            "model": self.model or agent.model,
+            # The agent type's own model wins; AGENT_MODEL is for types that name none.
+            "model": agent.model or self.model,
             "messages": messages,
             "temperature": agent.temperature,
         }
@@ -169,6 +176,13 @@ class OpenAIBackend:
         attempt = 0
         while True:
             attempt += 1
+            timeout = deadline.bound(self.timeout)
+            if timeout <= 0:
+                raise ModelError(
+                    "the turn's deadline left no time to call the model",
+                    retryable=True,
+                    error_class="TurnTimeout",
+                )
             try:
                 self.breaker.before_call(probe=probe and attempt == 1)
             except BreakerOpen as exc:
@@ -176,40 +190,40 @@ class OpenAIBackend:
                 raise ModelError(str(exc), retryable=True, error_class="BreakerOpen") from exc
             started = time.perf_counter()
             retry_after: float | None = None
+            healthy = False
             try:
                 resp = await http.post_json(
-                    self.http, self.url, payload, headers=headers, timeout=self.timeout
+                    self.http, self.url, payload, headers=headers, timeout=timeout
                 )
                 if resp.status == 200:
-                    self.breaker.success()
-                    return _completion(resp.json(), attempt)
+                    # Answered: the server is up, whatever it answered.
+                    healthy = True
+                    return _completion(_json_of(resp), attempt)
                 retryable = resp.status >= 500 or resp.status in RETRYABLE_STATUS
-                retry_after = retry.parse_retry_after(resp.headers.get("retry-after"), 30.0)
+                retry_after = retry.parse_retry_after(resp.headers.get("retry-after"), 120.0)
                 error = ModelError(
                     f"model answered HTTP {resp.status}: {resp.text[:200]}",
                     retryable=retryable,
                     error_class=f"ModelHTTP{resp.status}",
                 )
+                healthy = not retryable
             except http.HttpFailure as exc:
                 error = ModelError(
                     f"model call failed: {exc}",
                     retryable=True,
                     error_class="ModelTimeout" if exc.timeout else "ModelUnreachable",
                 )
-            except ValueError as exc:
-                error = ModelError(
-                    f"model answered malformed JSON: {exc}",
-                    retryable=True,
-                    error_class="ModelBadResponse",
-                )
+            except ModelError as exc:
+                # An answer that cannot be used (no choices, no text): a failed attempt.
+                error = exc
             finally:
                 MODEL_SECONDS.labels(self.name).observe(time.perf_counter() - started)
             MODEL_ERRORS.labels(self.name, error.error_class).inc()
-            if error.retryable:
-                self.breaker.failure()
-            else:
+            if healthy:
                 # The server answered: it is up. A 4xx is our request's fault, not its health.
                 self.breaker.success()
+            else:
+                self.breaker.failure()
             if not error.retryable or attempt > self.max_retries:
                 raise error
             delay = (
@@ -217,21 +231,89 @@ class OpenAIBackend:
                 if retry_after is not None
                 else retry.full_jitter(attempt, self.backoff_base, self.backoff_cap)
             )
+            if not deadline.allows(delay):
+                # Waiting would outlive the turn: this attempt's error is the turn's.
+                raise ModelError(
+                    f"{error} (no retry: the turn's deadline is {deadline.remaining():.1f} s "
+                    f"away, the retry {delay:.1f} s)",
+                    retryable=True,
+                    error_class=error.error_class,
+                )
             log.warning("model call failed, retrying: %s", error, extra={"attempt": attempt})
             await asyncio.sleep(delay)
 
 
-def _completion(body: dict[str, Any], calls: int) -> Completion:
+def _json_of(resp: http.Answer) -> Any:
     try:
-        text = str(body["choices"][0]["message"]["content"] or "")
-    except (KeyError, IndexError, TypeError) as exc:
+        return resp.json()
+    except ValueError:
+        pass
+    try:
+        # orjson refuses escaped lone surrogates; the standard parser keeps them (cleaned below).
+        return json.loads(resp.body)
+    except ValueError as exc:
         raise ModelError(
-            f"model answer has no message: {exc}", retryable=True, error_class="ModelBadResponse"
+            f"model answered malformed JSON: {exc}", retryable=True, error_class="ModelBadResponse"
         ) from exc
-    usage = body.get("usage") or {}
+
+
+def clean_text(text: str) -> str:
+    """What PostgreSQL can store and WhatsApp can show: no NUL, no lone surrogate."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _content_text(content: Any) -> str:
+    """`content` as a string, or as a list of parts (`{"type": "text", "text": ...}`) whose
+    text parts are joined; anything else holds no text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                if part.get("type", "text") in ("text", "output_text"):
+                    texts.append(part["text"])
+        return "".join(texts)
+    return ""
+
+
+def _count(usage: Any, key: str) -> int:
+    """A usage figure, or 0 when it is missing or not a count (null, text, negative)."""
+    value = usage.get(key) if isinstance(usage, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if value != value or value < 0 or value > 2**62:  # NaN, negative, absurd
+        return 0
+    return int(value)
+
+
+def _completion(body: Any, calls: int) -> Completion:
+    """The reply in a chat completion. A repairable answer is repaired (NUL and lone surrogates
+    removed, text parts joined, bad usage ignored); one without text is a ModelError."""
+    choices = body.get("choices") if isinstance(body, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices else None
+    message = first.get("message") if isinstance(first, dict) else None
+    if not isinstance(message, dict):
+        raise ModelError(
+            "model answer has no message (choices missing or empty)",
+            retryable=True,
+            error_class="ModelBadResponse",
+        )
+    text = clean_text(_content_text(message.get("content"))).strip()
+    if not text:
+        raise ModelError("model answered an empty reply", retryable=True, error_class="EmptyReply")
+    usage = body.get("usage")
     return Completion(
-        text=text.strip(),
-        tokens_in=int(usage.get("prompt_tokens", 0)),
-        tokens_out=int(usage.get("completion_tokens", 0)),
+        text=text,
+        tokens_in=_count(usage, "prompt_tokens"),
+        tokens_out=_count(usage, "completion_tokens"),
         calls=calls,
     )

@@ -13,7 +13,8 @@ from prometheus_client import Counter, Histogram
 
 from common import retry
 
-from . import http
+from . import http, limits
+from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,21 @@ class GraphClient:
     def _url(self, phone_number_id: str) -> str:
         return f"{self.base_url}/{self.version}/{phone_number_id}/messages"
 
-    async def send_text(self, phone_number_id: str, to: str, body: str, reply_to: str = "") -> Sent:
+    async def send_text(
+        self,
+        phone_number_id: str,
+        to: str,
+        body: str,
+        reply_to: str = "",
+        *,
+        callback_data: str | None = None,
+        deadline: Deadline = UNBOUNDED,
+    ) -> Sent:
+        """Sends one text message. `callback_data` (default: `reply_to`) comes back in its
+        status webhooks. Raises LimitError, before any request, for what Meta would refuse;
+        TurnTimeout when the turn's deadline leaves no time to send (nothing was sent then)."""
+        callback = reply_to if callback_data is None else callback_data
+        limits.check_text(body, callback)
         payload: dict[str, Any] = {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
@@ -82,10 +97,11 @@ class GraphClient:
         }
         if reply_to:
             payload["context"] = {"message_id": reply_to}
+        if callback:
             # Echoed in this reply's status webhooks: ties a delivery to the message it answers
             # even when we never saw the send's response.
-            payload["biz_opaque_callback_data"] = reply_to
-        data, attempts = await self._post("send", phone_number_id, payload)
+            payload["biz_opaque_callback_data"] = callback
+        data, attempts = await self._post("send", phone_number_id, payload, deadline=deadline)
         messages = data.get("messages") or [{}]
         return Sent(message_id=str(messages[0].get("id", "")), attempts=attempts)
 
@@ -100,13 +116,22 @@ class GraphClient:
         await self._post("mark_read", phone_number_id, payload, retries=0)
 
     async def _post(
-        self, call: str, phone_number_id: str, payload: dict[str, Any], retries: int | None = None
+        self,
+        call: str,
+        phone_number_id: str,
+        payload: dict[str, Any],
+        retries: int | None = None,
+        deadline: Deadline = UNBOUNDED,
     ) -> tuple[dict[str, Any], int]:
         max_retries = self.max_retries if retries is None else retries
         headers = {"Authorization": f"Bearer {self.access_token}"}
         attempt = 0
         while True:
             attempt += 1
+            # Past the turn's deadline nothing is sent: the next turn of this message may
+            # already be starting.
+            deadline.check(f"{call} to the Graph API", SEND_MARGIN_SECONDS)
+            timeout = deadline.bound(self.timeout)
             started = time.perf_counter()
             resp: http.Answer | None = None
             try:
@@ -115,10 +140,11 @@ class GraphClient:
                     self._url(phone_number_id),
                     payload,
                     headers=headers,
-                    timeout=self.timeout,
+                    timeout=timeout,
                 )
                 error = _error_of(resp)
             except http.HttpFailure as exc:
+                # No answer: whether Meta has the message is unknown (status 0).
                 error = GraphError(str(exc), code="network", retryable=True)
             finally:
                 GRAPH_SECONDS.labels(call).observe(time.perf_counter() - started)
@@ -134,7 +160,10 @@ class GraphClient:
                 raise error
             delay = retry.full_jitter(attempt, self.backoff_base, self.backoff_cap)
             if resp is not None:
-                delay = retry.parse_retry_after(resp.headers.get("retry-after"), 30.0) or delay
+                delay = retry.parse_retry_after(resp.headers.get("retry-after"), 120.0) or delay
+            if not deadline.allows(delay + SEND_MARGIN_SECONDS):
+                # Waiting would outlive the turn: this attempt's error is the turn's.
+                raise error
             log.warning("graph %s failed, retrying: %s", call, error, extra={"attempt": attempt})
             await asyncio.sleep(delay)
 

@@ -38,3 +38,39 @@ UPDATE processed_webhook_messages SET send_started_at = now() WHERE message_id =
 UPDATE processed_webhook_messages
    SET reply_error_code = $2, send_started_at = NULL, updated_at = now()
  WHERE message_id = $1
+
+-- name: reply_parts
+-- A long reply's split, recorded once (the first run's split stands, whatever the settings
+-- later), with each part's send state. A statement sees the table as it was before its own
+-- insert: either the rows it inserts or the rows already there come back, never both.
+WITH ins AS (
+    INSERT INTO agent_reply_parts (message_id, part, body)
+    SELECT $1, t.ord - 1, t.body
+      FROM unnest($2::text[]) WITH ORDINALITY AS t(body, ord)
+    ON CONFLICT (message_id, part) DO NOTHING
+    RETURNING part, body, sent_id, send_started_at
+)
+SELECT part, body, sent_id, send_started_at FROM ins
+UNION ALL
+SELECT part, body, sent_id, send_started_at FROM agent_reply_parts WHERE message_id = $1
+ORDER BY part
+
+-- name: reply_part_sent_id
+SELECT sent_id FROM agent_reply_parts WHERE message_id = $1 AND part = $2
+
+-- name: reply_part_sent
+-- Part $2 was sent as $3 (-1: none) and part $4 is being sent now (-1: none).
+UPDATE agent_reply_parts
+   SET sent_id = CASE WHEN part = $2 THEN $3 ELSE sent_id END,
+       send_started_at = CASE WHEN part = $2 THEN NULL ELSE now() END
+ WHERE message_id = $1 AND part IN ($2, $4)
+
+-- name: record_part_send_error
+-- The Graph API answered: this attempt at the part definitely did not deliver.
+WITH part AS (
+    UPDATE agent_reply_parts SET send_started_at = NULL, reply_error_code = $3
+     WHERE message_id = $1 AND part = $2
+)
+UPDATE processed_webhook_messages
+   SET reply_error_code = $3, updated_at = now()
+ WHERE message_id = $1

@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
-import asyncpg
 import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
@@ -18,8 +17,9 @@ from . import agents, window
 from . import http as outbound
 from .backends import Backend, OpenAIBackend, RulesBackend
 from .breaker import CircuitBreaker
+from .deadline import Deadline, TurnTimeout
 from .graph import GraphClient
-from .turn import Agent, StaleFence, TurnOutcome, TurnRequest, UnknownMessage
+from .turn import DB_DOWN, Agent, StaleFence, TurnFailed, TurnOutcome, TurnRequest, UnknownMessage
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     ) -> agent_pb2.ReplyResponse:
         if request.correlation_id:
             logs.correlation_id.set(request.correlation_id)
+        # The caller's deadline is the turn's: every call and wait of the turn ends before it.
+        deadline = Deadline.after(context.time_remaining())
         try:
             # Shielded: once a turn runs, a caller that goes away (a killed state service)
-            # must not cut it between the Graph API send and recording that send.
+            # must not cut it between the Graph API send and recording that send. The turn
+            # still ends by the deadline.
             out = await asyncio.shield(
                 self.agent.reply(
                     TurnRequest(
@@ -47,7 +50,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                         text=request.text,
                         correlation_id=request.correlation_id,
                         probe=request.probe,
-                    )
+                    ),
+                    deadline,
                 )
             )
         except StaleFence as exc:
@@ -55,8 +59,20 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except UnknownMessage as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no message {exc}")
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"database: {exc}")
+        except TurnTimeout as exc:
+            log.warning("the turn ran out of time: %s", exc)
+            out = _failed(TurnTimeout.error_class, str(exc))
+        except TurnFailed as exc:
+            log.warning("the turn failed: %s", exc)
+            out = _failed(exc.error_class, str(exc), retryable=exc.retryable)
+        except DB_DOWN as exc:
+            # Before the model was called (see Agent._think): the turn did not run.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"database: {exc!r}")
+        except Exception as exc:
+            # Anything else is a failed attempt with its error, bounded by the dead-letter
+            # queue: "did not run" would retry it without end, the model paid each time.
+            log.exception("the turn failed on an unexpected error")
+            out = _failed(f"AgentError.{type(exc).__name__}", str(exc)[:500] or repr(exc))
         return agent_pb2.ReplyResponse(
             outcome=out.outcome,
             reply_text=out.reply_text,
@@ -75,9 +91,17 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         return agent_pb2.AgentStatusResponse(backend=backend.name, breaker_state=backend.status())
 
 
+def _failed(error_class: str, message: str, *, retryable: bool = True) -> TurnOutcome:
+    return TurnOutcome(
+        outcome="failed", error_class=error_class, error_message=message, retryable=retryable
+    )
+
+
 def _detail(out: TurnOutcome) -> str:
     if out.outcome != "replied":
         return f"{out.error_class}: {out.error_message}"
+    if out.parts > 1:
+        return f"reply sent in {out.parts} messages, the last as {out.reply_message_id}"
     if out.confirmed_by_status:
         return f"reply sent as {out.reply_message_id} (confirmed by its status webhook)"
     if out.reply_message_id:

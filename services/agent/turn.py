@@ -18,9 +18,10 @@ from opentelemetry import trace
 
 from common import sqlfile, telemetry
 
-from . import window
+from . import limits, window
 from .agents import AgentCatalog
-from .backends import Backend, ModelError
+from .backends import Backend, ModelError, clean_text
+from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline, TurnTimeout
 from .graph import GraphClient, GraphError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,28 @@ class StaleFence(Exception):
 
 class UnknownMessage(Exception):
     pass
+
+
+class TurnFailed(Exception):
+    """The turn ran (the model may have been paid for) and failed: never "did not run"."""
+
+    def __init__(self, message: str, *, error_class: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.retryable = retryable
+
+
+# The database could not be reached: a turn that has not called the model yet did not run.
+DB_DOWN: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +82,8 @@ class TurnOutcome:
     agent_type: str = ""
     # Sent by a run that died before recording it, and confirmed by its status webhook.
     confirmed_by_status: bool = False
+    # Messages the reply was sent as (a long reply is split).
+    parts: int = 1
 
 
 class Agent:
@@ -80,7 +105,8 @@ class Agent:
         self.confirm_seconds = confirm_seconds
         self._background: set[asyncio.Task[None]] = set()
 
-    async def reply(self, req: TurnRequest) -> TurnOutcome:
+    async def reply(self, req: TurnRequest, deadline: Deadline = UNBOUNDED) -> TurnOutcome:
+        """The turn, every call of it ending before `deadline` (raises TurnTimeout past it)."""
         state = await self.pool.fetchrow(Q["turn_state"], req.message_id)
         if state is None:
             raise UnknownMessage(req.message_id)
@@ -92,25 +118,30 @@ class Agent:
                 reply_message_id=state["reply_message_id"],
                 agent_type=state["agent_type"] or "",
             )
-        if state["send_started_at"] is not None and self.graph.enabled:
+        reply_text = state["reply_text"]
+        agent_type = state["agent_type"] or ""
+        parts = (
+            limits.fit(reply_text, self.catalog.get(agent_type).long_replies)
+            if reply_text is not None
+            else []
+        )
+        if state["send_started_at"] is not None and self.graph.enabled and len(parts) == 1:
             # A previous run died while sending: the customer may have the reply already.
             # Its status webhook carries our callback data and confirms it; only when no
             # confirmation comes is the reply sent again (at least once beats lost).
-            confirmed = await self._await_confirmation(req)
+            confirmed = await self._await_confirmation(req, deadline)
             if confirmed is not None:
                 return confirmed
         if self.graph.enabled:
             task = asyncio.create_task(self._mark_read(req))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        reply_text = state["reply_text"]
-        agent_type = state["agent_type"] or ""
         # Saving a new reply marks its send as started too (it follows at once).
         send_started = reply_text is None
         if reply_text is None:
             try:
                 reply_text, agent_type = await self._think(
-                    req, state["context_agent_type"], state["context"]
+                    req, state["context_agent_type"], state["context"], deadline
                 )
             except ModelError as exc:
                 await self._session_error(req, agent_type or self.catalog.default)
@@ -120,14 +151,27 @@ class Agent:
                     error_message=str(exc),
                     retryable=exc.retryable,
                 )
-        return await self._deliver(req, reply_text, agent_type, send_started=send_started)
+            parts = limits.fit(reply_text, self.catalog.get(agent_type).long_replies)
+        if len(parts) > 1 and self.graph.enabled:
+            return await self._deliver_parts(req, reply_text, parts, agent_type, deadline)
+        return await self._deliver(
+            req, reply_text, agent_type, send_started=send_started, deadline=deadline
+        )
 
-    async def _await_confirmation(self, req: TurnRequest) -> TurnOutcome | None:
+    def _confirm_window(self, deadline: Deadline) -> float:
+        """How long to wait for a status webhook: WHATSAPP_SEND_CONFIRM_SECONDS, but at most
+        half of what remains of the turn, the other half being for sending again."""
+        return max(0.0, min(self.confirm_seconds, deadline.remaining() / 2))
+
+    async def _await_confirmation(
+        self, req: TurnRequest, deadline: Deadline = UNBOUNDED
+    ) -> TurnOutcome | None:
+        wait = self._confirm_window(deadline)
         log.warning(
             "a send was in flight when its turn died; waiting for its status webhook",
-            extra={"message_id": req.message_id, "wait_seconds": self.confirm_seconds},
+            extra={"message_id": req.message_id, "wait_seconds": wait},
         )
-        deadline = time.monotonic() + self.confirm_seconds
+        until = time.monotonic() + wait
         while True:
             state = await self.pool.fetchrow(Q["reply_state"], req.message_id)
             if state is not None and state["reply_message_id"]:
@@ -138,10 +182,31 @@ class Agent:
                     agent_type=state["agent_type"] or "",
                     confirmed_by_status=True,
                 )
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= until:
                 log.warning(
                     "no status webhook confirmed the interrupted send; sending again",
                     extra={"message_id": req.message_id},
+                )
+                return None
+            await asyncio.sleep(0.25)
+
+    async def _await_part_confirmation(
+        self, req: TurnRequest, part: int, deadline: Deadline
+    ) -> str | None:
+        wait = self._confirm_window(deadline)
+        log.warning(
+            "a part's send was in flight when its turn died; waiting for its status webhook",
+            extra={"message_id": req.message_id, "part": part, "wait_seconds": wait},
+        )
+        until = time.monotonic() + wait
+        while True:
+            sent_id = await self.pool.fetchval(Q["reply_part_sent_id"], req.message_id, part)
+            if sent_id:
+                return str(sent_id)
+            if time.monotonic() >= until:
+                log.warning(
+                    "no status webhook confirmed the interrupted part; sending it again",
+                    extra={"message_id": req.message_id, "part": part},
                 )
                 return None
             await asyncio.sleep(0.25)
@@ -153,13 +218,21 @@ class Agent:
             log.info("mark-as-read failed (the turn goes on): %s", exc)
 
     async def _think(
-        self, req: TurnRequest, context_agent: str | None, context: list[dict[str, Any]] | None
+        self,
+        req: TurnRequest,
+        context_agent: str | None,
+        context: list[dict[str, Any]] | None,
+        deadline: Deadline = UNBOUNDED,
     ) -> tuple[str, str]:
         history: list[dict[str, Any]] = list(context) if context is not None else []
         current = context_agent or self.catalog.default
         routed = self.catalog.route(current, req.text)
         agent = self.catalog.get(routed)
-        user: dict[str, Any] = {"role": "user", "content": req.text, "message_id": req.message_id}
+        user: dict[str, Any] = {
+            "role": "user",
+            "content": clean_text(req.text),
+            "message_id": req.message_id,
+        }
         user["tokens"] = window.message_tokens(user)
         history.append(user)
         costs = [m.get("tokens") or window.message_tokens(m) for m in history]
@@ -177,43 +250,60 @@ class Agent:
             span.set_attribute("wa.model.window_tokens", win.tokens)
             try:
                 completion = await self.backend.complete(
-                    agent, win.messages, probe=req.probe, prompt_tokens=win.tokens
+                    agent,
+                    win.messages,
+                    probe=req.probe,
+                    prompt_tokens=win.tokens,
+                    deadline=deadline,
                 )
             except ModelError as exc:
                 span.set_status(trace.StatusCode.ERROR, str(exc))
                 raise
         latency_ms = int((time.perf_counter() - started) * 1000)
-        if not completion.text:
+        text = clean_text(completion.text)
+        if agent.long_replies == "trim":
+            # What the customer will read is what the context remembers.
+            text = limits.trim(text)
+        if not text.strip():
             raise ModelError(
                 "model answered an empty reply", retryable=True, error_class="EmptyReply"
             )
-        reply: dict[str, Any] = {"role": "assistant", "content": completion.text}
+        # A long reply's parts record their own sends; only a one-message reply is marked here.
+        single = limits.length(text) <= limits.TEXT_BODY_MAX
+        reply: dict[str, Any] = {"role": "assistant", "content": text}
         reply_tokens = window.message_tokens(reply)
         reply["tokens"] = reply_tokens
         history.append(reply)
         token_count = sum(costs) + reply_tokens
-        fence = await self.pool.fetchval(
-            Q["save_turn"],
-            req.conversation_id,
-            req.fence_token,
-            req.message_id,
-            agent.name,
-            current,
-            history,
-            token_count,
-            completion.text,
-            completion.tokens_in,
-            completion.tokens_out,
-            latency_ms,
-            req.correlation_id,
-            self.graph.enabled,
-        )
+        try:
+            fence = await self.pool.fetchval(
+                Q["save_turn"],
+                req.conversation_id,
+                req.fence_token,
+                req.message_id,
+                agent.name,
+                current,
+                history,
+                token_count,
+                text,
+                completion.tokens_in,
+                completion.tokens_out,
+                latency_ms,
+                req.correlation_id,
+                self.graph.enabled and single,
+            )
+        except DB_DOWN as exc:
+            # The model has answered: running the turn again would pay for it again, so this
+            # is a failed attempt (bounded by the dead-letter queue), not "did not run".
+            raise TurnFailed(
+                f"could not store the model's answer: {exc!r}", error_class="DatabaseUnavailable"
+            ) from exc
         if fence != req.fence_token:
             raise StaleFence(
                 f"conversation {req.conversation_id} is held with token {fence}, "
                 f"not {req.fence_token}"
             )
-        return completion.text, agent.name
+        return text, agent.name
 
     async def _session_error(self, req: TurnRequest, agent_type: str) -> None:
         try:
@@ -232,7 +322,13 @@ class Agent:
             log.exception("could not record the session error")
 
     async def _deliver(
-        self, req: TurnRequest, text: str, agent_type: str, *, send_started: bool
+        self,
+        req: TurnRequest,
+        text: str,
+        agent_type: str,
+        *,
+        send_started: bool,
+        deadline: Deadline = UNBOUNDED,
     ) -> TurnOutcome:
         if not self.graph.enabled:
             log.info(
@@ -247,15 +343,22 @@ class Agent:
                 message_id=req.message_id,
                 phone_number_id=req.phone_number_id,
             )
+            # Nothing is sent that the deadline could cut off. (A reply saved as being sent
+            # and not sent leaves its next turn waiting for a confirmation: only time lost.)
+            deadline.check("send the reply", SEND_MARGIN_SECONDS)
+            limits.check_text(text, req.message_id)
             if not send_started:
                 await self.pool.execute(Q["send_started"], req.message_id)
             try:
                 sent = await self.graph.send_text(
-                    req.phone_number_id, req.wa_id, text, reply_to=req.message_id
+                    req.phone_number_id, req.wa_id, text, reply_to=req.message_id, deadline=deadline
                 )
             except GraphError as exc:
                 span.set_status(trace.StatusCode.ERROR, str(exc))
-                await self.pool.execute(Q["record_send_error"], req.message_id, exc.code)
+                # Only an answer proves the send did not go through; after a timeout the
+                # next turn waits for the status webhook instead of sending blindly again.
+                if exc.status:
+                    await self.pool.execute(Q["record_send_error"], req.message_id, exc.code)
                 return TurnOutcome(
                     outcome="failed",
                     reply_text=text,
@@ -278,4 +381,96 @@ class Agent:
             reply_text=text,
             reply_message_id=sent.message_id,
             agent_type=agent_type,
+        )
+
+    async def _deliver_parts(
+        self, req: TurnRequest, text: str, parts: list[str], agent_type: str, deadline: Deadline
+    ) -> TurnOutcome:
+        """A reply too long for one message, as consecutive messages. The split is recorded
+        before the first is sent, and each part's send like a whole reply's: a run resumed
+        after a crash starts at the first unsent part, and waits for the status webhook of
+        one that was in flight (its callback data is `<message id>#<part>`)."""
+        rows = await self.pool.fetch(Q["reply_parts"], req.message_id, parts)
+        bodies = [r["body"] for r in rows]
+        sent_ids: list[str | None] = [r["sent_id"] for r in rows]
+        started = [r["send_started_at"] is not None for r in rows]
+        last_sent: int | None = None  # a part sent by this run, not yet recorded
+        with tracer.start_as_current_span("agent.graph_send") as span:
+            telemetry.annotate(
+                span,
+                correlation_id=req.correlation_id,
+                message_id=req.message_id,
+                phone_number_id=req.phone_number_id,
+            )
+            span.set_attribute("wa.reply.parts", len(bodies))
+            for n, body in enumerate(bodies):
+                if sent_ids[n]:
+                    continue
+                if started[n]:
+                    confirmed = await self._await_part_confirmation(req, n, deadline)
+                    if confirmed is not None:
+                        sent_ids[n] = confirmed
+                        continue
+                callback = f"{req.message_id}#{n}"
+                try:
+                    deadline.check("send the next part", SEND_MARGIN_SECONDS)
+                    limits.check_text(body, callback)
+                except TurnTimeout:
+                    await self._record_part(req, last_sent, sent_ids, None)
+                    raise
+                # Recording the previous part and starting this one: one round trip.
+                await self._record_part(req, last_sent, sent_ids, n)
+                last_sent = None
+                try:
+                    sent = await self.graph.send_text(
+                        req.phone_number_id,
+                        req.wa_id,
+                        body,
+                        # Only the first part quotes the customer's message.
+                        reply_to=req.message_id if n == 0 else "",
+                        callback_data=callback,
+                        deadline=deadline,
+                    )
+                except GraphError as exc:
+                    span.set_status(trace.StatusCode.ERROR, str(exc))
+                    if exc.status:
+                        await self.pool.execute(
+                            Q["record_part_send_error"], req.message_id, n, exc.code
+                        )
+                    return TurnOutcome(
+                        outcome="failed",
+                        reply_text=text,
+                        error_class=f"GraphError{exc.code}",
+                        error_message=f"part {n + 1} of {len(bodies)}: {exc}",
+                        retryable=exc.retryable,
+                        agent_type=agent_type,
+                    )
+                sent_ids[n] = sent.message_id
+                last_sent = n
+        await self._record_part(req, last_sent, sent_ids, None)
+        final = sent_ids[-1] or ""
+        await self.pool.execute(Q["record_sent"], req.message_id, final)
+        log.info(
+            "reply sent in parts",
+            extra={"message_id": req.message_id, "reply_id": final, "parts": len(bodies)},
+        )
+        return TurnOutcome(
+            outcome="replied",
+            reply_text=text,
+            reply_message_id=final,
+            agent_type=agent_type,
+            parts=len(bodies),
+        )
+
+    async def _record_part(
+        self, req: TurnRequest, sent: int | None, sent_ids: list[str | None], start: int | None
+    ) -> None:
+        if sent is None and start is None:
+            return
+        await self.pool.execute(
+            Q["reply_part_sent"],
+            req.message_id,
+            -1 if sent is None else sent,
+            "" if sent is None else sent_ids[sent],
+            -1 if start is None else start,
         )

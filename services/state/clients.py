@@ -8,14 +8,19 @@ from wa.v1 import agent_pb2, agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc
 from .ports import AgentUnavailable, DlqUnavailable, Failure, TurnResult
 from .store import WorkItem
 
-# Codes that mean "the turn did not run", as opposed to "the turn ran and failed".
+# Codes that mean "the turn did not run", as opposed to "the turn ran and failed". Only these
+# are retried by the driver without counting: an error of a turn that ran (UNKNOWN, INTERNAL:
+# an exception in the agent; DEADLINE_EXCEEDED: it ran out of time) may have paid for the model
+# and is a failed attempt, bounded by the dead-letter queue's attempts.
 _UNAVAILABLE = {
     grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.INTERNAL,
+}
+_RAN_AND_FAILED = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: "TurnTimeout",
+    grpc.StatusCode.UNKNOWN: "AgentError",
+    grpc.StatusCode.INTERNAL: "AgentError",
 }
 
 
@@ -47,6 +52,13 @@ class GrpcAgent:
                 from .store import StaleFence
 
                 raise StaleFence(exc.details() or "stale fencing token") from exc
+            if exc.code() in _RAN_AND_FAILED:
+                return TurnResult(
+                    outcome="failed",
+                    error_class=_RAN_AND_FAILED[exc.code()],
+                    error_message=f"{exc.code().name}: {exc.details() or ''}",
+                    retryable=True,
+                )
             return TurnResult(
                 outcome="failed",
                 error_class=f"Agent{exc.code().name.title().replace('_', '')}",

@@ -17,3 +17,7 @@ ACTIVE_CONVERSATIONS = Gauge("wa_active_conversations", "Conversations being dri
 RECOVERED = Counter("wa_sweeper_recovered_total", "Work the sweeper picked up again", ["kind"])
 SWEEPS = Counter("wa_sweeper_runs_total", "Sweeper runs", ["result"])
 STALE_WRITES = Counter("wa_stale_fence_total", "Writes refused because a later holder owns it")
+DELIVERY_FAILED = Counter(
+    "wa_reply_delivery_failed_total",
+    "Delivery statuses `failed` stored: Meta could not deliver a message of ours",
+)

@@ -76,15 +76,39 @@ WITH input AS (
      ORDER BY outbound_id, wa_delivery_rank(status) DESC
 ), confirm AS (
     -- A reply whose send was never recorded (its turn died mid-send) is confirmed by the
-    -- status webhook that carries our callback data: the inbound message id.
+    -- status webhook that carries our callback data: the inbound message id. `failed` is
+    -- no proof that the customer has it: that send is made again.
     UPDATE processed_webhook_messages m
        SET reply_message_id = i.outbound_id, reply_status = i.status,
            reply_confirmed_by = 'status webhook: ' || i.status, send_started_at = NULL,
            updated_at = now()
       FROM input i
      WHERE i.callback_data <> '' AND m.message_id = i.callback_data AND m.kind = 'message'
-       AND m.reply_message_id IS NULL
+       AND m.reply_message_id IS NULL AND i.status <> 'failed'
     RETURNING m.id
+), part_status AS (
+    -- A part of a long reply (callback data '<message id>#<part>'): its furthest delivery
+    -- state, and the confirmation of a send its turn never recorded (never by `failed`).
+    SELECT DISTINCT ON (i.callback_data)
+           split_part(i.callback_data, '#', 1) AS message_id,
+           split_part(i.callback_data, '#', 2)::integer AS part,
+           i.outbound_id, i.status, i.error_code
+      FROM input i
+     WHERE i.callback_data ~ '^[^#]+#[0-9]{1,6}$'
+     ORDER BY i.callback_data, i.status = 'failed', wa_delivery_rank(i.status) DESC
+), parts AS (
+    UPDATE agent_reply_parts p
+       SET sent_id = COALESCE(p.sent_id, CASE WHEN s.status <> 'failed' THEN s.outbound_id END),
+           send_started_at = CASE WHEN p.sent_id IS NULL AND s.status <> 'failed' THEN NULL
+                                  ELSE p.send_started_at END,
+           confirmed_by = CASE WHEN p.sent_id IS NULL AND s.status <> 'failed'
+                               THEN 'status webhook: ' || s.status ELSE p.confirmed_by END,
+           reply_status = CASE WHEN wa_delivery_rank(s.status) > wa_delivery_rank(p.reply_status)
+                               THEN s.status ELSE p.reply_status END,
+           reply_error_code = COALESCE(NULLIF(s.error_code, ''), p.reply_error_code)
+      FROM part_status s
+     WHERE p.message_id = s.message_id AND p.part = s.part
+    RETURNING p.part
 ), upd AS (
     UPDATE processed_webhook_messages m
        SET reply_status = b.status,
@@ -178,8 +202,14 @@ SELECT message_id, conversation_id, status_reason, payload, correlation_id, trac
 -- name: timeline_messages
 SELECT m.message_id, m.message_type, m.status, m.status_reason, m.body, m.reply_text,
        m.reply_message_id, m.reply_status, m.correlation_id, m.traceparent, m.received_at,
-       m.conversation_id, m.attempts
+       m.conversation_id, m.attempts, m.reply_error_code,
+       -- A long reply's parts, and how many of them Meta could not deliver.
+       p.parts AS reply_parts, p.failed AS reply_parts_failed
   FROM processed_webhook_messages m
+  LEFT JOIN LATERAL (
+      SELECT count(*) AS parts, count(*) FILTER (WHERE r.reply_status = 'failed') AS failed
+        FROM agent_reply_parts r WHERE r.message_id = m.message_id
+  ) p ON true
  WHERE m.conversation_id = $1 AND m.kind = 'message'
  ORDER BY m.wa_timestamp DESC, m.id DESC
  LIMIT $2
@@ -191,7 +221,13 @@ SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1
 SELECT id FROM webhook_conversations WHERE wa_id = $1 ORDER BY last_activity_at DESC LIMIT 1
 
 -- name: performance_stats
-SELECT * FROM get_webhook_performance_stats($1)
+-- delivery_failed: our messages Meta reported it could not deliver (status `failed`).
+SELECT s.*,
+       (SELECT count(*) FROM processed_webhook_messages f
+         WHERE f.kind = 'status' AND f.reply_status = 'failed'
+           AND f.received_at >= now() - make_interval(secs => ($1::numeric * 3600)::float8))
+           AS delivery_failed
+  FROM get_webhook_performance_stats($1::numeric) s
 
 -- name: system_health
 SELECT * FROM check_webhook_system_health()

@@ -288,6 +288,9 @@ class StateServicer(state_pb2_grpc.StateServicer):
                     received_at=_iso(m["received_at"]),
                     conversation_id=m["conversation_id"],
                     attempts=m["attempts"],
+                    reply_error_code=m["reply_error_code"] or "",
+                    reply_parts=m["reply_parts"] or 0,
+                    reply_parts_failed=m["reply_parts_failed"] or 0,
                 )
                 for m in tl.messages
             ],
@@ -324,6 +327,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
             avg_ms=float(row["avg_ms"] or 0),
             p95_ms=float(row["p95_ms"] or 0),
             p99_ms=float(row["p99_ms"] or 0),
+            delivery_failed=row["delivery_failed"] or 0,
         )
 
     async def GetSystemHealth(
@@ -387,12 +391,11 @@ async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIter
     ):
         dlq = GrpcDlq(dlq_ch)
         if settings.enhanced_processing:
-            # Long enough for the model's retries and the Graph API's; the agent bounds both.
-            turn_timeout = (
-                (settings.model_timeout_seconds + 2) * (settings.agent_max_retries + 1)
-                + (settings.graph_timeout_seconds + 2) * (settings.graph_max_retries + 1)
-                + settings.send_confirm_seconds
-            )
+            # The one deadline of a turn, end to end: sent as the gRPC deadline, the agent
+            # bounds its model and Graph API calls, their retries and waits by it, and sends
+            # nothing past it. Shorter than the stuck timeout, so the sweeper never takes over
+            # a turn that is still running (and no two turns of one message overlap).
+            turn_timeout = turn_deadline_seconds(settings)
             dispatcher = Dispatcher(
                 pool,
                 locks,
@@ -421,6 +424,18 @@ async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIter
                     await task
             await redis.aclose()
             await pool.close()
+
+
+def turn_deadline_seconds(settings: config.Settings) -> float:
+    """Long enough for the model's retries and the Graph API's, but always ending well before
+    the sweeper would consider the turn stuck (STUCK_TIMEOUT_SECONDS)."""
+    wanted = (
+        (settings.model_timeout_seconds + 2) * (settings.agent_max_retries + 1)
+        + (settings.graph_timeout_seconds + 2) * (settings.graph_max_retries + 1)
+        + settings.send_confirm_seconds
+    )
+    stuck = settings.stuck_timeout_seconds
+    return max(0.5, min(wanted, stuck - max(2.0, stuck * 0.2)))
 
 
 async def _resume_all(pool: asyncpg.Pool, dispatcher: Dispatcher) -> None:

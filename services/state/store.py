@@ -14,7 +14,7 @@ import orjson
 from common import sqlfile
 from common.db import Conn
 
-from . import machine
+from . import machine, metrics
 
 log = logging.getLogger(__name__)
 Q = sqlfile.load("services.state", "queries.sql")
@@ -345,7 +345,11 @@ async def _insert_statuses(conn: Conn, statuses: list[tuple[DeliveryIn, Status]]
         [d.traceparent for d, _ in statuses],
         [s.callback_data for _, s in statuses],
     )
-    return {r["message_id"] for r in rows}
+    stored = {r["message_id"] for r in rows}
+    failed = sum(1 for key in stored if key.endswith(":failed"))
+    if failed:
+        metrics.DELIVERY_FAILED.inc(failed)
+    return stored
 
 
 async def claim_conversation(pool: asyncpg.Pool, conversation_id: int, owner: str) -> int:

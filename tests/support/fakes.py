@@ -102,7 +102,11 @@ class FakeGraph(FakeServer):
         self.script: deque[Reply] = deque()
         self.release = threading.Event()
         self.release.set()
+        # When set, text sends after the first `hold_after` ones wait for `release` (only the
+        # first `hold_after` go through at once).
+        self.hold_after: int | None = None
         self.webhook: tuple[str, str] | None = None  # (gateway URL, app secret)
+        self.refused: list[Recorded] = []  # sends refused for breaking a documented limit
 
     def _post_status(self, out_id: str, body: dict[str, Any]) -> None:
         if self.webhook is None:
@@ -175,10 +179,36 @@ class FakeGraph(FakeServer):
             {},
         )
 
+    @staticmethod
+    def limit_error(body: dict[str, Any]) -> str | None:
+        """What Meta refuses in a text message, with error code 100 (invalid parameter)."""
+        if body.get("type") != "text":
+            return None
+        text = (body.get("text") or {}).get("body")
+        if not isinstance(text, str) or not text.strip():
+            return "text.body is required"
+        if len(text) > 4096:
+            return "text.body: Param text['body'] must be at most 4096 characters long."
+        callback = body.get("biz_opaque_callback_data", "")
+        if len(str(callback)) > 512:
+            return "biz_opaque_callback_data must be at most 512 characters long."
+        return None
+
     def answer(self, rec: Recorded) -> Reply:
         if rec.body.get("status") == "read":
             return 200, {"success": True}, {}
-        self.release.wait(30)
+        refused = self.limit_error(rec.body)
+        if refused is not None:
+            with self.lock:
+                self.refused.append(rec)
+            return self.error(400, 100, f"(#100) Invalid parameter: {refused}")
+        if self.hold_after is None:
+            self.release.wait(30)
+        else:
+            with self.lock:
+                position = sum(1 for r in self.requests if r.body.get("type") == "text")
+            if position > self.hold_after:
+                self.release.wait(30)
         with self.lock:
             scripted = self.script.popleft() if self.script else None
         if scripted is not None:
