@@ -115,7 +115,7 @@ async def receive_delivery(request: Request) -> Response:
                 m.skip_reason,
                 extra={"message_id": m.message_id},
             )
-    if not delivery.messages and not delivery.statuses:
+    if not delivery.messages and not delivery.statuses and not delivery.events:
         DELIVERIES.labels("empty").inc()
         return _json(200, status="ok", stored=0, duplicates=0, correlation_id=cid)
     span = trace.get_current_span()
@@ -144,6 +144,9 @@ async def receive_delivery(request: Request) -> Response:
                 payload_json=m.payload_json,
                 context_message_id=m.context_message_id,
                 skip_reason=m.skip_reason,
+                user_id=m.user_id,
+                parent_user_id=m.parent_user_id,
+                username=m.username,
             )
             for m in delivery.messages
         ],
@@ -158,8 +161,25 @@ async def receive_delivery(request: Request) -> Response:
                 error_code=s.error_code,
                 error_title=s.error_title,
                 callback_data=s.callback_data,
+                recipient_user_id=s.recipient_user_id,
             )
             for s in delivery.statuses
+        ],
+        events=[
+            common_pb2.CustomerEvent(
+                event_id=e.event_id,
+                phone_number_id=e.phone_number_id,
+                kind=e.kind,
+                wa_id=e.wa_id,
+                user_id=e.user_id,
+                previous_user_id=e.previous_user_id,
+                parent_user_id=e.parent_user_id,
+                preference_category=e.preference_category,
+                preference_value=e.preference_value,
+                timestamp=e.timestamp,
+                payload_json=e.payload_json,
+            )
+            for e in delivery.events
         ],
     )
     try:
@@ -174,7 +194,10 @@ async def receive_delivery(request: Request) -> Response:
         # this span's duration includes it, and says what it stored.
         span.set_attributes(
             {
-                "wa.stored": len(resp.results) - duplicates + resp.statuses_stored,
+                "wa.stored": len(resp.results)
+                - duplicates
+                + resp.statuses_stored
+                + resp.events_stored,
                 "wa.duplicates": duplicates,
             }
         )
@@ -195,7 +218,7 @@ async def receive_delivery(request: Request) -> Response:
     return _json(
         200,
         status="ok",
-        stored=len(resp.results) - duplicates + resp.statuses_stored,
+        stored=len(resp.results) - duplicates + resp.statuses_stored + resp.events_stored,
         duplicates=duplicates,
         correlation_id=cid,
         messages=[{"id": r.message_id, "status": r.status or "duplicate"} for r in resp.results],

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +59,11 @@ class Message:
     context_message_id: str = ""
     # Why this message is stored as skipped without a turn ("" when it can be answered).
     skip_reason: str = ""
+    # The customer's business-scoped user id (BSUID); with it, wa_id (the phone number) may be
+    # "" (a customer with a username). The username is for display only, kept without "@".
+    user_id: str = ""
+    parent_user_id: str = ""
+    username: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,31 @@ class Status:
     error_code: str = ""
     error_title: str = ""
     callback_data: str = ""
+    recipient_user_id: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A webhook about a customer: its BSUID changed, or its marketing preferences."""
+
+    event_id: str
+    phone_number_id: str
+    kind: str  # user_id_update | user_preferences
+    wa_id: str
+    user_id: str
+    previous_user_id: str
+    parent_user_id: str
+    timestamp: int
+    payload_json: str
+    preference_category: str = ""
+    preference_value: str = ""
 
 
 @dataclass
 class Delivery:
     messages: list[Message] = field(default_factory=list)
     statuses: list[Status] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     # Statuses we could not use (no id, unknown status); counted so they are never silent.
     dropped: list[str] = field(default_factory=list)
 
@@ -236,6 +259,7 @@ def parse_obj(doc: Any, *, cleaned: bool = False) -> Delivery:
             value = _dict(_dict(change).get("value"))
             if value:
                 _parse_value(value, delivery)
+                _parse_customer_events(_str(_dict(change).get("field")), value, delivery)
     return delivery
 
 
@@ -249,19 +273,73 @@ def _phone_number_id(metadata: dict[str, Any]) -> tuple[str, str]:
     return pnid, ""
 
 
-def _sender(message: dict[str, Any]) -> tuple[str, str]:
-    """The customer's id and, when there is none usable, why. (Customers identified by a
-    business-scoped user id instead of `from` are one more case here.)"""
-    wa_id = _str(message.get("from"))
-    if not wa_id:
-        return "", "message without a sender (from)"
-    if len(wa_id) > MAX_ID_CHARS:
-        return wa_id[:MAX_ID_CHARS], f"sender longer than {MAX_ID_CHARS} characters"
-    return wa_id, ""
+@dataclass(frozen=True)
+class Customer:
+    """Who wrote: the phone number (`from`), the BSUID (`from_user_id`), either may be "" but
+    not both, and what `contacts[]` says about them."""
+
+    wa_id: str
+    user_id: str
+    parent_user_id: str
+    name: str = ""
+    username: str = ""
+
+
+def _id(value: Any) -> str:
+    return _str(value)[:MAX_ID_CHARS]
+
+
+def _username(profile: dict[str, Any]) -> str:
+    # Meta's examples show "@name"; the name itself has no "@". Kept bare, shown with it.
+    return _str(profile.get("username")).strip().lstrip("@")[:MAX_NAME_CHARS]
+
+
+def _contacts(value: dict[str, Any]) -> dict[str, Customer]:
+    """`contacts[]` by phone number and by BSUID (a username customer has no phone number)."""
+    known: dict[str, Customer] = {}
+    for raw in _list(value.get("contacts")):
+        contact = _dict(raw)
+        profile = _dict(contact.get("profile"))
+        customer = Customer(
+            wa_id=_id(contact.get("wa_id")),
+            user_id=_id(contact.get("user_id")),
+            parent_user_id=_id(contact.get("parent_user_id")),
+            name=_str(profile.get("name"))[:MAX_NAME_CHARS],
+            username=_username(profile),
+        )
+        for key in (customer.wa_id, customer.user_id):
+            if key:
+                known[key] = customer
+    return known
+
+
+def _sender(message: dict[str, Any], contacts: dict[str, Customer]) -> tuple[Customer, str]:
+    """The customer and, when there is no usable sender, why."""
+    raw_phone, raw_user = _str(message.get("from")), _str(message.get("from_user_id"))
+    if not raw_phone and not raw_user:
+        return Customer("", "", ""), "message without a sender (from, from_user_id)"
+    for raw in (raw_phone, raw_user):
+        if len(raw) > MAX_ID_CHARS:
+            return (
+                Customer(raw_phone[:MAX_ID_CHARS], raw_user[:MAX_ID_CHARS], ""),
+                f"sender longer than {MAX_ID_CHARS} characters",
+            )
+    contact = contacts.get(raw_user) or contacts.get(raw_phone)
+    return (
+        Customer(
+            wa_id=raw_phone or (contact.wa_id if contact else ""),
+            user_id=raw_user or (contact.user_id if contact else ""),
+            parent_user_id=_id(message.get("from_parent_user_id"))
+            or (contact.parent_user_id if contact else ""),
+            name=contact.name if contact else "",
+            username=contact.username if contact else "",
+        ),
+        "",
+    )
 
 
 def _message(
-    raw: Any, phone: tuple[str, str], display: str, name_of: Callable[[str], str]
+    raw: Any, phone: tuple[str, str], display: str, contacts: dict[str, Customer]
 ) -> Message:
     message = raw if isinstance(raw, dict) else {"not_an_object": raw}
     reasons = [] if isinstance(raw, dict) else ["message is not a JSON object"]
@@ -278,7 +356,7 @@ def _message(
         # Deterministic, so Meta's retries of this delivery are still recognised as duplicates.
         canonical = _encode(message, orjson.OPT_SORT_KEYS)
         message_id = INVALID_ID_PREFIX + hashlib.sha256(canonical).hexdigest()
-    wa_id, sender_reason = _sender(message)
+    customer, sender_reason = _sender(message, contacts)
     if sender_reason:
         reasons.append(sender_reason)
     timestamp = _timestamp(message.get("timestamp"))
@@ -288,14 +366,17 @@ def _message(
         message_id=message_id,
         phone_number_id=phone_number_id,
         display_phone_number=display,
-        wa_id=wa_id,
-        contact_name=name_of(wa_id),
+        wa_id=customer.wa_id,
+        contact_name=customer.name,
         type=_str(message.get("type"))[:MAX_TYPE_CHARS] or "unknown",
         timestamp=timestamp or 0,
         text=text_of(message),
         payload_json=_encode(message).decode(),
         context_message_id=_str(_dict(message.get("context")).get("id"))[:MAX_ID_CHARS],
         skip_reason="; ".join(reasons),
+        user_id=customer.user_id,
+        parent_user_id=customer.parent_user_id,
+        username=customer.username,
     )
 
 
@@ -303,13 +384,12 @@ def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
     metadata = _dict(value.get("metadata"))
     phone = _phone_number_id(metadata)
     display = _str(metadata.get("display_phone_number"))[:MAX_METADATA_CHARS]
-    names: dict[str, str] = {}
-    for contact in _list(value.get("contacts")):
-        contact = _dict(contact)
-        name = _str(_dict(contact.get("profile")).get("name"))[:MAX_NAME_CHARS]
-        names[_str(contact.get("wa_id"))] = name
+    contacts = _contacts(value)
     for raw in _list(value.get("messages")):
-        delivery.messages.append(_message(raw, phone, display, lambda wa: names.get(wa, "")))
+        message = _message(raw, phone, display, contacts)
+        delivery.messages.append(message)
+        if message.type == "system" and not message.skip_reason:
+            _system_event(_dict(raw), message, delivery)
     for raw in _list(value.get("statuses")):
         status = _dict(raw)
         status_id = _str(status.get("id"))
@@ -332,5 +412,83 @@ def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
                 error_code=_str(error.get("code"))[:MAX_TYPE_CHARS],
                 error_title=_str(error.get("title"))[:MAX_NAME_CHARS],
                 callback_data=_str(status.get("biz_opaque_callback_data"))[:MAX_ID_CHARS],
+                recipient_user_id=_id(status.get("recipient_user_id")),
             )
         )
+
+
+def _event_id(kind: str, phone_number_id: str, entry: Any) -> str:
+    # Deterministic: Meta's retries of a delivery carry the same entry, and are duplicates.
+    canonical = _encode([phone_number_id, entry], orjson.OPT_SORT_KEYS)
+    return f"{kind}:{hashlib.sha256(canonical).hexdigest()[:40]}"
+
+
+def _system_event(raw: dict[str, Any], message: Message, delivery: Delivery) -> None:
+    """A `system` message saying the customer's BSUID (and perhaps phone number) changed."""
+    system = _dict(raw.get("system"))
+    kind = _str(system.get("type"))
+    if kind not in {"user_changed_user_id", "user_changed_number"}:
+        return
+    current, previous = _id(system.get("user_id")), _id(system.get("previous_user_id"))
+    new_phone = _id(system.get("wa_id")) if kind == "user_changed_number" else ""
+    if not (current and previous) and not new_phone:
+        return
+    delivery.events.append(
+        Event(
+            event_id="user_id_update:" + message.message_id,
+            phone_number_id=message.phone_number_id,
+            kind="user_id_update",
+            wa_id=new_phone,
+            user_id=current,
+            previous_user_id=previous,
+            parent_user_id=_id(system.get("parent_user_id")),
+            timestamp=message.timestamp,
+            payload_json=message.payload_json,
+        )
+    )
+
+
+def _parse_customer_events(field_name: str, value: dict[str, Any], delivery: Delivery) -> None:
+    """`user_id_update` (a BSUID changed) and `user_preferences` (marketing stop / resume)."""
+    if field_name not in {"user_id_update", "user_preferences"}:
+        return
+    phone_number_id, phone_reason = _phone_number_id(_dict(value.get("metadata")))
+    for raw in _list(value.get(field_name)):
+        entry = _dict(raw)
+        timestamp = _timestamp(entry.get("timestamp")) or 0
+        if field_name == "user_id_update":
+            ids, parents = _dict(entry.get("user_id")), _dict(entry.get("parent_user_id"))
+            event = Event(
+                event_id=_event_id(field_name, phone_number_id, entry),
+                phone_number_id=phone_number_id,
+                kind=field_name,
+                wa_id=_id(entry.get("wa_id")),
+                user_id=_id(ids.get("current")),
+                previous_user_id=_id(ids.get("previous")),
+                parent_user_id=_id(parents.get("current")),
+                timestamp=timestamp,
+                payload_json=_encode(entry).decode(),
+            )
+            usable = bool(event.user_id and event.previous_user_id)
+        else:
+            event = Event(
+                event_id=_event_id(field_name, phone_number_id, entry),
+                phone_number_id=phone_number_id,
+                kind=field_name,
+                wa_id=_id(entry.get("wa_id")),
+                user_id=_id(entry.get("user_id")),
+                previous_user_id="",
+                parent_user_id=_id(entry.get("parent_user_id")),
+                timestamp=timestamp,
+                payload_json=_encode(entry).decode(),
+                preference_category=_str(entry.get("category"))[:MAX_TYPE_CHARS],
+                preference_value=_str(entry.get("value"))[:MAX_TYPE_CHARS],
+            )
+            usable = bool(event.user_id or event.wa_id) and event.preference_value in {
+                "stop",
+                "resume",
+            }
+        if phone_reason or not usable:
+            delivery.dropped.append(f"{field_name} event not usable: {phone_reason or 'no ids'}")
+            continue
+        delivery.events.append(event)

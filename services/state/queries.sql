@@ -1,35 +1,73 @@
 -- name: ingest_messages
--- A whole batch of messages in one statement: upsert their conversations, insert each message
--- once (the unique message_id decides duplicates, concurrent ones included), audit what was
--- stored. Rows are written in key order so concurrent batches cannot deadlock each other.
+-- A whole batch of messages in one statement: find or create their conversations, insert each
+-- message once (the unique message_id decides duplicates, concurrent ones included), audit what
+-- was stored. Rows are written in key order so concurrent batches cannot deadlock each other.
+-- A conversation is one per (business number, customer_id): the customer's BSUID when Meta
+-- sends one, the phone number otherwise. `adopt`: a conversation known by a phone number that
+-- this batch names together with a BSUID takes the BSUID as its key (once: later deliveries
+-- find it by the BSUID, with or without the phone number). The phone number, BSUID and
+-- username are attributes that only a newer value replaces; an absent one keeps the old.
 WITH input AS (
-    SELECT *
+    SELECT t.*, COALESCE(NULLIF(t.user_id, ''), t.wa_id) AS customer_id
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                   $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::text[],
-                  $11::text[], $12::text[])
+                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
            WITH ORDINALITY AS t(message_id, phone_number_id, wa_id, contact_name,
                                 correlation_id, wa_timestamp, message_type, body, payload,
-                                status, reason, traceparent, ord)
-), conv AS (
-    INSERT INTO webhook_conversations AS c
-        (phone_number_id, wa_id, contact_name, correlation_id, last_message_at)
-    SELECT DISTINCT ON (phone_number_id, wa_id)
-           phone_number_id, wa_id, NULLIF(contact_name, ''), correlation_id, wa_timestamp
+                                status, reason, traceparent, user_id, parent_user_id,
+                                username, ord)
+), keys AS (
+    SELECT DISTINCT ON (phone_number_id, customer_id) *
       FROM input
-     ORDER BY phone_number_id, wa_id, wa_timestamp DESC
-    ON CONFLICT (phone_number_id, wa_id) DO UPDATE
+     ORDER BY phone_number_id, customer_id, wa_timestamp DESC
+), adopt AS (
+    UPDATE webhook_conversations c
+       SET customer_id = k.customer_id, user_id = k.user_id, wa_id = k.wa_id,
+           parent_user_id = COALESCE(NULLIF(k.parent_user_id, ''), c.parent_user_id),
+           username = COALESCE(NULLIF(k.username, ''), c.username),
+           contact_name = COALESCE(NULLIF(k.contact_name, ''), c.contact_name),
+           last_message_at = GREATEST(c.last_message_at, k.wa_timestamp),
+           last_activity_at = now(), updated_at = now()
+      FROM keys k
+     WHERE k.user_id <> '' AND k.wa_id <> ''
+       AND c.phone_number_id = k.phone_number_id AND c.customer_id = k.wa_id
+       AND NOT EXISTS (SELECT 1 FROM webhook_conversations d
+                        WHERE d.phone_number_id = k.phone_number_id
+                          AND d.customer_id = k.customer_id)
+    RETURNING c.id, c.phone_number_id, c.customer_id
+), created AS (
+    INSERT INTO webhook_conversations AS c
+        (phone_number_id, customer_id, wa_id, user_id, parent_user_id, username, contact_name,
+         correlation_id, last_message_at)
+    SELECT k.phone_number_id, k.customer_id, NULLIF(k.wa_id, ''), NULLIF(k.user_id, ''),
+           NULLIF(k.parent_user_id, ''), NULLIF(k.username, ''), NULLIF(k.contact_name, ''),
+           k.correlation_id, k.wa_timestamp
+      FROM keys k
+     WHERE NOT EXISTS (SELECT 1 FROM adopt a
+                        WHERE a.phone_number_id = k.phone_number_id
+                          AND a.customer_id = k.customer_id)
+     ORDER BY k.phone_number_id, k.customer_id
+    ON CONFLICT (phone_number_id, customer_id) DO UPDATE
         SET contact_name = COALESCE(EXCLUDED.contact_name, c.contact_name),
+            wa_id = COALESCE(EXCLUDED.wa_id, c.wa_id),
+            user_id = COALESCE(EXCLUDED.user_id, c.user_id),
+            parent_user_id = COALESCE(EXCLUDED.parent_user_id, c.parent_user_id),
+            username = COALESCE(EXCLUDED.username, c.username),
             last_message_at = GREATEST(c.last_message_at, EXCLUDED.last_message_at),
             last_activity_at = now()
-    RETURNING id, phone_number_id, wa_id
+    RETURNING id, phone_number_id, customer_id
+), conv AS (
+    SELECT * FROM adopt
+    UNION ALL
+    SELECT * FROM created
 ), msg AS (
     INSERT INTO processed_webhook_messages
-        (message_id, kind, conversation_id, phone_number_id, wa_id, message_type, wa_timestamp,
-         body, payload, status, status_reason, correlation_id, traceparent)
-    SELECT i.message_id, 'message', conv.id, i.phone_number_id, i.wa_id, i.message_type,
-           i.wa_timestamp, NULLIF(i.body, ''), i.payload::jsonb, i.status, NULLIF(i.reason, ''),
-           i.correlation_id, i.traceparent
-      FROM input i JOIN conv USING (phone_number_id, wa_id)
+        (message_id, kind, conversation_id, phone_number_id, wa_id, user_id, message_type,
+         wa_timestamp, body, payload, status, status_reason, correlation_id, traceparent)
+    SELECT i.message_id, 'message', conv.id, i.phone_number_id, i.wa_id, NULLIF(i.user_id, ''),
+           i.message_type, i.wa_timestamp, NULLIF(i.body, ''), i.payload::jsonb, i.status,
+           NULLIF(i.reason, ''), i.correlation_id, i.traceparent
+      FROM input i JOIN conv USING (phone_number_id, customer_id)
      ORDER BY i.message_id
     ON CONFLICT (message_id) DO NOTHING
     RETURNING message_id, conversation_id, status, status_reason, correlation_id
@@ -42,7 +80,7 @@ WITH input AS (
 )
 SELECT i.ord, i.message_id, conv.id AS conversation_id, msg.status
   FROM input i
-  JOIN conv USING (phone_number_id, wa_id)
+  JOIN conv USING (phone_number_id, customer_id)
   LEFT JOIN msg USING (message_id)
  ORDER BY i.ord
 
@@ -217,8 +255,19 @@ SELECT m.message_id, m.message_type, m.status, m.status_reason, m.body, m.reply_
 -- name: conversation_of_message
 SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1
 
--- name: conversations_of_phone
-SELECT id FROM webhook_conversations WHERE wa_id = $1 ORDER BY last_activity_at DESC LIMIT 1
+-- name: conversation_of_customer
+-- The customer's most recent conversation, named by phone number, BSUID or username (with or
+-- without its "@"; a username is only a way to find a customer, never a key).
+SELECT id FROM (
+    SELECT id, last_activity_at FROM webhook_conversations WHERE wa_id = $1
+    UNION ALL
+    SELECT id, last_activity_at FROM webhook_conversations WHERE user_id = $1
+    UNION ALL
+    SELECT id, last_activity_at FROM webhook_conversations
+     WHERE lower(username) = lower(ltrim($1, '@')) AND username IS NOT NULL
+) c
+ORDER BY last_activity_at DESC
+LIMIT 1
 
 -- name: performance_stats
 -- delivery_failed: our messages Meta reported it could not deliver (status `failed`).
@@ -243,3 +292,59 @@ SELECT message_id, entity, from_state, to_state, reason, correlation_id, created
 -- The monitoring views and check_webhook_system_health() judge "stuck" by this.
 INSERT INTO wa_runtime_settings (name, value) VALUES ('stuck_timeout_seconds', $1)
 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+
+-- name: ingest_events
+-- Customer events (a BSUID changed, marketing preferences), each stored once under its
+-- deterministic id, as skipped rows of kind 'event' with what they said; returns the ones
+-- stored now, which the caller then applies.
+WITH input AS (
+    SELECT *
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                  $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::text[])
+           AS t(event_id, phone_number_id, kind, wa_id, user_id, previous_user_id,
+                preference, ts, payload, correlation_id, traceparent)
+)
+INSERT INTO processed_webhook_messages
+    (message_id, kind, conversation_id, phone_number_id, wa_id, user_id, message_type,
+     wa_timestamp, payload, status, status_reason, correlation_id, traceparent)
+SELECT i.event_id, 'event',
+       (SELECT c.id FROM webhook_conversations c
+         WHERE c.phone_number_id = i.phone_number_id
+           AND c.customer_id = COALESCE(NULLIF(i.previous_user_id, ''), NULLIF(i.user_id, ''),
+                                        i.wa_id)),
+       i.phone_number_id, i.wa_id, NULLIF(i.user_id, ''), i.kind, i.ts, i.payload::jsonb,
+       'skipped',
+       CASE i.kind
+           WHEN 'user_id_update' THEN 'customer event: BSUID ' || i.previous_user_id
+                                      || ' is now ' || i.user_id
+           ELSE 'customer event: marketing messages ' || i.preference
+       END,
+       i.correlation_id, i.traceparent
+  FROM input i
+ ORDER BY i.event_id
+ON CONFLICT (message_id) DO NOTHING
+RETURNING message_id
+
+-- name: apply_user_id_update
+-- The customer's BSUID changed ($1 -> $2; Meta issues a new one when the phone number
+-- changes, $4 is then the new number): every conversation keyed by the old one takes the new
+-- one, with its context and history. One that a message under the new BSUID has already
+-- started is left as it is (the two are not merged).
+UPDATE webhook_conversations c
+   SET customer_id = $2, user_id = $2,
+       parent_user_id = COALESCE(NULLIF($3, ''), c.parent_user_id),
+       wa_id = COALESCE(NULLIF($4, ''), c.wa_id),
+       updated_at = now()
+ WHERE c.user_id = $1 AND $1 <> '' AND $2 <> ''
+   AND NOT EXISTS (SELECT 1 FROM webhook_conversations d
+                    WHERE d.phone_number_id = c.phone_number_id AND d.customer_id = $2)
+RETURNING c.id
+
+-- name: apply_user_preferences
+-- Marketing messages stopped or resumed ($3), as of $4; an older event never overrides a
+-- newer one.
+UPDATE webhook_conversations c
+   SET marketing_preference = $3, marketing_preference_at = $4, updated_at = now()
+ WHERE ((c.user_id = $1 AND $1 <> '') OR (c.wa_id = $2 AND $2 <> ''))
+   AND (c.marketing_preference_at IS NULL OR c.marketing_preference_at <= $4)
+RETURNING c.id

@@ -41,6 +41,9 @@ def _inbound(m: common_pb2.InboundMessage) -> store.Inbound:
         text=m.text,
         payload_json=m.payload_json,
         skip_reason=reason,
+        user_id=m.user_id,
+        parent_user_id=m.parent_user_id,
+        username=m.username,
     )
 
 
@@ -57,12 +60,30 @@ def _delivery_in(request: state_pb2.IngestRequest) -> store.DeliveryIn:
                 payload_json=s.payload_json,
                 error_code=s.error_code,
                 callback_data=s.callback_data,
+                recipient_user_id=s.recipient_user_id,
             )
             for s in request.statuses
             if s.message_id
         ],
         correlation_id=request.correlation_id,
         traceparent=request.traceparent,
+        events=[
+            store.Event(
+                event_id=e.event_id,
+                phone_number_id=e.phone_number_id,
+                kind=e.kind,
+                wa_id=e.wa_id,
+                user_id=e.user_id,
+                previous_user_id=e.previous_user_id,
+                parent_user_id=e.parent_user_id,
+                timestamp=e.timestamp,
+                payload_json=e.payload_json,
+                preference_category=e.preference_category,
+                preference_value=e.preference_value,
+            )
+            for e in request.events
+            if e.event_id and e.kind in ("user_id_update", "user_preferences")
+        ],
     )
 
 
@@ -130,6 +151,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
                         for r in out.results
                     ],
                     statuses_stored=out.statuses_stored,
+                    events_stored=out.events_stored,
                 )
             )
         return answers

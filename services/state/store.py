@@ -40,6 +40,11 @@ class Inbound:
     payload_json: str
     # Why it is stored as skipped whatever its type (the gateway could not use it); "" if not.
     skip_reason: str = ""
+    # The customer's business-scoped user id (BSUID), the key of its conversation when given
+    # ("" when Meta sent none; wa_id, the phone number, may then be "" too).
+    user_id: str = ""
+    parent_user_id: str = ""
+    username: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,24 @@ class Status:
     payload_json: str
     error_code: str = ""
     callback_data: str = ""
+    recipient_user_id: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A webhook about a customer (see common.proto CustomerEvent)."""
+
+    event_id: str
+    phone_number_id: str
+    kind: str  # user_id_update | user_preferences
+    wa_id: str
+    user_id: str
+    previous_user_id: str
+    parent_user_id: str
+    timestamp: int
+    payload_json: str
+    preference_category: str = ""
+    preference_value: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,9 @@ class WorkItem:
     resumed: bool = False
     turn_resumes: int = 0
     operator_redrive: bool = False
+    # The customer's BSUID and username (wa_id, the phone number, may be "" without them).
+    user_id: str = ""
+    username: str = ""
 
 
 @dataclass
@@ -115,12 +141,14 @@ class DeliveryIn:
     statuses: list[Status]
     correlation_id: str
     traceparent: str
+    events: list[Event] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class DeliveryOut:
     results: list[Ingested]
     statuses_stored: int
+    events_stored: int = 0
 
 
 async def ingest(
@@ -136,15 +164,18 @@ async def ingest(
 
 
 async def ingest_many(pool: asyncpg.Pool, deliveries: list[DeliveryIn]) -> list[DeliveryOut]:
-    """Stores several deliveries atomically, in at most two statements."""
+    """Stores several deliveries atomically, in one statement per kind of event (messages,
+    statuses and, rarely, customer events)."""
     messages = [(d, m) for d in deliveries for m in d.messages]
     statuses = [(d, s) for d in deliveries for s in d.statuses]
+    events = [(d, e) for d in deliveries for e in d.events]
     async with pool.acquire() as conn:
         # One statement is atomic by itself: no BEGIN/COMMIT round trips.
-        both = bool(messages and statuses)
-        async with conn.transaction() if both else contextlib.nullcontext():
+        several = sum(1 for kind in (messages, statuses, events) if kind) > 1
+        async with conn.transaction() if several else contextlib.nullcontext():
             rows = await _insert_messages(conn, messages) if messages else []
             stored = await _insert_statuses(conn, statuses) if statuses else set()
+            applied = await _apply_events(conn, events) if events else set()
     seen: set[str] = set()
     results: dict[int, list[Ingested]] = {id(d): [] for d in deliveries}
     for (d, m), row in zip(messages, rows, strict=True):
@@ -161,7 +192,57 @@ async def ingest_many(pool: asyncpg.Pool, deliveries: list[DeliveryIn]) -> list[
         if key in stored:
             counts[id(d)] += 1
             stored.discard(key)
-    return [DeliveryOut(results[id(d)], counts[id(d)]) for d in deliveries]
+    event_counts: dict[int, int] = {id(d): 0 for d in deliveries}
+    for d, ev in events:
+        if ev.event_id in applied:
+            event_counts[id(d)] += 1
+            applied.discard(ev.event_id)
+    return [DeliveryOut(results[id(d)], counts[id(d)], event_counts[id(d)]) for d in deliveries]
+
+
+async def _apply_events(conn: Conn, events: list[tuple[DeliveryIn, Event]]) -> set[str]:
+    """Stores each customer event once and applies the new ones to the customer's
+    conversations: a changed BSUID becomes the conversation's key (its context and history
+    stay), marketing preferences are recorded. Returns the ids stored now."""
+    rows = await conn.fetch(
+        Q["ingest_events"],
+        [e.event_id for _, e in events],
+        [e.phone_number_id for _, e in events],
+        [e.kind for _, e in events],
+        [e.wa_id for _, e in events],
+        [e.user_id for _, e in events],
+        [e.previous_user_id for _, e in events],
+        [e.preference_value for _, e in events],
+        [_ts(e.timestamp) for _, e in events],
+        [e.payload_json or "{}" for _, e in events],
+        [d.correlation_id for d, _ in events],
+        [d.traceparent for d, _ in events],
+    )
+    stored = {r["message_id"] for r in rows}
+    for _, e in sorted(events, key=lambda de: de[1].timestamp):
+        if e.event_id not in stored:
+            continue  # a duplicate: applied when it was first stored
+        if e.kind == "user_id_update":
+            changed = await conn.fetch(
+                Q["apply_user_id_update"],
+                e.previous_user_id,
+                e.user_id,
+                e.parent_user_id,
+                e.wa_id,
+            )
+        else:
+            changed = await conn.fetch(
+                Q["apply_user_preferences"],
+                e.user_id,
+                e.wa_id,
+                e.preference_value,
+                _ts(e.timestamp),
+            )
+        log.info(
+            "customer event applied",
+            extra={"event": e.kind, "event_id": e.event_id, "conversations": len(changed)},
+        )
+    return stored
 
 
 # SQLSTATE classes that the values being stored cause, so that storing them again fails again:
@@ -255,7 +336,18 @@ async def _ingest_one(pool: asyncpg.Pool, delivery: DeliveryIn) -> DeliveryOut:
                 [DeliveryIn([], [_status_placeholder(status, exc)], cid, tp)],
             )
         statuses_stored += out.statuses_stored
-    return DeliveryOut(results, statuses_stored)
+    events_stored = 0
+    for event in delivery.events:
+        one = DeliveryIn([], [], delivery.correlation_id, delivery.traceparent, [event])
+        try:
+            (out,) = await ingest_many(pool, [one])
+            events_stored += out.events_stored
+        except PROBLEMS as exc:
+            if not is_data_error(exc):
+                raise
+            # Not a message: nothing waits for it. Said, and left.
+            log.error("a customer event was refused (%s): not applied", describe(exc))
+    return DeliveryOut(results, statuses_stored, events_stored)
 
 
 MAX_ID_CHARS = 256
@@ -283,6 +375,7 @@ def _placeholder(message: Inbound, exc: BaseException) -> Inbound:
         message_id=_storable_id(message.message_id),
         phone_number_id=_storable(message.phone_number_id, 64),
         wa_id=_storable(message.wa_id, MAX_ID_CHARS),
+        user_id=_storable(message.user_id, MAX_ID_CHARS),
         contact_name="",
         type=_storable(message.type, 64) or "unknown",
         timestamp=0,
@@ -327,6 +420,9 @@ async def _insert_messages(
             [machine.SKIPPED if r else machine.RECEIVED for r in reasons],
             reasons,
             [d.traceparent for d, _ in messages],
+            [m.user_id for _, m in messages],
+            [m.parent_user_id for _, m in messages],
+            [m.username for _, m in messages],
         )
     )
 
@@ -405,6 +501,8 @@ async def next_message(pool: asyncpg.Pool, conversation_id: int, token: int) -> 
         resumed=row["resumed"],
         turn_resumes=row["turn_resumes"],
         operator_redrive=row["queued_because"] == machine.OPERATOR_REDRIVE,
+        user_id=row["user_id"] or "",
+        username=row["username"] or "",
     )
 
 
@@ -488,7 +586,7 @@ async def timeline(pool: asyncpg.Pool, message_id: str, wa_id: str, limit: int) 
         if message_id:
             conv = await conn.fetchval(Q["conversation_of_message"], message_id)
         elif wa_id:
-            conv = await conn.fetchval(Q["conversations_of_phone"], wa_id)
+            conv = await conn.fetchval(Q["conversation_of_customer"], wa_id)
         if conv is None:
             raise UnknownMessage(message_id or wa_id)
         return Timeline(

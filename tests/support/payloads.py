@@ -21,14 +21,27 @@ def new_id() -> str:
     return f"wamid.T{uuid.uuid4().hex.upper()}"
 
 
-def message(kind: str, wa_id: str = "15550001111", **overrides: Any) -> dict[str, Any]:
-    """One message object as Meta delivers it, for any type."""
+def bsuid(seed: str = "") -> str:
+    """A business-scoped user id as Meta writes them: country code, ".", alphanumerics."""
+    digits = str(int(uuid.uuid5(uuid.NAMESPACE_OID, seed).hex, 16))[:20] if seed else None
+    return f"US.{digits or str(uuid.uuid4().int)[:20]}"
+
+
+def message(
+    kind: str, wa_id: str | None = "15550001111", user_id: str = "", **overrides: Any
+) -> dict[str, Any]:
+    """One message object as Meta delivers it, for any type. `user_id`: the customer's BSUID
+    (`from_user_id`); `wa_id=None`: a customer with a username, whose phone number Meta
+    withholds (no `from` at all)."""
     base: dict[str, Any] = {
-        "from": wa_id,
         "id": new_id(),
         "timestamp": str(int(time.time())),
         "type": kind,
     }
+    if wa_id is not None:
+        base["from"] = wa_id
+    if user_id:
+        base["from_user_id"] = user_id
     bodies: dict[str, dict[str, Any]] = {
         "text": {"text": {"body": "hello"}},
         "image": {
@@ -163,16 +176,25 @@ def delivery(
     messages: list[dict[str, Any]] | None = None,
     statuses: list[dict[str, Any]] | None = None,
     name: str = "Test Customer",
+    usernames: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """`usernames`: BSUID -> username, for `contacts[].profile.username`."""
     value: dict[str, Any] = {
         "messaging_product": "whatsapp",
         "metadata": {"display_phone_number": DISPLAY, "phone_number_id": PHONE_NUMBER_ID},
     }
     if messages:
-        value["contacts"] = [
-            {"profile": {"name": name}, "wa_id": wa}
-            for wa in dict.fromkeys(m["from"] for m in messages)
-        ]
+        contacts = []
+        for wa, user in dict.fromkeys((m.get("from"), m.get("from_user_id")) for m in messages):
+            contact: dict[str, Any] = {"profile": {"name": name}}
+            if wa is not None:
+                contact["wa_id"] = wa
+            if user:
+                contact["user_id"] = user
+                if usernames and user in usernames:
+                    contact["profile"]["username"] = usernames[user]
+            contacts.append(contact)
+        value["contacts"] = contacts
         value["messages"] = messages
     if statuses:
         value["statuses"] = statuses

@@ -94,9 +94,11 @@ class Postgres:
         await migrate.migrate(with_database(self.admin_dsn, name))
         return name
 
-    async def create_database(self, template: str) -> str:
+    async def create_database(self, template: str | None) -> str:
+        """A new database: a copy of `template`, or empty (None)."""
         name = f"wa_t_{uuid.uuid4().hex[:12]}"
-        await self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        copy = f' TEMPLATE "{template}"' if template else ""
+        await self._admin(f'CREATE DATABASE "{name}"{copy}')
         self.created.append(name)
         return with_database(self.admin_dsn, name)
 

@@ -1,0 +1,288 @@
+"""Customers known by a business-scoped user id (BSUID), a phone number, or both over time:
+one conversation each, whatever Meta sends, and conversations from before BSUIDs kept."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import asyncpg
+import orjson
+
+from common import migrate
+from services.gateway import parse
+from services.state import store
+from tests.support import payloads
+from tests.support.servers import Postgres
+
+PHONE = "15550001111"
+
+
+def inbound(
+    message_id: str, wa_id: str = PHONE, user_id: str = "", username: str = ""
+) -> store.Inbound:
+    return store.Inbound(
+        message_id=message_id,
+        phone_number_id="100",
+        wa_id=wa_id,
+        contact_name="Ann",
+        type="text",
+        timestamp=int(time.time()),
+        text="hi",
+        payload_json="{}",
+        user_id=user_id,
+        username=username,
+    )
+
+
+async def ingest(pool: asyncpg.Pool, *messages: store.Inbound) -> list[store.Ingested]:
+    results, _ = await store.ingest(pool, list(messages), [], "cid", "")
+    return results
+
+
+async def conversation(pool: asyncpg.Pool, conversation_id: int) -> dict[str, object]:
+    row = await pool.fetchrow(
+        "SELECT customer_id, wa_id, user_id, username, message_count,"
+        " marketing_preference FROM webhook_conversations WHERE id = $1",
+        conversation_id,
+    )
+    assert row is not None
+    return dict(row)
+
+
+async def test_a_customer_seen_by_phone_then_bsuid_then_bsuid_alone_is_one_conversation(
+    pool: asyncpg.Pool,
+) -> None:
+    user = payloads.bsuid("ann")
+    (first,) = await ingest(pool, inbound("wamid.1"))
+    (both,) = await ingest(pool, inbound("wamid.2", user_id=user, username="ann.b"))
+    (alone,) = await ingest(pool, inbound("wamid.3", wa_id="", user_id=user))
+    assert first.conversation_id == both.conversation_id == alone.conversation_id
+    assert await conversation(pool, first.conversation_id) == {
+        "customer_id": user,
+        "wa_id": PHONE,  # kept when a delivery no longer names it
+        "user_id": user,
+        "username": "ann.b",
+        "message_count": 3,
+        "marketing_preference": None,
+    }
+    assert await pool.fetchval("SELECT count(*) FROM webhook_conversations") == 1
+
+
+async def test_a_customer_without_a_phone_number_gets_a_conversation_of_its_own(
+    pool: asyncpg.Pool,
+) -> None:
+    ann, bob = payloads.bsuid("ann"), payloads.bsuid("bob")
+    (a,) = await ingest(pool, inbound("wamid.A", wa_id="", user_id=ann, username="same"))
+    # A username is never a key: someone else may take it, and is someone else.
+    (b,) = await ingest(pool, inbound("wamid.B", wa_id="", user_id=bob, username="same"))
+    assert a.status == b.status == "received"
+    assert a.conversation_id != b.conversation_id
+    assert (await conversation(pool, a.conversation_id))["wa_id"] is None
+    # The username changes; the conversation stays.
+    (again,) = await ingest(pool, inbound("wamid.A2", wa_id="", user_id=ann, username="ann.new"))
+    assert again.conversation_id == a.conversation_id
+    assert (await conversation(pool, a.conversation_id))["username"] == "ann.new"
+
+
+async def test_phone_and_bsuid_in_one_batch_with_the_phone_known_before(
+    pool: asyncpg.Pool,
+) -> None:
+    user = payloads.bsuid("carol")
+    (old,) = await ingest(pool, inbound("wamid.old"))
+    results = await ingest(
+        pool,
+        inbound("wamid.x", user_id=user),
+        inbound("wamid.y", wa_id="", user_id=user),
+        inbound("wamid.z", user_id=user),
+    )
+    assert {r.conversation_id for r in results} == {old.conversation_id}
+    assert [r.duplicate for r in results] == [False, False, False]
+
+
+def _events(doc: dict[str, object]) -> list[store.Event]:
+    delivery = parse.parse(orjson.dumps(doc))
+    return [
+        store.Event(
+            event_id=e.event_id,
+            phone_number_id=e.phone_number_id,
+            kind=e.kind,
+            wa_id=e.wa_id,
+            user_id=e.user_id,
+            previous_user_id=e.previous_user_id,
+            parent_user_id=e.parent_user_id,
+            timestamp=e.timestamp,
+            payload_json=e.payload_json,
+            preference_category=e.preference_category,
+            preference_value=e.preference_value,
+        )
+        for e in delivery.events
+    ]
+
+
+def _change(field: str, entries: list[dict[str, object]]) -> dict[str, object]:
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "1", "phone_number_id": "100"},
+        field: entries,
+    }
+    return {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [
+        {"field": field, "value": value}
+    ]}]}  # fmt: skip
+
+
+async def test_a_changed_bsuid_keeps_the_conversation_and_preferences_are_recorded(
+    pool: asyncpg.Pool,
+) -> None:
+    old, new = payloads.bsuid("dan-old"), payloads.bsuid("dan-new")
+    (first,) = await ingest(pool, inbound("wamid.d1", wa_id="", user_id=old))
+    update = _change(
+        "user_id_update",
+        [
+            {
+                "detail": "User id for Dan has been updated.",
+                "user_id": {"previous": old, "current": new},
+                "timestamp": str(int(time.time())),
+            }
+        ],
+    )
+    events = _events(update)
+    out = await store.ingest_many(pool, [store.DeliveryIn([], [], "c", "", events)])
+    assert out[0].events_stored == 1
+    # Meta's retry of the same delivery: a duplicate, not applied twice.
+    again = await store.ingest_many(pool, [store.DeliveryIn([], [], "c", "", _events(update))])
+    assert again[0].events_stored == 0
+    (later,) = await ingest(pool, inbound("wamid.d2", wa_id="", user_id=new))
+    assert later.conversation_id == first.conversation_id
+    assert (await conversation(pool, first.conversation_id))["customer_id"] == new
+
+    stop = _change(
+        "user_preferences",
+        [
+            {
+                "user_id": new,
+                "detail": "User requested to stop marketing messages",
+                "category": "marketing_messages",
+                "value": "stop",
+                "timestamp": int(time.time()),
+            }
+        ],
+    )
+    await store.ingest_many(pool, [store.DeliveryIn([], [], "c", "", _events(stop))])
+    older_resume = _change(
+        "user_preferences",
+        [
+            {
+                "user_id": new,
+                "category": "marketing_messages",
+                "value": "resume",
+                "timestamp": int(time.time()) - 3600,
+            }
+        ],
+    )
+    await store.ingest_many(pool, [store.DeliveryIn([], [], "c", "", _events(older_resume))])
+    assert (await conversation(pool, first.conversation_id))["marketing_preference"] == "stop"
+    kinds = await pool.fetch(
+        "SELECT message_type, status, status_reason FROM processed_webhook_messages"
+        " WHERE kind = 'event' ORDER BY id"
+    )
+    assert [(k["message_type"], k["status"]) for k in kinds] == [
+        ("user_id_update", "skipped"),
+        ("user_preferences", "skipped"),
+        ("user_preferences", "skipped"),
+    ]
+
+
+async def test_a_system_message_about_a_changed_number_moves_the_conversation_along(
+    pool: asyncpg.Pool,
+) -> None:
+    old, new = payloads.bsuid("eve-old"), payloads.bsuid("eve-new")
+    (first,) = await ingest(pool, inbound("wamid.e1", user_id=old))
+    system = payloads.message(
+        "system",
+        wa_id=PHONE,
+        user_id=old,
+        system={
+            "body": "User Eve changed from 15550001111 to 15550003333",
+            "type": "user_changed_number",
+            "wa_id": "15550003333",
+            "user_id": new,
+            "previous_user_id": old,
+        },
+    )
+    delivery = parse.parse(orjson.dumps(payloads.delivery(messages=[system])))
+    (event,) = delivery.events
+    assert (event.previous_user_id, event.user_id, event.wa_id) == (old, new, "15550003333")
+    await store.ingest_many(pool, [store.DeliveryIn([], [], "c", "", _events_of(delivery))])
+    (later,) = await ingest(pool, inbound("wamid.e2", wa_id="15550003333", user_id=new))
+    assert later.conversation_id == first.conversation_id
+    assert (await conversation(pool, first.conversation_id))["wa_id"] == "15550003333"
+
+
+def _events_of(delivery: parse.Delivery) -> list[store.Event]:
+    return [
+        store.Event(
+            event_id=e.event_id,
+            phone_number_id=e.phone_number_id,
+            kind=e.kind,
+            wa_id=e.wa_id,
+            user_id=e.user_id,
+            previous_user_id=e.previous_user_id,
+            parent_user_id=e.parent_user_id,
+            timestamp=e.timestamp,
+            payload_json=e.payload_json,
+        )
+        for e in delivery.events
+    ]
+
+
+async def test_conversations_from_before_bsuids_keep_their_context_after_the_upgrade(
+    pg: Postgres, tmp_path: Path
+) -> None:
+    """A database migrated by the previous release, with phone-keyed conversations and their
+    agent context, upgraded in place: every conversation, message and context is kept, and the
+    customer's first delivery with a BSUID continues the same conversation."""
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in migrate.pending_files():
+        if path.name < "0010":
+            shutil.copy(path, before / path.name)
+    dsn = await pg.create_database(None)
+    await migrate.migrate(dsn, before)
+    conn = await asyncpg.connect(dsn)
+    try:
+        conv_ids = []
+        for n in range(3):
+            conv_ids.append(
+                await conn.fetchval(
+                    "INSERT INTO webhook_conversations (phone_number_id, wa_id, contact_name)"
+                    " VALUES ('100', $1, 'Old') RETURNING id",
+                    f"1555000900{n}",
+                )
+            )
+            await conn.execute(
+                "INSERT INTO agent_contexts (conversation_id, agent_type, messages)"
+                " VALUES ($1, 'concierge', $2::jsonb)",
+                conv_ids[-1],
+                orjson.dumps([{"role": "user", "content": f"earlier {n}"}]).decode(),
+            )
+        await migrate.migrate(dsn)
+        rows = await conn.fetch(
+            "SELECT c.id, c.customer_id, c.wa_id, a.messages FROM webhook_conversations c"
+            " JOIN agent_contexts a ON a.conversation_id = c.id ORDER BY c.id"
+        )
+        assert [(r["id"], r["customer_id"], r["wa_id"]) for r in rows] == [
+            (conv_ids[n], f"1555000900{n}", f"1555000900{n}") for n in range(3)
+        ]
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        user = payloads.bsuid("old-customer")
+        (result,) = await ingest(pool, inbound("wamid.up", wa_id="15550009001", user_id=user))
+        assert result.conversation_id == conv_ids[1]
+        (alone,) = await ingest(pool, inbound("wamid.up2", wa_id="", user_id=user))
+        assert alone.conversation_id == conv_ids[1]
+    finally:
+        await pool.close()
