@@ -198,7 +198,9 @@ class OpenAIBackend:
                 if resp.status == 200:
                     # Answered: the server is up, whatever it answered.
                     healthy = True
-                    return _completion(_json_of(resp), attempt)
+                    completion = _completion(_json_of(resp), attempt)
+                    self.breaker.success()
+                    return completion
                 retryable = resp.status >= 500 or resp.status in RETRYABLE_STATUS
                 retry_after = retry.parse_retry_after(resp.headers.get("retry-after"), 120.0)
                 error = ModelError(
