@@ -19,7 +19,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="send a correctly signed sample text message")
     sim.add_argument("text")
-    sim.add_argument("--from", dest="wa_id", default="15550001111", help="sender WhatsApp id")
+    who = sim.add_mutually_exclusive_group()
+    who.add_argument("--from", dest="wa_id", default="15550001111", help="sender's phone number")
+    who.add_argument(
+        "--username",
+        default="",
+        help="send as a customer with this WhatsApp username: no phone number, only a BSUID",
+    )
     sim.add_argument("--url", default="", help="gateway webhook URL")
     sim.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the outcome")
 
@@ -53,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
 
     tr = sub.add_parser("trace", help="a message's timeline and trace id")
-    tr.add_argument("target", help="WhatsApp message id or phone (wa_id)")
+    tr.add_argument("target", help="WhatsApp message id, or a customer's phone, BSUID or @username")
     tr.add_argument("--json", action="store_true")
     return p
 
@@ -111,7 +117,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "simulate":
         from . import simulate
 
-        return asyncio.run(simulate.simulate(args.text, args.wa_id, args.url, args.wait))
+        return asyncio.run(
+            simulate.simulate(args.text, args.wa_id, args.url, args.wait, args.username)
+        )
     if args.command == "dlq":
         from . import dlq
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
 import time
 import uuid
@@ -19,17 +20,40 @@ from services.gateway import signature
 from .run import ROOT
 
 
+def username_bsuid(username: str) -> str:
+    """The business-scoped user id `wa simulate` gives a username customer: the same for the
+    same username, so that its simulated messages make one conversation."""
+    digits = int(hashlib.sha256(username.lstrip("@").lower().encode()).hexdigest(), 16)
+    return f"US.{str(digits)[:20]}"
+
+
 def text_delivery(
     text: str,
     *,
-    wa_id: str = "15550001111",
+    wa_id: str | None = "15550001111",
     name: str = "Test Customer",
     phone_number_id: str = "100000000000001",
     display_phone_number: str = "15550009999",
     message_id: str | None = None,
     timestamp: int | None = None,
+    user_id: str = "",
+    username: str = "",
 ) -> dict[str, Any]:
-    """A delivery exactly as Meta sends one text message."""
+    """A delivery exactly as Meta sends one text message. `wa_id=None`: a customer with a
+    username, whose phone number Meta withholds: only its BSUID (`user_id`) names it."""
+    contact: dict[str, Any] = {"profile": {"name": name}}
+    message: dict[str, Any] = {
+        "id": message_id or f"wamid.SIM{uuid.uuid4().hex.upper()}",
+        "timestamp": str(timestamp or int(time.time())),
+        "type": "text",
+        "text": {"body": text},
+    }
+    if wa_id is not None:
+        contact["wa_id"] = message["from"] = wa_id
+    if user_id:
+        contact["user_id"] = message["from_user_id"] = user_id
+    if username:
+        contact["profile"]["username"] = "@" + username.lstrip("@")
     return {
         "object": "whatsapp_business_account",
         "entry": [
@@ -44,16 +68,8 @@ def text_delivery(
                                 "display_phone_number": display_phone_number,
                                 "phone_number_id": phone_number_id,
                             },
-                            "contacts": [{"profile": {"name": name}, "wa_id": wa_id}],
-                            "messages": [
-                                {
-                                    "from": wa_id,
-                                    "id": message_id or f"wamid.SIM{uuid.uuid4().hex.upper()}",
-                                    "timestamp": str(timestamp or int(time.time())),
-                                    "type": "text",
-                                    "text": {"body": text},
-                                }
-                            ],
+                            "contacts": [contact],
+                            "messages": [message],
                         },
                     }
                 ],
@@ -68,9 +84,16 @@ def app_secret(settings: config.Settings) -> str:
     return str(dotenv_values(ROOT / ".env.example").get("WHATSAPP_APP_SECRET") or "")
 
 
-async def simulate(text: str, wa_id: str, url: str, wait: float) -> int:
+async def simulate(text: str, wa_id: str, url: str, wait: float, username: str = "") -> int:
+    """`username`: send as a customer with a WhatsApp username (no phone number, a BSUID)."""
     settings = config.Settings.from_env()
-    delivery = text_delivery(text, wa_id=wa_id)
+    if username:
+        delivery = text_delivery(
+            text, wa_id=None, user_id=username_bsuid(username), username=username
+        )
+        wa_id = "@" + username.lstrip("@")
+    else:
+        delivery = text_delivery(text, wa_id=wa_id)
     message_id = delivery["entry"][0]["changes"][0]["value"]["messages"][0]["id"]
     body = orjson.dumps(delivery)
     headers = {

@@ -14,19 +14,29 @@ from common import config, grpcserver
 from .errors import calling
 
 
+def is_message_id(target: str) -> bool:
+    """WhatsApp message ids (and ours for messages stored without one); anything else names
+    a customer: a phone number, a business-scoped user id or a username."""
+    return target.startswith(("wamid.", "invalid:"))
+
+
+def customer_key(target: str) -> str:
+    return target.lstrip("+") if target.lstrip("+").isdigit() else target
+
+
 async def trace(target: str, as_json: bool) -> int:
     settings = config.Settings.from_env()
-    by_phone = not target.startswith("wamid.") and target.lstrip("+").isdigit()
+    by_message = is_message_id(target)
     request = state_pb2.GetTimelineRequest(
-        message_id="" if by_phone else target,
-        wa_id=target.lstrip("+") if by_phone else "",
+        message_id=target if by_message else "",
+        wa_id="" if by_message else customer_key(target),
         limit=20,
     )
     async with grpcserver.channel(settings.state_addr) as ch:
         try:
             with calling("state", settings.state_addr):
                 tl = await state_pb2_grpc.StateStub(ch).GetTimeline(request, timeout=10)
-        except grpc.aio.AioRpcError as exc:  # NOT_FOUND: no such message or phone
+        except grpc.aio.AioRpcError as exc:  # NOT_FOUND: no such message or customer
             print(f"{target}: {exc.details()}", file=sys.stderr)
             return 1
     messages = [
@@ -65,14 +75,25 @@ async def trace(target: str, as_json: bool) -> int:
         for t in reversed(tl.transitions)
         if t.message_id in ids or (t.entity == "conversation" and not t.message_id)
     ]
+    customer = {
+        "wa_id": tl.wa_id,
+        "user_id": tl.user_id,
+        "username": f"@{tl.username}" if tl.username else "",
+        "name": tl.contact_name,
+    }
     if as_json:
         print(
             orjson.dumps(
-                {"messages": focus, "transitions": transitions, "dlq": dlq},
+                {"customer": customer, "messages": focus, "transitions": transitions, "dlq": dlq},
                 option=orjson.OPT_INDENT_2,
             ).decode()
         )
         return 0
+    print(
+        "customer "
+        + " ".join(v for v in (customer["username"], customer["name"]) if v)
+        + f" (phone {tl.wa_id or 'not shared'}, BSUID {tl.user_id or '-'})"
+    )
     for m in focus:
         print(f"message {m['message_id']} ({m['type']}) [{m['status']}]")
         print(f"  trace id        {m['trace_id'] or '-'}")

@@ -28,6 +28,9 @@ GRAPH_ERRORS = Counter("wa_graph_errors_total", "Graph API call errors", ["call"
 
 # WhatsApp error codes that can succeed on a later try (throttling, temporary outages).
 RETRYABLE_CODES = {1, 2, 4, 17, 341, 80007, 130429, 131000, 131016, 131048, 131056, 133004}
+# Codes no later try can fix, whatever the HTTP status: 131062, a business-scoped user id is
+# not a recipient this kind of message may go to (the customer shares no phone number).
+FINAL_CODES = {131062}
 
 
 class GraphError(Exception):
@@ -82,16 +85,19 @@ class GraphClient:
         *,
         callback_data: str | None = None,
         deadline: Deadline = UNBOUNDED,
+        user_id: str = "",
     ) -> Sent:
-        """Sends one text message. `callback_data` (default: `reply_to`) comes back in its
-        status webhooks. Raises LimitError, before any request, for what Meta would refuse;
-        TurnTimeout when the turn's deadline leaves no time to send (nothing was sent then)."""
+        """Sends one text message to the phone number `to` or, when it is "" (a customer with
+        a username), to the business-scoped user id `user_id`. `callback_data` (default:
+        `reply_to`) comes back in its status webhooks. Raises LimitError, before any request,
+        for what Meta would refuse; TurnTimeout when the turn's deadline leaves no time to
+        send (nothing was sent then)."""
         callback = reply_to if callback_data is None else callback_data
         limits.check_text(body, callback)
         payload: dict[str, Any] = {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
-            "to": to,
+            **limits.addressee(to, user_id),
             "type": "text",
             "text": {"preview_url": False, "body": body},
         }
@@ -184,7 +190,9 @@ def _error_of(resp: http.Answer) -> GraphError | None:
     except ValueError:
         pass
     retryable = resp.status >= 500 or resp.status in (408, 409, 429)
-    if code.isdigit() and int(code) in RETRYABLE_CODES:
+    if code.isdigit() and int(code) in FINAL_CODES:
+        retryable = False
+    elif code.isdigit() and int(code) in RETRYABLE_CODES:
         retryable = True
     elif code.isdigit() and resp.status < 500:
         retryable = False

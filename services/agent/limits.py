@@ -35,6 +35,16 @@ def check_text(body: str, callback_data: str = "") -> None:
         raise LimitError(f"biz_opaque_callback_data holds at most {CALLBACK_DATA_MAX} characters")
 
 
+def addressee(phone: str, user_id: str) -> dict[str, str]:
+    """Who a message goes to: the phone number when it is known (Meta prefers it, and then
+    keeps sharing the number in webhooks), else the business-scoped user id (`recipient`)."""
+    if phone:
+        return {"to": phone}
+    if user_id:
+        return {"recipient": user_id}
+    raise LimitError("a message needs a recipient: a phone number or a business-scoped user id")
+
+
 # Each pattern's group 1 is the whitespace a cut removes.
 _PARAGRAPH = re.compile(r"(\n[ \t]*\n\s*)")
 _SENTENCE = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*(\s+)|(?<=\S)(\n\s*)")

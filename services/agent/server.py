@@ -47,6 +47,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                         fence_token=request.fence_token,
                         phone_number_id=request.phone_number_id,
                         wa_id=request.wa_id,
+                        user_id=request.user_id,
                         text=request.text,
                         correlation_id=request.correlation_id,
                         probe=request.probe,

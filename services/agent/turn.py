@@ -65,10 +65,11 @@ class TurnRequest:
     conversation_id: int
     fence_token: int
     phone_number_id: str
-    wa_id: str
+    wa_id: str  # the phone number: "" for a customer known only by its BSUID
     text: str
     correlation_id: str
     probe: bool = False
+    user_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -351,7 +352,12 @@ class Agent:
                 await self.pool.execute(Q["send_started"], req.message_id)
             try:
                 sent = await self.graph.send_text(
-                    req.phone_number_id, req.wa_id, text, reply_to=req.message_id, deadline=deadline
+                    req.phone_number_id,
+                    req.wa_id,
+                    text,
+                    reply_to=req.message_id,
+                    deadline=deadline,
+                    user_id=req.user_id,
                 )
             except GraphError as exc:
                 span.set_status(trace.StatusCode.ERROR, str(exc))
@@ -430,6 +436,7 @@ class Agent:
                         reply_to=req.message_id if n == 0 else "",
                         callback_data=callback,
                         deadline=deadline,
+                        user_id=req.user_id,
                     )
                 except GraphError as exc:
                     span.set_status(trace.StatusCode.ERROR, str(exc))

@@ -36,6 +36,8 @@ class GrpcAgent:
             fence_token=token,
             phone_number_id=item.phone_number_id,
             wa_id=item.wa_id,
+            user_id=item.user_id,
+            username=item.username,
             text=item.text,
             type=item.type,
             correlation_id=item.correlation_id,

@@ -246,7 +246,7 @@ class Dispatcher:
                     self.pool, item.message_id, machine.REPLIED, reason, token=token
                 )
                 metrics.OUTCOMES.labels("replied").inc()
-                log.info("message replied", extra={"message_id": item.message_id})
+                log.info("message replied", extra=_who(item))
                 if item.attempts > 1:
                     with contextlib.suppress(DlqUnavailable):
                         await self.dlq.resolve(item.message_id, item.correlation_id)
@@ -258,7 +258,7 @@ class Dispatcher:
         reason = f"{result.error_class}: {result.error_message}"
         await store.transition(self.pool, item.message_id, machine.FAILED, reason, token=token)
         metrics.OUTCOMES.labels("failed").inc()
-        log.warning("message failed", extra={"message_id": item.message_id, "reason": reason})
+        log.warning("message failed", extra={**_who(item), "reason": reason})
         failure = Failure(
             message_id=item.message_id,
             conversation_id=item.conversation_id,
@@ -269,6 +269,15 @@ class Dispatcher:
             correlation_id=item.correlation_id,
         )
         await dead_letter(self.pool, self.dlq, failure)
+
+
+def _who(item: store.WorkItem) -> dict[str, str]:
+    """The message and, for an operator reading logs, the customer's username when it has one
+    (a customer with a username may have no phone number to recognise it by)."""
+    who = {"message_id": item.message_id}
+    if item.username:
+        who["username"] = "@" + item.username
+    return who
 
 
 async def dead_letter(pool: asyncpg.Pool, dlq: DlqPort, failure: Failure) -> bool:

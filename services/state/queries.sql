@@ -90,18 +90,26 @@ SELECT i.ord, i.message_id, conv.id AS conversation_id, msg.status
 WITH input AS (
     SELECT *
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-                  $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])
+                  $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
            AS t(outbound_id, phone_number_id, recipient_id, status, ts, payload, error_code,
-                correlation_id, traceparent, callback_data)
+                correlation_id, traceparent, callback_data, recipient_user_id)
 ), ins AS (
     INSERT INTO processed_webhook_messages
-        (message_id, kind, conversation_id, phone_number_id, wa_id, message_type, wa_timestamp,
-         body, payload, status, status_reason, reply_message_id, reply_status, reply_error_code,
-         correlation_id, traceparent)
+        (message_id, kind, conversation_id, phone_number_id, wa_id, user_id, message_type,
+         wa_timestamp, body, payload, status, status_reason, reply_message_id, reply_status,
+         reply_error_code, correlation_id, traceparent)
     SELECT 'status:' || i.outbound_id || ':' || i.status, 'status',
-           (SELECT c.id FROM webhook_conversations c
-             WHERE c.phone_number_id = i.phone_number_id AND c.wa_id = i.recipient_id),
-           i.phone_number_id, i.recipient_id, 'status', i.ts, i.status, i.payload::jsonb,
+           -- The conversation of the reply it is about; else the recipient's, named by BSUID
+           -- (a reply to a customer with a username has no recipient_id) or phone number.
+           COALESCE(
+               (SELECT m.conversation_id FROM processed_webhook_messages m
+                 WHERE m.reply_message_id = i.outbound_id AND m.kind = 'message' LIMIT 1),
+               (SELECT c.id FROM webhook_conversations c
+                 WHERE c.phone_number_id = i.phone_number_id
+                   AND c.customer_id = COALESCE(NULLIF(i.recipient_user_id, ''),
+                                                i.recipient_id))),
+           i.phone_number_id, i.recipient_id, NULLIF(i.recipient_user_id, ''), 'status', i.ts,
+           i.status, i.payload::jsonb,
            'skipped', 'status update: ' || i.status, i.outbound_id, i.status,
            NULLIF(i.error_code, ''), i.correlation_id, i.traceparent
       FROM input i
@@ -348,3 +356,6 @@ UPDATE webhook_conversations c
  WHERE ((c.user_id = $1 AND $1 <> '') OR (c.wa_id = $2 AND $2 <> ''))
    AND (c.marketing_preference_at IS NULL OR c.marketing_preference_at <= $4)
 RETURNING c.id
+
+-- name: timeline_customer
+SELECT wa_id, user_id, username, contact_name FROM webhook_conversations WHERE id = $1

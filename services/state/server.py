@@ -328,6 +328,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
                 )
                 for t in tl.transitions
             ],
+            **{k: v or "" for k, v in (dict(tl.customer) if tl.customer else {}).items()},
         )
 
     async def GetStats(

@@ -111,6 +111,7 @@ class WorkItem:
 class Timeline:
     messages: list[asyncpg.Record] = field(default_factory=list)
     transitions: list[asyncpg.Record] = field(default_factory=list)
+    customer: asyncpg.Record | None = None
 
 
 ANSWERED_TYPES = frozenset({"text"})
@@ -440,6 +441,7 @@ async def _insert_statuses(conn: Conn, statuses: list[tuple[DeliveryIn, Status]]
         [d.correlation_id for d, _ in statuses],
         [d.traceparent for d, _ in statuses],
         [s.callback_data for _, s in statuses],
+        [s.recipient_user_id for _, s in statuses],
     )
     stored = {r["message_id"] for r in rows}
     failed = sum(1 for key in stored if key.endswith(":failed"))
@@ -592,6 +594,7 @@ async def timeline(pool: asyncpg.Pool, message_id: str, wa_id: str, limit: int) 
         return Timeline(
             messages=list(await conn.fetch(Q["timeline_messages"], conv, limit)),
             transitions=list(await conn.fetch(Q["timeline_transitions"], conv, limit * 4)),
+            customer=await conn.fetchrow(Q["timeline_customer"], conv),
         )
 
 

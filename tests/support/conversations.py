@@ -22,6 +22,26 @@ def wa_id(conv: int) -> str:
     return f"1555{conv:07d}"
 
 
+def sender(conv: int) -> tuple[str | None, str]:
+    """Who writes in conversation `conv` (phone number, BSUID), as Meta names customers since
+    BSUIDs: a third by phone number only (before BSUIDs), a third by phone number and BSUID,
+    and a third by BSUID only (customers with a username, whose number Meta withholds)."""
+    user_id = payloads.bsuid(f"customer-{conv}")
+    return [(wa_id(conv), ""), (None, user_id), (wa_id(conv), user_id)][conv % 3]
+
+
+def recipient(send: dict[str, Any]) -> str:
+    """Who a reply went to: the phone number, or the BSUID when there is none."""
+    return str(send.get("to") or send.get("recipient") or "")
+
+
+def message(conv: int, n: int, ts: int) -> dict[str, Any]:
+    phone, user_id = sender(conv)
+    return payloads.message(
+        "text", wa_id=phone, user_id=user_id, text={"body": text(conv, n)}, timestamp=str(ts)
+    )
+
+
 def conversation_key(body: dict[str, Any]) -> str:
     users = [m["content"] for m in body.get("messages", []) if m.get("role") == "user"]
     match = TAG.search(users[-1]) if users else None
@@ -46,10 +66,7 @@ def seen_by_model(model: FakeModel) -> dict[str, list[int]]:
 
 
 def message_doc(conv: int, n: int, base_ts: int | None = None) -> tuple[str, dict[str, Any]]:
-    ts = (base_ts or int(time.time())) + n
-    msg = payloads.message(
-        "text", wa_id=wa_id(conv), text={"body": text(conv, n)}, timestamp=str(ts)
-    )
+    msg = message(conv, n, (base_ts or int(time.time())) + n)
     return msg["id"], payloads.delivery(messages=[msg])
 
 

@@ -116,8 +116,13 @@ class FakeGraph(FakeServer):
             "id": out_id,
             "status": "sent",
             "timestamp": str(int(time.time())),
-            "recipient_id": body.get("to", ""),
         }
+        # Like Meta: recipient_id only when the message went to a phone number; the BSUID of
+        # a message sent to one (Meta would name it for a phone too; this fake cannot know it).
+        if body.get("to"):
+            status["recipient_id"] = body["to"]
+        if body.get("recipient"):
+            status["recipient_user_id"] = body["recipient"]
         if body.get("biz_opaque_callback_data"):
             status["biz_opaque_callback_data"] = body["biz_opaque_callback_data"]
         phone_number_id = self.path_phone(body)
@@ -184,6 +189,8 @@ class FakeGraph(FakeServer):
         """What Meta refuses in a text message, with error code 100 (invalid parameter)."""
         if body.get("type") != "text":
             return None
+        if not body.get("to") and not body.get("recipient"):
+            return "to or recipient is required"
         text = (body.get("text") or {}).get("body")
         if not isinstance(text, str) or not text.strip():
             return "text.body is required"
@@ -213,7 +220,11 @@ class FakeGraph(FakeServer):
             scripted = self.script.popleft() if self.script else None
         if scripted is not None:
             return scripted
+        # `to` wins when both are given, as at Meta; a BSUID send's contact has no wa_id.
         wa_id = rec.body.get("to", "")
+        contact = {"input": wa_id, "wa_id": wa_id}
+        if not wa_id:
+            contact = {"input": rec.body.get("recipient", ""), "user_id": rec.body["recipient"]}
         out_id = f"wamid.OUT{uuid.uuid4().hex.upper()}"
         if self.webhook is not None:
             body = {**rec.body, "_phone_number_id": rec.path.split("/")[2]}
@@ -222,7 +233,7 @@ class FakeGraph(FakeServer):
             200,
             {
                 "messaging_product": "whatsapp",
-                "contacts": [{"input": wa_id, "wa_id": wa_id}],
+                "contacts": [contact],
                 "messages": [{"id": out_id}],
             },
             {},
