@@ -1,7 +1,8 @@
 """`wa dlq list|show|retry|purge`, over the dlq service's gRPC API.
 
 `--json` output is stable: `list` prints a JSON array of items, `show` one item; an item has
-id, message_id, conversation_id (also as conversation), wa_id, status, attempts, error_class,
+id, message_id, conversation_id (also as conversation), wa_id, user_id, username ("@name", or
+"" without one), status, attempts, error_class,
 error_message, last_error ("class: message"), retryable, correlation_id, created_at,
 updated_at, next_attempt_at, deferrals (and, for `show`, payload and history:
 [{at, error_class, error_message, deferred}], timeline: [...]; `deferred`: no attempt used).
@@ -25,6 +26,7 @@ FIELDS = (
     "message_id",
     "conversation_id",
     "wa_id",
+    "user_id",
     "status",
     "attempts",
     "error_class",
@@ -41,6 +43,7 @@ FIELDS = (
 def item_dict(item: dlq_pb2.DlqItem, *, full: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {f: getattr(item, f) for f in FIELDS}
     out["next_attempt_at"] = out["next_attempt_at"] or None
+    out["username"] = f"@{item.username}" if item.username else ""
     # The contract's words for two of them, kept alongside.
     out["conversation"] = item.conversation_id
     out["last_error"] = f"{item.error_class}: {item.error_message}"
@@ -59,14 +62,23 @@ def item_dict(item: dlq_pb2.DlqItem, *, full: bool = False) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    cols = ("id", "status", "attempts", "message_id", "wa_id", "error", "next_attempt", "created")
+    cols = (
+        "id",
+        "status",
+        "attempts",
+        "message_id",
+        "customer",
+        "error",
+        "next_attempt",
+        "created",
+    )
     data = [
         (
             str(r["id"]),
             r["status"],
             str(r["attempts"]),
             r["message_id"],
-            r["wa_id"],
+            customer(r),
             f"{r['error_class']}: {r['error_message']}"[:60],
             (r["next_attempt_at"] or "-")[:19],
             r["created_at"][:19],
@@ -81,12 +93,18 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def list_items(status: str, as_json: bool, limit: int) -> int:
+def customer(item: dict[str, Any]) -> str:
+    """How an operator recognises the customer: username, else phone number, else BSUID."""
+    return str(item["username"] or item["wa_id"] or item["user_id"] or "-")
+
+
+async def list_items(status: str, as_json: bool, limit: int, customer: str = "") -> int:
+    """`customer`: only that customer's items (phone number, BSUID or username)."""
     settings = config.Settings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
         with calling("dlq", settings.dlq_addr):
             resp = await dlq_pb2_grpc.DlqStub(ch).List(
-                dlq_pb2.ListRequest(status=status, limit=limit), timeout=10
+                dlq_pb2.ListRequest(status=status, limit=limit, customer=customer), timeout=10
             )
     rows = [item_dict(i) for i in resp.items]
     if as_json:
@@ -136,7 +154,9 @@ async def show(item_id: int, as_json: bool) -> int:
     print(f"dead-letter item {data['id']}  [{data['status']}]")
     for key in (
         "message_id",
+        "username",
         "wa_id",
+        "user_id",
         "conversation_id",
         "attempts",
         "retryable",

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument(
+        "--customer", default="", help="only this customer's: phone number, BSUID or @username"
+    )
     show = dsub.add_parser("show", help="one item with its payload and error history")
     show.add_argument("id", type=int)
     show.add_argument("--json", action="store_true")
@@ -124,7 +127,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import dlq
 
         if args.dlq_command == "list":
-            return asyncio.run(dlq.list_items(args.status, args.json, args.limit))
+            return asyncio.run(dlq.list_items(args.status, args.json, args.limit, args.customer))
         if args.dlq_command == "show":
             return asyncio.run(dlq.show(args.id, args.json))
         if args.dlq_command == "retry":

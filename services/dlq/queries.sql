@@ -135,16 +135,21 @@ UPDATE webhook_dlq
 RETURNING id
 
 -- name: list
-SELECT d.*, c.wa_id
+-- $4: a customer, named by phone number, BSUID or username (with or without "@").
+SELECT d.*, c.wa_id, c.user_id, c.username
   FROM webhook_dlq d
   LEFT JOIN webhook_conversations c ON c.id = d.conversation_id
  WHERE (($1 = '' AND d.status <> 'purged') OR d.status = $1)
    AND ($3 = '' OR d.message_id = $3)
+   AND ($4 = '' OR d.conversation_id IN (
+            SELECT k.id FROM webhook_conversations k
+             WHERE k.wa_id = $4 OR k.user_id = $4
+                OR (k.username IS NOT NULL AND lower(k.username) = lower(ltrim($4, '@')))))
  ORDER BY d.created_at DESC, d.id DESC
  LIMIT $2
 
 -- name: get
-SELECT d.*, c.wa_id
+SELECT d.*, c.wa_id, c.user_id, c.username
   FROM webhook_dlq d
   LEFT JOIN webhook_conversations c ON c.id = d.conversation_id
  WHERE d.id = $1

@@ -44,6 +44,8 @@ def to_item(row: asyncpg.Record, *, full: bool = False) -> dlq_pb2.DlqItem:
         correlation_id=row["correlation_id"],
         retryable=row["retryable"],
         wa_id=row.get("wa_id") or "",
+        user_id=row.get("user_id") or "",
+        username=row.get("username") or "",
         deferrals=row["deferrals"],
     )
     if full:
@@ -145,7 +147,13 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"status must be one of {store.STATUSES}"
             )
         rows = await store.list_items(
-            self.pool, request.status, request.limit or 100, request.message_id
+            self.pool,
+            request.status,
+            request.limit or 100,
+            request.message_id,
+            request.customer.lstrip("+")
+            if request.customer.lstrip("+").isdigit()
+            else request.customer,
         )
         full = bool(request.message_id)
         return dlq_pb2.ListResponse(items=[to_item(r, full=full) for r in rows])

@@ -115,9 +115,9 @@ async def purge(pool: asyncpg.Pool, ids: list[int]) -> int:
 
 
 async def list_items(
-    pool: asyncpg.Pool, status: str, limit: int, message_id: str = ""
+    pool: asyncpg.Pool, status: str, limit: int, message_id: str = "", customer: str = ""
 ) -> list[asyncpg.Record]:
-    return list(await pool.fetch(Q["list"], status, limit, message_id))
+    return list(await pool.fetch(Q["list"], status, limit, message_id, customer))
 
 
 async def get(pool: asyncpg.Pool, item_id: int) -> asyncpg.Record | None:

@@ -190,3 +190,21 @@ async def test_wa_simulate_sends_a_username_customers_delivery(
     assert "to" not in send.body and send.body["recipient"].startswith("US.")
     pool = await system.db()
     assert await pool.fetchval("SELECT username FROM webhook_conversations") == "sim.user"
+
+
+async def test_wa_dlq_lists_a_customers_items_by_username_and_shows_it(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    system = await start_system()
+    graph.fail_next(graph.error(400, 131062, "not supported"))
+    user = payloads.bsuid("dlq-customer")
+    message_id = await say(
+        system, "code please", wa_id=None, user_id=user, username="@dlq.c", wait={"dead_lettered"}
+    )
+    await say(system, "someone else", wa_id="15550007777")
+    for target in ("@dlq.c", user):
+        rows = await _wa(system, "dlq", "list", "--customer", target, "--json")
+        assert [(r["message_id"], r["username"], r["user_id"]) for r in rows] == [
+            (message_id, "@dlq.c", user)
+        ], target
+    assert await _wa(system, "dlq", "list", "--customer", "15550007777", "--json") == []
