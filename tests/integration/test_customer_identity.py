@@ -102,7 +102,10 @@ async def test_phone_and_bsuid_in_one_batch_with_the_phone_known_before(
 
 
 def _events(doc: dict[str, object]) -> list[store.Event]:
-    delivery = parse.parse(orjson.dumps(doc))
+    return _events_of(parse.parse(orjson.dumps(doc)))
+
+
+def _events_of(delivery: parse.Delivery) -> list[store.Event]:
     return [
         store.Event(
             event_id=e.event_id,
@@ -218,23 +221,6 @@ async def test_a_system_message_about_a_changed_number_moves_the_conversation_al
     (later,) = await ingest(pool, inbound("wamid.e2", wa_id="15550003333", user_id=new))
     assert later.conversation_id == first.conversation_id
     assert (await conversation(pool, first.conversation_id))["wa_id"] == "15550003333"
-
-
-def _events_of(delivery: parse.Delivery) -> list[store.Event]:
-    return [
-        store.Event(
-            event_id=e.event_id,
-            phone_number_id=e.phone_number_id,
-            kind=e.kind,
-            wa_id=e.wa_id,
-            user_id=e.user_id,
-            previous_user_id=e.previous_user_id,
-            parent_user_id=e.parent_user_id,
-            timestamp=e.timestamp,
-            payload_json=e.payload_json,
-        )
-        for e in delivery.events
-    ]
 
 
 async def test_conversations_from_before_bsuids_keep_their_context_after_the_upgrade(
