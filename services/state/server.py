@@ -402,7 +402,8 @@ async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIter
     with telemetry.untraced():
         await migrate.migrate(settings.require_database())
     pool = await db.create_pool(settings.require_database(), max_size=20)
-    await store.record_stuck_timeout(pool, settings.stuck_timeout_seconds)
+    with telemetry.untraced():  # start-up housekeeping, part of no message's trace
+        await store.record_stuck_timeout(pool, settings.stuck_timeout_seconds)
     redis = kv.create_client(settings.require_redis())
     locks = Locks(redis, settings.lock_ttl_seconds, prefix=settings.redis_prefix)
     background: list[asyncio.Task[None]] = []

@@ -38,9 +38,11 @@ async def test_signed_text_gets_exactly_one_reply_after_the_ack(
     acked_at = time.monotonic()
     assert resp.status_code == 200, resp.text
     assert resp.json()["stored"] == 1
-    # Acknowledged while no reply has been delivered yet.
-    assert graph.sends == [] or all(r.at > acked_at for r in graph.sends)
+    # Acknowledged while the Graph API holds every reply (for 30 s): the ack did not wait for
+    # one. (Whether the agent's send reached the fake before the test read the 200 is a race
+    # between processes, not a property of the ack.)
     assert acked_at - started < 5
+    assert not any(r.answered for r in graph.sends)
 
     graph.release.set()
     assert graph.wait_for(lambda: len(graph.sends) >= 1)

@@ -25,6 +25,7 @@ class Recorded:
     headers: dict[str, str]
     body: dict[str, Any]
     at: float = field(default_factory=time.monotonic)
+    answered: bool = False  # the server has written its answer (set just before it does)
 
 
 Reply = tuple[int, dict[str, Any], dict[str, str]]
@@ -57,6 +58,7 @@ class FakeServer:
                 with outer.lock:
                     outer.requests.append(rec)
                 status, payload, headers = outer.answer(rec)
+                rec.answered = True
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
