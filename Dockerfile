@@ -15,7 +15,7 @@ COPY pyproject.toml uv.lock ./
 RUN uv sync --frozen --no-default-groups --no-install-project
 
 COPY . .
-RUN uv sync --frozen --no-default-groups && python -m common.codegen
+RUN uv sync --frozen --no-default-groups && python -m devtools.codegen
 
 RUN useradd --system --uid 10001 wa && chown -R wa /app
 USER wa

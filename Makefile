@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml uv.lock | $(UV)
 install: $(STAMP) gen/.stamp
 
 gen/.stamp: $(PROTOS) $(STAMP)
-	$(BIN)/python -m common.codegen
+	$(BIN)/python -m devtools.codegen
 	touch gen/.stamp
 
 proto: gen/.stamp

@@ -23,9 +23,8 @@ import sys
 
 import httpx
 
-from common import embedded
-from tests.support.fakes import FakeModel
-from tests.support.system import SECRET
+from devtools.ports import free_port
+from devtools.system import SECRET
 
 from . import harness
 
@@ -42,7 +41,7 @@ async def wait_http(url: str) -> None:
 
 
 async def throughput(s: harness.Servers) -> None:
-    port = embedded.free_port()
+    port = free_port()
     baseline = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
         [sys.executable, "-m", "bench.baseline_app", str(port), await s.database(), SECRET]
     )
@@ -125,23 +124,16 @@ async def tracing(s: harness.Servers) -> None:
 
 async def slow_model(s: harness.Servers) -> None:
     results = {}
-    with harness.graph_standin() as graph_url:
-        for name, delay in (("model answers at once", 0.0), ("model takes 2 s", 2.0)):
-            model = FakeModel().start()
-            model.delay = delay
-            try:
-                async with s.system(
-                    AGENT_BACKEND="openai",
-                    OPENAI_BASE_URL=model.url,
-                    OPENAI_API_KEY="k",
-                    AGENT_MODEL="m",
-                    WHATSAPP_API_BASE_URL=graph_url,
-                ) as system:
-                    results[name] = await asyncio.to_thread(
-                        harness.load, f"{system.url}/webhook", 16
-                    )
-            finally:
-                model.stop()
+    for name, delay in (("model answers at once", 0.0), ("model takes 2 s", 2.0)):
+        with harness.graph_standin(model_delay=delay) as url:
+            async with s.system(
+                AGENT_BACKEND="openai",
+                OPENAI_BASE_URL=url,
+                OPENAI_API_KEY="k",
+                AGENT_MODEL="m",
+                WHATSAPP_API_BASE_URL=url,
+            ) as system:
+                results[name] = await asyncio.to_thread(harness.load, f"{system.url}/webhook", 16)
     print("== 3. acknowledgement while the model is slow (16 connections, processing on)")
     for name, r in results.items():
         print(harness.row(name, r))

@@ -9,16 +9,27 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from typing import Any
 
 import httpx
 import orjson
 
-from tests.support import conversations as cv
-from tests.support.system import SECRET
+from cli.simulate import text_delivery, username_bsuid
+from devtools.system import SECRET
 
 from . import harness, load
 
 CONVERSATIONS = 200
+
+
+def delivery(conv: int, n: int, base_ts: int) -> dict[str, Any]:
+    """Message `n` of conversation `conv`. A third of the customers write by phone number only,
+    a third by BSUID only (a username), a third with both, as Meta names customers since
+    BSUIDs."""
+    phone, user_id = f"1555{conv:07d}", username_bsuid(f"customer-{conv}")
+    wa_id, uid = [(phone, ""), (None, user_id), (phone, user_id)][conv % 3]
+    text = f"c{conv:03d}-m{n} please help"
+    return text_delivery(text, wa_id=wa_id, user_id=uid, timestamp=base_ts + n)
 
 
 async def replies(client: httpx.AsyncClient, url: str) -> dict[str, int]:
@@ -35,11 +46,11 @@ async def main() -> None:
             httpx.AsyncClient(timeout=10) as client,
         ):
             base = int(time.time())
-            docs = [cv.message_doc(c, n, base) for n in range(per) for c in range(CONVERSATIONS)]
+            docs = [delivery(c, n, base) for n in range(per) for c in range(CONVERSATIONS)]
             total = len(docs)
             host = system.url.split("//")[1]
             requests = [
-                load.signed_request(host, "/webhook", SECRET, orjson.dumps(doc)) for _, doc in docs
+                load.signed_request(host, "/webhook", SECRET, orjson.dumps(doc)) for doc in docs
             ]
             started = time.monotonic()
             errors = await load.post_all(f"{system.url}/webhook", requests, 32)

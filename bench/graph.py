@@ -1,12 +1,14 @@
-"""A Graph API stand-in for benchmarks, in its own process on raw asyncio streams.
+"""Stand-ins for the Graph API and the model, for benchmarks, in their own process on raw
+asyncio streams.
 
-Meta's servers cost the system nothing on its own machine; the tests' FakeGraph (a threaded
-http.server) spent about 200 us of this 2-core machine's CPU per call, two calls per message,
-which a benchmark would count against the system. This one answers `POST .../messages` like
-the Graph API, counts replies per inbound message (`context.message_id`; mark-as-read calls
-are answered, not counted) and reports `{"sent": N, "duplicates": N}` at `GET /replies`.
+Meta's servers and the model cost the system nothing on its own machine; the tests' threaded
+fakes cost this machine's CPU per call (README, Benchmarks), which a benchmark would count
+against the system. This one answers `POST .../messages` like the Graph API, counts replies
+per inbound message (`context.message_id`; mark-as-read calls are answered, not counted) and
+reports `{"sent": N, "duplicates": N}` at `GET /replies`; `POST /chat/completions` is an
+OpenAI-compatible model that echoes the last user message after MODEL_DELAY seconds.
 
-    python -m bench.graph PORT
+    python -m bench.graph PORT [MODEL_DELAY]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import uvloop
 
 replies: Counter[str] = Counter()
 ids = itertools.count(1)
+model_delay = 0.0
 
 
 def answer(body: bytes) -> bytes:
@@ -37,6 +40,28 @@ def answer(body: bytes) -> bytes:
     )
 
 
+async def model_answer(body: bytes) -> bytes:
+    await asyncio.sleep(model_delay)
+    messages = orjson.loads(body).get("messages", [])
+    last = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+    text = f"echo: {last}"
+    usage = {"prompt_tokens": 1, "completion_tokens": len(text.split())}
+    return orjson.dumps(
+        {
+            "id": f"chatcmpl-{next(ids)}",
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text},
+                }
+            ],
+            "usage": {**usage, "total_tokens": sum(usage.values())},
+        }
+    )
+
+
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while True:
@@ -49,6 +74,8 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             if head.startswith(b"GET /replies"):
                 duplicates = sum(1 for n in replies.values() if n > 1)
                 out = orjson.dumps({"sent": replies.total(), "duplicates": duplicates})
+            elif head.startswith(b"POST /chat/completions"):
+                out = await model_answer(body)
             else:
                 out = answer(body)
             writer.write(
@@ -71,4 +98,6 @@ async def main(port: int) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2:
+        model_delay = float(sys.argv[2])
     uvloop.run(main(int(sys.argv[1])))

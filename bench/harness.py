@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
-from common import embedded
-from tests.support.servers import Postgres, Redis
-from tests.support.system import SECRET, System
+from devtools.ports import free_port
+from devtools.servers import Postgres, Redis
+from devtools.system import SECRET, System
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
@@ -95,11 +95,13 @@ def load_paired(
 
 
 @contextlib.contextmanager
-def graph_standin() -> Iterator[str]:
-    """bench.graph in its own process; yields its base URL."""
-    port = embedded.free_port()
+def graph_standin(model_delay: float = 0.0) -> Iterator[str]:
+    """bench.graph (the Graph API and the model) in its own process; yields its base URL."""
+    port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.graph", str(port)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "bench.graph", str(port), str(model_delay)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

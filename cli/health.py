@@ -11,7 +11,7 @@ import orjson
 from wa.v1 import state_pb2, state_pb2_grpc
 
 from common import config, grpcserver
-from services.gateway.app import check_components
+from common.components import check_components
 
 # A stopped service or database means messages are not acknowledged or not processed: down.
 # Redis missing (processing paused, acks go on) or a failing check: degraded.

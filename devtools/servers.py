@@ -15,7 +15,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import redis
 
-from common import embedded, migrate, supervisor
+from common import migrate
+
+from . import embedded, supervisor
+from .ports import free_port
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -128,7 +131,7 @@ class Redis:
     def start(self) -> None:
         if self.external:
             return
-        self.port = embedded.free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._spawn()
 

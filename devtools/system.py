@@ -1,5 +1,5 @@
 """The whole system as real processes: the four services on free ports, supervised, with
-their logs kept for assertions and for reading when a test fails."""
+their logs kept for assertions and for reading when a test (or a benchmark) fails."""
 
 from __future__ import annotations
 
@@ -13,14 +13,24 @@ import asyncpg
 import httpx
 import orjson
 
-from common import embedded, supervisor
+from services.gateway import signature
 
-from . import payloads
+from . import supervisor
+from .ports import free_port
 
 SECRET = "test-app-secret"
 VERIFY_TOKEN = "test-verify-token"
 ACCESS_TOKEN = "test-access-token"
 SERVICES = ("state", "agent", "dlq", "gateway")
+
+
+def sign(doc: dict[str, Any] | bytes, secret: str) -> tuple[bytes, dict[str, str]]:
+    """A delivery's body and the headers Meta sends with it, signed with `secret`."""
+    body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return body, {
+        "Content-Type": "application/json",
+        "X-Hub-Signature-256": signature.sign(body, secret),
+    }
 
 
 class System:
@@ -33,7 +43,7 @@ class System:
         self.root = root
         self.database_url = database_url
         self.ports = {
-            name: embedded.free_port()
+            name: free_port()
             for name in ("gateway", "state", "agent", "dlq", "m_state", "m_agent", "m_dlq")
         }
         self.env = {
@@ -178,7 +188,7 @@ class System:
         secret: str = SECRET,
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        body, signed = payloads.sign(doc, secret)
+        body, signed = sign(doc, secret)
         return await self.http.post(
             f"{self.url}/webhook", content=body, headers={**signed, **(headers or {})}
         )

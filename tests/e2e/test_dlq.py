@@ -19,7 +19,9 @@ import grpc
 import pytest
 from wa.v1 import dlq_pb2, dlq_pb2_grpc
 
-from common import embedded, grpcserver, supervisor
+from common import grpcserver
+from devtools import supervisor
+from devtools.ports import free_port
 from tests.conftest import StartSystem
 from tests.support import conversations as cv
 from tests.support import payloads
@@ -165,10 +167,10 @@ async def test_two_dlq_replicas_never_redrive_the_same_item_twice(
         "next_attempt_at) SELECT message_id, conversation_id, 'Test', 'pending', now() "
         "FROM processed_webhook_messages"
     )
-    port = embedded.free_port()
+    port = free_port()
     env = system.env_for("dlq")
     env["DLQ_GRPC_PORT"] = str(port)
-    env["METRICS_PORT"] = str(embedded.free_port())
+    env["METRICS_PORT"] = str(free_port())
     await system.sup.start(
         supervisor.Spec(
             "dlq2",

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from common import embedded
+from devtools.ports import free_port
 from tests.support import payloads
 
 pytestmark = pytest.mark.e2e
@@ -45,7 +45,7 @@ def _service_pid(root: psutil.Process, module: str) -> int | None:
 
 @pytest.fixture
 def make_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    ports = {k: embedded.free_port() for k in ("gw", "st", "ag", "dq", "ms", "ma", "md")}
+    ports = {k: free_port() for k in ("gw", "st", "ag", "dq", "ms", "ma", "md")}
     env = {
         **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
         "RUN_DIR": str(tmp_path / "run"),

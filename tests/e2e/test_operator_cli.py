@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common import embedded
+from devtools.ports import free_port
 from tests.conftest import StartSystem
 from tests.e2e.test_dlq import WA, wa, wa_json
 from tests.support import payloads
@@ -113,7 +113,7 @@ async def test_simulate_sends_a_signed_message_and_reports_the_reply(
 def test_every_command_says_in_one_line_that_what_it_needs_is_down_and_exits_2(
     args: list[str], tmp_path: Path
 ) -> None:
-    port = str(embedded.free_port())  # nothing listens there
+    port = str(free_port())  # nothing listens there
     env = {
         **os.environ,
         "STATE_ADDR": f"127.0.0.1:{port}",

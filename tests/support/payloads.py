@@ -6,10 +6,8 @@ import time
 import uuid
 from typing import Any
 
-import orjson
-
 from cli.simulate import text_delivery
-from services.gateway import signature
+from devtools.system import sign
 
 PHONE_NUMBER_ID = "100000000000001"
 DISPLAY = "15550009999"
@@ -201,12 +199,4 @@ def delivery(
     return {
         "object": "whatsapp_business_account",
         "entry": [{"id": "200000000000002", "changes": [{"field": "messages", "value": value}]}],
-    }
-
-
-def sign(doc: dict[str, Any] | bytes, secret: str) -> tuple[bytes, dict[str, str]]:
-    body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
-    return body, {
-        "Content-Type": "application/json",
-        "X-Hub-Signature-256": signature.sign(body, secret),
     }

@@ -57,4 +57,4 @@ def test_compose_environment_names_settings_that_exist() -> None:
 def test_dockerfile_generates_code_and_installs_from_the_lock() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "uv sync --frozen" in text
-    assert "python -m common.codegen" in text
+    assert "python -m devtools.codegen" in text

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import socket
 
-from common import embedded
+from devtools.ports import free_port
 
 
 def test_ports_are_free_distinct_and_below_the_range_outgoing_connections_use() -> None:
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         ephemeral_floor = int(f.read().split()[0])
-    ports = [embedded.free_port() for _ in range(200)]
+    ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)
     assert all(port < ephemeral_floor for port in ports)
     for port in ports[:20]:
@@ -26,8 +26,8 @@ def test_a_preferred_port_is_used_when_free_and_passed_over_when_taken() -> None
         held.bind(("127.0.0.1", 0))
         held.listen()
         taken = held.getsockname()[1]
-        assert embedded.free_port(taken) != taken
+        assert free_port(taken) != taken
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
-    assert embedded.free_port(free) == free
+    assert free_port(free) == free
