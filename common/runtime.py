@@ -1,14 +1,13 @@
 """Process-wide runtime settings each service applies once started, before it takes traffic.
 
-CPython's cyclic collector runs a generation-0 pass every 700 net allocations and promotes
-what survives. With tracing on, each finished span waits in the export queue for a few
-hundred milliseconds, survives two passes and lands in the oldest generation, whose
+CPython's cyclic collector runs a generation-0 pass every few hundred net allocations and
+promotes what survives. With tracing on, each finished span waits in the export queue for a
+few hundred milliseconds, survives two passes and lands in the oldest generation, whose
 collections then walk the whole heap (every module, protobuf descriptor and gRPC object
-loaded at start): 46 ms pauses in the gateway, six in a 30 s run at 8 connections, with
-3.6 % of its CPU in the collector. Freezing what start-up allocated takes that out of every
-pass, and rarer young passes let queued spans be exported and freed before they are ever
-promoted; the ack p50 on/off ratio went from 1.17 to 1.07 in the same run (bench.ack tracing's
-method). Cyclic garbage still gets collected, at worst after 20,000 allocations.
+loaded at start): long pauses in the gateway (figures in README, Benchmarks). Freezing what
+start-up allocated takes that out of every pass, and rarer young passes let queued spans be
+exported and freed before they are ever promoted (bench.ack tracing's method). Cyclic garbage
+still gets collected, at worst after 20,000 allocations.
 """
 
 from __future__ import annotations

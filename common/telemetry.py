@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
@@ -27,7 +27,9 @@ from opentelemetry.sdk.trace import (
 from opentelemetry.trace import Span
 
 from . import logs
-from .lean_span import LeanTracer
+
+if TYPE_CHECKING:
+    from fastotel.lean_span import LeanTracer
 
 ATTR_CORRELATION = "wa.correlation_id"
 
@@ -50,8 +52,9 @@ def with_correlation(correlation_id: str, ctx: otel_context.Context | None = Non
 
 
 _initialised = False
-# The provider installed by init_telemetry, its processor chain and limits (for lean_tracer).
-_pipeline: tuple[TracerProvider, SynchronousMultiSpanProcessor, SpanLimits] | None = None
+# The provider installed by init_telemetry, its processor chain and limits, and whether the
+# fast path (`fastotel`) is on (for request_tracer).
+_pipeline: tuple[TracerProvider, SynchronousMultiSpanProcessor, SpanLimits, bool] | None = None
 
 
 def export_enabled() -> bool:
@@ -64,8 +67,10 @@ def export_enabled() -> bool:
     )
 
 
-def init_telemetry(service_name: str) -> None:
-    """Installs the tracer provider and library instrumentation (idempotent)."""
+def init_telemetry(service_name: str, *, fast_path: bool = True) -> None:
+    """Installs the tracer provider and library instrumentation (idempotent). `fast_path`:
+    export with `fastotel`'s encoder and let `request_tracer` give lean spans; off, the stock
+    SDK exporter and spans, and `fastotel` (which uses private SDK modules) is never loaded."""
     global _initialised
     if _initialised:
         return
@@ -76,9 +81,7 @@ def init_telemetry(service_name: str) -> None:
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    from .span_encoding import LeanOTLPSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
     class FrozenResource(Resource):
         """The SDK hashes a resource by dumping its attributes to JSON, and the OTLP encoder
@@ -100,21 +103,35 @@ def init_telemetry(service_name: str) -> None:
         active_span_processor=processors,
         span_limits=limits,
     )
+    exporter: SpanExporter
+    if fast_path:
+        from fastotel.span_encoding import LeanOTLPSpanExporter
+
+        exporter = LeanOTLPSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()
     provider.add_span_processor(CorrelationSpanProcessor())
-    provider.add_span_processor(BatchSpanProcessor(LeanOTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    _pipeline = (provider, processors, limits)
+    _pipeline = (provider, processors, limits, fast_path)
     AsyncPGInstrumentor().instrument()
     RedisInstrumentor().instrument()
     AioHttpClientInstrumentor().instrument()
 
 
-def lean_tracer(scope: str) -> LeanTracer:
-    """A `LeanTracer` over the provider `init_telemetry` installed (export must be enabled):
-    for the one span per request on the acknowledgement's path."""
+def request_tracer(scope: str) -> LeanTracer | trace.Tracer:
+    """For the one span per request on the acknowledgement's path: a `LeanTracer` over the
+    provider `init_telemetry` installed (export must be enabled), or that provider's own SDK
+    tracer when the fast path is off."""
     if _pipeline is None:
         raise RuntimeError("init_telemetry() has not installed a tracer provider")
-    provider, processors, limits = _pipeline
+    provider, processors, limits, fast_path = _pipeline
+    if not fast_path:
+        return provider.get_tracer(scope)
+    from fastotel.lean_span import LeanTracer
+
     return LeanTracer(
         resource=provider.resource,
         sampler=provider.sampler,

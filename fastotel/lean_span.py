@@ -1,9 +1,9 @@
 """A lean tracer for the one span on the acknowledgement's path: the gateway's request span.
 
-An SDK span costs the gateway's event loop about 35 us more per request than this one on this
-machine (a lock per span and per attribute write, each attribute cleaned by a generic
-recursive function, the SDK's own span metrics, a ReadableSpan copied at the end), and the
-loop's CPU is what the acknowledgement waits for (`python -m bench.ack tracing`). This span
+An SDK span costs the gateway's event loop more per request than this one (a lock per span
+and per attribute write, each attribute cleaned by a generic recursive function, the SDK's own
+span metrics, a ReadableSpan copied at the end; figures in README, Benchmarks), and the loop's
+CPU is what the acknowledgement waits for (`python -m bench.ack tracing`). This span
 keeps what matters for a short span with a handful of scalar attributes, using the provider's
 own sampler, id generator, resource, limits and span processors: the sampler decides, the
 processors see its start and end like any other span's (so the correlation id processor and

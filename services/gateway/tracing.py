@@ -1,9 +1,9 @@
 """One SERVER span per HTTP request, continuing a `traceparent` the caller sent.
 
-This replaces opentelemetry-instrumentation-asgi on the gateway: that middleware cost about
-90 us per request (collecting a dozen attributes, wrapping receive and send, recording its own
-metrics), against about 26 us for this one with an SDK span, and less again with the lean span
-of `common.lean_span`; the acknowledgement's p50 is budgeted at 15 % for all of tracing
+This replaces opentelemetry-instrumentation-asgi on the gateway: that middleware cost several
+times more per request (collecting a dozen attributes, wrapping receive and send, recording its
+own metrics; figures in README, Benchmarks), and less again with the lean span of
+`fastotel.lean_span`; the acknowledgement's p50 is budgeted at 15 % for all of tracing
 (`python -m bench.ack tracing`). The span follows the stable HTTP semantic conventions, with
 the attributes an operator searches by. Only for a process whose `init_telemetry` installed a
 tracer provider (the gateway adds it when export is on).
@@ -25,7 +25,7 @@ class RequestTracing:
     def __init__(self, app: ASGIApp, *, excluded_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.excluded_paths = excluded_paths
-        self.tracer = telemetry.lean_tracer(__name__)
+        self.tracer = telemetry.request_tracer(__name__)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.excluded_paths:

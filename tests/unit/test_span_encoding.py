@@ -25,7 +25,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from common.span_encoding import LeanOTLPSpanExporter, SpanEncoder
+from fastotel.span_encoding import LeanOTLPSpanExporter, SpanEncoder
 from tests.support.otlp import OtlpReceiver
 
 
