@@ -43,9 +43,9 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
+from common.telemetry import ATTR_CORRELATION, CorrelationSpanProcessor, with_correlation
 from fastotel.lean_span import LeanTracer
 from fastotel.span_encoding import SpanEncoder
-from common.telemetry import ATTR_CORRELATION, CorrelationSpanProcessor, with_correlation
 
 RESOURCE = Resource.create({"service.name": "gateway"})
 SCOPE = "services.gateway.tracing"
