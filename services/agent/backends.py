@@ -6,23 +6,22 @@ completion; `openai` adds the timeout, bounded retries with backoff and the circ
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
 from prometheus_client import Counter, Histogram
 
-from common import retry
-
 from . import http
 from .agents import AgentType
 from .breaker import BreakerOpen, CircuitBreaker
 from .deadline import UNBOUNDED, Deadline
+from .outbound import RetryPolicy, retryable_status
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +120,6 @@ class RulesBackend:
         return "closed"
 
 
-RETRYABLE_STATUS = {408, 409, 429}
-
-
 class OpenAIBackend:
     """Chat completions against any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp)."""
 
@@ -141,16 +137,15 @@ class OpenAIBackend:
         breaker: CircuitBreaker,
         backoff_base: float = 0.25,
         backoff_cap: float = 8.0,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.http = http
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key = api_key
         self.model = model
         self.timeout = timeout
-        self.max_retries = max_retries
         self.breaker = breaker
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        self.policy = policy or RetryPolicy(max_retries, backoff_base, backoff_cap)
 
     def status(self) -> str:
         return self.breaker.state
@@ -189,7 +184,7 @@ class OpenAIBackend:
                 MODEL_ERRORS.labels(self.name, "breaker_open").inc()
                 raise ModelError(str(exc), retryable=True, error_class="BreakerOpen") from exc
             started = time.perf_counter()
-            retry_after: float | None = None
+            headers_of_error: Mapping[str, str] | None = None
             healthy = False
             try:
                 resp = await http.post_json(
@@ -201,8 +196,8 @@ class OpenAIBackend:
                     completion = _completion(_json_of(resp), attempt)
                     self.breaker.success()
                     return completion
-                retryable = resp.status >= 500 or resp.status in RETRYABLE_STATUS
-                retry_after = retry.parse_retry_after(resp.headers.get("retry-after"), 120.0)
+                retryable = retryable_status(resp.status)
+                headers_of_error = resp.headers
                 error = ModelError(
                     f"model answered HTTP {resp.status}: {resp.text[:200]}",
                     retryable=retryable,
@@ -226,14 +221,10 @@ class OpenAIBackend:
                 self.breaker.success()
             else:
                 self.breaker.failure()
-            if not error.retryable or attempt > self.max_retries:
+            if not error.retryable or self.policy.exhausted(attempt):
                 raise error
-            delay = (
-                retry_after
-                if retry_after is not None
-                else retry.full_jitter(attempt, self.backoff_base, self.backoff_cap)
-            )
-            if not deadline.allows(delay):
+            delay = self.policy.delay(attempt, headers_of_error)
+            if not self.policy.fits(delay, deadline):
                 # Waiting would outlive the turn: this attempt's error is the turn's.
                 raise ModelError(
                     f"{error} (no retry: the turn's deadline is {deadline.remaining():.1f} s "
@@ -242,7 +233,7 @@ class OpenAIBackend:
                     error_class=error.error_class,
                 )
             log.warning("model call failed, retrying: %s", error, extra={"attempt": attempt})
-            await asyncio.sleep(delay)
+            await self.policy.sleep(delay)
 
 
 def _json_of(resp: http.Answer) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -11,10 +11,9 @@ from typing import Any
 import aiohttp
 from prometheus_client import Counter, Histogram
 
-from common import retry
-
 from . import http, limits
 from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline
+from .outbound import GraphAction, RetryPolicy, graph_action
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +25,20 @@ GRAPH_SECONDS = Histogram(
 )
 GRAPH_ERRORS = Counter("wa_graph_errors_total", "Graph API call errors", ["call", "kind"])
 
-# WhatsApp error codes that can succeed on a later try (throttling, temporary outages).
-RETRYABLE_CODES = {1, 2, 4, 17, 341, 80007, 130429, 131000, 131016, 131048, 131056, 133004}
-# Codes no later try can fix, whatever the HTTP status: 131062, a business-scoped user id is
-# not a recipient this kind of message may go to (the customer shares no phone number).
-FINAL_CODES = {131062}
-
 
 class GraphError(Exception):
-    def __init__(self, message: str, *, code: str, retryable: bool, status: int = 0) -> None:
+    """A send that failed; `action` (services/agent/outbound.py) says what to do about it."""
+
+    def __init__(self, message: str, *, code: str, action: GraphAction, status: int = 0) -> None:
         super().__init__(message)
         self.code = code
-        self.retryable = retryable
-        self.status = status
+        self.action = action
+        self.status = status  # 0: no answer (whether Meta has the message is unknown)
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a later turn may succeed: the dead-letter queue redrives it."""
+        return self.action is not GraphAction.GIVE_UP
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,17 @@ class GraphClient:
         timeout: float = 10.0,
         backoff_base: float = 0.2,
         backoff_cap: float = 5.0,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.http = http
         self.base_url = base_url.rstrip("/")
         self.version = version
         self.access_token = access_token
-        self.max_retries = max_retries
         self.timeout = timeout
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        # A send is only started with SEND_MARGIN_SECONDS left: a retry's wait keeps it too.
+        self.policy = policy or RetryPolicy(
+            max_retries, backoff_base, backoff_cap, margin=SEND_MARGIN_SECONDS
+        )
 
     @property
     def enabled(self) -> bool:
@@ -129,7 +131,9 @@ class GraphClient:
         retries: int | None = None,
         deadline: Deadline = UNBOUNDED,
     ) -> tuple[dict[str, Any], int]:
-        max_retries = self.max_retries if retries is None else retries
+        policy = self.policy
+        if retries is not None:
+            policy = dataclasses.replace(policy, max_retries=retries)
         headers = {"Authorization": f"Bearer {self.access_token}"}
         attempt = 0
         while True:
@@ -151,7 +155,7 @@ class GraphClient:
                 error = _error_of(resp)
             except http.HttpFailure as exc:
                 # No answer: whether Meta has the message is unknown (status 0).
-                error = GraphError(str(exc), code="network", retryable=True)
+                error = GraphError(str(exc), code="network", action=GraphAction.RETRY)
             finally:
                 GRAPH_SECONDS.labels(call).observe(time.perf_counter() - started)
             if error is None and resp is not None:
@@ -162,16 +166,14 @@ class GraphClient:
                 return body, attempt
             assert error is not None
             GRAPH_ERRORS.labels(call, "retryable" if error.retryable else "final").inc()
-            if not error.retryable or attempt > max_retries:
+            if error.action is not GraphAction.RETRY or policy.exhausted(attempt):
                 raise error
-            delay = retry.full_jitter(attempt, self.backoff_base, self.backoff_cap)
-            if resp is not None:
-                delay = retry.parse_retry_after(resp.headers.get("retry-after"), 120.0) or delay
-            if not deadline.allows(delay + SEND_MARGIN_SECONDS):
+            delay = policy.delay(attempt, resp.headers if resp is not None else None)
+            if not policy.fits(delay, deadline):
                 # Waiting would outlive the turn: this attempt's error is the turn's.
                 raise error
             log.warning("graph %s failed, retrying: %s", call, error, extra={"attempt": attempt})
-            await asyncio.sleep(delay)
+            await policy.sleep(delay)
 
 
 def _error_of(resp: http.Answer) -> GraphError | None:
@@ -189,16 +191,9 @@ def _error_of(resp: http.Answer) -> GraphError | None:
             message = f"{message}: {details}"
     except ValueError:
         pass
-    retryable = resp.status >= 500 or resp.status in (408, 409, 429)
-    if code.isdigit() and int(code) in FINAL_CODES:
-        retryable = False
-    elif code.isdigit() and int(code) in RETRYABLE_CODES:
-        retryable = True
-    elif code.isdigit() and resp.status < 500:
-        retryable = False
     return GraphError(
         f"HTTP {resp.status} code {code or '-'}: {message}",
         code=code or str(resp.status),
-        retryable=retryable,
+        action=graph_action(resp.status, code),
         status=resp.status,
     )
