@@ -1,3 +1,10 @@
+-- Every write of a turn in this file is fenced like wa_save_turn: its last two parameters
+-- are the conversation and the turn's fence token; the write applies only while that token is
+-- still the conversation's (its row share-locked, so a take-over waits for the write or
+-- refuses it), and the statement returns the conversation's token: when it is not the
+-- turn's, nothing was written. (processed_webhook_messages is the state service's table:
+-- README, "Who owns which table".)
+
 -- name: turn_state
 -- The message's reply state and its conversation's context, in one round trip.
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
@@ -20,57 +27,95 @@ SELECT increment_session_metrics($1, $2, $3, $4, $5, $6, $7, $8)
 
 -- name: record_sent
 -- A status that arrived before we recorded the send still counts: take the furthest one seen.
-UPDATE processed_webhook_messages m
-   SET reply_message_id = $2,
-       reply_status = COALESCE(
-           (SELECT s.reply_status FROM processed_webhook_messages s
-             WHERE s.reply_message_id = $2 AND s.kind = 'status'
-             ORDER BY wa_delivery_rank(s.reply_status) DESC LIMIT 1),
-           'sent'),
-       updated_at = now()
- WHERE m.message_id = $1
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $3 FOR SHARE
+), sent AS (
+    UPDATE processed_webhook_messages m
+       SET reply_message_id = $2,
+           reply_status = COALESCE(
+               (SELECT s.reply_status FROM processed_webhook_messages s
+                 WHERE s.reply_message_id = $2 AND s.kind = 'status'
+                 ORDER BY wa_delivery_rank(s.reply_status) DESC LIMIT 1),
+               'sent'),
+           updated_at = now()
+      FROM fence f
+     WHERE m.message_id = $1 AND f.fence_token = $4
+)
+SELECT fence_token FROM fence
 
 -- name: send_started
-UPDATE processed_webhook_messages SET send_started_at = now() WHERE message_id = $1
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $2 FOR SHARE
+), started AS (
+    UPDATE processed_webhook_messages m SET send_started_at = now()
+      FROM fence f
+     WHERE m.message_id = $1 AND f.fence_token = $3
+)
+SELECT fence_token FROM fence
 
 -- name: record_send_error
 -- The Graph API answered: this attempt definitely did not deliver.
-UPDATE processed_webhook_messages
-   SET reply_error_code = $2, send_started_at = NULL, updated_at = now()
- WHERE message_id = $1
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $3 FOR SHARE
+), failed AS (
+    UPDATE processed_webhook_messages m
+       SET reply_error_code = $2, send_started_at = NULL, updated_at = now()
+      FROM fence f
+     WHERE m.message_id = $1 AND f.fence_token = $4
+)
+SELECT fence_token FROM fence
 
 -- name: reply_parts
 -- A long reply's split, recorded once (the first run's split stands, whatever the settings
 -- later), with each part's send state. A statement sees the table as it was before its own
--- insert: either the rows it inserts or the rows already there come back, never both.
-WITH ins AS (
+-- insert: either the rows it inserts or the rows already there come back, never both. Every
+-- row carries the conversation's fence token (one row with no part when there are none).
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $3 FOR SHARE
+), ins AS (
     INSERT INTO agent_reply_parts (message_id, part, body)
     SELECT $1, t.ord - 1, t.body
-      FROM unnest($2::text[]) WITH ORDINALITY AS t(body, ord)
+      FROM unnest($2::text[]) WITH ORDINALITY AS t(body, ord), fence f
+     WHERE f.fence_token = $4
     ON CONFLICT (message_id, part) DO NOTHING
     RETURNING part, body, sent_id, send_started_at
+), parts AS (
+    SELECT part, body, sent_id, send_started_at FROM ins
+    UNION ALL
+    SELECT part, body, sent_id, send_started_at FROM agent_reply_parts WHERE message_id = $1
 )
-SELECT part, body, sent_id, send_started_at FROM ins
-UNION ALL
-SELECT part, body, sent_id, send_started_at FROM agent_reply_parts WHERE message_id = $1
-ORDER BY part
+SELECT f.fence_token, p.part, p.body, p.sent_id, p.send_started_at
+  FROM fence f LEFT JOIN parts p ON true
+ ORDER BY p.part
 
 -- name: reply_part_sent_id
 SELECT sent_id FROM agent_reply_parts WHERE message_id = $1 AND part = $2
 
 -- name: reply_part_sent
 -- Part $2 was sent as $3 (-1: none) and part $4 is being sent now (-1: none).
-UPDATE agent_reply_parts
-   SET sent_id = CASE WHEN part = $2 THEN $3 ELSE sent_id END,
-       send_started_at = CASE WHEN part = $2 THEN NULL ELSE now() END
- WHERE message_id = $1 AND part IN ($2, $4)
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $5 FOR SHARE
+), parts AS (
+    UPDATE agent_reply_parts p
+       SET sent_id = CASE WHEN p.part = $2 THEN $3 ELSE p.sent_id END,
+           send_started_at = CASE WHEN p.part = $2 THEN NULL ELSE now() END
+      FROM fence f
+     WHERE p.message_id = $1 AND p.part IN ($2, $4) AND f.fence_token = $6
+)
+SELECT fence_token FROM fence
 
 -- name: record_part_send_error
 -- The Graph API answered: this attempt at the part definitely did not deliver.
-WITH part AS (
-    UPDATE agent_reply_parts SET send_started_at = NULL, reply_error_code = $3
-     WHERE message_id = $1 AND part = $2
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $4 FOR SHARE
+), part AS (
+    UPDATE agent_reply_parts p SET send_started_at = NULL, reply_error_code = $3
+      FROM fence f
+     WHERE p.message_id = $1 AND p.part = $2 AND f.fence_token = $5
+), failed AS (
+    UPDATE processed_webhook_messages m
+       SET reply_error_code = $3, updated_at = now()
+      FROM fence f
+     WHERE m.message_id = $1 AND f.fence_token = $5
 )
-UPDATE processed_webhook_messages
-   SET reply_error_code = $3, updated_at = now()
- WHERE message_id = $1
+SELECT fence_token FROM fence

@@ -299,12 +299,14 @@ class Agent:
             raise TurnFailed(
                 f"could not store the model's answer: {exc!r}", error_class="DatabaseUnavailable"
             ) from exc
-        if fence != req.fence_token:
-            raise StaleFence(
-                f"conversation {req.conversation_id} is held with token {fence}, "
-                f"not {req.fence_token}"
-            )
+        _check_fence(req, fence)
         return text, agent.name
+
+    async def _fenced(self, req: TurnRequest, query: str, *args: Any) -> None:
+        """One write of the turn (queries.sql), applied only while the turn's fence token is
+        still its conversation's; raises StaleFence (nothing written) once it is not."""
+        fence = await self.pool.fetchval(Q[query], *args, req.conversation_id, req.fence_token)
+        _check_fence(req, fence)
 
     async def _session_error(self, req: TurnRequest, agent_type: str) -> None:
         try:
@@ -349,7 +351,7 @@ class Agent:
             deadline.check("send the reply", SEND_MARGIN_SECONDS)
             limits.check_text(text, req.message_id)
             if not send_started:
-                await self.pool.execute(Q["send_started"], req.message_id)
+                await self._fenced(req, "send_started", req.message_id)
             try:
                 sent = await self.graph.send_text(
                     req.phone_number_id,
@@ -364,7 +366,7 @@ class Agent:
                 # Only an answer proves the send did not go through; after a timeout the
                 # next turn waits for the status webhook instead of sending blindly again.
                 if exc.status:
-                    await self.pool.execute(Q["record_send_error"], req.message_id, exc.code)
+                    await self._fenced(req, "record_send_error", req.message_id, exc.code)
                 return TurnOutcome(
                     outcome="failed",
                     reply_text=text,
@@ -373,7 +375,7 @@ class Agent:
                     retryable=exc.retryable,
                     agent_type=agent_type,
                 )
-        await self.pool.execute(Q["record_sent"], req.message_id, sent.message_id)
+        await self._fenced(req, "record_sent", req.message_id, sent.message_id)
         log.info(
             "reply sent",
             extra={
@@ -396,7 +398,11 @@ class Agent:
         before the first is sent, and each part's send like a whole reply's: a run resumed
         after a crash starts at the first unsent part, and waits for the status webhook of
         one that was in flight (its callback data is `<message id>#<part>`)."""
-        rows = await self.pool.fetch(Q["reply_parts"], req.message_id, parts)
+        rows = await self.pool.fetch(
+            Q["reply_parts"], req.message_id, parts, req.conversation_id, req.fence_token
+        )
+        _check_fence(req, rows[0]["fence_token"] if rows else None)
+        rows = [r for r in rows if r["part"] is not None]
         bodies = [r["body"] for r in rows]
         sent_ids: list[str | None] = [r["sent_id"] for r in rows]
         started = [r["send_started_at"] is not None for r in rows]
@@ -441,8 +447,8 @@ class Agent:
                 except GraphError as exc:
                     span.set_status(trace.StatusCode.ERROR, str(exc))
                     if exc.status:
-                        await self.pool.execute(
-                            Q["record_part_send_error"], req.message_id, n, exc.code
+                        await self._fenced(
+                            req, "record_part_send_error", req.message_id, n, exc.code
                         )
                     return TurnOutcome(
                         outcome="failed",
@@ -456,7 +462,7 @@ class Agent:
                 last_sent = n
         await self._record_part(req, last_sent, sent_ids, None)
         final = sent_ids[-1] or ""
-        await self.pool.execute(Q["record_sent"], req.message_id, final)
+        await self._fenced(req, "record_sent", req.message_id, final)
         log.info(
             "reply sent in parts",
             extra={"message_id": req.message_id, "reply_id": final, "parts": len(bodies)},
@@ -474,10 +480,17 @@ class Agent:
     ) -> None:
         if sent is None and start is None:
             return
-        await self.pool.execute(
-            Q["reply_part_sent"],
+        await self._fenced(
+            req,
+            "reply_part_sent",
             req.message_id,
             -1 if sent is None else sent,
             "" if sent is None else sent_ids[sent],
             -1 if start is None else start,
         )
+
+
+def _check_fence(req: TurnRequest, fence: int | None) -> None:
+    if fence != req.fence_token:
+        held = f"conversation {req.conversation_id} is held with token {fence}"
+        raise StaleFence(f"{held}, not {req.fence_token}")

@@ -1,0 +1,112 @@
+"""The agent's writes to the state service's table are fenced: a turn whose conversation was
+taken over (its fencing token moved on) neither starts a send nor records one, against real
+PostgreSQL and a Graph API played over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from services.agent import agents
+from services.agent.backends import RulesBackend
+from services.agent.graph import GraphClient
+from common.domain import TurnRequest
+from services.agent.turn import Agent, StaleFence
+from services.state import store
+from tests.integration.test_state_store import inbound
+from tests.support.fakes import FakeGraph
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def agent(pool: asyncpg.Pool, graph: FakeGraph) -> AsyncIterator[Agent]:
+    async with aiohttp.ClientSession() as http:
+        client = GraphClient(
+            http, base_url=graph.url, version="v23.0", access_token="t", max_retries=0
+        )
+        yield Agent(
+            pool,
+            agents.load(ROOT / "config" / "agents.toml"),
+            RulesBackend(),
+            client,
+            token_limit=4000,
+            confirm_seconds=0.5,
+        )
+
+
+async def claimed(pool: asyncpg.Pool, message_id: str) -> tuple[int, int]:
+    """The message stored and its turn started by a driver: (conversation, fence token)."""
+    await store.ingest(pool, [inbound(message_id)], [], "c", "")
+    conversation = await pool.fetchval(
+        "SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1",
+        message_id,
+    )
+    token = await store.claim_conversation(pool, conversation, "driver-a")
+    assert await store.next_message(pool, conversation, token) is not None
+    return int(conversation), token
+
+
+def request(message_id: str, conversation: int, token: int) -> TurnRequest:
+    return TurnRequest(
+        message_id=message_id,
+        conversation_id=conversation,
+        fence_token=token,
+        phone_number_id="100",
+        wa_id="15550001111",
+        text="hi",
+        correlation_id="c",
+    )
+
+
+async def reply_row(pool: asyncpg.Pool, message_id: str) -> asyncpg.Record:
+    row = await pool.fetchrow(
+        "SELECT reply_text, reply_message_id, send_started_at, reply_error_code "
+        "FROM processed_webhook_messages WHERE message_id = $1",
+        message_id,
+    )
+    assert row is not None
+    return row
+
+
+async def test_a_holder_taken_over_mid_send_cannot_record_its_send(
+    pool: asyncpg.Pool, graph: FakeGraph, agent: Agent
+) -> None:
+    conversation, token = await claimed(pool, "wamid.MID")
+    graph.release.clear()  # the send is held at the Graph API
+    turn = asyncio.create_task(agent.reply(request("wamid.MID", conversation, token)))
+    assert await asyncio.to_thread(graph.wait_for, lambda: len(graph.sends) == 1)
+    # The sweeper breaks the lease of a holder that looks dead; another driver claims it.
+    assert await store.claim_conversation(pool, conversation, "driver-b") == token + 1
+    graph.release.set()
+    with pytest.raises(StaleFence):
+        await turn
+    # Not recorded as sent: the new holder finds the send in flight and waits for its status
+    # webhook (the state service's write) before sending again.
+    row = await reply_row(pool, "wamid.MID")
+    assert row["reply_text"] and row["send_started_at"] is not None
+    assert row["reply_message_id"] is None
+
+
+async def test_a_stale_holder_neither_sends_again_nor_records_errors(
+    pool: asyncpg.Pool, graph: FakeGraph, agent: Agent
+) -> None:
+    conversation, token = await claimed(pool, "wamid.OLD")
+    # The first run's send is refused: its reply is stored, no send in flight.
+    graph.fail_next(graph.error(500, 131000, "try later"))
+    out = await agent.reply(request("wamid.OLD", conversation, token))
+    assert out.outcome == "failed" and out.error_class == "GraphError131000"
+    row = await reply_row(pool, "wamid.OLD")
+    assert row["reply_error_code"] == "131000" and row["send_started_at"] is None
+    await store.claim_conversation(pool, conversation, "driver-b")
+    # The stalled driver runs its turn again: refused before anything is sent or written.
+    graph.fail_next(graph.error(400, 131026, "undeliverable"))
+    with pytest.raises(StaleFence):
+        await agent.reply(request("wamid.OLD", conversation, token))
+    assert len(graph.sends) == 1
+    assert await reply_row(pool, "wamid.OLD") == row
