@@ -1,0 +1,113 @@
+"""The crash-mid-send confirmation path on its own: a turn resumed after its driver died
+between recording that a send started and recording the sent id waits for the reply's status
+webhook (our callback data: the message id) and takes it as the send, or, when none comes
+within WHATSAPP_SEND_CONFIRM_SECONDS, sends the stored reply again."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.conftest import StartSystem
+from tests.e2e.test_agent_turns import send, status_doc, wait_for
+from tests.e2e.test_dlq import wa
+from tests.support.fakes import FakeGraph
+from tests.support.system import System
+
+pytestmark = pytest.mark.e2e
+
+WA_ID = "15550001111"
+WAITING = "a send was in flight when its turn died; waiting for its status webhook"
+
+
+async def interrupted_send(system: System, graph: FakeGraph) -> tuple[str, str]:
+    """A message whose reply is stored and whose send is in flight with no sent id recorded,
+    as a driver that died mid-send leaves it; dead-lettered, so that an operator's redrive
+    resumes it. Returns (message id, stored reply)."""
+    graph.fail_next(graph.error(400, 131026, "Message undeliverable"))
+    message_id = await send(system, "hello", wa_id=WA_ID)
+    await system.wait_status([message_id], {"dead_lettered"})
+    pool = await system.db()
+    reply = await pool.fetchval(
+        "UPDATE processed_webhook_messages SET send_started_at = now(), reply_error_code = NULL "
+        "WHERE message_id = $1 AND reply_message_id IS NULL RETURNING reply_text",
+        message_id,
+    )
+    assert reply
+    return message_id, str(reply)
+
+
+async def redrive(system: System, message_id: str) -> None:
+    pool = await system.db()
+    item = await pool.fetchval("SELECT id FROM webhook_dlq WHERE message_id = $1", message_id)
+    done = await asyncio.to_thread(wa, system, "dlq", "retry", str(item))
+    assert done.returncode == 0, done.stderr
+
+
+def waiting(system: System) -> bool:
+    return any(line.get("msg") == WAITING for line in system.log_lines("agent"))
+
+
+async def test_a_resumed_send_confirmed_by_its_status_webhook_is_not_sent_again(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    system = await start_system(WHATSAPP_SEND_CONFIRM_SECONDS="20")
+    message_id, reply = await interrupted_send(system, graph)
+    assert len(graph.sends) == 1
+    task = asyncio.create_task(redrive(system, message_id))
+
+    async def turn_waits() -> bool:
+        return waiting(system)
+
+    await wait_for(turn_waits, 30, "the resumed turn never waited for a status webhook")
+    # Meta had the send: its status webhook carries our callback data.
+    doc = status_doc("wamid.OUTCONFIRMED", "sent", WA_ID, callback=message_id)
+    assert (await system.post(doc)).status_code == 200
+    await system.wait_status([message_id], {"replied"}, timeout=30)
+    await task
+    await asyncio.sleep(0.5)
+    assert len(graph.sends) == 1  # the refused first send only: nothing sent again
+    pool = await system.db()
+    row = await pool.fetchrow(
+        "SELECT reply_message_id, reply_confirmed_by, send_started_at, reply_text "
+        "FROM processed_webhook_messages WHERE message_id = $1",
+        message_id,
+    )
+    assert row is not None
+    assert row["reply_message_id"] == "wamid.OUTCONFIRMED"
+    assert row["reply_confirmed_by"] == "status webhook: sent"
+    assert row["send_started_at"] is None and row["reply_text"] == reply
+    reasons = await pool.fetch(
+        "SELECT reason FROM conversation_state_transitions WHERE message_id = $1 "
+        "AND to_state = 'replied'",
+        message_id,
+    )
+    assert any("confirmed by its status webhook" in r["reason"] for r in reasons), reasons
+
+
+async def test_a_resumed_send_without_a_status_webhook_is_sent_again_once(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    system = await start_system(WHATSAPP_SEND_CONFIRM_SECONDS="1")
+    message_id, reply = await interrupted_send(system, graph)
+    started = time.monotonic()
+    await redrive(system, message_id)
+    await system.wait_status([message_id], {"replied"}, timeout=30)
+    assert time.monotonic() - started >= 1.0  # it waited for the confirmation first
+    assert waiting(system)
+    await asyncio.sleep(0.5)
+    sends = graph.sends
+    assert len(sends) == 2  # the refused first send, and the one sent again
+    again = sends[1].body
+    assert again["text"]["body"] == reply
+    assert again["biz_opaque_callback_data"] == message_id
+    pool = await system.db()
+    row = await pool.fetchrow(
+        "SELECT reply_message_id, reply_confirmed_by FROM processed_webhook_messages "
+        "WHERE message_id = $1",
+        message_id,
+    )
+    assert row is not None
+    assert row["reply_message_id"].startswith("wamid.OUT") and row["reply_confirmed_by"] is None
