@@ -78,10 +78,6 @@ class Postgres:
     def restart_server(self) -> None:
         self._spawn()
 
-    @property
-    def can_stop(self) -> bool:
-        return self.proc is not None
-
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -154,10 +150,6 @@ class Redis:
                     raise
                 time.sleep(0.05)
         client.close()
-
-    @property
-    def can_stop(self) -> bool:
-        return self.proc is not None
 
     def stop_server(self) -> None:
         assert self.proc is not None, "only the embedded server can be stopped by a test"

@@ -10,8 +10,6 @@ from common import sqlfile
 
 Q = sqlfile.load("services.dlq", "queries.sql")
 
-STATUSES = ("pending", "retrying", "dead", "resolved", "purged")
-
 
 @dataclass(frozen=True)
 class Claimed:

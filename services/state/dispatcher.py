@@ -86,10 +86,6 @@ class Dispatcher:
     def driving(self, conversation_id: int) -> bool:
         return conversation_id in self._tasks
 
-    @property
-    def busy(self) -> int:
-        return len(self._tasks)
-
     def _later(self, conversation_id: int) -> None:
         failures = self._failures.get(conversation_id, 0) + 1
         self._failures[conversation_id] = failures

@@ -98,9 +98,15 @@ async def test_model_down_retried_with_growing_delays_then_dead_then_operator_re
         if line["level"] == "WARNING" and "dead" in line["msg"]
     ]
     assert dead_lines and dead_lines[-1]["message_id"] == msg["id"]
-    await asyncio.sleep(0.5)  # the worker refreshes its gauges every poll
-    metrics = await system.http.get(f"http://127.0.0.1:{system.ports['m_dlq']}/metrics")
-    assert 'wa_dlq_items{status="dead"} 1.0' in metrics.text
+    metrics_url = f"http://127.0.0.1:{system.ports['m_dlq']}/metrics"
+
+    async def gauges_show_the_dead_item() -> bool:
+        # The worker refreshes its gauges every poll: the first poll after the item died.
+        text = (await system.http.get(metrics_url)).text
+        return 'wa_dlq_items{status="dead"} 1.0' in text
+
+    await wait_for(gauges_show_the_dead_item, timeout=10)
+    metrics = await system.http.get(metrics_url)
     assert "wa_dlq_oldest_pending_seconds" in metrics.text
     human = await asyncio.to_thread(wa, system, "dlq", "show", str(item["id"]))
     assert "error history" in human.stdout and msg["id"] in human.stdout
