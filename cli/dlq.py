@@ -100,7 +100,7 @@ def customer(item: dict[str, Any]) -> str:
 
 async def list_items(status: str, as_json: bool, limit: int, customer: str = "") -> int:
     """`customer`: only that customer's items (phone number, BSUID or username)."""
-    settings = config.Settings.from_env()
+    settings = config.CliSettings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
         with calling("dlq", settings.dlq_addr):
             resp = await dlq_pb2_grpc.DlqStub(ch).List(
@@ -117,7 +117,7 @@ async def list_items(status: str, as_json: bool, limit: int, customer: str = "")
 
 
 async def show(item_id: int, as_json: bool) -> int:
-    settings = config.Settings.from_env()
+    settings = config.CliSettings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
         try:
             with calling("dlq", settings.dlq_addr):
@@ -189,7 +189,7 @@ async def show(item_id: int, as_json: bool) -> int:
 async def retry(ids: list[int], all_items: bool, status: str, as_json: bool) -> int:
     """One call does a bounded amount of work and returns what it did not reach: those are
     asked for again until none is left (or a call makes no progress)."""
-    settings = config.Settings.from_env()
+    settings = config.CliSettings.from_env()
     redriven: list[int] = []
     errors: list[str] = []
     request = dlq_pb2.RetryRequest(ids=ids, all=all_items, status=status)
@@ -230,7 +230,7 @@ def confirm_purge(ids: list[int]) -> bool:
 
 
 async def purge(ids: list[int]) -> int:
-    settings = config.Settings.from_env()
+    settings = config.CliSettings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
         with calling("dlq", settings.dlq_addr):
             resp = await dlq_pb2_grpc.DlqStub(ch).Purge(dlq_pb2.PurgeRequest(ids=ids), timeout=10)

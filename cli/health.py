@@ -18,7 +18,7 @@ from common.components import check_components
 DOWN_IF_UNHEALTHY = {"postgres", "state", "agent", "dlq", "gateway"}
 
 
-async def _gateway(settings: config.Settings) -> dict[str, Any]:
+async def _gateway(settings: config.CliSettings) -> dict[str, Any]:
     url = f"http://127.0.0.1:{settings.gateway_port}/healthz"
     try:
         async with httpx.AsyncClient(timeout=3) as client:
@@ -39,7 +39,7 @@ async def _gateway(settings: config.Settings) -> dict[str, Any]:
 
 
 async def health(as_json: bool) -> int:
-    settings = config.Settings.from_env()
+    settings = config.CliSettings.from_env()
     checks: list[dict[str, Any]] = []
     async with grpcserver.channel(settings.state_addr) as ch:
         stub = state_pb2_grpc.StateStub(ch)

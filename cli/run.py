@@ -77,7 +77,7 @@ def _dev_defaults(env: dict[str, str]) -> list[str]:
 
 
 async def run() -> int:
-    settings = config.Settings.from_env()
+    settings = config.CliSettings.from_env()
     logs.setup("run", settings.log_level)
     supervisor.die_with_parent(signal.SIGTERM)
     run_dir = settings.run_dir.resolve()
@@ -120,7 +120,7 @@ async def run() -> int:
         say(f"[wa run] migrations applied: {', '.join(applied) or 'none pending'}")
 
         env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, RUN_DIR=str(run_dir))
-        base = {**{k: v for k, v in dotenv_values(".env").items() if v}, **os.environ, **env}
+        base = {**config.dotenv(), **os.environ, **env}
         filled = _dev_defaults(base)
         for key in filled:
             env[key] = base[key]
@@ -144,7 +144,7 @@ async def run() -> int:
     return 0
 
 
-def _print_endpoints(settings: config.Settings, database_url: str, redis_url: str) -> None:
+def _print_endpoints(settings: config.CliSettings, database_url: str, redis_url: str) -> None:
     gw = f"http://127.0.0.1:{settings.gateway_port}"
     lines = [
         "",

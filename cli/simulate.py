@@ -80,7 +80,7 @@ def text_delivery(
     }
 
 
-def app_secret(settings: config.Settings) -> str:
+def app_secret(settings: config.CliSettings) -> str:
     if settings.app_secret:
         return settings.app_secret.reveal()
     return str(dotenv_values(ROOT / ".env.example").get("WHATSAPP_APP_SECRET") or "")
@@ -88,7 +88,7 @@ def app_secret(settings: config.Settings) -> str:
 
 async def simulate(text: str, wa_id: str, url: str, wait: float, username: str = "") -> int:
     """`username`: send as a customer with a WhatsApp username (no phone number, a BSUID)."""
-    settings = config.Settings.from_env()
+    settings = config.CliSettings.from_env()
     if username:
         delivery = text_delivery(
             text, wa_id=None, user_id=username_bsuid(username), username=username

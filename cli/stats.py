@@ -25,7 +25,7 @@ FIELDS = (
 
 
 async def stats(hours: float, as_json: bool) -> int:
-    settings = config.Settings.from_env()
+    settings = config.CliSettings.from_env()
     async with grpcserver.channel(settings.state_addr) as ch:
         try:
             resp = await state_pb2_grpc.StateStub(ch).GetStats(

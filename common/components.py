@@ -13,7 +13,7 @@ from . import config, grpcserver
 
 
 async def check_components(
-    settings: config.Settings, state: state_pb2_grpc.StateStub
+    settings: config.Base, state: state_pb2_grpc.StateStub
 ) -> list[dict[str, Any]]:
     """PostgreSQL and Redis (as the state service sees them) and the three gRPC services."""
 

@@ -1,12 +1,25 @@
-"""Settings, read once at start-up: environment beats `.env` beats defaults."""
+"""Settings, declared once per service and read once at start-up: the environment beats `.env`
+beats each field's one default. Field names are the code's; each field reads the variable of
+README's configuration table named by its alias."""
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal, Self
 
 from dotenv import dotenv_values
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import core_schema
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_BODY_BYTES_LIMIT = 16 * 1024 * 1024
+# Switches off the webhook's authentication: only ever set on purpose, in the environment.
+ENVIRONMENT_ONLY = frozenset({"WHATSAPP_SKIP_SIGNATURE"})
 
 
 class ConfigError(Exception):
@@ -25,177 +38,113 @@ class Secret:
     def __bool__(self) -> bool:
         return bool(self._value)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
     def __repr__(self) -> str:
         return "Secret('**********')" if self._value else "Secret('')"
 
     __str__ = __repr__
 
-
-def _env() -> dict[str, str]:
-    merged = {k: v for k, v in dotenv_values(".env").items() if v is not None}
-    merged.update(os.environ)
-    return merged
-
-
-def _int(env: dict[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "")
-    if raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        from_str = core_schema.no_info_after_validator_function(cls, core_schema.str_schema())
+        return core_schema.union_schema([core_schema.is_instance_schema(cls), from_str])
 
 
-def _float(env: dict[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "")
-    if raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+@functools.cache
+def dotenv() -> dict[str, str]:
+    """`.env` of the working directory, read once per process; empty values count as unset."""
+    return {k: v for k, v in dotenv_values(".env").items() if v}
 
 
-def _bool(env: dict[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw == "":
-        return default
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+def export_otel_from_dotenv() -> None:
+    """The OpenTelemetry SDK reads only the process environment: `.env`'s `OTEL_*` variables
+    are copied there (the environment still wins) before telemetry starts."""
+    for key, value in dotenv().items():
+        if key.startswith("OTEL_"):
+            os.environ.setdefault(key, value)
 
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
-MAX_BODY_BYTES_LIMIT = 16 * 1024 * 1024
+def env(name: str, default: Any, **constraints: Any) -> Any:
+    """A field read from the variable `name`."""
+    return Field(default, validation_alias=name, **constraints)
 
 
-@dataclass(frozen=True)
-class Settings:
-    app_secret: Secret = field(default_factory=lambda: Secret(""))
-    skip_signature: bool = False
-    verify_token: Secret = field(default_factory=lambda: Secret(""))
-    access_token: Secret = field(default_factory=lambda: Secret(""))
-    api_base_url: str = "https://graph.facebook.com"
-    api_version: str = "v23.0"
-    gateway_host: str = "0.0.0.0"
-    gateway_port: int = 8080
-    # Meta documents deliveries of up to 3 MB.
-    max_body_bytes: int = MAX_BODY_BYTES
-    state_port: int = 50051
-    agent_port: int = 50052
-    dlq_port: int = 50053
-    state_addr: str = "127.0.0.1:50051"
-    agent_addr: str = "127.0.0.1:50052"
-    dlq_addr: str = "127.0.0.1:50053"
-    metrics_port: int = 0
-    database_url: str = ""
-    redis_url: str = ""
-    redis_prefix: str = "wa:"
-    run_dir: Path = Path(".run")
-    agent_backend: str = "rules"
-    agent_config: Path = Path("config/agents.toml")
-    openai_base_url: str = "https://api.openai.com/v1"
-    openai_api_key: Secret = field(default_factory=lambda: Secret(""))
-    agent_model: str = "gpt-4o-mini"
-    agent_token_limit: int = 4000
-    agent_max_retries: int = 3
-    breaker_threshold: int = 5
-    breaker_reset_seconds: float = 30.0
-    model_timeout_seconds: float = 10.0
-    graph_timeout_seconds: float = 10.0
-    graph_max_retries: int = 3
-    send_confirm_seconds: float = 10.0
-    dlq_max_attempts: int = 3
-    dlq_retry_base_seconds: float = 30.0
-    dlq_max_defer_seconds: float = 1800.0
-    dlq_poll_seconds: float = 1.0
-    stuck_timeout_seconds: float = 120.0
-    lock_ttl_seconds: float = 120.0
-    enhanced_processing: bool = True
-    max_concurrent_conversations: int = 64
-    log_level: str = "INFO"
+class _DotEnv(PydanticBaseSettingsSource):
+    """`.env` below the environment: a variable set (even empty) in the environment hides it."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            k: v for k, v in dotenv().items() if k not in os.environ and k not in ENVIRONMENT_ONLY
+        }
+
+
+class Base(BaseSettings):
+    """What every process reads: logging, the three gRPC services' ports and addresses, the
+    servers, and how long work may be in flight before it is recovered."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=True, env_ignore_empty=True, extra="ignore", frozen=True
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = env("LOG_LEVEL", "INFO")
+    metrics_port: int = env("METRICS_PORT", 0)
+    state_port: int = env("STATE_GRPC_PORT", 50051)
+    agent_port: int = env("AGENT_GRPC_PORT", 50052)
+    dlq_port: int = env("DLQ_GRPC_PORT", 50053)
+    # Empty: 127.0.0.1 and the service's port.
+    state_target: str = env("STATE_ADDR", "")
+    agent_target: str = env("AGENT_ADDR", "")
+    dlq_target: str = env("DLQ_ADDR", "")
+    database_url: str = env("DATABASE_URL", "")
+    redis_url: str = env("REDIS_URL", "")
+    redis_prefix: str = env("REDIS_KEY_PREFIX", "wa:")
+    stuck_timeout_seconds: float = env("STUCK_TIMEOUT_SECONDS", 120.0, gt=0)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        e = _env() if env is None else env
-        state_port = _int(e, "STATE_GRPC_PORT", 50051)
-        agent_port = _int(e, "AGENT_GRPC_PORT", 50052)
-        dlq_port = _int(e, "DLQ_GRPC_PORT", 50053)
-        backend = e.get("AGENT_BACKEND", "rules") or "rules"
-        if backend not in {"rules", "openai"}:
-            raise ConfigError(f"AGENT_BACKEND must be 'rules' or 'openai', got {backend!r}")
-        level = (e.get("LOG_LEVEL", "INFO") or "INFO").upper()
-        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-            raise ConfigError(f"LOG_LEVEL must be a logging level, got {level!r}")
-        settings = cls(
-            app_secret=Secret(e.get("WHATSAPP_APP_SECRET", "")),
-            skip_signature=_bool(e, "WHATSAPP_SKIP_SIGNATURE", False),
-            verify_token=Secret(e.get("WHATSAPP_VERIFY_TOKEN", "")),
-            access_token=Secret(e.get("WHATSAPP_ACCESS_TOKEN", "")),
-            api_base_url=(e.get("WHATSAPP_API_BASE_URL") or "https://graph.facebook.com").rstrip(
-                "/"
-            ),
-            api_version=e.get("WHATSAPP_API_VERSION") or "v23.0",
-            gateway_host=e.get("GATEWAY_HOST") or "0.0.0.0",
-            gateway_port=_int(e, "GATEWAY_PORT", 8080),
-            max_body_bytes=_int(e, "GATEWAY_MAX_BODY_BYTES", MAX_BODY_BYTES),
-            state_port=state_port,
-            agent_port=agent_port,
-            dlq_port=dlq_port,
-            state_addr=e.get("STATE_ADDR") or f"127.0.0.1:{state_port}",
-            agent_addr=e.get("AGENT_ADDR") or f"127.0.0.1:{agent_port}",
-            dlq_addr=e.get("DLQ_ADDR") or f"127.0.0.1:{dlq_port}",
-            metrics_port=_int(e, "METRICS_PORT", 0),
-            database_url=e.get("DATABASE_URL", ""),
-            redis_url=e.get("REDIS_URL", ""),
-            redis_prefix=e.get("REDIS_KEY_PREFIX") or "wa:",
-            run_dir=Path(e.get("RUN_DIR") or ".run"),
-            agent_backend=backend,
-            agent_config=Path(e.get("AGENT_CONFIG") or "config/agents.toml"),
-            openai_base_url=(e.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/"),
-            openai_api_key=Secret(e.get("OPENAI_API_KEY", "")),
-            agent_model=e.get("AGENT_MODEL") or "gpt-4o-mini",
-            agent_token_limit=_int(e, "AGENT_TOKEN_LIMIT", 4000),
-            agent_max_retries=_int(e, "AGENT_MAX_RETRIES", 3),
-            breaker_threshold=_int(e, "AGENT_BREAKER_THRESHOLD", 5),
-            breaker_reset_seconds=_float(e, "AGENT_BREAKER_RESET_SECONDS", 30.0),
-            model_timeout_seconds=_float(e, "AGENT_TIMEOUT_SECONDS", 10.0),
-            graph_timeout_seconds=_float(e, "WHATSAPP_TIMEOUT_SECONDS", 10.0),
-            graph_max_retries=_int(e, "WHATSAPP_MAX_RETRIES", 3),
-            send_confirm_seconds=_float(e, "WHATSAPP_SEND_CONFIRM_SECONDS", 10.0),
-            dlq_max_attempts=_int(e, "DLQ_MAX_ATTEMPTS", 3),
-            dlq_retry_base_seconds=_float(e, "DLQ_RETRY_BASE_SECONDS", 30.0),
-            dlq_max_defer_seconds=_float(e, "DLQ_MAX_DEFER_SECONDS", 1800.0),
-            dlq_poll_seconds=_float(e, "DLQ_POLL_SECONDS", 1.0),
-            stuck_timeout_seconds=_float(e, "STUCK_TIMEOUT_SECONDS", 120.0),
-            lock_ttl_seconds=_float(e, "CONVERSATION_LOCK_TTL_SECONDS", 120.0),
-            enhanced_processing=_bool(e, "WA_ENHANCED_PROCESSING", True),
-            max_concurrent_conversations=_int(e, "MAX_CONCURRENT_CONVERSATIONS", 64),
-            log_level=level,
-        )
-        if settings.dlq_max_defer_seconds < 0:
-            raise ConfigError("DLQ_MAX_DEFER_SECONDS must be zero or more")
-        for name, value in (
-            ("AGENT_TOKEN_LIMIT", settings.agent_token_limit),
-            ("CONVERSATION_LOCK_TTL_SECONDS", settings.lock_ttl_seconds),
-            ("STUCK_TIMEOUT_SECONDS", settings.stuck_timeout_seconds),
-            ("DLQ_MAX_ATTEMPTS", settings.dlq_max_attempts),
-        ):
-            if value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
-        if settings.agent_max_retries < 0:
-            raise ConfigError("AGENT_MAX_RETRIES must be zero or more")
-        if not 0 < settings.max_body_bytes <= MAX_BODY_BYTES_LIMIT:
-            # One message (its text and its payload, each up to the body) must fit the
-            # internal gRPC message limit.
-            raise ConfigError(
-                f"GATEWAY_MAX_BODY_BYTES must be between 1 and {MAX_BODY_BYTES_LIMIT}, "
-                f"got {settings.max_body_bytes}"
-            )
-        return settings
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _DotEnv(settings_cls)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        """The process's settings, or (`env` given) those of exactly these variables."""
+        try:
+            if env is None:
+                return cls()
+            return cls.model_validate({k: v for k, v in env.items() if v != ""})
+        except ValidationError as exc:
+            raise ConfigError(_describe(cls, exc)) from None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def state_addr(self) -> str:
+        return self.state_target or f"127.0.0.1:{self.state_port}"
+
+    @property
+    def agent_addr(self) -> str:
+        return self.agent_target or f"127.0.0.1:{self.agent_port}"
+
+    @property
+    def dlq_addr(self) -> str:
+        return self.dlq_target or f"127.0.0.1:{self.dlq_port}"
 
     def require_database(self) -> str:
         if not self.database_url:
@@ -206,3 +155,98 @@ class Settings:
         if not self.redis_url:
             raise ConfigError("REDIS_URL is not set (make run sets it for embedded servers)")
         return self.redis_url
+
+
+class TurnLimits(Base):
+    """A turn's model and Graph API bounds: the agent applies them, the state service derives
+    each turn's deadline from them."""
+
+    model_timeout_seconds: float = env("AGENT_TIMEOUT_SECONDS", 10.0)
+    agent_max_retries: int = env("AGENT_MAX_RETRIES", 3, ge=0)
+    graph_timeout_seconds: float = env("WHATSAPP_TIMEOUT_SECONDS", 10.0)
+    graph_max_retries: int = env("WHATSAPP_MAX_RETRIES", 3)
+    send_confirm_seconds: float = env("WHATSAPP_SEND_CONFIRM_SECONDS", 10.0)
+
+
+class GatewaySettings(Base):
+    app_secret: Secret = env("WHATSAPP_APP_SECRET", Secret(""))
+    skip_signature: bool = env("WHATSAPP_SKIP_SIGNATURE", False)
+    verify_token: Secret = env("WHATSAPP_VERIFY_TOKEN", Secret(""))
+    gateway_host: str = env("GATEWAY_HOST", "0.0.0.0")
+    gateway_port: int = env("GATEWAY_PORT", 8080)
+    # Meta documents deliveries of up to 3 MB. One message (its text and its payload, each up
+    # to the body) must fit the internal gRPC message limit.
+    max_body_bytes: int = env("GATEWAY_MAX_BODY_BYTES", MAX_BODY_BYTES, gt=0)
+
+    @field_validator("max_body_bytes")
+    @classmethod
+    def _within_grpc_limit(cls, value: int) -> int:
+        if value > MAX_BODY_BYTES_LIMIT:
+            raise ValueError(f"must be between 1 and {MAX_BODY_BYTES_LIMIT}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> Self:
+        if self.skip_signature and self.app_secret:
+            raise ValueError(
+                "WHATSAPP_SKIP_SIGNATURE=true is refused while WHATSAPP_APP_SECRET is set"
+            )
+        return self
+
+
+class StateSettings(TurnLimits):
+    lock_ttl_seconds: float = env("CONVERSATION_LOCK_TTL_SECONDS", 120.0, gt=0)
+    enhanced_processing: bool = env("WA_ENHANCED_PROCESSING", True)
+    max_concurrent_conversations: int = env("MAX_CONCURRENT_CONVERSATIONS", 64)
+
+
+class AgentSettings(TurnLimits):
+    access_token: Secret = env("WHATSAPP_ACCESS_TOKEN", Secret(""))
+    api_base_url: str = env("WHATSAPP_API_BASE_URL", "https://graph.facebook.com")
+    api_version: str = env("WHATSAPP_API_VERSION", "v23.0")
+    agent_backend: Literal["rules", "openai"] = env("AGENT_BACKEND", "rules")
+    agent_config: Path = env("AGENT_CONFIG", Path("config/agents.toml"))
+    openai_base_url: str = env("OPENAI_BASE_URL", "https://api.openai.com/v1")
+    openai_api_key: Secret = env("OPENAI_API_KEY", Secret(""))
+    agent_model: str = env("AGENT_MODEL", "gpt-4o-mini")
+    agent_token_limit: int = env("AGENT_TOKEN_LIMIT", 4000, gt=0)
+    breaker_threshold: int = env("AGENT_BREAKER_THRESHOLD", 5)
+    breaker_reset_seconds: float = env("AGENT_BREAKER_RESET_SECONDS", 30.0)
+
+    @field_validator("api_base_url", "openai_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class DlqSettings(Base):
+    dlq_max_attempts: int = env("DLQ_MAX_ATTEMPTS", 3, gt=0)
+    dlq_retry_base_seconds: float = env("DLQ_RETRY_BASE_SECONDS", 30.0)
+    dlq_max_defer_seconds: float = env("DLQ_MAX_DEFER_SECONDS", 1800.0, ge=0)
+    dlq_poll_seconds: float = env("DLQ_POLL_SECONDS", 1.0)
+
+
+class CliSettings(GatewaySettings, StateSettings, AgentSettings, DlqSettings):
+    """`wa` starts, checks and drives every service: it reads every setting."""
+
+    run_dir: Path = env("RUN_DIR", Path(".run"))
+
+
+def variables(cls: type[Base] = CliSettings) -> frozenset[str]:
+    """The environment variables `cls` reads."""
+    return frozenset(str(f.validation_alias) for f in cls.model_fields.values())
+
+
+def _describe(cls: type[Base], exc: ValidationError) -> str:
+    """One line naming each variable that cannot be used, and why; never a secret's value."""
+    secret = {str(f.validation_alias) for f in cls.model_fields.values() if f.annotation is Secret}
+    parts = []
+    for error in exc.errors(include_url=False):
+        msg = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:
+            parts.append(msg)
+            continue
+        name = str(error["loc"][0])
+        got = "" if name in secret else f", got {error['input']!r}"
+        parts.append(f"{name}: {msg}{got}")
+    return "; ".join(parts)

@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
 
 import grpc
 import prometheus_client
@@ -35,7 +36,8 @@ MESSAGE_SIZE_OPTIONS = [
 
 # A set-up receives the server (to add its servicers) and yields the full names of its services;
 # everything it opened is closed when it exits, after the server has stopped.
-Setup = Callable[[grpc.aio.Server, config.Settings], AbstractAsyncContextManager[list[str]]]
+S = TypeVar("S", bound=config.Base)
+Setup = Callable[[grpc.aio.Server, S], AbstractAsyncContextManager[list[str]]]
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -44,7 +46,7 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve(name: str, port: int, setup: Setup, settings: config.Settings) -> None:
+async def serve(name: str, port: int, setup: Setup[S], settings: S) -> None:
     stop = asyncio.Event()
     install_stop_signals(stop)
     server = grpc.aio.server(
@@ -87,9 +89,9 @@ async def serve(name: str, port: int, setup: Setup, settings: config.Settings) -
     log.info("stopped")
 
 
-def main(name: str, port_of: Callable[[config.Settings], int], setup: Setup) -> None:
+def main(name: str, settings_cls: type[S], port_of: Callable[[S], int], setup: Setup[S]) -> None:
     """Entry point of a gRPC service process."""
-    settings = runtime.load_settings(name)
+    settings = runtime.load_settings(settings_cls, name)
     try:
         uvloop.run(serve(name, port_of(settings), setup, settings))
     except config.ConfigError as exc:

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="migrate")
     parser.add_argument("--check", action="store_true", help="exit 1 if migrations are pending")
     args = parser.parse_args(argv)
-    settings = config.Settings.from_env()
+    settings = config.Base.from_env()
     logs.setup("migrate", settings.log_level)
     if args.check:
         missing = asyncio.run(pending(settings.require_database()))

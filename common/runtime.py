@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import TypeVar
 
 from . import config, logs, telemetry
+
+S = TypeVar("S", bound=config.Base)
 
 GC_THRESHOLDS = (20_000, 50, 100)
 
@@ -27,16 +30,18 @@ def settle() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def load_settings(service: str) -> config.Settings:
-    """The service's settings, its JSON logs and its telemetry; a setting that cannot be parsed
-    ends the process like any other bad configuration: one CRITICAL line, exit code 2."""
+def load_settings(cls: type[S], service: str) -> S:
+    """The service's settings, its JSON logs and its telemetry (`OTEL_*` of `.env` included); a
+    setting that cannot be parsed ends the process like any other bad configuration: one
+    CRITICAL line, exit code 2."""
     try:
-        settings = config.Settings.from_env()
+        settings = cls.from_env()
     except config.ConfigError as exc:
         # LOG_LEVEL itself may be the bad value: the one line is logged at the default level.
         logs.setup(service, "INFO")
         logging.getLogger(f"services.{service}").critical("configuration error: %s", exc)
         raise SystemExit(2) from exc
     logs.setup(service, settings.log_level)
+    config.export_otel_from_dotenv()
     telemetry.init_telemetry(service)
     return settings

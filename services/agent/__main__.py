@@ -1,5 +1,5 @@
-from common import grpcserver
+from common import config, grpcserver
 
 from .server import setup
 
-grpcserver.main("agent", lambda s: s.agent_port, setup)
+grpcserver.main("agent", config.AgentSettings, lambda s: s.agent_port, setup)

@@ -110,7 +110,7 @@ def _detail(out: TurnOutcome) -> str:
     return "reply recorded, not sent (no WHATSAPP_ACCESS_TOKEN)"
 
 
-def make_backend(settings: config.Settings, http: aiohttp.ClientSession) -> Backend:
+def make_backend(settings: config.AgentSettings, http: aiohttp.ClientSession) -> Backend:
     if settings.agent_backend == "openai":
         return OpenAIBackend(
             http,
@@ -129,7 +129,9 @@ def make_backend(settings: config.Settings, http: aiohttp.ClientSession) -> Back
 
 
 @contextlib.asynccontextmanager
-async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIterator[list[str]]:
+async def setup(
+    server: grpc.aio.Server, settings: config.AgentSettings
+) -> AsyncIterator[list[str]]:
     try:
         catalog = agents.load(settings.agent_config)
     except agents.AgentConfigError as exc:

@@ -1,5 +1,5 @@
-from common import grpcserver
+from common import config, grpcserver
 
 from .server import setup
 
-grpcserver.main("dlq", lambda s: s.dlq_port, setup)
+grpcserver.main("dlq", config.DlqSettings, lambda s: s.dlq_port, setup)

@@ -103,7 +103,7 @@ class GrpcAgentStatus:
 
 
 class DlqServicer(dlq_pb2_grpc.DlqServicer):
-    def __init__(self, pool: asyncpg.Pool, state: GrpcState, settings: config.Settings) -> None:
+    def __init__(self, pool: asyncpg.Pool, state: GrpcState, settings: config.DlqSettings) -> None:
         self.pool = pool
         self.state = state
         self.settings = settings
@@ -224,7 +224,7 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
 
 
 @contextlib.asynccontextmanager
-async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIterator[list[str]]:
+async def setup(server: grpc.aio.Server, settings: config.DlqSettings) -> AsyncIterator[list[str]]:
     pool = await db.create_pool(settings.require_database())
     async with (
         grpcserver.channel(settings.state_addr) as state_ch,

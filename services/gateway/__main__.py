@@ -16,7 +16,7 @@ log = logging.getLogger("services.gateway")
 
 
 def main() -> None:
-    settings = runtime.load_settings("gateway")
+    settings = runtime.load_settings(config.GatewaySettings, "gateway")
     try:
         app = create_app(settings)
     except config.ConfigError as exc:

@@ -39,7 +39,7 @@ INGEST_TIMEOUT = 5.0
 
 @dataclass
 class GatewayState:
-    settings: config.Settings
+    settings: config.GatewaySettings
     state: state_pb2_grpc.StateStub
     batcher: IngestBatcher
 
@@ -244,7 +244,7 @@ async def metrics(request: Request) -> Response:
     )
 
 
-def create_app(settings: config.Settings) -> Starlette:
+def create_app(settings: config.GatewaySettings) -> Starlette:
     if not settings.skip_signature and not settings.app_secret:
         raise config.ConfigError(
             "WHATSAPP_APP_SECRET is not set (WHATSAPP_SKIP_SIGNATURE=true only for development)"

@@ -1,5 +1,5 @@
-from common import grpcserver
+from common import config, grpcserver
 
 from .server import setup
 
-grpcserver.main("state", lambda s: s.state_port, setup)
+grpcserver.main("state", config.StateSettings, lambda s: s.state_port, setup)

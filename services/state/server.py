@@ -396,7 +396,9 @@ class StateServicer(state_pb2_grpc.StateServicer):
 
 
 @contextlib.asynccontextmanager
-async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIterator[list[str]]:
+async def setup(
+    server: grpc.aio.Server, settings: config.StateSettings
+) -> AsyncIterator[list[str]]:
     # `make run` and compose's job migrate first; a state service started on its own does it
     # too (the runner's advisory lock makes concurrent starters safe).
     with telemetry.untraced():
@@ -450,7 +452,7 @@ async def setup(server: grpc.aio.Server, settings: config.Settings) -> AsyncIter
             await pool.close()
 
 
-def turn_deadline_seconds(settings: config.Settings) -> float:
+def turn_deadline_seconds(settings: config.TurnLimits) -> float:
     """Long enough for the model's retries and the Graph API's, but always ending well before
     the sweeper would consider the turn stuck (STUCK_TIMEOUT_SECONDS)."""
     wanted = (

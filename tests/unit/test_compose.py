@@ -41,10 +41,10 @@ def test_compose_runs_what_make_run_runs() -> None:
 
 def test_compose_environment_names_settings_that_exist() -> None:
     env = _compose()["x-service-env"]
-    known = set(config.Settings.__dataclass_fields__)
+    known = config.variables()
     assert env["DATABASE_URL"].startswith("postgresql://")
     assert env["STATE_ADDR"] == "dns:///state:50051"
-    settings = config.Settings.from_env(
+    settings = config.CliSettings.from_env(
         {
             k: str(v).split(":-")[-1].rstrip("}") if "${" in str(v) else str(v)
             for k, v in env.items()

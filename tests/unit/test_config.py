@@ -10,14 +10,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from common.config import ConfigError, Secret, Settings
+from common import config
+from common.config import CliSettings, ConfigError, DlqSettings, GatewaySettings, Secret
 from services.gateway.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def test_defaults_follow_the_contract() -> None:
-    s = Settings.from_env({})
+    s = CliSettings.from_env({})
     assert (s.gateway_port, s.state_port, s.agent_port, s.dlq_port) == (8080, 50051, 50052, 50053)
     assert s.agent_addr == "127.0.0.1:50052"
     assert (s.agent_backend, s.agent_token_limit, s.agent_max_retries) == ("rules", 4000, 3)
@@ -37,15 +38,18 @@ def test_defaults_follow_the_contract() -> None:
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"DLQ_MAX_DEFER_SECONDS": "-1"}, "DLQ_MAX_DEFER_SECONDS"),
         ({"DLQ_MAX_DEFER_SECONDS": "soon"}, "DLQ_MAX_DEFER_SECONDS"),
+        ({"GATEWAY_MAX_BODY_BYTES": "16777217"}, "GATEWAY_MAX_BODY_BYTES"),
+        ({"AGENT_MAX_RETRIES": "-1"}, "AGENT_MAX_RETRIES"),
+        ({"STUCK_TIMEOUT_SECONDS": "0"}, "STUCK_TIMEOUT_SECONDS"),
     ],
 )
 def test_bad_values_fail_start_up_naming_the_variable(env: dict[str, str], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
-        Settings.from_env(env)
+        CliSettings.from_env(env)
 
 
 def test_secrets_never_print() -> None:
-    s = Settings.from_env({"WHATSAPP_APP_SECRET": "hunter2", "OPENAI_API_KEY": "sk-live"})
+    s = CliSettings.from_env({"WHATSAPP_APP_SECRET": "hunter2", "OPENAI_API_KEY": "sk-live"})
     assert "hunter2" not in repr(s) and "sk-live" not in str(s)
     assert s.app_secret.reveal() == "hunter2"
     assert not Secret("")
@@ -53,9 +57,78 @@ def test_secrets_never_print() -> None:
 
 def test_the_gateway_refuses_to_start_without_a_secret() -> None:
     with pytest.raises(ConfigError, match="WHATSAPP_APP_SECRET"):
-        create_app(Settings.from_env({}))
-    create_app(Settings.from_env({"WHATSAPP_SKIP_SIGNATURE": "true"}))
-    create_app(Settings.from_env({"WHATSAPP_APP_SECRET": "s"}))
+        create_app(CliSettings.from_env({}))
+    create_app(CliSettings.from_env({"WHATSAPP_SKIP_SIGNATURE": "true"}))
+    create_app(CliSettings.from_env({"WHATSAPP_APP_SECRET": "s"}))
+
+
+def test_skipping_the_signature_is_refused_while_a_secret_is_set() -> None:
+    with pytest.raises(ConfigError, match="WHATSAPP_SKIP_SIGNATURE"):
+        GatewaySettings.from_env({"WHATSAPP_SKIP_SIGNATURE": "true", "WHATSAPP_APP_SECRET": "s"})
+
+
+def test_a_secret_that_cannot_be_used_is_named_never_printed() -> None:
+    with pytest.raises(ConfigError) as caught:
+        GatewaySettings.from_env(
+            {"WHATSAPP_SKIP_SIGNATURE": "yes", "WHATSAPP_APP_SECRET": "hunter2"}
+        )
+    assert "hunter2" not in str(caught.value)
+
+
+def test_each_service_reads_only_its_own_settings() -> None:
+    # A dead-letter setting the gateway does not use cannot keep the gateway from starting.
+    assert GatewaySettings.from_env({"DLQ_MAX_ATTEMPTS": "0"}).gateway_port == 8080
+    with pytest.raises(ConfigError, match="DLQ_MAX_ATTEMPTS"):
+        DlqSettings.from_env({"DLQ_MAX_ATTEMPTS": "0"})
+    assert "DLQ_MAX_ATTEMPTS" not in config.variables(GatewaySettings)
+    assert "WHATSAPP_APP_SECRET" not in config.variables(DlqSettings)
+
+
+def test_the_environment_wins_over_dotenv_which_wins_over_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text(
+        "GATEWAY_PORT=9001\nGATEWAY_HOST=10.0.0.1\nWHATSAPP_VERIFY_TOKEN=\n"
+        "WHATSAPP_SKIP_SIGNATURE=true\nDLQ_POLL_SECONDS=5\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    for name in config.variables():
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GATEWAY_PORT", "9002")
+    # A variable set empty in the environment hides .env's value: the default applies.
+    monkeypatch.setenv("DLQ_POLL_SECONDS", "")
+    config.dotenv.cache_clear()
+    try:
+        s = CliSettings.from_env()
+    finally:
+        config.dotenv.cache_clear()
+    assert (s.gateway_port, s.gateway_host, s.dlq_poll_seconds) == (9002, "10.0.0.1", 1.0)
+    # Authentication is switched off in the environment only, never by a file.
+    assert not s.skip_signature and not s.verify_token
+
+
+def test_otel_variables_of_dotenv_reach_the_sdk(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:9\nOTEL_SERVICE_NAME=from-dotenv\n"
+    )
+    script = (
+        "import os\n"
+        "from common import config, runtime, telemetry\n"
+        "runtime.load_settings(config.Base, 'probe')\n"
+        "print(telemetry.export_enabled(), os.environ['OTEL_SERVICE_NAME'])\n"
+        "telemetry.shutdown_telemetry()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, "PYTHONPATH": str(ROOT), "OTEL_SERVICE_NAME": "from-environment"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "from-environment"]
 
 
 @pytest.mark.parametrize(
