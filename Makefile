@@ -6,7 +6,7 @@ UV := $(BIN)/uv
 PROTOS := $(wildcard protos/wa/v1/*.proto)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck proto install bench clean
+.PHONY: run test lint typecheck proto schema install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ gen/.stamp: $(PROTOS) $(STAMP)
 	touch gen/.stamp
 
 proto: gen/.stamp
+
+# db/schema.sql, what db/migrations build (tests/integration/test_schema.py keeps it true).
+schema: install
+	$(BIN)/python -m devtools.schema
 
 run: install
 	$(BIN)/wa run

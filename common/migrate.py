@@ -1,18 +1,31 @@
-"""Applies db/migrations/*.sql in order, once each, under an advisory lock."""
+"""Applies db/migrations/*.sql in order, once each, under an advisory lock, and refuses to
+start on a database where an applied migration's file has changed since (its SHA-256 is
+recorded with it): the database would not be what the files say."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from pathlib import Path
 
 import asyncpg
+
+from .config import ConfigError
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "db" / "migrations"
 # Any constant works; it only has to be the same for every starter.
 LOCK_KEY = 0x57A_6E7
 
 log = logging.getLogger(__name__)
+
+
+class MigrationChanged(ConfigError):
+    """An applied migration's file is not the one that was applied."""
+
+
+def checksum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def pending_files(directory: Path = MIGRATIONS) -> list[Path]:
@@ -26,19 +39,24 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
         try:
+            # The runner's own table; `checksum` came later, so older databases get the column
+            # here and their checksums on this first run.
             await conn.execute(
                 """CREATE TABLE IF NOT EXISTS schema_migrations (
                        version    text PRIMARY KEY,
-                       applied_at timestamptz NOT NULL DEFAULT now())"""
+                       applied_at timestamptz NOT NULL DEFAULT now());
+                   ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text"""
             )
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            done = await _verified(conn, directory)
             for path in pending_files(directory):
                 if path.name in done:
                     continue
                 async with conn.transaction():
                     await conn.execute(path.read_text())
                     await conn.execute(
-                        "INSERT INTO schema_migrations (version) VALUES ($1)", path.name
+                        "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+                        path.name,
+                        checksum(path),
                     )
                 log.info("applied migration", extra={"migration": path.name})
                 applied.append(path.name)
@@ -47,6 +65,31 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
     finally:
         await conn.close()
     return applied
+
+
+async def _verified(conn: asyncpg.Connection, directory: Path) -> set[str]:
+    """The applied migrations' names, once each file present is checked against its recorded
+    checksum (and the checksum recorded where there is none yet)."""
+    rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+    files = {p.name: p for p in pending_files(directory)}
+    for row in rows:
+        path = files.get(row["version"])
+        if path is None:
+            continue  # applied by a newer release: not this runner's to judge
+        actual = checksum(path)
+        if row["checksum"] is None:
+            await conn.execute(
+                "UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
+                row["version"],
+                actual,
+            )
+        elif row["checksum"] != actual:
+            raise MigrationChanged(
+                f"migration {row['version']} was changed after it was applied "
+                f"(sha256 {row['checksum'][:12]} applied, {actual[:12]} now): restore the file "
+                "and put the change in a new migration"
+            )
+    return {r["version"] for r in rows}
 
 
 async def pending(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
@@ -84,4 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        code = main()
+    except ConfigError as exc:
+        # A bad setting or an edited migration: one CRITICAL line, exit 2, like the services.
+        from . import logs
+
+        logs.setup("migrate", "INFO")
+        log.critical("configuration error: %s", exc)
+        code = 2
+    raise SystemExit(code)
