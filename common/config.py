@@ -107,6 +107,9 @@ class Base(BaseSettings):
     redis_url: str = env("REDIS_URL", "")
     redis_prefix: str = env("REDIS_KEY_PREFIX", "wa:")
     stuck_timeout_seconds: float = env("STUCK_TIMEOUT_SECONDS", 120.0, gt=0)
+    # false: the stock OpenTelemetry SDK span and exporter instead of fastotel's (README,
+    # Observability), e.g. while an OpenTelemetry upgrade fails fastotel's tests.
+    otel_fast_path: bool = env("WA_OTEL_FAST_PATH", True)
 
     @classmethod
     def settings_customise_sources(

@@ -43,5 +43,5 @@ def load_settings(cls: type[S], service: str) -> S:
         raise SystemExit(2) from exc
     logs.setup(service, settings.log_level)
     config.export_otel_from_dotenv()
-    telemetry.init_telemetry(service)
+    telemetry.init_telemetry(service, fast_path=settings.otel_fast_path)
     return settings

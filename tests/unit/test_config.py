@@ -34,6 +34,7 @@ def test_defaults_follow_the_contract() -> None:
         ({"GATEWAY_PORT": "eighty"}, "GATEWAY_PORT"),
         ({"AGENT_BACKEND": "magic"}, "AGENT_BACKEND"),
         ({"WA_ENHANCED_PROCESSING": "maybe"}, "WA_ENHANCED_PROCESSING"),
+        ({"WA_OTEL_FAST_PATH": "fast"}, "WA_OTEL_FAST_PATH"),
         ({"AGENT_TOKEN_LIMIT": "0"}, "AGENT_TOKEN_LIMIT"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"DLQ_MAX_DEFER_SECONDS": "-1"}, "DLQ_MAX_DEFER_SECONDS"),

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
 import sys, orjson
-from common import telemetry
-telemetry.init_telemetry("gateway", fast_path=sys.argv[1] == "on")
+from common import config, runtime, telemetry
+runtime.load_settings(config.GatewaySettings, "gateway")  # where every service starts telemetry
 span = telemetry.request_tracer("probe").start_span("probe-span", attributes={"wa.k": "v"})
 span.end()
 telemetry.shutdown_telemetry()  # flushes the batch processor
@@ -40,11 +40,11 @@ def receiver() -> Iterator[OtlpReceiver]:
     server.stop()
 
 
-def probe(receiver: OtlpReceiver, switch: str) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.url
+def probe(receiver: OtlpReceiver, **settings: str) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "WA_"))}
+    env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, **settings)
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, switch],
+        [sys.executable, "-c", PROBE],
         cwd=ROOT,
         env=env,
         check=True,
@@ -59,16 +59,14 @@ def probe(receiver: OtlpReceiver, switch: str) -> dict[str, object]:
 def test_with_the_fast_path_off_spans_are_the_sdks_and_fastotel_is_never_loaded(
     receiver: OtlpReceiver,
 ) -> None:
-    result = probe(receiver, "off")
+    result = probe(receiver, WA_OTEL_FAST_PATH="false")
     assert result["span"] == "opentelemetry.sdk.trace._Span"
     assert result["fastotel"] == []
     assert [(s.name, s.attributes.get("wa.k")) for s in receiver.spans] == [("probe-span", "v")]
 
 
-def test_with_the_fast_path_on_spans_are_lean_and_exported_by_fastotel(
-    receiver: OtlpReceiver,
-) -> None:
-    result = probe(receiver, "on")
+def test_by_default_spans_are_lean_and_exported_by_fastotel(receiver: OtlpReceiver) -> None:
+    result = probe(receiver)
     assert result["span"] == "fastotel.lean_span.LeanSpan"
     assert "fastotel.span_encoding" in result["fastotel"]  # type: ignore[operator]
     assert [(s.name, s.attributes.get("wa.k")) for s in receiver.spans] == [("probe-span", "v")]
