@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from opentelemetry.sdk import environment_variables as otel_environment
 
 from cli.run import SERVICES, service_command
 from common import config
@@ -39,19 +40,51 @@ def test_compose_runs_what_make_run_runs() -> None:
     assert len(images) == 1, "one image for every service"
 
 
-def test_compose_environment_names_settings_that_exist() -> None:
+def known_variables() -> frozenset[str]:
+    """What the services read: every variable of the settings model, and OpenTelemetry's own
+    (the SDK reads `OTEL_*` from the environment)."""
+    otel = {
+        value
+        for name, value in vars(otel_environment).items()
+        if name.startswith("OTEL_") and isinstance(value, str)
+    }
+    return config.variables() | otel
+
+
+def _app_environments() -> dict[str, dict[str, Any]]:
+    """The environment of every container running our image (the services and migrate)."""
+    return {
+        name: spec.get("environment") or {}
+        for name, spec in _compose()["services"].items()
+        if spec.get("image") == "wa-agents:latest"
+    }
+
+
+def test_compose_sets_only_variables_the_services_read() -> None:
+    known = known_variables()
+    environments = _app_environments()
+    assert set(environments) >= {"migrate", *SERVICES}
+    for name, env in environments.items():
+        unknown = sorted(set(env) - known)
+        assert unknown == [], f"{name}: {unknown} (misspelt, or read by nothing)"
+
+
+def test_compose_environment_is_a_configuration_the_services_accept() -> None:
     env = _compose()["x-service-env"]
-    known = config.variables()
     assert env["DATABASE_URL"].startswith("postgresql://")
-    assert env["STATE_ADDR"] == "dns:///state:50051"
     settings = config.CliSettings.from_env(
         {
             k: str(v).split(":-")[-1].rstrip("}") if "${" in str(v) else str(v)
             for k, v in env.items()
+            if k in config.variables()
         }
     )
+    assert settings.state_addr == "dns:///state:50051"
     assert settings.agent_addr == "dns:///agent:50052"
-    assert settings.database_url and settings.redis_url and known
+    assert settings.dlq_addr == "dns:///dlq:50053"
+    assert settings.database_url == env["DATABASE_URL"]
+    assert settings.redis_url == env["REDIS_URL"]
+    assert settings.metrics_port == 9100
 
 
 def test_dockerfile_generates_code_and_installs_from_the_lock() -> None:
