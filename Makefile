@@ -33,8 +33,28 @@ schema: install
 run: install
 	$(BIN)/wa run
 
-test: install
+# buf (npm @bufbuild/buf, pinned by .tools/package-lock.json): the proto linter and the
+# breaking-change check of the internal API (README: "Changing the internal API").
+BUF := .tools/node_modules/.bin/buf
+
+$(BUF): .tools/package.json .tools/package-lock.json
+	npm ci --prefix .tools --no-audit --no-fund --silent
+	touch $(BUF)
+
+test: install $(BUF)
 	$(BIN)/ruff check .
+	$(BUF) lint protos
+	@# Uncommitted proto changes are checked against HEAD; otherwise the last commit that
+	@# changed protos/ against its parent, unless its message says [breaking-proto].
+	@if ! git diff --quiet HEAD -- protos; then against=HEAD; \
+	else last=$$(git log -1 --format=%H -- protos); \
+	  if [ -z "$$last" ] || ! git rev-parse -q --verify "$$last~1" >/dev/null; then \
+	    echo "buf breaking: no earlier protos/ to compare with"; exit 0; fi; \
+	  if git log -1 --format=%B "$$last" | grep -qF '[breaking-proto]'; then \
+	    echo "buf breaking: skipped, $$last is a deliberate breaking change"; exit 0; fi; \
+	  against=$$(git rev-parse "$$last~1"); fi; \
+	echo "buf breaking protos --against $$against"; \
+	$(BUF) breaking protos --against ".git#ref=$$against,subdir=protos"
 	$(BIN)/mypy common services cli tests bench
 	@# pytest exits 5 when it collected nothing: that is a failure, not a pass.
 	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS); code=$$?; \

@@ -17,7 +17,7 @@ import grpc
 import orjson
 from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
-from common import config, grpcserver
+from common import config, grpcserver, wire
 
 from .errors import calling
 
@@ -38,20 +38,34 @@ FIELDS = (
     "next_attempt_at",
     "deferrals",
 )
+TIME_FIELDS = ("created_at", "updated_at", "next_attempt_at")
+PLAIN_FIELDS = tuple(
+    f
+    for f in FIELDS
+    if f not in {*TIME_FIELDS, "status", "error_class", "error_message", "retryable"}
+)
 
 
 def item_dict(item: dlq_pb2.DlqItem, *, full: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {f: getattr(item, f) for f in FIELDS}
+    """The item as `--json` prints it (times as ISO 8601 text, the status's name)."""
+    out: dict[str, Any] = {f: getattr(item, f) for f in PLAIN_FIELDS}
+    out["status"] = wire.DLQ_STATUS[item.status]
+    out["error_class"] = item.error.error_class
+    out["error_message"] = item.error.message
+    out["retryable"] = item.error.retryable
+    for name in TIME_FIELDS:
+        out[name] = wire.iso(item, name)
     out["next_attempt_at"] = out["next_attempt_at"] or None
+    out = {f: out[f] for f in FIELDS}
     out["username"] = f"@{item.username}" if item.username else ""
     # The contract's words for two of them, kept alongside.
     out["conversation"] = item.conversation_id
-    out["last_error"] = f"{item.error_class}: {item.error_message}"
+    out["last_error"] = f"{item.error.error_class}: {item.error.message}"
     if full:
         out["payload"] = orjson.loads(item.payload_json) if item.payload_json else None
         out["history"] = [
             {
-                "at": h.at,
+                "at": wire.iso(h, "at"),
                 "error_class": h.error_class,
                 "error_message": h.error_message,
                 "deferred": h.deferred,
@@ -104,7 +118,10 @@ async def list_items(status: str, as_json: bool, limit: int, customer: str = "")
     async with grpcserver.channel(settings.dlq_addr) as ch:
         with calling("dlq", settings.dlq_addr):
             resp = await dlq_pb2_grpc.DlqStub(ch).List(
-                dlq_pb2.ListRequest(status=status, limit=limit, customer=customer), timeout=10
+                dlq_pb2.ListRequest(
+                    status=wire.DLQ_STATUS_NUMBER[status], limit=limit, customer=customer
+                ),
+                timeout=10,
             )
     rows = [item_dict(i) for i in resp.items]
     if as_json:
@@ -121,12 +138,11 @@ async def show(item_id: int, as_json: bool) -> int:
     async with grpcserver.channel(settings.dlq_addr) as ch:
         try:
             with calling("dlq", settings.dlq_addr):
-                item = await dlq_pb2_grpc.DlqStub(ch).Get(
-                    dlq_pb2.GetRequest(id=item_id), timeout=10
-                )
+                got = await dlq_pb2_grpc.DlqStub(ch).Get(dlq_pb2.GetRequest(id=item_id), timeout=10)
         except grpc.aio.AioRpcError as exc:  # NOT_FOUND: an unknown id
             print(exc.details(), file=sys.stderr)
             return 1
+    item = got.item
     data = item_dict(item, full=True)
     timeline: list[dict[str, Any]] = []
     async with grpcserver.channel(settings.state_addr) as ch:
@@ -136,7 +152,7 @@ async def show(item_id: int, as_json: bool) -> int:
             )
             timeline = [
                 {
-                    "at": t.at,
+                    "at": wire.iso(t, "at"),
                     "message_id": t.message_id,
                     "entity": t.entity,
                     "from": t.from_state,
@@ -192,7 +208,7 @@ async def retry(ids: list[int], all_items: bool, status: str, as_json: bool) -> 
     settings = config.CliSettings.from_env()
     redriven: list[int] = []
     errors: list[str] = []
-    request = dlq_pb2.RetryRequest(ids=ids, all=all_items, status=status)
+    request = dlq_pb2.RetryRequest(ids=ids, all=all_items, status=wire.DLQ_STATUS_NUMBER[status])
     async with grpcserver.channel(settings.dlq_addr) as ch:
         stub = dlq_pb2_grpc.DlqStub(ch)
         while True:

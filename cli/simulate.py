@@ -15,7 +15,7 @@ import orjson
 from dotenv import dotenv_values
 from wa.v1 import state_pb2, state_pb2_grpc
 
-from common import config, grpcserver
+from common import config, grpcserver, wire
 from services.gateway import signature
 
 # The checkout's root, where .env.example lives.
@@ -129,17 +129,18 @@ async def simulate(text: str, wa_id: str, url: str, wait: float, username: str =
                 await asyncio.sleep(0.3)
                 continue
             mine = next((m for m in tl.messages if m.message_id == message_id), None)
-            if mine is not None and mine.status != last:
-                last = mine.status
+            status = wire.MESSAGE_STATUS[mine.status] if mine is not None else ""
+            if mine is not None and status != last:
+                last = status
                 print(
-                    f"  status: {mine.status}"
+                    f"  status: {status}"
                     + (f" ({mine.status_reason})" if mine.status_reason else "")
                 )
-            if mine is not None and mine.status in ("replied", "skipped", "dead_lettered"):
+            if mine is not None and status in ("replied", "skipped", "dead_lettered"):
                 if mine.reply_text:
                     print(f"  reply: {mine.reply_text}")
                 print(f"  correlation id: {mine.correlation_id}")
-                return 0 if mine.status != "dead_lettered" else 1
+                return 0 if status != "dead_lettered" else 1
             await asyncio.sleep(0.2)
     print(f"  still {last or 'unknown'} after {wait:.0f}s")
     return 1

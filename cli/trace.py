@@ -9,7 +9,7 @@ import grpc
 import orjson
 from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
-from common import config, grpcserver
+from common import config, grpcserver, wire
 
 from .errors import calling
 
@@ -43,7 +43,7 @@ async def trace(target: str, as_json: bool) -> int:
         {
             "message_id": m.message_id,
             "type": m.type,
-            "status": m.status,
+            "status": wire.MESSAGE_STATUS[m.status],
             "reason": m.status_reason,
             "text": m.text,
             "reply_text": m.reply_text,
@@ -51,7 +51,7 @@ async def trace(target: str, as_json: bool) -> int:
             "reply_status": m.reply_status,
             "correlation_id": m.correlation_id,
             "trace_id": m.trace_id,
-            "received_at": m.received_at,
+            "received_at": wire.iso(m, "received_at"),
             "attempts": m.attempts,
             "reply_error_code": m.reply_error_code,
             "reply_parts": m.reply_parts,
@@ -64,7 +64,7 @@ async def trace(target: str, as_json: bool) -> int:
     dlq = await _dlq_attempts(settings, ids)
     transitions = [
         {
-            "at": t.at,
+            "at": wire.iso(t, "at"),
             "message_id": t.message_id,
             "entity": t.entity,
             "from": t.from_state,
@@ -143,9 +143,13 @@ async def _dlq_attempts(settings: config.CliSettings, ids: set[str]) -> list[dic
                 {
                     "id": item.id,
                     "message_id": item.message_id,
-                    "status": item.status,
+                    "status": wire.DLQ_STATUS[item.status],
                     "attempts": [
-                        {"at": h.at, "error_class": h.error_class, "error_message": h.error_message}
+                        {
+                            "at": wire.iso(h, "at"),
+                            "error_class": h.error_class,
+                            "error_message": h.error_message,
+                        }
                         for h in item.history
                     ],
                 }

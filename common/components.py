@@ -39,7 +39,7 @@ async def check_components(
             async with grpcserver.channel(target) as ch:
                 try:
                     status = await agent_pb2_grpc.AgentStub(ch).GetStatus(
-                        agent_pb2.AgentStatusRequest(), timeout=2
+                        agent_pb2.GetStatusRequest(), timeout=2
                     )
                     component["backend"] = status.backend
                     component["breaker"] = status.breaker_state

@@ -11,7 +11,8 @@ import aiohttp
 import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
-from common import config, db, logs
+from common import config, db, logs, wire
+from common.domain import TurnResult
 
 from . import agents, window
 from . import http as outbound
@@ -19,7 +20,7 @@ from .backends import Backend, OpenAIBackend, RulesBackend
 from .breaker import CircuitBreaker
 from .deadline import Deadline, TurnTimeout
 from .graph import GraphClient
-from .turn import DB_DOWN, Agent, StaleFence, TurnFailed, TurnOutcome, TurnRequest, UnknownMessage
+from .turn import DB_DOWN, Agent, StaleFence, TurnFailed, UnknownMessage
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +40,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             # Shielded: once a turn runs, a caller that goes away (a killed state service)
             # must not cut it between the Graph API send and recording that send. The turn
             # still ends by the deadline.
-            out = await asyncio.shield(
-                self.agent.reply(
-                    TurnRequest(
-                        message_id=request.message_id,
-                        conversation_id=request.conversation_id,
-                        fence_token=request.fence_token,
-                        phone_number_id=request.phone_number_id,
-                        wa_id=request.wa_id,
-                        user_id=request.user_id,
-                        text=request.text,
-                        correlation_id=request.correlation_id,
-                        probe=request.probe,
-                    ),
-                    deadline,
-                )
-            )
+            out = await asyncio.shield(self.agent.reply(wire.turn_from_proto(request), deadline))
         except StaleFence as exc:
             log.warning("refused a stale turn: %s", exc)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -74,40 +60,19 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             # queue: "did not run" would retry it without end, the model paid each time.
             log.exception("the turn failed on an unexpected error")
             out = _failed(f"AgentError.{type(exc).__name__}", str(exc)[:500] or repr(exc))
-        return agent_pb2.ReplyResponse(
-            outcome=out.outcome,
-            reply_text=out.reply_text,
-            reply_message_id=out.reply_message_id,
-            error_class=out.error_class,
-            error_message=out.error_message,
-            retryable=out.retryable,
-            agent_type=out.agent_type,
-            detail=_detail(out),
-        )
+        return wire.result_to_proto(out)
 
     async def GetStatus(
-        self, request: agent_pb2.AgentStatusRequest, context: grpc.aio.ServicerContext
-    ) -> agent_pb2.AgentStatusResponse:
+        self, request: agent_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GetStatusResponse:
         backend = self.agent.backend
-        return agent_pb2.AgentStatusResponse(backend=backend.name, breaker_state=backend.status())
+        return agent_pb2.GetStatusResponse(backend=backend.name, breaker_state=backend.status())
 
 
-def _failed(error_class: str, message: str, *, retryable: bool = True) -> TurnOutcome:
-    return TurnOutcome(
+def _failed(error_class: str, message: str, *, retryable: bool = True) -> TurnResult:
+    return TurnResult(
         outcome="failed", error_class=error_class, error_message=message, retryable=retryable
     )
-
-
-def _detail(out: TurnOutcome) -> str:
-    if out.outcome != "replied":
-        return f"{out.error_class}: {out.error_message}"
-    if out.parts > 1:
-        return f"reply sent in {out.parts} messages, the last as {out.reply_message_id}"
-    if out.confirmed_by_status:
-        return f"reply sent as {out.reply_message_id} (confirmed by its status webhook)"
-    if out.reply_message_id:
-        return f"reply sent as {out.reply_message_id}"
-    return "reply recorded, not sent (no WHATSAPP_ACCESS_TOKEN)"
 
 
 def make_backend(settings: config.AgentSettings, http: aiohttp.ClientSession) -> Backend:

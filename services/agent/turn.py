@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from opentelemetry import trace
 
 from common import sqlfile, telemetry
+from common.domain import TurnRequest, TurnResult
 
 from . import limits, window
 from .agents import AgentCatalog
@@ -59,34 +59,6 @@ DB_DOWN: tuple[type[BaseException], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class TurnRequest:
-    message_id: str
-    conversation_id: int
-    fence_token: int
-    phone_number_id: str
-    wa_id: str  # the phone number: "" for a customer known only by its BSUID
-    text: str
-    correlation_id: str
-    probe: bool = False
-    user_id: str = ""
-
-
-@dataclass(frozen=True)
-class TurnOutcome:
-    outcome: str  # replied | failed
-    reply_text: str = ""
-    reply_message_id: str = ""
-    error_class: str = ""
-    error_message: str = ""
-    retryable: bool = True
-    agent_type: str = ""
-    # Sent by a run that died before recording it, and confirmed by its status webhook.
-    confirmed_by_status: bool = False
-    # Messages the reply was sent as (a long reply is split).
-    parts: int = 1
-
-
 class Agent:
     def __init__(
         self,
@@ -106,14 +78,14 @@ class Agent:
         self.confirm_seconds = confirm_seconds
         self._background: set[asyncio.Task[None]] = set()
 
-    async def reply(self, req: TurnRequest, deadline: Deadline = UNBOUNDED) -> TurnOutcome:
+    async def reply(self, req: TurnRequest, deadline: Deadline = UNBOUNDED) -> TurnResult:
         """The turn, every call of it ending before `deadline` (raises TurnTimeout past it)."""
         state = await self.pool.fetchrow(Q["turn_state"], req.message_id)
         if state is None:
             raise UnknownMessage(req.message_id)
         if state["reply_message_id"]:
             # Sent by an earlier run of this turn that died before it was marked replied.
-            return TurnOutcome(
+            return TurnResult(
                 outcome="replied",
                 reply_text=state["reply_text"] or "",
                 reply_message_id=state["reply_message_id"],
@@ -146,7 +118,7 @@ class Agent:
                 )
             except ModelError as exc:
                 await self._session_error(req, agent_type or self.catalog.default)
-                return TurnOutcome(
+                return TurnResult(
                     outcome="failed",
                     error_class=exc.error_class,
                     error_message=str(exc),
@@ -166,7 +138,7 @@ class Agent:
 
     async def _await_confirmation(
         self, req: TurnRequest, deadline: Deadline = UNBOUNDED
-    ) -> TurnOutcome | None:
+    ) -> TurnResult | None:
         wait = self._confirm_window(deadline)
         log.warning(
             "a send was in flight when its turn died; waiting for its status webhook",
@@ -176,7 +148,7 @@ class Agent:
         while True:
             state = await self.pool.fetchrow(Q["reply_state"], req.message_id)
             if state is not None and state["reply_message_id"]:
-                return TurnOutcome(
+                return TurnResult(
                     outcome="replied",
                     reply_text=state["reply_text"] or "",
                     reply_message_id=state["reply_message_id"],
@@ -332,13 +304,13 @@ class Agent:
         *,
         send_started: bool,
         deadline: Deadline = UNBOUNDED,
-    ) -> TurnOutcome:
+    ) -> TurnResult:
         if not self.graph.enabled:
             log.info(
                 "no WHATSAPP_ACCESS_TOKEN: reply recorded, not sent",
                 extra={"message_id": req.message_id, "reply": text},
             )
-            return TurnOutcome(outcome="replied", reply_text=text, agent_type=agent_type)
+            return TurnResult(outcome="replied", reply_text=text, agent_type=agent_type)
         with tracer.start_as_current_span("agent.graph_send") as span:
             telemetry.annotate(
                 span,
@@ -367,7 +339,7 @@ class Agent:
                 # next turn waits for the status webhook instead of sending blindly again.
                 if exc.status:
                     await self._fenced(req, "record_send_error", req.message_id, exc.code)
-                return TurnOutcome(
+                return TurnResult(
                     outcome="failed",
                     reply_text=text,
                     error_class=f"GraphError{exc.code}",
@@ -384,7 +356,7 @@ class Agent:
                 "attempts": sent.attempts,
             },
         )
-        return TurnOutcome(
+        return TurnResult(
             outcome="replied",
             reply_text=text,
             reply_message_id=sent.message_id,
@@ -393,7 +365,7 @@ class Agent:
 
     async def _deliver_parts(
         self, req: TurnRequest, text: str, parts: list[str], agent_type: str, deadline: Deadline
-    ) -> TurnOutcome:
+    ) -> TurnResult:
         """A reply too long for one message, as consecutive messages. The split is recorded
         before the first is sent, and each part's send like a whole reply's: a run resumed
         after a crash starts at the first unsent part, and waits for the status webhook of
@@ -450,7 +422,7 @@ class Agent:
                         await self._fenced(
                             req, "record_part_send_error", req.message_id, n, exc.code
                         )
-                    return TurnOutcome(
+                    return TurnResult(
                         outcome="failed",
                         reply_text=text,
                         error_class=f"GraphError{exc.code}",
@@ -467,7 +439,7 @@ class Agent:
             "reply sent in parts",
             extra={"message_id": req.message_id, "reply_id": final, "parts": len(bodies)},
         )
-        return TurnOutcome(
+        return TurnResult(
             outcome="replied",
             reply_text=text,
             reply_message_id=final,

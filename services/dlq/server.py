@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
 import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
 from wa.v1 import agent_pb2, agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
-from common import config, db, grpcserver, logs
+from common import config, db, grpcserver, logs, wire
 
 from . import store
 from .redrive import Handed, RedriveUnavailable, Worker, redrive_items
@@ -25,8 +27,13 @@ MAX_RETRY_ITEMS = 1000
 RETRY_CALL_SECONDS = 30.0
 
 
-def _iso(value: object) -> str:
-    return value.isoformat() if hasattr(value, "isoformat") else ""
+def _at(value: object) -> Timestamp | None:
+    """A history entry's time (text, as jsonb holds it) as a Timestamp."""
+    if not value:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(dt.datetime.fromisoformat(str(value)))
+    return ts
 
 
 def to_item(row: asyncpg.Record, *, full: bool = False) -> dlq_pb2.DlqItem:
@@ -34,15 +41,13 @@ def to_item(row: asyncpg.Record, *, full: bool = False) -> dlq_pb2.DlqItem:
         id=row["id"],
         message_id=row["message_id"],
         conversation_id=row["conversation_id"] or 0,
-        status=row["status"],
+        status=wire.DLQ_STATUS_NUMBER[row["status"]],
         attempts=row["attempts"],
-        error_class=row["error_class"],
-        error_message=row["error_message"],
-        next_attempt_at=_iso(row["next_attempt_at"]),
-        created_at=_iso(row["created_at"]),
-        updated_at=_iso(row["updated_at"]),
+        error=wire.error(row["error_class"], row["error_message"], row["retryable"]),
+        next_attempt_at=wire.datetime_ts(row["next_attempt_at"]),
+        created_at=wire.datetime_ts(row["created_at"]),
+        updated_at=wire.datetime_ts(row["updated_at"]),
         correlation_id=row["correlation_id"],
-        retryable=row["retryable"],
         wa_id=row.get("wa_id") or "",
         user_id=row.get("user_id") or "",
         username=row.get("username") or "",
@@ -53,7 +58,7 @@ def to_item(row: asyncpg.Record, *, full: bool = False) -> dlq_pb2.DlqItem:
         for h in row["history"]:
             item.history.append(
                 dlq_pb2.DlqAttempt(
-                    at=str(h.get("at", "")),
+                    at=_at(h.get("at")),
                     error_class=str(h.get("error_class", "")),
                     error_message=str(h.get("error_message", "")),
                     deferred=bool(h.get("deferred", False)),
@@ -94,7 +99,7 @@ class GrpcAgentStatus:
 
     async def breaker_state(self) -> str:
         try:
-            resp = await self.stub.GetStatus(agent_pb2.AgentStatusRequest(), timeout=self.timeout)
+            resp = await self.stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=self.timeout)
         except grpc.aio.AioRpcError:
             # Unknown: redrive as usual (the state service waits for an unreachable agent,
             # and a refused call is deferred when it is enqueued again).
@@ -110,19 +115,20 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
 
     async def Enqueue(
         self, request: dlq_pb2.EnqueueRequest, context: grpc.aio.ServicerContext
-    ) -> dlq_pb2.DlqItem:
+    ) -> dlq_pb2.EnqueueResponse:
         if request.correlation_id:
             logs.correlation_id.set(request.correlation_id)
         if not request.message_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "message_id is required")
+        failure = wire.failure_from_proto(request)
         row = await store.enqueue(
             self.pool,
-            message_id=request.message_id,
-            conversation_id=request.conversation_id,
-            error_class=request.error_class or "Error",
-            error_message=request.error_message,
-            retryable=request.retryable,
-            correlation_id=request.correlation_id,
+            message_id=failure.message_id,
+            conversation_id=failure.conversation_id,
+            error_class=failure.error_class or "Error",
+            error_message=failure.error_message,
+            retryable=failure.retryable,
+            correlation_id=failure.correlation_id,
             max_attempts=self.settings.dlq_max_attempts,
             base_seconds=self.settings.dlq_retry_base_seconds,
             max_defer_seconds=self.settings.dlq_max_defer_seconds,
@@ -137,18 +143,14 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
             )
         else:
             log.info("dead-lettered, redrive scheduled", extra=extra)
-        return to_item(row)
+        return dlq_pb2.EnqueueResponse(item=to_item(row))
 
     async def List(
         self, request: dlq_pb2.ListRequest, context: grpc.aio.ServicerContext
     ) -> dlq_pb2.ListResponse:
-        if request.status and request.status not in store.STATUSES:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"status must be one of {store.STATUSES}"
-            )
         rows = await store.list_items(
             self.pool,
-            request.status,
+            wire.DLQ_STATUS[request.status],
             request.limit or 100,
             request.message_id,
             request.customer.lstrip("+")
@@ -160,18 +162,19 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
 
     async def Get(
         self, request: dlq_pb2.GetRequest, context: grpc.aio.ServicerContext
-    ) -> dlq_pb2.DlqItem:
+    ) -> dlq_pb2.GetResponse:
         row = await store.get(self.pool, request.id)
         if row is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no dead-letter item {request.id}")
         assert row is not None
-        return to_item(row, full=True)
+        return dlq_pb2.GetResponse(item=to_item(row, full=True))
 
     async def Retry(
         self, request: dlq_pb2.RetryRequest, context: grpc.aio.ServicerContext
     ) -> dlq_pb2.RetryResponse:
         if request.all:
-            statuses = [request.status] if request.status else ["pending", "dead"]
+            status = wire.DLQ_STATUS[request.status]
+            statuses = [status] if status else ["pending", "dead"]
             if any(s not in ("pending", "dead", "retrying") for s in statuses):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,

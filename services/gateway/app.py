@@ -17,9 +17,9 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
+from wa.v1 import state_pb2, state_pb2_grpc
 
-from common import config, grpcserver, logs, telemetry
+from common import config, grpcserver, logs, telemetry, wire
 from common.components import check_components
 
 from . import parse, signature
@@ -76,33 +76,71 @@ async def _read_limited(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+class Refused(Exception):
+    """A delivery answered without being stored: its response says why."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
 async def receive_delivery(request: Request) -> Response:
+    """Read, verify, parse, store, answer: 200 only once everything in it is durable."""
     started = time.perf_counter()
     st: GatewayState = request.app.state.gw
+    cid = _correlation_id(request)
+    try:
+        body = await _read(request, st.settings)
+        _verify(request, body, st.settings)
+        delivery = _parse(body)
+        if not delivery.messages and not delivery.statuses and not delivery.events:
+            DELIVERIES.labels("empty").inc()
+            return _json(200, status="ok", stored=0, duplicates=0, correlation_id=cid)
+        span = trace.get_current_span()
+        resp = await _store(st.batcher, delivery, cid, span)
+    except Refused as refused:
+        return refused.response
+    return _answer(delivery, resp, cid, span, started)
+
+
+def _correlation_id(request: Request) -> str:
     cid = (
         request.headers.get("x-correlation-id")
         or request.headers.get("x-request-id")
         or telemetry.new_correlation_id()
     )[:128]
     logs.correlation_id.set(cid)
+    return cid
+
+
+async def _read(request: Request, settings: config.GatewaySettings) -> bytes:
+    """The body, within the size limit (413 over it)."""
     try:
-        body = await _read_limited(request, st.settings.max_body_bytes)
+        body = await _read_limited(request, settings.max_body_bytes)
     except ClientDisconnect:
-        return _json(400, error="client disconnected")
+        raise Refused(_json(400, error="client disconnected")) from None
     if body is None:
         DELIVERIES.labels("too_large").inc()
-        return _json(413, error="body over the limit", limit=st.settings.max_body_bytes)
-    if not st.settings.skip_signature and not signature.verify(
-        body, request.headers.get("x-hub-signature-256"), st.settings.app_secret.reveal()
+        raise Refused(_json(413, error="body over the limit", limit=settings.max_body_bytes))
+    return body
+
+
+def _verify(request: Request, body: bytes, settings: config.GatewaySettings) -> None:
+    """Meta's signature of the body (401 without it)."""
+    if not settings.skip_signature and not signature.verify(
+        body, request.headers.get("x-hub-signature-256"), settings.app_secret.reveal()
     ):
         DELIVERIES.labels("bad_signature").inc()
         log.warning("refused a delivery with a missing or wrong signature")
-        return _json(401, error="missing or wrong X-Hub-Signature-256")
+        raise Refused(_json(401, error="missing or wrong X-Hub-Signature-256"))
+
+
+def _parse(body: bytes) -> parse.Delivery:
+    """The delivery's events (400 for a body that is not one); what cannot be used is said."""
     try:
         delivery = parse.parse(body)
     except (ValueError, parse.NotADelivery) as exc:
         DELIVERIES.labels("bad_json").inc()
-        return _json(400, error=f"not a webhook delivery: {exc}")
+        raise Refused(_json(400, error=f"not a webhook delivery: {exc}")) from None
     for reason in delivery.dropped:
         EVENTS.labels("dropped").inc()
         log.warning("event not usable, not stored: %s", reason)
@@ -114,12 +152,14 @@ async def receive_delivery(request: Request) -> Response:
                 m.skip_reason,
                 extra={"message_id": m.message_id},
             )
-    if not delivery.messages and not delivery.statuses and not delivery.events:
-        DELIVERIES.labels("empty").inc()
-        return _json(200, status="ok", stored=0, duplicates=0, correlation_id=cid)
-    span = trace.get_current_span()
-    tracing = span.is_recording()
-    if tracing:
+    return delivery
+
+
+async def _store(
+    batcher: IngestBatcher, delivery: parse.Delivery, cid: str, span: trace.Span
+) -> state_pb2.IngestResponse:
+    """The delivery, durably stored by the state service (503 when it cannot be now)."""
+    if span.is_recording():
         attributes = {telemetry.ATTR_CORRELATION: cid}
         if delivery.messages:
             attributes["wa.message_id"] = delivery.messages[0].message_id
@@ -130,76 +170,32 @@ async def receive_delivery(request: Request) -> Response:
     request_pb = state_pb2.IngestRequest(
         correlation_id=cid,
         traceparent=telemetry.traceparent_of(span) if span.get_span_context().is_valid else "",
-        messages=[
-            common_pb2.InboundMessage(
-                message_id=m.message_id,
-                phone_number_id=m.phone_number_id,
-                display_phone_number=m.display_phone_number,
-                wa_id=m.wa_id,
-                contact_name=m.contact_name,
-                type=m.type,
-                timestamp=m.timestamp,
-                text=m.text,
-                payload_json=m.payload_json,
-                context_message_id=m.context_message_id,
-                skip_reason=m.skip_reason,
-                user_id=m.user_id,
-                parent_user_id=m.parent_user_id,
-                username=m.username,
-            )
-            for m in delivery.messages
-        ],
-        statuses=[
-            common_pb2.StatusUpdate(
-                message_id=s.message_id,
-                phone_number_id=s.phone_number_id,
-                recipient_id=s.recipient_id,
-                status=s.status,
-                timestamp=s.timestamp,
-                payload_json=s.payload_json,
-                error_code=s.error_code,
-                error_title=s.error_title,
-                callback_data=s.callback_data,
-                recipient_user_id=s.recipient_user_id,
-            )
-            for s in delivery.statuses
-        ],
-        events=[
-            common_pb2.CustomerEvent(
-                event_id=e.event_id,
-                phone_number_id=e.phone_number_id,
-                kind=e.kind,
-                wa_id=e.wa_id,
-                user_id=e.user_id,
-                previous_user_id=e.previous_user_id,
-                parent_user_id=e.parent_user_id,
-                preference_category=e.preference_category,
-                preference_value=e.preference_value,
-                timestamp=e.timestamp,
-                payload_json=e.payload_json,
-            )
-            for e in delivery.events
-        ],
+        messages=[wire.message_to_proto(m) for m in delivery.messages],
+        statuses=[wire.status_to_proto(s) for s in delivery.statuses],
+        events=[wire.event_to_proto(e) for e in delivery.events],
     )
     try:
-        resp = await st.batcher.submit(request_pb)
+        return await batcher.submit(request_pb)
     except IngestError as exc:
         DELIVERIES.labels("unavailable").inc()
         log.error("could not store the delivery: %s", exc)
-        return _json(503, error="cannot store the delivery durably; retry later")
+        raise Refused(_json(503, error="cannot store the delivery durably; retry later")) from None
+
+
+def _answer(
+    delivery: parse.Delivery,
+    resp: state_pb2.IngestResponse,
+    cid: str,
+    span: trace.Span,
+    started: float,
+) -> Response:
+    """200, with what was stored and what was a duplicate."""
     duplicates = sum(1 for r in resp.results if r.duplicate)
-    if tracing:
+    stored = len(resp.results) - duplicates + resp.statuses_stored + resp.events_stored
+    if span.is_recording():
         # The group-committed IngestBatch call serves many traces and has no span of its own:
         # this span's duration includes it, and says what it stored.
-        span.set_attributes(
-            {
-                "wa.stored": len(resp.results)
-                - duplicates
-                + resp.statuses_stored
-                + resp.events_stored,
-                "wa.duplicates": duplicates,
-            }
-        )
+        span.set_attributes({"wa.stored": stored, "wa.duplicates": duplicates})
     DELIVERIES.labels("stored").inc()
     EVENTS.labels("message").inc(len(delivery.messages))
     EVENTS.labels("status").inc(len(delivery.statuses))
@@ -214,13 +210,16 @@ async def receive_delivery(request: Request) -> Response:
                 "duplicates": duplicates,
             },
         )
+    names = wire.MESSAGE_STATUS
     return _json(
         200,
         status="ok",
-        stored=len(resp.results) - duplicates + resp.statuses_stored + resp.events_stored,
+        stored=stored,
         duplicates=duplicates,
         correlation_id=cid,
-        messages=[{"id": r.message_id, "status": r.status or "duplicate"} for r in resp.results],
+        messages=[
+            {"id": r.message_id, "status": names[r.status] or "duplicate"} for r in resp.results
+        ],
     )
 
 

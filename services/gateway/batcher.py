@@ -124,8 +124,8 @@ class IngestBatcher:
         for (_, _, future), answer in zip(batch, answers, strict=True):
             if future.done():
                 continue
-            if answer.error:
-                future.set_exception(IngestError(answer.error))
+            if answer.HasField("error"):
+                future.set_exception(IngestError(answer.error.message))
             else:
                 future.set_result(answer)
 

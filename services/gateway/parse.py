@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from common.domain import Event, Message, Status
+
 # Lengths kept, so that no value can break an index (PostgreSQL's btree holds about 2.7 kB per
 # entry) or be copied at length into every message of a delivery (names, metadata). Meta's ids
 # are well under 100 characters, its profile names under 100.
@@ -43,58 +45,6 @@ INVALID_ID_PREFIX = "invalid:"
 
 class NotADelivery(ValueError):
     """The body is JSON but cannot be a webhook delivery at all."""
-
-
-@dataclass(frozen=True)
-class Message:
-    message_id: str
-    phone_number_id: str
-    display_phone_number: str
-    wa_id: str
-    contact_name: str
-    type: str
-    timestamp: int  # 0 when the message's own is not usable (the state service uses now)
-    text: str
-    payload_json: str
-    context_message_id: str = ""
-    # Why this message is stored as skipped without a turn ("" when it can be answered).
-    skip_reason: str = ""
-    # The customer's business-scoped user id (BSUID); with it, wa_id (the phone number) may be
-    # "" (a customer with a username). The username is for display only, kept without "@".
-    user_id: str = ""
-    parent_user_id: str = ""
-    username: str = ""
-
-
-@dataclass(frozen=True)
-class Status:
-    message_id: str
-    phone_number_id: str
-    recipient_id: str
-    status: str
-    timestamp: int
-    payload_json: str
-    error_code: str = ""
-    error_title: str = ""
-    callback_data: str = ""
-    recipient_user_id: str = ""
-
-
-@dataclass(frozen=True)
-class Event:
-    """A webhook about a customer: its BSUID changed, or its marketing preferences."""
-
-    event_id: str
-    phone_number_id: str
-    kind: str  # user_id_update | user_preferences
-    wa_id: str
-    user_id: str
-    previous_user_id: str
-    parent_user_id: str
-    timestamp: int
-    payload_json: str
-    preference_category: str = ""
-    preference_value: str = ""
 
 
 @dataclass
@@ -338,9 +288,7 @@ def _sender(message: dict[str, Any], contacts: dict[str, Customer]) -> tuple[Cus
     )
 
 
-def _message(
-    raw: Any, phone: tuple[str, str], display: str, contacts: dict[str, Customer]
-) -> Message:
+def _message(raw: Any, phone: tuple[str, str], contacts: dict[str, Customer]) -> Message:
     message = raw if isinstance(raw, dict) else {"not_an_object": raw}
     reasons = [] if isinstance(raw, dict) else ["message is not a JSON object"]
     phone_number_id, phone_reason = phone
@@ -365,14 +313,12 @@ def _message(
     return Message(
         message_id=message_id,
         phone_number_id=phone_number_id,
-        display_phone_number=display,
         wa_id=customer.wa_id,
         contact_name=customer.name,
         type=_str(message.get("type"))[:MAX_TYPE_CHARS] or "unknown",
         timestamp=timestamp or 0,
         text=text_of(message),
         payload_json=_encode(message).decode(),
-        context_message_id=_str(_dict(message.get("context")).get("id"))[:MAX_ID_CHARS],
         skip_reason="; ".join(reasons),
         user_id=customer.user_id,
         parent_user_id=customer.parent_user_id,
@@ -383,10 +329,9 @@ def _message(
 def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
     metadata = _dict(value.get("metadata"))
     phone = _phone_number_id(metadata)
-    display = _str(metadata.get("display_phone_number"))[:MAX_METADATA_CHARS]
     contacts = _contacts(value)
     for raw in _list(value.get("messages")):
-        message = _message(raw, phone, display, contacts)
+        message = _message(raw, phone, contacts)
         delivery.messages.append(message)
         if message.type == "system" and not message.skip_reason:
             _system_event(_dict(raw), message, delivery)
@@ -410,7 +355,6 @@ def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
                 timestamp=_timestamp(status.get("timestamp")) or 0,
                 payload_json=_encode(status).decode(),
                 error_code=_str(error.get("code"))[:MAX_TYPE_CHARS],
-                error_title=_str(error.get("title"))[:MAX_NAME_CHARS],
                 callback_data=_str(status.get("biz_opaque_callback_data"))[:MAX_ID_CHARS],
                 recipient_user_id=_id(status.get("recipient_user_id")),
             )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import grpc
-from wa.v1 import agent_pb2, agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc
+from wa.v1 import agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc
+
+from common import wire
 
 from .ports import AgentUnavailable, DlqUnavailable, Failure, TurnResult
 from .store import WorkItem
@@ -30,20 +32,8 @@ class GrpcAgent:
         self.timeout = timeout
 
     async def reply(self, item: WorkItem, token: int) -> TurnResult:
-        request = agent_pb2.ReplyRequest(
-            message_id=item.message_id,
-            conversation_id=item.conversation_id,
-            fence_token=token,
-            phone_number_id=item.phone_number_id,
-            wa_id=item.wa_id,
-            user_id=item.user_id,
-            username=item.username,
-            text=item.text,
-            type=item.type,
-            correlation_id=item.correlation_id,
-            contact_name=item.contact_name,
-            probe=item.operator_redrive,
-        )
+        # The item carries its turn's fencing token (`token`, the one it was claimed with).
+        request = wire.turn_to_proto(item)
         try:
             resp = await self.stub.Reply(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
@@ -67,16 +57,7 @@ class GrpcAgent:
                 error_message=exc.details() or "",
                 retryable=False,
             )
-        return TurnResult(
-            outcome=resp.outcome,
-            reply_text=resp.reply_text,
-            reply_message_id=resp.reply_message_id,
-            error_class=resp.error_class,
-            error_message=resp.error_message,
-            retryable=resp.retryable,
-            agent_type=resp.agent_type,
-            detail=resp.detail,
-        )
+        return wire.result_from_proto(resp)
 
 
 class GrpcDlq:
@@ -86,18 +67,7 @@ class GrpcDlq:
 
     async def enqueue(self, failure: Failure) -> None:
         try:
-            await self.stub.Enqueue(
-                dlq_pb2.EnqueueRequest(
-                    message_id=failure.message_id,
-                    conversation_id=failure.conversation_id,
-                    error_class=failure.error_class,
-                    error_message=failure.error_message,
-                    retryable=failure.retryable,
-                    payload_json=failure.payload_json,
-                    correlation_id=failure.correlation_id,
-                ),
-                timeout=self.timeout,
-            )
+            await self.stub.Enqueue(wire.failure_to_proto(failure), timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise DlqUnavailable(f"{exc.code().name}: {exc.details()}") from exc
 

@@ -261,7 +261,6 @@ class Dispatcher:
             error_class=result.error_class,
             error_message=result.error_message,
             retryable=result.retryable,
-            payload_json="",
             correlation_id=item.correlation_id,
         )
         await dead_letter(self.pool, self.dlq, failure)

@@ -3,10 +3,13 @@ in-memory fakes in unit tests)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
+from common.domain import Failure, TurnResult
+
 from .store import WorkItem
+
+__all__ = ["AgentPort", "DlqPort", "Failure", "TurnResult"]
 
 
 class AgentUnavailable(Exception):
@@ -15,29 +18,6 @@ class AgentUnavailable(Exception):
 
 class DlqUnavailable(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class TurnResult:
-    outcome: str  # replied | failed
-    reply_text: str = ""
-    reply_message_id: str = ""
-    error_class: str = ""
-    error_message: str = ""
-    retryable: bool = True
-    agent_type: str = ""
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Failure:
-    message_id: str
-    conversation_id: int
-    error_class: str
-    error_message: str
-    retryable: bool
-    payload_json: str
-    correlation_id: str
 
 
 class AgentPort(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -12,7 +13,7 @@ import asyncpg
 import grpc
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
-from common import config, db, grpcserver, kv, logs, migrate, telemetry
+from common import config, db, domain, grpcserver, kv, logs, migrate, telemetry, wire
 
 from . import machine, metrics, store
 from .clients import GrpcAgent, GrpcDlq
@@ -23,72 +24,37 @@ from .sweeper import Sweeper
 log = logging.getLogger(__name__)
 
 
-def _inbound(m: common_pb2.InboundMessage) -> store.Inbound:
+def _checked(m: domain.Message, pb: common_pb2.InboundMessage) -> domain.Message:
+    """The message, or a skipped one when it cannot be answered: the gateway names and checks
+    every message, a caller that did not still loses nothing."""
+    if m.message_id and m.type and 0 <= m.timestamp <= store.MAX_TIMESTAMP:
+        return m
     message_id, reason = m.message_id, m.skip_reason
     if not message_id:
-        # The gateway names every message; a caller that did not still loses nothing.
-        digest = hashlib.sha256(m.SerializeToString(deterministic=True)).hexdigest()
+        digest = hashlib.sha256(pb.SerializeToString(deterministic=True)).hexdigest()
         message_id, reason = f"invalid:{digest}", reason or "message without an id"
     if not 0 <= m.timestamp <= store.MAX_TIMESTAMP and not reason:
         reason = "timestamp is not a time in seconds between 1970 and 9999"
-    return store.Inbound(
-        message_id=message_id,
-        phone_number_id=m.phone_number_id,
-        wa_id=m.wa_id,
-        contact_name=m.contact_name,
-        type=m.type or "unknown",
-        timestamp=m.timestamp,
-        text=m.text,
-        payload_json=m.payload_json,
-        skip_reason=reason,
-        user_id=m.user_id,
-        parent_user_id=m.parent_user_id,
-        username=m.username,
+    return dataclasses.replace(
+        m, message_id=message_id, type=m.type or "unknown", skip_reason=reason
     )
 
 
 def _delivery_in(request: state_pb2.IngestRequest) -> store.DeliveryIn:
     return store.DeliveryIn(
-        messages=[_inbound(m) for m in request.messages],
-        statuses=[
-            store.Status(
-                message_id=s.message_id,
-                phone_number_id=s.phone_number_id,
-                recipient_id=s.recipient_id,
-                status=s.status,
-                timestamp=s.timestamp,
-                payload_json=s.payload_json,
-                error_code=s.error_code,
-                callback_data=s.callback_data,
-                recipient_user_id=s.recipient_user_id,
-            )
-            for s in request.statuses
-            if s.message_id
-        ],
+        messages=[_checked(wire.message_from_proto(m), m) for m in request.messages],
+        statuses=[wire.status_from_proto(s) for s in request.statuses if s.message_id],
         correlation_id=request.correlation_id,
         traceparent=request.traceparent,
         events=[
-            store.Event(
-                event_id=e.event_id,
-                phone_number_id=e.phone_number_id,
-                kind=e.kind,
-                wa_id=e.wa_id,
-                user_id=e.user_id,
-                previous_user_id=e.previous_user_id,
-                parent_user_id=e.parent_user_id,
-                timestamp=e.timestamp,
-                payload_json=e.payload_json,
-                preference_category=e.preference_category,
-                preference_value=e.preference_value,
-            )
+            wire.event_from_proto(e)
             for e in request.events
             if e.event_id and e.kind in ("user_id_update", "user_preferences")
         ],
     )
 
 
-def _iso(value: object) -> str:
-    return value.isoformat() if hasattr(value, "isoformat") else ""
+_ingest_result = wire.to_proto(store.Ingested, state_pb2.IngestResult)
 
 
 class StateServicer(state_pb2_grpc.StateServicer):
@@ -101,14 +67,6 @@ class StateServicer(state_pb2_grpc.StateServicer):
         self.pool = pool
         self.locks = locks
         self.dispatcher = dispatcher
-
-    async def Ingest(
-        self, request: state_pb2.IngestRequest, context: grpc.aio.ServicerContext
-    ) -> state_pb2.IngestResponse:
-        (answer,) = await self._ingest([request])
-        if answer.error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, answer.error)
-        return answer
 
     async def IngestBatch(
         self, request: state_pb2.IngestBatchRequest, context: grpc.aio.ServicerContext
@@ -128,12 +86,14 @@ class StateServicer(state_pb2_grpc.StateServicer):
             outs = await store.ingest_isolating(self.pool, deliveries)
         except store.PROBLEMS as exc:
             log.error("ingest failed: %s", store.describe(exc))
-            error = f"cannot store: {store.describe(exc)}"
+            error = wire.error("StoreUnavailable", f"cannot store: {store.describe(exc)}", True)
             return [state_pb2.IngestResponse(error=error)] * len(requests)
         answers = []
         for out in outs:
             if isinstance(out, str):
-                answers.append(state_pb2.IngestResponse(error=out))
+                answers.append(
+                    state_pb2.IngestResponse(error=wire.error("StoreUnavailable", out, True))
+                )
                 continue
             for r in out.results:
                 metrics.INGESTED.labels("duplicate" if r.duplicate else r.status).inc()
@@ -141,123 +101,12 @@ class StateServicer(state_pb2_grpc.StateServicer):
                     self.dispatcher.notify(r.conversation_id)
             answers.append(
                 state_pb2.IngestResponse(
-                    results=[
-                        state_pb2.IngestResult(
-                            message_id=r.message_id,
-                            duplicate=r.duplicate,
-                            status=r.status,
-                            conversation_id=r.conversation_id,
-                        )
-                        for r in out.results
-                    ],
+                    results=[_ingest_result(r) for r in out.results],
                     statuses_stored=out.statuses_stored,
                     events_stored=out.events_stored,
                 )
             )
         return answers
-
-    async def ClaimNext(
-        self, request: state_pb2.ClaimNextRequest, context: grpc.aio.ServicerContext
-    ) -> state_pb2.ClaimNextResponse:
-        """For external drivers; the built-in dispatcher uses the same domain calls."""
-        lease = await self.locks.acquire(request.conversation_id)
-        if lease is None:
-            return state_pb2.ClaimNextResponse(claimed=False)
-        try:
-            token = await store.claim_conversation(
-                self.pool, request.conversation_id, request.owner or lease.owner
-            )
-            item = await store.next_message(self.pool, request.conversation_id, token)
-        except store.UnknownMessage as exc:
-            await self.locks.release(lease)
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        if item is None:
-            await store.release_conversation(self.pool, request.conversation_id, token)
-            await self.locks.release(lease)
-            return state_pb2.ClaimNextResponse(claimed=True, fence_token=token)
-        return state_pb2.ClaimNextResponse(
-            claimed=True,
-            fence_token=token,
-            item=state_pb2.WorkItem(
-                id=item.id,
-                message_id=item.message_id,
-                conversation_id=item.conversation_id,
-                phone_number_id=item.phone_number_id,
-                wa_id=item.wa_id,
-                type=item.type,
-                text=item.text,
-                timestamp=item.timestamp,
-                correlation_id=item.correlation_id,
-                traceparent=item.traceparent,
-                attempts=item.attempts,
-                contact_name=item.contact_name,
-            ),
-        )
-
-    async def _transition(
-        self,
-        context: grpc.aio.ServicerContext,
-        message_id: str,
-        to_state: str,
-        reason: str,
-        token: int | None,
-        correlation_id: str,
-    ) -> str:
-        if to_state not in machine.MESSAGE_STATES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown state {to_state!r}")
-        try:
-            return await store.transition(
-                self.pool,
-                message_id,
-                to_state,
-                reason,
-                token=token,
-                correlation_id=correlation_id,
-            )
-        except store.UnknownMessage:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no message {message_id}")
-        except store.StaleFence as exc:
-            metrics.STALE_WRITES.inc()
-            log.warning("refused a stale write: %s", exc)
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"stale fencing token: {exc}")
-        except machine.IllegalTransition as exc:
-            log.warning("refused an illegal transition: %s", exc, extra={"message_id": message_id})
-            await store.record_illegal(self.pool, message_id, exc, correlation_id)
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        raise AssertionError("unreachable")
-
-    async def CompleteTurn(
-        self, request: state_pb2.CompleteTurnRequest, context: grpc.aio.ServicerContext
-    ) -> state_pb2.CompleteTurnResponse:
-        outcomes = {
-            "replied": machine.REPLIED,
-            "skipped": machine.SKIPPED,
-            "failed": machine.FAILED,
-        }
-        if request.outcome not in outcomes:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "outcome: replied|skipped|failed")
-        await self._transition(
-            context,
-            request.message_id,
-            outcomes[request.outcome],
-            request.reason or request.outcome,
-            request.fence_token,
-            request.correlation_id,
-        )
-        return state_pb2.CompleteTurnResponse(status=outcomes[request.outcome])
-
-    async def Transition(
-        self, request: state_pb2.TransitionRequest, context: grpc.aio.ServicerContext
-    ) -> state_pb2.TransitionResponse:
-        from_state = await self._transition(
-            context,
-            request.message_id,
-            request.to_state,
-            request.reason or "operator",
-            request.fence_token or None,
-            request.correlation_id,
-        )
-        return state_pb2.TransitionResponse(from_state=from_state, to_state=request.to_state)
 
     async def Redrive(
         self, request: state_pb2.RedriveRequest, context: grpc.aio.ServicerContext
@@ -278,12 +127,16 @@ class StateServicer(state_pb2_grpc.StateServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no message {request.message_id}")
         except machine.IllegalTransition as exc:
             # Already replied/skipped (or waiting): a redrive never causes a second turn.
-            current = exc.from_state or ""
+            current = wire.MESSAGE_STATUS_NUMBER.get(
+                exc.from_state or "", common_pb2.MESSAGE_STATUS_UNSPECIFIED
+            )
             return state_pb2.RedriveResponse(status=current, accepted=False)
         conv = await self.pool.fetchval(store.Q["conversation_of_message"], request.message_id)
         if self.dispatcher is not None and conv is not None:
             self.dispatcher.notify(int(conv))
-        return state_pb2.RedriveResponse(status=machine.RECEIVED, accepted=True)
+        return state_pb2.RedriveResponse(
+            status=wire.MESSAGE_STATUS_NUMBER[machine.RECEIVED], accepted=True
+        )
 
     async def GetTimeline(
         self, request: state_pb2.GetTimelineRequest, context: grpc.aio.ServicerContext
@@ -299,7 +152,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
                 state_pb2.TimelineMessage(
                     message_id=m["message_id"],
                     type=m["message_type"],
-                    status=m["status"],
+                    status=wire.MESSAGE_STATUS_NUMBER[m["status"]],
                     status_reason=m["status_reason"] or "",
                     text=m["body"] or "",
                     reply_text=m["reply_text"] or "",
@@ -307,7 +160,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
                     reply_status=m["reply_status"] or "",
                     correlation_id=m["correlation_id"],
                     trace_id=telemetry.trace_id_of(m["traceparent"]),
-                    received_at=_iso(m["received_at"]),
+                    received_at=wire.datetime_ts(m["received_at"]),
                     conversation_id=m["conversation_id"],
                     attempts=m["attempts"],
                     reply_error_code=m["reply_error_code"] or "",
@@ -324,7 +177,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
                     to_state=t["to_state"],
                     reason=t["reason"],
                     correlation_id=t["correlation_id"],
-                    at=_iso(t["created_at"]),
+                    at=wire.datetime_ts(t["created_at"]),
                 )
                 for t in tl.transitions
             ],

@@ -13,6 +13,7 @@ import orjson
 
 from common import sqlfile
 from common.db import Conn
+from common.domain import Event, Message, Status, TurnRequest
 
 from . import machine, metrics
 
@@ -29,55 +30,6 @@ class UnknownMessage(Exception):
 
 
 @dataclass(frozen=True)
-class Inbound:
-    message_id: str
-    phone_number_id: str
-    wa_id: str
-    contact_name: str
-    type: str
-    timestamp: int
-    text: str
-    payload_json: str
-    # Why it is stored as skipped whatever its type (the gateway could not use it); "" if not.
-    skip_reason: str = ""
-    # The customer's business-scoped user id (BSUID), the key of its conversation when given
-    # ("" when Meta sent none; wa_id, the phone number, may then be "" too).
-    user_id: str = ""
-    parent_user_id: str = ""
-    username: str = ""
-
-
-@dataclass(frozen=True)
-class Status:
-    message_id: str
-    phone_number_id: str
-    recipient_id: str
-    status: str
-    timestamp: int
-    payload_json: str
-    error_code: str = ""
-    callback_data: str = ""
-    recipient_user_id: str = ""
-
-
-@dataclass(frozen=True)
-class Event:
-    """A webhook about a customer (see common.proto CustomerEvent)."""
-
-    event_id: str
-    phone_number_id: str
-    kind: str  # user_id_update | user_preferences
-    wa_id: str
-    user_id: str
-    previous_user_id: str
-    parent_user_id: str
-    timestamp: int
-    payload_json: str
-    preference_category: str = ""
-    preference_value: str = ""
-
-
-@dataclass(frozen=True)
 class Ingested:
     message_id: str
     conversation_id: int
@@ -85,26 +37,19 @@ class Ingested:
     duplicate: bool
 
 
-@dataclass(frozen=True)
-class WorkItem:
+@dataclass(frozen=True, kw_only=True)
+class WorkItem(TurnRequest):
+    """A claimed message: the turn the agent is asked for, and what the driver needs."""
+
     id: int
-    message_id: str
-    conversation_id: int
-    phone_number_id: str
-    wa_id: str
     type: str
-    text: str
     timestamp: int
-    correlation_id: str
     traceparent: str
     attempts: int
     contact_name: str
     resumed: bool = False
     turn_resumes: int = 0
-    operator_redrive: bool = False
-    # The customer's BSUID and username (wa_id, the phone number, may be "" without them).
-    user_id: str = ""
-    username: str = ""
+    username: str = ""  # the customer's, for logs (wa_id may be "" without it)
 
 
 @dataclass
@@ -138,7 +83,7 @@ def _ts(seconds: int) -> dt.datetime:
 
 @dataclass(frozen=True)
 class DeliveryIn:
-    messages: list[Inbound]
+    messages: list[Message]
     statuses: list[Status]
     correlation_id: str
     traceparent: str
@@ -154,7 +99,7 @@ class DeliveryOut:
 
 async def ingest(
     pool: asyncpg.Pool,
-    messages: list[Inbound],
+    messages: list[Message],
     statuses: list[Status],
     correlation_id: str,
     traceparent: str,
@@ -369,10 +314,10 @@ def _storable_id(message_id: str) -> str:
     return f"invalid:{digest}"
 
 
-def _placeholder(message: Inbound, exc: BaseException) -> Inbound:
+def _placeholder(message: Message, exc: BaseException) -> Message:
     """What can be kept of a message PostgreSQL refused: its ids, and its payload as text."""
     reason = f"could not be stored as delivered ({describe(exc)}): kept as a placeholder"
-    return Inbound(
+    return Message(
         message_id=_storable_id(message.message_id),
         phone_number_id=_storable(message.phone_number_id, 64),
         wa_id=_storable(message.wa_id, MAX_ID_CHARS),
@@ -403,7 +348,7 @@ def _status_placeholder(status: Status, exc: BaseException) -> Status:
 
 
 async def _insert_messages(
-    conn: Conn, messages: list[tuple[DeliveryIn, Inbound]]
+    conn: Conn, messages: list[tuple[DeliveryIn, Message]]
 ) -> list[asyncpg.Record]:
     reasons = [m.skip_reason or skip_reason(m.type) for _, m in messages]
     return list(
@@ -502,7 +447,8 @@ async def next_message(pool: asyncpg.Pool, conversation_id: int, token: int) -> 
         contact_name=row["contact_name"] or "",
         resumed=row["resumed"],
         turn_resumes=row["turn_resumes"],
-        operator_redrive=row["queued_because"] == machine.OPERATOR_REDRIVE,
+        fence_token=token,
+        probe=row["queued_because"] == machine.OPERATOR_REDRIVE,
         user_id=row["user_id"] or "",
         username=row["username"] or "",
     )

@@ -107,7 +107,6 @@ class Sweeper:
                 error_class=error_class,
                 error_message=error_message,
                 retryable=True,
-                payload_json="",
                 correlation_id=row["correlation_id"],
             )
             # A recovery of one message's work: it goes into that message's trace.

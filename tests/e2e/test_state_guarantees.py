@@ -148,11 +148,13 @@ async def test_processing_switched_off_acknowledges_only_and_resumes_in_order(
     assert set(cv.replies_per_message(graph).values()) == {1}
 
 
-async def test_illegal_transitions_are_refused_over_grpc_and_audited(
+async def test_a_redrive_of_a_message_that_did_not_fail_is_refused_over_grpc(
     start_system: StartSystem, graph: FakeGraph
 ) -> None:
+    """A redrive never causes a turn for a message that is not failed or dead-lettered, and an
+    unknown message is NOT_FOUND. (Refused transitions are audited: test_state_store.)"""
     import grpc
-    from wa.v1 import state_pb2, state_pb2_grpc
+    from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
     system = await start_system()
     doc = payloads.delivery(messages=[payloads.message("image")])
@@ -160,31 +162,17 @@ async def test_illegal_transitions_are_refused_over_grpc_and_audited(
     assert (await system.post(doc)).status_code == 200
     async with grpc.aio.insecure_channel(f"127.0.0.1:{system.ports['state']}") as ch:
         stub = state_pb2_grpc.StateStub(ch)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.Transition(
-                state_pb2.TransitionRequest(
-                    message_id=message_id, to_state="processing", reason="operator mistake"
-                ),
-                timeout=5,
-            )
-        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        refused = await stub.Redrive(
+            state_pb2.RedriveRequest(message_id=message_id, reason="operator mistake"), timeout=5
+        )
+        assert not refused.accepted
+        assert refused.status == common_pb2.MESSAGE_STATUS_SKIPPED
         with pytest.raises(grpc.aio.AioRpcError) as missing:
-            await stub.Transition(
-                state_pb2.TransitionRequest(message_id="wamid.NOPE", to_state="received"), timeout=5
-            )
+            await stub.Redrive(state_pb2.RedriveRequest(message_id="wamid.NOPE"), timeout=5)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-        with pytest.raises(grpc.aio.AioRpcError) as stale:
-            await stub.CompleteTurn(
-                state_pb2.CompleteTurnRequest(
-                    message_id=message_id, fence_token=999, outcome="replied"
-                ),
-                timeout=5,
-            )
-        assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         timeline = await stub.GetTimeline(
             state_pb2.GetTimelineRequest(message_id=message_id), timeout=5
         )
+    assert [m.status for m in timeline.messages] == [common_pb2.MESSAGE_STATUS_SKIPPED]
     moves = [(t.from_state, t.to_state) for t in timeline.transitions if t.message_id == message_id]
-    assert ("skipped", "refused:processing") in moves
-    assert [m.status for m in timeline.messages] == ["skipped"]
-    assert any("refused" in line["msg"] for line in system.log_lines("state"))
+    assert moves == [("", "skipped")]

@@ -12,10 +12,10 @@ import aiohttp
 import asyncpg
 import pytest
 
+from common.domain import TurnRequest
 from services.agent import agents
 from services.agent.backends import RulesBackend
 from services.agent.graph import GraphClient
-from common.domain import TurnRequest
 from services.agent.turn import Agent, StaleFence
 from services.state import store
 from tests.integration.test_state_store import inbound

@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 
 from common import migrate
+from common.domain import Event, Message
 from services.gateway import parse
 from services.state import store
 from tests.support import payloads
@@ -19,10 +20,8 @@ from tests.support.servers import Postgres
 PHONE = "15550001111"
 
 
-def inbound(
-    message_id: str, wa_id: str = PHONE, user_id: str = "", username: str = ""
-) -> store.Inbound:
-    return store.Inbound(
+def inbound(message_id: str, wa_id: str = PHONE, user_id: str = "", username: str = "") -> Message:
+    return Message(
         message_id=message_id,
         phone_number_id="100",
         wa_id=wa_id,
@@ -36,7 +35,7 @@ def inbound(
     )
 
 
-async def ingest(pool: asyncpg.Pool, *messages: store.Inbound) -> list[store.Ingested]:
+async def ingest(pool: asyncpg.Pool, *messages: Message) -> list[store.Ingested]:
     results, _ = await store.ingest(pool, list(messages), [], "cid", "")
     return results
 
@@ -101,27 +100,12 @@ async def test_phone_and_bsuid_in_one_batch_with_the_phone_known_before(
     assert [r.duplicate for r in results] == [False, False, False]
 
 
-def _events(doc: dict[str, object]) -> list[store.Event]:
+def _events(doc: dict[str, object]) -> list[Event]:
     return _events_of(parse.parse(orjson.dumps(doc)))
 
 
-def _events_of(delivery: parse.Delivery) -> list[store.Event]:
-    return [
-        store.Event(
-            event_id=e.event_id,
-            phone_number_id=e.phone_number_id,
-            kind=e.kind,
-            wa_id=e.wa_id,
-            user_id=e.user_id,
-            previous_user_id=e.previous_user_id,
-            parent_user_id=e.parent_user_id,
-            timestamp=e.timestamp,
-            payload_json=e.payload_json,
-            preference_category=e.preference_category,
-            preference_value=e.preference_value,
-        )
-        for e in delivery.events
-    ]
+def _events_of(delivery: parse.Delivery) -> list[Event]:
+    return delivery.events
 
 
 def _change(field: str, entries: list[dict[str, object]]) -> dict[str, object]:

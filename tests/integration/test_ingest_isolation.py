@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from wa.v1 import common_pb2, state_pb2
 
 from common import kv
+from common.domain import Message
 from services.state import store
 from services.state.locks import Locks
 from services.state.server import StateServicer
@@ -33,7 +35,7 @@ def message(
         "phone_number_id": "100",
         "wa_id": wa_id,
         "type": "text",
-        "timestamp": int(time.time()),
+        "timestamp": Timestamp(seconds=int(time.time())),
         "text": "hello",
         "payload_json": f'{{"id": "{message_id}"}}',
         **fields,
@@ -59,13 +61,17 @@ async def test_a_value_postgresql_refuses_costs_only_its_own_message(
             message("wamid.NUL", text="a\x00b"),  # PostgreSQL text holds no NUL
             message("wamid.JSON", payload_json='{"id": "wamid.JSON", "x": "\\u0000"}'),
             message("wamid.\x00ID"),
-            message("wamid.HUGE", timestamp=2**63 - 1),  # no datetime holds it
+            message("wamid.HUGE", timestamp=Timestamp(seconds=2**63 - 1)),  # no datetime holds it
         ],
-        statuses=[common_pb2.StatusUpdate(message_id="wamid.OUT\x00", status="read")],
+        statuses=[
+            common_pb2.StatusUpdate(
+                message_id="wamid.OUT\x00", status=common_pb2.DELIVERY_STATUS_READ
+            )
+        ],
     )
     clean = state_pb2.IngestRequest(correlation_id="c2", messages=[message("wamid.B", "1555")])
     answers = await servicer._ingest([poisoned, clean])
-    assert [a.error for a in answers] == ["", ""]
+    assert [a.HasField("error") for a in answers] == [False, False]
     assert [len(a.results) for a in answers] == [5, 1]
     assert answers[0].statuses_stored == 1
     stored = await rows(pool)
@@ -89,7 +95,7 @@ async def test_a_value_postgresql_refuses_costs_only_its_own_message(
     }
     # Meta's retry of the same delivery: everything is a duplicate, nothing is stored twice.
     again = await servicer._ingest([poisoned])
-    assert again[0].error == "" and all(r.duplicate for r in again[0].results)
+    assert not again[0].HasField("error") and all(r.duplicate for r in again[0].results)
     assert len(await rows(pool)) == 6
 
 
@@ -99,13 +105,13 @@ async def test_a_single_poisoned_delivery_is_stored_not_refused(
     (answer,) = await servicer._ingest(
         [state_pb2.IngestRequest(correlation_id="c", messages=[message("m", text="\x00")])]
     )
-    assert answer.error == ""
+    assert not answer.HasField("error")
     assert (await rows(pool))["m"]["status"] == "skipped"
 
 
 async def test_message_count_counts_stored_messages_not_duplicates(pool: asyncpg.Pool) -> None:
-    def inbound(message_id: str, wa_id: str) -> store.Inbound:
-        return store.Inbound(message_id, "100", wa_id, "", "text", 0, "hi", "{}")
+    def inbound(message_id: str, wa_id: str) -> Message:
+        return Message(message_id, "100", wa_id, "", "text", 0, "hi", "{}")
 
     first = store.DeliveryIn([inbound("a", "1"), inbound("b", "1"), inbound("c", "2")], [], "", "")
     await store.ingest_many(pool, [first])

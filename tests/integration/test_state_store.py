@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from common import kv
+from common.domain import Message, Status
 from services.state import machine, store
 from services.state.locks import Locks
 from tests.support.servers import Redis
@@ -17,8 +18,8 @@ from tests.support.servers import Redis
 
 def inbound(
     message_id: str, wa_id: str = "15550001111", ts: int = 0, kind: str = "text", text: str = "hi"
-) -> store.Inbound:
-    return store.Inbound(
+) -> Message:
+    return Message(
         message_id=message_id,
         phone_number_id="100",
         wa_id=wa_id,
@@ -66,8 +67,8 @@ async def test_statuses_are_idempotent_and_monotonic(pool: asyncpg.Pool) -> None
         "WHERE message_id = 'wamid.IN'"
     )
 
-    def st(kind: str) -> store.Status:
-        return store.Status("wamid.OUT", "100", "15550001111", kind, int(time.time()), "{}")
+    def st(kind: str) -> Status:
+        return Status("wamid.OUT", "100", "15550001111", kind, int(time.time()), "{}")
 
     _, n = await store.ingest(pool, [], [st("read"), st("delivered")], "c", "")
     assert n == 2

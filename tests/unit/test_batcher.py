@@ -57,7 +57,9 @@ def delivery(n: int, sizes: list[int]) -> state_pb2.IngestRequest:
             common_pb2.InboundMessage(message_id=f"m{n}.{i}", text="x" * size)
             for i, size in enumerate(sizes)
         ],
-        statuses=[common_pb2.StatusUpdate(message_id=f"s{n}", status="read")],
+        statuses=[
+            common_pb2.StatusUpdate(message_id=f"s{n}", status=common_pb2.DELIVERY_STATUS_READ)
+        ],
     )
 
 
