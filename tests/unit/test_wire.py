@@ -40,7 +40,13 @@ def test_an_event_crosses_the_wire_unchanged(event: domain.Event) -> None:
     assert wire.event_from_proto(wire.event_to_proto(event)) == event
 
 
-@given(st.builds(domain.TurnRequest, conversation_id=st.integers(0, 2**62)))
+@given(
+    st.builds(
+        domain.TurnRequest,
+        conversation_id=st.integers(0, 2**62),
+        fence_token=st.integers(0, 2**62),
+    )
+)
 def test_a_turn_request_crosses_the_wire_unchanged(turn: domain.TurnRequest) -> None:
     assert wire.turn_from_proto(wire.turn_to_proto(turn)) == turn
 
