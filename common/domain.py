@@ -30,6 +30,8 @@ class Message:
     user_id: str = ""
     parent_user_id: str = ""
     username: str = ""  # display only, without "@"
+    # The click-to-WhatsApp ad the message came from (`referral`), as a JSON object; "" if none.
+    referral_json: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -668,6 +668,7 @@ CREATE TABLE public.processed_webhook_messages (
     reply_confirmed_by text,
     turn_resumes integer DEFAULT 0 NOT NULL,
     user_id text,
+    referral jsonb,
     CONSTRAINT processed_webhook_messages_kind_check CHECK ((kind = ANY (ARRAY['message'::text, 'status'::text, 'event'::text]))),
     CONSTRAINT processed_webhook_messages_reply_status_check CHECK ((reply_status = ANY (ARRAY['sent'::text, 'delivered'::text, 'read'::text, 'failed'::text]))),
     CONSTRAINT processed_webhook_messages_status_check CHECK ((status = ANY (ARRAY['received'::text, 'processing'::text, 'replied'::text, 'skipped'::text, 'failed'::text, 'dead_lettered'::text])))

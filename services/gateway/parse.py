@@ -323,6 +323,9 @@ def _message(raw: Any, phone: tuple[str, str], contacts: dict[str, Customer]) ->
         user_id=customer.user_id,
         parent_user_id=customer.parent_user_id,
         username=customer.username,
+        referral_json=_encode(referral).decode()
+        if (referral := _dict(message.get("referral")))
+        else "",
     )
 
 

@@ -11,11 +11,12 @@ WITH input AS (
     SELECT t.*, COALESCE(NULLIF(t.user_id, ''), t.wa_id) AS customer_id
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                   $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::text[],
-                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
+                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
+                  $16::text[])
            WITH ORDINALITY AS t(message_id, phone_number_id, wa_id, contact_name,
                                 correlation_id, wa_timestamp, message_type, body, payload,
                                 status, reason, traceparent, user_id, parent_user_id,
-                                username, ord)
+                                username, referral, ord)
 ), keys AS (
     SELECT DISTINCT ON (phone_number_id, customer_id) *
       FROM input
@@ -63,10 +64,12 @@ WITH input AS (
 ), msg AS (
     INSERT INTO processed_webhook_messages
         (message_id, kind, conversation_id, phone_number_id, wa_id, user_id, message_type,
-         wa_timestamp, body, payload, status, status_reason, correlation_id, traceparent)
+         wa_timestamp, body, payload, status, status_reason, correlation_id, traceparent,
+         referral)
     SELECT i.message_id, 'message', conv.id, i.phone_number_id, i.wa_id, NULLIF(i.user_id, ''),
            i.message_type, i.wa_timestamp, NULLIF(i.body, ''), i.payload::jsonb, i.status,
-           NULLIF(i.reason, ''), i.correlation_id, i.traceparent
+           NULLIF(i.reason, ''), i.correlation_id, i.traceparent,
+           NULLIF(i.referral, '')::jsonb
       FROM input i JOIN conv USING (phone_number_id, customer_id)
      ORDER BY i.message_id
     ON CONFLICT (message_id) DO NOTHING

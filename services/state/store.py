@@ -369,6 +369,7 @@ async def _insert_messages(
             [m.user_id for _, m in messages],
             [m.parent_user_id for _, m in messages],
             [m.username for _, m in messages],
+            [m.referral_json for _, m in messages],
         )
     )
 

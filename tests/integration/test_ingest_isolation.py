@@ -8,15 +8,18 @@ import time
 from collections.abc import AsyncIterator
 
 import asyncpg
+import orjson
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from wa.v1 import common_pb2, state_pb2
 
-from common import kv
+from common import kv, wire
 from common.domain import Message
+from services.gateway import parse
 from services.state import store
 from services.state.locks import Locks
 from services.state.server import StateServicer
+from tests.support import payloads
 from tests.support.servers import Redis
 
 
@@ -146,3 +149,33 @@ async def test_message_count_counts_stored_messages_not_duplicates(pool: asyncpg
 def test_only_errors_of_the_values_themselves_are_data_errors(exc: Exception, data: bool) -> None:
     # Only these are stored as placeholders: anything else is "not now" (a 503, Meta retries).
     assert store.is_data_error(exc) is data
+
+
+async def test_a_click_to_whatsapp_referral_is_stored_with_its_message(
+    servicer: StateServicer, pool: asyncpg.Pool
+) -> None:
+    referral = {
+        "source_url": "https://fb.me/ad",
+        "source_id": "120208",
+        "source_type": "ad",
+        "headline": "Book a table",
+        "body": "Tonight only",
+        "media_type": "image",
+        "image_url": "https://example.com/a.jpg",
+        "ctwa_clid": "ARAkLk",
+    }
+    with_ad = payloads.message("text", referral=referral)
+    without = payloads.message("text")
+    body = orjson.dumps(payloads.delivery(messages=[with_ad, without]))
+    delivery = parse.parse(body)
+    request = state_pb2.IngestRequest(
+        correlation_id="c", messages=[wire.message_to_proto(m) for m in delivery.messages]
+    )
+    (answer,) = await servicer._ingest([request])
+    assert not answer.HasField("error")
+    stored = await pool.fetch(
+        "SELECT message_id, referral::text FROM processed_webhook_messages WHERE kind = 'message'"
+    )
+    by_id = {r["message_id"]: r["referral"] for r in stored}
+    assert orjson.loads(by_id[with_ad["id"]]) == referral
+    assert by_id[without["id"]] is None
