@@ -46,7 +46,9 @@ test: install $(BUF)
 	$(BUF) lint protos
 	@# Uncommitted proto changes are checked against HEAD; otherwise the last commit that
 	@# changed protos/ against its parent, unless its message says [breaking-proto].
-	@if ! git diff --quiet HEAD -- protos; then against=HEAD; \
+	@if ! git rev-parse --verify -q HEAD >/dev/null 2>&1; then \
+	  echo "buf breaking: not a git checkout, nothing to compare with"; exit 0; fi; \
+	if ! git diff --quiet HEAD -- protos; then against=HEAD; \
 	else last=$$(git log -1 --format=%H -- protos); \
 	  if [ -z "$$last" ] || ! git rev-parse -q --verify "$$last~1" >/dev/null; then \
 	    echo "buf breaking: no earlier protos/ to compare with"; exit 0; fi; \
@@ -55,7 +57,7 @@ test: install $(BUF)
 	  against=$$(git rev-parse "$$last~1"); fi; \
 	echo "buf breaking protos --against $$against"; \
 	$(BUF) breaking protos --against ".git#ref=$$against,subdir=protos"
-	$(BIN)/mypy common services cli tests bench
+	$(BIN)/mypy common services cli tests bench devtools fastotel
 	@# pytest exits 5 when it collected nothing: that is a failure, not a pass.
 	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS); code=$$?; \
 	if [ $$code -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$code
@@ -65,7 +67,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy common services cli tests bench
+	$(BIN)/mypy common services cli tests bench devtools fastotel
 
 bench: install
 	$(BIN)/python -m bench.ack
