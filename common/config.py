@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 from dotenv import dotenv_values
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_core import core_schema
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -26,33 +25,11 @@ class ConfigError(Exception):
     """A setting is missing or malformed; the process must not start."""
 
 
-class Secret:
-    """A value that never prints."""
-
-    def __init__(self, value: str) -> None:
-        self._value = value
+class Secret(SecretStr):
+    """A value that never prints (pydantic's SecretStr), revealed where it is used."""
 
     def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('**********')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
-        from_str = core_schema.no_info_after_validator_function(cls, core_schema.str_schema())
-        return core_schema.union_schema([core_schema.is_instance_schema(cls), from_str])
+        return self.get_secret_value()
 
 
 @functools.cache
