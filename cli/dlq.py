@@ -17,7 +17,8 @@ import grpc
 import orjson
 from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
-from common import config, grpcserver, wire
+from cli.settings import CliSettings
+from common import grpcserver, wire
 
 from .errors import calling
 
@@ -114,7 +115,7 @@ def customer(item: dict[str, Any]) -> str:
 
 async def list_items(status: str, as_json: bool, limit: int, customer: str = "") -> int:
     """`customer`: only that customer's items (phone number, BSUID or username)."""
-    settings = config.CliSettings.from_env()
+    settings = CliSettings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
         with calling("dlq", settings.dlq_addr):
             resp = await dlq_pb2_grpc.DlqStub(ch).List(
@@ -134,7 +135,7 @@ async def list_items(status: str, as_json: bool, limit: int, customer: str = "")
 
 
 async def show(item_id: int, as_json: bool) -> int:
-    settings = config.CliSettings.from_env()
+    settings = CliSettings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
         try:
             with calling("dlq", settings.dlq_addr):
@@ -205,7 +206,7 @@ async def show(item_id: int, as_json: bool) -> int:
 async def retry(ids: list[int], all_items: bool, status: str, as_json: bool) -> int:
     """One call does a bounded amount of work and returns what it did not reach: those are
     asked for again until none is left (or a call makes no progress)."""
-    settings = config.CliSettings.from_env()
+    settings = CliSettings.from_env()
     redriven: list[int] = []
     errors: list[str] = []
     request = dlq_pb2.RetryRequest(ids=ids, all=all_items, status=wire.DLQ_STATUS_NUMBER[status])
@@ -246,7 +247,7 @@ def confirm_purge(ids: list[int]) -> bool:
 
 
 async def purge(ids: list[int]) -> int:
-    settings = config.CliSettings.from_env()
+    settings = CliSettings.from_env()
     async with grpcserver.channel(settings.dlq_addr) as ch:
         with calling("dlq", settings.dlq_addr):
             resp = await dlq_pb2_grpc.DlqStub(ch).Purge(dlq_pb2.PurgeRequest(ids=ids), timeout=10)

@@ -10,7 +10,8 @@ import httpx
 import orjson
 from wa.v1 import state_pb2, state_pb2_grpc
 
-from common import config, grpcserver
+from cli.settings import CliSettings
+from common import grpcserver
 from common.components import check_components
 
 # A stopped service or database means messages are not acknowledged or not processed: down.
@@ -18,7 +19,7 @@ from common.components import check_components
 DOWN_IF_UNHEALTHY = {"postgres", "state", "agent", "dlq", "gateway"}
 
 
-async def _gateway(settings: config.CliSettings) -> dict[str, Any]:
+async def _gateway(settings: CliSettings) -> dict[str, Any]:
     url = f"http://127.0.0.1:{settings.gateway_port}/healthz"
     try:
         async with httpx.AsyncClient(timeout=3) as client:
@@ -39,7 +40,7 @@ async def _gateway(settings: config.CliSettings) -> dict[str, Any]:
 
 
 async def health(as_json: bool) -> int:
-    settings = config.CliSettings.from_env()
+    settings = CliSettings.from_env()
     checks: list[dict[str, Any]] = []
     async with grpcserver.channel(settings.state_addr) as ch:
         stub = state_pb2_grpc.StateStub(ch)

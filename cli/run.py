@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from dotenv import dotenv_values
 
+from cli.settings import CliSettings
 from common import config, logs, migrate
 from devtools import embedded, supervisor
 from devtools.ports import free_port
@@ -77,7 +78,7 @@ def _dev_defaults(env: dict[str, str]) -> list[str]:
 
 
 async def run() -> int:
-    settings = config.CliSettings.from_env()
+    settings = CliSettings.from_env()
     logs.setup("run", settings.log_level)
     supervisor.die_with_parent(signal.SIGTERM)
     run_dir = settings.run_dir.resolve()
@@ -144,7 +145,7 @@ async def run() -> int:
     return 0
 
 
-def _print_endpoints(settings: config.CliSettings, database_url: str, redis_url: str) -> None:
+def _print_endpoints(settings: CliSettings, database_url: str, redis_url: str) -> None:
     gw = f"http://127.0.0.1:{settings.gateway_port}"
     lines = [
         "",

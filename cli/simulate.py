@@ -15,7 +15,8 @@ import orjson
 from dotenv import dotenv_values
 from wa.v1 import state_pb2, state_pb2_grpc
 
-from common import config, grpcserver, wire
+from cli.settings import CliSettings
+from common import grpcserver, wire
 from services.gateway import signature
 
 # The checkout's root, where .env.example lives.
@@ -80,7 +81,7 @@ def text_delivery(
     }
 
 
-def app_secret(settings: config.CliSettings) -> str:
+def app_secret(settings: CliSettings) -> str:
     if settings.app_secret:
         return settings.app_secret.reveal()
     return str(dotenv_values(ROOT / ".env.example").get("WHATSAPP_APP_SECRET") or "")
@@ -88,7 +89,7 @@ def app_secret(settings: config.CliSettings) -> str:
 
 async def simulate(text: str, wa_id: str, url: str, wait: float, username: str = "") -> int:
     """`username`: send as a customer with a WhatsApp username (no phone number, a BSUID)."""
-    settings = config.CliSettings.from_env()
+    settings = CliSettings.from_env()
     if username:
         delivery = text_delivery(
             text, wa_id=None, user_id=username_bsuid(username), username=username

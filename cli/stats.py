@@ -8,7 +8,8 @@ import grpc
 import orjson
 from wa.v1 import state_pb2, state_pb2_grpc
 
-from common import config, grpcserver
+from cli.settings import CliSettings
+from common import grpcserver
 
 FIELDS = (
     "total",
@@ -25,7 +26,7 @@ FIELDS = (
 
 
 async def stats(hours: float, as_json: bool) -> int:
-    settings = config.CliSettings.from_env()
+    settings = CliSettings.from_env()
     async with grpcserver.channel(settings.state_addr) as ch:
         try:
             resp = await state_pb2_grpc.StateStub(ch).GetStats(

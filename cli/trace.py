@@ -9,7 +9,8 @@ import grpc
 import orjson
 from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
-from common import config, grpcserver, wire
+from cli.settings import CliSettings
+from common import grpcserver, wire
 
 from .errors import calling
 
@@ -25,7 +26,7 @@ def customer_key(target: str) -> str:
 
 
 async def trace(target: str, as_json: bool) -> int:
-    settings = config.CliSettings.from_env()
+    settings = CliSettings.from_env()
     by_message = is_message_id(target)
     request = state_pb2.GetTimelineRequest(
         message_id=target if by_message else "",
@@ -128,7 +129,7 @@ def _delivery(m: dict[str, Any]) -> str:
     return status
 
 
-async def _dlq_attempts(settings: config.CliSettings, ids: set[str]) -> list[dict[str, Any]]:
+async def _dlq_attempts(settings: CliSettings, ids: set[str]) -> list[dict[str, Any]]:
     """The message's dead-letter items and their attempts (empty when it never failed)."""
     out: list[dict[str, Any]] = []
     async with grpcserver.channel(settings.dlq_addr) as ch:

@@ -7,16 +7,13 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal, Self
 
 from dotenv import dotenv_values
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
-MAX_BODY_BYTES_LIMIT = 16 * 1024 * 1024
 # Switches off the webhook's authentication: only ever set on purpose, in the environment.
 ENVIRONMENT_ONLY = frozenset({"WHATSAPP_SKIP_SIGNATURE"})
 
@@ -148,71 +145,7 @@ class TurnLimits(Base):
     send_confirm_seconds: float = env("WHATSAPP_SEND_CONFIRM_SECONDS", 10.0)
 
 
-class GatewaySettings(Base):
-    app_secret: Secret = env("WHATSAPP_APP_SECRET", Secret(""))
-    skip_signature: bool = env("WHATSAPP_SKIP_SIGNATURE", False)
-    verify_token: Secret = env("WHATSAPP_VERIFY_TOKEN", Secret(""))
-    gateway_host: str = env("GATEWAY_HOST", "0.0.0.0")
-    gateway_port: int = env("GATEWAY_PORT", 8080)
-    # Meta documents deliveries of up to 3 MB. One message (its text and its payload, each up
-    # to the body) must fit the internal gRPC message limit.
-    max_body_bytes: int = env("GATEWAY_MAX_BODY_BYTES", MAX_BODY_BYTES, gt=0)
-
-    @field_validator("max_body_bytes")
-    @classmethod
-    def _within_grpc_limit(cls, value: int) -> int:
-        if value > MAX_BODY_BYTES_LIMIT:
-            raise ValueError(f"must be between 1 and {MAX_BODY_BYTES_LIMIT}")
-        return value
-
-    @model_validator(mode="after")
-    def _one_way_to_authenticate(self) -> Self:
-        if self.skip_signature and self.app_secret:
-            raise ValueError(
-                "WHATSAPP_SKIP_SIGNATURE=true is refused while WHATSAPP_APP_SECRET is set"
-            )
-        return self
-
-
-class StateSettings(TurnLimits):
-    lock_ttl_seconds: float = env("CONVERSATION_LOCK_TTL_SECONDS", 120.0, gt=0)
-    enhanced_processing: bool = env("WA_ENHANCED_PROCESSING", True)
-    max_concurrent_conversations: int = env("MAX_CONCURRENT_CONVERSATIONS", 64)
-
-
-class AgentSettings(TurnLimits):
-    access_token: Secret = env("WHATSAPP_ACCESS_TOKEN", Secret(""))
-    api_base_url: str = env("WHATSAPP_API_BASE_URL", "https://graph.facebook.com")
-    api_version: str = env("WHATSAPP_API_VERSION", "v23.0")
-    agent_backend: Literal["rules", "openai"] = env("AGENT_BACKEND", "rules")
-    agent_config: Path = env("AGENT_CONFIG", Path("config/agents.toml"))
-    openai_base_url: str = env("OPENAI_BASE_URL", "https://api.openai.com/v1")
-    openai_api_key: Secret = env("OPENAI_API_KEY", Secret(""))
-    agent_model: str = env("AGENT_MODEL", "gpt-4o-mini")
-    agent_token_limit: int = env("AGENT_TOKEN_LIMIT", 4000, gt=0)
-    breaker_threshold: int = env("AGENT_BREAKER_THRESHOLD", 5)
-    breaker_reset_seconds: float = env("AGENT_BREAKER_RESET_SECONDS", 30.0)
-
-    @field_validator("api_base_url", "openai_base_url")
-    @classmethod
-    def _no_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/")
-
-
-class DlqSettings(Base):
-    dlq_max_attempts: int = env("DLQ_MAX_ATTEMPTS", 3, gt=0)
-    dlq_retry_base_seconds: float = env("DLQ_RETRY_BASE_SECONDS", 30.0)
-    dlq_max_defer_seconds: float = env("DLQ_MAX_DEFER_SECONDS", 1800.0, ge=0)
-    dlq_poll_seconds: float = env("DLQ_POLL_SECONDS", 1.0)
-
-
-class CliSettings(GatewaySettings, StateSettings, AgentSettings, DlqSettings):
-    """`wa` starts, checks and drives every service: it reads every setting."""
-
-    run_dir: Path = env("RUN_DIR", Path(".run"))
-
-
-def variables(cls: type[Base] = CliSettings) -> frozenset[str]:
+def variables(cls: type[Base]) -> frozenset[str]:
     """The environment variables `cls` reads."""
     return frozenset(str(f.validation_alias) for f in cls.model_fields.values())
 

@@ -1,5 +1,6 @@
-from common import config, grpcserver
+from common import grpcserver
+from services.agent.settings import AgentSettings
 
 from .server import setup
 
-grpcserver.main("agent", config.AgentSettings, lambda s: s.agent_port, setup)
+grpcserver.main("agent", AgentSettings, lambda s: s.agent_port, setup)

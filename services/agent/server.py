@@ -13,6 +13,7 @@ from wa.v1 import agent_pb2, agent_pb2_grpc
 
 from common import config, db, logs, wire
 from common.domain import TurnResult
+from services.agent.settings import AgentSettings
 
 from . import agents, window
 from . import http as outbound
@@ -75,7 +76,7 @@ def _failed(error_class: str, message: str, *, retryable: bool = True) -> TurnRe
     )
 
 
-def make_backend(settings: config.AgentSettings, http: aiohttp.ClientSession) -> Backend:
+def make_backend(settings: AgentSettings, http: aiohttp.ClientSession) -> Backend:
     if settings.agent_backend == "openai":
         return OpenAIBackend(
             http,
@@ -94,9 +95,7 @@ def make_backend(settings: config.AgentSettings, http: aiohttp.ClientSession) ->
 
 
 @contextlib.asynccontextmanager
-async def setup(
-    server: grpc.aio.Server, settings: config.AgentSettings
-) -> AsyncIterator[list[str]]:
+async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterator[list[str]]:
     try:
         catalog = agents.load(settings.agent_config)
     except agents.AgentConfigError as exc:

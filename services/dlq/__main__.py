@@ -1,5 +1,6 @@
-from common import config, grpcserver
+from common import grpcserver
+from services.dlq.settings import DlqSettings
 
 from .server import setup
 
-grpcserver.main("dlq", config.DlqSettings, lambda s: s.dlq_port, setup)
+grpcserver.main("dlq", DlqSettings, lambda s: s.dlq_port, setup)

@@ -14,7 +14,8 @@ import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 from wa.v1 import agent_pb2, agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
-from common import config, db, grpcserver, logs, wire
+from common import db, grpcserver, logs, wire
+from services.dlq.settings import DlqSettings
 
 from . import store
 from .redrive import Handed, RedriveUnavailable, Worker, redrive_items
@@ -108,7 +109,7 @@ class GrpcAgentStatus:
 
 
 class DlqServicer(dlq_pb2_grpc.DlqServicer):
-    def __init__(self, pool: asyncpg.Pool, state: GrpcState, settings: config.DlqSettings) -> None:
+    def __init__(self, pool: asyncpg.Pool, state: GrpcState, settings: DlqSettings) -> None:
         self.pool = pool
         self.state = state
         self.settings = settings
@@ -227,7 +228,7 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
 
 
 @contextlib.asynccontextmanager
-async def setup(server: grpc.aio.Server, settings: config.DlqSettings) -> AsyncIterator[list[str]]:
+async def setup(server: grpc.aio.Server, settings: DlqSettings) -> AsyncIterator[list[str]]:
     pool = await db.create_pool(settings.require_database())
     async with (
         grpcserver.channel(settings.state_addr) as state_ch,

@@ -8,6 +8,7 @@ from typing import Any
 import uvicorn
 
 from common import config, runtime, telemetry
+from services.gateway.settings import GatewaySettings
 
 from .app import create_app
 from .tracing import RequestTracing
@@ -16,7 +17,7 @@ log = logging.getLogger("services.gateway")
 
 
 def main() -> None:
-    settings = runtime.load_settings(config.GatewaySettings, "gateway")
+    settings = runtime.load_settings(GatewaySettings, "gateway")
     try:
         app = create_app(settings)
     except config.ConfigError as exc:

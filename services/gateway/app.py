@@ -21,6 +21,7 @@ from wa.v1 import state_pb2, state_pb2_grpc
 
 from common import config, grpcserver, logs, telemetry, wire
 from common.components import check_components
+from services.gateway.settings import GatewaySettings
 
 from . import parse, signature
 from .batcher import IngestBatcher, IngestError
@@ -39,7 +40,7 @@ INGEST_TIMEOUT = 5.0
 
 @dataclass
 class GatewayState:
-    settings: config.GatewaySettings
+    settings: GatewaySettings
     state: state_pb2_grpc.StateStub
     batcher: IngestBatcher
 
@@ -112,7 +113,7 @@ def _correlation_id(request: Request) -> str:
     return cid
 
 
-async def _read(request: Request, settings: config.GatewaySettings) -> bytes:
+async def _read(request: Request, settings: GatewaySettings) -> bytes:
     """The body, within the size limit (413 over it)."""
     try:
         body = await _read_limited(request, settings.max_body_bytes)
@@ -124,7 +125,7 @@ async def _read(request: Request, settings: config.GatewaySettings) -> bytes:
     return body
 
 
-def _verify(request: Request, body: bytes, settings: config.GatewaySettings) -> None:
+def _verify(request: Request, body: bytes, settings: GatewaySettings) -> None:
     """Meta's signature of the body (401 without it)."""
     if not settings.skip_signature and not signature.verify(
         body, request.headers.get("x-hub-signature-256"), settings.app_secret.reveal()
@@ -243,7 +244,7 @@ async def metrics(request: Request) -> Response:
     )
 
 
-def create_app(settings: config.GatewaySettings) -> Starlette:
+def create_app(settings: GatewaySettings) -> Starlette:
     if not settings.skip_signature and not settings.app_secret:
         raise config.ConfigError(
             "WHATSAPP_APP_SECRET is not set (WHATSAPP_SKIP_SIGNATURE=true only for development)"

@@ -1,5 +1,6 @@
-from common import config, grpcserver
+from common import grpcserver
+from services.state.settings import StateSettings
 
 from .server import setup
 
-grpcserver.main("state", config.StateSettings, lambda s: s.state_port, setup)
+grpcserver.main("state", StateSettings, lambda s: s.state_port, setup)

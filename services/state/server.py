@@ -14,6 +14,7 @@ import grpc
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
 from common import config, db, domain, grpcserver, kv, logs, migrate, telemetry, wire
+from services.state.settings import StateSettings
 
 from . import machine, metrics, store
 from .clients import GrpcAgent, GrpcDlq
@@ -249,9 +250,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
 
 
 @contextlib.asynccontextmanager
-async def setup(
-    server: grpc.aio.Server, settings: config.StateSettings
-) -> AsyncIterator[list[str]]:
+async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterator[list[str]]:
     # `make run` and compose's job migrate first; a state service started on its own does it
     # too (the runner's advisory lock makes concurrent starters safe).
     with telemetry.untraced():

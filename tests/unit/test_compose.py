@@ -9,6 +9,7 @@ import yaml
 from opentelemetry.sdk import environment_variables as otel_environment
 
 from cli.run import SERVICES, service_command
+from cli.settings import CliSettings
 from common import config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def known_variables() -> frozenset[str]:
         for name, value in vars(otel_environment).items()
         if name.startswith("OTEL_") and isinstance(value, str)
     }
-    return config.variables() | otel
+    return config.variables(CliSettings) | otel
 
 
 def _app_environments() -> dict[str, dict[str, Any]]:
@@ -72,11 +73,11 @@ def test_compose_sets_only_variables_the_services_read() -> None:
 def test_compose_environment_is_a_configuration_the_services_accept() -> None:
     env = _compose()["x-service-env"]
     assert env["DATABASE_URL"].startswith("postgresql://")
-    settings = config.CliSettings.from_env(
+    settings = CliSettings.from_env(
         {
             k: str(v).split(":-")[-1].rstrip("}") if "${" in str(v) else str(v)
             for k, v in env.items()
-            if k in config.variables()
+            if k in config.variables(CliSettings)
         }
     )
     assert settings.state_addr == "dns:///state:50051"

@@ -10,9 +10,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from cli.settings import CliSettings
 from common import config
-from common.config import CliSettings, ConfigError, DlqSettings, GatewaySettings, Secret
+from common.config import ConfigError, Secret
+from services.dlq.settings import DlqSettings
 from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -93,7 +96,7 @@ def test_the_environment_wins_over_dotenv_which_wins_over_defaults(
         "WHATSAPP_SKIP_SIGNATURE=true\nDLQ_POLL_SECONDS=5\n"
     )
     monkeypatch.chdir(tmp_path)
-    for name in config.variables():
+    for name in config.variables(CliSettings):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GATEWAY_PORT", "9002")
     # A variable set empty in the environment hides .env's value: the default applies.

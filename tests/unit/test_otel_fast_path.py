@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
 import sys, orjson
-from common import config, runtime, telemetry
-runtime.load_settings(config.GatewaySettings, "gateway")  # where every service starts telemetry
+from common import runtime, telemetry
+from services.gateway.settings import GatewaySettings
+runtime.load_settings(GatewaySettings, "gateway")  # where every service starts telemetry
 span = telemetry.request_tracer("probe").start_span("probe-span", attributes={"wa.k": "v"})
 span.end()
 telemetry.shutdown_telemetry()  # flushes the batch processor

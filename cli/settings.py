@@ -1,0 +1,17 @@
+"""What `wa` reads: every service's settings, since it starts, checks and drives them all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import config
+from services.agent.settings import AgentSettings
+from services.dlq.settings import DlqSettings
+from services.gateway.settings import GatewaySettings
+from services.state.settings import StateSettings
+
+
+class CliSettings(GatewaySettings, StateSettings, AgentSettings, DlqSettings):
+    """`wa` starts, checks and drives every service: it reads every setting."""
+
+    run_dir: Path = config.env("RUN_DIR", Path(".run"))

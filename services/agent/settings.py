@@ -1,0 +1,29 @@
+"""What the agent service reads (README, Configuration)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import field_validator
+
+from common import config
+
+
+class AgentSettings(config.TurnLimits):
+    access_token: config.Secret = config.env("WHATSAPP_ACCESS_TOKEN", config.Secret(""))
+    api_base_url: str = config.env("WHATSAPP_API_BASE_URL", "https://graph.facebook.com")
+    api_version: str = config.env("WHATSAPP_API_VERSION", "v23.0")
+    agent_backend: Literal["rules", "openai"] = config.env("AGENT_BACKEND", "rules")
+    agent_config: Path = config.env("AGENT_CONFIG", Path("config/agents.toml"))
+    openai_base_url: str = config.env("OPENAI_BASE_URL", "https://api.openai.com/v1")
+    openai_api_key: config.Secret = config.env("OPENAI_API_KEY", config.Secret(""))
+    agent_model: str = config.env("AGENT_MODEL", "gpt-4o-mini")
+    agent_token_limit: int = config.env("AGENT_TOKEN_LIMIT", 4000, gt=0)
+    breaker_threshold: int = config.env("AGENT_BREAKER_THRESHOLD", 5)
+    breaker_reset_seconds: float = config.env("AGENT_BREAKER_RESET_SECONDS", 30.0)
+
+    @field_validator("api_base_url", "openai_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
