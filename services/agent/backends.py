@@ -283,7 +283,9 @@ def _count(usage: Any, key: str) -> int:
     value = usage.get(key) if isinstance(usage, dict) else None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
-    if value != value or value < 0 or value > 2**62:  # NaN, negative, absurd
+    # NaN, negative, absurd: more than any context window (and running sums of such figures
+    # would overflow agent_sessions' bigint counters).
+    if value != value or value < 0 or value > 2**31:
         return 0
     return int(value)
 

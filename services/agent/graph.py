@@ -154,8 +154,19 @@ class GraphClient:
                 )
                 error = _error_of(resp)
             except http.HttpFailure as exc:
-                # No answer: whether Meta has the message is unknown (status 0).
-                error = GraphError(str(exc), code="network", action=GraphAction.RETRY)
+                # No answer: whether Meta has the message is unknown (status 0). A connection
+                # that failed never carried the request: sending again is safe. A timeout may
+                # have: sending again could give the customer the message twice, so the send
+                # ends here and the next turn waits for its status webhook instead.
+                maybe_sent = exc.timeout or isinstance(
+                    exc.__cause__, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError
+                )
+                retry_safe = not maybe_sent or call != "send"
+                error = GraphError(
+                    str(exc),
+                    code="timeout" if exc.timeout else "network",
+                    action=GraphAction.RETRY if retry_safe else GraphAction.DLQ,
+                )
             finally:
                 GRAPH_SECONDS.labels(call).observe(time.perf_counter() - started)
             if error is None and resp is not None:
@@ -183,10 +194,12 @@ def _error_of(resp: http.Answer) -> GraphError | None:
     message = resp.text[:300]
     try:
         doc = resp.json()
-        err = doc.get("error", {}) if isinstance(doc, dict) else {}
+        err = doc.get("error") if isinstance(doc, dict) else None
+        err = err if isinstance(err, dict) else {}  # a proxy's {"error": "bad gateway"}
         code = str(err.get("code", ""))
         message = str(err.get("message", message))
-        details = (err.get("error_data") or {}).get("details")
+        data = err.get("error_data")
+        details = data.get("details") if isinstance(data, dict) else None
         if details:
             message = f"{message}: {details}"
     except ValueError:

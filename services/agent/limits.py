@@ -93,9 +93,13 @@ def _cut(text: str, limit: int) -> tuple[str, str]:
         if cuts:
             start, stop = cuts[-1]
             return text[:start], text[stop:]
+    # Never inside a character that renders as one, unless that would leave the part less
+    # than half full (a run of thousands of combining marks is no character anyone reads).
     cut = end
-    while cut > 1 and _joins(text[cut]):
+    while cut > max(1, end // 2) and _joins(text[cut]):
         cut -= 1
+    if _joins(text[cut]) and cut == max(1, end // 2):
+        cut = end
     return text[:cut], text[cut:]
 
 
@@ -121,8 +125,19 @@ def trim(text: str, limit: int = TEXT_BODY_MAX) -> str:
     return part.rstrip() + ELLIPSIS
 
 
+# The most messages one reply may become: a customer reads ten screens of text at the most; a
+# longer answer is cut, its last part ending in an ellipsis.
+MAX_PARTS = 10
+
+
 def fit(text: str, mode: str, limit: int = TEXT_BODY_MAX) -> list[str]:
     """The messages that carry `text` under the agent type's `long_replies` mode."""
     if length(text) <= limit:
         return [text]
-    return [trim(text, limit)] if mode == "trim" else split(text, limit)
+    if mode == "trim":
+        return [trim(text, limit)]
+    parts = split(text, limit)
+    if len(parts) > MAX_PARTS:
+        # The rest always goes beyond one message: trimmed, it ends in an ellipsis.
+        parts = [*parts[: MAX_PARTS - 1], trim(" ".join(parts[MAX_PARTS - 1 :]), limit)]
+    return parts

@@ -174,6 +174,6 @@ def graph_action(status: int, code: str) -> GraphAction:
         known = graph_code(int(code))
         if known is not None:
             return known.action
-        if status < 500:
+        if status < 500 and not retryable_status(status):
             return GraphAction.GIVE_UP
     return GraphAction.RETRY if retryable_status(status) else GraphAction.GIVE_UP

@@ -73,6 +73,7 @@ class IngestBatcher:
         return state_pb2.IngestResponse(
             results=[r for answer in answers for r in answer.results],
             statuses_stored=sum(answer.statuses_stored for answer in answers),
+            events_stored=sum(answer.events_stored for answer in answers),
         )
 
     async def _submit(
@@ -136,8 +137,8 @@ class IngestBatcher:
 
 
 def split(request: state_pb2.IngestRequest, max_bytes: int) -> list[state_pb2.IngestRequest]:
-    """`request`'s messages and statuses, in order, in parts of at most `max_bytes` each (an
-    event larger than that alone in its part)."""
+    """`request`'s messages, statuses and customer events, in order, in parts of at most
+    `max_bytes` each (an event larger than that alone in its part)."""
 
     def empty() -> state_pb2.IngestRequest:
         return state_pb2.IngestRequest(
@@ -147,7 +148,7 @@ def split(request: state_pb2.IngestRequest, max_bytes: int) -> list[state_pb2.In
     parts = [empty()]
     base = parts[0].ByteSize() + FRAMING_BYTES
     size = base
-    for kind in ("messages", "statuses"):
+    for kind in ("messages", "statuses", "events"):
         for event in getattr(request, kind):
             event_size = event.ByteSize() + FRAMING_BYTES
             if size > base and size + event_size > max_bytes:

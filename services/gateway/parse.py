@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -335,9 +335,13 @@ def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
     contacts = _contacts(value)
     for raw in _list(value.get("messages")):
         message = _message(raw, phone, contacts)
+        if message.type == "system" and not phone[1]:
+            # Whoever Meta names as its sender (the old BSUID, the new one, or nobody when no
+            # phone number may be shared), the message belongs to the customer's new BSUID.
+            current = _system_event(_dict(raw), message, delivery)
+            if current:
+                message = replace(message, user_id=current)
         delivery.messages.append(message)
-        if message.type == "system" and not message.skip_reason:
-            _system_event(_dict(raw), message, delivery)
     for raw in _list(value.get("statuses")):
         status = _dict(raw)
         status_id = _str(status.get("id"))
@@ -370,16 +374,17 @@ def _event_id(kind: str, phone_number_id: str, entry: Any) -> str:
     return f"{kind}:{hashlib.sha256(canonical).hexdigest()[:40]}"
 
 
-def _system_event(raw: dict[str, Any], message: Message, delivery: Delivery) -> None:
-    """A `system` message saying the customer's BSUID (and perhaps phone number) changed."""
+def _system_event(raw: dict[str, Any], message: Message, delivery: Delivery) -> str:
+    """A `system` message saying the customer's BSUID (and perhaps phone number) changed:
+    the event, and the customer's current BSUID ("" when it says nothing of the kind)."""
     system = _dict(raw.get("system"))
     kind = _str(system.get("type"))
     if kind not in {"user_changed_user_id", "user_changed_number"}:
-        return
+        return ""
     current, previous = _id(system.get("user_id")), _id(system.get("previous_user_id"))
     new_phone = _id(system.get("wa_id")) if kind == "user_changed_number" else ""
-    if not (current and previous) and not new_phone:
-        return
+    if not (current and previous):
+        return ""
     delivery.events.append(
         Event(
             event_id="user_id_update:" + message.message_id,
@@ -393,6 +398,7 @@ def _system_event(raw: dict[str, Any], message: Message, delivery: Delivery) -> 
             payload_json=message.payload_json,
         )
     )
+    return current
 
 
 def _parse_customer_events(field_name: str, value: dict[str, Any], delivery: Delivery) -> None:

@@ -4,11 +4,11 @@
 -- was stored. Rows are written in key order so concurrent batches cannot deadlock each other.
 -- A conversation is one per (business number, customer_id): the customer's BSUID when Meta
 -- sends one, the phone number otherwise. `adopt`: a conversation known by a phone number that
--- this batch names together with a BSUID takes the BSUID as its key (once: later deliveries
--- find it by the BSUID, with or without the phone number). The phone number, BSUID and
+-- this batch names together with a BSUID (in any of its messages) takes the BSUID as its key
+-- (once: later deliveries find it by the BSUID, or by the phone number alone). The phone number, BSUID and
 -- username are attributes that only a newer value replaces; an absent one keeps the old.
-WITH input AS (
-    SELECT t.*, COALESCE(NULLIF(t.user_id, ''), t.wa_id) AS customer_id
+WITH raw AS (
+    SELECT *
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                   $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::text[],
                   $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
@@ -17,24 +17,46 @@ WITH input AS (
                                 correlation_id, wa_timestamp, message_type, body, payload,
                                 status, reason, traceparent, user_id, parent_user_id,
                                 username, referral, ord)
+), pairs AS (
+    -- What this batch proves: this phone number and this BSUID are one customer.
+    SELECT DISTINCT ON (phone_number_id, wa_id) phone_number_id, wa_id, user_id
+      FROM raw
+     WHERE user_id <> '' AND wa_id <> ''
+     ORDER BY phone_number_id, wa_id, wa_timestamp DESC
+), input AS (
+    -- Each message's customer: its BSUID; else the BSUID its phone number goes with, in this
+    -- batch or in a conversation that knows both; else the phone number. (COALESCE stops at
+    -- the first value: the lookup runs only for a phone number without a BSUID.)
+    SELECT r.*,
+           COALESCE(NULLIF(r.user_id, ''), p.user_id,
+                    (SELECT c.customer_id FROM webhook_conversations c
+                      WHERE c.phone_number_id = r.phone_number_id AND c.wa_id = r.wa_id
+                        AND c.user_id IS NOT NULL AND r.wa_id <> ''
+                      ORDER BY c.last_activity_at DESC
+                      LIMIT 1),
+                    r.wa_id) AS customer_id
+      FROM raw r
+      LEFT JOIN pairs p
+             ON r.user_id = '' AND p.phone_number_id = r.phone_number_id AND p.wa_id = r.wa_id
 ), keys AS (
     SELECT DISTINCT ON (phone_number_id, customer_id) *
       FROM input
      ORDER BY phone_number_id, customer_id, wa_timestamp DESC
 ), adopt AS (
     UPDATE webhook_conversations c
-       SET customer_id = k.customer_id, user_id = k.user_id, wa_id = k.wa_id,
+       SET customer_id = p.user_id, user_id = p.user_id,
+           wa_id = COALESCE(NULLIF(k.wa_id, ''), p.wa_id),
            parent_user_id = COALESCE(NULLIF(k.parent_user_id, ''), c.parent_user_id),
            username = COALESCE(NULLIF(k.username, ''), c.username),
            contact_name = COALESCE(NULLIF(k.contact_name, ''), c.contact_name),
            last_message_at = GREATEST(c.last_message_at, k.wa_timestamp),
            last_activity_at = now(), updated_at = now()
-      FROM keys k
-     WHERE k.user_id <> '' AND k.wa_id <> ''
-       AND c.phone_number_id = k.phone_number_id AND c.customer_id = k.wa_id
+      FROM pairs p
+      JOIN keys k ON k.phone_number_id = p.phone_number_id AND k.customer_id = p.user_id
+     WHERE c.phone_number_id = p.phone_number_id AND c.customer_id = p.wa_id
        AND NOT EXISTS (SELECT 1 FROM webhook_conversations d
-                        WHERE d.phone_number_id = k.phone_number_id
-                          AND d.customer_id = k.customer_id)
+                        WHERE d.phone_number_id = p.phone_number_id
+                          AND d.customer_id = p.user_id)
     RETURNING c.id, c.phone_number_id, c.customer_id
 ), created AS (
     INSERT INTO webhook_conversations AS c
@@ -109,8 +131,12 @@ WITH input AS (
                  WHERE m.reply_message_id = i.outbound_id AND m.kind = 'message' LIMIT 1),
                (SELECT c.id FROM webhook_conversations c
                  WHERE c.phone_number_id = i.phone_number_id
-                   AND c.customer_id = COALESCE(NULLIF(i.recipient_user_id, ''),
-                                                i.recipient_id))),
+                   AND c.customer_id = NULLIF(i.recipient_user_id, '')),
+               (SELECT c.id FROM webhook_conversations c
+                 WHERE c.phone_number_id = i.phone_number_id
+                   AND c.wa_id = NULLIF(i.recipient_id, '')
+                 ORDER BY c.last_activity_at DESC
+                 LIMIT 1)),
            i.phone_number_id, i.recipient_id, NULLIF(i.recipient_user_id, ''), 'status', i.ts,
            i.status, i.payload::jsonb,
            'skipped', 'status update: ' || i.status, i.outbound_id, i.status,
@@ -344,7 +370,9 @@ RETURNING message_id
 UPDATE webhook_conversations c
    SET customer_id = $2, user_id = $2,
        parent_user_id = COALESCE(NULLIF($3, ''), c.parent_user_id),
-       wa_id = COALESCE(NULLIF($4, ''), c.wa_id),
+       -- Meta issues a new BSUID when the phone number changes: the old number is no longer
+       -- the customer's (replies to it would go astray), the new one is known only if shared.
+       wa_id = NULLIF($4, ''),
        updated_at = now()
  WHERE c.user_id = $1 AND $1 <> '' AND $2 <> ''
    AND NOT EXISTS (SELECT 1 FROM webhook_conversations d
@@ -352,11 +380,13 @@ UPDATE webhook_conversations c
 RETURNING c.id
 
 -- name: apply_user_preferences
--- Marketing messages stopped or resumed ($3), as of $4; an older event never overrides a
--- newer one.
+-- Marketing messages stopped or resumed ($3), as of $4, by the customer of business number
+-- $5: named by its BSUID, or by its phone number when Meta sent no BSUID. An older event never
+-- overrides a newer one.
 UPDATE webhook_conversations c
    SET marketing_preference = $3, marketing_preference_at = $4, updated_at = now()
- WHERE ((c.user_id = $1 AND $1 <> '') OR (c.wa_id = $2 AND $2 <> ''))
+ WHERE c.phone_number_id = $5
+   AND ((c.user_id = $1 AND $1 <> '') OR ($1 = '' AND c.wa_id = $2 AND $2 <> ''))
    AND (c.marketing_preference_at IS NULL OR c.marketing_preference_at <= $4)
 RETURNING c.id
 

@@ -123,6 +123,9 @@ class StateServicer(state_pb2_grpc.StateServicer):
                 if request.operator
                 else request.reason or "redriven from the dead-letter queue",
                 correlation_id=request.correlation_id,
+                # Only a message that has finished failing: one that waits or whose turn is
+                # running (a redrive repeated after a timeout) is not queued a second time.
+                sources=store.REDRIVABLE,
             )
         except store.UnknownMessage:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no message {request.message_id}")

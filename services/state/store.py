@@ -117,11 +117,15 @@ async def ingest_many(pool: asyncpg.Pool, deliveries: list[DeliveryIn]) -> list[
     events = [(d, e) for d in deliveries for e in d.events]
     async with pool.acquire() as conn:
         # One statement is atomic by itself: no BEGIN/COMMIT round trips.
-        several = sum(1 for kind in (messages, statuses, events) if kind) > 1
+        # Customer events are stored and applied together or not at all (a stored event is a
+        # duplicate when Meta retries it, so it must not be stored unapplied).
+        several = bool(events) or bool(messages and statuses)
         async with conn.transaction() if several else contextlib.nullcontext():
+            # A changed BSUID first: the messages of this delivery then find their
+            # conversation under the new one.
+            applied = await _apply_events(conn, events) if events else set()
             rows = await _insert_messages(conn, messages) if messages else []
             stored = await _insert_statuses(conn, statuses) if statuses else set()
-            applied = await _apply_events(conn, events) if events else set()
     seen: set[str] = set()
     results: dict[int, list[Ingested]] = {id(d): [] for d in deliveries}
     for (d, m), row in zip(messages, rows, strict=True):
@@ -183,6 +187,7 @@ async def _apply_events(conn: Conn, events: list[tuple[DeliveryIn, Event]]) -> s
                 e.wa_id,
                 e.preference_value,
                 _ts(e.timestamp),
+                e.phone_number_id,
             )
         log.info(
             "customer event applied",
@@ -455,6 +460,10 @@ async def next_message(pool: asyncpg.Pool, conversation_id: int, token: int) -> 
     )
 
 
+# What a redrive may put back in its conversation's queue: a message that has finished failing.
+REDRIVABLE = [machine.FAILED, machine.DEAD_LETTERED]
+
+
 async def transition(
     pool: asyncpg.Pool,
     message_id: str,
@@ -463,16 +472,18 @@ async def transition(
     *,
     token: int | None = None,
     correlation_id: str = "",
+    sources: list[str] | None = None,
 ) -> str:
     """Applies one validated, audited transition in one round trip; returns the state it left.
 
     With a token, the write happens only while that token is still the conversation's.
+    `sources`: only from these states (a subset of what the machine allows).
     """
     row = await pool.fetchrow(
         Q["transition_message"],
         message_id,
         to_state,
-        machine.message_sources(to_state),
+        sources if sources is not None else machine.message_sources(to_state),
         reason,
         token,
         correlation_id,

@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 
 from common import migrate
-from common.domain import Event, Message
+from common.domain import Event, Message, Status
 from services.gateway import parse
 from services.state import store
 from tests.support import payloads
@@ -20,14 +20,21 @@ from tests.support.servers import Postgres
 PHONE = "15550001111"
 
 
-def inbound(message_id: str, wa_id: str = PHONE, user_id: str = "", username: str = "") -> Message:
+def inbound(
+    message_id: str,
+    wa_id: str = PHONE,
+    user_id: str = "",
+    username: str = "",
+    ts: int = 0,
+    phone_number_id: str = "100",
+) -> Message:
     return Message(
         message_id=message_id,
-        phone_number_id="100",
+        phone_number_id=phone_number_id,
         wa_id=wa_id,
         contact_name="Ann",
         type="text",
-        timestamp=int(time.time()),
+        timestamp=ts or int(time.time()),
         text="hi",
         payload_json="{}",
         user_id=user_id,
@@ -256,3 +263,97 @@ async def test_conversations_from_before_bsuids_keep_their_context_after_the_upg
         assert alone.conversation_id == conv_ids[1]
     finally:
         await pool.close()
+
+
+async def test_every_shape_of_one_customer_in_one_batch_or_after_is_one_conversation(
+    pool: asyncpg.Pool,
+) -> None:
+    """The batch proves phone and BSUID are one customer in any of its messages, whichever is
+    newest; a message by phone number alone later still finds the BSUID's conversation."""
+    base = int(time.time())
+    user = payloads.bsuid("mixed")
+    (old,) = await ingest(pool, inbound("wamid.m0", ts=base))
+    batch = await ingest(
+        pool,
+        inbound("wamid.m1", ts=base + 1),  # phone only, beside the proof
+        inbound("wamid.m2", user_id=user, ts=base + 2),  # the proof: phone and BSUID
+        inbound("wamid.m3", wa_id="", user_id=user, ts=base + 3),  # newest: BSUID only
+    )
+    assert {r.conversation_id for r in batch} == {old.conversation_id}
+    (later,) = await ingest(pool, inbound("wamid.m4", ts=base + 4))  # phone only, after
+    assert later.conversation_id == old.conversation_id
+    assert await pool.fetchval("SELECT count(*) FROM webhook_conversations") == 1
+    assert (await conversation(pool, old.conversation_id))["customer_id"] == user
+
+
+async def test_a_bsuid_change_without_any_sender_moves_the_conversation_and_forgets_the_number(
+    pool: asyncpg.Pool,
+) -> None:
+    """user_changed_user_id: the customer's number changed and may not be shared. Meta may
+    name no sender at all; the old number must not receive replies any more."""
+    old, new = payloads.bsuid("frank-old"), payloads.bsuid("frank-new")
+    first_message = inbound("wamid.f1", user_id=old, phone_number_id=payloads.PHONE_NUMBER_ID)
+    (first,) = await ingest(pool, first_message)
+    system = payloads.message(
+        "system",
+        wa_id=None,
+        system={
+            "body": f"User Frank changed from {old} to {new}",
+            "type": "user_changed_user_id",
+            "user_id": new,
+            "previous_user_id": old,
+        },
+    )
+    delivery = parse.parse(orjson.dumps(payloads.delivery(messages=[system])))
+    (message,) = delivery.messages
+    assert message.user_id == new
+    out = await store.ingest_many(
+        pool, [store.DeliveryIn(delivery.messages, [], "c", "", delivery.events)]
+    )
+    assert out[0].events_stored == 1
+    assert out[0].results[0].conversation_id == first.conversation_id
+    assert await conversation(pool, first.conversation_id) == {
+        "customer_id": new,
+        "wa_id": None,
+        "user_id": new,
+        "username": None,
+        "message_count": 2,
+        "marketing_preference": None,
+    }
+
+
+async def test_a_status_finds_its_conversation_by_bsuid_or_by_phone_number(
+    pool: asyncpg.Pool,
+) -> None:
+    user = payloads.bsuid("status-lookup")
+    (by_user,) = await ingest(pool, inbound("wamid.s1", wa_id="15550002020", user_id=user))
+    (by_phone,) = await ingest(pool, inbound("wamid.s2", wa_id="15550003030"))
+    statuses = [
+        Status(
+            message_id="wamid.OUT-unknown-1",
+            phone_number_id="100",
+            recipient_id="",
+            status="failed",
+            timestamp=int(time.time()),
+            payload_json="{}",
+            recipient_user_id=user,
+        ),
+        Status(
+            message_id="wamid.OUT-unknown-2",
+            phone_number_id="100",
+            recipient_id="15550003030",
+            status="failed",
+            timestamp=int(time.time()),
+            payload_json="{}",
+            recipient_user_id=payloads.bsuid("not-yet-adopted"),
+        ),
+    ]
+    await store.ingest_many(pool, [store.DeliveryIn([], statuses, "c", "")])
+    rows = await pool.fetch(
+        "SELECT reply_message_id, conversation_id FROM processed_webhook_messages"
+        " WHERE kind = 'status' ORDER BY reply_message_id"
+    )
+    assert [r["conversation_id"] for r in rows] == [
+        by_user.conversation_id,
+        by_phone.conversation_id,
+    ]

@@ -186,3 +186,24 @@ async def test_lease_renewal_keeps_a_long_turn(redis_server: Redis, redis_prefix
         assert await locks.holder(7) is None
     finally:
         await client.aclose()
+
+
+async def test_a_redrive_never_requeues_a_message_whose_turn_is_running(
+    pool: asyncpg.Pool,
+) -> None:
+    """State.Redrive moves only failed or dead-lettered messages: repeated after a timeout,
+    or by an operator while the redriven turn runs, it must not queue a second turn."""
+    (result,), _ = await store.ingest(pool, [inbound("wamid.RUN")], [], "c", "")
+    token = await store.claim_conversation(pool, result.conversation_id, "me")
+    item = await store.next_message(pool, result.conversation_id, token)
+    assert item is not None and item.message_id == "wamid.RUN"
+    with pytest.raises(machine.IllegalTransition):
+        await store.transition(
+            pool,
+            "wamid.RUN",
+            machine.RECEIVED,
+            "redriven",
+            sources=store.REDRIVABLE,
+        )
+    status = "SELECT status FROM processed_webhook_messages WHERE message_id = 'wamid.RUN'"
+    assert await pool.fetchval(status) == "processing"

@@ -180,6 +180,22 @@ async def test_no_answer_is_retried(mocked: aioresponses, session: aiohttp.Clien
     assert sent.attempts == 2
 
 
+@pytest.mark.parametrize(
+    "exc", [TimeoutError(), aiohttp.ServerDisconnectedError()], ids=["timeout", "disconnected"]
+)
+async def test_a_send_that_may_have_reached_meta_is_not_sent_again_in_the_turn(
+    mocked: aioresponses, session: aiohttp.ClientSession, exc: Exception
+) -> None:
+    """The request was written and no answer came: Meta may have the message. Sending again
+    could give the customer two; the next turn waits for the status webhook instead."""
+    answer(mocked, SEND_URL, exception=exc)
+    answer(mocked, SEND_URL, **SENT)
+    with pytest.raises(GraphError) as raised:
+        await send(graph_client(session, Waits()))
+    assert raised.value.status == 0 and raised.value.retryable
+    assert calls(mocked, SEND_URL) == 1
+
+
 # --- Retry-After ----------------------------------------------------------------------------
 
 
@@ -285,6 +301,9 @@ def test_undocumented_codes_follow_the_status() -> None:
     assert graph_action(500, "999999") is GraphAction.RETRY
     assert graph_action(429, "") is GraphAction.RETRY
     assert graph_action(401, "") is GraphAction.GIVE_UP
+    # Graph's own throttling codes on a 429 (613 calls, 32 page requests): throttled, not final.
+    assert graph_action(429, "613") is GraphAction.RETRY
+    assert graph_action(429, "32") is GraphAction.RETRY
 
 
 async def test_a_final_code_on_a_5xx_is_not_retried(

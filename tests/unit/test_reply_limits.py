@@ -136,3 +136,14 @@ def test_model_and_long_replies_are_optional_and_long_replies_is_validated(
     path.write_text(base + 'long_replies = "drop"\n')
     with pytest.raises(agents.AgentConfigError, match=r"agents.toml:8: long_replies"):
         agents.load(path)
+
+
+def test_a_reply_never_becomes_more_than_ten_messages_nor_a_shower_of_fragments() -> None:
+    # Thousands of combining marks on one letter: no character boundary to cut at.
+    marks = limits.fit("a" + "\u0301" * 6000, "split")
+    assert len(marks) == 2 and all(limits.length(p) <= limits.TEXT_BODY_MAX for p in marks)
+    # An answer of twenty full messages: ten, the last one ending in an ellipsis.
+    long = limits.fit(("word " * 1000 + "\n\n") * 20, "split")
+    assert len(long) == limits.MAX_PARTS
+    assert long[-1].endswith(limits.ELLIPSIS)
+    assert all(limits.length(p) <= limits.TEXT_BODY_MAX for p in long)
