@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,7 @@ class GraphClient:
         callback_data: str | None = None,
         deadline: Deadline = UNBOUNDED,
         user_id: str = "",
+        before_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> Sent:
         """Sends one text message to the phone number `to` or, when it is "" (a customer with
         a username), to the business-scoped user id `user_id`. `callback_data` (default:
@@ -109,7 +111,9 @@ class GraphClient:
             # Echoed in this reply's status webhooks: ties a delivery to the message it answers
             # even when we never saw the send's response.
             payload["biz_opaque_callback_data"] = callback
-        data, attempts = await self._post("send", phone_number_id, payload, deadline=deadline)
+        data, attempts = await self._post(
+            "send", phone_number_id, payload, deadline=deadline, before_retry=before_retry
+        )
         messages = data.get("messages") or [{}]
         return Sent(message_id=str(messages[0].get("id", "")), attempts=attempts)
 
@@ -130,7 +134,10 @@ class GraphClient:
         payload: dict[str, Any],
         retries: int | None = None,
         deadline: Deadline = UNBOUNDED,
+        before_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[dict[str, Any], int]:
+        """`before_retry`: awaited before each attempt after the first; it raises to stop
+        (the turn's conversation was taken over while this one waited)."""
         policy = self.policy
         if retries is not None:
             policy = dataclasses.replace(policy, max_retries=retries)
@@ -141,6 +148,8 @@ class GraphClient:
             # Past the turn's deadline nothing is sent: the next turn of this message may
             # already be starting.
             deadline.check(f"{call} to the Graph API", SEND_MARGIN_SECONDS)
+            if attempt > 1 and before_retry is not None:
+                await before_retry()
             timeout = deadline.bound(self.timeout)
             started = time.perf_counter()
             resp: http.Answer | None = None

@@ -119,3 +119,6 @@ WITH fence AS (
      WHERE m.message_id = $1 AND f.fence_token = $5
 )
 SELECT fence_token FROM fence
+
+-- name: fence_token
+SELECT fence_token FROM webhook_conversations WHERE id = $1

@@ -280,6 +280,13 @@ class Agent:
         fence = await self.pool.fetchval(Q[query], *args, req.conversation_id, req.fence_token)
         _check_fence(req, fence)
 
+    async def _still_holder(self, req: TurnRequest) -> None:
+        """Before a send is tried again (after a wait, e.g. a Retry-After): the conversation
+        may have been taken over meanwhile (its driver died, the sweeper broke its lease) and
+        the new holder's turn may send this reply itself. Raises StaleFence then. Costs a
+        round trip only on a retry, never on a first attempt."""
+        _check_fence(req, await self.pool.fetchval(Q["fence_token"], req.conversation_id))
+
     async def _session_error(self, req: TurnRequest, agent_type: str) -> None:
         try:
             await self.pool.execute(
@@ -332,6 +339,7 @@ class Agent:
                     reply_to=req.message_id,
                     deadline=deadline,
                     user_id=req.user_id,
+                    before_retry=lambda: self._still_holder(req),
                 )
             except GraphError as exc:
                 span.set_status(trace.StatusCode.ERROR, str(exc))
@@ -415,6 +423,7 @@ class Agent:
                         callback_data=callback,
                         deadline=deadline,
                         user_id=req.user_id,
+                        before_retry=lambda: self._still_holder(req),
                     )
                 except GraphError as exc:
                     span.set_status(trace.StatusCode.ERROR, str(exc))

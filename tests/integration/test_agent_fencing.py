@@ -110,3 +110,33 @@ async def test_a_stale_holder_neither_sends_again_nor_records_errors(
         await agent.reply(request("wamid.OLD", conversation, token))
     assert len(graph.sends) == 1
     assert await reply_row(pool, "wamid.OLD") == row
+
+
+async def test_a_holder_taken_over_while_it_waits_to_send_again_does_not_send(
+    pool: asyncpg.Pool, graph: FakeGraph
+) -> None:
+    """The Graph API throttles the send (Retry-After); while the turn waits, its driver is
+    taken for dead and another one claims the conversation, whose turn will send the reply
+    itself. The first turn must not send it too when its wait is over."""
+    conversation, token = await claimed(pool, "wamid.WAIT")
+    throttled = graph.error(429, 130429, "rate limit hit")
+    graph.fail_next((throttled[0], throttled[1], {"Retry-After": "1"}))
+    async with aiohttp.ClientSession() as http:
+        client = GraphClient(
+            http, base_url=graph.url, version="v23.0", access_token="t", max_retries=3
+        )
+        agent = Agent(
+            pool,
+            agents.load(ROOT / "config" / "agents.toml"),
+            RulesBackend(),
+            client,
+            token_limit=4000,
+            confirm_seconds=0.5,
+        )
+        turn = asyncio.create_task(agent.reply(request("wamid.WAIT", conversation, token)))
+        assert await asyncio.to_thread(graph.wait_for, lambda: len(graph.sends) == 1)
+        await store.claim_conversation(pool, conversation, "driver-b")
+        with pytest.raises(StaleFence):
+            await turn
+    await asyncio.sleep(0.5)
+    assert len(graph.sends) == 1
