@@ -24,20 +24,26 @@ from tests.support.fakes import FakeGraph
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def make_agent(
+    pool: asyncpg.Pool, graph: FakeGraph, http: aiohttp.ClientSession, max_retries: int
+) -> Agent:
+    client = GraphClient(
+        http, base_url=graph.url, version="v23.0", access_token="t", max_retries=max_retries
+    )
+    return Agent(
+        pool,
+        agents.load(ROOT / "config" / "agents.toml"),
+        RulesBackend(),
+        client,
+        token_limit=4000,
+        confirm_seconds=0.5,
+    )
+
+
 @pytest.fixture
 async def agent(pool: asyncpg.Pool, graph: FakeGraph) -> AsyncIterator[Agent]:
     async with aiohttp.ClientSession() as http:
-        client = GraphClient(
-            http, base_url=graph.url, version="v23.0", access_token="t", max_retries=0
-        )
-        yield Agent(
-            pool,
-            agents.load(ROOT / "config" / "agents.toml"),
-            RulesBackend(),
-            client,
-            token_limit=4000,
-            confirm_seconds=0.5,
-        )
+        yield make_agent(pool, graph, http, max_retries=0)
 
 
 async def claimed(pool: asyncpg.Pool, message_id: str) -> tuple[int, int]:
@@ -122,17 +128,7 @@ async def test_a_holder_taken_over_while_it_waits_to_send_again_does_not_send(
     throttled = graph.error(429, 130429, "rate limit hit")
     graph.fail_next((throttled[0], throttled[1], {"Retry-After": "1"}))
     async with aiohttp.ClientSession() as http:
-        client = GraphClient(
-            http, base_url=graph.url, version="v23.0", access_token="t", max_retries=3
-        )
-        agent = Agent(
-            pool,
-            agents.load(ROOT / "config" / "agents.toml"),
-            RulesBackend(),
-            client,
-            token_limit=4000,
-            confirm_seconds=0.5,
-        )
+        agent = make_agent(pool, graph, http, max_retries=3)
         turn = asyncio.create_task(agent.reply(request("wamid.WAIT", conversation, token)))
         assert await asyncio.to_thread(graph.wait_for, lambda: len(graph.sends) == 1)
         await store.claim_conversation(pool, conversation, "driver-b")
