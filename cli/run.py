@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 
 from cli.settings import CliSettings
 from common import config, logs, migrate
+from common.redact import mask_url
 from devtools import embedded, supervisor
 from devtools.ports import free_port
 
@@ -154,8 +155,8 @@ def _print_endpoints(settings: CliSettings, database_url: str, redis_url: str) -
         f"  state     grpc 127.0.0.1:{settings.state_port}   metrics :{METRICS_PORTS['state']}",
         f"  agent     grpc 127.0.0.1:{settings.agent_port}   metrics :{METRICS_PORTS['agent']}",
         f"  dlq       grpc 127.0.0.1:{settings.dlq_port}   metrics :{METRICS_PORTS['dlq']}",
-        f"  postgres  {database_url}",
-        f"  redis     {redis_url}",
+        f"  postgres  {mask_url(database_url)}",
+        f"  redis     {mask_url(redis_url)}",
         '  try:      .venv/bin/wa simulate "hello"',
         "",
     ]

@@ -14,6 +14,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .redact import mask_urls
+
 # Switches off the webhook's authentication: only ever set on purpose, in the environment.
 ENVIRONMENT_ONLY = frozenset({"WHATSAPP_SKIP_SIGNATURE"})
 
@@ -160,6 +162,6 @@ def _describe(cls: type[Base], exc: ValidationError) -> str:
             parts.append(msg)
             continue
         name = str(error["loc"][0])
-        got = "" if name in secret else f", got {error['input']!r}"
+        got = "" if name in secret else f", got {mask_urls(repr(error['input']))}"
         parts.append(f"{name}: {msg}{got}")
     return "; ".join(parts)

@@ -13,7 +13,7 @@ from services.agent import window
 from tests.conftest import StartSystem
 from tests.support import payloads
 from tests.support.fakes import FakeGraph, FakeModel, model_error
-from tests.support.system import System
+from tests.support.system import System, readiness
 
 pytestmark = pytest.mark.e2e
 
@@ -126,7 +126,7 @@ async def test_the_breaker_opens_fails_fast_and_closes_when_the_model_is_back(
     slow = (time.monotonic() - started) / 2
     calls = len(model.requests)
     assert calls == 4  # two messages, two attempts each: the breaker is open now
-    ready = (await system.http.get(f"{system.url}/readyz")).json()
+    _, ready = await readiness(system, lambda _, body: any(c.get("breaker") == "open" for c in body["components"]))
     agent = next(c for c in ready["components"] if c["name"] == "agent")
     assert agent["breaker"] == "open" and agent["healthy"]
 
@@ -141,7 +141,7 @@ async def test_the_breaker_opens_fails_fast_and_closes_when_the_model_is_back(
     model.delay = 0
     await asyncio.sleep(3.2)
     await say(system, "fourth", wa_id="15550000004")
-    ready = (await system.http.get(f"{system.url}/readyz")).json()
+    _, ready = await readiness(system, lambda _, body: any(c.get("breaker") == "closed" for c in body["components"]))
     agent = next(c for c in ready["components"] if c["name"] == "agent")
     assert agent["breaker"] == "closed"
     assert len(graph.sends) == 1
