@@ -133,8 +133,9 @@ class Pruner:
             "retention loop started",
             extra={"retention_days": self.days, "interval": self.interval, "batch": self.batch},
         )
-        # The first pass soon after start, at a random point so replicas do not all go at once.
-        wait = random.uniform(0.1, min(self.interval, 30.0))
+        # The first pass within five minutes of start (sooner with a short interval), at a
+        # random point so replicas started together do not all go at once.
+        wait = random.uniform(0.2, 1.0) * min(self.interval, 300.0)
         failures = 0
         with telemetry.untraced():  # housekeeping, part of no message's trace
             while not self._stop.is_set():
