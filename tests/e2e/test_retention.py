@@ -74,6 +74,7 @@ async def test_the_background_loop_prunes_old_finished_work(
     audit = await pool.fetchrow(
         "SELECT requested_by, counts FROM wa_erasure_audit WHERE kind = 'prune' ORDER BY id"
     )
+    assert audit is not None
     assert audit["requested_by"] == "state"
     assert json.loads(audit["counts"])["processed_webhook_messages"] == 1
     passes = [r for r in system.log_lines("state") if r.get("msg") == "prune pass"]
@@ -173,6 +174,7 @@ async def test_the_stored_context_keeps_only_the_newest_messages(
         "SELECT messages, token_count FROM agent_contexts WHERE conversation_id = $1",
         await conversation_of(pool, last["id"]),
     )
+    assert row is not None
     messages = json.loads(row["messages"])
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert [m["content"] for m in messages if m["role"] == "user"] == [

@@ -238,6 +238,7 @@ async def test_prune_deletes_old_finished_work_and_keeps_what_is_still_needed(
     )
     assert out.counts["processed_webhook_messages"] == 6 + 2 + 2  # with the status webhooks
     audit = await pool.fetchrow("SELECT kind, counts::text, requested_by FROM wa_erasure_audit")
+    assert audit is not None
     assert audit["kind"] == "prune" and audit["requested_by"] == "test"
     again = await retention.prune(pool, 90, 500, requested_by="test")
     assert again.total == 0 and again.batches == 1
@@ -308,6 +309,7 @@ async def test_forget_erases_one_customer_everywhere_and_keeps_a_duplicate_guard
                 f"SELECT count(*) FROM {table} x WHERE x::text LIKE '%' || $1 || '%'", value
             ), f"{value!r} still in {table}"
     audit = await pool.fetchrow("SELECT *, a::text AS line FROM wa_erasure_audit a")
+    assert audit is not None
     assert audit["kind"] == "forget" and audit["requested_by"] == "operator"
     assert audit["counts"]["processed_webhook_messages"] == 3
     phone_digest = hashlib.sha256(phone.encode()).hexdigest()
