@@ -366,3 +366,9 @@ BEGIN
     RETURN QUERY SELECT key, value::bigint FROM jsonb_each_text(v_counts);
 END
 $$;
+
+-- Functions are executable by everyone unless told otherwise: these erase data, so nobody but
+-- their owner may run them until a role is granted EXECUTE (the state service's role).
+REVOKE EXECUTE ON FUNCTION wa_prune(integer, integer, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION wa_record_prune(jsonb, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION wa_forget_customer(text, text) FROM PUBLIC;

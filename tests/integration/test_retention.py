@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -377,3 +378,28 @@ async def test_forget_waits_for_a_turn_in_flight_then_refuses(
     assert erased["processed_webhook_messages"] == 2
     # Its lease, the conversation's only Redis key, is gone with it.
     assert await locks.holder(conv) is None
+
+
+async def test_only_a_role_granted_execute_may_prune_or_forget(pool: asyncpg.Pool) -> None:
+    role = f"wa_test_{uuid.uuid4().hex[:10]}"
+    await pool.execute(f"CREATE ROLE {role} NOLOGIN")
+    try:
+        for call in (
+            "SELECT * FROM wa_prune(90, 500, true)",
+            "SELECT wa_record_prune('{}'::jsonb, 'x')",
+            "SELECT * FROM wa_forget_customer('15550000001', 'x')",
+        ):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL ROLE {role}")
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetch(call)
+        await pool.execute(
+            f"GRANT EXECUTE ON FUNCTION wa_prune(integer, integer, boolean) TO {role}"
+        )
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {role}")
+            # It runs as its owner: the caller needs no privilege on the tables themselves.
+            assert len(await conn.fetch("SELECT * FROM wa_prune(90, 500, true)")) == 8
+    finally:
+        await pool.execute(f"DROP OWNED BY {role}")
+        await pool.execute(f"DROP ROLE {role}")
