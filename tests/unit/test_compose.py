@@ -234,9 +234,7 @@ def test_compose_file_keeps_its_promises() -> None:
 
 MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "no healthcheck": lambda d: d["services"]["agent"].pop("healthcheck"),
-    "host port on a scaled service": lambda d: d["services"]["gateway"].update(
-        ports=["8080:8080"]
-    ),
+    "host port on a scaled service": lambda d: d["services"]["gateway"].update(ports=["8080:8080"]),
     "container_name": lambda d: d["services"]["state"].update(container_name="state"),
     "another command than make run": lambda d: d["services"]["dlq"].update(
         command=["python", "-m", "services.dlq.server"]
@@ -256,9 +254,7 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "another service's key": lambda d: d["services"]["gateway"].update(
         volumes=["tls-state:/etc/wa/tls:ro"]
     ),
-    "plaintext gRPC": lambda d: d["services"]["state"]["environment"].update(
-        GRPC_INSECURE="true"
-    ),
+    "plaintext gRPC": lambda d: d["services"]["state"]["environment"].update(GRPC_INSECURE="true"),
 }
 
 
@@ -388,7 +384,7 @@ def dockerfile_problems(text: str, dockerignore: str) -> list[str]:
         image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m[1], m[0]), image)
         if not DIGEST.search(image):
             problems.append(f"FROM {image}: not pinned by digest")
-    if not re.search(r'uv==\$\{UV_VERSION\}|uv==\d', text) or not re.search(
+    if not re.search(r"uv==\$\{UV_VERSION\}|uv==\d", text) or not re.search(
         r"^ARG UV_VERSION=\d+\.\d+\.\d+$", text, re.M
     ):
         problems.append("uv not pinned to one version")
@@ -425,7 +421,9 @@ def test_the_dockerfile_check_rejects_a_broken_dockerfile() -> None:
     dockerignore = (ROOT / ".dockerignore").read_text()
     unpinned = re.sub(r"@sha256:[0-9a-f]{64}", "", text)
     root = re.sub(r"^USER .*$", "USER root", text, flags=re.M)
-    secret = text.replace("FROM ${PYTHON_IMAGE}\n", "FROM ${PYTHON_IMAGE}\nARG WHATSAPP_APP_SECRET\n")
+    secret = text.replace(
+        "FROM ${PYTHON_IMAGE}\n", "FROM ${PYTHON_IMAGE}\nARG WHATSAPP_APP_SECRET\n"
+    )
     for broken in (unpinned, root, secret):
         assert broken != text
         assert dockerfile_problems(broken, dockerignore) != []
