@@ -28,11 +28,12 @@ PRODUCTION = KUBERNETES / "overlays" / "production"
 KUBERNETES_VERSION = "1.30.0"
 NAMESPACE = "wa"
 GRPC_PORTS = {"state": 50051, "agent": 50052, "dlq": 50053}
-# Who calls whom over gRPC (the code's channels, and operators' CLI and console).
+# Who calls whom over gRPC: the code's channels (the gateway's /readyz asks all three,
+# common/components.py), and operators' CLI and console.
 CALLERS = {
     "state": {"gateway", "dlq", "operator"},
-    "agent": {"state", "dlq", "operator"},
-    "dlq": {"state", "operator"},
+    "agent": {"state", "dlq", "gateway", "operator"},
+    "dlq": {"state", "gateway", "operator"},
 }
 OWN_DATABASE_URL = {
     "state": "STATE_DATABASE_URL",
@@ -477,8 +478,8 @@ def test_network_policies_deny_by_default_and_open_only_what_is_called() -> None
         elif breakage == "open":
             find(broken, "NetworkPolicy", "agent")["spec"]["ingress"][0].pop("from")
         else:
-            find(broken, "NetworkPolicy", "dlq")["spec"]["ingress"][0]["from"].append(
-                {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}
+            find(broken, "NetworkPolicy", "state")["spec"]["ingress"][0]["from"].append(
+                {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "agent"}}}
             )
         assert network_problems(broken) != [], breakage
 
