@@ -170,7 +170,7 @@ def _replicas(objects: list[Object], entry: dict[str, Any], path: Path) -> None:
         obj["spec"]["replicas"] = int(entry["count"])
 
 
-def _containers(obj: Object) -> list[Object]:
+def containers(obj: Object) -> list[Object]:
     if obj["kind"] not in WORKLOADS:
         return []
     pod = obj["spec"]["template"]["spec"]
@@ -183,7 +183,7 @@ def _image(objects: list[Object], entry: dict[str, Any], path: Path) -> None:
         raise KustomizeError(f"{path}: images {sorted(unknown)} not supported")
     found = False
     for obj in objects:
-        for container in _containers(obj):
+        for container in containers(obj):
             name, tag = _split(container["image"])
             if name != entry["name"]:
                 continue

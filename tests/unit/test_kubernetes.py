@@ -142,7 +142,7 @@ def secret_problems(objects: list[Object]) -> list[str]:
             ]
         if obj["kind"] not in kustomize.WORKLOADS:
             continue
-        for container in kustomize._containers(obj):
+        for container in kustomize.containers(obj):
             for name, entry in _env(container).items():
                 secretish = SECRET_NAME.search(name) or name.endswith(("DATABASE_URL", "REDIS_URL"))
                 if secretish and "secretKeyRef" not in entry.get("valueFrom", {}):
@@ -450,7 +450,7 @@ def test_the_migrate_job_alone_gets_the_owner_url_from_a_secret() -> None:
         assert "secretKeyRef" in env[f"{role}_DATABASE_URL"]["valueFrom"]
     for obj in objects:
         if obj["kind"] in kustomize.WORKLOADS and obj is not job:
-            for c in kustomize._containers(obj):
+            for c in kustomize.containers(obj):
                 assert "DATABASE_URL" not in _env(c), obj["metadata"]["name"]
 
 
@@ -504,6 +504,6 @@ def test_manifests_set_only_variables_the_services_read() -> None:
     config = find(objects, "ConfigMap", "wa-config")["data"]
     assert sorted(set(config) - known) == []
     for obj in objects:
-        for container in kustomize._containers(obj) if obj["kind"] in kustomize.WORKLOADS else []:
+        for container in kustomize.containers(obj) if obj["kind"] in kustomize.WORKLOADS else []:
             unknown = sorted(set(_env(container)) - known)
             assert unknown == [], f"{obj['metadata']['name']}: {unknown}"
