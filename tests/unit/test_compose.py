@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -334,6 +336,24 @@ def test_the_proxy_balances_every_gateway_replica_found_by_dns() -> None:
     assert "http-check send meth GET uri /readyz" in cfg
     assert "monitor-uri /proxy-healthz" in cfg
     assert "/proxy-healthz" in " ".join(proxy["healthcheck"]["test"])
+
+
+def test_haproxy_accepts_the_config_and_rejects_a_broken_one(tmp_path: Path) -> None:
+    """Where an haproxy binary is installed (not a dependency of the suite: skipped without)."""
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("no haproxy binary on this machine")
+    cfg = ROOT / "deploy" / "compose" / "haproxy.cfg"
+
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [haproxy, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30
+        )
+
+    assert check(cfg).returncode == 0, check(cfg).stderr
+    broken = tmp_path / "haproxy.cfg"
+    broken.write_text(cfg.read_text().replace("server-template gateway", "server-templat gateway"))
+    assert check(broken).returncode != 0
 
 
 def known_variables() -> frozenset[str]:
