@@ -99,11 +99,14 @@ async def prune(
                 await conn.execute(R["record_prune"], out.counts, requested_by)
         finally:
             # The pool's connections carry no session state: one whose lock cannot be let go
-            # (a timeout, a broken connection) is closed, which lets it go.
+            # (a timeout, a broken connection, the caller gone meanwhile) is closed, which
+            # lets it go.
             try:
                 await conn.fetchval(R["unlock"], PRUNE_LOCK_KEY)
-            except Exception:
+            except BaseException as exc:
                 conn.terminate()
+                if not isinstance(exc, Exception):
+                    raise
     for table, n in out.counts.items():
         if n:
             metrics.PRUNED.labels(table).inc(n)
