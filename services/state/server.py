@@ -299,14 +299,14 @@ def _table_counts(counts: dict[str, int]) -> list[state_pb2.TableCount]:
 
 
 def caller_identity(context: grpc.aio.ServicerContext) -> str:
-    """Who called, for the audit: the identity of the client certificate (mutual TLS), or
+    """Who called, for the audit: the identity its client certificate names (mutual TLS: the
+    last segment of its `spiffe://wa-agents/<identity>` name, e.g. `operator`), or
     "unauthenticated" when internal gRPC runs in plaintext (GRPC_INSECURE)."""
-    auth = context.auth_context()
-    for key in ("x509_common_name", "x509_subject_alternative_name"):
-        values = auth.get(key)
-        if values:
-            return bytes(values[0]).decode(errors="replace")
-    return "unauthenticated"
+    names = [bytes(n).decode(errors="replace") for n in context.peer_identities() or ()]
+    for name in names:
+        if name.startswith("spiffe://"):
+            return name.rsplit("/", 1)[-1]
+    return names[0] if names else "unauthenticated"
 
 
 @contextlib.asynccontextmanager

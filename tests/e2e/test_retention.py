@@ -149,6 +149,8 @@ async def test_wa_forget_by_phone_and_by_bsuid_erases_that_customer_only(
 
     audits = await pool.fetch("SELECT a::text AS line, a.* FROM wa_erasure_audit a ORDER BY id")
     assert [a["kind"] for a in audits] == ["forget", "forget"]
+    # The caller's certificate identity; plaintext gRPC (GRPC_INSECURE) has none.
+    assert {a["requested_by"] for a in audits} <= {"operator", "unauthenticated"}
     for a in audits:
         for value in (phone, bsuid, "Main St", "Test Customer", first["id"]):
             assert value not in a["line"]
