@@ -6,6 +6,7 @@ the owner."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -403,3 +404,24 @@ async def test_only_a_role_granted_execute_may_prune_or_forget(pool: asyncpg.Poo
     finally:
         await pool.execute(f"DROP OWNED BY {role}")
         await pool.execute(f"DROP ROLE {role}")
+
+
+async def test_a_driver_notified_for_an_erased_conversation_ends_without_retrying(
+    pool: asyncpg.Pool, locks: Locks, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services.state.dispatcher import Dispatcher
+    from tests.integration.test_dispatcher import Agent, Dlq
+
+    conv = await customer(pool, "erased", wa_id="15550000031", n=1)
+    await retention.forget(pool, locks, "15550000031", requested_by="op")
+    dispatcher = Dispatcher(pool, locks, Agent(expect=1), Dlq())
+    try:
+        dispatcher.notify(conv)  # e.g. a retry timer or the sweeper, from before the erasure
+        for _ in range(100):
+            if not dispatcher.driving(conv):
+                break
+            await asyncio.sleep(0.05)
+        assert not dispatcher.driving(conv)
+        assert not [r for r in caplog.records if "will retry" in r.getMessage()]
+    finally:
+        await dispatcher.close()
