@@ -91,9 +91,10 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 
 async def test_a_callers_trace_context_and_correlation_id_count_only_once_signed(
-    start_system: StartSystem, otlp: OtlpReceiver
+    start_system: StartSystem, otlp: OtlpReceiver, model: FakeModel
 ) -> None:
     system = await start_system(
+        **model.env(),
         OTEL_SDK_DISABLED="false",
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp.url,
         OTEL_BSP_SCHEDULE_DELAY="100",
