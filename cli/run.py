@@ -164,8 +164,7 @@ def _replicas(settings: CliSettings) -> replicas.Plan:
         "agent": settings.agent_port,
         "dlq": settings.dlq_port,
     }
-    wanted = {**config.dotenv(), **os.environ}.get("WA_SCALE", "")
-    return replicas.plan(replicas.parse(wanted), grpc_ports, metrics, port_for=free_port)
+    return replicas.plan(replicas.parse(settings.scale), grpc_ports, metrics, port_for=free_port)
 
 
 def _print_endpoints(

@@ -43,7 +43,7 @@ def parse(text: str) -> dict[str, int]:
         except ValueError:
             n = 0
         if not 1 <= n <= MAX_REPLICAS:
-            raise ScaleError(f"WA_SCALE: {name} needs a number of replicas from 1 to 16")
+            raise ScaleError(f"WA_SCALE: {name} needs from 1 to {MAX_REPLICAS} replicas")
         counts[name] = n
     return counts
 
