@@ -52,7 +52,14 @@ async def scaled(
     model.delay = 0.02  # long enough for two turns of one conversation to be seen overlapping
     # The sweeper runs every STUCK_TIMEOUT_SECONDS / 4 = 5 s, for what only it can recover (a
     # killed replica's leases); nothing else may need it.
-    env = model.env(WA_SCALE=SCALE, STUCK_TIMEOUT_SECONDS="20", WHATSAPP_API_BASE_URL=graph.url)
+    # A replica scaled in lets its turns finish for up to DRAIN_SECONDS: more than a turn
+    # takes here on two busy cores.
+    env = model.env(
+        WA_SCALE=SCALE,
+        STUCK_TIMEOUT_SECONDS="20",
+        DRAIN_SECONDS="10",
+        WHATSAPP_API_BASE_URL=graph.url,
+    )
     root: Path = tmp_path_factory.mktemp("scaled")
     system = System(
         root, await pg.create_database(template), redis_server.url, f"t:{uuid.uuid4().hex}:", env
@@ -247,8 +254,9 @@ async def test_one_replica_of_each_service_scaled_in_mid_burst_hands_back_its_wo
         system.scale.replicas["state"][0].metrics_port, "wa_handback_total", {"direction": "taken"}
     )
     stopping: list[asyncio.Task[None]] = []
-    # Turns slow enough that state-2 leaves with messages waiting behind the ones it runs.
-    scaled.model.delay = 0.2
+    # Turns slower than acknowledgements: when it is told to stop, state-2 is running turns
+    # with messages waiting behind them.
+    scaled.model.delay = 1.0
 
     async def scale_in() -> None:
         # SIGTERM and no restart, as an orchestrator scales in.
