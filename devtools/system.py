@@ -108,7 +108,8 @@ class System:
 
     async def start(self, names: tuple[str, ...] = SERVICES, wait: bool = True) -> System:
         System.running.add(self)
-        for replica in self._processes(names):
+        processes = self._processes(names)
+        for replica in processes:
             await self.sup.start(
                 supervisor.Spec(
                     replica.name,
@@ -118,7 +119,8 @@ class System:
                 )
             )
         if wait:
-            await self.wait_ready()
+            # Each Python process spends a second or two of CPU starting: replicas take longer.
+            await self.wait_ready(timeout=30.0 + 10.0 * max(0, len(processes) - len(SERVICES)))
         return self
 
     async def restart(self, name: str, **env: str) -> None:
