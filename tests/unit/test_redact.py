@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import orjson
 import pytest
@@ -79,12 +80,15 @@ def test_a_configuration_error_never_shows_a_urls_password() -> None:
 
 
 def test_wa_run_prints_the_servers_urls_with_their_passwords_masked(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    settings = CliSettings.from_env({})
     run._print_endpoints(
-        CliSettings.from_env({}),
+        settings,
         "postgresql://owner:own-pass@db:5432/wa",
         "redis://:r-pass@r:6379/0",
+        run._replicas(settings),
+        tmp_path,
     )
     err = capsys.readouterr().err
     assert "own-pass" not in err and "r-pass" not in err

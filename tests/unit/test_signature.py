@@ -29,7 +29,7 @@ def test_missing_or_malformed_headers_fail() -> None:
 
 
 # What an environment variable can hold, but the separator.
-SECRET_CHARACTERS = st.characters(blacklist_categories=("Cs",), blacklist_characters=",\x00")
+SECRET_CHARACTERS = st.characters(exclude_categories=["Cs"], exclude_characters=",\x00")
 
 
 @given(
