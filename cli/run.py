@@ -16,8 +16,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from dotenv import dotenv_values
 
+from cli import certs
 from cli.settings import CliSettings
-from common import config, logs, migrate
+from common import config, logs, migrate, tls
 from devtools import embedded, supervisor
 from devtools.ports import free_port
 
@@ -121,6 +122,9 @@ async def run() -> int:
         say(f"[wa run] migrations applied: {', '.join(applied) or 'none pending'}")
 
         env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, RUN_DIR=str(run_dir))
+        tls_dir = await _certificates(settings)
+        if tls_dir is not None:
+            env["GRPC_TLS_DIR"] = str(tls_dir)
         base = {**config.dotenv(), **os.environ, **env}
         filled = _dev_defaults(base)
         for key in filled:
@@ -133,7 +137,7 @@ async def run() -> int:
                     os.environ.get(f"{name.upper()}_METRICS_PORT", METRICS_PORTS[name])
                 )
             await sup.start(supervisor.Spec(name, service_command(name), env=service_env))
-        _print_endpoints(settings, database_url, redis_url)
+        _print_endpoints(settings, database_url, redis_url, tls_dir)
         await stop.wait()
     finally:
         say("[wa run] stopping")
@@ -145,20 +149,42 @@ async def run() -> int:
     return 0
 
 
-def _print_endpoints(settings: CliSettings, database_url: str, redis_url: str) -> None:
+async def _certificates(settings: CliSettings) -> Path | None:
+    """The development CA and each service's certificate (made once, kept while usable), or
+    None when GRPC_INSECURE=true."""
+    if settings.grpc_insecure:
+        say("[wa run] GRPC_INSECURE=true: internal gRPC is PLAINTEXT and UNAUTHENTICATED")
+        return None
+    tls_dir = settings.tls_dir.resolve()
+    written = await asyncio.to_thread(tls.create, tls_dir)
+    if written:
+        say(f"[wa run] certificates for internal mutual TLS written to {tls_dir}")
+    return tls_dir
+
+
+def _print_endpoints(
+    settings: CliSettings, database_url: str, redis_url: str, tls_dir: Path | None
+) -> None:
     gw = f"http://127.0.0.1:{settings.gateway_port}"
+    host = settings.grpc_host
     lines = [
         "",
         "  wa is running. Ctrl-C stops everything.",
         f"  gateway   {gw}/webhook   ({gw}/healthz, /readyz, /metrics)",
-        f"  state     grpc 127.0.0.1:{settings.state_port}   metrics :{METRICS_PORTS['state']}",
-        f"  agent     grpc 127.0.0.1:{settings.agent_port}   metrics :{METRICS_PORTS['agent']}",
-        f"  dlq       grpc 127.0.0.1:{settings.dlq_port}   metrics :{METRICS_PORTS['dlq']}",
+        f"  state     grpc {host}:{settings.state_port}   metrics :{METRICS_PORTS['state']}",
+        f"  agent     grpc {host}:{settings.agent_port}   metrics :{METRICS_PORTS['agent']}",
+        f"  dlq       grpc {host}:{settings.dlq_port}   metrics :{METRICS_PORTS['dlq']}",
         f"  postgres  {database_url}",
         f"  redis     {redis_url}",
-        '  try:      .venv/bin/wa simulate "hello"',
-        "",
     ]
+    if tls_dir is None:
+        lines.append("  grpc      PLAINTEXT (GRPC_INSECURE=true): development only")
+    else:
+        lines += [
+            f"  certs     {tls_dir} (mutual TLS; wa uses operator.crt)",
+            f"  grpcurl   {certs.grpcurl(tls_dir, settings.dlq_addr)} list",
+        ]
+    lines += ['  try:      .venv/bin/wa simulate "hello"', ""]
     say("\n".join(lines))
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from common import config
 from services.agent.settings import AgentSettings
 from services.dlq.settings import DlqSettings
 from services.gateway.settings import GatewaySettings
@@ -13,5 +10,3 @@ from services.state.settings import StateSettings
 
 class CliSettings(GatewaySettings, StateSettings, AgentSettings, DlqSettings):
     """`wa` starts, checks and drives every service: it reads every setting."""
-
-    run_dir: Path = config.env("RUN_DIR", Path(".run"))

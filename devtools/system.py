@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import orjson
 
+from common import tls
 from services.gateway import signature
 
 from . import supervisor
@@ -61,8 +62,12 @@ class System:
             "DLQ_GRPC_PORT": str(self.ports["dlq"]),
             "LOG_LEVEL": "INFO",
             "OTEL_SDK_DISABLED": "true",
+            # Each system its own CA: one system's certificates are refused by another's.
+            "GRPC_TLS_DIR": str(root / "tls"),
             **env,
         }
+        if self.env.get("GRPC_INSECURE", "").lower() != "true":
+            tls.create(Path(self.env["GRPC_TLS_DIR"]))
         # What the supervisor saw (starts, exits, restarts), for a failing test's report.
         self.events: list[str] = []
         self.sup = supervisor.Supervisor(
@@ -78,6 +83,12 @@ class System:
         # connections are let go well before the server lets go of them.
         self.http = httpx.AsyncClient(timeout=15, limits=httpx.Limits(keepalive_expiry=2.0))
         self._db: asyncpg.Pool | None = None
+
+    def transport(self, identity: str = "operator") -> tls.Transport:
+        """How a test calls the services as `identity` (plaintext when GRPC_INSECURE=true)."""
+        if self.env.get("GRPC_INSECURE", "").lower() == "true":
+            return None
+        return tls.Credentials.load(Path(self.env["GRPC_TLS_DIR"]), identity)
 
     def env_for(self, name: str) -> dict[str, str]:
         env = dict(self.env)
