@@ -79,11 +79,18 @@ def _parser() -> argparse.ArgumentParser:
         help="extra DNS names or IPs of every certificate, `{id}` standing for the identity "
         "(e.g. '{id}.wa.svc' '*.{id}.wa.svc.cluster.local')",
     )
+    pr = sub.add_parser("prune", help="prune what RETENTION_DAYS allows now")
+    pr.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    pr.add_argument("--json", action="store_true")
+    fg = sub.add_parser("forget", help="erase one customer's data everywhere")
+    fg.add_argument("customer", help="the customer's phone number or BSUID")
+    fg.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    fg.add_argument("--json", action="store_true")
     return p
 
 
 # Commands that call the services: they present the operator's certificate.
-GRPC_COMMANDS = frozenset({"simulate", "dlq", "health", "stats", "trace"})
+GRPC_COMMANDS = frozenset({"simulate", "dlq", "health", "stats", "trace", "prune", "forget"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +187,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import certs
 
         return certs.create(args.dir, args.hosts)
+    if args.command == "prune":
+        from . import retention
+
+        return asyncio.run(retention.prune(args.dry_run, args.json))
+    if args.command == "forget":
+        from . import retention
+
+        customer = retention.customer_key(args.customer)
+        if not customer:
+            print("name a customer: a phone number or a BSUID", file=sys.stderr)
+            return 2
+        if not args.yes and not retention.confirm_forget(customer):
+            return 1
+        return asyncio.run(retention.forget(customer, args.json))
     return 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from common import config
 from services.agent.settings import AgentSettings
 from services.dlq.settings import DlqSettings
 from services.gateway.settings import GatewaySettings
@@ -9,4 +10,8 @@ from services.state.settings import StateSettings
 
 
 class CliSettings(GatewaySettings, StateSettings, AgentSettings, DlqSettings):
-    """`wa` starts, checks and drives every service: it reads every setting."""
+    """`wa` starts, checks and drives every service: it reads every setting (RUN_DIR is
+    common/config.py's)."""
+
+    # `wa run`: processes per service, e.g. "agent=3,state=2" (devtools/replicas.py).
+    scale: str = config.env("WA_SCALE", "")

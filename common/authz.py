@@ -27,6 +27,8 @@ CALLERS: dict[str, frozenset[str]] = {
         "/wa.v1.State/GetTimeline": {"operator"},
         "/wa.v1.State/GetStats": {"operator"},
         "/wa.v1.State/GetSystemHealth": {"operator"},
+        "/wa.v1.State/Prune": {"operator"},
+        "/wa.v1.State/Forget": {"operator"},
         # services/state (turns); GetStatus: the dlq's breaker check, readiness, `wa health`.
         "/wa.v1.Agent/Reply": {"state"},
         "/wa.v1.Agent/GetStatus": {"dlq", "gateway", "operator"},

@@ -22,7 +22,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import authz, config, probes, runtime, telemetry, tls
+from . import authz, balancing, config, probes, runtime, telemetry, tls
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ async def serve(name: str, port: int, setup: Setup[S], settings: S) -> None:
     transport = tls.transport()
     server = grpc.aio.server(
         interceptors=interceptors(transport),
-        options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS],
+        options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS, *balancing.SERVER_OPTIONS],
     )
     readiness = probes.Readiness()
     probe_server: probes.ProbeServer | None = None
@@ -140,14 +140,22 @@ async def channel(
     target: str, *, traced: bool = True, transport: tls.Transport = _UNSET
 ) -> AsyncIterator[grpc.aio.Channel]:
     """A client channel presenting the process's certificate (`tls.configure`), or that of
-    `transport`; with the tracing interceptors unless `traced` is false; closed on exit."""
+    `transport`; with the tracing interceptors unless `traced` is false; closed on exit. Calls
+    are spread over every replica `target` names (common/balancing.py)."""
     if transport is _UNSET:
         transport = tls.transport()
     interceptors = telemetry.client_interceptors() if traced else []
-    options = [("grpc.enable_retries", 1), ("grpc.keepalive_time_ms", 30000), *MESSAGE_SIZE_OPTIONS]
+    options = [
+        *balancing.channel_options(retry_buffer_bytes=MAX_MESSAGE_BYTES // 2),
+        ("grpc.keepalive_time_ms", 30000),
+        *MESSAGE_SIZE_OPTIONS,
+    ]
     if transport is None:
         ch = grpc.aio.insecure_channel(target, interceptors=interceptors, options=options)
     else:
+        name = _certificate_name(target)
+        if name:
+            options.append(("grpc.ssl_target_name_override", name))
         ch = grpc.aio.secure_channel(
             target, transport.channel(), interceptors=interceptors, options=options
         )
@@ -155,6 +163,19 @@ async def channel(
         yield ch
     finally:
         await ch.close()
+
+
+def _certificate_name(target: str) -> str:
+    """The name a server's certificate is checked against when the target's own is no host
+    name: an `ipv4:`/`ipv6:` list of replicas (`ipv4:127.0.0.1:50052,127.0.0.1:50062`) has
+    none, so its first address's (they are one machine's, or name it with `--hosts`)."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            first = target.removeprefix(scheme).split(",")[0]
+            if first.startswith("["):  # [::1]:50052
+                return first[1 : first.index("]")]
+            return first.split(":")[0] if scheme == "ipv4:" else first
+    return ""
 
 
 async def check_health(
