@@ -89,6 +89,7 @@ def test_wa_run_prints_the_servers_urls_with_their_passwords_masked(
         "redis://:r-pass@r:6379/0",
         run._replicas(settings),
         tmp_path,
+        None,
     )
     err = capsys.readouterr().err
     assert "own-pass" not in err and "r-pass" not in err
