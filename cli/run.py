@@ -19,6 +19,7 @@ from dotenv import dotenv_values
 from cli import certs
 from cli.settings import CliSettings
 from common import config, logs, migrate, tls
+from common.redact import mask_url
 from devtools import embedded, replicas, supervisor
 from devtools.ports import free_port
 
@@ -207,8 +208,8 @@ def _print_endpoints(
         if name.endswith("_ADDR"):
             lines.append(f"  {name:<10} {target}   (clients use every replica)")
     lines += [
-        f"  postgres  {database_url}",
-        f"  redis     {redis_url}",
+        f"  postgres  {mask_url(database_url)}",
+        f"  redis     {mask_url(redis_url)}",
     ]
     if tls_dir is None:
         lines.append("  grpc      PLAINTEXT (GRPC_INSECURE=true): development only")

@@ -82,8 +82,9 @@ def text_delivery(
 
 
 def app_secret(settings: CliSettings) -> str:
-    if settings.app_secret:
-        return settings.app_secret.reveal()
+    if settings.app_secrets():
+        # During a rotation: the first of the two (README, Security: the new one first).
+        return settings.app_secrets()[0]
     return str(dotenv_values(ROOT / ".env.example").get("WHATSAPP_APP_SECRET") or "")
 
 

@@ -15,6 +15,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .redact import mask_urls
+
 # Switch off authentication (of the webhook, of internal gRPC): only ever set on purpose, in the
 # environment, never by a `.env` file left behind.
 ENVIRONMENT_ONLY = frozenset({"WHATSAPP_SKIP_SIGNATURE", "GRPC_INSECURE"})
@@ -172,6 +174,6 @@ def _describe(cls: type[Base], exc: ValidationError) -> str:
             parts.append(msg)
             continue
         name = str(error["loc"][0])
-        got = "" if name in secret else f", got {error['input']!r}"
+        got = "" if name in secret else f", got {mask_urls(repr(error['input']))}"
         parts.append(f"{name}: {msg}{got}")
     return "; ".join(parts)

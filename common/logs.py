@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 from opentelemetry import trace
 
+from .redact import mask_urls
+
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {
@@ -45,7 +47,8 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        # A URL's password never reaches a log line, whoever logged the URL (a driver's error).
+        return mask_urls(orjson.dumps(entry, default=str).decode())
 
 
 def setup(service: str, level: str = "INFO") -> None:

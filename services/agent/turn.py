@@ -321,7 +321,8 @@ class Agent:
         if not self.graph.enabled:
             log.info(
                 "no WHATSAPP_ACCESS_TOKEN: reply recorded, not sent",
-                extra={"message_id": req.message_id, "reply": text},
+                # Its length, never its words: logs are no place for a conversation.
+                extra={"message_id": req.message_id, "reply_chars": len(text)},
             )
             return TurnResult(outcome="replied", reply_text=text, agent_type=agent_type)
         with tracer.start_as_current_span("agent.graph_send") as span:

@@ -11,6 +11,7 @@ import uvicorn
 from common import config, runtime, telemetry
 from services.gateway.settings import GatewaySettings
 
+from . import connections
 from .app import create_app
 from .tracing import RequestTracing
 
@@ -37,6 +38,14 @@ def main() -> None:
             # On SIGTERM: stop accepting, answer what is in flight, then close the channels.
             timeout_graceful_shutdown=5,
             lifespan="on",
+            # Against a hostile internet (README, Security): beyond this many connections or
+            # requests at once, 503 at once; slow or oversized headers and bodies cut off.
+            limit_concurrency=settings.max_concurrency,
+            http=connections.protocol(
+                header_timeout=settings.header_timeout_seconds,
+                body_timeout=settings.body_timeout_seconds,
+                max_header_bytes=settings.max_header_bytes,
+            ),
         )
     )
     sockets = None

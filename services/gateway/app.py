@@ -20,11 +20,11 @@ from starlette.routing import Route
 from wa.v1 import state_pb2, state_pb2_grpc
 
 from common import config, grpcserver, logs, telemetry, wire
-from common.components import check_components
 from services.gateway.settings import GatewaySettings
 
-from . import parse, signature
-from .batcher import IngestBatcher, IngestError
+from . import parse, signature, tracing
+from .batcher import IngestBatcher, IngestError, QueueFull
+from .readiness import Readiness
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,15 @@ class GatewayState:
     settings: GatewaySettings
     state: state_pb2_grpc.StateStub
     batcher: IngestBatcher
+    readiness: Readiness
+    # WHATSAPP_APP_SECRET's one or two secrets, split once.
+    secrets: tuple[str, ...]
 
 
-def _json(code: int, **body: Any) -> Response:
-    return Response(orjson.dumps(body), status_code=code, media_type="application/json")
+def _json(code: int, headers: dict[str, str] | None = None, **body: Any) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=code, headers=headers, media_type="application/json"
+    )
 
 
 async def verify_handshake(request: Request) -> Response:
@@ -88,22 +93,25 @@ async def receive_delivery(request: Request) -> Response:
     """Read, verify, parse, store, answer: 200 only once everything in it is durable."""
     started = time.perf_counter()
     st: GatewayState = request.app.state.gw
-    cid = _correlation_id(request)
     try:
         body = await _read(request, st.settings)
-        _verify(request, body, st.settings)
+        _verify(request, body, st)
+        # Only now is the caller Meta: its trace context and correlation id may be used.
+        tracing.trust(request.scope)
+        cid = _correlation_id(request)
         delivery = _parse(body)
         if not delivery.messages and not delivery.statuses and not delivery.events:
             DELIVERIES.labels("empty").inc()
             return _json(200, status="ok", stored=0, duplicates=0, correlation_id=cid)
         span = trace.get_current_span()
-        resp = await _store(st.batcher, delivery, cid, span)
+        resp = await _store(st, delivery, cid, span)
     except Refused as refused:
         return refused.response
     return _answer(delivery, resp, cid, span, started)
 
 
 def _correlation_id(request: Request) -> str:
+    """The caller's correlation id (an authenticated caller's only), or a new one."""
     cid = (
         request.headers.get("x-correlation-id")
         or request.headers.get("x-request-id")
@@ -125,10 +133,10 @@ async def _read(request: Request, settings: GatewaySettings) -> bytes:
     return body
 
 
-def _verify(request: Request, body: bytes, settings: GatewaySettings) -> None:
-    """Meta's signature of the body (401 without it)."""
-    if not settings.skip_signature and not signature.verify(
-        body, request.headers.get("x-hub-signature-256"), settings.app_secret.reveal()
+def _verify(request: Request, body: bytes, st: GatewayState) -> None:
+    """Meta's signature of the body, with any of the app secrets (401 without it)."""
+    if not st.settings.skip_signature and not signature.verify(
+        body, request.headers.get("x-hub-signature-256"), st.secrets
     ):
         DELIVERIES.labels("bad_signature").inc()
         log.warning("refused a delivery with a missing or wrong signature")
@@ -157,7 +165,7 @@ def _parse(body: bytes) -> parse.Delivery:
 
 
 async def _store(
-    batcher: IngestBatcher, delivery: parse.Delivery, cid: str, span: trace.Span
+    st: GatewayState, delivery: parse.Delivery, cid: str, span: trace.Span
 ) -> state_pb2.IngestResponse:
     """The delivery, durably stored by the state service (503 when it cannot be now)."""
     if span.is_recording():
@@ -176,7 +184,17 @@ async def _store(
         events=[wire.event_to_proto(e) for e in delivery.events],
     )
     try:
-        return await batcher.submit(request_pb)
+        return await st.batcher.submit(request_pb)
+    except QueueFull as exc:
+        DELIVERIES.labels("queue_full").inc()
+        log.warning("refused a delivery, the ingest queue is full: %s", exc)
+        raise Refused(
+            _json(
+                503,
+                headers={"Retry-After": str(st.settings.retry_after_seconds)},
+                error="too many deliveries waiting to be stored; retry later",
+            )
+        ) from None
     except IngestError as exc:
         DELIVERIES.labels("unavailable").inc()
         log.error("could not store the delivery: %s", exc)
@@ -229,13 +247,10 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """The last background check's result (services/gateway/readiness.py), never a new one."""
     st: GatewayState = request.app.state.gw
-    components = await check_components(st.settings, st.state)
-    ready = all(c["healthy"] for c in components)
-    return JSONResponse(
-        {"status": "ready" if ready else "not ready", "components": components},
-        status_code=200 if ready else 503,
-    )
+    ready, body = st.readiness.answer()
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:
@@ -245,12 +260,22 @@ async def metrics(request: Request) -> Response:
 
 
 def create_app(settings: GatewaySettings) -> Starlette:
-    if not settings.skip_signature and not settings.app_secret:
+    secrets = settings.app_secrets()
+    if not settings.skip_signature and not secrets:
         raise config.ConfigError(
             "WHATSAPP_APP_SECRET is not set (WHATSAPP_SKIP_SIGNATURE=true only for development)"
         )
     if settings.skip_signature:
-        log.critical("WHATSAPP_SKIP_SIGNATURE=true: deliveries are NOT authenticated (dev only)")
+        log.critical(
+            "WHATSAPP_SKIP_SIGNATURE=true: deliveries are NOT authenticated; anyone who reaches "
+            "this port can inject messages. For development only, never in production."
+        )
+    elif len(secrets) > 1:
+        log.warning(
+            "WHATSAPP_APP_SECRET holds %d secrets: deliveries signed with either are accepted "
+            "(remove the old one once the rotation is done)",
+            len(secrets),
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -260,8 +285,22 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 grpcserver.channel(settings.state_addr, traced=False)
             )
             stub = state_pb2_grpc.StateStub(channel)
-            batcher = IngestBatcher(stub, timeout=INGEST_TIMEOUT)
-            app.state.gw = GatewayState(settings=settings, state=stub, batcher=batcher)
+            batcher = IngestBatcher(
+                stub,
+                timeout=INGEST_TIMEOUT,
+                max_queued=settings.queue_max_deliveries,
+                max_queued_bytes=settings.queue_max_bytes,
+            )
+            readiness = Readiness(settings, stub, settings.ready_refresh_seconds)
+            readiness.start()
+            stack.push_async_callback(readiness.close)
+            app.state.gw = GatewayState(
+                settings=settings,
+                state=stub,
+                batcher=batcher,
+                readiness=readiness,
+                secrets=secrets,
+            )
             log.info("gateway ready", extra={"port": settings.gateway_port})
             yield
             await batcher.close()

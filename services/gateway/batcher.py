@@ -9,6 +9,11 @@ service's gRPC message limit (`common.grpcserver.MAX_MESSAGE_BYTES`) however lar
 deliveries (Meta sends up to 3 MB): a delivery larger than the cap goes in parts, each alone,
 and is answered once every part is stored (a part stored before another failed is a duplicate
 when Meta retries).
+
+What waits for a batch is bounded too, in deliveries and in bytes: when the state service is
+slower than the deliveries arrive, a delivery beyond either bound is refused at once
+(`QueueFull`: the gateway answers 503 with `Retry-After`, Meta retries) instead of growing the
+gateway's memory until it dies.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 from collections import deque
 
 import grpc
-from prometheus_client import Histogram
+from prometheus_client import Gauge, Histogram
 from wa.v1 import state_pb2, state_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -30,9 +35,16 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 
+QUEUED = Gauge("wa_gateway_ingest_queue_deliveries", "Deliveries waiting for a batch")
+QUEUED_BYTES = Gauge("wa_gateway_ingest_queue_bytes", "Bytes of the deliveries waiting")
+
 
 class IngestError(Exception):
     """The delivery could not be stored durably."""
+
+
+class QueueFull(IngestError):
+    """Too much waits for the state service already: the delivery was not queued."""
 
 
 # What a delivery adds to an IngestBatchRequest besides its own bytes: a field tag and a length.
@@ -53,12 +65,20 @@ class IngestBatcher:
         max_batch: int = 128,
         max_batch_bytes: int = MAX_BATCH_BYTES,
         max_in_flight: int = 4,
+        max_queued: int = 1024,
+        max_queued_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.stub = stub
         self.timeout = timeout
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
         self._queue: deque[Pending] = deque()
+        self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0
+        # Read when scraped, never written per delivery.
+        QUEUED.set_function(lambda: len(self._queue))
+        QUEUED_BYTES.set_function(lambda: self._queued_bytes)
         self.max_in_flight = max_in_flight
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -79,10 +99,18 @@ class IngestBatcher:
     async def _submit(
         self, request: state_pb2.IngestRequest, size: int
     ) -> state_pb2.IngestResponse:
+        # (A delivery larger than the byte bound still waits alone: else it never could.)
+        if len(self._queue) >= self.max_queued or (
+            self._queue and self._queued_bytes + size > self.max_queued_bytes
+        ):
+            raise QueueFull(
+                f"{len(self._queue)} deliveries ({self._queued_bytes} bytes) wait already"
+            )
         future: asyncio.Future[state_pb2.IngestResponse] = (
             asyncio.get_running_loop().create_future()
         )
         self._queue.append((request, size, future))
+        self._queued_bytes += size
         if len(self._tasks) < self.max_in_flight:
             task = asyncio.create_task(self._send())
             self._tasks.add(task)
@@ -100,6 +128,7 @@ class IngestBatcher:
             ):
                 total += self._queue[0][1]
                 batch.append(self._queue.popleft())
+            self._queued_bytes -= total
             await self._send_batch(batch)
 
     async def _send_batch(self, batch: list[Pending]) -> None:

@@ -1,4 +1,5 @@
-"""One SERVER span per HTTP request, continuing a `traceparent` the caller sent.
+"""One SERVER span per HTTP request, continuing a `traceparent` the caller sent only once the
+request proved to come from Meta.
 
 This replaces opentelemetry-instrumentation-asgi on the gateway: that middleware cost several
 times more per request (collecting a dozen attributes, wrapping receive and send, recording its
@@ -7,9 +8,19 @@ own metrics; figures in README, Benchmarks), and less again with the lean span o
 (`python -m bench.ack tracing`). The span follows the stable HTTP semantic conventions, with
 the attributes an operator searches by. Only for a process whose `init_telemetry` installed a
 tracer provider (the gateway adds it when export is on).
+
+Anyone on the internet can send a `traceparent`: honoured before the signature is checked, it
+would let an unauthenticated caller choose trace ids (and sampling) of our traces, or attach
+our spans to a trace of theirs. So the span is started only when the handler says whether the
+caller is trusted (`trust`, after the signature checked out), with the request's start time;
+a request the handler never vouched for gets a root span of its own when it ends.
 """
 
 from __future__ import annotations
+
+import time
+from contextvars import Token
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -18,7 +29,57 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common import telemetry
 
+if TYPE_CHECKING:
+    from fastotel.lean_span import LeanTracer
+
 _PROPAGATED = (b"traceparent", b"tracestate", b"baggage")
+SCOPE_KEY = "wa.request_span"
+_NO_PARENT = otel_context.Context()
+
+
+class _RequestSpan:
+    """A request's span, started late (once its caller is known trusted or not)."""
+
+    __slots__ = ("scope", "span", "started_ns", "token", "tracer")
+
+    def __init__(self, tracer: LeanTracer | trace.Tracer, scope: Scope) -> None:
+        self.tracer = tracer
+        self.scope = scope
+        self.started_ns = time.time_ns()
+        self.span: trace.Span | None = None
+        self.token: Token[otel_context.Context] | None = None
+
+    def start(self, trusted: bool) -> trace.Span:
+        if self.span is not None:
+            return self.span
+        parent = _NO_PARENT
+        if trusted:
+            carrier = {
+                name.decode("latin-1"): value.decode("latin-1")
+                for name, value in self.scope["headers"]
+                if name in _PROPAGATED
+            }
+            if carrier:
+                parent = propagate.extract(carrier, context=_NO_PARENT)
+        method: str = self.scope["method"]
+        self.span = self.tracer.start_span(
+            method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": self.scope["path"]},
+            start_time=self.started_ns,
+        )
+        return self.span
+
+
+def trust(scope: Scope) -> None:
+    """The caller of this request is authenticated: its span starts now, continuing the
+    caller's `traceparent`, and is the current span for the rest of the request."""
+    pending: _RequestSpan | None = scope.get(SCOPE_KEY)
+    if pending is None or pending.span is not None:
+        return
+    span = pending.start(trusted=True)
+    pending.token = otel_context.attach(trace.set_span_in_context(span, _NO_PARENT))
 
 
 class RequestTracing:
@@ -31,19 +92,8 @@ class RequestTracing:
         if scope["type"] != "http" or scope["path"] in self.excluded_paths:
             await self.app(scope, receive, send)
             return
-        carrier = {
-            name.decode("latin-1"): value.decode("latin-1")
-            for name, value in scope["headers"]
-            if name in _PROPAGATED
-        }
-        parent = propagate.extract(carrier) if carrier else None
-        method: str = scope["method"]
-        span = self.tracer.start_span(
-            method,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "url.path": scope["path"]},
-        )
+        pending = _RequestSpan(self.tracer, scope)
+        scope[SCOPE_KEY] = pending
         status = 0
 
         async def traced_send(message: Message) -> None:
@@ -52,16 +102,21 @@ class RequestTracing:
                 status = message["status"]
             await send(message)
 
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        error: Exception | None = None
         try:
             await self.app(scope, receive, traced_send)
         except Exception as exc:
-            span.record_exception(exc)
-            span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+            error = exc
             raise
         finally:
-            otel_context.detach(token)
+            if pending.token is not None:
+                otel_context.detach(pending.token)
+            span = pending.start(trusted=False)
+            if error is not None:
+                span.record_exception(error)
+                span.set_status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
             # The router has matched by now: name the span after the route, not the URL.
+            method: str = scope["method"]
             route = getattr(scope.get("route"), "path", None)
             if route:
                 span.update_name(f"{method} {route}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from services.agent import window
 from tests.conftest import StartSystem
 from tests.support import payloads
 from tests.support.fakes import FakeGraph, FakeModel, model_error
-from tests.support.system import System
+from tests.support.system import System, readiness
 
 pytestmark = pytest.mark.e2e
 
@@ -126,7 +127,7 @@ async def test_the_breaker_opens_fails_fast_and_closes_when_the_model_is_back(
     slow = (time.monotonic() - started) / 2
     calls = len(model.requests)
     assert calls == 4  # two messages, two attempts each: the breaker is open now
-    ready = (await system.http.get(f"{system.url}/readyz")).json()
+    _, ready = await readiness(system, breaker_is("open"))
     agent = next(c for c in ready["components"] if c["name"] == "agent")
     assert agent["breaker"] == "open" and agent["healthy"]
 
@@ -141,10 +142,14 @@ async def test_the_breaker_opens_fails_fast_and_closes_when_the_model_is_back(
     model.delay = 0
     await asyncio.sleep(3.2)
     await say(system, "fourth", wa_id="15550000004")
-    ready = (await system.http.get(f"{system.url}/readyz")).json()
+    _, ready = await readiness(system, breaker_is("closed"))
     agent = next(c for c in ready["components"] if c["name"] == "agent")
     assert agent["breaker"] == "closed"
     assert len(graph.sends) == 1
+
+
+def breaker_is(state: str) -> Callable[[int, dict[str, Any]], bool]:
+    return lambda _, body: any(c.get("breaker") == state for c in body["components"])
 
 
 async def test_routing_switches_the_agent_type_and_records_it(

@@ -14,7 +14,7 @@ import pytest
 from tests.support import conversations as cv
 from tests.support.fakes import FakeGraph
 from tests.support.servers import Postgres, Redis
-from tests.support.system import SECRET, System
+from tests.support.system import SECRET, System, readiness
 
 pytestmark = pytest.mark.e2e
 
@@ -95,10 +95,8 @@ async def test_redis_outage_keeps_acknowledging_and_resumes_by_itself(
     traffic = asyncio.create_task(_traffic(system, seconds=7))
     await asyncio.sleep(2)
     await asyncio.to_thread(redis.stop_server)
-    await asyncio.sleep(1)
-    ready = await system.http.get(f"{system.url}/readyz")
-    assert ready.status_code == 503
-    redis_state = next(c for c in ready.json()["components"] if c["name"] == "redis")
+    _, ready = await readiness(system, lambda status, _: status == 503, timeout=10)
+    redis_state = next(c for c in ready["components"] if c["name"] == "redis")
     assert not redis_state["healthy"] and "paused" in redis_state["detail"]
     await asyncio.sleep(1.5)
     await asyncio.to_thread(redis.restart_server)
@@ -108,4 +106,4 @@ async def test_redis_outage_keeps_acknowledging_and_resumes_by_itself(
     await asyncio.sleep(1)
     replies = cv.replies_per_message(graph)
     assert {m: replies[m] for m in ids if replies[m] != 1} == {}
-    assert (await system.http.get(f"{system.url}/readyz")).status_code == 200
+    await readiness(system, lambda status, _: status == 200)

@@ -20,7 +20,7 @@ from tests.conftest import StartSystem
 from tests.support import payloads
 from tests.support.fakes import FakeGraph
 from tests.support.servers import Postgres, Redis, with_database
-from tests.support.system import ACCESS_TOKEN, VERIFY_TOKEN, System
+from tests.support.system import ACCESS_TOKEN, VERIFY_TOKEN, System, readiness
 
 pytestmark = pytest.mark.e2e
 
@@ -155,9 +155,8 @@ async def test_health_readiness_and_metrics(start_system: StartSystem) -> None:
     assert "wa_state_ingested_total" in state_metrics.text
 
     await system.sup.stop(["agent"])
-    not_ready = await system.http.get(f"{system.url}/readyz")
-    assert not_ready.status_code == 503
-    down = [c for c in not_ready.json()["components"] if not c["healthy"]]
+    _, not_ready = await readiness(system, lambda status, _: status == 503)
+    down = [c for c in not_ready["components"] if not c["healthy"]]
     assert [c["name"] for c in down] == ["agent"]
 
 

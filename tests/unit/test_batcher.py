@@ -12,7 +12,7 @@ import pytest
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
 from common import grpcserver, tls
-from services.gateway.batcher import IngestBatcher
+from services.gateway.batcher import IngestBatcher, QueueFull
 
 LIMIT = 256 * 1024  # the server's receive limit in this test
 CAP = LIMIT // 4  # the batcher's cap per batch
@@ -23,11 +23,14 @@ class State(state_pb2_grpc.StateServicer):
 
     def __init__(self) -> None:
         self.batches: list[tuple[int, int]] = []  # (deliveries, bytes)
+        self.open = asyncio.Event()  # cleared: every call waits (a stalled state service)
+        self.open.set()
 
     async def IngestBatch(
         self, request: state_pb2.IngestBatchRequest, context: grpc.aio.ServicerContext
     ) -> state_pb2.IngestBatchResponse:
         self.batches.append((len(request.deliveries), request.ByteSize()))
+        await self.open.wait()
         await asyncio.sleep(0.001)  # others queue up meanwhile
         return state_pb2.IngestBatchResponse(
             deliveries=[
@@ -92,3 +95,36 @@ async def test_concurrent_large_deliveries_go_in_batches_under_the_byte_cap(
     assert all(size <= CAP for _, size in servicer.batches)
     assert max(n for n, _ in servicer.batches) > 1, "deliveries were still group-committed"
     await batcher.close()
+
+
+async def test_a_stalled_state_service_fills_a_bounded_queue_and_no_more(
+    state: tuple[State, state_pb2_grpc.StateStub],
+) -> None:
+    servicer, stub = state
+    servicer.open.clear()
+    batcher = IngestBatcher(stub, timeout=10, max_in_flight=2, max_queued=3)
+    waiting = [asyncio.create_task(batcher.submit(delivery(n, [10]))) for n in range(40)]
+    await asyncio.sleep(0.2)
+    refused = [t for t in waiting if t.done() and isinstance(t.exception(), QueueFull)]
+    # Two batches in flight took what was queued when they started; 3 wait; the rest refused.
+    assert len(refused) >= 40 - 2 * 3 - 3
+    assert len(batcher._queue) <= 3
+    servicer.open.set()
+    stored = await asyncio.gather(*(t for t in waiting if t not in refused))
+    assert len(stored) == 40 - len(refused)
+    # Room again: the next delivery is taken.
+    assert (await batcher.submit(delivery(99, [10]))).results[0].message_id == "m99.0"
+
+    # By bytes: beyond the bound refused, but one delivery alone larger than it still waits.
+    servicer.open.clear()
+    small = IngestBatcher(stub, timeout=10, max_in_flight=1, max_queued_bytes=1000)
+    first = asyncio.create_task(small.submit(delivery(100, [10])))
+    await asyncio.sleep(0.1)  # in flight: the queue is empty
+    alone = asyncio.create_task(small.submit(delivery(101, [5000])))
+    await asyncio.sleep(0.05)
+    with pytest.raises(QueueFull):
+        await small.submit(delivery(102, [10]))
+    servicer.open.set()
+    await asyncio.gather(first, alone)
+    await batcher.close()
+    await small.close()

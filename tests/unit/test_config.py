@@ -207,3 +207,32 @@ def test_wa_with_a_setting_it_cannot_parse_says_so_in_one_line_and_exits_2(
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and "METRICS_PORT" in done.stderr
+
+
+def test_two_app_secrets_are_accepted_three_are_refused_none_printed() -> None:
+    two = GatewaySettings.from_env({"WHATSAPP_APP_SECRET": "new-one, old-one"})
+    assert two.app_secrets() == ("new-one", "old-one")
+    with pytest.raises(ConfigError, match="WHATSAPP_APP_SECRET") as caught:
+        GatewaySettings.from_env({"WHATSAPP_APP_SECRET": "a-one,b-one,c-one"})
+    assert "b-one" not in str(caught.value)
+    # A value of nothing but separators is no secret: the gateway refuses to start.
+    with pytest.raises(ConfigError, match="WHATSAPP_APP_SECRET"):
+        create_app(GatewaySettings.from_env({"WHATSAPP_APP_SECRET": " , "}))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GATEWAY_MAX_CONCURRENCY", "0"),
+        ("GATEWAY_HEADER_TIMEOUT_SECONDS", "0"),
+        ("GATEWAY_BODY_TIMEOUT_SECONDS", "-1"),
+        ("GATEWAY_MAX_HEADER_BYTES", "0"),
+        ("GATEWAY_QUEUE_MAX_DELIVERIES", "0"),
+        ("GATEWAY_QUEUE_MAX_BYTES", "none"),
+        ("GATEWAY_RETRY_AFTER_SECONDS", "-1"),
+        ("GATEWAY_READY_REFRESH_SECONDS", "0"),
+    ],
+)
+def test_the_gateways_limits_are_checked_at_start_up(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        GatewaySettings.from_env({variable: value})

@@ -1,0 +1,237 @@
+"""The gateway against a hostile internet, over real sockets to the real gateway process:
+slow headers and bodies cut off, a concurrency limit answered 503, a bounded ingest queue
+(503 with Retry-After while the state service is stalled), /readyz from a cached check."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from devtools.system import sign
+from tests.conftest import StartSystem
+from tests.support import payloads
+from tests.support.system import SECRET, System, readiness
+
+# Bounds on how long the gateway may take to act, not performance assertions: without the
+# limits under test the connections stay open for ever.
+GRACE = 20.0
+
+
+def text(body: str, wa_id: str = "15550001111") -> dict[str, Any]:
+    return payloads.delivery(messages=[payloads.message("text", wa_id=wa_id, text={"body": body})])
+
+
+async def connect(system: System) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", system.ports["gateway"])
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """What the server sent before it closed the connection, which it must do in time."""
+    received = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            chunk = await asyncio.wait_for(reader.read(65536), deadline - time.monotonic())
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError(f"the gateway kept the connection open (received {received!r})")
+
+
+@contextlib.asynccontextmanager
+async def trickle(writer: asyncio.StreamWriter, data: bytes, every: float) -> AsyncIterator[None]:
+    """Sends `data` one byte every `every` seconds in the background (a slowloris)."""
+
+    async def run() -> None:
+        with contextlib.suppress(OSError):
+            for i in range(len(data)):
+                writer.write(data[i : i + 1])
+                await writer.drain()
+                await asyncio.sleep(every)
+
+    task = asyncio.create_task(run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        writer.close()
+
+
+def request_head(body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [
+        "POST /webhook HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"Content-Length: {len(body)}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def test_slow_headers_are_cut_off_while_deliveries_go_on(
+    start_system: StartSystem,
+) -> None:
+    # (Longer than the test client keeps an idle connection: it never reuses a closing one.)
+    system = await start_system(GATEWAY_HEADER_TIMEOUT_SECONDS="3")
+    body, headers = sign(text("slowloris"), SECRET)
+    loris_reader, loris_writer = await connect(system)
+    idle_reader, idle_writer = await connect(system)  # opens and never says a word
+    async with trickle(loris_writer, request_head(body, headers), every=1.0):
+        ok = await system.post(text("a normal delivery meanwhile"))
+        assert ok.status_code == 200
+        assert await closed_within(loris_reader, GRACE) == b""
+        assert await closed_within(idle_reader, GRACE) == b""
+    idle_writer.close()
+    metrics = (await system.http.get(f"{system.url}/metrics")).text
+    cut = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('wa_gateway_connections_refused_total{reason="header_timeout"}')
+    )
+    assert cut >= 2
+
+
+async def test_a_trickling_body_is_answered_408_and_cut(start_system: StartSystem) -> None:
+    system = await start_system(GATEWAY_BODY_TIMEOUT_SECONDS="2")
+    body, headers = sign(text("a body sent one byte a second"), SECRET)
+    reader, writer = await connect(system)
+    writer.write(request_head(body, headers))
+    async with trickle(writer, body, every=1.0):
+        answer = await closed_within(reader, GRACE)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert (await system.post(text("and the next one is fine"))).status_code == 200
+
+
+async def test_oversized_headers_are_answered_431(start_system: StartSystem) -> None:
+    system = await start_system(GATEWAY_MAX_HEADER_BYTES="4096")
+    reader, writer = await connect(system)
+    writer.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 100_000)
+    with contextlib.suppress(ConnectionResetError):
+        await writer.drain()
+    assert (await closed_within(reader, GRACE)).startswith(b"HTTP/1.1 431 ")
+    writer.close()
+
+
+async def test_beyond_the_concurrency_limit_requests_get_503_not_a_wait(
+    start_system: StartSystem,
+) -> None:
+    system = await start_system(GATEWAY_MAX_CONCURRENCY="4", GATEWAY_HEADER_TIMEOUT_SECONDS="60")
+    held = [await connect(system) for _ in range(4)]
+    # A fresh connection (no pool): the limit counts connections.
+    async with httpx.AsyncClient(timeout=GRACE) as client:
+        body, headers = sign(text("over the limit"), SECRET)
+        refused = await client.post(f"{system.url}/webhook", content=body, headers=headers)
+        assert refused.status_code == 503
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.5)
+    async with httpx.AsyncClient(timeout=GRACE) as client:
+        accepted = await client.post(f"{system.url}/webhook", content=body, headers=headers)
+        assert accepted.status_code == 200
+
+
+async def test_a_full_ingest_queue_answers_503_with_retry_after_at_once(
+    start_system: StartSystem,
+) -> None:
+    system = await start_system(GATEWAY_QUEUE_MAX_DELIVERIES="2", GATEWAY_RETRY_AFTER_SECONDS="7")
+    state = system.sup.pid("state")
+    assert state is not None
+    deliveries = [text(f"while state is stalled {n}", wa_id=f"1555000{n:04d}") for n in range(24)]
+    ids = [d["entry"][0]["changes"][0]["value"]["messages"][0]["id"] for d in deliveries]
+    os.kill(state, signal.SIGSTOP)  # IngestBatch calls now wait: deliveries pile up
+    try:
+        posts = [asyncio.create_task(system.post(d)) for d in deliveries]
+        done, _ = await asyncio.wait(posts, timeout=3)
+        answered = [t.result() for t in done]
+        metrics = (await system.http.get(f"{system.url}/metrics")).text
+    finally:
+        os.kill(state, signal.SIGCONT)
+    full = [r for r in answered if r.status_code == 503]
+    # At most 4 batches in flight and 2 waiting: most of 24 are refused, and at once.
+    assert len(full) >= 24 - 4 * 2 - 2, [r.status_code for r in answered]
+    assert all(r.headers["retry-after"] == "7" for r in full)
+    assert all("too many deliveries waiting" in r.json()["error"] for r in full)
+    queued = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("wa_gateway_ingest_queue_deliveries ")
+    )
+    assert queued <= 2
+    assert f'wa_gateway_deliveries_total{{result="queue_full"}} {float(len(full))}' in metrics
+    await asyncio.gather(*posts, return_exceptions=True)
+    # Meta retries what was refused: every message is stored and answered once state is back.
+    for d in deliveries:
+        assert (await system.deliver(d)).status_code == 200
+    await system.wait_status(ids, {"replied"}, timeout=60)
+
+
+class CountingProxy:
+    """A TCP proxy that counts the connections made through it (TLS passes through)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while chunk := await src.read(65536):
+                    dst.write(chunk)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_readyz_answers_from_a_cached_check_not_a_check_per_request(
+    start_system: StartSystem,
+) -> None:
+    system = await start_system()
+    proxy = CountingProxy(system.ports["agent"])
+    port = await proxy.start()
+    try:
+        # Only the gateway reaches the agent through the proxy.
+        await system.restart(
+            "gateway", AGENT_ADDR=f"127.0.0.1:{port}", GATEWAY_READY_REFRESH_SECONDS="5"
+        )
+        await system.wait_ready()
+        before, started = proxy.connections, time.monotonic()
+        for _ in range(40):
+            assert (await system.http.get(f"{system.url}/readyz")).status_code == 200
+        elapsed = time.monotonic() - started
+        # A check opens two connections to the agent (health, breaker status); one runs every
+        # 5 s. A check per request would have opened 80.
+        assert proxy.connections - before <= 2 * (elapsed / 5 + 2), proxy.connections - before
+        await system.sup.stop(["agent"])
+        _, body = await readiness(system, lambda status, _: status == 503)
+        assert [c["name"] for c in body["components"] if not c["healthy"]] == ["agent"]
+        assert body["status"] == "not ready"
+    finally:
+        proxy.close()
