@@ -17,7 +17,7 @@ import redis.exceptions
 from dotenv import dotenv_values
 
 from cli.settings import CliSettings
-from common import config, logs, migrate
+from common import config, logs, migrate, roles
 from devtools import embedded, supervisor
 from devtools.ports import free_port
 
@@ -119,8 +119,10 @@ async def run() -> int:
             await _wait_redis(redis_url)
         applied = await migrate.migrate(database_url)
         say(f"[wa run] migrations applied: {', '.join(applied) or 'none pending'}")
+        urls = await _provision(database_url, settings)
 
-        env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, RUN_DIR=str(run_dir))
+        # The owner's URL stays here: each service gets its own role's (README, Security).
+        env.update(DATABASE_URL="", REDIS_URL=redis_url, RUN_DIR=str(run_dir))
         base = {**config.dotenv(), **os.environ, **env}
         filled = _dev_defaults(base)
         for key in filled:
@@ -128,6 +130,8 @@ async def run() -> int:
             say(f"[wa run] {key} is not set: using the DEVELOPMENT value from .env.example")
         for name in SERVICES:
             service_env = dict(env)
+            if name in urls:
+                service_env[roles.VARIABLES[name]] = urls[name]
             if name in METRICS_PORTS:
                 service_env["METRICS_PORT"] = str(
                     os.environ.get(f"{name.upper()}_METRICS_PORT", METRICS_PORTS[name])
@@ -143,6 +147,16 @@ async def run() -> int:
         await sup.stop(timeout=2)
         say("[wa run] stopped")
     return 0
+
+
+async def _provision(database_url: str, settings: CliSettings) -> dict[str, str]:
+    """Each service's login role on this database; says where generated URLs were kept."""
+    urls, written = await roles.provision_configured(database_url, settings)
+    names = ", ".join(f"{s}={roles.user_of(u)[0]}" for s, u in urls.items())
+    say(f"[wa run] database roles: {names}")
+    if written is not None:
+        say(f"[wa run] their URLs (with generated passwords) are in {written} (mode 0600)")
+    return urls
 
 
 def _print_endpoints(settings: CliSettings, database_url: str, redis_url: str) -> None:

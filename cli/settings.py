@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from common import config
+from common.roles import RoleSettings
 from services.agent.settings import AgentSettings
 from services.dlq.settings import DlqSettings
 from services.gateway.settings import GatewaySettings
 from services.state.settings import StateSettings
 
 
-class CliSettings(GatewaySettings, StateSettings, AgentSettings, DlqSettings):
-    """`wa` starts, checks and drives every service: it reads every setting."""
+class CliSettings(GatewaySettings, StateSettings, AgentSettings, DlqSettings, RoleSettings):
+    """`wa` starts, checks and drives every service: it reads every setting. Its database
+    login is the operator's role (OPERATOR_DATABASE_URL, read by RoleSettings, with RUN_DIR);
+    `wa run` and `wa migrate` use the owner's DATABASE_URL to migrate and provision."""
 
-    run_dir: Path = config.env("RUN_DIR", Path(".run"))
+    database_url: str = config.env("DATABASE_URL", "")

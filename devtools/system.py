@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import orjson
 
+from common import roles
 from services.gateway import signature
 
 from . import supervisor
@@ -22,6 +23,8 @@ SECRET = "test-app-secret"
 VERIFY_TOKEN = "test-verify-token"
 ACCESS_TOKEN = "test-access-token"
 SERVICES = ("state", "agent", "dlq", "gateway")
+# Each database's service URLs, as provisioned by this process (roles.provision).
+_provisioned: dict[str, dict[str, str]] = {}
 
 
 def sign(doc: dict[str, Any] | bytes, secret: str) -> tuple[bytes, dict[str, str]]:
@@ -47,7 +50,7 @@ class System:
             for name in ("gateway", "state", "agent", "dlq", "m_state", "m_agent", "m_dlq")
         }
         self.env = {
-            "DATABASE_URL": database_url,
+            "DATABASE_URL": "",  # the services never connect as the owner
             "REDIS_URL": redis_url,
             "REDIS_KEY_PREFIX": redis_prefix,
             "WHATSAPP_APP_SECRET": SECRET,
@@ -79,6 +82,17 @@ class System:
         self.http = httpx.AsyncClient(timeout=15, limits=httpx.Limits(keepalive_expiry=2.0))
         self._db: asyncpg.Pool | None = None
 
+    async def provision(self) -> dict[str, str]:
+        """Each service's login role on this system's database (once per database and test
+        process: a second system on it reuses the roles and their passwords). The services
+        get their own role's URL; the owner's (`database_url`, `db()`) is the tests'."""
+        urls = _provisioned.get(self.database_url)
+        if urls is None:
+            urls = _provisioned[self.database_url] = await roles.provision(self.database_url)
+        for service, url in urls.items():
+            self.env.setdefault(roles.VARIABLES[service], url)
+        return urls
+
     def env_for(self, name: str) -> dict[str, str]:
         env = dict(self.env)
         if name != "gateway":
@@ -90,6 +104,7 @@ class System:
 
     async def start(self, names: tuple[str, ...] = SERVICES, wait: bool = True) -> System:
         System.running.add(self)
+        await self.provision()
         for name in names:
             await self.sup.start(
                 supervisor.Spec(
