@@ -85,10 +85,14 @@ class System:
     async def provision(self) -> dict[str, str]:
         """Each service's login role on this system's database (once per database and test
         process: a second system on it reuses the roles and their passwords). The services
-        get their own role's URL; the owner's (`database_url`, `db()`) is the tests'."""
+        get their own role's URL; the owner's (`database_url`, `db()`) is the tests'. A URL
+        the test chose in `env` is provisioned as given."""
         urls = _provisioned.get(self.database_url)
         if urls is None:
-            urls = _provisioned[self.database_url] = await roles.provision(self.database_url)
+            # A test may choose a service's login (as compose's secrets do): it is kept.
+            given = {s: self.env[v] for s, v in roles.VARIABLES.items() if self.env.get(v)}
+            urls = await roles.provision(self.database_url, given)
+            _provisioned[self.database_url] = urls
         for service, url in urls.items():
             self.env.setdefault(roles.VARIABLES[service], url)
         return urls

@@ -258,7 +258,9 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
     # will not run on a database its code does not match.
     with telemetry.untraced():
         await migrate.require_current(settings.require_database())
-    pool = await db.create_pool(settings.require_database(), max_size=20)
+    pool = await db.create_pool(
+        settings.require_database(), max_size=20, application_name="wa-state"
+    )
     await roles.refuse_privileged(pool, settings)
     with telemetry.untraced():  # start-up housekeeping, part of no message's trace
         await store.record_stuck_timeout(pool, settings.stuck_timeout_seconds)
