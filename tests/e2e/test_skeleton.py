@@ -231,6 +231,7 @@ async def test_a_service_whose_port_is_taken_says_which_and_exits_2(
     tmp_path: Path, database_url: str, redis_server: Redis, redis_prefix: str, port_variable: str
 ) -> None:
     system = System(tmp_path, database_url, redis_server.url, redis_prefix, {})
+    await system.provision()
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
