@@ -16,3 +16,5 @@ class CliSettings(GatewaySettings, StateSettings, AgentSettings, DlqSettings, Ro
     `wa run` and `wa migrate` use the owner's DATABASE_URL to migrate and provision."""
 
     database_url: str = config.env("DATABASE_URL", "")
+    # `wa run`: processes per service, e.g. "agent=3,state=2" (devtools/replicas.py).
+    scale: str = config.env("WA_SCALE", "")

@@ -193,6 +193,7 @@ async def apply_privileges(conn: asyncpg.Connection, names: Mapping[str, str]) -
     fingerprint = hashlib.sha256("\n".join([sql, *versions]).encode()).hexdigest()
     if await conn.fetchval("SELECT fingerprint FROM wa_privileges_applied") == fingerprint:
         return False
+    await _secure_every_table(conn)
     # Roles that played a service here before (a copy of another database, a renamed role)
     # keep nothing of it.
     for (stale,) in await conn.fetch(
@@ -224,6 +225,31 @@ async def apply_privileges(conn: asyncpg.Connection, names: Mapping[str, str]) -
         fingerprint,
     )
     return True
+
+
+async def _secure_every_table(conn: asyncpg.Connection) -> None:
+    """A table a migration left without forced row level security gets it, with the owner's
+    policy of db/migrations/0012 (and a warning: the migration should have done it)."""
+    for (table,) in await conn.fetch(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') "
+        "AND NOT (c.relrowsecurity AND c.relforcerowsecurity)"
+    ):
+        ident = quote_ident(table)
+        await conn.execute(
+            f"ALTER TABLE {ident} ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY"
+        )
+        if not await conn.fetchval(
+            "SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = $1 "
+            "AND policyname = 'wa_owner'",
+            table,
+        ):
+            owns = "(SELECT wa_owns('{}'::regclass))".format(ident.replace("'", "''"))
+            await conn.execute(f"CREATE POLICY wa_owner ON {ident} USING {owns} WITH CHECK {owns}")
+        log.warning(
+            "row level security was off: enabled and forced (its migration should do it)",
+            extra={"table": table},
+        )
 
 
 _PLACEHOLDER = re.compile(r':"(\w+)"')

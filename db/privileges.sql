@@ -34,6 +34,9 @@ GRANT USAGE ON SEQUENCE webhook_conversations_id_seq, processed_webhook_messages
 GRANT EXECUTE ON FUNCTION wa_start_turn, wa_transition_message, wa_delivery_rank,
     get_webhook_performance_stats, check_webhook_system_health, wa_stuck_timeout,
     wa_count_messages, wa_default_customer_id TO :"state";
+-- Retention and erasure: only through these functions, which run as the owner (0013).
+GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";
+GRANT SELECT ON wa_message_tombstones TO :"state";  -- ingest: a forgotten id stays a duplicate
 CREATE POLICY role_state ON schema_migrations FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON webhook_conversations TO :"state" USING (true) WITH CHECK (true);
 CREATE POLICY role_state ON processed_webhook_messages TO :"state"
@@ -43,6 +46,7 @@ CREATE POLICY role_state ON conversation_state_transitions TO :"state"
 CREATE POLICY role_state ON agent_reply_parts TO :"state" USING (true) WITH CHECK (true);
 CREATE POLICY role_state ON webhook_dlq FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON wa_runtime_settings TO :"state" USING (true) WITH CHECK (true);
+CREATE POLICY role_state ON wa_message_tombstones FOR SELECT TO :"state" USING (true);
 
 -- agent: reads the message it answers and its conversation, writes the context, the reply
 -- and its send state; never a message's status (no UPDATE on that column), never a
