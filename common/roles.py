@@ -245,7 +245,9 @@ async def _secure_every_table(conn: asyncpg.Connection) -> None:
             table,
         ):
             owns = "(SELECT wa_owns('{}'::regclass))".format(ident.replace("'", "''"))
-            await conn.execute(f"CREATE POLICY wa_owner ON {ident} USING {owns} WITH CHECK {owns}")
+            await conn.execute(
+                f"CREATE POLICY wa_owner ON {ident} USING ({owns}) WITH CHECK ({owns})"
+            )
         log.warning(
             "row level security was off: enabled and forced (its migration should do it)",
             extra={"table": table},
