@@ -18,7 +18,7 @@ from dotenv import dotenv_values
 
 from cli import certs
 from cli.settings import CliSettings
-from common import config, logs, migrate, tls
+from common import config, logs, migrate, roles, tls
 from common.redact import mask_url
 from devtools import embedded, replicas, supervisor
 from devtools.ports import free_port
@@ -126,8 +126,10 @@ async def run() -> int:
             await _wait_redis(redis_url)
         applied = await migrate.migrate(database_url)
         say(f"[wa run] migrations applied: {', '.join(applied) or 'none pending'}")
+        urls = await _provision(database_url, settings)
 
-        env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, RUN_DIR=str(run_dir))
+        # The owner's URL stays here: each service gets its own role's (README, Security).
+        env.update(DATABASE_URL="", REDIS_URL=redis_url, RUN_DIR=str(run_dir))
         tls_dir = await _certificates(settings)
         if tls_dir is not None:
             env["GRPC_TLS_DIR"] = str(tls_dir)
@@ -139,6 +141,8 @@ async def run() -> int:
         for replica in scale.all():
             name = replica.service
             service_env = {**env, **scale.env_for(replica)}
+            if name in urls:
+                service_env[roles.VARIABLES[name]] = urls[name]
             # Replicas write a log file each (named in the list printed below).
             log_file = str(run_dir / "logs" / f"{replica.name}.log") if scale.scaled else None
             await sup.start(
@@ -169,6 +173,16 @@ async def _certificates(settings: CliSettings) -> Path | None:
     if written:
         say(f"[wa run] certificates for internal mutual TLS written to {tls_dir}")
     return tls_dir
+
+
+async def _provision(database_url: str, settings: CliSettings) -> dict[str, str]:
+    """Each service's login role on this database; says where generated URLs were kept."""
+    urls, written = await roles.provision_configured(database_url, settings)
+    names = ", ".join(f"{s}={roles.user_of(u)[0]}" for s, u in urls.items())
+    say(f"[wa run] database roles: {names}")
+    if written is not None:
+        say(f"[wa run] their URLs (with generated passwords) are in {written} (mode 0600)")
+    return urls
 
 
 def _replicas(settings: CliSettings) -> replicas.Plan:

@@ -17,9 +17,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .redact import mask_urls
 
-# Switch off authentication (of the webhook, of internal gRPC): only ever set on purpose, in the
-# environment, never by a `.env` file left behind.
-ENVIRONMENT_ONLY = frozenset({"WHATSAPP_SKIP_SIGNATURE", "GRPC_INSECURE"})
+# Switch off a protection (the webhook's authentication, internal gRPC's mutual TLS, a service's
+# refusal of a superuser or owner database role): only ever set on purpose, in the environment,
+# never by a `.env` file left behind.
+ENVIRONMENT_ONLY = frozenset(
+    {"WHATSAPP_SKIP_SIGNATURE", "GRPC_INSECURE", "DATABASE_ALLOW_PRIVILEGED_ROLE"}
+)
 
 
 class ConfigError(Exception):
@@ -87,7 +90,10 @@ class Base(BaseSettings):
     grpc_tls_dir: Path | None = env("GRPC_TLS_DIR", None)
     grpc_host: str = env("GRPC_HOST", "127.0.0.1")
     run_dir: Path = env("RUN_DIR", Path(".run"))
+    # The owner's URL here; each service's settings read its own role's instead
+    # (STATE_DATABASE_URL, ...: common/roles.py).
     database_url: str = env("DATABASE_URL", "")
+    allow_privileged_role: bool = env("DATABASE_ALLOW_PRIVILEGED_ROLE", False)
     redis_url: str = env("REDIS_URL", "")
     redis_prefix: str = env("REDIS_KEY_PREFIX", "wa:")
     stuck_timeout_seconds: float = env("STUCK_TIMEOUT_SECONDS", 120.0, gt=0)
@@ -137,9 +143,17 @@ class Base(BaseSettings):
     def dlq_addr(self) -> str:
         return self.dlq_target or f"127.0.0.1:{self.dlq_port}"
 
+    @property
+    def database_variable(self) -> str:
+        """The variable `database_url` is read from (the owner's, or a service's own)."""
+        return str(type(self).model_fields["database_url"].validation_alias)
+
     def require_database(self) -> str:
         if not self.database_url:
-            raise ConfigError("DATABASE_URL is not set (make run sets it for embedded servers)")
+            raise ConfigError(
+                f"{self.database_variable} is not set (make run sets it; wa migrate provisions "
+                "each service's role)"
+            )
         return self.database_url
 
     def require_redis(self) -> str:

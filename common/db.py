@@ -31,9 +31,13 @@ async def _no_session_state(conn: asyncpg.Connection) -> None:
     asyncpg still rolls back a transaction left open before calling this."""
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 10, application_name: str = ""
+) -> asyncpg.Pool:
+    """`application_name` (e.g. `wa-state`) names the connections in pg_stat_activity."""
     pool = await asyncpg.create_pool(
         dsn,
+        server_settings={"application_name": application_name} if application_name else None,
         min_size=min_size,
         max_size=max_size,
         timeout=CONNECT_TIMEOUT,

@@ -67,9 +67,9 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
     return applied
 
 
-async def _verified(conn: asyncpg.Connection, directory: Path) -> set[str]:
+async def _verified(conn: asyncpg.Connection, directory: Path, *, record: bool = True) -> set[str]:
     """The applied migrations' names, once each file present is checked against its recorded
-    checksum (and the checksum recorded where there is none yet)."""
+    checksum (and, `record`ing, the checksum recorded where there is none yet)."""
     rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
     files = {p.name: p for p in pending_files(directory)}
     for row in rows:
@@ -78,6 +78,8 @@ async def _verified(conn: asyncpg.Connection, directory: Path) -> set[str]:
             continue  # applied by a newer release: not this runner's to judge
         actual = checksum(path)
         if row["checksum"] is None:
+            if not record:
+                continue
             await conn.execute(
                 "UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
                 row["version"],
@@ -106,23 +108,41 @@ async def pending(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
     return [p.name for p in pending_files(directory) if p.name not in done]
 
 
+async def require_current(dsn: str, directory: Path = MIGRATIONS) -> None:
+    """For a service connected as its own role, which cannot migrate: refuses (ConfigError)
+    when a migration is pending or an applied one's file has changed since."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        done = await _verified(conn, directory, record=False) if exists else set()
+    finally:
+        await conn.close()
+    missing = [p.name for p in pending_files(directory) if p.name not in done]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} migration(s) pending ({', '.join(missing)}): the owner applies "
+            "them first (wa migrate, or python -m common.migrate, with DATABASE_URL)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m common.migrate [--check]`: apply, or (--check) exit 1 when any is pending."""
+    """`python -m common.migrate [--check]`: apply and provision the services' roles (what
+    compose's job runs), or (--check) exit 1 when any is pending."""
     import argparse
 
-    from . import config, logs
+    from . import logs, roles
 
     parser = argparse.ArgumentParser(prog="migrate")
     parser.add_argument("--check", action="store_true", help="exit 1 if migrations are pending")
     args = parser.parse_args(argv)
-    settings = config.Base.from_env()
+    settings = roles.RoleSettings.from_env()
     logs.setup("migrate", settings.log_level)
     if args.check:
         missing = asyncio.run(pending(settings.require_database()))
         if missing:
             log.warning("pending migrations", extra={"pending": missing})
         return 1 if missing else 0
-    asyncio.run(migrate(settings.require_database()))
+    asyncio.run(roles.migrate_and_provision(settings))
     return 0
 
 

@@ -232,6 +232,8 @@ CREATE TABLE public.webhook_dlq (
     CONSTRAINT webhook_dlq_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'retrying'::text, 'dead'::text, 'resolved'::text, 'purged'::text])))
 );
 
+ALTER TABLE ONLY public.webhook_dlq FORCE ROW LEVEL SECURITY;
+
 --
 -- Name: wa_dlq_enqueue(text, bigint, jsonb, text, text, boolean, integer, double precision, text, double precision); Type: FUNCTION; Schema: public; Owner: -
 --
@@ -406,6 +408,30 @@ BEGIN
     VALUES ('forget', v_counts, p_requested_by);
     RETURN QUERY SELECT key, value::bigint FROM jsonb_each_text(v_counts);
 END
+$$;
+
+--
+-- Name: wa_operator_may(text); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_operator_may(p_phone_number_id text) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT NOT EXISTS (SELECT 1 FROM wa_operator_numbers o WHERE o.role_name = current_user)
+        OR EXISTS (SELECT 1 FROM wa_operator_numbers o
+                    WHERE o.role_name = current_user AND o.phone_number_id = p_phone_number_id)
+$$;
+
+--
+-- Name: wa_owns(regclass); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_owns(p_table regclass) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE')
+      FROM pg_catalog.pg_class c
+     WHERE c.oid = p_table
 $$;
 
 --
@@ -871,6 +897,8 @@ CREATE TABLE public.agent_contexts (
     updated_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+ALTER TABLE ONLY public.agent_contexts FORCE ROW LEVEL SECURITY;
+
 --
 -- Name: agent_reply_parts; Type: TABLE; Schema: public; Owner: -
 --
@@ -889,6 +917,8 @@ CREATE TABLE public.agent_reply_parts (
     CONSTRAINT agent_reply_parts_reply_status_check CHECK ((reply_status = ANY (ARRAY['sent'::text, 'delivered'::text, 'read'::text, 'failed'::text])))
 );
 
+ALTER TABLE ONLY public.agent_reply_parts FORCE ROW LEVEL SECURITY;
+
 --
 -- Name: agent_sessions; Type: TABLE; Schema: public; Owner: -
 --
@@ -906,6 +936,8 @@ CREATE TABLE public.agent_sessions (
     started_at timestamp with time zone DEFAULT now() NOT NULL,
     last_active_at timestamp with time zone DEFAULT now() NOT NULL
 );
+
+ALTER TABLE ONLY public.agent_sessions FORCE ROW LEVEL SECURITY;
 
 --
 -- Name: agent_sessions_id_seq; Type: SEQUENCE; Schema: public; Owner: -
@@ -941,6 +973,8 @@ CREATE TABLE public.conversation_state_transitions (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT conversation_state_transitions_entity_check CHECK ((entity = ANY (ARRAY['message'::text, 'conversation'::text, 'agent'::text])))
 );
+
+ALTER TABLE ONLY public.conversation_state_transitions FORCE ROW LEVEL SECURITY;
 
 --
 -- Name: conversation_state_transitions_id_seq; Type: SEQUENCE; Schema: public; Owner: -
@@ -998,6 +1032,8 @@ CREATE TABLE public.processed_webhook_messages (
     CONSTRAINT processed_webhook_messages_status_check CHECK ((status = ANY (ARRAY['received'::text, 'processing'::text, 'replied'::text, 'skipped'::text, 'failed'::text, 'dead_lettered'::text])))
 );
 
+ALTER TABLE ONLY public.processed_webhook_messages FORCE ROW LEVEL SECURITY;
+
 --
 -- Name: processed_webhook_messages_id_seq; Type: SEQUENCE; Schema: public; Owner: -
 --
@@ -1024,6 +1060,8 @@ CREATE TABLE public.schema_migrations (
     applied_at timestamp with time zone DEFAULT now() NOT NULL,
     checksum text
 );
+
+ALTER TABLE ONLY public.schema_migrations FORCE ROW LEVEL SECURITY;
 
 --
 -- Name: webhook_conversations; Type: TABLE; Schema: public; Owner: -
@@ -1055,11 +1093,13 @@ CREATE TABLE public.webhook_conversations (
     CONSTRAINT webhook_conversations_status_check CHECK ((status = ANY (ARRAY['idle'::text, 'active'::text])))
 );
 
+ALTER TABLE ONLY public.webhook_conversations FORCE ROW LEVEL SECURITY;
+
 --
 -- Name: stuck_webhook_conversations; Type: VIEW; Schema: public; Owner: -
 --
 
-CREATE VIEW public.stuck_webhook_conversations AS
+CREATE VIEW public.stuck_webhook_conversations WITH (security_invoker='true') AS
  SELECT m.conversation_id,
     c.wa_id,
     c.status AS conversation_status,
@@ -1085,6 +1125,8 @@ CREATE TABLE public.wa_erasure_audit (
     requested_by text NOT NULL,
     CONSTRAINT wa_erasure_audit_kind_check CHECK ((kind = ANY (ARRAY['forget'::text, 'prune'::text])))
 );
+
+ALTER TABLE ONLY public.wa_erasure_audit FORCE ROW LEVEL SECURITY;
 
 --
 -- Name: wa_erasure_audit_id_seq; Type: SEQUENCE; Schema: public; Owner: -
@@ -1112,6 +1154,33 @@ CREATE TABLE public.wa_message_tombstones (
     forgotten_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+ALTER TABLE ONLY public.wa_message_tombstones FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_operator_numbers; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_operator_numbers (
+    role_name name NOT NULL,
+    phone_number_id text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+ALTER TABLE ONLY public.wa_operator_numbers FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_privileges_applied; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_privileges_applied (
+    singleton boolean DEFAULT true NOT NULL,
+    fingerprint text NOT NULL,
+    applied_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT wa_privileges_applied_singleton_check CHECK (singleton)
+);
+
+ALTER TABLE ONLY public.wa_privileges_applied FORCE ROW LEVEL SECURITY;
+
 --
 -- Name: wa_runtime_settings; Type: TABLE; Schema: public; Owner: -
 --
@@ -1122,11 +1191,26 @@ CREATE TABLE public.wa_runtime_settings (
     updated_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+ALTER TABLE ONLY public.wa_runtime_settings FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_service_roles; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_service_roles (
+    service text NOT NULL,
+    role_name name NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT wa_service_roles_service_check CHECK ((service = ANY (ARRAY['state'::text, 'agent'::text, 'dlq'::text, 'operator'::text])))
+);
+
+ALTER TABLE ONLY public.wa_service_roles FORCE ROW LEVEL SECURITY;
+
 --
 -- Name: webhook_agent_performance; Type: VIEW; Schema: public; Owner: -
 --
 
-CREATE VIEW public.webhook_agent_performance AS
+CREATE VIEW public.webhook_agent_performance WITH (security_invoker='true') AS
  SELECT agent_type,
     count(*) AS sessions,
     sum(turns) AS turns,
@@ -1143,7 +1227,7 @@ CREATE VIEW public.webhook_agent_performance AS
 -- Name: webhook_conversation_health; Type: VIEW; Schema: public; Owner: -
 --
 
-CREATE VIEW public.webhook_conversation_health AS
+CREATE VIEW public.webhook_conversation_health WITH (security_invoker='true') AS
  SELECT c.id AS conversation_id,
     c.phone_number_id,
     c.wa_id,
@@ -1212,7 +1296,7 @@ ALTER SEQUENCE public.webhook_dlq_id_seq OWNED BY public.webhook_dlq.id;
 -- Name: webhook_dlq_summary; Type: VIEW; Schema: public; Owner: -
 --
 
-CREATE VIEW public.webhook_dlq_summary AS
+CREATE VIEW public.webhook_dlq_summary WITH (security_invoker='true') AS
  SELECT status,
     count(*) AS items,
     round(avg(attempts), 2) AS avg_attempts,
@@ -1227,7 +1311,7 @@ CREATE VIEW public.webhook_dlq_summary AS
 -- Name: webhook_message_processing_metrics; Type: VIEW; Schema: public; Owner: -
 --
 
-CREATE VIEW public.webhook_message_processing_metrics AS
+CREATE VIEW public.webhook_message_processing_metrics WITH (security_invoker='true') AS
  SELECT date_trunc('hour'::text, received_at) AS hour,
     count(*) AS messages,
     count(*) FILTER (WHERE (status = 'replied'::text)) AS replied,
@@ -1348,11 +1432,39 @@ ALTER TABLE ONLY public.wa_message_tombstones
     ADD CONSTRAINT wa_message_tombstones_pkey PRIMARY KEY (id_hash);
 
 --
+-- Name: wa_operator_numbers wa_operator_numbers_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_operator_numbers
+    ADD CONSTRAINT wa_operator_numbers_pkey PRIMARY KEY (role_name, phone_number_id);
+
+--
+-- Name: wa_privileges_applied wa_privileges_applied_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_privileges_applied
+    ADD CONSTRAINT wa_privileges_applied_pkey PRIMARY KEY (singleton);
+
+--
 -- Name: wa_runtime_settings wa_runtime_settings_pkey; Type: CONSTRAINT; Schema: public; Owner: -
 --
 
 ALTER TABLE ONLY public.wa_runtime_settings
     ADD CONSTRAINT wa_runtime_settings_pkey PRIMARY KEY (name);
+
+--
+-- Name: wa_service_roles wa_service_roles_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_service_roles
+    ADD CONSTRAINT wa_service_roles_pkey PRIMARY KEY (service);
+
+--
+-- Name: wa_service_roles wa_service_roles_role_name_key; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_service_roles
+    ADD CONSTRAINT wa_service_roles_role_name_key UNIQUE (role_name);
 
 --
 -- Name: webhook_conversations webhook_conversations_pkey; Type: CONSTRAINT; Schema: public; Owner: -
@@ -1589,6 +1701,174 @@ ALTER TABLE ONLY public.processed_webhook_messages
 
 ALTER TABLE ONLY public.webhook_dlq
     ADD CONSTRAINT webhook_dlq_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id);
+
+--
+-- Name: agent_contexts; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.agent_contexts ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: agent_reply_parts; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.agent_reply_parts ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: agent_sessions; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.agent_sessions ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: conversation_state_transitions; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.conversation_state_transitions ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: processed_webhook_messages; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.processed_webhook_messages ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: schema_migrations; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.schema_migrations ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_erasure_audit; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_erasure_audit ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_message_tombstones; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_message_tombstones ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_operator_numbers; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_operator_numbers ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: agent_contexts wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.agent_contexts USING (( SELECT public.wa_owns('public.agent_contexts'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.agent_contexts'::regclass) AS wa_owns));
+
+--
+-- Name: agent_reply_parts wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.agent_reply_parts USING (( SELECT public.wa_owns('public.agent_reply_parts'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.agent_reply_parts'::regclass) AS wa_owns));
+
+--
+-- Name: agent_sessions wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.agent_sessions USING (( SELECT public.wa_owns('public.agent_sessions'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.agent_sessions'::regclass) AS wa_owns));
+
+--
+-- Name: conversation_state_transitions wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.conversation_state_transitions USING (( SELECT public.wa_owns('public.conversation_state_transitions'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.conversation_state_transitions'::regclass) AS wa_owns));
+
+--
+-- Name: processed_webhook_messages wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.processed_webhook_messages USING (( SELECT public.wa_owns('public.processed_webhook_messages'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.processed_webhook_messages'::regclass) AS wa_owns));
+
+--
+-- Name: schema_migrations wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.schema_migrations USING (( SELECT public.wa_owns('public.schema_migrations'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.schema_migrations'::regclass) AS wa_owns));
+
+--
+-- Name: wa_erasure_audit wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_erasure_audit USING (( SELECT public.wa_owns('public.wa_erasure_audit'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_erasure_audit'::regclass) AS wa_owns));
+
+--
+-- Name: wa_message_tombstones wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_message_tombstones USING (( SELECT public.wa_owns('public.wa_message_tombstones'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_message_tombstones'::regclass) AS wa_owns));
+
+--
+-- Name: wa_operator_numbers wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_operator_numbers USING (( SELECT public.wa_owns('public.wa_operator_numbers'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_operator_numbers'::regclass) AS wa_owns));
+
+--
+-- Name: wa_privileges_applied wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_privileges_applied USING (( SELECT public.wa_owns('public.wa_privileges_applied'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_privileges_applied'::regclass) AS wa_owns));
+
+--
+-- Name: wa_runtime_settings wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_runtime_settings USING (( SELECT public.wa_owns('public.wa_runtime_settings'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_runtime_settings'::regclass) AS wa_owns));
+
+--
+-- Name: wa_service_roles wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_service_roles USING (( SELECT public.wa_owns('public.wa_service_roles'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_service_roles'::regclass) AS wa_owns));
+
+--
+-- Name: webhook_conversations wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.webhook_conversations USING (( SELECT public.wa_owns('public.webhook_conversations'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.webhook_conversations'::regclass) AS wa_owns));
+
+--
+-- Name: webhook_dlq wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.webhook_dlq USING (( SELECT public.wa_owns('public.webhook_dlq'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.webhook_dlq'::regclass) AS wa_owns));
+
+--
+-- Name: wa_privileges_applied; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_privileges_applied ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_runtime_settings; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_runtime_settings ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_service_roles; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_service_roles ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: webhook_conversations; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.webhook_conversations ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: webhook_dlq; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.webhook_dlq ENABLE ROW LEVEL SECURITY;
 
 --
 -- PostgreSQL database dump complete

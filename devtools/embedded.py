@@ -66,6 +66,7 @@ def prepare_postgres(data_dir: Path, port: int = 5432) -> PostgresCommand:
             pgdata=data_dir,
             user=user,
         )
+    _write_hba(data_dir, user)
     socket_dir = data_dir
     if len(str(socket_dir / f".s.PGSQL.{port}")) > SOCKET_MAX:
         digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]
@@ -83,6 +84,8 @@ def prepare_postgres(data_dir: Path, port: int = 5432) -> PostgresCommand:
         "-c",
         "listen_addresses=",
         "-c",
+        "unix_socket_permissions=0700",  # the owner's socket: only this OS user (and root)
+        "-c",
         "max_connections=300",
         "-c",
         "fsync=on",
@@ -93,6 +96,25 @@ def prepare_postgres(data_dir: Path, port: int = 5432) -> PostgresCommand:
     ]
     dsn = f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
     return PostgresCommand(argv=argv, user=user, dsn=dsn, data_dir=data_dir, socket_dir=socket_dir)
+
+
+# Only the Unix socket listens (listen_addresses is empty), and only this OS user can open it:
+# the owner `postgres` needs no password there; every other role (the services') needs its own.
+HBA = """# Written by devtools/embedded.py at every start (edits are lost).
+local all postgres trust
+local all all scram-sha-256
+"""
+
+
+def _write_hba(data_dir: Path, user: str | None) -> None:
+    """pg_hba.conf as HBA says, also in a data folder initialised before it did."""
+    path = data_dir / "pg_hba.conf"
+    if path.exists() and path.read_text() == HBA:
+        return
+    path.write_text(HBA)
+    path.chmod(0o600)
+    if user is not None:
+        shutil.chown(path, user, user)
 
 
 def valkey_argv(port: int, data_dir: Path) -> list[str]:

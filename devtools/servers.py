@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import redis
 
-from common import migrate
+from common import migrate, roles
 
 from . import embedded, supervisor
 from .ports import free_port
@@ -107,6 +107,21 @@ class Postgres:
                 await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             except (OSError, asyncpg.PostgresError):
                 pass
+        # Then the login roles provisioned for them (cluster-wide: they would outlive the
+        # session on an external server); a role still used elsewhere is left.
+        names = [roles.default_name(d, s) for d in self.created for s in roles.SERVICES]
+        conn = await asyncpg.connect(self.admin_dsn, timeout=10)
+        try:
+            existing = await conn.fetch(
+                "SELECT rolname FROM pg_roles WHERE rolname = ANY($1)", names
+            )
+            for (role,) in existing:
+                try:
+                    await conn.execute(f"DROP ROLE {roles.quote_ident(role)}")
+                except asyncpg.PostgresError:
+                    pass
+        finally:
+            await conn.close()
 
     async def _admin(self, sql: str) -> None:
         conn = await asyncpg.connect(self.admin_dsn, timeout=10)

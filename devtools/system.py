@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import orjson
 
-from common import tls
+from common import roles, tls
 from services.gateway import signature
 
 from . import replicas, supervisor
@@ -25,6 +25,8 @@ SECRET = "test-app-secret"
 VERIFY_TOKEN = "test-verify-token"
 ACCESS_TOKEN = "test-access-token"
 SERVICES = ("state", "agent", "dlq", "gateway")
+# Each database's service URLs, as provisioned by this process (roles.provision).
+_provisioned: dict[str, dict[str, str]] = {}
 
 
 def sign(doc: dict[str, Any] | bytes, secret: str) -> tuple[bytes, dict[str, str]]:
@@ -50,7 +52,7 @@ class System:
             for name in ("gateway", "state", "agent", "dlq", "m_state", "m_agent", "m_dlq")
         }
         self.env = {
-            "DATABASE_URL": database_url,
+            "DATABASE_URL": "",  # the services never connect as the owner
             "REDIS_URL": redis_url,
             "REDIS_KEY_PREFIX": redis_prefix,
             "WHATSAPP_APP_SECRET": SECRET,
@@ -99,6 +101,21 @@ class System:
             return None
         return tls.Credentials.load(Path(self.env["GRPC_TLS_DIR"]), identity)
 
+    async def provision(self) -> dict[str, str]:
+        """Each service's login role on this system's database (once per database and test
+        process: a second system on it reuses the roles and their passwords). The services
+        get their own role's URL; the owner's (`database_url`, `db()`) is the tests'. A URL
+        the test chose in `env` is provisioned as given."""
+        urls = _provisioned.get(self.database_url)
+        if urls is None:
+            # A test may choose a service's login (as compose's secrets do): it is kept.
+            given = {s: self.env[v] for s, v in roles.VARIABLES.items() if self.env.get(v)}
+            urls = await roles.provision(self.database_url, given)
+            _provisioned[self.database_url] = urls
+        for service, url in urls.items():
+            self.env.setdefault(roles.VARIABLES[service], url)
+        return urls
+
     def env_for(self, name: str) -> dict[str, str]:
         env = dict(self.env)
         if name != "gateway":
@@ -119,6 +136,7 @@ class System:
 
     async def start(self, names: tuple[str, ...] = SERVICES, wait: bool = True) -> System:
         System.running.add(self)
+        await self.provision()
         processes = self._processes(names)
         for replica in processes:
             await self.sup.start(

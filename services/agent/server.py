@@ -11,7 +11,7 @@ import aiohttp
 import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
-from common import config, db, logs, wire
+from common import config, db, logs, roles, wire
 from common.domain import TurnResult
 from services.agent.settings import AgentSettings
 
@@ -102,7 +102,10 @@ async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterat
         raise config.ConfigError(str(exc)) from exc
     # Load the tokenizer before serving (about half a second of CPU), not on the first turn.
     window.load_encoding()
-    pool = await db.create_pool(settings.require_database(), max_size=20)
+    pool = await db.create_pool(
+        settings.require_database(), max_size=20, application_name="wa-agent"
+    )
+    await roles.refuse_privileged(pool, settings)
     async with outbound.session() as http:
         graph = GraphClient(
             http,

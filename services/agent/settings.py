@@ -11,6 +11,8 @@ from common import config
 
 
 class AgentSettings(config.TurnLimits):
+    # Its own login role (common/roles.py), never the owner's DATABASE_URL.
+    database_url: str = config.env("AGENT_DATABASE_URL", "")
     access_token: config.Secret = config.env("WHATSAPP_ACCESS_TOKEN", config.Secret(""))
     api_base_url: str = config.env("WHATSAPP_API_BASE_URL", "https://graph.facebook.com")
     api_version: str = config.env("WHATSAPP_API_VERSION", "v23.0")

@@ -14,7 +14,7 @@ import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 from wa.v1 import agent_pb2, agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
-from common import db, grpcserver, logs, wire
+from common import db, grpcserver, logs, roles, wire
 from services.dlq.settings import DlqSettings
 
 from . import store
@@ -229,7 +229,8 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
 
 @contextlib.asynccontextmanager
 async def setup(server: grpc.aio.Server, settings: DlqSettings) -> AsyncIterator[list[str]]:
-    pool = await db.create_pool(settings.require_database())
+    pool = await db.create_pool(settings.require_database(), application_name="wa-dlq")
+    await roles.refuse_privileged(pool, settings)
     async with (
         grpcserver.channel(settings.state_addr) as state_ch,
         grpcserver.channel(settings.agent_addr, traced=False) as agent_ch,

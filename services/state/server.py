@@ -13,7 +13,7 @@ import asyncpg
 import grpc
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
-from common import config, db, domain, grpcserver, kv, logs, migrate, telemetry, wire
+from common import config, db, domain, grpcserver, kv, logs, migrate, roles, telemetry, wire
 from services.state.settings import StateSettings
 
 from . import handback, machine, metrics, retention, store
@@ -311,11 +311,14 @@ def caller_identity(context: grpc.aio.ServicerContext) -> str:
 
 @contextlib.asynccontextmanager
 async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterator[list[str]]:
-    # `make run` and compose's job migrate first; a state service started on its own does it
-    # too (the runner's advisory lock makes concurrent starters safe).
+    # The owner migrates (`make run`, `wa migrate`, compose's job); this role cannot, and
+    # will not run on a database its code does not match.
     with telemetry.untraced():
-        await migrate.migrate(settings.require_database())
-    pool = await db.create_pool(settings.require_database(), max_size=20)
+        await migrate.require_current(settings.require_database())
+    pool = await db.create_pool(
+        settings.require_database(), max_size=20, application_name="wa-state"
+    )
+    await roles.refuse_privileged(pool, settings)
     with telemetry.untraced():  # start-up housekeeping, part of no message's trace
         await store.record_stuck_timeout(pool, settings.stuck_timeout_seconds)
     redis = kv.create_client(settings.require_redis())

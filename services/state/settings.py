@@ -12,6 +12,8 @@ MIN_RETENTION_DAYS = 8
 
 
 class StateSettings(config.TurnLimits):
+    # Its own login role (common/roles.py), never the owner's DATABASE_URL.
+    database_url: str = config.env("STATE_DATABASE_URL", "")
     lock_ttl_seconds: float = config.env("CONVERSATION_LOCK_TTL_SECONDS", 120.0, gt=0)
     enhanced_processing: bool = config.env("WA_ENHANCED_PROCESSING", True)
     max_concurrent_conversations: int = config.env("MAX_CONCURRENT_CONVERSATIONS", 64)

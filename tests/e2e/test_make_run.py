@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 
+from common import roles
 from devtools.ports import free_port
 from tests.support import payloads
 
@@ -84,6 +85,7 @@ def make_run(
 
 def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> None:  # type: ignore[type-arg]
     proc, url, log = make_run
+    run_dir = log.parent / "run"
     _wait_ready(url)
     root = psutil.Process(proc.pid)
     family = [p.pid for p in root.children(recursive=True)]
@@ -126,6 +128,19 @@ def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> N
         timeout=60,
     )
     assert cli.returncode == 0, cli.stderr
+    # Each service got its own database role, with a generated password kept in a file only
+    # the user reads, and never printed; none got the owner's URL.
+    urls = roles.read_urls(run_dir / roles.URLS_FILE)
+    assert set(urls) == set(roles.SERVICES)
+    assert (run_dir / roles.URLS_FILE).stat().st_mode & 0o777 == 0o600
+    for service, service_url in urls.items():
+        password = roles.user_of(service_url)[1]
+        assert password and password not in output
+        pid = _service_pid(root, f"services.{service}")
+        if pid is not None:
+            penv = psutil.Process(pid).environ()
+            assert penv[roles.VARIABLES[service]] == service_url
+            assert not penv.get("DATABASE_URL")
 
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)

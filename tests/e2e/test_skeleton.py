@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -15,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from common import grpcserver
+from common import grpcserver, roles
 from tests.conftest import StartSystem
 from tests.support import payloads
 from tests.support.fakes import FakeGraph
@@ -183,18 +184,36 @@ async def test_other_message_types_and_statuses_are_stored_and_skipped(
     assert graph.sends == []
 
 
-async def test_the_state_service_migrates_an_empty_database_itself(
+async def test_an_empty_database_is_migrated_and_provisioned_by_the_owner_first(
     tmp_path: Path, pg: Postgres, redis_server: Redis, redis_prefix: str, graph: FakeGraph
 ) -> None:
+    """What compose's one-shot job does: `python -m common.migrate` with the owner's URL and
+    each service's (from secrets); the services then run as those roles."""
     name = f"wa_empty_{uuid.uuid4().hex[:8]}"
     await pg._admin(f'CREATE DATABASE "{name}"')
     pg.created.append(name)
+    dsn = with_database(pg.admin_dsn, name)
+    logins = {
+        roles.VARIABLES[s]: roles.with_login(dsn, roles.default_name(name, s), f"pw-{s}-x9")
+        for s in roles.SERVICES
+    }
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "common.migrate"],
+        env={**os.environ, "DATABASE_URL": dsn, "RUN_DIR": str(tmp_path / "run"), **logins},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pw-" not in done.stderr + done.stdout  # never a password in a log line
+    assert not (tmp_path / "run").exists()  # nothing generated, nothing written
     system = System(
         tmp_path,
-        with_database(pg.admin_dsn, name),
+        dsn,
         redis_server.url,
         redis_prefix,
-        {"WHATSAPP_API_BASE_URL": graph.url},
+        {"WHATSAPP_API_BASE_URL": graph.url, **logins},
     )
     try:
         await system.start()
@@ -211,6 +230,7 @@ async def test_a_service_whose_port_is_taken_says_which_and_exits_2(
     tmp_path: Path, database_url: str, redis_server: Redis, redis_prefix: str, port_variable: str
 ) -> None:
     system = System(tmp_path, database_url, redis_server.url, redis_prefix, {})
+    await system.provision()
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()

@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 import pytest
 
-from common import migrate
+from common import migrate, roles
 from devtools import schema
 from devtools.servers import Postgres
 
@@ -80,6 +80,7 @@ async def test_a_database_migrated_before_checksums_gets_them_on_its_first_run(
 async def test_the_state_service_will_not_start_on_an_edited_migration(pg: Postgres) -> None:
     dsn = await pg.create_database(None)
     await migrate.migrate(dsn)
+    urls = await roles.provision(dsn)
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         # What the database recorded when 0001 was applied differs from today's file.
@@ -92,7 +93,8 @@ async def test_the_state_service_will_not_start_on_an_edited_migration(pg: Postg
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "DATABASE_URL": dsn,
+        "DATABASE_URL": dsn,  # the owner's, for the migration job
+        "STATE_DATABASE_URL": urls["state"],  # the state service checks with its own role
         "REDIS_URL": "redis://127.0.0.1:1/0",  # never reached: the migration check comes first
     }
     for argv in (["-m", "services.state"], ["-m", "common.migrate"]):
