@@ -207,8 +207,9 @@ class Dispatcher:
             conversation_id=item.conversation_id,
             phone_number_id=item.phone_number_id,
         ) as span:
-            # Each turn starts with a full lease (and the renewal shows in the message's trace).
-            await self.locks.renew(lease)
+            # Each turn starts with (nearly) a full lease: renewed unless it was set within the
+            # last tenth of its TTL (a renewal shows in the message's trace).
+            await self.locks.refresh(lease)
             started = time.perf_counter()
             if item.turn_resumes >= MAX_TURN_RESUMES:
                 await self._fail(

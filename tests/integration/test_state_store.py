@@ -188,6 +188,32 @@ async def test_lease_renewal_keeps_a_long_turn(redis_server: Redis, redis_prefix
         await client.aclose()
 
 
+async def test_a_turn_renews_its_lease_only_when_it_was_not_just_set(
+    redis_server: Redis, redis_prefix: str
+) -> None:
+    """Each turn starts with nearly a full lease: `refresh` renews one set more than a tenth
+    of its TTL ago, and spares the round trip for one just set (fails without the check:
+    every refresh renews)."""
+    client = kv.create_client(redis_server.url)
+    try:
+        locks = Locks(client, ttl_seconds=100.0, prefix=redis_prefix)
+        lease = await locks.acquire(8)
+        assert lease is not None
+        key = locks.lock_key(8)
+        await client.pexpire(key, 50_000)  # what is left of it, whatever its age says
+        assert await locks.refresh(lease)
+        assert await client.pttl(key) <= 50_000  # just set: not renewed
+        lease.renewed_at -= 11.0  # set 11 s ago: over a tenth of the TTL
+        assert await locks.refresh(lease)
+        assert await client.pttl(key) > 90_000
+        # Someone else's lease is never refreshed, however fresh ours looks.
+        await client.set(key, "other", px=100_000)
+        lease.renewed_at -= 11.0
+        assert not await locks.refresh(lease) and lease.lost
+    finally:
+        await client.aclose()
+
+
 async def test_a_redrive_never_requeues_a_message_whose_turn_is_running(
     pool: asyncpg.Pool,
 ) -> None:
