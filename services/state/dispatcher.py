@@ -185,11 +185,16 @@ class Dispatcher:
         try:
             async with self.locks.keep_renewed(lease):
                 token = await store.claim_conversation(self.pool, conversation_id, lease.owner)
+                following: store.WorkItem | store.NotAsked | None = store.NOT_ASKED
                 while not lease.lost:
-                    item = await store.next_message(self.pool, conversation_id, token)
+                    if isinstance(following, store.NotAsked):
+                        item = await store.next_message(self.pool, conversation_id, token)
+                    else:
+                        item = following
                     if item is None:
                         break
-                    await self._turn(lease, item, token)
+                    # A replied turn starts the next one in the same round trip.
+                    following = await self._turn(lease, item, token)
         finally:
             if token is not None and not lease.lost:
                 with contextlib.suppress(Exception):
@@ -198,7 +203,11 @@ class Dispatcher:
                 await self.locks.release(lease)
         return True
 
-    async def _turn(self, lease: Lease, item: store.WorkItem, token: int) -> None:
+    async def _turn(
+        self, lease: Lease, item: store.WorkItem, token: int
+    ) -> store.WorkItem | store.NotAsked | None:
+        """Runs one turn; returns the conversation's next turn when it was started with the
+        turn's final transition (see store.finish_turn)."""
         with telemetry.continued(
             "state.turn",
             item.traceparent,
@@ -223,7 +232,7 @@ class Dispatcher:
                         retryable=False,
                     ),
                 )
-                return
+                return store.NOT_ASKED
             try:
                 result = await self.agent.reply(item, token)
             except AgentUnavailable as exc:
@@ -239,17 +248,18 @@ class Dispatcher:
             metrics.TURN_SECONDS.observe(time.perf_counter() - started)
             if result.outcome == "replied":
                 reason = result.detail or "replied"
-                await store.transition(
-                    self.pool, item.message_id, machine.REPLIED, reason, token=token
+                finished = await store.finish_turn(
+                    self.pool, item, machine.REPLIED, reason, token, start_next=not lease.lost
                 )
                 metrics.OUTCOMES.labels("replied").inc()
                 log.info("message replied", extra=_who(item))
                 if item.attempts > 1:
                     with contextlib.suppress(DlqUnavailable):
                         await self.dlq.resolve(item.message_id, item.correlation_id)
-            else:
-                span.set_status(trace.StatusCode.ERROR, result.error_message)
-                await self._fail(item, token, result)
+                return finished.next
+            span.set_status(trace.StatusCode.ERROR, result.error_message)
+            await self._fail(item, token, result)
+            return store.NOT_ASKED
 
     async def _fail(self, item: store.WorkItem, token: int, result: TurnResult) -> None:
         reason = f"{result.error_class}: {result.error_message}"

@@ -214,6 +214,64 @@ async def test_a_turn_renews_its_lease_only_when_it_was_not_just_set(
         await client.aclose()
 
 
+async def test_finishing_a_turn_starts_the_next_in_the_same_round_trip(
+    pool: asyncpg.Pool,
+) -> None:
+    """finish_turn applies the replied transition (audited, fenced) and starts the oldest
+    waiting message with the same token, as transition + next_message would; a stale token
+    writes nothing. (Without wa_finish_turn, migration 0015, the query fails.)"""
+    now = int(time.time())
+    rows, _ = await store.ingest(
+        pool, [inbound("wamid.F1", ts=now), inbound("wamid.F2", ts=now + 1)], [], "c", ""
+    )
+    conv = rows[0].conversation_id
+    token = await store.claim_conversation(pool, conv, "me")
+    first = await store.next_message(pool, conv, token)
+    assert first is not None and first.message_id == "wamid.F1"
+
+    done = await store.finish_turn(pool, first, machine.REPLIED, "replied", token, start_next=True)
+    assert done.from_state == machine.PROCESSING
+    second = done.next
+    assert isinstance(second, store.WorkItem) and second.message_id == "wamid.F2"
+    assert second.fence_token == token and second.attempts == 1 and not second.resumed
+    statuses = dict(
+        await pool.fetch(
+            "SELECT message_id, status FROM processed_webhook_messages ORDER BY message_id"
+        )
+    )
+    assert statuses == {"wamid.F1": "replied", "wamid.F2": "processing"}
+    audit = await pool.fetch(
+        "SELECT message_id, from_state, to_state FROM conversation_state_transitions"
+        " WHERE entity = 'message' AND from_state IS NOT NULL ORDER BY id"
+    )
+    assert [tuple(r) for r in audit] == [
+        ("wamid.F1", "received", "processing"),
+        ("wamid.F1", "processing", "replied"),
+        ("wamid.F2", "received", "processing"),
+    ]
+
+    # A later holder's claim: the old token finishes nothing and starts nothing.
+    await pool.execute(
+        "UPDATE webhook_conversations SET fence_token = fence_token + 1 WHERE id = $1", conv
+    )
+    with pytest.raises(store.StaleFence):
+        await store.finish_turn(pool, second, machine.REPLIED, "replied", token, start_next=True)
+    assert (
+        await pool.fetchval(
+            "SELECT status FROM processed_webhook_messages WHERE message_id = 'wamid.F2'"
+        )
+        == "processing"
+    )
+
+    token += 1
+    done = await store.finish_turn(
+        pool, second, machine.REPLIED, "replied", token, start_next=False
+    )
+    assert isinstance(done.next, store.NotAsked)
+    third = await store.next_message(pool, conv, token)
+    assert third is None
+
+
 async def test_a_redrive_never_requeues_a_message_whose_turn_is_running(
     pool: asyncpg.Pool,
 ) -> None:
