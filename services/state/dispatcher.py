@@ -184,8 +184,10 @@ class Dispatcher:
         token: int | None = None
         try:
             async with self.locks.keep_renewed(lease):
-                token = await store.claim_conversation(self.pool, conversation_id, lease.owner)
-                following: store.WorkItem | store.NotAsked | None = store.NOT_ASKED
+                # The claim starts the first turn in the same round trip, and a replied turn
+                # the next one.
+                token, first = await store.claim_turn(self.pool, conversation_id, lease.owner)
+                following: store.WorkItem | store.NotAsked | None = first
                 while not lease.lost:
                     if isinstance(following, store.NotAsked):
                         item = await store.next_message(self.pool, conversation_id, token)
@@ -193,7 +195,6 @@ class Dispatcher:
                         item = following
                     if item is None:
                         break
-                    # A replied turn starts the next one in the same round trip.
                     following = await self._turn(lease, item, token)
         finally:
             if token is not None and not lease.lost:

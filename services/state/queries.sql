@@ -217,6 +217,10 @@ WITH previous AS (
 )
 SELECT c.fence_token, p.status AS previous FROM claimed c, previous p
 
+-- name: claim_turn
+-- claim_conversation, then start_turn with the new token: db/migrations/0015.
+SELECT * FROM wa_claim_turn($1, $2, $3)
+
 -- name: release_conversation
 -- $3: the states the machine lets a conversation leave for 'idle'.
 WITH released AS (

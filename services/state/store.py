@@ -415,6 +415,20 @@ async def claim_conversation(pool: asyncpg.Pool, conversation_id: int, owner: st
     return int(row["fence_token"])
 
 
+async def claim_turn(
+    pool: asyncpg.Pool, conversation_id: int, owner: str
+) -> tuple[int, WorkItem | None]:
+    """`claim_conversation` and, with the new token, `next_message`: one round trip (and one
+    commit) instead of two. Returns the token and the started turn (None when none waits)."""
+    row = await pool.fetchrow(
+        Q["claim_turn"], conversation_id, owner, machine.conversation_sources(machine.ACTIVE)
+    )
+    if row is None or row["claimed"] is None:
+        raise UnknownMessage(f"conversation {conversation_id} does not exist")
+    token = int(row["claimed"])
+    return token, _started(row, conversation_id, token)
+
+
 async def release_conversation(pool: asyncpg.Pool, conversation_id: int, token: int) -> bool:
     """Marks the conversation idle (audited) if `token` still holds it."""
     released = await pool.fetchval(

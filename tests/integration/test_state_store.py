@@ -234,11 +234,10 @@ async def test_finishing_a_turn_starts_the_next_in_the_same_round_trip(
     second = done.next
     assert isinstance(second, store.WorkItem) and second.message_id == "wamid.F2"
     assert second.fence_token == token and second.attempts == 1 and not second.resumed
-    statuses = dict(
-        await pool.fetch(
-            "SELECT message_id, status FROM processed_webhook_messages ORDER BY message_id"
-        )
-    )
+    statuses = {
+        r["message_id"]: r["status"]
+        for r in await pool.fetch("SELECT message_id, status FROM processed_webhook_messages")
+    }
     assert statuses == {"wamid.F1": "replied", "wamid.F2": "processing"}
     audit = await pool.fetch(
         "SELECT message_id, from_state, to_state FROM conversation_state_transitions"
@@ -270,6 +269,39 @@ async def test_finishing_a_turn_starts_the_next_in_the_same_round_trip(
     assert isinstance(done.next, store.NotAsked)
     third = await store.next_message(pool, conv, token)
     assert third is None
+
+
+async def test_a_claim_starts_the_first_turn_in_the_same_round_trip(pool: asyncpg.Pool) -> None:
+    """claim_turn moves the fence on (audited) and starts the oldest waiting message with the
+    new token, as claim_conversation + next_message would; a later claim takes over with the
+    next token and resumes the message. (Without wa_claim_turn, migration 0015, the query
+    fails.)"""
+    now = int(time.time())
+    rows, _ = await store.ingest(
+        pool, [inbound("wamid.C2", ts=now + 1), inbound("wamid.C1", ts=now)], [], "c", ""
+    )
+    conv = rows[0].conversation_id
+    token, first = await store.claim_turn(pool, conv, "me")
+    assert first is not None and first.message_id == "wamid.C1" and first.fence_token == token
+    assert (
+        await pool.fetchval(
+            "SELECT status FROM processed_webhook_messages WHERE message_id = 'wamid.C1'"
+        )
+        == "processing"
+    )
+    claims = await pool.fetch(
+        "SELECT from_state, to_state, fence_token FROM conversation_state_transitions"
+        " WHERE entity = 'conversation' ORDER BY id"
+    )
+    assert [tuple(r) for r in claims] == [("idle", "active", token)]
+    # The holder dies: the next claim takes over and resumes the same message.
+    later, resumed = await store.claim_turn(pool, conv, "you")
+    assert later == token + 1
+    assert resumed is not None and resumed.message_id == "wamid.C1" and resumed.resumed
+    with pytest.raises(store.StaleFence):
+        await store.next_message(pool, conv, token)
+    with pytest.raises(store.UnknownMessage):
+        await store.claim_turn(pool, conv + 1000, "me")
 
 
 async def test_a_redrive_never_requeues_a_message_whose_turn_is_running(
