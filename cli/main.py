@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("trace", help="a message's timeline and trace id")
     tr.add_argument("target", help="WhatsApp message id, or a customer's phone, BSUID or @username")
     tr.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("prune", help="prune what RETENTION_DAYS allows now")
+    pr.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    pr.add_argument("--json", action="store_true")
+    fg = sub.add_parser("forget", help="erase one customer's data everywhere")
+    fg.add_argument("customer", help="the customer's phone number or BSUID")
+    fg.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    fg.add_argument("--json", action="store_true")
     return p
 
 
@@ -151,6 +159,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import trace
 
         return asyncio.run(trace.trace(args.target, args.json))
+    if args.command == "prune":
+        from . import retention
+
+        return asyncio.run(retention.prune(args.dry_run, args.json))
+    if args.command == "forget":
+        from . import retention
+
+        customer = retention.customer_key(args.customer)
+        if not customer:
+            print("name a customer: a phone number or a BSUID", file=sys.stderr)
+            return 2
+        if not args.yes and not retention.confirm_forget(customer):
+            return 1
+        return asyncio.run(retention.forget(customer, args.json))
     return 2
 
 

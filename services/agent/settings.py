@@ -20,6 +20,9 @@ class AgentSettings(config.TurnLimits):
     openai_api_key: config.Secret = config.env("OPENAI_API_KEY", config.Secret(""))
     agent_model: str = config.env("AGENT_MODEL", "gpt-4o-mini")
     agent_token_limit: int = config.env("AGENT_TOKEN_LIMIT", 4000, gt=0)
+    # The stored context keeps this many newest messages (user and assistant); older ones are
+    # dropped, so the context's size and each turn's write of it stop growing.
+    context_max_messages: int = config.env("AGENT_CONTEXT_MAX_MESSAGES", 100, ge=2, le=10_000)
     breaker_threshold: int = config.env("AGENT_BREAKER_THRESHOLD", 5)
     breaker_reset_seconds: float = config.env("AGENT_BREAKER_RESET_SECONDS", 30.0)
 

@@ -68,6 +68,7 @@ class Agent:
         graph: GraphClient,
         *,
         token_limit: int,
+        context_max_messages: int = 100,
         confirm_seconds: float = 10.0,
     ) -> None:
         self.pool = pool
@@ -75,6 +76,7 @@ class Agent:
         self.backend = backend
         self.graph = graph
         self.token_limit = token_limit
+        self.context_max_messages = max(2, context_max_messages)
         self.confirm_seconds = confirm_seconds
         self._background: set[asyncio.Task[None]] = set()
 
@@ -247,7 +249,11 @@ class Agent:
         reply_tokens = window.message_tokens(reply)
         reply["tokens"] = reply_tokens
         history.append(reply)
-        token_count = sum(costs) + reply_tokens
+        # Only the newest messages are kept (AGENT_CONTEXT_MAX_MESSAGES): the context, and its
+        # write every turn, stop growing. The window above already had what it could use.
+        kept = bounded(history, self.context_max_messages)
+        token_count = sum(m.get("tokens") or window.message_tokens(m) for m in kept)
+        history = kept
         try:
             fence = await self.pool.fetchval(
                 Q["save_turn"],
@@ -469,6 +475,11 @@ class Agent:
             "" if sent is None else sent_ids[sent],
             -1 if start is None else start,
         )
+
+
+def bounded(history: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The newest `limit` messages of a context (oldest dropped first)."""
+    return history[-limit:] if len(history) > limit else history
 
 
 def _check_fence(req: TurnRequest, fence: int | None) -> None:

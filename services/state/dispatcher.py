@@ -154,6 +154,8 @@ class Dispatcher:
                         metrics.STALE_WRITES.inc()
                         log.warning("lost the conversation to a later holder: %s", exc)
                         return
+                    except store.UnknownMessage:
+                        return  # the conversation is gone (`wa forget`, pruning): no work
                     except Exception:
                         log.exception(
                             "driving the conversation failed, will retry",

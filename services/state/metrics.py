@@ -21,3 +21,12 @@ DELIVERY_FAILED = Counter(
     "wa_reply_delivery_failed_total",
     "Delivery statuses `failed` stored: Meta could not deliver a message of ours",
 )
+PRUNED = Counter(
+    "wa_retention_pruned_rows_total", "Rows deleted by retention (prune passes)", ["table"]
+)
+PRUNE_RUNS = Counter(
+    "wa_retention_prune_runs_total",
+    "Background prune passes (ok, busy: another ran, error)",
+    ["result"],
+)
+FORGOTTEN = Counter("wa_retention_forget_total", "Customers erased by `wa forget`")

@@ -7,7 +7,9 @@
 -- this batch names together with a BSUID (in any of its messages) takes the BSUID as its key
 -- (once: later deliveries find it by the BSUID, or by the phone number alone). The phone number, BSUID and
 -- username are attributes that only a newer value replaces; an absent one keeps the old.
-WITH raw AS (
+-- A message erased by `wa forget` and delivered again (its id's digest is a tombstone) is a
+-- duplicate: nothing of it is stored, not even its conversation.
+WITH given AS (
     SELECT *
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                   $6::timestamptz[], $7::text[], $8::text[], $9::text[], $10::text[],
@@ -17,6 +19,10 @@ WITH raw AS (
                                 correlation_id, wa_timestamp, message_type, body, payload,
                                 status, reason, traceparent, user_id, parent_user_id,
                                 username, referral, ord)
+), raw AS (
+    SELECT * FROM given g
+     WHERE NOT EXISTS (SELECT 1 FROM wa_message_tombstones z
+                        WHERE z.id_hash = sha256(convert_to(g.message_id, 'UTF8')))
 ), pairs AS (
     -- What this batch proves: this phone number and this BSUID are one customer.
     SELECT DISTINCT ON (phone_number_id, wa_id) phone_number_id, wa_id, user_id
@@ -103,11 +109,13 @@ WITH raw AS (
            COALESCE(status_reason, 'ingested'), correlation_id
       FROM msg
 )
-SELECT i.ord, i.message_id, conv.id AS conversation_id, msg.status
-  FROM input i
-  JOIN conv USING (phone_number_id, customer_id)
-  LEFT JOIN msg USING (message_id)
- ORDER BY i.ord
+SELECT g.ord, g.message_id, COALESCE(conv.id, 0) AS conversation_id, msg.status
+  FROM given g
+  LEFT JOIN input i ON i.ord = g.ord
+  LEFT JOIN conv ON conv.phone_number_id = i.phone_number_id
+                AND conv.customer_id = i.customer_id
+  LEFT JOIN msg ON msg.message_id = i.message_id
+ ORDER BY g.ord
 
 -- name: ingest_statuses
 -- Delivery statuses, each stored once per (outbound id, status); the outbound message's
@@ -142,6 +150,9 @@ WITH input AS (
            'skipped', 'status update: ' || i.status, i.outbound_id, i.status,
            NULLIF(i.error_code, ''), i.correlation_id, i.traceparent
       FROM input i
+     -- Not about a reply erased by `wa forget` (its recipient's number is in it).
+     WHERE NOT EXISTS (SELECT 1 FROM wa_message_tombstones z
+                        WHERE z.id_hash = sha256(convert_to(i.outbound_id, 'UTF8')))
      ORDER BY 1
     ON CONFLICT (message_id) DO NOTHING
     RETURNING message_id
@@ -367,6 +378,8 @@ SELECT i.event_id, 'event',
        END,
        i.correlation_id, i.traceparent
   FROM input i
+ WHERE NOT EXISTS (SELECT 1 FROM wa_message_tombstones z
+                    WHERE z.id_hash = sha256(convert_to(i.event_id, 'UTF8')))
  ORDER BY i.event_id
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id

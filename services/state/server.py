@@ -16,7 +16,7 @@ from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 from common import config, db, domain, grpcserver, kv, logs, migrate, telemetry, wire
 from services.state.settings import StateSettings
 
-from . import machine, metrics, store
+from . import machine, metrics, retention, store
 from .clients import GrpcAgent, GrpcDlq
 from .dispatcher import Dispatcher
 from .locks import Locks
@@ -64,10 +64,12 @@ class StateServicer(state_pb2_grpc.StateServicer):
         pool: asyncpg.Pool,
         locks: Locks,
         dispatcher: Dispatcher | None,
+        settings: StateSettings | None = None,
     ) -> None:
         self.pool = pool
         self.locks = locks
         self.dispatcher = dispatcher
+        self.settings = settings or StateSettings()
 
     async def IngestBatch(
         self, request: state_pb2.IngestBatchRequest, context: grpc.aio.ServicerContext
@@ -226,6 +228,46 @@ class StateServicer(state_pb2_grpc.StateServicer):
             ]
         )
 
+    async def Prune(
+        self, request: state_pb2.PruneRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.PruneResponse:
+        days = self.settings.retention_days
+        try:
+            out = await retention.prune(
+                self.pool,
+                days,
+                self.settings.retention_batch_size,
+                dry_run=request.dry_run,
+                requested_by=caller_identity(context),
+            )
+        except retention.PruneBusy as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        if not request.dry_run:
+            log.info("prune pass (on demand)", extra={"counts": out.counts})
+        return state_pb2.PruneResponse(
+            counts=_table_counts(out.counts),
+            retention_days=days,
+            batches=out.batches,
+            dry_run=request.dry_run,
+            complete=out.complete,
+        )
+
+    async def Forget(
+        self, request: state_pb2.ForgetRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.ForgetResponse:
+        customer = request.customer.strip()
+        if not customer:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "name a customer: a phone number or a BSUID"
+            )
+        try:
+            counts = await retention.forget(
+                self.pool, self.locks, customer, requested_by=caller_identity(context)
+            )
+        except retention.ConversationBusy as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        return state_pb2.ForgetResponse(counts=_table_counts(counts))
+
     async def CheckDependencies(
         self, request: state_pb2.CheckDependenciesRequest, context: grpc.aio.ServicerContext
     ) -> state_pb2.CheckDependenciesResponse:
@@ -252,6 +294,21 @@ class StateServicer(state_pb2_grpc.StateServicer):
         return state_pb2.CheckDependenciesResponse(components=components)
 
 
+def _table_counts(counts: dict[str, int]) -> list[state_pb2.TableCount]:
+    return [state_pb2.TableCount(table_name=t, rows=n) for t, n in counts.items()]
+
+
+def caller_identity(context: grpc.aio.ServicerContext) -> str:
+    """Who called, for the audit: the identity its client certificate names (mutual TLS: the
+    last segment of its `spiffe://wa-agents/<identity>` name, e.g. `operator`), or
+    "unauthenticated" when internal gRPC runs in plaintext (GRPC_INSECURE)."""
+    names = [bytes(n).decode(errors="replace") for n in context.peer_identities() or ()]
+    for name in names:
+        if name.startswith("spiffe://"):
+            return name.rsplit("/", 1)[-1]
+    return names[0] if names else "unauthenticated"
+
+
 @contextlib.asynccontextmanager
 async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterator[list[str]]:
     # `make run` and compose's job migrate first; a state service started on its own does it
@@ -266,6 +323,14 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
     background: list[asyncio.Task[None]] = []
     dispatcher: Dispatcher | None = None
     sweeper: Sweeper | None = None
+    # Pruning runs whether or not processing is switched on: it only takes finished work.
+    pruner = retention.Pruner(
+        pool,
+        days=settings.retention_days,
+        batch=settings.retention_batch_size,
+        interval=settings.retention_interval_seconds,
+    )
+    background.append(asyncio.create_task(pruner.run(), name="retention"))
     async with (
         grpcserver.channel(settings.agent_addr) as agent_ch,
         grpcserver.channel(settings.dlq_addr) as dlq_ch,
@@ -291,10 +356,13 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
             background.append(asyncio.create_task(_resume_all(pool, dispatcher), name="resume"))
         else:
             log.warning("WA_ENHANCED_PROCESSING=false: ingest and acknowledge only")
-        state_pb2_grpc.add_StateServicer_to_server(StateServicer(pool, locks, dispatcher), server)
+        state_pb2_grpc.add_StateServicer_to_server(
+            StateServicer(pool, locks, dispatcher, settings), server
+        )
         try:
             yield [state_pb2.DESCRIPTOR.services_by_name["State"].full_name]
         finally:
+            pruner.stop()
             if sweeper is not None:
                 sweeper.stop()
             if dispatcher is not None:
