@@ -6,7 +6,7 @@ UV := $(BIN)/uv
 PROTOS := $(wildcard protos/wa/v1/*.proto)
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck proto schema install bench clean
+.PHONY: run test lint typecheck proto schema install bench bench-peer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,12 @@ typecheck: install
 bench: install
 	$(BIN)/python -m bench.ack
 	$(BIN)/python -m bench.e2e
+
+# The same burst against a minimal pywa bot (README, Benchmarks). pywa is an optional extra
+# (`peer`), installed by this target only: `make install` leaves it out again when it syncs.
+bench-peer: install
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --quiet --python $(BIN)/python --extra peer
+	$(BIN)/python -m bench.peer $(BENCH_PEER_ARGS)
 
 clean:
 	rm -rf gen .run .mypy_cache .ruff_cache .pytest_cache

@@ -5,11 +5,18 @@ Redis-compatible server included (from /proc; the load generator and the Graph A
 are not the system and are not counted).
 
     .venv/bin/python -m bench.e2e [MESSAGES_PER_CONVERSATION]
+    WA_SCALE=agent=2,state=2 .venv/bin/python -m bench.e2e     # replicas (devtools/replicas.py)
+    .venv/bin/python -m bench.e2e --curve [MESSAGES_PER_CONVERSATION]
+
+`--curve` runs the same load with 1, 2 and 4 replicas of state and agent, one after the other
+on the same servers. Each run reports messages/s, CPU per message per process and in total,
+and the worst (and p99) time from a message's acknowledgement to its reply, from PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from typing import Any
@@ -18,7 +25,7 @@ import httpx
 import orjson
 
 from cli.simulate import text_delivery, username_bsuid
-from devtools.system import SECRET, SERVICES, System
+from devtools.system import SECRET, System
 
 from . import cpu, harness, load
 from .harness import Servers
@@ -41,8 +48,12 @@ async def replies(client: httpx.AsyncClient, url: str) -> dict[str, int]:
     return out
 
 
+CURVE = ("state=1,agent=1", "state=2,agent=2", "state=4,agent=4")
+
+
 def _cpu(s: Servers, system: System) -> dict[str, float]:
-    roots: dict[str, int | None] = {name: system.sup.pid(name) for name in SERVICES}
+    # Every process of every service, each replica on its own line.
+    roots: dict[str, int | None] = {r.name: system.sup.pid(r.name) for r in system.scale.all()}
     by_name: dict[str, list[str]] = {}
     if s.pg.external:
         by_name["postgres"] = ["postgres"]
@@ -55,46 +66,85 @@ def _cpu(s: Servers, system: System) -> dict[str, float]:
     return cpu.snapshot(roots, by_name)
 
 
-def _report_cpu(per: dict[str, float]) -> None:
+def _report_cpu(per: dict[str, float], system: System) -> float:
     if not per:
         print("  CPU per message: not measured (no /proc)")
-        return
+        return 0.0
     parts = ", ".join(f"{name} {ms:.2f}" for name, ms in per.items())
     print(f"  CPU per message: {sum(per.values()):.2f} ms ({parts})")
+    if system.scale.scaled:
+        services = {
+            service: sum(per.get(n, 0.0) for n in system.scale.names(service))
+            for service in system.scale.replicas
+        }
+        print("  by service: " + ", ".join(f"{k} {v:.2f}" for k, v in services.items()))
+    return sum(per.values())
+
+
+async def _latency(system: System) -> tuple[float, float]:
+    """The worst and p99 seconds from acknowledgement (stored) to reply (finished)."""
+    row = await (await system.db()).fetchrow(
+        "SELECT max(extract(epoch FROM finished_at - received_at)) AS worst,"
+        " percentile_cont(0.99) WITHIN GROUP"
+        " (ORDER BY extract(epoch FROM finished_at - received_at)) AS p99"
+        " FROM processed_webhook_messages WHERE kind = 'message' AND status = 'replied'"
+    )
+    assert row is not None
+    return float(row["worst"] or 0), float(row["p99"] or 0)
+
+
+async def run(s: Servers, graph_url: str, per: int, scale: str) -> tuple[float, float, float]:
+    """One run; returns messages/s, CPU ms per message and the worst ack-to-reply seconds."""
+    async with (
+        s.system(WHATSAPP_API_BASE_URL=graph_url, WA_SCALE=scale) as system,
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        before = await replies(client, graph_url)
+        base = int(time.time())
+        docs = [delivery(c, n, base) for n in range(per) for c in range(CONVERSATIONS)]
+        total = len(docs)
+        host = system.url.split("//")[1]
+        requests = [
+            load.signed_request(host, "/webhook", SECRET, orjson.dumps(doc)) for doc in docs
+        ]
+        cpu_before = _cpu(s, system)
+        started = time.monotonic()
+        errors = await load.post_all(f"{system.url}/webhook", requests, 32)
+        acked = time.monotonic() - started
+        assert errors == 0, f"{errors} deliveries were not acknowledged"
+        deadline = started + 600
+        while (counts := await replies(client, graph_url))["sent"] - before["sent"] < total:
+            assert time.monotonic() < deadline, "replies did not all arrive in 600 s"
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - started
+        cpu_after = _cpu(s, system)
+        sent = counts["sent"] - before["sent"]
+        worst, p99 = await _latency(system)
+        print(
+            f"{total} messages across {CONVERSATIONS} conversations (rules backend),"
+            f" WA_SCALE={scale or 'none'}"
+        )
+        print(f"  all acknowledged after {acked:.1f} s ({total / acked:.0f} acks/s)")
+        print(f"  {sent} replies after {elapsed:.1f} s: {sent / elapsed:.0f} messages/s")
+        print(f"  duplicates: {counts['duplicates'] - before['duplicates']}")
+        print(f"  acknowledged to replied: worst {worst:.2f} s, p99 {p99:.2f} s")
+        ms = _report_cpu(cpu.per_message(cpu_before, cpu_after, total), system)
+        return sent / elapsed, ms, worst
 
 
 async def main() -> None:
-    per = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    args = [a for a in sys.argv[1:] if a != "--curve"]
+    per = int(args[0]) if args else 10
+    scales = CURVE if "--curve" in sys.argv else (os.environ.get("WA_SCALE", ""),)
+    results = []
     with harness.graph_standin() as graph_url:
-        async with (
-            harness.servers() as s,
-            s.system(WHATSAPP_API_BASE_URL=graph_url) as system,
-            httpx.AsyncClient(timeout=10) as client,
-        ):
-            base = int(time.time())
-            docs = [delivery(c, n, base) for n in range(per) for c in range(CONVERSATIONS)]
-            total = len(docs)
-            host = system.url.split("//")[1]
-            requests = [
-                load.signed_request(host, "/webhook", SECRET, orjson.dumps(doc)) for doc in docs
-            ]
-            cpu_before = _cpu(s, system)
-            started = time.monotonic()
-            errors = await load.post_all(f"{system.url}/webhook", requests, 32)
-            acked = time.monotonic() - started
-            assert errors == 0, f"{errors} deliveries were not acknowledged"
-            deadline = started + 600
-            while (counts := await replies(client, graph_url))["sent"] < total:
-                assert time.monotonic() < deadline, "replies did not all arrive in 600 s"
-                await asyncio.sleep(0.05)
-            elapsed = time.monotonic() - started
-            cpu_after = _cpu(s, system)
-            sent = counts["sent"]
-            print(f"{total} messages across {CONVERSATIONS} conversations (rules backend)")
-            print(f"  all acknowledged after {acked:.1f} s ({total / acked:.0f} acks/s)")
-            print(f"  {sent} replies after {elapsed:.1f} s: {sent / elapsed:.0f} messages/s")
-            print(f"  duplicates: {counts['duplicates']}")
-            _report_cpu(cpu.per_message(cpu_before, cpu_after, total))
+        async with harness.servers() as s:
+            for scale in scales:
+                results.append((scale, *await run(s, graph_url, per, scale)))
+    if len(results) > 1:
+        print("\nreplicas of state and agent | messages/s | CPU ms/message | worst ack->reply s")
+        for scale, rate, ms, worst in results:
+            print(f"  {scale:<26} | {rate:10.0f} | {ms:14.2f} | {worst:.2f}")
 
 
 if __name__ == "__main__":

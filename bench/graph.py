@@ -5,8 +5,10 @@ Meta's servers and the model cost the system nothing on its own machine; the tes
 fakes cost this machine's CPU per call (README, Benchmarks), which a benchmark would count
 against the system. This one answers `POST .../messages` like the Graph API, counts replies
 per inbound message (`context.message_id`; mark-as-read calls are answered, not counted) and
-reports `{"sent": N, "duplicates": N}` at `GET /replies`; `POST /chat/completions` is an
-OpenAI-compatible model that echoes the last user message after MODEL_DELAY seconds.
+reports `{"sent": N, "answered": N, "duplicates": N, "last": T}` at `GET /replies` (calls,
+distinct message ids answered, ids answered more than once, `time.monotonic()` of the last
+reply); `POST /chat/completions` is an OpenAI-compatible model that echoes the last user
+message after MODEL_DELAY seconds.
 
     python -m bench.graph PORT [MODEL_DELAY]
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+import time
 from collections import Counter
 
 import orjson
@@ -24,17 +27,26 @@ import uvloop
 replies: Counter[str] = Counter()
 ids = itertools.count(1)
 model_delay = 0.0
+last_reply = 0.0
 
 
 def answer(body: bytes) -> bytes:
+    global last_reply
     doc = orjson.loads(body)
     if doc.get("status") == "read":
         return b'{"success":true}'
     replies[doc.get("context", {}).get("message_id", "")] += 1
+    last_reply = time.monotonic()
+    # As the Graph API answers: the recipient as given, and as a phone number (`to`) or a
+    # business-scoped user id (`recipient`).
+    if "recipient" in doc:
+        contact = {"input": doc["recipient"], "user_id": doc["recipient"]}
+    else:
+        contact = {"input": doc.get("to", ""), "wa_id": doc.get("to", "")}
     return orjson.dumps(
         {
             "messaging_product": "whatsapp",
-            "contacts": [{"input": doc.get("to", ""), "wa_id": doc.get("to", "")}],
+            "contacts": [contact],
             "messages": [{"id": f"wamid.bench{next(ids)}"}],
         }
     )
@@ -73,7 +85,15 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             body = await reader.readexactly(length) if length else b""
             if head.startswith(b"GET /replies"):
                 duplicates = sum(1 for n in replies.values() if n > 1)
-                out = orjson.dumps({"sent": replies.total(), "duplicates": duplicates})
+                answered = sum(1 for key in replies if key)
+                out = orjson.dumps(
+                    {
+                        "sent": replies.total(),
+                        "answered": answered,
+                        "duplicates": duplicates,
+                        "last": last_reply,
+                    }
+                )
             elif head.startswith(b"POST /chat/completions"):
                 out = await model_answer(body)
             else:

@@ -18,7 +18,7 @@ from dotenv import dotenv_values
 
 from cli.settings import CliSettings
 from common import config, logs, migrate
-from devtools import embedded, supervisor
+from devtools import embedded, replicas, supervisor
 from devtools.ports import free_port
 
 log = logging.getLogger("wa.run")
@@ -80,6 +80,11 @@ def _dev_defaults(env: dict[str, str]) -> list[str]:
 async def run() -> int:
     settings = CliSettings.from_env()
     logs.setup("run", settings.log_level)
+    try:
+        scale = _replicas(settings)
+    except replicas.ScaleError as exc:
+        say(f"[wa run] {exc}")
+        return 2
     supervisor.die_with_parent(signal.SIGTERM)
     run_dir = settings.run_dir.resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -126,34 +131,64 @@ async def run() -> int:
         for key in filled:
             env[key] = base[key]
             say(f"[wa run] {key} is not set: using the DEVELOPMENT value from .env.example")
-        for name in SERVICES:
-            service_env = dict(env)
-            if name in METRICS_PORTS:
-                service_env["METRICS_PORT"] = str(
-                    os.environ.get(f"{name.upper()}_METRICS_PORT", METRICS_PORTS[name])
+        for replica in scale.all():
+            name = replica.service
+            service_env = {**env, **scale.env_for(replica)}
+            # Replicas write a log file each (named in the list printed below).
+            log_file = str(run_dir / "logs" / f"{replica.name}.log") if scale.scaled else None
+            await sup.start(
+                supervisor.Spec(
+                    replica.name, service_command(name), env=service_env, log_file=log_file
                 )
-            await sup.start(supervisor.Spec(name, service_command(name), env=service_env))
-        _print_endpoints(settings, database_url, redis_url)
+            )
+        _print_endpoints(settings, database_url, redis_url, scale, run_dir)
         await stop.wait()
     finally:
         say("[wa run] stopping")
         # Front door first, then the services, then the servers they use.
-        await sup.stop(["gateway"], timeout=4)
-        await sup.stop(["state", "agent", "dlq"], timeout=4)
+        await sup.stop(scale.names("gateway"), timeout=4)
+        await sup.stop([r.name for r in scale.all() if r.service != "gateway"], timeout=4)
         await sup.stop(timeout=2)
         say("[wa run] stopped")
     return 0
 
 
-def _print_endpoints(settings: CliSettings, database_url: str, redis_url: str) -> None:
+def _replicas(settings: CliSettings) -> replicas.Plan:
+    """Every process of each service: one, or as many as WA_SCALE says (devtools/replicas.py)."""
+    metrics = {
+        name: int(os.environ.get(f"{name.upper()}_METRICS_PORT", port))
+        for name, port in METRICS_PORTS.items()
+    }
+    grpc_ports = {
+        "state": settings.state_port,
+        "agent": settings.agent_port,
+        "dlq": settings.dlq_port,
+    }
+    return replicas.plan(replicas.parse(settings.scale), grpc_ports, metrics, port_for=free_port)
+
+
+def _print_endpoints(
+    settings: CliSettings,
+    database_url: str,
+    redis_url: str,
+    scale: replicas.Plan,
+    run_dir: Path,
+) -> None:
     gw = f"http://127.0.0.1:{settings.gateway_port}"
-    lines = [
-        "",
-        "  wa is running. Ctrl-C stops everything.",
-        f"  gateway   {gw}/webhook   ({gw}/healthz, /readyz, /metrics)",
-        f"  state     grpc 127.0.0.1:{settings.state_port}   metrics :{METRICS_PORTS['state']}",
-        f"  agent     grpc 127.0.0.1:{settings.agent_port}   metrics :{METRICS_PORTS['agent']}",
-        f"  dlq       grpc 127.0.0.1:{settings.dlq_port}   metrics :{METRICS_PORTS['dlq']}",
+    lines = ["", "  wa is running. Ctrl-C stops everything."]
+    for r in scale.all():
+        if r.service == "gateway":
+            where = f"{gw}/webhook   ({gw}/healthz, /readyz, /metrics)"
+            if len(scale.replicas["gateway"]) > 1:
+                where = f"{gw}/webhook   (port shared by the gateway replicas)"
+        else:
+            where = f"grpc 127.0.0.1:{r.grpc_port}   metrics :{r.metrics_port}"
+        log_file = f"   log {run_dir / 'logs' / r.name}.log" if scale.scaled else ""
+        lines.append(f"  {r.name:<9} {where}{log_file}")
+    for name, target in scale.shared.items():
+        if name.endswith("_ADDR"):
+            lines.append(f"  {name:<10} {target}   (clients use every replica)")
+    lines += [
         f"  postgres  {database_url}",
         f"  redis     {redis_url}",
         '  try:      .venv/bin/wa simulate "hello"',

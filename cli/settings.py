@@ -15,3 +15,5 @@ class CliSettings(GatewaySettings, StateSettings, AgentSettings, DlqSettings):
     """`wa` starts, checks and drives every service: it reads every setting."""
 
     run_dir: Path = config.env("RUN_DIR", Path(".run"))
+    # `wa run`: processes per service, e.g. "agent=3,state=2" (devtools/replicas.py).
+    scale: str = config.env("WA_SCALE", "")

@@ -20,7 +20,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import config, runtime, telemetry
+from . import balancing, config, runtime, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ async def serve(name: str, port: int, setup: Setup[S], settings: S) -> None:
     install_stop_signals(stop)
     server = grpc.aio.server(
         interceptors=telemetry.server_interceptors(),
-        options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS],
+        options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS, *balancing.SERVER_OPTIONS],
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -102,12 +102,12 @@ def main(name: str, settings_cls: type[S], port_of: Callable[[S], int], setup: S
 @contextlib.asynccontextmanager
 async def channel(target: str, *, traced: bool = True) -> AsyncIterator[grpc.aio.Channel]:
     """A client channel, with the tracing interceptors unless `traced` is false; closed on
-    exit."""
+    exit. Calls are spread over every replica `target` names (common/balancing.py)."""
     ch = grpc.aio.insecure_channel(
         target,
         interceptors=telemetry.client_interceptors() if traced else [],
         options=[
-            ("grpc.enable_retries", 1),
+            *balancing.channel_options(retry_buffer_bytes=MAX_MESSAGE_BYTES // 2),
             ("grpc.keepalive_time_ms", 30000),
             *MESSAGE_SIZE_OPTIONS,
         ],

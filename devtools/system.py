@@ -1,5 +1,6 @@
 """The whole system as real processes: the four services on free ports, supervised, with
-their logs kept for assertions and for reading when a test (or a benchmark) fails."""
+their logs kept for assertions and for reading when a test (or a benchmark) fails. `WA_SCALE`
+in its environment runs replicas (devtools/replicas.py): each its own process and log file."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import orjson
 
 from services.gateway import signature
 
-from . import supervisor
+from . import replicas, supervisor
 from .ports import free_port
+from .replicas import Replica
 
 SECRET = "test-app-secret"
 VERIFY_TOKEN = "test-verify-token"
@@ -63,6 +65,13 @@ class System:
             "OTEL_SDK_DISABLED": "true",
             **env,
         }
+        # Every replica of each service (one each unless env has WA_SCALE).
+        self.scale = replicas.plan(
+            replicas.parse(self.env.get("WA_SCALE", "")),
+            grpc_ports={s: self.ports[s] for s in replicas.GRPC_SERVICES},
+            metrics_ports={s: self.ports[f"m_{s}"] for s in replicas.GRPC_SERVICES},
+            port_for=lambda _preferred: free_port(),
+        )
         # What the supervisor saw (starts, exits, restarts), for a failing test's report.
         self.events: list[str] = []
         self.sup = supervisor.Supervisor(
@@ -88,29 +97,41 @@ class System:
     def log_path(self, name: str) -> Path:
         return self.root / f"{name}.log"
 
+    def replicas(self, service: str) -> list[str]:
+        """The process names of a service's replicas (just `service` when it runs alone)."""
+        return self.scale.names(service)
+
+    def _processes(self, names: tuple[str, ...]) -> list[Replica]:
+        """Services (all their replicas) or single replicas, by name."""
+        wanted = set(names)
+        return [r for r in self.scale.all() if r.service in wanted or r.name in wanted]
+
     async def start(self, names: tuple[str, ...] = SERVICES, wait: bool = True) -> System:
         System.running.add(self)
-        for name in names:
+        processes = self._processes(names)
+        for replica in processes:
             await self.sup.start(
                 supervisor.Spec(
-                    name,
-                    [sys.executable, "-m", f"services.{name}"],
-                    env=self.env_for(name),
-                    log_file=str(self.log_path(name)),
+                    replica.name,
+                    [sys.executable, "-m", f"services.{replica.service}"],
+                    env={**self.env_for(replica.service), **self.scale.env_for(replica)},
+                    log_file=str(self.log_path(replica.name)),
                 )
             )
         if wait:
-            await self.wait_ready()
+            # Each Python process spends a second or two of CPU starting: replicas take longer.
+            await self.wait_ready(timeout=30.0 + 10.0 * max(0, len(processes) - len(SERVICES)))
         return self
 
     async def restart(self, name: str, **env: str) -> None:
         """Stops one service and starts it again, with `env` changed."""
-        await self.sup.stop([name])
+        await self.sup.stop([r.name for r in self._processes((name,))])
         self.env.update(env)
         await self.start((name,), wait=False)
 
     def kill(self, name: str) -> int:
-        """SIGKILLs one service (the supervisor restarts it); returns the killed pid."""
+        """SIGKILLs one service or replica (the supervisor restarts it); returns the killed
+        pid."""
         import os
         import signal
 
@@ -152,7 +173,7 @@ class System:
 
     def tail_logs(self, lines: int = 30) -> str:
         out = ["--- supervisor ---", *self.events[-lines:]]
-        for name in SERVICES:
+        for name in (r.name for r in self.scale.all()):
             path = self.log_path(name)
             if path.exists():
                 text = path.read_text(errors="replace").splitlines()[-lines:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import uvicorn
@@ -26,16 +27,40 @@ def main() -> None:
     asgi: Any = app
     if telemetry.export_enabled():
         asgi = RequestTracing(app, excluded_paths=frozenset({"/healthz", "/readyz", "/metrics"}))
-    runtime.settle()
-    uvicorn.run(
-        asgi,
-        host=settings.gateway_host,
-        port=settings.gateway_port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        lifespan="on",
+    server = uvicorn.Server(
+        uvicorn.Config(
+            asgi,
+            host=settings.gateway_host,
+            port=settings.gateway_port,
+            log_config=None,
+            access_log=False,
+            # On SIGTERM: stop accepting, answer what is in flight, then close the channels.
+            timeout_graceful_shutdown=5,
+            lifespan="on",
+        )
     )
+    sockets = None
+    if settings.reuse_port:
+        try:
+            sockets = [shared_listener(settings.gateway_host, settings.gateway_port)]
+        except OSError as exc:
+            log.critical(
+                "configuration error: GATEWAY_PORT %s cannot be bound: %s",
+                settings.gateway_port,
+                exc.strerror,
+            )
+            raise SystemExit(2) from exc
+    runtime.settle()
+    server.run(sockets=sockets)
+
+
+def shared_listener(host: str, port: int) -> socket.socket:
+    """A listening socket that other gateway replicas on this machine bind too
+    (SO_REUSEPORT): the kernel spreads new connections over them. A replica that stops closes
+    its own socket only; a connection still in its accept queue then is reset, and Meta
+    sends that delivery again."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, reuse_port=True, backlog=2048)
 
 
 if __name__ == "__main__":

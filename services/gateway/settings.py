@@ -18,6 +18,9 @@ class GatewaySettings(config.Base):
     verify_token: config.Secret = config.env("WHATSAPP_VERIFY_TOKEN", config.Secret(""))
     gateway_host: str = config.env("GATEWAY_HOST", "0.0.0.0")
     gateway_port: int = config.env("GATEWAY_PORT", 8080)
+    # Replicas on one machine share GATEWAY_PORT (SO_REUSEPORT; `WA_SCALE` sets it). Off by
+    # default: a second gateway started by mistake on a taken port then fails instead.
+    reuse_port: bool = config.env("GATEWAY_REUSE_PORT", False)
     # Meta documents deliveries of up to 3 MB. One message (its text and its payload, each up
     # to the body) must fit the internal gRPC message limit.
     max_body_bytes: int = config.env("GATEWAY_MAX_BODY_BYTES", MAX_BODY_BYTES, gt=0)

@@ -4,6 +4,17 @@
 claimed with a Redis lease plus a PostgreSQL fencing token and its waiting messages are handed to
 the agent one by one until none is left. Everything it needs to resume lives in PostgreSQL, so a
 killed driver loses nothing: the sweeper (or the next start) dispatches the conversation again.
+
+Replicas cooperate without a message bus. A replica that ingests a message notifies its own
+dispatcher only; when another replica holds the conversation, the lease is taken and this
+driver gives up. The holder does not miss the message: the ingest committed before the failed
+`acquire`, which happened while the holder held the lease, so before its release; after every
+release the holder asks PostgreSQL whether anything waits (`has_waiting`) and takes the
+conversation again if so. That costs one indexed query per release, which a single replica
+needs anyway (a notify that lands between its last look and its release), and nothing per
+message; LISTEN/NOTIFY or Redis pub/sub would wake every replica for every message. Pub/sub is
+used for one rare event only: a replica that stops hands its conversations back (`close`,
+services/state/handback.py), since it cannot take them again itself.
 """
 
 from __future__ import annotations
@@ -59,10 +70,13 @@ class Dispatcher:
         self._failures: dict[int, int] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._closing = False
+        # Conversations this replica stops driving while closing: handed back to the others.
+        self._handback: set[int] = set()
 
     def notify(self, conversation_id: int) -> None:
         """There may be work for this conversation; drive it unless already driving it."""
         if self._closing:
+            self._handback.add(conversation_id)
             return
         if conversation_id in self._tasks:
             self._dirty.add(conversation_id)
@@ -87,6 +101,9 @@ class Dispatcher:
         return conversation_id in self._tasks
 
     def _later(self, conversation_id: int) -> None:
+        if self._closing:
+            self._handback.add(conversation_id)
+            return
         failures = self._failures.get(conversation_id, 0) + 1
         self._failures[conversation_id] = failures
         delay = backoff(failures)
@@ -98,15 +115,25 @@ class Dispatcher:
         self._timers.pop(conversation_id, None)
         self.notify(conversation_id)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> set[int]:
+        """Stops taking turns: a turn in flight has `grace` seconds to finish, then it is cut off
+        (whoever takes the conversation next resumes it; its fencing token refuses the cut
+        turn's late writes). Every lease is released on the way out. Returns the conversations
+        this replica was driving, or was asked to, which may still have work waiting."""
         self._closing = True
-        for handle in self._timers.values():
+        for conversation_id, handle in self._timers.items():
             handle.cancel()
+            self._handback.add(conversation_id)
+        self._handback.update(self._tasks)
         tasks = list(self._tasks.values())
+        if tasks and grace > 0:
+            # Drivers stop before their next turn (see _hold) and release their conversation.
+            _, running = await asyncio.wait(tasks, timeout=grace)
+            tasks = list(running)
         for task in tasks:
             task.cancel()
         if not tasks:
-            return
+            return set(self._handback)
         # A cancelled driver still releases its conversation and lease on the way out; if
         # PostgreSQL or Redis hangs, shutdown goes on without it (the lease expires by itself
         # and the sweeper resumes the turn).
@@ -121,6 +148,7 @@ class Dispatcher:
                 self.close_timeout,
                 extra={"drivers": sorted(t.get_name() for t in pending)},
             )
+        return set(self._handback)
 
     async def _drive(self, conversation_id: int) -> None:
         # Claiming, leases and the queue are the conversation's, not one message's: untraced.
@@ -143,6 +171,9 @@ class Dispatcher:
             metrics.ACTIVE_CONVERSATIONS.inc()
             try:
                 while True:
+                    if self._closing:
+                        self._handback.add(conversation_id)
+                        return
                     self._dirty.discard(conversation_id)
                     try:
                         held = await self._hold(conversation_id)
@@ -168,6 +199,8 @@ class Dispatcher:
                     self._failures.pop(conversation_id, None)
                     if conversation_id in self._dirty:
                         continue
+                    # The lease is released: a message another replica ingested while we held
+                    # it is ours to drive (module docstring). Not left to the sweeper.
                     if not await store.has_waiting(self.pool, conversation_id):
                         return
             finally:
@@ -190,8 +223,12 @@ class Dispatcher:
                 # the next one.
                 token, first = await store.claim_turn(self.pool, conversation_id, lease.owner)
                 following: store.WorkItem | store.NotAsked | None = first
+                # A closing replica finishes the turn it is in (one already started counts:
+                # left, it would come back as a cut-off turn) and starts no other.
                 while not lease.lost:
                     if isinstance(following, store.NotAsked):
+                        if self._closing:
+                            break
                         item = await store.next_message(self.pool, conversation_id, token)
                     else:
                         item = following
@@ -252,7 +289,12 @@ class Dispatcher:
             if result.outcome == "replied":
                 reason = result.detail or "replied"
                 finished = await store.finish_turn(
-                    self.pool, item, machine.REPLIED, reason, token, start_next=not lease.lost
+                    self.pool,
+                    item,
+                    machine.REPLIED,
+                    reason,
+                    token,
+                    start_next=not lease.lost and not self._closing,
                 )
                 metrics.OUTCOMES.labels("replied").inc()
                 log.info("message replied", extra=_who(item))

@@ -16,6 +16,11 @@ LOCK_ERRORS = Counter("wa_lock_errors_total", "Conversation lock attempts that f
 ACTIVE_CONVERSATIONS = Gauge("wa_active_conversations", "Conversations being driven here")
 RECOVERED = Counter("wa_sweeper_recovered_total", "Work the sweeper picked up again", ["kind"])
 SWEEPS = Counter("wa_sweeper_runs_total", "Sweeper runs", ["result"])
+HANDBACK = Counter(
+    "wa_handback_total",
+    "Conversations a stopping replica handed back (given), or that this one took (taken)",
+    ["direction"],
+)
 STALE_WRITES = Counter("wa_stale_fence_total", "Writes refused because a later holder owns it")
 DELIVERY_FAILED = Counter(
     "wa_reply_delivery_failed_total",

@@ -270,6 +270,13 @@ SELECT EXISTS (
     SELECT 1 FROM processed_webhook_messages
      WHERE conversation_id = $1 AND status IN ('received', 'processing'))
 
+-- name: waiting_among
+-- Which of these conversations have messages waiting or in flight (a stopping replica's
+-- hand-back names only those).
+SELECT DISTINCT conversation_id
+  FROM processed_webhook_messages
+ WHERE conversation_id = ANY ($1::bigint[]) AND status IN ('received', 'processing')
+
 -- name: sweep_candidates
 -- Conversations with work acknowledged a while ago and not finished: never started (received),
 -- or in flight (processing). Dispatching them is harmless when a live holder has them.

@@ -16,7 +16,7 @@ from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 from common import config, db, domain, grpcserver, kv, logs, migrate, telemetry, wire
 from services.state.settings import StateSettings
 
-from . import machine, metrics, retention, store
+from . import handback, machine, metrics, retention, store
 from .clients import GrpcAgent, GrpcDlq
 from .dispatcher import Dispatcher
 from .locks import Locks
@@ -323,6 +323,7 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
     background: list[asyncio.Task[None]] = []
     dispatcher: Dispatcher | None = None
     sweeper: Sweeper | None = None
+    listener: handback.Listener | None = None
     # Pruning runs whether or not processing is switched on: it only takes finished work.
     pruner = retention.Pruner(
         pool,
@@ -353,6 +354,10 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
                 pool, locks, dispatcher, dlq, stuck_timeout=settings.stuck_timeout_seconds
             )
             background.append(asyncio.create_task(sweeper.run(), name="sweeper"))
+            listener = handback.Listener(
+                redis, settings.redis_prefix, locks.instance, dispatcher.notify
+            )
+            background.append(asyncio.create_task(listener.run(), name="handback"))
             background.append(asyncio.create_task(_resume_all(pool, dispatcher), name="resume"))
         else:
             log.warning("WA_ENHANCED_PROCESSING=false: ingest and acknowledge only")
@@ -363,10 +368,18 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
             yield [state_pb2.DESCRIPTOR.services_by_name["State"].full_name]
         finally:
             pruner.stop()
+            # Scale-in: take nothing more, let the turns in flight finish, release every lease
+            # and hand what waits to the other replicas (handback.py). The sweeper heartbeats
+            # meanwhile, so nobody breaks the leases of turns that are finishing.
+            if listener is not None:
+                listener.stop()
+            if dispatcher is not None:
+                leaving = await dispatcher.close(settings.drain_seconds)
+                await handback.hand_back(
+                    pool, redis, settings.redis_prefix, locks.instance, leaving
+                )
             if sweeper is not None:
                 sweeper.stop()
-            if dispatcher is not None:
-                await dispatcher.close()
             for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -609,6 +609,11 @@ async def has_waiting(pool: asyncpg.Pool, conversation_id: int) -> bool:
     return bool(await pool.fetchval(Q["has_waiting"], conversation_id))
 
 
+async def waiting_among(pool: asyncpg.Pool, conversation_ids: list[int]) -> list[int]:
+    rows = await pool.fetch(Q["waiting_among"], conversation_ids)
+    return sorted(int(r["conversation_id"]) for r in rows)
+
+
 async def sweep_candidates(
     pool: asyncpg.Pool, unstarted_after: float, stuck_after: float, limit: int = 500
 ) -> list[asyncpg.Record]:

@@ -1,5 +1,5 @@
-"""`make run`: the whole system from the Makefile, stopped by SIGTERM with nothing left behind,
-and a killed service restarted by the supervisor."""
+"""`make run`: the whole system from the Makefile, stopped by SIGTERM with nothing left behind;
+with WA_SCALE, replicas of the services, each restarted on its own when killed."""
 
 from __future__ import annotations
 
@@ -44,9 +44,12 @@ def _service_pid(root: psutil.Process, module: str) -> int | None:
 
 
 @pytest.fixture
-def make_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+def make_run(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     ports = {k: free_port() for k in ("gw", "st", "ag", "dq", "ms", "ma", "md")}
     env = {
+        **getattr(request, "param", {}),
         **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
         "RUN_DIR": str(tmp_path / "run"),
         "GATEWAY_PORT": str(ports["gw"]),
@@ -113,20 +116,54 @@ def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> N
     assert time.monotonic() - started < 12
 
 
-def test_a_killed_service_is_restarted(make_run: tuple) -> None:  # type: ignore[type-arg]
+def _services(root: psutil.Process) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for p in root.children(recursive=True):
+        try:
+            cmdline = p.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "-m" in cmdline and cmdline[-1].startswith("services."):
+            counts[cmdline[-1]] = counts.get(cmdline[-1], 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("make_run", [{"WA_SCALE": "agent=2,state=2,gateway=2"}], indirect=True)
+def test_make_run_with_wa_scale_runs_prints_and_restarts_each_replica(make_run: tuple) -> None:  # type: ignore[type-arg]
     proc, url, log = make_run
     _wait_ready(url)
     root = psutil.Process(proc.pid)
+    expected = {"services.state": 2, "services.agent": 2, "services.dlq": 1, "services.gateway": 2}
+    deadline = time.monotonic() + 30
+    while _services(root) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _services(root) == expected
+    output = log.read_text()
+    for name in ("state-1", "state-2", "agent-1", "agent-2", "dlq ", "gateway-1", "gateway-2"):
+        assert f"  {name}" in output, output[-3000:]
+    assert "STATE_ADDR ipv4:127.0.0.1:" in output and "AGENT_ADDR ipv4:127.0.0.1:" in output
+    run_dir = log.parent / "run"
+    # Both gateways answer on the one port, each replica logs to its own file.
+    for _ in range(6):
+        body, headers = payloads.sign(payloads.text_delivery("hi"), "dev-app-secret-change-me")
+        assert httpx.post(f"{url}/webhook", content=body, headers=headers).status_code == 200
+    for name in ("state-1", "state-2", "agent-2", "gateway-1", "gateway-2"):
+        assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0, name
+
     victim = _service_pid(root, "services.agent")
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    replacement = None
-    while time.monotonic() < deadline:
-        replacement = _service_pid(root, "services.agent")
-        if replacement and replacement != victim:
-            break
-        time.sleep(0.1)
-    assert replacement and replacement != victim, log.read_text()[-3000:]
-    _wait_ready(url)
-    assert "agent: exited" in log.read_text()
+    while time.monotonic() < deadline and (
+        _services(root) != expected or psutil.pid_exists(victim)
+    ):
+        time.sleep(0.2)
+    assert _services(root) == expected
+    assert "agent-1: exited" in log.read_text() or "agent-2: exited" in log.read_text()
+
+    family = [p.pid for p in root.children(recursive=True)]
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(15)
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert alive == [] and time.monotonic() - started < 12
