@@ -65,6 +65,20 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("target", help="WhatsApp message id, or a customer's phone, BSUID or @username")
     tr.add_argument("--json", action="store_true")
 
+    certs = sub.add_parser("certs", help="certificates of internal mutual TLS")
+    csub = certs.add_subparsers(dest="certs_command", required=True)
+    cc = csub.add_parser(
+        "create",
+        help="make the CA and each identity's certificate, keeping what is there and usable",
+    )
+    cc.add_argument("--dir", default="", help="where (default GRPC_TLS_DIR, or RUN_DIR/tls)")
+    cc.add_argument(
+        "--hosts",
+        nargs="*",
+        default=[],
+        help="extra DNS names or IPs of every certificate, `{id}` standing for the identity "
+        "(e.g. '{id}.wa.svc' '*.{id}.wa.svc.cluster.local')",
+    )
     pr = sub.add_parser("prune", help="prune what RETENTION_DAYS allows now")
     pr.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     pr.add_argument("--json", action="store_true")
@@ -75,10 +89,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that call the services: they present the operator's certificate.
+GRPC_COMMANDS = frozenset({"simulate", "dlq", "health", "stats", "trace", "prune", "forget"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = " ".join(part for part in (args.command, getattr(args, "dlq_command", None)) if part)
     try:
+        if args.command in GRPC_COMMANDS:
+            from common import tls
+
+            from .settings import CliSettings
+
+            tls.configure(CliSettings.from_env(), "operator")
         return _dispatch(args)
     except config.ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
@@ -159,6 +183,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import trace
 
         return asyncio.run(trace.trace(args.target, args.json))
+    if args.command == "certs":
+        from . import certs
+
+        return certs.create(args.dir, args.hosts)
     if args.command == "prune":
         from . import retention
 

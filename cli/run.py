@@ -16,8 +16,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from dotenv import dotenv_values
 
+from cli import certs
 from cli.settings import CliSettings
-from common import config, logs, migrate
+from common import config, logs, migrate, tls
 from devtools import embedded, replicas, supervisor
 from devtools.ports import free_port
 
@@ -126,6 +127,9 @@ async def run() -> int:
         say(f"[wa run] migrations applied: {', '.join(applied) or 'none pending'}")
 
         env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, RUN_DIR=str(run_dir))
+        tls_dir = await _certificates(settings)
+        if tls_dir is not None:
+            env["GRPC_TLS_DIR"] = str(tls_dir)
         base = {**config.dotenv(), **os.environ, **env}
         filled = _dev_defaults(base)
         for key in filled:
@@ -141,7 +145,7 @@ async def run() -> int:
                     replica.name, service_command(name), env=service_env, log_file=log_file
                 )
             )
-        _print_endpoints(settings, database_url, redis_url, scale, run_dir)
+        _print_endpoints(settings, database_url, redis_url, scale, run_dir, tls_dir)
         await stop.wait()
     finally:
         say("[wa run] stopping")
@@ -151,6 +155,19 @@ async def run() -> int:
         await sup.stop(timeout=2)
         say("[wa run] stopped")
     return 0
+
+
+async def _certificates(settings: CliSettings) -> Path | None:
+    """The development CA and each service's certificate (made once, kept while usable), or
+    None when GRPC_INSECURE=true."""
+    if settings.grpc_insecure:
+        say("[wa run] GRPC_INSECURE=true: internal gRPC is PLAINTEXT and UNAUTHENTICATED")
+        return None
+    tls_dir = settings.tls_dir.resolve()
+    written = await asyncio.to_thread(tls.create, tls_dir)
+    if written:
+        say(f"[wa run] certificates for internal mutual TLS written to {tls_dir}")
+    return tls_dir
 
 
 def _replicas(settings: CliSettings) -> replicas.Plan:
@@ -173,6 +190,7 @@ def _print_endpoints(
     redis_url: str,
     scale: replicas.Plan,
     run_dir: Path,
+    tls_dir: Path | None,
 ) -> None:
     gw = f"http://127.0.0.1:{settings.gateway_port}"
     lines = ["", "  wa is running. Ctrl-C stops everything."]
@@ -182,7 +200,7 @@ def _print_endpoints(
             if len(scale.replicas["gateway"]) > 1:
                 where = f"{gw}/webhook   (port shared by the gateway replicas)"
         else:
-            where = f"grpc 127.0.0.1:{r.grpc_port}   metrics :{r.metrics_port}"
+            where = f"grpc {settings.grpc_host}:{r.grpc_port}   metrics :{r.metrics_port}"
         log_file = f"   log {run_dir / 'logs' / r.name}.log" if scale.scaled else ""
         lines.append(f"  {r.name:<9} {where}{log_file}")
     for name, target in scale.shared.items():
@@ -191,9 +209,15 @@ def _print_endpoints(
     lines += [
         f"  postgres  {database_url}",
         f"  redis     {redis_url}",
-        '  try:      .venv/bin/wa simulate "hello"',
-        "",
     ]
+    if tls_dir is None:
+        lines.append("  grpc      PLAINTEXT (GRPC_INSECURE=true): development only")
+    else:
+        lines += [
+            f"  certs     {tls_dir} (mutual TLS; wa uses operator.crt)",
+            f"  grpcurl   {certs.grpcurl(tls_dir, f'127.0.0.1:{settings.dlq_port}')} list",
+        ]
+    lines += ['  try:      .venv/bin/wa simulate "hello"', ""]
     say("\n".join(lines))
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from common import config
 from services.agent.settings import AgentSettings
 from services.dlq.settings import DlqSettings
@@ -12,8 +10,8 @@ from services.state.settings import StateSettings
 
 
 class CliSettings(GatewaySettings, StateSettings, AgentSettings, DlqSettings):
-    """`wa` starts, checks and drives every service: it reads every setting."""
+    """`wa` starts, checks and drives every service: it reads every setting (RUN_DIR is
+    common/config.py's)."""
 
-    run_dir: Path = config.env("RUN_DIR", Path(".run"))
     # `wa run`: processes per service, e.g. "agent=3,state=2" (devtools/replicas.py).
     scale: str = config.env("WA_SCALE", "")

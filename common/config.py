@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, Self
 
 from dotenv import dotenv_values
@@ -14,8 +15,9 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-# Switches off the webhook's authentication: only ever set on purpose, in the environment.
-ENVIRONMENT_ONLY = frozenset({"WHATSAPP_SKIP_SIGNATURE"})
+# Switch off authentication (of the webhook, of internal gRPC): only ever set on purpose, in the
+# environment, never by a `.env` file left behind.
+ENVIRONMENT_ONLY = frozenset({"WHATSAPP_SKIP_SIGNATURE", "GRPC_INSECURE"})
 
 
 class ConfigError(Exception):
@@ -77,6 +79,12 @@ class Base(BaseSettings):
     state_target: str = env("STATE_ADDR", "")
     agent_target: str = env("AGENT_ADDR", "")
     dlq_target: str = env("DLQ_ADDR", "")
+    # Internal gRPC: mutual TLS with the certificates of GRPC_TLS_DIR (empty: RUN_DIR/tls)
+    # unless GRPC_INSECURE; servers listen on GRPC_HOST (README, Security).
+    grpc_insecure: bool = env("GRPC_INSECURE", False)
+    grpc_tls_dir: Path | None = env("GRPC_TLS_DIR", None)
+    grpc_host: str = env("GRPC_HOST", "127.0.0.1")
+    run_dir: Path = env("RUN_DIR", Path(".run"))
     database_url: str = env("DATABASE_URL", "")
     redis_url: str = env("REDIS_URL", "")
     redis_prefix: str = env("REDIS_KEY_PREFIX", "wa:")
@@ -110,6 +118,10 @@ class Base(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.grpc_tls_dir or self.run_dir / "tls"
 
     @property
     def state_addr(self) -> str:

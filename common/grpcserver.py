@@ -1,7 +1,10 @@
-"""gRPC server bootstrap shared by the state, agent and dlq services.
+"""gRPC server bootstrap shared by the state, agent and dlq services, and the one way any
+process opens a channel to one of them.
 
-Health (the stock `grpc.health.v1` servicer), reflection, the tracing interceptor (when on),
-a Prometheus metrics port, and a graceful stop on SIGTERM/SIGINT.
+Mutual TLS with the process's certificate and the authorization of each call by its caller's
+(common/tls.py, common/authz.py), health (the stock `grpc.health.v1` servicer), reflection,
+the tracing interceptor (when on), the metrics port with its HTTP probes (common/probes.py),
+and a graceful stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -12,15 +15,14 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
-import prometheus_client
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import balancing, config, runtime, telemetry
+from . import authz, balancing, config, probes, runtime, telemetry, tls
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,30 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+def bind(server: grpc.aio.Server, host: str, port: int, transport: tls.Transport) -> int:
+    """Listens on host:port (0: any free port), with mutual TLS unless `transport` is None;
+    returns the port."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if transport is None:
+        return int(server.add_insecure_port(address))
+    return int(server.add_secure_port(address, transport.server()))
+
+
+def interceptors(transport: tls.Transport) -> list[grpc.aio.ServerInterceptor]:
+    """Tracing, then (innermost, see authz.Authorize) the caller's authorization."""
+    return [*telemetry.server_interceptors(), *([authz.Authorize()] if transport else [])]
+
+
 async def serve(name: str, port: int, setup: Setup[S], settings: S) -> None:
     stop = asyncio.Event()
     install_stop_signals(stop)
+    transport = tls.transport()
     server = grpc.aio.server(
-        interceptors=telemetry.server_interceptors(),
+        interceptors=interceptors(transport),
         options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS, *balancing.SERVER_OPTIONS],
     )
+    readiness = probes.Readiness()
+    probe_server: probes.ProbeServer | None = None
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     async with setup(server, settings) as service_names:
@@ -61,12 +80,16 @@ async def serve(name: str, port: int, setup: Setup[S], settings: S) -> None:
         )
         # A port that cannot be bound is a deployment error: say which one, exit 2.
         try:
-            bound = server.add_insecure_port(f"[::]:{port}")
+            bound = bind(server, settings.grpc_host, port, transport)
         except RuntimeError as exc:
-            raise config.ConfigError(f"gRPC port {port} cannot be bound: {exc}") from exc
+            raise config.ConfigError(
+                f"gRPC port {settings.grpc_host}:{port} cannot be bound: {exc}"
+            ) from exc
         if settings.metrics_port:
             try:
-                prometheus_client.start_http_server(settings.metrics_port)
+                probe_server = probes.ProbeServer(
+                    settings.grpc_host, settings.metrics_port, readiness
+                )
             except OSError as exc:
                 raise config.ConfigError(
                     f"METRICS_PORT {settings.metrics_port} cannot be bound: {exc.strerror}"
@@ -75,16 +98,26 @@ async def serve(name: str, port: int, setup: Setup[S], settings: S) -> None:
         await server.start()
         for service in ["", *service_names]:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        readiness.serving = True
         log.info(
             "serving",
-            extra={"port": bound, "services": service_names, "metrics_port": settings.metrics_port},
+            extra={
+                "host": settings.grpc_host,
+                "port": bound,
+                "tls": transport is not None,
+                "services": service_names,
+                "metrics_port": settings.metrics_port,
+            },
         )
         try:
             await stop.wait()
         finally:
             log.info("stopping")
+            readiness.serving = False
             await health_servicer.enter_graceful_shutdown()
             await server.stop(GRACE_SECONDS)
+    if probe_server is not None:
+        await asyncio.to_thread(probe_server.close)
     telemetry.shutdown_telemetry()
     log.info("stopped")
 
@@ -99,29 +132,58 @@ def main(name: str, settings_cls: type[S], port_of: Callable[[S], int], setup: S
         raise SystemExit(2) from exc
 
 
+_UNSET: Any = object()
+
+
 @contextlib.asynccontextmanager
-async def channel(target: str, *, traced: bool = True) -> AsyncIterator[grpc.aio.Channel]:
-    """A client channel, with the tracing interceptors unless `traced` is false; closed on
-    exit. Calls are spread over every replica `target` names (common/balancing.py)."""
-    ch = grpc.aio.insecure_channel(
-        target,
-        interceptors=telemetry.client_interceptors() if traced else [],
-        options=[
-            *balancing.channel_options(retry_buffer_bytes=MAX_MESSAGE_BYTES // 2),
-            ("grpc.keepalive_time_ms", 30000),
-            *MESSAGE_SIZE_OPTIONS,
-        ],
-    )
+async def channel(
+    target: str, *, traced: bool = True, transport: tls.Transport = _UNSET
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A client channel presenting the process's certificate (`tls.configure`), or that of
+    `transport`; with the tracing interceptors unless `traced` is false; closed on exit. Calls
+    are spread over every replica `target` names (common/balancing.py)."""
+    if transport is _UNSET:
+        transport = tls.transport()
+    interceptors = telemetry.client_interceptors() if traced else []
+    options = [
+        *balancing.channel_options(retry_buffer_bytes=MAX_MESSAGE_BYTES // 2),
+        ("grpc.keepalive_time_ms", 30000),
+        *MESSAGE_SIZE_OPTIONS,
+    ]
+    if transport is None:
+        ch = grpc.aio.insecure_channel(target, interceptors=interceptors, options=options)
+    else:
+        name = _certificate_name(target)
+        if name:
+            options.append(("grpc.ssl_target_name_override", name))
+        ch = grpc.aio.secure_channel(
+            target, transport.channel(), interceptors=interceptors, options=options
+        )
     try:
         yield ch
     finally:
         await ch.close()
 
 
-async def check_health(target: str, timeout: float = 2.0) -> tuple[bool, str]:
+def _certificate_name(target: str) -> str:
+    """The name a server's certificate is checked against when the target's own is no host
+    name: an `ipv4:`/`ipv6:` list of replicas (`ipv4:127.0.0.1:50052,127.0.0.1:50062`) has
+    none, so its first address's (they are one machine's, or name it with `--hosts`)."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            first = target.removeprefix(scheme).split(",")[0]
+            if first.startswith("["):  # [::1]:50052
+                return first[1 : first.index("]")]
+            return first.split(":")[0] if scheme == "ipv4:" else first
+    return ""
+
+
+async def check_health(
+    target: str, timeout: float = 2.0, transport: tls.Transport = _UNSET
+) -> tuple[bool, str]:
     """Asks a service's standard health endpoint; returns (serving, detail)."""
     try:
-        async with channel(target) as ch:
+        async with channel(target, transport=transport) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
     except grpc.aio.AioRpcError as exc:

@@ -1,5 +1,8 @@
-"""A container healthcheck: `python -m common.healthcheck grpc HOST:PORT` asks the standard gRPC
-health service, `python -m common.healthcheck http URL` expects a 200. Exit 0 healthy, 1 not."""
+"""A container healthcheck. `python -m common.healthcheck http URL` expects a 200: a service's
+`http://127.0.0.1:$METRICS_PORT/readyz` needs no certificate. `python -m common.healthcheck
+grpc HOST:PORT [IDENTITY]` asks the standard gRPC health service, presenting IDENTITY's
+certificate of GRPC_TLS_DIR (default `operator`; any identity of the CA may ask). Exit 0
+healthy, 1 not, 2 misused or misconfigured."""
 
 from __future__ import annotations
 
@@ -7,15 +10,23 @@ import asyncio
 import sys
 import urllib.request
 
-from . import grpcserver
+from . import config, grpcserver, tls
+
+USAGE = "usage: python -m common.healthcheck grpc HOST:PORT [IDENTITY] | http URL"
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("grpc", "http"):
-        print("usage: python -m common.healthcheck grpc HOST:PORT | http URL", file=sys.stderr)
+    arity = {"grpc": (2, 3), "http": (2,)}
+    if not argv or len(argv) not in arity.get(argv[0], ()):
+        print(USAGE, file=sys.stderr)
         return 2
-    kind, target = argv
+    kind, target, *rest = argv
     if kind == "grpc":
+        try:
+            tls.configure(config.Base.from_env(), rest[0] if rest else "operator")
+        except config.ConfigError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return 2
         ok, detail = asyncio.run(grpcserver.check_health(target))
         print(detail)
         return 0 if ok else 1

@@ -16,7 +16,7 @@ import gc
 import logging
 from typing import TypeVar
 
-from . import config, logs, telemetry
+from . import config, logs, telemetry, tls
 
 S = TypeVar("S", bound=config.Base)
 
@@ -31,9 +31,10 @@ def settle() -> None:
 
 
 def load_settings(cls: type[S], service: str) -> S:
-    """The service's settings, its JSON logs and its telemetry (`OTEL_*` of `.env` included); a
-    setting that cannot be parsed ends the process like any other bad configuration: one
-    CRITICAL line, exit code 2."""
+    """The service's settings, its JSON logs, its telemetry (`OTEL_*` of `.env` included) and
+    its gRPC transport (the certificate of identity `service`); a setting that cannot be parsed
+    or a certificate that cannot be read ends the process like any other bad configuration:
+    one CRITICAL line, exit code 2."""
     try:
         settings = cls.from_env()
     except config.ConfigError as exc:
@@ -42,6 +43,11 @@ def load_settings(cls: type[S], service: str) -> S:
         logging.getLogger(f"services.{service}").critical("configuration error: %s", exc)
         raise SystemExit(2) from exc
     logs.setup(service, settings.log_level)
+    try:
+        tls.configure(settings, service)
+    except config.ConfigError as exc:
+        logging.getLogger(f"services.{service}").critical("configuration error: %s", exc)
+        raise SystemExit(2) from exc
     config.export_otel_from_dotenv()
     telemetry.init_telemetry(service, fast_path=settings.otel_fast_path)
     return settings

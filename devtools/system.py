@@ -14,6 +14,7 @@ import asyncpg
 import httpx
 import orjson
 
+from common import tls
 from services.gateway import signature
 
 from . import replicas, supervisor
@@ -63,8 +64,12 @@ class System:
             "DLQ_GRPC_PORT": str(self.ports["dlq"]),
             "LOG_LEVEL": "INFO",
             "OTEL_SDK_DISABLED": "true",
+            # Each system its own CA: one system's certificates are refused by another's.
+            "GRPC_TLS_DIR": str(root / "tls"),
             **env,
         }
+        if self.env.get("GRPC_INSECURE", "").lower() != "true":
+            tls.create(Path(self.env["GRPC_TLS_DIR"]))
         # Every replica of each service (one each unless env has WA_SCALE).
         self.scale = replicas.plan(
             replicas.parse(self.env.get("WA_SCALE", "")),
@@ -87,6 +92,12 @@ class System:
         # connections are let go well before the server lets go of them.
         self.http = httpx.AsyncClient(timeout=15, limits=httpx.Limits(keepalive_expiry=2.0))
         self._db: asyncpg.Pool | None = None
+
+    def transport(self, identity: str = "operator") -> tls.Transport:
+        """How a test calls the services as `identity` (plaintext when GRPC_INSECURE=true)."""
+        if self.env.get("GRPC_INSECURE", "").lower() == "true":
+            return None
+        return tls.Credentials.load(Path(self.env["GRPC_TLS_DIR"]), identity)
 
     def env_for(self, name: str) -> dict[str, str]:
         env = dict(self.env)

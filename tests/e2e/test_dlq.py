@@ -376,7 +376,9 @@ async def test_an_operator_retry_past_its_deadline_strands_nothing(
             )
         )
 
-    async with grpcserver.channel(f"127.0.0.1:{system.ports['dlq']}") as ch:
+    async with grpcserver.channel(
+        f"127.0.0.1:{system.ports['dlq']}", transport=system.transport()
+    ) as ch:
         stub = dlq_pb2_grpc.DlqStub(ch)
         for deadline in (0.3, 2.0):
             with contextlib.suppress(grpc.aio.AioRpcError):

@@ -103,6 +103,29 @@ def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> N
     output = log.read_text()
     assert "DEVELOPMENT value" in output
     assert url.split("//")[1] in output or str(url.rsplit(":", 1)[1]) in output
+    # Internal ports over mutual TLS, on loopback only; the CLI presents the operator's
+    # certificate that make run made, and the output says how grpcurl does.
+    env = root.environ()
+    tls_dir = Path(env["RUN_DIR"]) / "tls"
+    assert (tls_dir / "operator.key").stat().st_mode & 0o077 == 0
+    assert f"grpcurl -cacert {tls_dir}/ca.crt -cert {tls_dir}/operator.crt" in output
+    for module in ("services.state", "services.agent", "services.dlq"):
+        pid = _service_pid(root, module)
+        assert pid is not None
+        listening = [
+            c.laddr.ip for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"
+        ]
+        # gRPC listens on an IPv6 socket bound to the v4-mapped loopback address.
+        assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+    cli = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "wa"), "dlq", "list", "--json"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
 
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from common import tls
 from devtools.ports import free_port
 from tests.conftest import StartSystem
 from tests.e2e.test_dlq import WA, wa, wa_json
@@ -114,8 +115,10 @@ def test_every_command_says_in_one_line_that_what_it_needs_is_down_and_exits_2(
     args: list[str], tmp_path: Path
 ) -> None:
     port = str(free_port())  # nothing listens there
+    tls.create(tmp_path / "tls")  # the operator's certificate is there: the services are not
     env = {
         **os.environ,
+        "GRPC_TLS_DIR": str(tmp_path / "tls"),
         "STATE_ADDR": f"127.0.0.1:{port}",
         "DLQ_ADDR": f"127.0.0.1:{port}",
         "AGENT_ADDR": f"127.0.0.1:{port}",

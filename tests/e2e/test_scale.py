@@ -164,7 +164,8 @@ async def every_replica_serving(system: System, timeout: float = 120.0) -> None:
         while True:
             assert time.monotonic() < deadline, f"{r.name} is not serving\n{system.tail_logs()}"
             if r.grpc_port is not None:
-                if (await grpcserver.check_health(f"127.0.0.1:{r.grpc_port}", 2.0))[0]:
+                target = f"127.0.0.1:{r.grpc_port}"
+                if (await grpcserver.check_health(target, 2.0, system.transport()))[0]:
                     break
             elif _gateway_started(system, r.name):
                 break

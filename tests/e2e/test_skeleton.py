@@ -11,11 +11,11 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from common import grpcserver
 from tests.conftest import StartSystem
 from tests.support import payloads
 from tests.support.fakes import FakeGraph
@@ -125,7 +125,8 @@ async def test_every_grpc_service_serves_health_and_reflection(start_system: Sta
     system = await start_system()
     expected = {"state": "wa.v1.State", "agent": "wa.v1.Agent", "dlq": "wa.v1.Dlq"}
     for name, service in expected.items():
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{system.ports[name]}") as ch:
+        target = f"127.0.0.1:{system.ports[name]}"
+        async with grpcserver.channel(target, transport=system.transport()) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             for svc in ("", service):
                 resp = await health.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5)

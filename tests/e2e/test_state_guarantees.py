@@ -156,11 +156,18 @@ async def test_a_redrive_of_a_message_that_did_not_fail_is_refused_over_grpc(
     import grpc
     from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
+    from common import grpcserver
+
     system = await start_system()
     doc = payloads.delivery(messages=[payloads.message("image")])
     message_id = doc["entry"][0]["changes"][0]["value"]["messages"][0]["id"]
     assert (await system.post(doc)).status_code == 200
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{system.ports['state']}") as ch:
+    target = f"127.0.0.1:{system.ports['state']}"
+    # Redrive is the dlq service's call; the timeline the operator's.
+    async with (
+        grpcserver.channel(target, transport=system.transport("dlq")) as ch,
+        grpcserver.channel(target, transport=system.transport("operator")) as operator,
+    ):
         stub = state_pb2_grpc.StateStub(ch)
         refused = await stub.Redrive(
             state_pb2.RedriveRequest(message_id=message_id, reason="operator mistake"), timeout=5
@@ -170,7 +177,7 @@ async def test_a_redrive_of_a_message_that_did_not_fail_is_refused_over_grpc(
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await stub.Redrive(state_pb2.RedriveRequest(message_id="wamid.NOPE"), timeout=5)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-        timeline = await stub.GetTimeline(
+        timeline = await state_pb2_grpc.StateStub(operator).GetTimeline(
             state_pb2.GetTimelineRequest(message_id=message_id), timeout=5
         )
     assert [m.status for m in timeline.messages] == [common_pb2.MESSAGE_STATUS_SKIPPED]

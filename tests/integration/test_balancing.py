@@ -13,8 +13,17 @@ import grpc
 import pytest
 from wa.v1 import agent_pb2, agent_pb2_grpc, state_pb2, state_pb2_grpc
 
-from common import balancing, grpcserver
+from common import balancing, grpcserver, tls
 from devtools.ports import free_port
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory: pytest.TempPathFactory) -> tls.Credentials:
+    """Over mutual TLS, as every internal channel is (one certificate both ways: the caller's
+    authorization is not what is tested here)."""
+    where = tmp_path_factory.mktemp("tls")
+    tls.create(where, identities=["state"])
+    return tls.Credentials.load(where, "state")
 
 
 class Replica(agent_pb2_grpc.AgentServicer, state_pb2_grpc.StateServicer):
@@ -51,11 +60,13 @@ class Replica(agent_pb2_grpc.AgentServicer, state_pb2_grpc.StateServicer):
 
 
 @contextlib.asynccontextmanager
-async def serving(replica: Replica, port: int) -> AsyncIterator[grpc.aio.Server]:
+async def serving(
+    replica: Replica, port: int, creds: tls.Credentials
+) -> AsyncIterator[grpc.aio.Server]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     agent_pb2_grpc.add_AgentServicer_to_server(replica, server)
     state_pb2_grpc.add_StateServicer_to_server(replica, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    grpcserver.bind(server, "127.0.0.1", port, creds)
     await server.start()
     try:
         yield server
@@ -78,15 +89,17 @@ async def until_answered_by(stub: agent_pb2_grpc.AgentStub, name: str, timeout: 
         await asyncio.sleep(0.05)
 
 
-async def test_calls_are_spread_over_every_replica_of_the_target() -> None:
+async def test_calls_are_spread_over_every_replica_of_the_target(creds: tls.Credentials) -> None:
     replicas = [Replica(f"r{n}") for n in range(3)]
     ports = [free_port() for _ in replicas]
     target = balancing.replicas_target("127.0.0.1", ports)
     assert target.startswith("ipv4:")
     async with contextlib.AsyncExitStack() as stack:
         for replica, port in zip(replicas, ports, strict=True):
-            await stack.enter_async_context(serving(replica, port))
-        ch = await stack.enter_async_context(grpcserver.channel(target, traced=False))
+            await stack.enter_async_context(serving(replica, port, creds))
+        ch = await stack.enter_async_context(
+            grpcserver.channel(target, traced=False, transport=creds)
+        )
         stub = agent_pb2_grpc.AgentStub(ch)
         for replica in replicas:  # every connection is up
             await until_answered_by(stub, replica.name, timeout=10)
@@ -95,14 +108,18 @@ async def test_calls_are_spread_over_every_replica_of_the_target() -> None:
     assert seen == {"r0": 10, "r1": 10, "r2": 10}
 
 
-async def test_a_replica_that_stops_leaves_the_rotation_and_one_that_returns_rejoins() -> None:
+async def test_a_replica_that_stops_leaves_the_rotation_and_one_that_returns_rejoins(
+    creds: tls.Credentials,
+) -> None:
     one, two = Replica("one"), Replica("two")
     ports = [free_port(), free_port()]
     async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(serving(one, ports[0]))
-        server_two = await stack.enter_async_context(serving(two, ports[1]))
+        await stack.enter_async_context(serving(one, ports[0], creds))
+        server_two = await stack.enter_async_context(serving(two, ports[1], creds))
         ch = await stack.enter_async_context(
-            grpcserver.channel(balancing.replicas_target("127.0.0.1", ports), traced=False)
+            grpcserver.channel(
+                balancing.replicas_target("127.0.0.1", ports), traced=False, transport=creds
+            )
         )
         stub = agent_pb2_grpc.AgentStub(ch)
         await until_answered_by(stub, "two", timeout=10)
@@ -112,15 +129,20 @@ async def test_a_replica_that_stops_leaves_the_rotation_and_one_that_returns_rej
         assert await answered_by(stub, 20) == {"one": 20}
 
         back = Replica("two again")
-        await stack.enter_async_context(serving(back, ports[1]))
+        await stack.enter_async_context(serving(back, ports[1], creds))
         # Reconnection backs off up to balancing.RECONNECT_MAX_MS, not gRPC's 120 s.
         await until_answered_by(stub, "two again", timeout=balancing.RECONNECT_MAX_MS / 1000 + 5)
 
 
-async def test_idempotent_calls_are_sent_again_on_unavailable_turns_are_not() -> None:
+async def test_idempotent_calls_are_sent_again_on_unavailable_turns_are_not(
+    creds: tls.Credentials,
+) -> None:
     replica = Replica("flaky", refuse=2)
     port = free_port()
-    async with serving(replica, port), grpcserver.channel(f"127.0.0.1:{port}", traced=False) as ch:
+    async with (
+        serving(replica, port, creds),
+        grpcserver.channel(f"127.0.0.1:{port}", traced=False, transport=creds) as ch,
+    ):
         # Ingest is keyed by message id: a repetition stores nothing twice.
         await state_pb2_grpc.StateStub(ch).IngestBatch(state_pb2.IngestBatchRequest(), timeout=5)
         assert replica.calls["IngestBatch"] == 3

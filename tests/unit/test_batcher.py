@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
+from common import grpcserver, tls
 from services.gateway.batcher import IngestBatcher
 
 LIMIT = 256 * 1024  # the server's receive limit in this test
@@ -39,13 +41,21 @@ class State(state_pb2_grpc.StateServicer):
 
 
 @pytest.fixture
-async def state() -> AsyncIterator[tuple[State, state_pb2_grpc.StateStub]]:
+async def state(tmp_path: Path) -> AsyncIterator[tuple[State, state_pb2_grpc.StateStub]]:
+    """The servicer behind what the services' servers have (mutual TLS, the authorization of
+    each call), called as the gateway calls it."""
+    tls.create(tmp_path)
+    as_state = tls.Credentials.load(tmp_path, "state")
     servicer = State()
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", LIMIT)])
+    server = grpc.aio.server(
+        interceptors=grpcserver.interceptors(as_state),
+        options=[("grpc.max_receive_message_length", LIMIT)],
+    )
     state_pb2_grpc.add_StateServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = grpcserver.bind(server, "127.0.0.1", 0, as_state)
     await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    as_gateway = tls.Credentials.load(tmp_path, "gateway")
+    async with grpcserver.channel(f"127.0.0.1:{port}", transport=as_gateway) as channel:
         yield servicer, state_pb2_grpc.StateStub(channel)
     await server.stop(None)
 

@@ -93,7 +93,7 @@ def test_the_environment_wins_over_dotenv_which_wins_over_defaults(
 ) -> None:
     (tmp_path / ".env").write_text(
         "GATEWAY_PORT=9001\nGATEWAY_HOST=10.0.0.1\nWHATSAPP_VERIFY_TOKEN=\n"
-        "WHATSAPP_SKIP_SIGNATURE=true\nDLQ_POLL_SECONDS=5\n"
+        "WHATSAPP_SKIP_SIGNATURE=true\nGRPC_INSECURE=true\nDLQ_POLL_SECONDS=5\n"
     )
     monkeypatch.chdir(tmp_path)
     for name in config.variables(CliSettings):
@@ -108,7 +108,7 @@ def test_the_environment_wins_over_dotenv_which_wins_over_defaults(
         config.dotenv.cache_clear()
     assert (s.gateway_port, s.gateway_host, s.dlq_poll_seconds) == (9002, "10.0.0.1", 1.0)
     # Authentication is switched off in the environment only, never by a file.
-    assert not s.skip_signature and not s.verify_token
+    assert not s.skip_signature and not s.grpc_insecure and not s.verify_token
 
 
 def test_otel_variables_of_dotenv_reach_the_sdk(tmp_path: Path) -> None:
@@ -125,7 +125,12 @@ def test_otel_variables_of_dotenv_reach_the_sdk(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     done = subprocess.run(
         [sys.executable, "-c", script],
-        env={**env, "PYTHONPATH": str(ROOT), "OTEL_SERVICE_NAME": "from-environment"},
+        env={
+            **env,
+            "PYTHONPATH": str(ROOT),
+            "OTEL_SERVICE_NAME": "from-environment",
+            "GRPC_INSECURE": "true",  # no certificates in this folder
+        },
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -143,6 +148,10 @@ def test_otel_variables_of_dotenv_reach_the_sdk(tmp_path: Path) -> None:
         (["-m", "services.dlq"], {"DLQ_MAX_ATTEMPTS": "0"}, "DLQ_MAX_ATTEMPTS"),
         (["-m", "services.gateway"], {"GATEWAY_PORT": "x"}, "GATEWAY_PORT"),
         (["-m", "services.state"], {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        # Without its certificate a service says which file and how to make it.
+        (["-m", "services.agent"], {}, ".run/tls/ca.crt (No such file or directory)"),
+        (["-m", "services.gateway"], {}, "`wa certs create --dir .run/tls`"),
+        (["-m", "services.dlq"], {"GRPC_TLS_DIR": "/nowhere"}, "cannot read /nowhere/ca.crt"),
     ],
 )
 def test_a_service_with_a_setting_it_cannot_parse_logs_one_critical_line_and_exits_2(
@@ -162,6 +171,23 @@ def test_a_service_with_a_setting_it_cannot_parse_logs_one_critical_line_and_exi
     lines = [orjson.loads(line) for line in done.stderr.splitlines() if line.strip()]
     (critical,) = [line for line in lines if line["level"] == "CRITICAL"]
     assert variable in critical["msg"]
+
+
+def test_wa_without_the_operators_certificate_says_which_file_in_one_line_and_exits_2(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "wa"), "dlq", "list"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "cannot read .run/tls/ca.crt" in done.stderr and "wa certs create" in done.stderr
 
 
 @pytest.mark.parametrize(
