@@ -219,13 +219,22 @@ class Dispatcher:
         token: int | None = None
         try:
             async with self.locks.keep_renewed(lease):
-                token = await store.claim_conversation(self.pool, conversation_id, lease.owner)
-                # A closing replica finishes the turn it is in and starts no other.
-                while not lease.lost and not self._closing:
-                    item = await store.next_message(self.pool, conversation_id, token)
+                # The claim starts the first turn in the same round trip, and a replied turn
+                # the next one.
+                token, first = await store.claim_turn(self.pool, conversation_id, lease.owner)
+                following: store.WorkItem | store.NotAsked | None = first
+                # A closing replica finishes the turn it is in (one already started counts:
+                # left, it would come back as a cut-off turn) and starts no other.
+                while not lease.lost:
+                    if isinstance(following, store.NotAsked):
+                        if self._closing:
+                            break
+                        item = await store.next_message(self.pool, conversation_id, token)
+                    else:
+                        item = following
                     if item is None:
                         break
-                    await self._turn(lease, item, token)
+                    following = await self._turn(lease, item, token)
         finally:
             if token is not None and not lease.lost:
                 with contextlib.suppress(Exception):
@@ -234,7 +243,11 @@ class Dispatcher:
                 await self.locks.release(lease)
         return True
 
-    async def _turn(self, lease: Lease, item: store.WorkItem, token: int) -> None:
+    async def _turn(
+        self, lease: Lease, item: store.WorkItem, token: int
+    ) -> store.WorkItem | store.NotAsked | None:
+        """Runs one turn; returns the conversation's next turn when it was started with the
+        turn's final transition (see store.finish_turn)."""
         with telemetry.continued(
             "state.turn",
             item.traceparent,
@@ -243,8 +256,9 @@ class Dispatcher:
             conversation_id=item.conversation_id,
             phone_number_id=item.phone_number_id,
         ) as span:
-            # Each turn starts with a full lease (and the renewal shows in the message's trace).
-            await self.locks.renew(lease)
+            # Each turn starts with (nearly) a full lease: renewed unless it was set within the
+            # last tenth of its TTL (a renewal shows in the message's trace).
+            await self.locks.refresh(lease)
             started = time.perf_counter()
             if item.turn_resumes >= MAX_TURN_RESUMES:
                 await self._fail(
@@ -258,7 +272,7 @@ class Dispatcher:
                         retryable=False,
                     ),
                 )
-                return
+                return store.NOT_ASKED
             try:
                 result = await self.agent.reply(item, token)
             except AgentUnavailable as exc:
@@ -274,17 +288,23 @@ class Dispatcher:
             metrics.TURN_SECONDS.observe(time.perf_counter() - started)
             if result.outcome == "replied":
                 reason = result.detail or "replied"
-                await store.transition(
-                    self.pool, item.message_id, machine.REPLIED, reason, token=token
+                finished = await store.finish_turn(
+                    self.pool,
+                    item,
+                    machine.REPLIED,
+                    reason,
+                    token,
+                    start_next=not lease.lost and not self._closing,
                 )
                 metrics.OUTCOMES.labels("replied").inc()
                 log.info("message replied", extra=_who(item))
                 if item.attempts > 1:
                     with contextlib.suppress(DlqUnavailable):
                         await self.dlq.resolve(item.message_id, item.correlation_id)
-            else:
-                span.set_status(trace.StatusCode.ERROR, result.error_message)
-                await self._fail(item, token, result)
+                return finished.next
+            span.set_status(trace.StatusCode.ERROR, result.error_message)
+            await self._fail(item, token, result)
+            return store.NOT_ASKED
 
     async def _fail(self, item: store.WorkItem, token: int, result: TurnResult) -> None:
         reason = f"{result.error_class}: {result.error_message}"

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -32,6 +33,8 @@ class Lease:
     conversation_id: int
     owner: str
     lost: bool = False
+    # When the lease was last set to its full TTL (time.monotonic(), taken before the call).
+    renewed_at: float = field(default_factory=time.monotonic)
 
 
 class Locks:
@@ -61,8 +64,9 @@ class Locks:
 
     async def acquire(self, conversation_id: int) -> Lease | None:
         owner = self._owner()
+        asked = time.monotonic()
         ok = await self.client.set(self.lock_key(conversation_id), owner, nx=True, px=self.ttl_ms)
-        return Lease(conversation_id, owner) if ok else None
+        return Lease(conversation_id, owner, renewed_at=asked) if ok else None
 
     async def release(self, lease: Lease) -> bool:
         return bool(
@@ -70,6 +74,7 @@ class Locks:
         )
 
     async def renew(self, lease: Lease) -> bool:
+        asked = time.monotonic()
         ok = bool(
             await self._renew(
                 keys=[self.lock_key(lease.conversation_id)], args=[lease.owner, self.ttl_ms]
@@ -77,7 +82,17 @@ class Locks:
         )
         if not ok:
             lease.lost = True
+        else:
+            lease.renewed_at = asked
         return ok
+
+    async def refresh(self, lease: Lease, fraction: float = 0.1) -> bool:
+        """Renews the lease unless it was set to its full TTL less than `fraction` of the TTL
+        ago: a turn that follows another within the same hold starts with nearly all of it
+        already, and a Redis round trip per turn buys it nothing."""
+        if not lease.lost and time.monotonic() - lease.renewed_at < fraction * self.ttl_ms / 1000:
+            return True
+        return await self.renew(lease)
 
     @contextlib.asynccontextmanager
     async def keep_renewed(self, lease: Lease):  # type: ignore[no-untyped-def]

@@ -228,6 +228,10 @@ WITH previous AS (
 )
 SELECT c.fence_token, p.status AS previous FROM claimed c, previous p
 
+-- name: claim_turn
+-- claim_conversation, then start_turn with the new token: db/migrations/0015.
+SELECT * FROM wa_claim_turn($1, $2, $3)
+
 -- name: release_conversation
 -- $3: the states the machine lets a conversation leave for 'idle'.
 WITH released AS (
@@ -246,6 +250,11 @@ SELECT id FROM released
 
 -- name: start_turn
 SELECT * FROM wa_start_turn($1, $2)
+
+-- name: finish_turn
+-- transition_message, then (when it applied and $8 asks for it) start_turn of conversation $7
+-- with the same token: db/migrations/0015.
+SELECT * FROM wa_finish_turn($1, $2, $3, $4, $5, $6, $7, $8)
 
 -- name: transition_message
 SELECT * FROM wa_transition_message($1, $2, $3, $4, $5, $6)

@@ -415,6 +415,20 @@ async def claim_conversation(pool: asyncpg.Pool, conversation_id: int, owner: st
     return int(row["fence_token"])
 
 
+async def claim_turn(
+    pool: asyncpg.Pool, conversation_id: int, owner: str
+) -> tuple[int, WorkItem | None]:
+    """`claim_conversation` and, with the new token, `next_message`: one round trip (and one
+    commit) instead of two. Returns the token and the started turn (None when none waits)."""
+    row = await pool.fetchrow(
+        Q["claim_turn"], conversation_id, owner, machine.conversation_sources(machine.ACTIVE)
+    )
+    if row is None or row["claimed"] is None:
+        raise UnknownMessage(f"conversation {conversation_id} does not exist")
+    token = int(row["claimed"])
+    return token, _started(row, conversation_id, token)
+
+
 async def release_conversation(pool: asyncpg.Pool, conversation_id: int, token: int) -> bool:
     """Marks the conversation idle (audited) if `token` still holds it."""
     released = await pool.fetchval(
@@ -432,6 +446,11 @@ async def next_message(pool: asyncpg.Pool, conversation_id: int, token: int) -> 
     processing for a resumed turn, are legal by the machine)."""
     row = await pool.fetchrow(Q["start_turn"], conversation_id, token)
     assert row is not None
+    return _started(row, conversation_id, token)
+
+
+def _started(row: asyncpg.Record, conversation_id: int, token: int) -> WorkItem | None:
+    """What `wa_start_turn` answered: the started message, None when none waits."""
     if row["outcome"] == "stale":
         raise StaleFence(
             f"conversation {conversation_id} is held with token {row['fence_token']}, not {token}"
@@ -458,6 +477,61 @@ async def next_message(pool: asyncpg.Pool, conversation_id: int, token: int) -> 
         user_id=row["user_id"] or "",
         username=row["username"] or "",
     )
+
+
+class NotAsked:
+    """`finish_turn` did not look for the next turn: the caller asks `next_message`."""
+
+
+NOT_ASKED = NotAsked()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A turn's final transition, and the next turn when it was asked for."""
+
+    from_state: str
+    # The next turn: started (a WorkItem), none waiting (None), or not looked for.
+    next: WorkItem | NotAsked | None
+
+
+async def finish_turn(
+    pool: asyncpg.Pool,
+    item: WorkItem,
+    to_state: str,
+    reason: str,
+    token: int,
+    *,
+    start_next: bool,
+) -> Finished:
+    """`transition` of a finished turn's message and, when `start_next` and the transition
+    applied, `next_message` of its conversation with the same token: one round trip (and one
+    commit) instead of two. Raises what `transition` raises."""
+    row = await pool.fetchrow(
+        Q["finish_turn"],
+        item.message_id,
+        to_state,
+        machine.message_sources(to_state),
+        reason,
+        token,
+        "",
+        item.conversation_id,
+        start_next,
+    )
+    assert row is not None
+    from_state = _transitioned(
+        item.message_id,
+        to_state,
+        token,
+        row["finished"],
+        row["finished_from"],
+        row["finished_fence"],
+    )
+    if row["outcome"] in ("unasked", "stale"):
+        # Stale: the turn was finished under its token and the conversation has moved on
+        # since; next_message says so the usual way.
+        return Finished(from_state, NOT_ASKED)
+    return Finished(from_state, _started(row, item.conversation_id, token))
 
 
 # What a redrive may put back in its conversation's queue: a message that has finished failing.
@@ -489,13 +563,24 @@ async def transition(
         correlation_id,
     )
     assert row is not None
-    outcome, from_state = row["outcome"], row["from_state"]
+    return _transitioned(
+        message_id, to_state, token, row["outcome"], row["from_state"], row["fence_token"]
+    )
+
+
+def _transitioned(
+    message_id: str,
+    to_state: str,
+    token: int | None,
+    outcome: str,
+    from_state: str | None,
+    fence: int | None,
+) -> str:
+    """What `wa_transition_message` answered: the state the message left, or the error."""
     if outcome == "unknown":
         raise UnknownMessage(message_id)
     if outcome == "stale":
-        raise StaleFence(
-            f"message {message_id}: conversation token is {row['fence_token']}, not {token}"
-        )
+        raise StaleFence(f"message {message_id}: conversation token is {fence}, not {token}")
     if outcome == "illegal":
         raise machine.IllegalTransition("message", from_state, to_state)
     return str(from_state)

@@ -188,6 +188,122 @@ async def test_lease_renewal_keeps_a_long_turn(redis_server: Redis, redis_prefix
         await client.aclose()
 
 
+async def test_a_turn_renews_its_lease_only_when_it_was_not_just_set(
+    redis_server: Redis, redis_prefix: str
+) -> None:
+    """Each turn starts with nearly a full lease: `refresh` renews one set more than a tenth
+    of its TTL ago, and spares the round trip for one just set (fails without the check:
+    every refresh renews)."""
+    client = kv.create_client(redis_server.url)
+    try:
+        locks = Locks(client, ttl_seconds=100.0, prefix=redis_prefix)
+        lease = await locks.acquire(8)
+        assert lease is not None
+        key = locks.lock_key(8)
+        await client.pexpire(key, 50_000)  # what is left of it, whatever its age says
+        assert await locks.refresh(lease)
+        assert await client.pttl(key) <= 50_000  # just set: not renewed
+        lease.renewed_at -= 11.0  # set 11 s ago: over a tenth of the TTL
+        assert await locks.refresh(lease)
+        assert await client.pttl(key) > 90_000
+        # Someone else's lease is never refreshed, however fresh ours looks.
+        await client.set(key, "other", px=100_000)
+        lease.renewed_at -= 11.0
+        assert not await locks.refresh(lease) and lease.lost
+    finally:
+        await client.aclose()
+
+
+async def test_finishing_a_turn_starts_the_next_in_the_same_round_trip(
+    pool: asyncpg.Pool,
+) -> None:
+    """finish_turn applies the replied transition (audited, fenced) and starts the oldest
+    waiting message with the same token, as transition + next_message would; a stale token
+    writes nothing. (Without wa_finish_turn, migration 0015, the query fails.)"""
+    now = int(time.time())
+    rows, _ = await store.ingest(
+        pool, [inbound("wamid.F1", ts=now), inbound("wamid.F2", ts=now + 1)], [], "c", ""
+    )
+    conv = rows[0].conversation_id
+    token = await store.claim_conversation(pool, conv, "me")
+    first = await store.next_message(pool, conv, token)
+    assert first is not None and first.message_id == "wamid.F1"
+
+    done = await store.finish_turn(pool, first, machine.REPLIED, "replied", token, start_next=True)
+    assert done.from_state == machine.PROCESSING
+    second = done.next
+    assert isinstance(second, store.WorkItem) and second.message_id == "wamid.F2"
+    assert second.fence_token == token and second.attempts == 1 and not second.resumed
+    statuses = {
+        r["message_id"]: r["status"]
+        for r in await pool.fetch("SELECT message_id, status FROM processed_webhook_messages")
+    }
+    assert statuses == {"wamid.F1": "replied", "wamid.F2": "processing"}
+    audit = await pool.fetch(
+        "SELECT message_id, from_state, to_state FROM conversation_state_transitions"
+        " WHERE entity = 'message' AND from_state IS NOT NULL ORDER BY id"
+    )
+    assert [tuple(r) for r in audit] == [
+        ("wamid.F1", "received", "processing"),
+        ("wamid.F1", "processing", "replied"),
+        ("wamid.F2", "received", "processing"),
+    ]
+
+    # A later holder's claim: the old token finishes nothing and starts nothing.
+    await pool.execute(
+        "UPDATE webhook_conversations SET fence_token = fence_token + 1 WHERE id = $1", conv
+    )
+    with pytest.raises(store.StaleFence):
+        await store.finish_turn(pool, second, machine.REPLIED, "replied", token, start_next=True)
+    assert (
+        await pool.fetchval(
+            "SELECT status FROM processed_webhook_messages WHERE message_id = 'wamid.F2'"
+        )
+        == "processing"
+    )
+
+    token += 1
+    done = await store.finish_turn(
+        pool, second, machine.REPLIED, "replied", token, start_next=False
+    )
+    assert isinstance(done.next, store.NotAsked)
+    third = await store.next_message(pool, conv, token)
+    assert third is None
+
+
+async def test_a_claim_starts_the_first_turn_in_the_same_round_trip(pool: asyncpg.Pool) -> None:
+    """claim_turn moves the fence on (audited) and starts the oldest waiting message with the
+    new token, as claim_conversation + next_message would; a later claim takes over with the
+    next token and resumes the message. (Without wa_claim_turn, migration 0015, the query
+    fails.)"""
+    now = int(time.time())
+    rows, _ = await store.ingest(
+        pool, [inbound("wamid.C2", ts=now + 1), inbound("wamid.C1", ts=now)], [], "c", ""
+    )
+    conv = rows[0].conversation_id
+    token, first = await store.claim_turn(pool, conv, "me")
+    assert first is not None and first.message_id == "wamid.C1" and first.fence_token == token
+    assert (
+        await pool.fetchval(
+            "SELECT status FROM processed_webhook_messages WHERE message_id = 'wamid.C1'"
+        )
+        == "processing"
+    )
+    claims = await pool.fetch(
+        "SELECT from_state, to_state, fence_token FROM conversation_state_transitions"
+        " WHERE entity = 'conversation' ORDER BY id"
+    )
+    assert [tuple(r) for r in claims] == [("idle", "active", token)]
+    # The holder dies: the next claim takes over and resumes the same message.
+    later, resumed = await store.claim_turn(pool, conv, "you")
+    assert later == token + 1
+    assert resumed is not None and resumed.message_id == "wamid.C1" and resumed.resumed
+    with pytest.raises(store.StaleFence):
+        await store.next_message(pool, conv, token)
+    with pytest.raises(store.UnknownMessage):
+        await store.claim_turn(pool, conv + 1000, "me")
+
+
 async def test_a_redrive_never_requeues_a_message_whose_turn_is_running(
     pool: asyncpg.Pool,
 ) -> None:
