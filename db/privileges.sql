@@ -31,9 +31,9 @@ GRANT SELECT ON webhook_dlq TO :"state";  -- check_webhook_system_health
 GRANT SELECT, INSERT, UPDATE ON wa_runtime_settings TO :"state";
 GRANT USAGE ON SEQUENCE webhook_conversations_id_seq, processed_webhook_messages_id_seq,
     conversation_state_transitions_id_seq TO :"state";
-GRANT EXECUTE ON FUNCTION wa_start_turn, wa_transition_message, wa_delivery_rank,
-    get_webhook_performance_stats, check_webhook_system_health, wa_stuck_timeout,
-    wa_count_messages, wa_default_customer_id TO :"state";
+GRANT EXECUTE ON FUNCTION wa_start_turn, wa_claim_turn, wa_finish_turn, wa_transition_message,
+    wa_delivery_rank, get_webhook_performance_stats, check_webhook_system_health,
+    wa_stuck_timeout, wa_count_messages, wa_default_customer_id TO :"state";
 -- Retention and erasure: only through these functions, which run as the owner (0013).
 GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";
 GRANT SELECT ON wa_message_tombstones TO :"state";  -- ingest: a forgotten id stays a duplicate

@@ -5,9 +5,11 @@ run as something stronger."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import asyncpg
 import orjson
 import pytest
 
-from common import migrate, roles
+from common import migrate, roles, tls
 from tests.support.servers import Postgres, with_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -363,6 +365,14 @@ async def test_an_embedded_service_role_needs_its_password(
         await _as(roles.with_login(urls["state"], user, None))
 
 
+@functools.cache
+def _certificates() -> str:
+    """A CA and the services' certificates, so that the role check is what stops them."""
+    where = Path(tempfile.mkdtemp(prefix="wa-roles-tls-"))
+    tls.create(where)
+    return str(where)
+
+
 def _run_service(service: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", f"services.{service}"],
@@ -371,6 +381,7 @@ def _run_service(service: str, env: dict[str, str]) -> subprocess.CompletedProce
             "PYTHONPATH": str(ROOT),
             "REDIS_URL": "redis://127.0.0.1:1/0",  # never reached: the role check comes first
             "DATABASE_URL": "",
+            "GRPC_TLS_DIR": _certificates(),
             **env,
         },
         cwd=ROOT,
