@@ -383,23 +383,6 @@ def test_docker_compose_accepts_the_file_and_refuses_to_start_without_a_secret()
     assert "set WHATSAPP_APP_SECRET" in missing.stderr
 
 
-# Names decided for issues 15 and 16 and read by code on branches merged after this one
-# (roles, TLS, retention): accepted until then. Once main's settings read them all this set
-# changes nothing and can go.
-DECIDED = frozenset(
-    {
-        "STATE_DATABASE_URL",
-        "AGENT_DATABASE_URL",
-        "DLQ_DATABASE_URL",
-        "OPERATOR_DATABASE_URL",
-        "GRPC_TLS_DIR",
-        "GRPC_HOST",
-        "GRPC_INSECURE",
-        "RETENTION_DAYS",
-    }
-)
-
-
 def known_variables() -> frozenset[str]:
     """What the services read: every variable of the settings model, and OpenTelemetry's own
     (the SDK reads `OTEL_*` from the environment)."""
@@ -408,7 +391,7 @@ def known_variables() -> frozenset[str]:
         for name, value in vars(otel_environment).items()
         if name.startswith("OTEL_") and isinstance(value, str)
     }
-    return config.variables(CliSettings) | otel | DECIDED
+    return config.variables(CliSettings) | otel
 
 
 def unread_variables(doc: Mapping[str, Any]) -> list[str]:
