@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 import asyncpg
 
-from . import config, migrate
+from . import config, migrate, telemetry
 
 SERVICES = ("state", "agent", "dlq", "operator")
 VARIABLES = {s: f"{s.upper()}_DATABASE_URL" for s in SERVICES}
@@ -329,13 +329,14 @@ async def refuse_privileged(pool: asyncpg.Pool, settings: config.Base) -> None:
     """A service must connect as its own role: not a superuser, not BYPASSRLS, not owning (or
     having the rights of the owner of) our tables; any of those would skip row level security.
     DATABASE_ALLOW_PRIVILEGED_ROLE=true (environment only) lets it, for development."""
-    row = await pool.fetchrow(
-        """SELECT current_user AS name, r.rolsuper, r.rolbypassrls,
+    with telemetry.untraced():  # start-up housekeeping, part of no message's trace
+        row = await pool.fetchrow(
+            """SELECT current_user AS name, r.rolsuper, r.rolbypassrls,
                   EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                            WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')
                              AND pg_has_role(current_user, c.relowner, 'USAGE')) AS owner
              FROM pg_roles r WHERE r.rolname = current_user"""
-    )
+        )
     assert row is not None
     problems = [
         what

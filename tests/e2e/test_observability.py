@@ -85,7 +85,9 @@ async def test_one_trace_per_message_across_services_with_the_correlation_id_eve
     await system.wait_status([message_id], {"replied"})
     spans = await spans_of(otlp, cid, {"gateway", "state", "agent"})
     by_kind = kinds(spans)
-    assert by_kind["db"] and by_kind["redis"]
+    # PostgreSQL spans always; Redis ones only when the turn renewed a stale lease
+    # (Locks.refresh), which a first message's turn does not: those there carry the id below.
+    assert by_kind["db"]
     urls = [
         str(s.attributes.get("http.url") or s.attributes.get("url.full")) for s in by_kind["http"]
     ]
