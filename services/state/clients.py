@@ -76,6 +76,10 @@ class GrpcDlq:
             await self.stub.Resolve(
                 dlq_pb2.ResolveRequest(message_id=message_id, correlation_id=correlation_id),
                 timeout=self.timeout,
+                # Right after a dlq replica restarts the channel may still be backing off its
+                # reconnect: wait for it within the timeout rather than fail fast and leave the
+                # item to the stranded-item recovery.
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
             raise DlqUnavailable(f"{exc.code().name}: {exc.details()}") from exc
