@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 import pytest
 
-from common import migrate, roles
+from common import migrate, roles, tls
 from devtools import schema
 from devtools.servers import Postgres
 
@@ -77,8 +77,11 @@ async def test_a_database_migrated_before_checksums_gets_them_on_its_first_run(
     assert recorded == {p.name: migrate.checksum(p) for p in migrate.pending_files()}
 
 
-async def test_the_state_service_will_not_start_on_an_edited_migration(pg: Postgres) -> None:
+async def test_the_state_service_will_not_start_on_an_edited_migration(
+    pg: Postgres, tmp_path: Path
+) -> None:
     dsn = await pg.create_database(None)
+    tls.create(tmp_path)  # so that the migration check is what stops it
     await migrate.migrate(dsn)
     urls = await roles.provision(dsn)
     conn = await asyncpg.connect(dsn, timeout=10)
@@ -96,6 +99,7 @@ async def test_the_state_service_will_not_start_on_an_edited_migration(pg: Postg
         "DATABASE_URL": dsn,  # the owner's, for the migration job
         "STATE_DATABASE_URL": urls["state"],  # the state service checks with its own role
         "REDIS_URL": "redis://127.0.0.1:1/0",  # never reached: the migration check comes first
+        "GRPC_TLS_DIR": str(tmp_path),
     }
     for argv in (["-m", "services.state"], ["-m", "common.migrate"]):
         done = await asyncio.to_thread(

@@ -51,7 +51,9 @@ class HookedPool:
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
         row = await self.pool.fetchrow(query, *args, **kwargs)
-        if query == store.Q["start_turn"] and row["outcome"] == "none" and self.when_empty:
+        # A turn's finish looks for the next message in the same statement (wa_finish_turn).
+        looked = query in (store.Q["start_turn"], store.Q["finish_turn"])
+        if looked and row["outcome"] == "none" and self.when_empty:
             hook, self.when_empty = self.when_empty, None
             await hook()
         return row
