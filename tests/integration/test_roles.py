@@ -5,11 +5,9 @@ run as something stronger."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -365,15 +363,17 @@ async def test_an_embedded_service_role_needs_its_password(
         await _as(roles.with_login(urls["state"], user, None))
 
 
-@functools.cache
-def _certificates() -> str:
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA and the services' certificates, so that the role check is what stops them."""
-    where = Path(tempfile.mkdtemp(prefix="wa-roles-tls-"))
+    where = tmp_path_factory.mktemp("tls")
     tls.create(where)
-    return str(where)
+    return where
 
 
-def _run_service(service: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run_service(
+    service: str, env: dict[str, str], tls_dir: Path
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", f"services.{service}"],
         env={
@@ -381,7 +381,7 @@ def _run_service(service: str, env: dict[str, str]) -> subprocess.CompletedProce
             "PYTHONPATH": str(ROOT),
             "REDIS_URL": "redis://127.0.0.1:1/0",  # never reached: the role check comes first
             "DATABASE_URL": "",
-            "GRPC_TLS_DIR": _certificates(),
+            "GRPC_TLS_DIR": str(tls_dir),
             **env,
         },
         cwd=ROOT,
@@ -401,16 +401,16 @@ def _critical(done: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.parametrize("service", ["state", "agent", "dlq"])
 async def test_a_service_given_the_owner_url_refuses_to_start(
-    service: str, database_url: str
+    service: str, database_url: str, certificates: Path
 ) -> None:
     variable = roles.VARIABLES[service]
-    done = await asyncio.to_thread(_run_service, service, {variable: database_url})
+    done = await asyncio.to_thread(_run_service, service, {variable: database_url}, certificates)
     message = _critical(done)
     assert variable in message and "superuser" in message, message
 
 
 async def test_the_state_service_refuses_a_database_with_migrations_pending(
-    pg: Postgres,
+    pg: Postgres, certificates: Path
 ) -> None:
     dsn = await pg.create_database(None)
     await migrate.migrate(dsn)
@@ -422,7 +422,9 @@ async def test_the_state_service_refuses_a_database_with_migrations_pending(
         )
     finally:
         await conn.close()
-    done = await asyncio.to_thread(_run_service, "state", {"STATE_DATABASE_URL": urls["state"]})
+    done = await asyncio.to_thread(
+        _run_service, "state", {"STATE_DATABASE_URL": urls["state"]}, certificates
+    )
     message = _critical(done)
     assert "0011_message_referral.sql" in message and "wa migrate" in message, message
 
