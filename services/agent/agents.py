@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from . import replies
+from .limits import LimitError
 
 
 class AgentConfigError(Exception):
@@ -24,6 +27,9 @@ class AgentType:
     keywords: tuple[str, ...]
     # What to do with an answer longer than one WhatsApp text message: split | trim.
     long_replies: str = "split"
+    # Reply buttons or a list every answer of this type offers (the `rules` backend), or the
+    # `openai` backend may offer (tool calling); None: plain text only.
+    choices: replies.Structured | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "model": str,
     "long_replies": str,
+    "choices": dict,
 }
 LONG_REPLIES = ("split", "trim")
 
@@ -125,6 +132,19 @@ def load(path: Path) -> AgentCatalog:
                 f"{path}:{_line_of(text, name, 'long_replies')}: long_replies must be "
                 f"'split' or 'trim', got {long_replies!r}"
             )
+        choices = None
+        if "choices" in spec:
+            try:
+                choices = replies.from_json(spec["choices"])
+                if choices.kind == "template":
+                    raise LimitError("choices are buttons or a list, not a template")
+                # Checked (and its titles trimmed) as it will be sent, with some body.
+                fitted = replies.fit(replace(choices, body=choices.body or "-"))
+                choices = replace(fitted, body=choices.body)
+            except LimitError as exc:
+                raise AgentConfigError(
+                    f"{path}:{_line_of(text, name + '.choices')}: agents.{name}.choices: {exc}"
+                ) from exc
         agents[name] = AgentType(
             name=name,
             description=spec["description"],
@@ -134,6 +154,7 @@ def load(path: Path) -> AgentCatalog:
             token_limit=int(spec["token_limit"]),
             keywords=tuple(str(k).lower() for k in spec["keywords"]),
             long_replies=long_replies,
+            choices=choices,
         )
     default = raw.get("default", "")
     if default not in agents:

@@ -6,21 +6,42 @@
 -- README, "Who owns which table".)
 
 -- name: turn_state
--- The message's reply state and its conversation's context, in one round trip.
+-- The message's reply state and its conversation's context, in one round trip; with the
+-- customer's last message time in the conversation (the 24-hour window's start, one entry of
+-- processed_messages_customer_last_idx) and the database's clock to compare it with.
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
-       m.send_started_at, ctx.agent_type AS context_agent_type, ctx.messages AS context
+       m.send_started_at, ctx.agent_type AS context_agent_type, ctx.messages AS context,
+       m.reply_payload,
+       (SELECT l.wa_timestamp FROM processed_webhook_messages l
+         WHERE l.conversation_id = m.conversation_id AND l.kind = 'message'
+         ORDER BY l.wa_timestamp DESC LIMIT 1) AS last_customer_at,
+       now() AS db_now
   FROM processed_webhook_messages m
   LEFT JOIN agent_contexts ctx ON ctx.conversation_id = m.conversation_id
  WHERE m.message_id = $1 AND m.kind = 'message'
 
 -- name: reply_state
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
-       m.send_started_at
+       m.send_started_at, m.reply_payload
   FROM processed_webhook_messages m
  WHERE m.message_id = $1 AND m.kind = 'message'
 
 -- name: save_turn
-SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13)
+SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::jsonb)
+
+-- name: save_window_template
+-- Outside the 24-hour window: the template replaces whatever reply was stored (never sent:
+-- a free-form reply cannot be sent any more), stored as being sent before it is.
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $4 FOR SHARE
+), saved AS (
+    UPDATE processed_webhook_messages m
+       SET reply_text = $2, reply_payload = $3::jsonb, send_started_at = now(),
+           updated_at = now()
+      FROM fence f
+     WHERE m.message_id = $1 AND f.fence_token = $5
+)
+SELECT fence_token FROM fence
 
 -- name: session_metrics
 SELECT increment_session_metrics($1, $2, $3, $4, $5, $6, $7, $8)

@@ -125,6 +125,7 @@ async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterat
             token_limit=settings.agent_token_limit,
             context_max_messages=settings.context_max_messages,
             confirm_seconds=settings.send_confirm_seconds,
+            window_template=settings.window_template_reply(),
         )
         agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(agent), server)
         try:

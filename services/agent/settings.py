@@ -9,6 +9,8 @@ from pydantic import field_validator
 
 from common import config
 
+from . import replies
+
 
 class AgentSettings(config.TurnLimits):
     # Its own login role (common/roles.py), never the owner's DATABASE_URL.
@@ -27,6 +29,15 @@ class AgentSettings(config.TurnLimits):
     context_max_messages: int = config.env("AGENT_CONTEXT_MAX_MESSAGES", 100, ge=2, le=10_000)
     breaker_threshold: int = config.env("AGENT_BREAKER_THRESHOLD", 5)
     breaker_reset_seconds: float = config.env("AGENT_BREAKER_RESET_SECONDS", 30.0)
+    # Sent instead of a reply outside WhatsApp's 24-hour customer service window (an approved
+    # template without parameters); empty: such a message is dead-lettered, not answered.
+    window_template: str = config.env("WHATSAPP_WINDOW_TEMPLATE", "")
+    window_template_language: str = config.env("WHATSAPP_WINDOW_TEMPLATE_LANGUAGE", "en_US")
+
+    def window_template_reply(self) -> replies.Structured | None:
+        if not self.window_template.strip():
+            return None
+        return replies.template(self.window_template, self.window_template_language)
 
     @field_validator("api_base_url", "openai_base_url")
     @classmethod
