@@ -517,6 +517,9 @@ class Agent:
                         await self._fenced(
                             req, "record_part_send_error", req.message_id, n, exc.code
                         )
+                    if exc.code == service_window.GRAPH_CODE:
+                        reason = f"{service_window.REASON} (Graph API error {exc.code})"
+                        return await self._outside_window(req, agent_type, reason, deadline)
                     return TurnResult(
                         outcome="failed",
                         reply_text=text,
