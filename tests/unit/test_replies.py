@@ -20,7 +20,7 @@ from services.agent.limits import LimitError
 from tests.support.fakes import FakeGraph, tool_call
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=90)
+TEXT = st.text(st.characters(codec="utf-8"), max_size=90)
 OPTION = st.builds(
     replies.Option,
     id=st.text("abcdefghij-0123456789", min_size=1, max_size=30),
