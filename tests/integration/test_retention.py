@@ -176,7 +176,8 @@ async def test_prune_deletes_old_finished_work_and_keeps_what_is_still_needed(
     # Old and finished: replied texts, a skipped reaction, a dead-lettered message whose item
     # was purged. Everything of it goes, the conversation too.
     old = await customer(pool, "old", wa_id="15550000001", n=3)
-    await store.ingest(pool, [inbound("old.img", wa_id="15550000001", kind="reaction")], [], "c", "")
+    reaction = inbound("old.img", wa_id="15550000001", kind="reaction")
+    await store.ingest(pool, [reaction], [], "c", "")
     dead_done = inbound("old.dl", wa_id="15550000001")
     await store.ingest(pool, [dead_done], [], "c", "")
     for to in (machine.PROCESSING, machine.FAILED, machine.DEAD_LETTERED):
