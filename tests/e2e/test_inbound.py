@@ -198,6 +198,8 @@ async def test_a_voice_note_is_downloaded_transcribed_and_answered_from_its_word
 ) -> None:
     audio = os.urandom(200_000)
     media_graph.media["media-voice-1"] = FakeMedia(audio, "audio/ogg; codecs=opus")
+    # The Graph API fails once: the media's URL is asked again (bounded retries).
+    media_graph.media_script.append(media_graph.error(500, 2, "service temporarily unavailable"))
     transcriber.words = "Hi, I would like to book a table for four tonight"
     system = await start_system(
         WHATSAPP_API_BASE_URL=media_graph.url,
@@ -221,6 +223,8 @@ async def test_a_voice_note_is_downloaded_transcribed_and_answered_from_its_word
     assert transcriber.words in said and "voice note" in said
     assert "bookings" in request.body["messages"][0]["content"], "routed on the spoken words"
     assert media_graph.downloads == ["media-voice-1"]
+    gets = [r.path for r in media_graph.requests if r.method == "GET"]
+    assert gets == ["/v23.0/media-voice-1"] * 2 + ["/download/media-voice-1"]
     sent = answers(media_graph)
     assert sent == {msg["id"]: [f"echo: {said}"]}
 
