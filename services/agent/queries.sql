@@ -6,12 +6,13 @@
 -- README, "Who owns which table".)
 
 -- name: turn_state
--- The message's reply state and its conversation's context, in one round trip; with the
--- customer's last message time in the conversation (the 24-hour window's start, one entry of
+-- The message's reply state and its conversation's context, in one round trip; its type and
+-- Meta's message object say what it is (services/agent/inbound.py). With the customer's last
+-- message time in the conversation (the 24-hour window's start, one entry of
 -- processed_messages_customer_last_idx) and the database's clock to compare it with.
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
        m.send_started_at, ctx.agent_type AS context_agent_type, ctx.messages AS context,
-       m.reply_payload,
+       m.message_type, m.payload, m.reply_payload,
        (SELECT l.wa_timestamp FROM processed_webhook_messages l
          WHERE l.conversation_id = m.conversation_id AND l.kind = 'message'
          ORDER BY l.wa_timestamp DESC LIMIT 1) AS last_customer_at,
@@ -40,6 +41,22 @@ WITH fence AS (
            updated_at = now()
       FROM fence f
      WHERE m.message_id = $1 AND f.fence_token = $5
+)
+SELECT fence_token FROM fence
+
+-- name: save_fallback
+-- The fallback reply, stored like a model's (wa_save_turn) before it is sent: the context and
+-- the session figures are left alone, no model having been called.
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $5 FOR SHARE
+), saved AS (
+    UPDATE processed_webhook_messages m
+       SET reply_text = $2,
+           agent_type = $3,
+           send_started_at = CASE WHEN $4 THEN now() ELSE m.send_started_at END,
+           updated_at = now()
+      FROM fence f
+     WHERE m.message_id = $1 AND f.fence_token = $6
 )
 SELECT fence_token FROM fence
 

@@ -9,7 +9,13 @@ from pydantic import field_validator
 
 from common import config
 
-from . import replies
+from . import limits, replies
+
+# AGENT_FALLBACK_REPLY's default.
+FALLBACK_REPLY = (
+    "Sorry, I can't open this kind of message here. "
+    "Could you write what you need in a text message?"
+)
 
 
 class AgentSettings(config.TurnLimits):
@@ -34,12 +40,31 @@ class AgentSettings(config.TurnLimits):
     window_template: str = config.env("WHATSAPP_WINDOW_TEMPLATE", "")
     window_template_language: str = config.env("WHATSAPP_WINDOW_TEMPLATE_LANGUAGE", "en_US")
 
+    # Voice notes: an OpenAI-compatible /audio/transcriptions root; empty: not transcribed,
+    # answered with the fallback reply.
+    transcription_url: str = config.env("TRANSCRIPTION_URL", "")
+    transcription_api_key: config.Secret = config.env("TRANSCRIPTION_API_KEY", config.Secret(""))
+    transcription_model: str = config.env("TRANSCRIPTION_MODEL", "whisper-1")
+    # A customer's media is held in memory for its turn: larger files are refused unread.
+    media_max_bytes: int = config.env("MEDIA_MAX_BYTES", 16 * 1024 * 1024, gt=0)
+    # Sent, without calling the model, for a message that cannot be read (README, "What
+    # customers can send").
+    fallback_reply: str = config.env("AGENT_FALLBACK_REPLY", FALLBACK_REPLY)
+
+    @field_validator("api_base_url", "openai_base_url", "transcription_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("fallback_reply")
+    @classmethod
+    def _sendable(cls, value: str) -> str:
+        value = value.strip()
+        if not value or limits.length(value) > limits.TEXT_BODY_MAX:
+            raise ValueError(f"must be 1 to {limits.TEXT_BODY_MAX} characters")
+        return value
+
     def window_template_reply(self) -> replies.Structured | None:
         if not self.window_template.strip():
             return None
         return replies.template(self.window_template, self.window_template_language)
-
-    @field_validator("api_base_url", "openai_base_url")
-    @classmethod
-    def _no_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/")
