@@ -98,6 +98,9 @@ class TurnResult:
     confirmed_by_status: bool = False
     # Messages the reply was sent as (a long reply is split).
     parts: int = 1
+    # The conversation's other waiting messages this reply answered too (a debounced burst),
+    # in order; the state service moves them to replied with this turn.
+    absorbed_message_ids: tuple[str, ...] = ()
 
     @property
     def detail(self) -> str:

@@ -8,7 +8,8 @@
 -- name: turn_state
 -- The message's reply state and its conversation's context, in one round trip.
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
-       m.send_started_at, ctx.agent_type AS context_agent_type, ctx.messages AS context
+       m.send_started_at, m.absorbed_message_ids, ctx.agent_type AS context_agent_type,
+       ctx.messages AS context
   FROM processed_webhook_messages m
   LEFT JOIN agent_contexts ctx ON ctx.conversation_id = m.conversation_id
  WHERE m.message_id = $1 AND m.kind = 'message'
@@ -20,7 +21,33 @@ SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_ty
  WHERE m.message_id = $1 AND m.kind = 'message'
 
 -- name: save_turn
-SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13)
+-- $14: the debounced burst answered with the message (db/migrations/0018).
+SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::text[])
+
+-- name: burst_quiet_seconds
+-- How long ago the newest waiting message of conversation $1 was stored (the database's clock
+-- on both sides). Its few waiting rows, by processed_messages_waiting_idx.
+SELECT EXTRACT(EPOCH FROM now() - max(m.received_at))::float8
+  FROM processed_webhook_messages m
+ WHERE m.conversation_id = $1 AND m.status IN ('received', 'processing')
+
+-- name: burst
+-- The messages waiting after message $1 in its conversation, in order (at most $2), that never
+-- had a turn (a message back from a failure or a redrive has its own): a debounced burst.
+-- processed_messages_waiting_idx, from M's position on.
+SELECT w.message_id, w.body
+  FROM processed_webhook_messages m
+  JOIN LATERAL (
+      SELECT b.message_id, b.body
+        FROM processed_webhook_messages b
+       WHERE b.conversation_id = m.conversation_id
+         AND b.status IN ('received', 'processing')
+         AND (b.wa_timestamp, b.id) > (m.wa_timestamp, m.id)
+         AND b.status = 'received' AND b.attempts = 0 AND b.kind = 'message'
+       ORDER BY b.wa_timestamp, b.id
+       LIMIT $2
+  ) w ON true
+ WHERE m.message_id = $1 AND m.kind = 'message'
 
 -- name: session_metrics
 SELECT increment_session_metrics($1, $2, $3, $4, $5, $6, $7, $8)

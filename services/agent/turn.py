@@ -8,6 +8,7 @@ sent again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from opentelemetry import trace
 from common import sqlfile, telemetry
 from common.domain import TurnRequest, TurnResult
 
-from . import limits, window
+from . import debounce, limits, window
 from .agents import AgentCatalog
 from .backends import Backend, ModelError, clean_text
 from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline, TurnTimeout
@@ -85,6 +86,9 @@ class Agent:
         state = await self.pool.fetchrow(Q["turn_state"], req.message_id)
         if state is None:
             raise UnknownMessage(req.message_id)
+        # A debounced burst this message's reply answers too: saved with the reply, so a run
+        # resumed after a crash answers the same one (services/agent/debounce.py).
+        absorbed: tuple[str, ...] = tuple(state["absorbed_message_ids"] or ())
         if state["reply_message_id"]:
             # Sent by an earlier run of this turn that died before it was marked replied.
             return TurnResult(
@@ -92,6 +96,7 @@ class Agent:
                 reply_text=state["reply_text"] or "",
                 reply_message_id=state["reply_message_id"],
                 agent_type=state["agent_type"] or "",
+                absorbed_message_ids=absorbed,
             )
         reply_text = state["reply_text"]
         agent_type = state["agent_type"] or ""
@@ -106,9 +111,24 @@ class Agent:
             # confirmation comes is the reply sent again (at least once beats lost).
             confirmed = await self._await_confirmation(req, deadline)
             if confirmed is not None:
-                return confirmed
+                return dataclasses.replace(confirmed, absorbed_message_ids=absorbed)
+        burst = debounce.NONE
+        if reply_text is None:
+            current = self.catalog.get(state["context_agent_type"] or self.catalog.default)
+            if current.debounce_seconds > 0:
+                burst = await debounce.gather(
+                    self.pool,
+                    req.conversation_id,
+                    req.message_id,
+                    current.debounce_seconds,
+                    deadline,
+                )
+                absorbed = burst.message_ids
+        # The reply quotes the newest message it answers, and that one is marked read (which
+        # marks the earlier ones read too).
+        quote = absorbed[-1] if absorbed else req.message_id
         if self.graph.enabled:
-            task = asyncio.create_task(self._mark_read(req))
+            task = asyncio.create_task(self._mark_read(req, quote))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         # Saving a new reply marks its send as started too (it follows at once).
@@ -116,7 +136,7 @@ class Agent:
         if reply_text is None:
             try:
                 reply_text, agent_type = await self._think(
-                    req, state["context_agent_type"], state["context"], deadline
+                    req, state["context_agent_type"], state["context"], deadline, burst
                 )
             except ModelError as exc:
                 await self._session_error(req, agent_type or self.catalog.default)
@@ -128,10 +148,19 @@ class Agent:
                 )
             parts = limits.fit(reply_text, self.catalog.get(agent_type).long_replies)
         if len(parts) > 1 and self.graph.enabled:
-            return await self._deliver_parts(req, reply_text, parts, agent_type, deadline)
-        return await self._deliver(
-            req, reply_text, agent_type, send_started=send_started, deadline=deadline
-        )
+            result = await self._deliver_parts(
+                req, reply_text, parts, agent_type, deadline, quote=quote
+            )
+        else:
+            result = await self._deliver(
+                req,
+                reply_text,
+                agent_type,
+                send_started=send_started,
+                deadline=deadline,
+                quote=quote,
+            )
+        return dataclasses.replace(result, absorbed_message_ids=absorbed)
 
     def _confirm_window(self, deadline: Deadline) -> float:
         """How long to wait for a status webhook: WHATSAPP_SEND_CONFIRM_SECONDS, but at most
@@ -186,9 +215,9 @@ class Agent:
                 return None
             await asyncio.sleep(0.25)
 
-    async def _mark_read(self, req: TurnRequest) -> None:
+    async def _mark_read(self, req: TurnRequest, message_id: str) -> None:
         try:
-            await asyncio.wait_for(self.graph.mark_read(req.phone_number_id, req.message_id), 5)
+            await asyncio.wait_for(self.graph.mark_read(req.phone_number_id, message_id), 5)
         except Exception as exc:
             log.info("mark-as-read failed (the turn goes on): %s", exc)
 
@@ -198,14 +227,17 @@ class Agent:
         context_agent: str | None,
         context: list[dict[str, Any]] | None,
         deadline: Deadline = UNBOUNDED,
+        burst: debounce.Burst = debounce.NONE,
     ) -> tuple[str, str]:
         history: list[dict[str, Any]] = list(context) if context is not None else []
         current = context_agent or self.catalog.default
-        routed = self.catalog.route(current, req.text)
+        # A debounced burst is one user message: its texts in order, one a line.
+        said = "\n".join([req.text, *burst.texts])
+        routed = self.catalog.route(current, said)
         agent = self.catalog.get(routed)
         user: dict[str, Any] = {
             "role": "user",
-            "content": clean_text(req.text),
+            "content": clean_text(said),
             "message_id": req.message_id,
         }
         user["tokens"] = window.message_tokens(user)
@@ -270,6 +302,7 @@ class Agent:
                 latency_ms,
                 req.correlation_id,
                 self.graph.enabled and single,
+                list(burst.message_ids) or None,
             )
         except DB_DOWN as exc:
             # The model has answered: running the turn again would pay for it again, so this
@@ -317,6 +350,7 @@ class Agent:
         *,
         send_started: bool,
         deadline: Deadline = UNBOUNDED,
+        quote: str = "",
     ) -> TurnResult:
         if not self.graph.enabled:
             log.info(
@@ -343,7 +377,9 @@ class Agent:
                     req.phone_number_id,
                     req.wa_id,
                     text,
-                    reply_to=req.message_id,
+                    reply_to=quote or req.message_id,
+                    # Its status webhook names the turn's message, whichever one it quotes.
+                    callback_data=req.message_id,
                     deadline=deadline,
                     user_id=req.user_id,
                     before_retry=lambda: self._still_holder(req),
@@ -379,7 +415,14 @@ class Agent:
         )
 
     async def _deliver_parts(
-        self, req: TurnRequest, text: str, parts: list[str], agent_type: str, deadline: Deadline
+        self,
+        req: TurnRequest,
+        text: str,
+        parts: list[str],
+        agent_type: str,
+        deadline: Deadline,
+        *,
+        quote: str = "",
     ) -> TurnResult:
         """A reply too long for one message, as consecutive messages. The split is recorded
         before the first is sent, and each part's send like a whole reply's: a run resumed
@@ -426,7 +469,7 @@ class Agent:
                         req.wa_id,
                         body,
                         # Only the first part quotes the customer's message.
-                        reply_to=req.message_id if n == 0 else "",
+                        reply_to=(quote or req.message_id) if n == 0 else "",
                         callback_data=callback,
                         deadline=deadline,
                         user_id=req.user_id,
