@@ -232,7 +232,7 @@ class Agent:
         history: list[dict[str, Any]] = list(context) if context is not None else []
         current = context_agent or self.catalog.default
         # A debounced burst is one user message: its texts in order, one a line.
-        said = "\n".join([req.text, *burst.texts])
+        said = "\n".join(t for t in [req.text, *burst.texts] if t.strip()) or req.text
         routed = self.catalog.route(current, said)
         agent = self.catalog.get(routed)
         user: dict[str, Any] = {
@@ -255,6 +255,8 @@ class Agent:
             telemetry.annotate(span, correlation_id=req.correlation_id, agent_type=agent.name)
             span.set_attribute("wa.model.backend", self.backend.name)
             span.set_attribute("wa.model.window_tokens", win.tokens)
+            if burst.message_ids:
+                span.set_attribute("wa.turn.burst_messages", 1 + len(burst.message_ids))
             try:
                 completion = await self.backend.complete(
                     agent,
