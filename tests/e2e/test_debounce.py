@@ -190,8 +190,9 @@ async def test_a_crash_after_the_model_answered_a_burst_sends_one_reply(
     assert len(model.requests) == 1
     assert len(graph.sends) == 1
     assert graph.sends[0].body["context"]["message_id"] == third
-    # The turn ran again after the crash, and answered the same burst from what it had saved.
-    assert [m[1] for m in await replied_moves(system, first)].count("processing") == 2
+    # The turn ran again after the crash (once the agent was back), and answered the same
+    # burst from what it had saved.
+    assert [m[1] for m in await replied_moves(system, first)].count("processing") >= 2
     for absorbed in (second, third):
         moves = await replied_moves(system, absorbed)
         assert moves[-1] == (
