@@ -765,10 +765,37 @@ CREATE FUNCTION public.wa_retention_min_days() RETURNS integer
     AS $$ SELECT 8 $$;
 
 --
--- Name: wa_save_turn(bigint, bigint, text, text, text, jsonb, integer, text, bigint, bigint, bigint, text, boolean, text[]); Type: FUNCTION; Schema: public; Owner: -
+-- Name: wa_save_burst(bigint, bigint, text, text[]); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_save_turn(p_conversation_id bigint, p_token bigint, p_message_id text, p_agent_type text, p_previous_agent_type text, p_messages jsonb, p_token_count integer, p_reply_text text, p_tokens_in bigint, p_tokens_out bigint, p_latency_ms bigint, p_correlation_id text, p_send_started boolean, p_absorbed text[] DEFAULT NULL::text[]) RETURNS bigint
+CREATE FUNCTION public.wa_save_burst(p_conversation_id bigint, p_token bigint, p_message_id text, p_absorbed text[]) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_fence bigint;
+BEGIN
+    IF p_absorbed IS NULL OR cardinality(p_absorbed) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT c.fence_token INTO v_fence
+      FROM webhook_conversations c
+     WHERE c.id = p_conversation_id
+       FOR SHARE;
+    IF v_fence IS DISTINCT FROM p_token THEN
+        RETURN;
+    END IF;
+    UPDATE processed_webhook_messages m
+       SET absorbed_message_ids = p_absorbed, updated_at = now()
+     WHERE m.message_id = p_message_id AND m.kind = 'message'
+       AND m.conversation_id = p_conversation_id;
+END
+$$;
+
+--
+-- Name: wa_save_turn(bigint, bigint, text, text, text, jsonb, integer, text, bigint, bigint, bigint, text, boolean); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_save_turn(p_conversation_id bigint, p_token bigint, p_message_id text, p_agent_type text, p_previous_agent_type text, p_messages jsonb, p_token_count integer, p_reply_text text, p_tokens_in bigint, p_tokens_out bigint, p_latency_ms bigint, p_correlation_id text, p_send_started boolean) RETURNS bigint
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -797,7 +824,6 @@ BEGIN
     UPDATE processed_webhook_messages m
        SET reply_text = p_reply_text,
            agent_type = p_agent_type,
-           absorbed_message_ids = NULLIF(p_absorbed, '{}'),
            send_started_at = CASE WHEN p_send_started THEN now() ELSE m.send_started_at END,
            updated_at = now()
      WHERE m.message_id = p_message_id;

@@ -1,7 +1,7 @@
 -- Quick bursts become one turn (config/agents.toml `debounce_seconds`): the turn of a
 -- conversation's oldest waiting message M may answer the conversation's other waiting
 -- messages together with it, in one model call and one reply. Which ones is decided once and
--- saved with M's reply, in the same fenced statement (wa_save_turn), so that a turn run again
+-- saved with M's reply, in the same fenced statement (wa_save_burst), so that a turn run again
 -- after a crash answers the same burst and never calls the model again; the turn's final
 -- transition (wa_finish_turn) then moves each of them received -> replied with M, audited,
 -- fenced by the same token, and only while it is still received.
@@ -13,70 +13,35 @@
 -- (NULL: a turn of one message). No default: adding it rewrites nothing.
 ALTER TABLE processed_webhook_messages ADD COLUMN absorbed_message_ids text[];
 
--- wa_save_turn (0006) and, new, p_absorbed: the burst answered together with p_message_id.
--- Its new parameter has a default, so a caller of the old version still works.
-DROP FUNCTION wa_save_turn(bigint, bigint, text, text, text, jsonb, integer, text, bigint,
-                           bigint, bigint, text, boolean);
-
-CREATE FUNCTION wa_save_turn(
+-- The burst answered with p_message_id, written only while p_token is still the conversation's.
+-- The agent calls it in the same statement as wa_save_turn (services/agent/queries.sql,
+-- save_turn), so the reply and its burst are saved together or not at all; a separate
+-- function, so that it holds whatever else a version of wa_save_turn saves. Nothing to do
+-- (and no lock taken) for a turn of one message.
+CREATE FUNCTION wa_save_burst(
     p_conversation_id bigint,
     p_token bigint,
     p_message_id text,
-    p_agent_type text,
-    p_previous_agent_type text,
-    p_messages jsonb,
-    p_token_count integer,
-    p_reply_text text,
-    p_tokens_in bigint,
-    p_tokens_out bigint,
-    p_latency_ms bigint,
-    p_correlation_id text,
-    p_send_started boolean,
-    p_absorbed text[] DEFAULT NULL
-) RETURNS bigint
+    p_absorbed text[]
+) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_fence bigint;
 BEGIN
+    IF p_absorbed IS NULL OR cardinality(p_absorbed) = 0 THEN
+        RETURN;
+    END IF;
     SELECT c.fence_token INTO v_fence
       FROM webhook_conversations c
      WHERE c.id = p_conversation_id
        FOR SHARE;
     IF v_fence IS DISTINCT FROM p_token THEN
-        RETURN v_fence;
+        RETURN;
     END IF;
-
-    INSERT INTO agent_contexts AS a
-        (conversation_id, agent_type, messages, token_count, fence_token, correlation_id)
-    VALUES (p_conversation_id, p_agent_type, p_messages, p_token_count, p_token,
-            p_correlation_id)
-    ON CONFLICT (conversation_id) DO UPDATE
-       SET agent_type = EXCLUDED.agent_type,
-           messages = EXCLUDED.messages,
-           token_count = EXCLUDED.token_count,
-           fence_token = EXCLUDED.fence_token,
-           correlation_id = EXCLUDED.correlation_id,
-           updated_at = now();
-
     UPDATE processed_webhook_messages m
-       SET reply_text = p_reply_text,
-           agent_type = p_agent_type,
-           absorbed_message_ids = NULLIF(p_absorbed, '{}'),
-           send_started_at = CASE WHEN p_send_started THEN now() ELSE m.send_started_at END,
-           updated_at = now()
-     WHERE m.message_id = p_message_id;
-
-    IF p_agent_type IS DISTINCT FROM p_previous_agent_type THEN
-        INSERT INTO conversation_state_transitions
-            (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
-             correlation_id)
-        VALUES (p_conversation_id, p_message_id, 'agent', p_previous_agent_type, p_agent_type,
-                'routed by keyword in message ' || p_message_id, p_token, p_correlation_id);
-    END IF;
-
-    PERFORM increment_session_metrics(p_conversation_id, p_agent_type, 1, p_tokens_in,
-                                      p_tokens_out, p_latency_ms, 0, p_correlation_id);
-    RETURN v_fence;
+       SET absorbed_message_ids = p_absorbed, updated_at = now()
+     WHERE m.message_id = p_message_id AND m.kind = 'message'
+       AND m.conversation_id = p_conversation_id;
 END
 $$;
 

@@ -21,8 +21,10 @@ SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_ty
  WHERE m.message_id = $1 AND m.kind = 'message'
 
 -- name: save_turn
--- $14: the debounced burst answered with the message (db/migrations/0018).
-SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14::text[])
+-- And the debounced burst $14 answered with the message (wa_save_burst, db/migrations/0018):
+-- one statement, so saved together or not at all. The first column is the fence token.
+SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13),
+       wa_save_burst($1, $2, $3, $14::text[])
 
 -- name: burst_quiet_seconds
 -- How long ago the newest waiting message of conversation $1 was stored (the database's clock

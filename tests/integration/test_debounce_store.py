@@ -9,6 +9,7 @@ import time
 import asyncpg
 import pytest
 
+from common import sqlfile
 from services.state import machine, store
 from tests.integration.test_state_store import inbound
 
@@ -16,12 +17,23 @@ from tests.integration.test_state_store import inbound
 async def save_reply(
     pool: asyncpg.Pool, conv: int, token: int, message_id: str, burst: list[str]
 ) -> int:
+    """The agent's save of a reply and its burst (services/agent/queries.sql, save_turn)."""
+    query = sqlfile.load("services.agent", "queries.sql")["save_turn"]
     fence = await pool.fetchval(
-        "SELECT wa_save_turn($1, $2, $3, 'concierge', 'concierge', '[]'::jsonb, 0, 'ok', 0, 0,"
-        " 0, 'c', false, $4::text[])",
+        query,
         conv,
         token,
         message_id,
+        "concierge",
+        "concierge",
+        [],
+        0,
+        "ok",
+        0,
+        0,
+        0,
+        "c",
+        False,
         burst,
     )
     return int(fence)
