@@ -4,7 +4,7 @@ With `debounce_seconds` set on the conversation's agent type, the turn of its ol
 message M (the state service holds the conversation, so no other turn of it runs meanwhile)
 first waits until the newest waiting message has been stored that long (the database's own
 ingestion time: WhatsApp's timestamps are the sender's clock), then takes M and the
-conversation's other waiting messages after it, in order, and the turn answers them together.
+conversation's text messages waiting after it, in order, and the turn answers them together.
 Which ones is saved with M's reply (wa_save_turn, fenced), so a run of the turn resumed after a
 crash answers the same burst without calling the model again; the state service moves them to
 replied with M (wa_finish_turn).
@@ -33,6 +33,11 @@ MAX_BURST = 20
 MAX_WINDOWS = 3
 # Of what remains of the turn, the share the wait may take (the model and the send need the rest).
 WAIT_SHARE = 0.25
+# What a burst is made of: text, read as it is stored. Any other kind (a choice, media, a voice
+# note: services/agent/inbound.py) ends the burst and gets its own turn, as does a message that
+# had a turn before (back from a failure or a redrive): answering what comes after it first
+# would answer out of order.
+KINDS = frozenset({"text"})
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,11 @@ async def gather(
     """The burst the turn of `message_id` answers besides it (NONE when nothing else waits)."""
     await settle(pool, conversation_id, seconds, deadline)
     rows = await pool.fetch(Q["burst"], message_id, MAX_BURST - 1)
+    end = next(
+        (i for i, r in enumerate(rows) if r["message_type"] not in KINDS or r["attempts"]),
+        len(rows),
+    )
+    rows = rows[:end]
     if not rows:
         return NONE
     log.info(

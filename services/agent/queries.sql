@@ -6,10 +6,11 @@
 -- README, "Who owns which table".)
 
 -- name: turn_state
--- The message's reply state and its conversation's context, in one round trip.
+-- The message's reply state and its conversation's context, in one round trip; its type and
+-- Meta's message object say what it is (services/agent/inbound.py).
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
        m.send_started_at, m.absorbed_message_ids, ctx.agent_type AS context_agent_type,
-       ctx.messages AS context
+       ctx.messages AS context, m.message_type, m.payload
   FROM processed_webhook_messages m
   LEFT JOIN agent_contexts ctx ON ctx.conversation_id = m.conversation_id
  WHERE m.message_id = $1 AND m.kind = 'message'
@@ -34,22 +35,38 @@ SELECT EXTRACT(EPOCH FROM now() - max(m.received_at))::float8
  WHERE m.conversation_id = $1 AND m.status IN ('received', 'processing')
 
 -- name: burst
--- The messages waiting after message $1 in its conversation, in order (at most $2), that never
--- had a turn (a message back from a failure or a redrive has its own): a debounced burst.
--- processed_messages_waiting_idx, from M's position on.
-SELECT w.message_id, w.body
+-- The messages waiting after message $1 in its conversation, in order (at most $2): those of
+-- a debounced burst lead (services/agent/debounce.py). processed_messages_waiting_idx, from
+-- M's position on.
+SELECT w.message_id, w.body, w.message_type, w.attempts
   FROM processed_webhook_messages m
   JOIN LATERAL (
-      SELECT b.message_id, b.body
+      SELECT b.message_id, b.body, b.message_type, b.attempts
         FROM processed_webhook_messages b
        WHERE b.conversation_id = m.conversation_id
          AND b.status IN ('received', 'processing')
          AND (b.wa_timestamp, b.id) > (m.wa_timestamp, m.id)
-         AND b.status = 'received' AND b.attempts = 0 AND b.kind = 'message'
+         AND b.status = 'received' AND b.kind = 'message'
        ORDER BY b.wa_timestamp, b.id
        LIMIT $2
   ) w ON true
  WHERE m.message_id = $1 AND m.kind = 'message'
+
+-- name: save_fallback
+-- The fallback reply, stored like a model's (wa_save_turn) before it is sent: the context and
+-- the session figures are left alone, no model having been called.
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $5 FOR SHARE
+), saved AS (
+    UPDATE processed_webhook_messages m
+       SET reply_text = $2,
+           agent_type = $3,
+           send_started_at = CASE WHEN $4 THEN now() ELSE m.send_started_at END,
+           updated_at = now()
+      FROM fence f
+     WHERE m.message_id = $1 AND f.fence_token = $6
+)
+SELECT fence_token FROM fence
 
 -- name: session_metrics
 SELECT increment_session_metrics($1, $2, $3, $4, $5, $6, $7, $8)

@@ -19,11 +19,12 @@ from opentelemetry import trace
 from common import sqlfile, telemetry
 from common.domain import TurnRequest, TurnResult
 
-from . import debounce, limits, window
+from . import debounce, inbound, limits, window
 from .agents import AgentCatalog
 from .backends import Backend, ModelError, clean_text
 from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline, TurnTimeout
 from .graph import GraphClient, GraphError
+from .settings import FALLBACK_REPLY
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -71,6 +72,8 @@ class Agent:
         token_limit: int,
         context_max_messages: int = 100,
         confirm_seconds: float = 10.0,
+        reader: inbound.Reader | None = None,
+        fallback_reply: str = FALLBACK_REPLY,
     ) -> None:
         self.pool = pool
         self.catalog = catalog
@@ -79,6 +82,10 @@ class Agent:
         self.token_limit = token_limit
         self.context_max_messages = max(2, context_max_messages)
         self.confirm_seconds = confirm_seconds
+        # Reads what each message says (buttons, captions, voice notes...); the fallback
+        # reply answers what cannot be read.
+        self.reader = reader or inbound.Reader()
+        self.fallback_reply = fallback_reply
         self._background: set[asyncio.Task[None]] = set()
 
     async def reply(self, req: TurnRequest, deadline: Deadline = UNBOUNDED) -> TurnResult:
@@ -115,7 +122,7 @@ class Agent:
         burst = debounce.NONE
         if reply_text is None:
             current = self.catalog.get(state["context_agent_type"] or self.catalog.default)
-            if current.debounce_seconds > 0:
+            if current.debounce_seconds > 0 and state["message_type"] in debounce.KINDS:
                 burst = await debounce.gather(
                     self.pool,
                     req.conversation_id,
@@ -136,7 +143,12 @@ class Agent:
         if reply_text is None:
             try:
                 reply_text, agent_type = await self._think(
-                    req, state["context_agent_type"], state["context"], deadline, burst
+                    req,
+                    state["context_agent_type"],
+                    state["context"],
+                    deadline,
+                    message=(state["message_type"], state["payload"]),
+                    burst=burst,
                 )
             except ModelError as exc:
                 await self._session_error(req, agent_type or self.catalog.default)
@@ -227,17 +239,23 @@ class Agent:
         context_agent: str | None,
         context: list[dict[str, Any]] | None,
         deadline: Deadline = UNBOUNDED,
+        message: tuple[str, Any] = ("text", None),
         burst: debounce.Burst = debounce.NONE,
     ) -> tuple[str, str]:
+        """`message`: the stored message's type and Meta's object of it."""
         history: list[dict[str, Any]] = list(context) if context is not None else []
         current = context_agent or self.catalog.default
-        # A debounced burst is one user message: its texts in order, one a line.
-        said = "\n".join(t for t in [req.text, *burst.texts] if t.strip()) or req.text
-        routed = self.catalog.route(current, said)
+        said = await self._understand(req, *message, deadline)
+        if isinstance(said, inbound.Fallback):
+            return await self._fall_back(req, current, said)
+        # A debounced burst (text messages, debounce.py) is one user message: the texts in
+        # order, one a line.
+        text = _lines([said.text, *burst.texts]) or said.text
+        routed = self.catalog.route(current, _lines([said.route_text, *burst.texts]), said.choice)
         agent = self.catalog.get(routed)
         user: dict[str, Any] = {
             "role": "user",
-            "content": clean_text(said),
+            "content": clean_text(text),
             "message_id": req.message_id,
         }
         user["tokens"] = window.message_tokens(user)
@@ -314,6 +332,38 @@ class Agent:
             ) from exc
         _check_fence(req, fence)
         return text, agent.name
+
+    async def _understand(
+        self, req: TurnRequest, message_type: str, payload: Any, deadline: Deadline
+    ) -> inbound.Said | inbound.Fallback:
+        try:
+            return await self.reader.understand(message_type, payload, req.text, deadline)
+        except inbound.InboundError as exc:
+            # A transcription may have been paid for: a failed attempt, bounded by the DLQ.
+            raise TurnFailed(
+                str(exc), error_class=exc.error_class, retryable=exc.retryable
+            ) from exc
+
+    async def _fall_back(
+        self, req: TurnRequest, current: str, said: inbound.Fallback
+    ) -> tuple[str, str]:
+        """The fallback reply, stored (fenced, marked as being sent) like a model's answer so
+        that it is sent exactly once; the model is not called, the context not changed."""
+        agent_type = self.catalog.get(current).name
+        log.info(
+            "answered with the fallback reply",
+            extra={"message_id": req.message_id, "reason": said.reason},
+        )
+        trace.get_current_span().set_attribute("wa.inbound.fallback", said.reason)
+        await self._fenced(
+            req,
+            "save_fallback",
+            req.message_id,
+            self.fallback_reply,
+            agent_type,
+            self.graph.enabled and limits.length(self.fallback_reply) <= limits.TEXT_BODY_MAX,
+        )
+        return self.fallback_reply, agent_type
 
     async def _fenced(self, req: TurnRequest, query: str, *args: Any) -> None:
         """One write of the turn (queries.sql), applied only while the turn's fence token is
@@ -521,6 +571,10 @@ class Agent:
             "" if sent is None else sent_ids[sent],
             -1 if start is None else start,
         )
+
+
+def _lines(texts: list[str]) -> str:
+    return "\n".join(t for t in texts if t.strip())
 
 
 def bounded(history: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
