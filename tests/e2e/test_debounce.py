@@ -117,6 +117,34 @@ async def test_without_a_debounce_three_messages_get_three_replies(
         assert (await replied_moves(system, message_id))[-1][:2] == ("processing", "replied")
 
 
+async def test_a_burst_ends_at_a_message_of_another_kind_and_order_holds(
+    start_system: StartSystem, model: FakeModel, graph: FakeGraph, tmp_path: Path
+) -> None:
+    system = await start_system(**model.env(AGENT_CONFIG=agents_config(tmp_path, WINDOW)))
+    wa_id, base = "15550003333", int(time.time())
+    msgs = [
+        payloads.message("text", wa_id=wa_id, text={"body": "hi"}, timestamp=str(base)),
+        payloads.message("text", wa_id=wa_id, text={"body": "look"}, timestamp=str(base + 1)),
+        payloads.message("image", wa_id=wa_id, timestamp=str(base + 2)),
+        payloads.message("text", wa_id=wa_id, text={"body": "thanks"}, timestamp=str(base + 3)),
+    ]
+    for msg in msgs:
+        assert (await system.post(payloads.delivery(messages=[msg]))).status_code == 200
+    ids = [str(m["id"]) for m in msgs]
+    await system.wait_status(ids, {"replied"})
+    # The image (read from its caption by inbound.py) is its own turn, between the others.
+    assert len(model.requests) == 3
+    assert user_text(model.requests[0].body) == "hi\nlook"
+    assert "a photo" in user_text(model.requests[1].body)
+    assert user_text(model.requests[2].body) == "thanks"
+    assert [r.body["context"]["message_id"] for r in graph.sends] == ids[1:]
+    assert (await replied_moves(system, ids[1]))[-1] == (
+        "received",
+        "replied",
+        f"replied together with {ids[0]} (debounced burst)",
+    )
+
+
 @pytest.fixture
 def conv_model() -> Iterator[FakeModel]:
     server = cv.model_for_conversations().start()
