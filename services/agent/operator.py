@@ -93,6 +93,11 @@ class OperatorReplies:
         reply_id = 0
         earlier = await self.pool.fetchrow(Q["by_key"], idempotency_key)
         if earlier is not None:
+            key = customers.key(customer)
+            if earlier["body"] != text or key not in (earlier["wa_id"], earlier["user_id"]):
+                raise InvalidReply(
+                    "this idempotency key was used for another reply: use a new key per reply"
+                )
             done = await self._earlier(earlier, deadline)
             if done is not None:
                 return done

@@ -198,3 +198,21 @@ async def test_operator_replies_refused_outside_the_window_for_unknown_or_ambigu
         wa, system, "handoff", "release", CUSTOMER, "--number", other_number
     )
     assert not_handed.returncode == 1 and "not waiting for a person" in not_handed.stderr
+    reused = await asyncio.to_thread(
+        wa, system, "reply", "15550007777", "other", "--idempotency-key", "k-2"
+    )
+    assert reused.returncode == 1 and "no conversation" in reused.stderr
+    await asyncio.to_thread(
+        wa, system, "reply", CUSTOMER, "one", "--number", other_number, "--idempotency-key", "k-3"
+    )
+    other = await asyncio.to_thread(
+        wa, system, "reply", CUSTOMER, "two", "--number", other_number, "--idempotency-key", "k-3"
+    )
+    assert other.returncode == 1 and "used for another reply" in other.stderr
+    assert not sends_saying(graph, "two")
+
+    # `wa forget` erases the operators' replies with the conversation.
+    assert await pool.fetchval("SELECT count(*) FROM operator_replies") == 2
+    forgot = await asyncio.to_thread(wa, system, "forget", CUSTOMER, "--yes")
+    assert forgot.returncode == 0, forgot.stderr
+    assert await pool.fetchval("SELECT count(*) FROM operator_replies") == 0
