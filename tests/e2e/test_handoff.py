@@ -216,3 +216,23 @@ async def test_operator_replies_refused_outside_the_window_for_unknown_or_ambigu
     forgot = await asyncio.to_thread(wa, system, "forget", CUSTOMER, "--yes")
     assert forgot.returncode == 0, forgot.stderr
     assert await pool.fetchval("SELECT count(*) FROM operator_replies") == 0
+
+
+async def test_a_reply_retried_while_its_first_send_is_in_flight_is_not_sent_twice(
+    start_system: StartSystem, model: FakeModel, graph: FakeGraph
+) -> None:
+    system = await start_system(**model.env(WHATSAPP_TIMEOUT_SECONDS="25"))
+    await say(system, "hello", {"replied"})
+    args = ("reply", CUSTOMER, "On it.", "--idempotency-key", "k-flight")
+    graph.release.clear()  # the first request's send waits at the Graph API
+    first = asyncio.create_task(asyncio.to_thread(wa, system, *args))
+    assert await asyncio.to_thread(graph.wait_for, lambda: bool(sends_saying(graph, "On it.")))
+    # The same request again while the first one's outcome is unknown: refused, not sent.
+    retried = await asyncio.to_thread(wa, system, *args)
+    assert retried.returncode == 1 and "not sent again" in retried.stderr
+    graph.release.set()
+    done = await first
+    assert done.returncode == 0 and "sent to" in done.stdout, done.stderr
+    again = await asyncio.to_thread(wa, system, *args)
+    assert again.returncode == 0 and "already sent" in again.stdout
+    assert len(sends_saying(graph, "On it.")) == 1
