@@ -95,6 +95,8 @@ $$;
 
 -- A claimed conversation's oldest waiting message, as in 0010, except in a conversation handed
 -- off to a person: its waiting messages are held for the person instead (outcome 'none').
+-- A later version of this function must keep that check (the `v_handoff_at` block after the
+-- fence check): tests/e2e/test_handoff.py fails without it.
 CREATE OR REPLACE FUNCTION wa_start_turn(
     p_conversation_id bigint,
     p_token bigint,
