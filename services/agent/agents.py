@@ -28,6 +28,10 @@ class AgentType:
     handoff: bool = False
 
 
+# A button id, list row id or quick-reply payload `agent:NAME` hands the conversation to NAME.
+CHOICE_PREFIX = "agent:"
+
+
 @dataclass(frozen=True)
 class AgentCatalog:
     default: str
@@ -43,9 +47,16 @@ class AgentCatalog:
         current = context_agent or self.default
         return self.default if self.get(current).handoff else current
 
-    def route(self, current: str, text: str) -> str:
-        """The agent type a message should be handled by (the current one unless a keyword of
-        another agent appears in it)."""
+    def route(self, current: str, text: str, choice: str = "") -> str:
+        """The agent type a message should be handled by: the one a tapped choice names (its
+        id or payload `agent:NAME`, or exactly an agent type's NAME), else the current one
+        unless a keyword of another agent appears in the text."""
+        chosen = choice.strip().lower()
+        if chosen:
+            named = chosen.removeprefix(CHOICE_PREFIX)
+            for name in self.agents:
+                if name.lower() == named:
+                    return name
         words = set(re.findall(r"[\w']+", text.lower()))
         for agent in self.agents.values():
             if agent.name != current and words.intersection(agent.keywords):

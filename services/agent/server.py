@@ -15,13 +15,14 @@ from common import authz, config, customers, db, logs, roles, wire
 from common.domain import TurnResult
 from services.agent.settings import AgentSettings
 
-from . import agents, window
+from . import agents, inbound, window
 from . import http as outbound
 from .backends import Backend, OpenAIBackend, RulesBackend
 from .breaker import CircuitBreaker
 from .deadline import Deadline, TurnTimeout
 from .graph import GraphClient, GraphError
 from .operator import InvalidReply, OperatorReplies, OutsideWindow, SendUncertain
+from .transcription import WhisperTranscriber
 from .turn import DB_DOWN, Agent, StaleFence, TurnFailed, UnknownMessage
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,30 @@ def make_backend(settings: AgentSettings, http: aiohttp.ClientSession) -> Backen
     return RulesBackend()
 
 
+def make_reader(
+    settings: AgentSettings, http: aiohttp.ClientSession, graph: GraphClient
+) -> inbound.Reader:
+    """Voice notes are transcribed only with TRANSCRIPTION_URL set (and media downloaded only
+    with the business token); the model call's timeout and retries bound the transcription."""
+    transcriber = None
+    if settings.transcription_url:
+        transcriber = WhisperTranscriber(
+            http,
+            base_url=settings.transcription_url,
+            api_key=settings.transcription_api_key.reveal(),
+            model=settings.transcription_model,
+            timeout=settings.model_timeout_seconds,
+            max_retries=settings.agent_max_retries,
+        )
+    else:
+        log.info("TRANSCRIPTION_URL is not set: voice notes get the fallback reply")
+    return inbound.Reader(
+        media=graph if graph.enabled else None,
+        transcriber=transcriber,
+        max_bytes=settings.media_max_bytes,
+    )
+
+
 @contextlib.asynccontextmanager
 async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterator[list[str]]:
     try:
@@ -182,6 +207,8 @@ async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterat
             token_limit=settings.agent_token_limit,
             context_max_messages=settings.context_max_messages,
             confirm_seconds=settings.send_confirm_seconds,
+            reader=make_reader(settings, http, graph),
+            fallback_reply=settings.fallback_reply,
         )
         agent_pb2_grpc.add_AgentServicer_to_server(
             AgentServicer(agent, OperatorReplies(pool, catalog, graph)), server
