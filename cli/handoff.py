@@ -1,5 +1,6 @@
-"""`wa handoff list|release` and `wa reply`: conversations waiting for a person, giving them
-back to the bot, and answering a customer as an operator (README, "Human handoff").
+"""`wa handoff list|take|release` and `wa reply`: conversations waiting for a person, taking
+one over from the bot or giving it back, and answering a customer as an operator (README,
+"Human handoff").
 
 `wa handoff list --json` prints a JSON array: per conversation conversation_id,
 phone_number_id, customer (username "@name", else phone number, else BSUID), wa_id, user_id,
@@ -129,6 +130,27 @@ async def release(customer: str, phone_number_id: str) -> int:
         f"released: the bot answers {customer} again (business number "
         f"{resp.phone_number_id}; waiting for a person since {wire.iso(resp, 'since')[:19]})"
     )
+    return 0
+
+
+async def take_over(customer: str, phone_number_id: str) -> int:
+    settings = CliSettings.from_env()
+    request = state_pb2.TakeOverRequest(
+        customer=customers.key(customer), phone_number_id=phone_number_id, operator=operator()
+    )
+    async with grpcserver.channel(settings.state_addr) as ch:
+        try:
+            with calling("state", settings.state_addr):
+                resp = await state_pb2_grpc.StateStub(ch).TakeOver(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in REFUSED:
+                raise
+            return _refused(f"wa handoff take {customer}", exc)
+    since = wire.iso(resp, "since")[:19]
+    if resp.already:
+        print(f"{customer} was already waiting for a person (since {since})")
+    else:
+        print(f"taken over: the bot no longer answers {customer} until `wa handoff release`")
     return 0
 
 

@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     hr = hsub.add_parser("release", help="give a conversation back to the bot")
     hr.add_argument("customer", help="the customer's phone number or BSUID")
     hr.add_argument("--number", default="", help="the business number (PHONE_NUMBER_ID)")
+    ht = hsub.add_parser("take", help="take a conversation over from the bot")
+    ht.add_argument("customer", help="the customer's phone number or BSUID")
+    ht.add_argument("--number", default="", help="the business number (PHONE_NUMBER_ID)")
     rp = sub.add_parser("reply", help="answer a customer as an operator (sent once)")
     rp.add_argument("customer", help="the customer's phone number or BSUID")
     rp.add_argument("text")
@@ -213,6 +216,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.handoff_command == "list":
             return asyncio.run(handoff.list_handoffs(args.number, args.json))
+        if args.handoff_command == "take":
+            return asyncio.run(handoff.take_over(args.customer, args.number))
         return asyncio.run(handoff.release(args.customer, args.number))
     if args.command == "reply":
         from . import handoff

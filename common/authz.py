@@ -31,6 +31,7 @@ CALLERS: dict[str, frozenset[str]] = {
         "/wa.v1.State/Forget": {"operator"},
         "/wa.v1.State/ListHandoffs": {"operator"},
         "/wa.v1.State/ReleaseHandoff": {"operator"},
+        "/wa.v1.State/TakeOver": {"operator"},
         # services/state (turns); GetStatus: the dlq's breaker check, readiness, `wa health`.
         "/wa.v1.Agent/Reply": {"state"},
         "/wa.v1.Agent/GetStatus": {"dlq", "gateway", "operator"},

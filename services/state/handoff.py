@@ -88,6 +88,31 @@ async def release(
 
 
 @dataclass(frozen=True)
+class TakenOver:
+    conversation_id: int
+    phone_number_id: str
+    since: dt.datetime
+    already: bool
+
+
+async def take_over(
+    pool: asyncpg.Pool, customer: str, phone_number_id: str, by: str, correlation_id: str = ""
+) -> TakenOver:
+    """An operator takes the conversation from the bot (audited with `by`): from the next turn
+    start on, what arrives waits for a person. A turn already in flight still ends."""
+    conversation_id = await conversation_of(pool, customer, phone_number_id)
+    row = await pool.fetchrow(Q["take_over"], conversation_id, by, correlation_id)
+    if row is None:  # gone meanwhile (`wa forget`)
+        raise customers.UnknownCustomer(f"no conversation with customer {customer}")
+    if row["taken"]:
+        log.info(
+            "conversation taken over by an operator",
+            extra={"conversation_id": conversation_id, "taken_by": by},
+        )
+    return TakenOver(int(row["id"]), row["phone_number_id"], row["handoff_at"], not row["taken"])
+
+
+@dataclass(frozen=True)
 class Waiting:
     conversation_id: int
     phone_number_id: str

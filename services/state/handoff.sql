@@ -86,3 +86,24 @@ SELECT c.id, c.phone_number_id, c.wa_id, c.user_id, c.username, c.contact_name, 
  WHERE c.handoff_at IS NOT NULL AND ($1 = '' OR c.phone_number_id = $1)
  ORDER BY c.handoff_at, c.id
  LIMIT $2
+
+-- name: take_over
+-- An operator takes the conversation over: handed off now, unless it already was (its time
+-- then comes back, `taken` false). Audited with who. The messages waiting after it are those
+-- received since (no handoff message).
+WITH taken AS (
+    UPDATE webhook_conversations c
+       SET handoff_at = now(), handoff_message_id = NULL, updated_at = now()
+     WHERE c.id = $1 AND c.handoff_at IS NULL
+    RETURNING c.id, c.phone_number_id, c.handoff_at
+), audit AS (
+    INSERT INTO conversation_state_transitions
+        (conversation_id, entity, from_state, to_state, reason, correlation_id)
+    SELECT t.id, 'handoff', 'bot', 'person', 'taken over from the bot by ' || $2, $3
+      FROM taken t
+)
+SELECT id, phone_number_id, handoff_at, true AS taken FROM taken
+UNION ALL
+SELECT c.id, c.phone_number_id, c.handoff_at, false
+  FROM webhook_conversations c
+ WHERE c.id = $1 AND c.handoff_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM taken)

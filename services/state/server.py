@@ -342,6 +342,30 @@ class StateServicer(state_pb2_grpc.StateServicer):
             since=wire.datetime_ts(released.since),
         )
 
+    async def TakeOver(
+        self, request: state_pb2.TakeOverRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.TakeOverResponse:
+        customer = request.customer.strip()
+        if not customer:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "name a customer: a phone number or a BSUID"
+            )
+        by = operator_name(request.operator, context)
+        try:
+            taken = await handoff.take_over(
+                self.pool, customer, request.phone_number_id, by, logs.correlation_id.get()
+            )
+        except customers.UnknownCustomer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except customers.AmbiguousCustomer as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return state_pb2.TakeOverResponse(
+            conversation_id=taken.conversation_id,
+            phone_number_id=taken.phone_number_id,
+            since=wire.datetime_ts(taken.since),
+            already=taken.already,
+        )
+
     async def CheckDependencies(
         self, request: state_pb2.CheckDependenciesRequest, context: grpc.aio.ServicerContext
     ) -> state_pb2.CheckDependenciesResponse:

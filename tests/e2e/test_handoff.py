@@ -236,3 +236,26 @@ async def test_a_reply_retried_while_its_first_send_is_in_flight_is_not_sent_twi
     again = await asyncio.to_thread(wa, system, *args)
     assert again.returncode == 0 and "already sent" in again.stdout
     assert len(sends_saying(graph, "On it.")) == 1
+
+
+async def test_an_operator_takes_a_conversation_over_and_answers_it(
+    start_system: StartSystem, model: FakeModel, graph: FakeGraph
+) -> None:
+    system = await start_system(**model.env())
+    await say(system, "hello", {"replied"})
+    taken = await asyncio.to_thread(wa, system, "handoff", "take", CUSTOMER)
+    assert taken.returncode == 0 and "taken over" in taken.stdout, taken.stderr
+    again = await asyncio.to_thread(wa, system, "handoff", "take", CUSTOMER)
+    assert again.returncode == 0 and "already waiting for a person" in again.stdout
+    calls, sends = len(model.requests), len(graph.sends)
+
+    held = await say(system, "can I change my booking?", {"skipped"})
+    assert (await row(system, held))["status_reason"].startswith("waiting for a person")
+    (listed,) = await asyncio.to_thread(wa_json, system, "handoff", "list")
+    assert listed["handoff_message_id"] == ""
+    assert [m["message_id"] for m in listed["waiting"]] == [held]
+    answered = await asyncio.to_thread(wa, system, "reply", CUSTOMER, "Yes, to when?")
+    assert answered.returncode == 0, answered.stderr
+    assert len(model.requests) == calls and len(graph.sends) == sends + 1
+    traced = await asyncio.to_thread(wa, system, "trace", CUSTOMER)
+    assert "handoff: person  taken over from the bot by" in traced.stdout

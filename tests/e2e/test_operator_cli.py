@@ -109,6 +109,7 @@ async def test_simulate_sends_a_signed_message_and_reports_the_reply(
         ["simulate", "hi", "--wait", "1"],
         ["handoff", "list"],
         ["handoff", "release", "15550001111"],
+        ["handoff", "take", "15550001111"],
         ["reply", "15550001111", "hi"],
         ["migrate"],
         ["migrate", "--check"],
