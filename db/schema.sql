@@ -491,14 +491,21 @@ DECLARE
     v_held integer;
 BEGIN
     WITH held AS (
-        SELECT m.id, m.message_id, m.status, m.correlation_id
+        SELECT m.id, m.message_id, m.status, m.correlation_id,
+               -- processing -> replied, like the turn would have ended (the machine's move).
+               CASE WHEN m.reply_message_id IS NOT NULL AND m.status = 'processing'
+                    THEN 'replied' ELSE 'skipped' END AS ends,
+               CASE WHEN m.reply_message_id IS NOT NULL AND m.status = 'processing'
+                    THEN 'reply sent as ' || m.reply_message_id || ' (its turn was cut off; '
+                         || 'the conversation is ' || v_reason || ')'
+                    ELSE v_reason END AS why
           FROM processed_webhook_messages m
          WHERE m.conversation_id = p_conversation_id AND m.status IN ('received', 'processing')
          ORDER BY m.wa_timestamp, m.id
            FOR UPDATE
     ), moved AS (
         UPDATE processed_webhook_messages m
-           SET status = 'skipped', status_reason = v_reason, finished_at = now(),
+           SET status = h.ends, status_reason = h.why, finished_at = now(),
                updated_at = now()
           FROM held h
          WHERE m.id = h.id
@@ -507,7 +514,7 @@ BEGIN
         INSERT INTO conversation_state_transitions
             (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
              correlation_id)
-        SELECT p_conversation_id, h.message_id, 'message', h.status, 'skipped', v_reason,
+        SELECT p_conversation_id, h.message_id, 'message', h.status, h.ends, h.why,
                p_token, h.correlation_id
           FROM held h
          ORDER BY h.id

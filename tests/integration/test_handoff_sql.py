@@ -50,3 +50,42 @@ async def test_handoff_queries_use_indexes_on_a_large_table(pool: asyncpg.Pool) 
     assert {w.waiting_count for w in waiting} == {29}
     assert waiting[0].messages[0]["message_id"] == "m7-29"
     assert len(waiting[0].messages) == handoff.WAITING_SHOWN
+
+
+async def test_a_handed_off_conversation_starts_no_turn_and_a_sent_cut_off_turn_is_replied(
+    pool: asyncpg.Pool,
+) -> None:
+    await pool.execute("""
+        INSERT INTO webhook_conversations (id, phone_number_id, wa_id, customer_id, handoff_at)
+        VALUES (1, '1', '1555', '1555', now());
+        INSERT INTO processed_webhook_messages
+            (message_id, kind, conversation_id, phone_number_id, wa_id, message_type,
+             wa_timestamp, payload, status, correlation_id, reply_message_id)
+        VALUES ('cut', 'message', 1, '1', '1555', 'text', now() - interval '2 s', '{}',
+                'processing', 'c1', 'wamid.SENT'),
+               ('cut-unsent', 'message', 1, '1', '1555', 'text', now() - interval '1 s', '{}',
+                'processing', 'c2', NULL),
+               ('new', 'message', 1, '1', '1555', 'text', now(), '{}', 'received', 'c3', NULL);
+    """)
+    claimed = await pool.fetchrow("SELECT * FROM wa_claim_turn(1, 'me', ARRAY['idle'])")
+    assert claimed is not None and claimed["outcome"] == "none"
+    rows = {
+        r["message_id"]: (r["status"], r["status_reason"])
+        for r in await pool.fetch(
+            "SELECT message_id, status, status_reason FROM processed_webhook_messages"
+        )
+    }
+    assert rows["cut"][0] == "replied" and rows["cut"][1].startswith("reply sent as wamid.SENT")
+    assert rows["cut-unsent"][0] == rows["new"][0] == "skipped"
+    assert rows["new"][1].startswith("waiting for a person (handed off at ")
+    audit = await pool.fetch(
+        "SELECT message_id, from_state, to_state, correlation_id FROM "
+        "conversation_state_transitions WHERE entity = 'message' ORDER BY id"
+    )
+    assert [
+        (a["message_id"], a["from_state"], a["to_state"], a["correlation_id"]) for a in audit
+    ] == [
+        ("cut", "processing", "replied", "c1"),
+        ("cut-unsent", "processing", "skipped", "c2"),
+        ("new", "received", "skipped", "c3"),
+    ]
