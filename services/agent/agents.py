@@ -27,6 +27,8 @@ class AgentType:
     # Quick bursts become one turn: a turn waits until the conversation has been quiet this
     # long and answers its waiting messages together (services/agent/debounce.py). 0: off.
     debounce_seconds: float = 0.0
+    # Hands the conversation to a person once its message is sent (README, "Human handoff").
+    handoff: bool = False
 
 
 # A button id, list row id or quick-reply payload `agent:NAME` hands the conversation to NAME.
@@ -40,6 +42,13 @@ class AgentCatalog:
 
     def get(self, name: str) -> AgentType:
         return self.agents.get(name) or self.agents[self.default]
+
+    def resume_from(self, context_agent: str | None) -> str:
+        """The agent a turn starts from: the context's, except a handoff type's (such a
+        conversation has a turn again only after an operator released it: the bot takes
+        over from the default agent, instead of handing off again at once)."""
+        current = context_agent or self.default
+        return self.default if self.get(current).handoff else current
 
     def route(self, current: str, text: str, choice: str = "") -> str:
         """The agent type a message should be handled by: the one a tapped choice names (its
@@ -70,6 +79,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "model": str,
     "long_replies": str,
     "debounce_seconds": (int, float),
+    "handoff": bool,
 }
 LONG_REPLIES = ("split", "trim")
 # A longer debounce would keep every customer of the agent type waiting that much longer for
@@ -115,7 +125,11 @@ def load(path: Path) -> AgentCatalog:
                     f"{path}:{_line_of(text, name)}: agents.{name} is missing {key!r}"
                 )
         for key, kind in {**_FIELDS, **_OPTIONAL}.items():
-            if key in spec and (not isinstance(spec[key], kind) or isinstance(spec[key], bool)):
+            if key not in spec:
+                continue
+            # A bool is an int to Python: only a setting that is a bool may be one.
+            value = spec[key]
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise AgentConfigError(
                     f"{path}:{_line_of(text, name, key)}: agents.{name}.{key} has the wrong type"
                 )
@@ -159,6 +173,7 @@ def load(path: Path) -> AgentCatalog:
             keywords=tuple(str(k).lower() for k in spec["keywords"]),
             long_replies=long_replies,
             debounce_seconds=debounce,
+            handoff=spec.get("handoff", False),
         )
     default = raw.get("default", "")
     if default not in agents:

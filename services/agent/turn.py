@@ -90,6 +90,13 @@ class Agent:
 
     async def reply(self, req: TurnRequest, deadline: Deadline = UNBOUNDED) -> TurnResult:
         """The turn, every call of it ending before `deadline` (raises TurnTimeout past it)."""
+        result = await self._turn(req, deadline)
+        if result.outcome == "replied" and self.catalog.get(result.agent_type).handoff:
+            # Its message is sent: the state service hands the conversation to a person.
+            return dataclasses.replace(result, handoff=True)
+        return result
+
+    async def _turn(self, req: TurnRequest, deadline: Deadline) -> TurnResult:
         state = await self.pool.fetchrow(Q["turn_state"], req.message_id)
         if state is None:
             raise UnknownMessage(req.message_id)
@@ -244,7 +251,7 @@ class Agent:
     ) -> tuple[str, str]:
         """`message`: the stored message's type and Meta's object of it."""
         history: list[dict[str, Any]] = list(context) if context is not None else []
-        current = context_agent or self.catalog.default
+        current = self.catalog.resume_from(context_agent)
         said = await self._understand(req, *message, deadline)
         if isinstance(said, inbound.Fallback):
             return await self._fall_back(req, current, said)

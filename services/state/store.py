@@ -520,7 +520,7 @@ class Finished:
 
 
 async def finish_turn(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | Conn,
     item: WorkItem,
     to_state: str,
     reason: str,
