@@ -229,3 +229,18 @@ async def test_a_crash_after_the_model_answered_a_burst_sends_one_reply(
             f"replied together with {first} (debounced burst)",
         )
         assert [m[1] for m in moves].count("replied") == 1
+
+
+async def test_a_burst_that_asks_for_a_person_is_answered_once_then_held(
+    start_system: StartSystem, model: FakeModel, graph: FakeGraph, tmp_path: Path
+) -> None:
+    system = await start_system(**model.env(AGENT_CONFIG=agents_config(tmp_path, WINDOW)))
+    ids = await send_burst(system, ["hi", "can I talk to a human", "please"])
+    await system.wait_status(ids, {"replied"})
+    # The handoff agent answered the three at once; none of them is held for the person.
+    assert len(model.requests) == 1 and len(graph.sends) == 1
+    pool = await system.db()
+    assert await pool.fetchval("SELECT handoff_at IS NOT NULL FROM webhook_conversations")
+    (later,) = await send_burst(system, ["hello?"])
+    await system.wait_status([later], {"skipped"})
+    assert len(model.requests) == 1
