@@ -125,14 +125,16 @@ class GraphClient:
         reply: replies.Structured,
         reply_to: str = "",
         *,
+        callback_data: str | None = None,
         deadline: Deadline = UNBOUNDED,
         user_id: str = "",
         before_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> Sent:
         """Sends reply buttons, a list or a message template, like send_text a text: raises
         LimitError, before any request, for what Meta would refuse."""
+        callback = reply_to if callback_data is None else callback_data
         replies.check(reply)
-        limits.check_text("-", reply_to)
+        limits.check_text("-", callback)
         return await self._send(
             phone_number_id,
             replies.graph_content(reply),
@@ -140,7 +142,7 @@ class GraphClient:
             user_id=user_id,
             # A template starts a conversation anew: it quotes nothing.
             reply_to="" if reply.kind == "template" else reply_to,
-            callback=reply_to,
+            callback=callback,
             deadline=deadline,
             before_retry=before_retry,
         )

@@ -11,7 +11,7 @@ import aiohttp
 import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
-from common import config, db, logs, roles, wire
+from common import authz, config, customers, db, logs, roles, wire
 from common.domain import TurnResult
 from services.agent.settings import AgentSettings
 
@@ -20,7 +20,8 @@ from . import http as outbound
 from .backends import Backend, OpenAIBackend, RulesBackend
 from .breaker import CircuitBreaker
 from .deadline import Deadline, TurnTimeout
-from .graph import GraphClient
+from .graph import GraphClient, GraphError
+from .operator import InvalidReply, OperatorReplies, OutsideWindow, SendUncertain
 from .transcription import WhisperTranscriber
 from .turn import DB_DOWN, Agent, StaleFence, TurnFailed, UnknownMessage
 
@@ -28,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, replies: OperatorReplies | None = None) -> None:
         self.agent = agent
+        self.replies = replies or OperatorReplies(agent.pool, agent.catalog, agent.graph)
 
     async def Reply(
         self, request: agent_pb2.ReplyRequest, context: grpc.aio.ServicerContext
@@ -69,6 +71,61 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     ) -> agent_pb2.GetStatusResponse:
         backend = self.agent.backend
         return agent_pb2.GetStatusResponse(backend=backend.name, breaker_state=backend.status())
+
+    async def SendOperatorReply(
+        self, request: agent_pb2.SendOperatorReplyRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.SendOperatorReplyResponse:
+        if not request.customer.strip():
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "name a customer: a phone number or a BSUID"
+            )
+        deadline = Deadline.after(context.time_remaining())
+        try:
+            # Shielded like a turn: a caller that goes away must not cut the send off from
+            # its record.
+            sent = await asyncio.shield(
+                self.replies.send(
+                    customer=request.customer,
+                    phone_number_id=request.phone_number_id,
+                    text=request.text,
+                    idempotency_key=request.idempotency_key,
+                    operator=operator_name(request.operator, context),
+                    correlation_id=logs.correlation_id.get(),
+                    deadline=deadline,
+                )
+            )
+        except customers.UnknownCustomer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except (customers.AmbiguousCustomer, InvalidReply) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OutsideWindow as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except SendUncertain as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except GraphError as exc:
+            code = (
+                grpc.StatusCode.FAILED_PRECONDITION
+                if exc.code == "131047"  # Meta's own "more than 24 hours" refusal
+                else grpc.StatusCode.ABORTED
+            )
+            outcome = "not sent" if exc.status else "may or may not have been sent"
+            await context.abort(code, f"the Graph API send failed ({outcome}): {exc}")
+        except TurnTimeout as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        return agent_pb2.SendOperatorReplyResponse(
+            reply_message_id=sent.reply_message_id,
+            duplicate=sent.duplicate,
+            conversation_id=sent.conversation_id,
+            phone_number_id=sent.phone_number_id,
+        )
+
+
+def operator_name(named: str, context: grpc.aio.ServicerContext) -> str:
+    """Who answers, for the audit: the person the caller names and the identity its
+    certificate proves (`operator`)."""
+    identity = authz.identity(context) or "unauthenticated"
+    named = " ".join(named.split())[:100]
+    return f"{named} (via {identity})" if named else identity
 
 
 def _failed(error_class: str, message: str, *, retryable: bool = True) -> TurnResult:
@@ -154,7 +211,9 @@ async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterat
             fallback_reply=settings.fallback_reply,
             window_template=settings.window_template_reply(),
         )
-        agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(agent), server)
+        agent_pb2_grpc.add_AgentServicer_to_server(
+            AgentServicer(agent, OperatorReplies(pool, catalog, graph)), server
+        )
         try:
             yield [agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name]
         finally:
