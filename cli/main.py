@@ -86,6 +86,19 @@ def _parser() -> argparse.ArgumentParser:
     fg.add_argument("customer", help="the customer's phone number or BSUID")
     fg.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     fg.add_argument("--json", action="store_true")
+    op = sub.add_parser("operator", help="people who may log in to the console")
+    osub = op.add_subparsers(dest="operator_command", required=True)
+    oa = osub.add_parser("add", help="add an operator, or change its role, password and numbers")
+    oa.add_argument("name")
+    oa.add_argument("--role", required=True, choices=["admin", "viewer"])
+    oa.add_argument(
+        "--numbers",
+        default="",
+        help="comma-separated business phone number ids it may see (default: all)",
+    )
+    oa.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin's first line"
+    )
     return p
 
 
@@ -201,6 +214,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not args.yes and not retention.confirm_forget(customer):
             return 1
         return asyncio.run(retention.forget(customer, args.json))
+    if args.command == "operator":
+        from . import operator
+
+        return asyncio.run(operator.add(args.name, args.role, args.numbers, args.password_stdin))
     return 2
 
 
