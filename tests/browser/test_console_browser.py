@@ -114,8 +114,10 @@ async def test_find_a_conversation_by_phone_and_see_a_reply_arrive_live(
     await shot(page, "conversation")
 
     # Usable on a phone: the same page at 360 px wide scrolls no wider than the screen.
-    phone = await page_for(browser, width=360)
-    await phone.context.add_cookies(await page.context.cookies())
+    context = await browser.new_context(
+        viewport={"width": 360, "height": 800}, storage_state=await page.context.storage_state()
+    )
+    phone = await context.new_page()
     await phone.goto(page.url)
     width = await phone.evaluate("document.documentElement.scrollWidth")
     assert width <= 360
