@@ -162,6 +162,7 @@ async def run() -> int:
                     **scale.shared,
                     roles.VARIABLES["operator"]: urls["operator"],
                     "CONSOLE_HOST": "127.0.0.1",
+                    "CONSOLE_GATEWAY_URL": f"http://127.0.0.1:{settings.gateway_port}",
                 },
                 log_file=str(run_dir / "logs" / "console.log") if scale.scaled else None,
             )

@@ -167,6 +167,7 @@ class System:
                     **self.scale.shared,
                     "CONSOLE_HOST": "127.0.0.1",
                     "CONSOLE_PORT": str(port),
+                    "CONSOLE_GATEWAY_URL": self.url,
                     **env,
                 },
                 log_file=str(self.log_path("console")),

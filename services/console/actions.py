@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import httpx
 from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
 from common import config, grpcserver
@@ -100,7 +101,23 @@ async def _retry(stub: dlq_pb2_grpc.DlqStub, job: Job, chunk: list[int]) -> None
         job.done += 1
 
 
-async def health(settings: config.Base) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+async def gateway(url: str) -> dict[str, Any]:
+    """The gateway's own readiness (/readyz: it answers 200 when it can acknowledge)."""
+    try:
+        async with httpx.AsyncClient(timeout=3) as client:
+            resp = await client.get(f"{url.rstrip('/')}/readyz")
+        return {
+            "name": "gateway",
+            "healthy": resp.status_code == 200,
+            "detail": f"HTTP {resp.status_code}",
+        }
+    except httpx.HTTPError as exc:
+        return {"name": "gateway", "healthy": False, "detail": f"unreachable: {exc!r}"}
+
+
+async def health(
+    settings: config.Base, gateway_url: str = ""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Each component's health, and the database's own checks (what `wa health` shows)."""
     async with grpcserver.channel(settings.state_addr) as ch:
         stub = state_pb2_grpc.StateStub(ch)
@@ -120,4 +137,6 @@ async def health(settings: config.Base) -> tuple[list[dict[str, Any]], list[dict
                     "detail": f"not available: {exc.code().name}",
                 }
             ]
+    if gateway_url:
+        components.append(await gateway(gateway_url))
     return components, checks

@@ -186,7 +186,7 @@ async def overview(request: Request) -> Response:
     async with store.as_operator(_pool(request), sess.operator.name) as conn:
         data = await store.overview(conn)
         audit = await store.audit(conn, limit=10)
-    components, checks = await actions.health(settings)
+    components, checks = await actions.health(settings, settings.gateway_url)
     ctx = {
         "data": data,
         "components": components,

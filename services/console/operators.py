@@ -19,6 +19,9 @@ from common.db import Conn
 from . import passwords
 
 ROLES = ("admin", "viewer")
+# scrypt takes 32 MiB and ~0.1 s a hash: at most this many at once, so a flood of logins
+# queues instead of exhausting memory.
+_HASHING = asyncio.Semaphore(4)
 
 
 class OperatorError(ValueError):
@@ -95,7 +98,8 @@ async def login(
         name,
     )
     stored = row["password_hash"] if row else passwords.dummy_hash()
-    ok = await asyncio.to_thread(passwords.verify, password, stored)
+    async with _HASHING:
+        ok = await asyncio.to_thread(passwords.verify, password, stored)
     if row is None:
         return None
     if row["locked"]:

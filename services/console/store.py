@@ -171,7 +171,7 @@ async def transitions(conn: Conn, conversation_id: int, limit: int = 100) -> lis
         await conn.fetch(
             "SELECT created_at, entity, message_id, from_state, to_state, reason "
             "FROM conversation_state_transitions WHERE conversation_id = $1 "
-            "ORDER BY id DESC LIMIT $2",
+            "ORDER BY created_at DESC, id DESC LIMIT $2",
             conversation_id,
             limit,
         )

@@ -24,6 +24,7 @@ from tests.support.console import (
     delivery_to,
     logged_in,
     login,
+    wa_operator,
 )
 from tests.support.fakes import FakeModel
 from tests.support.system import System
@@ -102,6 +103,9 @@ async def test_a_viewer_sees_but_cannot_act(console: System) -> None:
     async with logged_in(console, "vic") as (client, token):
         for path in ("/", "/conversations", "/audit", "/handoffs"):
             assert (await client.get(path)).status_code == 200, path
+        overview = (await client.get("/")).text
+        for component in ("postgres", "redis", "state", "agent", "dlq", "gateway"):
+            assert re.search(rf"<td>{component}</td><td class=\"ok\">healthy", overview), component
         page = await client.get("/dlq")
         assert page.status_code == 200
         assert "cannot retry or purge" in page.text
@@ -234,3 +238,45 @@ async def test_an_admin_bulk_retries_after_the_dry_run_count_and_it_is_audited(
         await system.wait_status([m["id"] for m in msgs], {"replied"}, timeout=60)
         audit = await client.get("/audit")
         assert "dlq retry" in audit.text and "3 item(s)" in audit.text and "ada" in audit.text
+
+
+async def test_conversations_are_paged_by_keyset_and_filtered(console: System) -> None:
+    msgs = [
+        payloads.message("text", wa_id=f"155500070{i:02d}", text={"body": f"page {i}"})
+        for i in range(55)
+    ]
+    await console.deliver(delivery_to(NUMBER_A, msgs))
+    await console.wait_status([m["id"] for m in msgs], {"replied"}, timeout=120)
+    async with logged_in(console, "ada") as (client, _):
+        first = await client.get("/conversations")
+        shown = set(re.findall(r"\+(155500070\d\d)", first.text))
+        assert len(shown) == 50
+        older = re.search(r'href="(/conversations\?[^"]*before=[^"]+)"', first.text)
+        assert older, "a link to the next page"
+        second = await client.get(older.group(1).replace("&amp;", "&"))
+        rest = set(re.findall(r"\+(155500070\d\d)", second.text))
+        assert len(rest) == 5 and not rest & shown
+        assert "before=" not in second.text, "the last page links to no further one"
+        active = await client.get("/conversations", params={"state": "active", "q": "1555"})
+        assert "No conversation matches" in active.text  # all replied: idle again
+        other = await client.get("/conversations", params={"number": NUMBER_B})
+        assert "No conversation matches" in other.text
+
+
+async def test_wa_operator_add_stores_only_a_scrypt_hash_and_refuses_weak_passwords(
+    console: System,
+) -> None:
+    add = ("add", "sam", "--role", "viewer", "--password-stdin")
+    weak = await asyncio.to_thread(wa_operator, console, *add, stdin="short\n", password=None)
+    assert weak.returncode == 2 and "at least 12 characters" in weak.stderr
+    done = await asyncio.to_thread(wa_operator, console, *add, stdin=f"{PASSWORD}\n", password=None)
+    assert done.returncode == 0, done.stderr
+    assert "sees every business number" in done.stdout
+    pool = await console.db()
+    stored = await pool.fetchval(
+        "SELECT password_hash FROM wa_console_operators WHERE name = 'sam'"
+    )
+    assert stored.startswith("scrypt$32768$8$1$") and PASSWORD not in stored
+    client, resp = await login(console, "sam")
+    await client.aclose()
+    assert resp.status_code == 303

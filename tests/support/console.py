@@ -24,13 +24,23 @@ NUMBER_B = "100000000000002"
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
-def add_operator(system: System, name: str, role: str, numbers: str = "") -> None:
-    env = {**os.environ, **system.env, "WA_OPERATOR_PASSWORD": PASSWORD}
+def wa_operator(
+    system: System, *args: str, stdin: str | None = None, password: str | None = PASSWORD
+) -> subprocess.CompletedProcess[str]:
+    """`wa operator ...` as an operator runs it (WA_OPERATOR_PASSWORD unless None)."""
+    env = {**os.environ, **system.env}
     env.pop("DATABASE_URL", None)
-    args = [WA, "operator", "add", name, "--role", role]
-    if numbers:
-        args += ["--numbers", numbers]
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    env.pop("WA_OPERATOR_PASSWORD", None)
+    if password is not None:
+        env["WA_OPERATOR_PASSWORD"] = password
+    return subprocess.run(
+        [WA, "operator", *args], env=env, input=stdin, capture_output=True, text=True, timeout=60
+    )
+
+
+def add_operator(system: System, name: str, role: str, numbers: str = "") -> None:
+    args = ["add", name, "--role", role] + (["--numbers", numbers] if numbers else [])
+    done = wa_operator(system, *args)
     assert done.returncode == 0, done.stderr
 
 
