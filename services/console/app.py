@@ -306,7 +306,20 @@ async def dlq(request: Request) -> Response:
         choices = await store.filter_choices(conn)
         audit = await store.audit(conn, limit=10)
     name = "dlq_rows.html" if _htmx(request) else "dlq.html"
-    return _page(request, name, sess, items=items, f=f, choices=choices, audit=audit)
+    # A poll sends the ticked items along (hx-include): they stay ticked in the new rows.
+    ticked = set(request.query_params.getlist("ids"))
+    params = {k: v for k, v in request.query_params.items() if k != "ids" and v}
+    return _page(
+        request,
+        name,
+        sess,
+        items=items,
+        f=f,
+        choices=choices,
+        audit=audit,
+        ticked=ticked,
+        params=params,
+    )
 
 
 async def _selected(request: Request, conn: Any, form: FormData) -> list[int]:
