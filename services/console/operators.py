@@ -46,7 +46,8 @@ class Session:
 
 
 async def add(conn: Conn, name: str, role: str, password: str, numbers: list[str]) -> None:
-    """Creates the operator, or replaces its role, password and numbers (and unlocks it)."""
+    """Creates the operator, or replaces its role, password and numbers (unlocking it and
+    ending its sessions)."""
     if role not in ROLES:
         raise OperatorError(f"role must be one of {', '.join(ROLES)}")
     why = passwords.weak(password)
@@ -66,6 +67,8 @@ async def add(conn: Conn, name: str, role: str, password: str, numbers: list[str
             )
         except asyncpg.CheckViolationError:
             raise OperatorError("a name is 1 to 64 letters, digits or . _ @ -") from None
+        # A new password or role ends the sessions opened with the old ones.
+        await conn.execute("DELETE FROM wa_console_sessions WHERE operator = $1", name)
         await conn.execute("DELETE FROM wa_console_operator_numbers WHERE operator = $1", name)
         await conn.executemany(
             "INSERT INTO wa_console_operator_numbers (operator, phone_number_id) VALUES ($1, $2)",

@@ -278,5 +278,12 @@ async def test_wa_operator_add_stores_only_a_scrypt_hash_and_refuses_weak_passwo
     )
     assert stored.startswith("scrypt$32768$8$1$") and PASSWORD not in stored
     client, resp = await login(console, "sam")
-    await client.aclose()
-    assert resp.status_code == 303
+    try:
+        assert resp.status_code == 303
+        assert (await client.get("/")).status_code == 200
+        # Adding it again (a new password, role or numbers) ends its open sessions.
+        again = await asyncio.to_thread(wa_operator, console, "add", "sam", "--role", "admin")
+        assert again.returncode == 0, again.stderr
+        assert (await client.get("/")).headers.get("location") == "/login"
+    finally:
+        await client.aclose()
