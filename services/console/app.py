@@ -322,7 +322,7 @@ async def dlq(request: Request) -> Response:
     )
 
 
-async def _selected(request: Request, conn: Any, form: FormData) -> list[int]:
+async def _selected(conn: Any, form: FormData) -> list[int]:
     """The ids a bulk action means: every item matching the filter (`scope=all`), or those
     ticked; either way only those the operator may see (row level security)."""
     if form.get("scope") == "all":
@@ -339,7 +339,7 @@ async def dlq_dry_run(request: Request) -> Response:
     form = await _form(request, sess, act=True)
     action = "purge" if form.get("action") == "purge" else "retry"
     async with store.as_operator(_pool(request), sess.operator.name) as conn:
-        ids = await _selected(request, conn, form)
+        ids = await _selected(conn, form)
     return _page(
         request,
         "dlq_confirm.html",
@@ -356,7 +356,7 @@ async def dlq_run(request: Request) -> Response:
     action = "purge" if form.get("action") == "purge" else "retry"
     settings: ConsoleSettings = request.app.state.settings
     async with store.as_operator(_pool(request), sess.operator.name) as conn:
-        ids = await _selected(request, conn, form)
+        ids = await _selected(conn, form)
         numbers = await conn.fetch(
             "SELECT c.phone_number_id, array_agg(d.id ORDER BY d.id) AS ids FROM webhook_dlq d "
             "LEFT JOIN webhook_conversations c ON c.id = d.conversation_id "
