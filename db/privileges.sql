@@ -124,7 +124,8 @@ CREATE POLICY role_operator ON webhook_dlq TO :"operator"
 
 -- The console's operators (db/migrations/0019): `wa operator add` and the console's login
 -- write them through the operator role; sessions and the audit trail likewise. The audit
--- shows an operator the actions on its own numbers (and those touching no number).
+-- shows an operator limited to some numbers the actions on those and its own; the others
+-- (and the CLI) see every action.
 GRANT SELECT, INSERT, UPDATE ON wa_console_operators TO :"operator";
 GRANT SELECT, INSERT, DELETE ON wa_console_operator_numbers TO :"operator";
 GRANT SELECT, INSERT, UPDATE, DELETE ON wa_console_sessions TO :"operator";
@@ -135,6 +136,7 @@ CREATE POLICY role_operator ON wa_console_operator_numbers TO :"operator"
     USING (true) WITH CHECK (true);
 CREATE POLICY role_operator ON wa_console_sessions TO :"operator" USING (true) WITH CHECK (true);
 CREATE POLICY role_operator ON wa_console_audit FOR SELECT TO :"operator"
-    USING (phone_number_id IS NULL OR wa_operator_may(phone_number_id));
+    USING (wa_operator_may(phone_number_id)
+           OR operator = current_setting('wa.console_operator', true));
 CREATE POLICY role_operator_write ON wa_console_audit FOR INSERT TO :"operator"
     WITH CHECK (true);

@@ -164,6 +164,11 @@ async def test_an_operator_limited_to_one_number_cannot_open_anothers_conversati
         assert "No conversation matches" in found.text
     async with logged_in(console, "ada") as (client, _):
         assert (await client.get(f"/conversations/{ids[NUMBER_B]}")).status_code == 200
+        assert "<td>lim</td>" in (await client.get("/audit")).text
+    # The audit trail too: a limited operator sees its own actions, not another's login.
+    async with logged_in(console, "lim") as (client, _):
+        audit = (await client.get("/audit")).text
+        assert "<td>lim</td>" in audit and "<td>ada</td>" not in audit
 
     # Enforced by the database, not only by the pages: the same query as the console's
     # role, naming the limited operator, returns nothing of the other number.
