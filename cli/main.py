@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     oa.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin's first line"
     )
+    ol = osub.add_parser("list", help="every operator, its role and numbers")
+    ol.add_argument("--json", action="store_true")
+    orm = osub.add_parser("remove", help="remove an operator and end its sessions")
+    orm.add_argument("name")
     return p
 
 
@@ -217,6 +221,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "operator":
         from . import operator
 
+        if args.operator_command == "list":
+            return asyncio.run(operator.list_operators(args.json))
+        if args.operator_command == "remove":
+            return asyncio.run(operator.remove(args.name))
         return asyncio.run(operator.add(args.name, args.role, args.numbers, args.password_stdin))
     return 2
 

@@ -1,6 +1,7 @@
-"""`wa operator add NAME --role admin|viewer [--numbers PNID,...]`: a person who may log in
-to the console (services/console). The password is asked for (twice), or read from stdin
-(`--password-stdin`) or WA_OPERATOR_PASSWORD, for scripts; only its scrypt hash is stored."""
+"""`wa operator add NAME --role admin|viewer [--numbers PNID,...]`, `wa operator list`,
+`wa operator remove NAME`: the people who may log in to the console (services/console). The
+password is asked for (twice), or read from stdin (`--password-stdin`) or
+WA_OPERATOR_PASSWORD, for scripts; only its scrypt hash is stored."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import sys
 
 import asyncpg
+import orjson
 
 from cli.settings import CliSettings
 from common import roles
@@ -44,7 +46,7 @@ def operator_url(settings: CliSettings) -> str:
     return saved.get("operator", "")
 
 
-async def add(name: str, role: str, numbers: str, from_stdin: bool) -> int:
+def _url() -> str:
     settings = CliSettings.from_env()
     url = operator_url(settings)
     if not url:
@@ -53,6 +55,12 @@ async def add(name: str, role: str, numbers: str, from_stdin: bool) -> int:
             f"{settings.run_dir / roles.URLS_FILE}",
             file=sys.stderr,
         )
+    return url
+
+
+async def add(name: str, role: str, numbers: str, from_stdin: bool) -> int:
+    url = _url()
+    if not url:
         return 2
     password = read_password(from_stdin)
     if password is None:
@@ -68,4 +76,41 @@ async def add(name: str, role: str, numbers: str, from_stdin: bool) -> int:
         await conn.close()
     sees = ", ".join(listed) if listed else "every business number"
     print(f"operator {name} ({role}) may log in to the console; sees {sees}")
+    return 0
+
+
+async def list_operators(as_json: bool) -> int:
+    url = _url()
+    if not url:
+        return 2
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        rows = await operators.listing(conn)
+    finally:
+        await conn.close()
+    if as_json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    for r in rows:
+        sees = ",".join(r["numbers"]) or "all numbers"
+        locked = "  LOCKED" if r["locked"] else ""
+        print(f"{r['name']:<24} {r['role']:<7} {sees}{locked}")
+    if not rows:
+        print("no operator yet: wa operator add NAME --role admin")
+    return 0
+
+
+async def remove(name: str) -> int:
+    url = _url()
+    if not url:
+        return 2
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        removed = await operators.remove(conn, name)
+    finally:
+        await conn.close()
+    if not removed:
+        print(f"no operator {name}", file=sys.stderr)
+        return 1
+    print(f"operator {name} removed; its sessions ended")
     return 0

@@ -126,7 +126,7 @@ CREATE POLICY role_operator ON webhook_dlq TO :"operator"
 -- write them through the operator role; sessions and the audit trail likewise. The audit
 -- shows an operator limited to some numbers the actions on those and its own; the others
 -- (and the CLI) see every action.
-GRANT SELECT, INSERT, UPDATE ON wa_console_operators TO :"operator";
+GRANT SELECT, INSERT, UPDATE, DELETE ON wa_console_operators TO :"operator";
 GRANT SELECT, INSERT, DELETE ON wa_console_operator_numbers TO :"operator";
 GRANT SELECT, INSERT, UPDATE, DELETE ON wa_console_sessions TO :"operator";
 GRANT SELECT, INSERT ON wa_console_audit TO :"operator";

@@ -76,6 +76,32 @@ async def add(conn: Conn, name: str, role: str, password: str, numbers: list[str
         )
 
 
+async def listing(conn: Conn) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        """SELECT o.name, o.role, o.created_at, o.locked_until > now() AS locked,
+                  coalesce((SELECT array_agg(n.phone_number_id ORDER BY n.phone_number_id)
+                              FROM wa_console_operator_numbers n WHERE n.operator = o.name),
+                           '{}') AS numbers
+             FROM wa_console_operators o ORDER BY o.name"""
+    )
+    return [
+        {
+            "name": r["name"],
+            "role": r["role"],
+            "numbers": list(r["numbers"]),
+            "locked": bool(r["locked"]),
+            "created_at": r["created_at"].isoformat(),
+        }
+        for r in rows
+    ]
+
+
+async def remove(conn: Conn, name: str) -> bool:
+    """Removes the operator and ends its sessions; False when there was none."""
+    done = await conn.execute("DELETE FROM wa_console_operators WHERE name = $1", name)
+    return done != "DELETE 0"
+
+
 class LockedOut(Exception):
     """Too many failed logins: none accepted until `until`."""
 

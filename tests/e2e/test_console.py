@@ -4,6 +4,7 @@ database, driven over HTTP as a browser would (cookies, forms, CSRF tokens)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -292,3 +293,20 @@ async def test_wa_operator_add_stores_only_a_scrypt_hash_and_refuses_weak_passwo
         assert (await client.get("/")).headers.get("location") == "/login"
     finally:
         await client.aclose()
+
+
+async def test_wa_operator_list_and_remove(console: System) -> None:
+    listed = await asyncio.to_thread(wa_operator, console, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["lim"]["numbers"] == [NUMBER_A] and rows["vic"]["role"] == "viewer"
+    assert rows["ada"]["numbers"] == [] and not rows["ada"]["locked"]
+    async with logged_in(console, "vic") as (client, _):
+        gone = await asyncio.to_thread(wa_operator, console, "remove", "vic")
+        assert gone.returncode == 0, gone.stderr
+        assert (await client.get("/")).headers.get("location") == "/login"
+    again = await asyncio.to_thread(wa_operator, console, "remove", "vic")
+    assert again.returncode == 1 and "no operator vic" in again.stderr
+    client, resp = await login(console, "vic")
+    await client.aclose()
+    assert resp.status_code == 401
