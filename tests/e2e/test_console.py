@@ -8,6 +8,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import httpx
@@ -225,25 +226,38 @@ async def test_an_admin_bulk_retries_after_the_dry_run_count_and_it_is_audited(
 
     await wait_for(all_dead, timeout=60)
     model.down = False
+    purged_message = await pool.fetchval("SELECT message_id FROM webhook_dlq ORDER BY id LIMIT 1")
+    first_id = await pool.fetchval("SELECT min(id) FROM webhook_dlq")
     async with logged_in(system, "ada") as (client, token):
-        dry = await client.post(
-            "/dlq/dry-run", data={"csrf": token, "scope": "all", "action": "retry"}
+
+        async def bulk(action: str, form: dict[str, Any], count: int) -> None:
+            """Dry run (its count checked), then the run, followed to its end."""
+            dry = await client.post("/dlq/dry-run", data={"csrf": token, "action": action, **form})
+            assert re.search(rf'class="count">{count}<', dry.text), dry.text
+            ids = re.findall(r'name="ids" value="(\d+)"', dry.text)
+            run = await client.post("/dlq/run", data={"csrf": token, "action": action, "ids": ids})
+            assert run.status_code == 200
+            job = re.search(r"/dlq/jobs/(\d+)", run.text)
+            if job:  # still running: its progress page says when it is done
+
+                async def finished() -> bool:
+                    page = await client.get(f"/dlq/jobs/{job.group(1)}")
+                    return 'class="finished"' in page.text
+
+                await wait_for(finished)
+
+        # One ticked item purged; then every other matching item retried.
+        await bulk("purge", {"scope": "selected", "ids": str(first_id)}, 1)
+        await bulk("retry", {"scope": "all"}, 2)
+        rest = [m["id"] for m in msgs if m["id"] != purged_message]
+        await system.wait_status(rest, {"replied"}, timeout=60)
+        assert (await system.statuses())[purged_message] == "dead_lettered"
+        assert await pool.fetchval("SELECT status FROM webhook_dlq WHERE id = $1", first_id) == (
+            "purged"
         )
-        assert re.search(r'class="count">3<', dry.text), dry.text
-        ids = re.findall(r'name="ids" value="(\d+)"', dry.text)
-        run = await client.post("/dlq/run", data={"csrf": token, "action": "retry", "ids": ids})
-        assert run.status_code == 200
-        job = re.search(r"/dlq/jobs/(\d+)", run.text)
-        if job:  # still running: its progress page says when it is done
-
-            async def finished() -> bool:
-                page = await client.get(f"/dlq/jobs/{job.group(1)}")
-                return 'class="finished"' in page.text
-
-            await wait_for(finished)
-        await system.wait_status([m["id"] for m in msgs], {"replied"}, timeout=60)
         audit = await client.get("/audit")
-        assert "dlq retry" in audit.text and "3 item(s)" in audit.text and "ada" in audit.text
+        assert "dlq retry" in audit.text and "2 item(s)" in audit.text
+        assert "dlq purge" in audit.text and "1 item(s)" in audit.text
 
 
 async def test_conversations_are_paged_by_keyset_and_filtered(console: System) -> None:
