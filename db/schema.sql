@@ -479,6 +479,52 @@ END
 $$;
 
 --
+-- Name: wa_hold_for_person(bigint, bigint, timestamp with time zone); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_hold_for_person(p_conversation_id bigint, p_token bigint, p_handoff_at timestamp with time zone) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_reason text := 'waiting for a person (handed off at '
+        || to_char(p_handoff_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC)';
+    v_held integer;
+BEGIN
+    WITH held AS (
+        SELECT m.id, m.message_id, m.status, m.correlation_id,
+               -- processing -> replied, like the turn would have ended (the machine's move).
+               CASE WHEN m.reply_message_id IS NOT NULL AND m.status = 'processing'
+                    THEN 'replied' ELSE 'skipped' END AS ends,
+               CASE WHEN m.reply_message_id IS NOT NULL AND m.status = 'processing'
+                    THEN 'reply sent as ' || m.reply_message_id || ' (its turn was cut off; '
+                         || 'the conversation is ' || v_reason || ')'
+                    ELSE v_reason END AS why
+          FROM processed_webhook_messages m
+         WHERE m.conversation_id = p_conversation_id AND m.status IN ('received', 'processing')
+         ORDER BY m.wa_timestamp, m.id
+           FOR UPDATE
+    ), moved AS (
+        UPDATE processed_webhook_messages m
+           SET status = h.ends, status_reason = h.why, finished_at = now(),
+               updated_at = now()
+          FROM held h
+         WHERE m.id = h.id
+        RETURNING m.id
+    ), audit AS (
+        INSERT INTO conversation_state_transitions
+            (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
+             correlation_id)
+        SELECT p_conversation_id, h.message_id, 'message', h.status, h.ends, h.why,
+               p_token, h.correlation_id
+          FROM held h
+         ORDER BY h.id
+    )
+    SELECT count(*) INTO v_held FROM moved;
+    RETURN v_held;
+END
+$$;
+
+--
 -- Name: wa_operator_may(text); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -815,14 +861,21 @@ DECLARE
     v_correlation_id text;
     v_reason text;
     v_wa_id text;
+    v_handoff_at timestamptz;
 BEGIN
-    SELECT c.fence_token, c.contact_name, c.wa_id, c.user_id, c.username
-      INTO fence_token, contact_name, v_wa_id, user_id, username
+    SELECT c.fence_token, c.contact_name, c.wa_id, c.user_id, c.username, c.handoff_at
+      INTO fence_token, contact_name, v_wa_id, user_id, username, v_handoff_at
       FROM webhook_conversations c
      WHERE c.id = p_conversation_id
        FOR SHARE;
     IF fence_token IS DISTINCT FROM p_token THEN
         outcome := 'stale';
+        RETURN;
+    END IF;
+    -- Handed off to a person: what waits is kept for the person, no turn starts (0017).
+    IF v_handoff_at IS NOT NULL THEN
+        PERFORM wa_hold_for_person(p_conversation_id, p_token, v_handoff_at);
+        outcome := 'none';
         RETURN;
     END IF;
 
@@ -1049,7 +1102,7 @@ CREATE TABLE public.conversation_state_transitions (
     fence_token bigint,
     correlation_id text DEFAULT ''::text NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT conversation_state_transitions_entity_check CHECK ((entity = ANY (ARRAY['message'::text, 'conversation'::text, 'agent'::text])))
+    CONSTRAINT conversation_state_transitions_entity_check CHECK ((entity = ANY (ARRAY['message'::text, 'conversation'::text, 'agent'::text, 'handoff'::text, 'operator'::text])))
 );
 
 ALTER TABLE ONLY public.conversation_state_transitions FORCE ROW LEVEL SECURITY;
@@ -1070,6 +1123,44 @@ CREATE SEQUENCE public.conversation_state_transitions_id_seq
 --
 
 ALTER SEQUENCE public.conversation_state_transitions_id_seq OWNED BY public.conversation_state_transitions.id;
+
+--
+-- Name: operator_replies; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.operator_replies (
+    id bigint NOT NULL,
+    idempotency_key text NOT NULL,
+    conversation_id bigint NOT NULL,
+    phone_number_id text NOT NULL,
+    operator text NOT NULL,
+    body text NOT NULL,
+    sent_id text,
+    send_started_at timestamp with time zone,
+    error_code text,
+    correlation_id text DEFAULT ''::text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    sent_at timestamp with time zone
+);
+
+ALTER TABLE ONLY public.operator_replies FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: operator_replies_id_seq; Type: SEQUENCE; Schema: public; Owner: -
+--
+
+CREATE SEQUENCE public.operator_replies_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+--
+-- Name: operator_replies_id_seq; Type: SEQUENCE OWNED BY; Schema: public; Owner: -
+--
+
+ALTER SEQUENCE public.operator_replies_id_seq OWNED BY public.operator_replies.id;
 
 --
 -- Name: processed_webhook_messages; Type: TABLE; Schema: public; Owner: -
@@ -1167,6 +1258,8 @@ CREATE TABLE public.webhook_conversations (
     username text,
     marketing_preference text,
     marketing_preference_at timestamp with time zone,
+    handoff_at timestamp with time zone,
+    handoff_message_id text,
     CONSTRAINT webhook_conversations_marketing_preference_check CHECK ((marketing_preference = ANY (ARRAY['stop'::text, 'resume'::text]))),
     CONSTRAINT webhook_conversations_status_check CHECK ((status = ANY (ARRAY['idle'::text, 'active'::text])))
 );
@@ -1494,6 +1587,12 @@ ALTER TABLE ONLY public.agent_sessions ALTER COLUMN id SET DEFAULT nextval('publ
 ALTER TABLE ONLY public.conversation_state_transitions ALTER COLUMN id SET DEFAULT nextval('public.conversation_state_transitions_id_seq'::regclass);
 
 --
+-- Name: operator_replies id; Type: DEFAULT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.operator_replies ALTER COLUMN id SET DEFAULT nextval('public.operator_replies_id_seq'::regclass);
+
+--
 -- Name: processed_webhook_messages id; Type: DEFAULT; Schema: public; Owner: -
 --
 
@@ -1557,6 +1656,20 @@ ALTER TABLE ONLY public.agent_sessions
 
 ALTER TABLE ONLY public.conversation_state_transitions
     ADD CONSTRAINT conversation_state_transitions_pkey PRIMARY KEY (id);
+
+--
+-- Name: operator_replies operator_replies_idempotency_key_key; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.operator_replies
+    ADD CONSTRAINT operator_replies_idempotency_key_key UNIQUE (idempotency_key);
+
+--
+-- Name: operator_replies operator_replies_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.operator_replies
+    ADD CONSTRAINT operator_replies_pkey PRIMARY KEY (id);
 
 --
 -- Name: processed_webhook_messages processed_webhook_messages_message_id_key; Type: CONSTRAINT; Schema: public; Owner: -
@@ -1675,6 +1788,12 @@ ALTER TABLE ONLY public.webhook_dlq
 --
 
 CREATE INDEX agent_sessions_last_active_idx ON public.agent_sessions USING btree (last_active_at);
+
+--
+-- Name: operator_replies_conversation_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX operator_replies_conversation_idx ON public.operator_replies USING btree (conversation_id, id);
 
 --
 -- Name: processed_messages_conversation_idx; Type: INDEX; Schema: public; Owner: -
@@ -1803,6 +1922,12 @@ CREATE INDEX webhook_conversations_activity_idx ON public.webhook_conversations 
 CREATE UNIQUE INDEX webhook_conversations_customer_idx ON public.webhook_conversations USING btree (phone_number_id, customer_id);
 
 --
+-- Name: webhook_conversations_handoff_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX webhook_conversations_handoff_idx ON public.webhook_conversations USING btree (handoff_at) WHERE (handoff_at IS NOT NULL);
+
+--
 -- Name: webhook_conversations_pn_wa_id_idx; Type: INDEX; Schema: public; Owner: -
 --
 
@@ -1897,6 +2022,13 @@ ALTER TABLE ONLY public.conversation_state_transitions
     ADD CONSTRAINT conversation_state_transitions_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id);
 
 --
+-- Name: operator_replies operator_replies_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.operator_replies
+    ADD CONSTRAINT operator_replies_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id) ON DELETE CASCADE;
+
+--
 -- Name: processed_webhook_messages processed_webhook_messages_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
 --
 
@@ -1947,6 +2079,12 @@ ALTER TABLE public.agent_sessions ENABLE ROW LEVEL SECURITY;
 --
 
 ALTER TABLE public.conversation_state_transitions ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: operator_replies; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.operator_replies ENABLE ROW LEVEL SECURITY;
 
 --
 -- Name: processed_webhook_messages; Type: ROW SECURITY; Schema: public; Owner: -
@@ -2025,6 +2163,12 @@ CREATE POLICY wa_owner ON public.agent_sessions USING (( SELECT public.wa_owns('
 --
 
 CREATE POLICY wa_owner ON public.conversation_state_transitions USING (( SELECT public.wa_owns('public.conversation_state_transitions'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.conversation_state_transitions'::regclass) AS wa_owns));
+
+--
+-- Name: operator_replies wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.operator_replies USING (( SELECT public.wa_owns('public.operator_replies'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.operator_replies'::regclass) AS wa_owns));
 
 --
 -- Name: processed_webhook_messages wa_owner; Type: POLICY; Schema: public; Owner: -

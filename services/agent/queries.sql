@@ -6,9 +6,11 @@
 -- README, "Who owns which table".)
 
 -- name: turn_state
--- The message's reply state and its conversation's context, in one round trip.
+-- The message's reply state and its conversation's context, in one round trip; its type and
+-- Meta's message object say what it is (services/agent/inbound.py).
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
-       m.send_started_at, ctx.agent_type AS context_agent_type, ctx.messages AS context
+       m.send_started_at, ctx.agent_type AS context_agent_type, ctx.messages AS context,
+       m.message_type, m.payload
   FROM processed_webhook_messages m
   LEFT JOIN agent_contexts ctx ON ctx.conversation_id = m.conversation_id
  WHERE m.message_id = $1 AND m.kind = 'message'
@@ -21,6 +23,22 @@ SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_ty
 
 -- name: save_turn
 SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13)
+
+-- name: save_fallback
+-- The fallback reply, stored like a model's (wa_save_turn) before it is sent: the context and
+-- the session figures are left alone, no model having been called.
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $5 FOR SHARE
+), saved AS (
+    UPDATE processed_webhook_messages m
+       SET reply_text = $2,
+           agent_type = $3,
+           send_started_at = CASE WHEN $4 THEN now() ELSE m.send_started_at END,
+           updated_at = now()
+      FROM fence f
+     WHERE m.message_id = $1 AND f.fence_token = $6
+)
+SELECT fence_token FROM fence
 
 -- name: session_metrics
 SELECT increment_session_metrics($1, $2, $3, $4, $5, $6, $7, $8)

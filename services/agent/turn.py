@@ -8,6 +8,7 @@ sent again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -18,11 +19,12 @@ from opentelemetry import trace
 from common import sqlfile, telemetry
 from common.domain import TurnRequest, TurnResult
 
-from . import limits, window
+from . import inbound, limits, window
 from .agents import AgentCatalog
 from .backends import Backend, ModelError, clean_text
 from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline, TurnTimeout
 from .graph import GraphClient, GraphError
+from .settings import FALLBACK_REPLY
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -70,6 +72,8 @@ class Agent:
         token_limit: int,
         context_max_messages: int = 100,
         confirm_seconds: float = 10.0,
+        reader: inbound.Reader | None = None,
+        fallback_reply: str = FALLBACK_REPLY,
     ) -> None:
         self.pool = pool
         self.catalog = catalog
@@ -78,10 +82,21 @@ class Agent:
         self.token_limit = token_limit
         self.context_max_messages = max(2, context_max_messages)
         self.confirm_seconds = confirm_seconds
+        # Reads what each message says (buttons, captions, voice notes...); the fallback
+        # reply answers what cannot be read.
+        self.reader = reader or inbound.Reader()
+        self.fallback_reply = fallback_reply
         self._background: set[asyncio.Task[None]] = set()
 
     async def reply(self, req: TurnRequest, deadline: Deadline = UNBOUNDED) -> TurnResult:
         """The turn, every call of it ending before `deadline` (raises TurnTimeout past it)."""
+        result = await self._turn(req, deadline)
+        if result.outcome == "replied" and self.catalog.get(result.agent_type).handoff:
+            # Its message is sent: the state service hands the conversation to a person.
+            return dataclasses.replace(result, handoff=True)
+        return result
+
+    async def _turn(self, req: TurnRequest, deadline: Deadline) -> TurnResult:
         state = await self.pool.fetchrow(Q["turn_state"], req.message_id)
         if state is None:
             raise UnknownMessage(req.message_id)
@@ -116,7 +131,11 @@ class Agent:
         if reply_text is None:
             try:
                 reply_text, agent_type = await self._think(
-                    req, state["context_agent_type"], state["context"], deadline
+                    req,
+                    state["context_agent_type"],
+                    state["context"],
+                    deadline,
+                    message=(state["message_type"], state["payload"]),
                 )
             except ModelError as exc:
                 await self._session_error(req, agent_type or self.catalog.default)
@@ -198,14 +217,19 @@ class Agent:
         context_agent: str | None,
         context: list[dict[str, Any]] | None,
         deadline: Deadline = UNBOUNDED,
+        message: tuple[str, Any] = ("text", None),
     ) -> tuple[str, str]:
+        """`message`: the stored message's type and Meta's object of it."""
         history: list[dict[str, Any]] = list(context) if context is not None else []
-        current = context_agent or self.catalog.default
-        routed = self.catalog.route(current, req.text)
+        current = self.catalog.resume_from(context_agent)
+        said = await self._understand(req, *message, deadline)
+        if isinstance(said, inbound.Fallback):
+            return await self._fall_back(req, current, said)
+        routed = self.catalog.route(current, said.route_text, said.choice)
         agent = self.catalog.get(routed)
         user: dict[str, Any] = {
             "role": "user",
-            "content": clean_text(req.text),
+            "content": clean_text(said.text),
             "message_id": req.message_id,
         }
         user["tokens"] = window.message_tokens(user)
@@ -279,6 +303,38 @@ class Agent:
             ) from exc
         _check_fence(req, fence)
         return text, agent.name
+
+    async def _understand(
+        self, req: TurnRequest, message_type: str, payload: Any, deadline: Deadline
+    ) -> inbound.Said | inbound.Fallback:
+        try:
+            return await self.reader.understand(message_type, payload, req.text, deadline)
+        except inbound.InboundError as exc:
+            # A transcription may have been paid for: a failed attempt, bounded by the DLQ.
+            raise TurnFailed(
+                str(exc), error_class=exc.error_class, retryable=exc.retryable
+            ) from exc
+
+    async def _fall_back(
+        self, req: TurnRequest, current: str, said: inbound.Fallback
+    ) -> tuple[str, str]:
+        """The fallback reply, stored (fenced, marked as being sent) like a model's answer so
+        that it is sent exactly once; the model is not called, the context not changed."""
+        agent_type = self.catalog.get(current).name
+        log.info(
+            "answered with the fallback reply",
+            extra={"message_id": req.message_id, "reason": said.reason},
+        )
+        trace.get_current_span().set_attribute("wa.inbound.fallback", said.reason)
+        await self._fenced(
+            req,
+            "save_fallback",
+            req.message_id,
+            self.fallback_reply,
+            agent_type,
+            self.graph.enabled and limits.length(self.fallback_reply) <= limits.TEXT_BODY_MAX,
+        )
+        return self.fallback_reply, agent_type
 
     async def _fenced(self, req: TurnRequest, query: str, *args: Any) -> None:
         """One write of the turn (queries.sql), applied only while the turn's fence token is

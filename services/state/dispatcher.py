@@ -30,7 +30,7 @@ from opentelemetry import trace
 
 from common import retry, telemetry
 
-from . import machine, metrics, store
+from . import handoff, machine, metrics, store
 from .locks import Lease, Locks
 from .ports import AgentPort, AgentUnavailable, DlqPort, DlqUnavailable, Failure, TurnResult
 
@@ -288,14 +288,21 @@ class Dispatcher:
             metrics.TURN_SECONDS.observe(time.perf_counter() - started)
             if result.outcome == "replied":
                 reason = result.detail or "replied"
-                finished = await store.finish_turn(
-                    self.pool,
-                    item,
-                    machine.REPLIED,
-                    reason,
-                    token,
-                    start_next=not lease.lost and not self._closing,
-                )
+                start_next = not lease.lost and not self._closing
+                if result.handoff:
+                    finished = await handoff.finish_handing_off(
+                        self.pool,
+                        item,
+                        machine.REPLIED,
+                        reason,
+                        token,
+                        start_next=start_next,
+                        agent_type=result.agent_type,
+                    )
+                else:
+                    finished = await store.finish_turn(
+                        self.pool, item, machine.REPLIED, reason, token, start_next=start_next
+                    )
                 metrics.OUTCOMES.labels("replied").inc()
                 log.info("message replied", extra=_who(item))
                 if item.attempts > 1:

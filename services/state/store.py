@@ -59,14 +59,36 @@ class Timeline:
     customer: asyncpg.Record | None = None
 
 
-ANSWERED_TYPES = frozenset({"text"})
+# What the agent answers (services/agent/inbound.py reads each kind: a choice, a caption, a
+# transcript, a location...; what it cannot read gets the fallback reply, never silence).
+ANSWERED_TYPES = frozenset(
+    {
+        "text",
+        "interactive",
+        "button",
+        "image",
+        "video",
+        "document",
+        "audio",
+        "sticker",
+        "location",
+        "contacts",
+        "order",
+        "unsupported",
+        "unknown",
+    }
+)
+# Recorded, never answered, and why.
+NOT_ANSWERED = {
+    "reaction": "reactions are recorded, not answered",
+}
 
 
 def skip_reason(message_type: str) -> str:
     """Why a message is stored but not answered ("" when it is answered)."""
     if message_type in ANSWERED_TYPES:
         return ""
-    return f"message type {message_type!r} is not answered"
+    return NOT_ANSWERED.get(message_type, f"message type {message_type!r} is not answered")
 
 
 # 9999-12-31T23:59:59Z, the last second a datetime holds.
@@ -496,7 +518,7 @@ class Finished:
 
 
 async def finish_turn(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | Conn,
     item: WorkItem,
     to_state: str,
     reason: str,
