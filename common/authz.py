@@ -30,13 +30,13 @@ CALLERS: dict[str, frozenset[str]] = {
         "/wa.v1.State/Prune": {"operator"},
         "/wa.v1.State/Forget": {"operator"},
         "/wa.v1.State/ListHandoffs": {"operator"},
-        "/wa.v1.State/ReleaseHandoff": {"operator"},
-        "/wa.v1.State/TakeOver": {"operator"},
+        "/wa.v1.State/ReleaseHandoff": {"operator", "console"},
+        "/wa.v1.State/TakeOver": {"operator", "console"},
         # services/state (turns); GetStatus: the dlq's breaker check, readiness, `wa health`.
         "/wa.v1.Agent/Reply": {"state"},
         "/wa.v1.Agent/GetStatus": {"dlq", "gateway", "operator", "console"},
         # cli/ and the console: an operator's answer to a customer.
-        "/wa.v1.Agent/SendOperatorReply": {"operator"},
+        "/wa.v1.Agent/SendOperatorReply": {"operator", "console"},
         # services/state (failed turns in, resolved ones out).
         "/wa.v1.Dlq/Enqueue": {"state"},
         "/wa.v1.Dlq/Resolve": {"state"},

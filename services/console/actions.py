@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import httpx
-from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
+from wa.v1 import agent_pb2, agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
 from common import config, grpcserver
 from common.components import check_components
@@ -140,3 +140,63 @@ async def health(
     if gateway_url:
         components.append(await gateway(gateway_url))
     return components, checks
+
+
+class Refused(Exception):
+    """A service refused an operator's action (not found, outside the 24-hour window, ...)."""
+
+
+def customer_key(conv: Any) -> str:
+    """How the services name a conversation's customer: its phone number, else its BSUID."""
+    return str(conv["wa_id"] or conv["user_id"] or "")
+
+
+async def take_over(settings: config.Base, conv: Any, operator: str) -> None:
+    await _state_call(
+        settings,
+        "TakeOver",
+        state_pb2.TakeOverRequest(
+            customer=customer_key(conv), phone_number_id=conv["phone_number_id"], operator=operator
+        ),
+    )
+
+
+async def release(settings: config.Base, conv: Any, operator: str) -> None:
+    await _state_call(
+        settings,
+        "ReleaseHandoff",
+        state_pb2.ReleaseHandoffRequest(
+            customer=customer_key(conv), phone_number_id=conv["phone_number_id"], operator=operator
+        ),
+    )
+
+
+async def _state_call(settings: config.Base, method: str, request: Any) -> None:
+    async with grpcserver.channel(settings.state_addr) as ch:
+        try:
+            await getattr(state_pb2_grpc.StateStub(ch), method)(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise Refused(f"{exc.code().name}: {exc.details()}") from exc
+
+
+async def reply(
+    settings: config.Base, conv: Any, text: str, key: str, operator: str
+) -> agent_pb2.SendOperatorReplyResponse:
+    """Sent once per key, whatever the number of submits (the agent keeps the key)."""
+    async with grpcserver.channel(settings.agent_addr) as ch:
+        try:
+            resp: agent_pb2.SendOperatorReplyResponse = await agent_pb2_grpc.AgentStub(
+                ch
+            ).SendOperatorReply(
+                agent_pb2.SendOperatorReplyRequest(
+                    customer=customer_key(conv),
+                    phone_number_id=conv["phone_number_id"],
+                    text=text,
+                    idempotency_key=key,
+                    operator=operator,
+                ),
+                timeout=30,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Refused(f"{exc.code().name}: {exc.details()}") from exc
+    return resp

@@ -396,7 +396,62 @@ async def audit(request: Request) -> Response:
 
 async def handoffs(request: Request) -> Response:
     sess = await _session(request)
-    return _page(request, "handoffs.html", sess)
+    async with store.as_operator(_pool(request), sess.operator.name) as conn:
+        rows = await store.handoffs(conn)
+    name = "handoffs_list.html" if _htmx(request) else "handoffs.html"
+    return _page(request, name, sess, handoffs=rows, new_key=_new_key)
+
+
+def _new_key() -> str:
+    """A reply form's idempotency key: submitting the same form twice sends once."""
+    return secrets.token_urlsafe(16)
+
+
+templates.env.globals["new_key"] = _new_key
+
+
+async def handoff_action(request: Request) -> Response:
+    """Take over, release or answer a conversation, through the state and agent services.
+    The conversation is looked up as the operator first: another number's is not found."""
+    sess = await _session(request)
+    form = await _form(request, sess, act=True)
+    settings: ConsoleSettings = request.app.state.settings
+    action = request.path_params["action"]
+    if action not in ("take-over", "release", "reply"):
+        raise HTTPException(404, "no such action")
+    async with store.as_operator(_pool(request), sess.operator.name) as conn:
+        conv = await store.conversation(conn, int(request.path_params["cid"]))
+        if conv is None:
+            raise HTTPException(404, "no such conversation")
+        text = str(form.get("text", "")).strip()
+        if action == "reply" and not text:
+            raise HTTPException(400, "write an answer first")
+        detail = {"text": text} if action == "reply" else {}
+        await operators.record(
+            conn,
+            sess.operator.name,
+            action,
+            f"conversation {conv['id']}",
+            conv["phone_number_id"],
+            detail,
+        )
+    who = sess.operator.name
+    try:
+        if action == "take-over":
+            await actions.take_over(settings, conv, who)
+        elif action == "release":
+            await actions.release(settings, conv, who)
+        else:
+            await actions.reply(settings, conv, text, str(form.get("key", "")) or _new_key(), who)
+    except actions.Refused as exc:
+        raise HTTPException(409, f"{action} refused: {exc}") from None
+    back = str(form.get("back", ""))
+    target = "/handoffs" if back == "handoffs" else f"/conversations/{conv['id']}"
+    if _htmx(request):
+        resp: Response = PlainTextResponse("done")
+        resp.headers["HX-Redirect"] = target
+        return resp
+    return RedirectResponse(target, status_code=303)
 
 
 async def healthz(request: Request) -> Response:
@@ -474,6 +529,11 @@ def create_app(settings: ConsoleSettings) -> Any:
             Route("/dlq/jobs/{jid:int}", dlq_job),
             Route("/audit", audit),
             Route("/handoffs", handoffs),
+            Route(
+                "/conversations/{cid:int}/{action:str}",
+                handoff_action,
+                methods=["POST"],
+            ),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ],
         exception_handlers={NotLoggedIn: _not_logged_in, HTTPException: _http_error},

@@ -144,7 +144,7 @@ async def filter_choices(conn: Conn) -> dict[str, list[str]]:
 async def conversation(conn: Conn, conversation_id: int) -> asyncpg.Record | None:
     return await conn.fetchrow(
         "SELECT id, phone_number_id, wa_id, user_id, username, contact_name, status, "
-        "message_count, error_count, last_activity_at, created_at "
+        "message_count, error_count, last_activity_at, created_at, handoff_at "
         "FROM webhook_conversations WHERE id = $1",
         conversation_id,
     )
@@ -235,3 +235,25 @@ async def audit(conn: Conn, limit: int = 50) -> list[asyncpg.Record]:
             limit,
         )
     )
+
+
+async def handoffs(conn: Conn, limit: int = 100) -> list[dict[str, Any]]:
+    """Conversations waiting for a person (migration 0017's handoff_at), oldest first, each
+    with the messages that arrived since (at most 20)."""
+    rows = await conn.fetch(
+        "SELECT id, phone_number_id, wa_id, user_id, username, contact_name, handoff_at "
+        "FROM webhook_conversations WHERE handoff_at IS NOT NULL "
+        "ORDER BY handoff_at, id LIMIT $1",
+        limit,
+    )
+    out = []
+    for r in rows:
+        waiting = await conn.fetch(
+            "SELECT message_id, message_type, body, received_at FROM processed_webhook_messages "
+            "WHERE conversation_id = $1 AND kind = 'message' AND received_at >= $2 "
+            "ORDER BY received_at, id LIMIT 20",
+            r["id"],
+            r["handoff_at"],
+        )
+        out.append({**dict(r), "waiting": [dict(w) for w in waiting]})
+    return out

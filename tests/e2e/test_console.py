@@ -28,7 +28,7 @@ from tests.support.console import (
     login,
     wa_operator,
 )
-from tests.support.fakes import FakeModel
+from tests.support.fakes import FakeGraph, FakeModel
 from tests.support.system import System
 
 pytestmark = pytest.mark.e2e
@@ -324,3 +324,41 @@ async def test_wa_operator_list_and_remove(console: System) -> None:
     client, resp = await login(console, "vic")
     await client.aclose()
     assert resp.status_code == 401
+
+
+async def test_take_over_answer_once_and_release_through_the_services(
+    console: System, graph: FakeGraph
+) -> None:
+    first = payloads.message("text", wa_id="15550008001", text={"body": "I need a human"})
+    await console.deliver(delivery_to(NUMBER_A, [first]))
+    await console.wait_status([first["id"]], {"replied"})
+    pool = await console.db()
+    cid = await pool.fetchval("SELECT id FROM webhook_conversations WHERE wa_id = '15550008001'")
+    bot_sends = len(graph.sends)
+    async with logged_in(console, "vic") as (client, token):
+        refused = await client.post(f"/conversations/{cid}/take-over", data={"csrf": token})
+        assert refused.status_code == 403
+    async with logged_in(console, "lim") as (client, token):
+        other = await client.post(f"/conversations/{cid + 1000}/take-over", data={"csrf": token})
+        assert other.status_code == 404
+    async with logged_in(console, "ada") as (client, token):
+        taken = await client.post(f"/conversations/{cid}/take-over", data={"csrf": token})
+        assert taken.status_code == 303, taken.text
+        page = await client.get("/handoffs")
+        assert "+15550008001" in page.text and "Waiting for a person" in page.text
+        key = re.search(r'name="key" value="([^"]+)"', page.text)
+        assert key
+        form = {"csrf": token, "key": key.group(1), "text": "Hi, Ada here.", "back": "handoffs"}
+        # The same form sent twice (a double click, a retried request) sends once.
+        for _ in range(2):
+            sent = await client.post(f"/conversations/{cid}/reply", data=form)
+            assert sent.status_code == 303, sent.text
+        assert [s.body["text"]["body"] for s in graph.sends[bot_sends:]] == ["Hi, Ada here."]
+        released = await client.post(
+            f"/conversations/{cid}/release", data={"csrf": token, "back": "handoffs"}
+        )
+        assert released.status_code == 303, released.text
+        assert "Nobody is waiting" in (await client.get("/handoffs")).text
+        audit = (await client.get("/audit")).text
+        for action in ("take-over", "reply", "release"):
+            assert f"<td>{action}</td>" in audit, action
