@@ -265,8 +265,13 @@ async def _conversation_data(request: Request, sess: operators.Session) -> dict[
             # Another number's conversation is as absent as one that never was.
             raise HTTPException(404, "no such conversation")
         msgs = await store.messages(conn, conversation_id)
+        answers = await store.operator_replies(conn, conversation_id)
         trans = await store.transitions(conn, conversation_id)
-    return {"conv": conv, "messages": msgs, "transitions": trans}
+    # One thread: customers' messages (with the bot's replies) and operators' answers by time.
+    chat = [{"kind": "in", "at": m["received_at"], "m": m} for m in msgs]
+    chat += [{"kind": "op", "at": a["created_at"], "m": a} for a in answers]
+    chat.sort(key=lambda item: item["at"])
+    return {"conv": conv, "chat": chat, "transitions": trans}
 
 
 def trace_id(traceparent: str) -> str:

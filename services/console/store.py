@@ -257,3 +257,16 @@ async def handoffs(conn: Conn, limit: int = 100) -> list[dict[str, Any]]:
         )
         out.append({**dict(r), "waiting": [dict(w) for w in waiting]})
     return out
+
+
+async def operator_replies(
+    conn: Conn, conversation_id: int, limit: int = 200
+) -> list[asyncpg.Record]:
+    """Answers operators sent in this conversation (migration 0017), oldest first."""
+    rows = await conn.fetch(
+        "SELECT operator, body, sent_id, error_code, created_at FROM operator_replies "
+        "WHERE conversation_id = $1 ORDER BY id DESC LIMIT $2",
+        conversation_id,
+        limit,
+    )
+    return list(reversed(rows))

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import StartSystem
 from tests.support import payloads
 from tests.support.console import NUMBER_A, NUMBER_B, PASSWORD, add_operator, delivery_to
-from tests.support.fakes import FakeModel
+from tests.support.fakes import FakeGraph, FakeModel
 from tests.support.system import System
 
 pytestmark = pytest.mark.e2e
@@ -197,5 +197,41 @@ async def test_an_operator_limited_to_one_number_cannot_open_anothers_by_url(
     assert resp is not None and resp.status == 404
     await expect(page.get_by_role("alert")).to_have_text("no such conversation")
     await expect(page.get_by_text("secret of B")).to_have_count(0)
-    await page.goto(f"{system.console_url}/handoffs")
+
+
+async def test_take_over_a_conversation_and_answer_it(
+    start_system: StartSystem, browser: Browser, graph: FakeGraph
+) -> None:
+    system = await start_system()
+    await system.start_console()
+    add_operator(system, "ada", "admin")
+    msg = payloads.message("text", wa_id="15550009001", text={"body": "can a person help?"})
+    await system.deliver(delivery_to(NUMBER_A, [msg]))
+    await system.wait_status([msg["id"]], {"replied"})
+    bot_sends = len(graph.sends)
+
+    page = await page_for(browser)
+    await log_in(page, system, "ada")
+    await page.get_by_role("link", name="Conversations").click()
+    await page.get_by_role("link", name="+15550009001").click()
+    await page.get_by_role("button", name="Take over from the bot").click()
+    await expect(page.get_by_text("Waiting for a person")).to_be_visible()
+    await page.get_by_role("link", name="Handoffs").click()
+    await expect(page.locator(".handoff")).to_have_count(1)
+    await page.get_by_label("Answer").fill("Hello, this is Ada from support.")
     await shot(page, "handoffs")
+    # The form posts and comes back to the inbox once the agent service has sent it.
+    async with page.expect_navigation(url=re.compile(r"/handoffs$")):
+        await page.get_by_role("button", name="Send").click()
+    await expect(page.get_by_label("Answer")).to_have_value("")
+    texts = [s.body["text"]["body"] for s in graph.sends[bot_sends:]]
+    assert texts == ["Hello, this is Ada from support."], "the fake Graph API got exactly one"
+    await page.get_by_role("button", name="Give back to the bot").click()
+    await expect(page.get_by_text("Nobody is waiting for a person.")).to_be_visible()
+    # The conversation shows the answer, and who gave it.
+    await page.get_by_role("link", name="Conversations").click()
+    await page.get_by_role("link", name="+15550009001").click()
+    await expect(page.locator(".out.operator .bubble")).to_have_text(
+        "Hello, this is Ada from support."
+    )
+    await expect(page.locator(".out.operator .meta")).to_contain_text("answered by ada")
