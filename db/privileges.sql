@@ -56,6 +56,8 @@ CREATE POLICY role_state ON wa_message_tombstones FOR SELECT TO :"state" USING (
 GRANT SELECT ON processed_webhook_messages TO :"agent";
 GRANT UPDATE (reply_text, agent_type, send_started_at, reply_message_id, reply_status,
     reply_error_code, updated_at) ON processed_webhook_messages TO :"agent";
+GRANT UPDATE (absorbed_message_ids) ON processed_webhook_messages TO :"agent";  -- a burst
+GRANT EXECUTE ON FUNCTION wa_save_burst TO :"agent";
 GRANT SELECT, UPDATE (updated_at) ON webhook_conversations TO :"agent";
 GRANT SELECT, INSERT, UPDATE ON agent_contexts, agent_sessions, agent_reply_parts TO :"agent";
 GRANT INSERT ON conversation_state_transitions TO :"agent";  -- a change of agent, audited

@@ -364,18 +364,43 @@ END
 $$;
 
 --
--- Name: wa_finish_turn(text, text, text[], text, bigint, text, bigint, boolean); Type: FUNCTION; Schema: public; Owner: -
+-- Name: wa_finish_turn(text, text, text[], text, bigint, text, bigint, boolean, text[], text[], text); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_finish_turn(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, p_conversation_id bigint, p_next boolean, OUT finished text, OUT finished_from text, OUT finished_fence bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text) RETURNS record
+CREATE FUNCTION public.wa_finish_turn(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, p_conversation_id bigint, p_next boolean, p_absorbed text[] DEFAULT '{}'::text[], p_absorbed_from text[] DEFAULT '{}'::text[], p_absorbed_reason text DEFAULT ''::text, OUT finished text, OUT finished_from text, OUT finished_fence bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT absorbed text[]) RETURNS record
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
+DECLARE
+    v_id text;
+    v_moved text;
 BEGIN
     SELECT t.outcome, t.from_state, t.fence_token
       INTO finished, finished_from, finished_fence
       FROM wa_transition_message(p_message_id, p_to_state, p_from, p_reason, p_token,
                                  p_correlation_id) t;
+    absorbed := '{}';
+    IF finished = 'done' AND cardinality(p_absorbed) > 0 THEN
+        FOR v_id IN
+            SELECT a.message_id
+              FROM processed_webhook_messages m
+              JOIN processed_webhook_messages a
+                ON a.message_id = ANY (m.absorbed_message_ids)
+               AND a.message_id = ANY (p_absorbed)
+             WHERE m.message_id = p_message_id
+               AND a.kind = 'message'
+               AND a.conversation_id = m.conversation_id
+               AND a.conversation_id = p_conversation_id
+             ORDER BY a.wa_timestamp, a.id
+        LOOP
+            SELECT t.outcome INTO v_moved
+              FROM wa_transition_message(v_id, p_to_state, p_absorbed_from, p_absorbed_reason,
+                                         p_token, '') t;
+            IF v_moved = 'done' THEN
+                absorbed := absorbed || v_id;
+            END IF;
+        END LOOP;
+    END IF;
     outcome := 'unasked';
     IF finished <> 'done' OR NOT p_next THEN
         RETURN;
@@ -796,6 +821,33 @@ CREATE FUNCTION public.wa_retention_min_days() RETURNS integer
     AS $$ SELECT 8 $$;
 
 --
+-- Name: wa_save_burst(bigint, bigint, text, text[]); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_save_burst(p_conversation_id bigint, p_token bigint, p_message_id text, p_absorbed text[]) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_fence bigint;
+BEGIN
+    IF p_absorbed IS NULL OR cardinality(p_absorbed) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT c.fence_token INTO v_fence
+      FROM webhook_conversations c
+     WHERE c.id = p_conversation_id
+       FOR SHARE;
+    IF v_fence IS DISTINCT FROM p_token THEN
+        RETURN;
+    END IF;
+    UPDATE processed_webhook_messages m
+       SET absorbed_message_ids = p_absorbed, updated_at = now()
+     WHERE m.message_id = p_message_id AND m.kind = 'message'
+       AND m.conversation_id = p_conversation_id;
+END
+$$;
+
+--
 -- Name: wa_save_turn(bigint, bigint, text, text, text, jsonb, integer, text, bigint, bigint, bigint, text, boolean); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -1196,6 +1248,7 @@ CREATE TABLE public.processed_webhook_messages (
     turn_resumes integer DEFAULT 0 NOT NULL,
     user_id text,
     referral jsonb,
+    absorbed_message_ids text[],
     CONSTRAINT processed_webhook_messages_kind_check CHECK ((kind = ANY (ARRAY['message'::text, 'status'::text, 'event'::text]))),
     CONSTRAINT processed_webhook_messages_reply_status_check CHECK ((reply_status = ANY (ARRAY['sent'::text, 'delivered'::text, 'read'::text, 'failed'::text]))),
     CONSTRAINT processed_webhook_messages_status_check CHECK ((status = ANY (ARRAY['received'::text, 'processing'::text, 'replied'::text, 'skipped'::text, 'failed'::text, 'dead_lettered'::text])))

@@ -24,6 +24,9 @@ class AgentType:
     keywords: tuple[str, ...]
     # What to do with an answer longer than one WhatsApp text message: split | trim.
     long_replies: str = "split"
+    # Quick bursts become one turn: a turn waits until the conversation has been quiet this
+    # long and answers its waiting messages together (services/agent/debounce.py). 0: off.
+    debounce_seconds: float = 0.0
     # Hands the conversation to a person once its message is sent (README, "Human handoff").
     handoff: bool = False
 
@@ -75,9 +78,13 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "model": str,
     "long_replies": str,
+    "debounce_seconds": (int, float),
     "handoff": bool,
 }
 LONG_REPLIES = ("split", "trim")
+# A longer debounce would keep every customer of the agent type waiting that much longer for
+# each answer, and eat into the turn's deadline.
+DEBOUNCE_MAX_SECONDS = 10.0
 
 
 def _line_of(text: str, agent: str, key: str | None = None) -> int:
@@ -150,6 +157,12 @@ def load(path: Path) -> AgentCatalog:
                 f"{path}:{_line_of(text, name, 'long_replies')}: long_replies must be "
                 f"'split' or 'trim', got {long_replies!r}"
             )
+        debounce = float(spec.get("debounce_seconds", 0))
+        if not 0 <= debounce <= DEBOUNCE_MAX_SECONDS:
+            raise AgentConfigError(
+                f"{path}:{_line_of(text, name, 'debounce_seconds')}: debounce_seconds must be "
+                f"in [0, {DEBOUNCE_MAX_SECONDS:g}], got {debounce:g}"
+            )
         agents[name] = AgentType(
             name=name,
             description=spec["description"],
@@ -159,6 +172,7 @@ def load(path: Path) -> AgentCatalog:
             token_limit=int(spec["token_limit"]),
             keywords=tuple(str(k).lower() for k in spec["keywords"]),
             long_replies=long_replies,
+            debounce_seconds=debounce,
             handoff=spec.get("handoff", False),
         )
     default = raw.get("default", "")

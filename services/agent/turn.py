@@ -19,7 +19,7 @@ from opentelemetry import trace
 from common import sqlfile, telemetry
 from common.domain import TurnRequest, TurnResult
 
-from . import inbound, limits, window
+from . import debounce, inbound, limits, window
 from .agents import AgentCatalog
 from .backends import Backend, ModelError, clean_text
 from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline, TurnTimeout
@@ -100,6 +100,9 @@ class Agent:
         state = await self.pool.fetchrow(Q["turn_state"], req.message_id)
         if state is None:
             raise UnknownMessage(req.message_id)
+        # A debounced burst this message's reply answers too: saved with the reply, so a run
+        # resumed after a crash answers the same one (services/agent/debounce.py).
+        absorbed: tuple[str, ...] = tuple(state["absorbed_message_ids"] or ())
         if state["reply_message_id"]:
             # Sent by an earlier run of this turn that died before it was marked replied.
             return TurnResult(
@@ -107,6 +110,7 @@ class Agent:
                 reply_text=state["reply_text"] or "",
                 reply_message_id=state["reply_message_id"],
                 agent_type=state["agent_type"] or "",
+                absorbed_message_ids=absorbed,
             )
         reply_text = state["reply_text"]
         agent_type = state["agent_type"] or ""
@@ -121,9 +125,24 @@ class Agent:
             # confirmation comes is the reply sent again (at least once beats lost).
             confirmed = await self._await_confirmation(req, deadline)
             if confirmed is not None:
-                return confirmed
+                return dataclasses.replace(confirmed, absorbed_message_ids=absorbed)
+        burst = debounce.NONE
+        if reply_text is None:
+            current = self.catalog.get(state["context_agent_type"] or self.catalog.default)
+            if current.debounce_seconds > 0 and state["message_type"] in debounce.KINDS:
+                burst = await debounce.gather(
+                    self.pool,
+                    req.conversation_id,
+                    req.message_id,
+                    current.debounce_seconds,
+                    deadline,
+                )
+                absorbed = burst.message_ids
+        # The reply quotes the newest message it answers, and that one is marked read (which
+        # marks the earlier ones read too).
+        quote = absorbed[-1] if absorbed else req.message_id
         if self.graph.enabled:
-            task = asyncio.create_task(self._mark_read(req))
+            task = asyncio.create_task(self._mark_read(req, quote))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         # Saving a new reply marks its send as started too (it follows at once).
@@ -136,6 +155,7 @@ class Agent:
                     state["context"],
                     deadline,
                     message=(state["message_type"], state["payload"]),
+                    burst=burst,
                 )
             except ModelError as exc:
                 await self._session_error(req, agent_type or self.catalog.default)
@@ -147,10 +167,19 @@ class Agent:
                 )
             parts = limits.fit(reply_text, self.catalog.get(agent_type).long_replies)
         if len(parts) > 1 and self.graph.enabled:
-            return await self._deliver_parts(req, reply_text, parts, agent_type, deadline)
-        return await self._deliver(
-            req, reply_text, agent_type, send_started=send_started, deadline=deadline
-        )
+            result = await self._deliver_parts(
+                req, reply_text, parts, agent_type, deadline, quote=quote
+            )
+        else:
+            result = await self._deliver(
+                req,
+                reply_text,
+                agent_type,
+                send_started=send_started,
+                deadline=deadline,
+                quote=quote,
+            )
+        return dataclasses.replace(result, absorbed_message_ids=absorbed)
 
     def _confirm_window(self, deadline: Deadline) -> float:
         """How long to wait for a status webhook: WHATSAPP_SEND_CONFIRM_SECONDS, but at most
@@ -205,9 +234,9 @@ class Agent:
                 return None
             await asyncio.sleep(0.25)
 
-    async def _mark_read(self, req: TurnRequest) -> None:
+    async def _mark_read(self, req: TurnRequest, message_id: str) -> None:
         try:
-            await asyncio.wait_for(self.graph.mark_read(req.phone_number_id, req.message_id), 5)
+            await asyncio.wait_for(self.graph.mark_read(req.phone_number_id, message_id), 5)
         except Exception as exc:
             log.info("mark-as-read failed (the turn goes on): %s", exc)
 
@@ -218,6 +247,7 @@ class Agent:
         context: list[dict[str, Any]] | None,
         deadline: Deadline = UNBOUNDED,
         message: tuple[str, Any] = ("text", None),
+        burst: debounce.Burst = debounce.NONE,
     ) -> tuple[str, str]:
         """`message`: the stored message's type and Meta's object of it."""
         history: list[dict[str, Any]] = list(context) if context is not None else []
@@ -225,11 +255,14 @@ class Agent:
         said = await self._understand(req, *message, deadline)
         if isinstance(said, inbound.Fallback):
             return await self._fall_back(req, current, said)
-        routed = self.catalog.route(current, said.route_text, said.choice)
+        # A debounced burst (text messages, debounce.py) is one user message: the texts in
+        # order, one a line.
+        text = _lines([said.text, *burst.texts]) or said.text
+        routed = self.catalog.route(current, _lines([said.route_text, *burst.texts]), said.choice)
         agent = self.catalog.get(routed)
         user: dict[str, Any] = {
             "role": "user",
-            "content": clean_text(said.text),
+            "content": clean_text(text),
             "message_id": req.message_id,
         }
         user["tokens"] = window.message_tokens(user)
@@ -247,6 +280,8 @@ class Agent:
             telemetry.annotate(span, correlation_id=req.correlation_id, agent_type=agent.name)
             span.set_attribute("wa.model.backend", self.backend.name)
             span.set_attribute("wa.model.window_tokens", win.tokens)
+            if burst.message_ids:
+                span.set_attribute("wa.turn.burst_messages", 1 + len(burst.message_ids))
             try:
                 completion = await self.backend.complete(
                     agent,
@@ -294,6 +329,7 @@ class Agent:
                 latency_ms,
                 req.correlation_id,
                 self.graph.enabled and single,
+                list(burst.message_ids) or None,
             )
         except DB_DOWN as exc:
             # The model has answered: running the turn again would pay for it again, so this
@@ -373,6 +409,7 @@ class Agent:
         *,
         send_started: bool,
         deadline: Deadline = UNBOUNDED,
+        quote: str = "",
     ) -> TurnResult:
         if not self.graph.enabled:
             log.info(
@@ -399,7 +436,9 @@ class Agent:
                     req.phone_number_id,
                     req.wa_id,
                     text,
-                    reply_to=req.message_id,
+                    reply_to=quote or req.message_id,
+                    # Its status webhook names the turn's message, whichever one it quotes.
+                    callback_data=req.message_id,
                     deadline=deadline,
                     user_id=req.user_id,
                     before_retry=lambda: self._still_holder(req),
@@ -435,7 +474,14 @@ class Agent:
         )
 
     async def _deliver_parts(
-        self, req: TurnRequest, text: str, parts: list[str], agent_type: str, deadline: Deadline
+        self,
+        req: TurnRequest,
+        text: str,
+        parts: list[str],
+        agent_type: str,
+        deadline: Deadline,
+        *,
+        quote: str = "",
     ) -> TurnResult:
         """A reply too long for one message, as consecutive messages. The split is recorded
         before the first is sent, and each part's send like a whole reply's: a run resumed
@@ -482,7 +528,7 @@ class Agent:
                         req.wa_id,
                         body,
                         # Only the first part quotes the customer's message.
-                        reply_to=req.message_id if n == 0 else "",
+                        reply_to=(quote or req.message_id) if n == 0 else "",
                         callback_data=callback,
                         deadline=deadline,
                         user_id=req.user_id,
@@ -532,6 +578,10 @@ class Agent:
             "" if sent is None else sent_ids[sent],
             -1 if start is None else start,
         )
+
+
+def _lines(texts: list[str]) -> str:
+    return "\n".join(t for t in texts if t.strip())
 
 
 def bounded(history: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ async def finish_handing_off(
     *,
     start_next: bool,
     agent_type: str = "",
+    absorbed: tuple[str, ...] = (),
 ) -> store.Finished:
     """`store.finish_turn`, the conversation handed off to a person in the same transaction
     (the next turn it looks for is then none: what waits is held for the person)."""
@@ -52,7 +53,7 @@ async def finish_handing_off(
             item.correlation_id,
         )
         finished = await store.finish_turn(
-            conn, item, to_state, reason, token, start_next=start_next
+            conn, item, to_state, reason, token, start_next=start_next, absorbed=absorbed
         )
     log.info("conversation handed off to a person", extra={"message_id": item.message_id})
     return finished
