@@ -107,6 +107,23 @@ def _parser() -> argparse.ArgumentParser:
     fg.add_argument("customer", help="the customer's phone number or BSUID")
     fg.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     fg.add_argument("--json", action="store_true")
+    op = sub.add_parser("operator", help="people who may log in to the console")
+    osub = op.add_subparsers(dest="operator_command", required=True)
+    oa = osub.add_parser("add", help="add an operator, or change its role, password and numbers")
+    oa.add_argument("name")
+    oa.add_argument("--role", required=True, choices=["admin", "viewer"])
+    oa.add_argument(
+        "--numbers",
+        default="",
+        help="comma-separated business phone number ids it may see (default: all)",
+    )
+    oa.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin's first line"
+    )
+    ol = osub.add_parser("list", help="every operator, its role and numbers")
+    ol.add_argument("--json", action="store_true")
+    orm = osub.add_parser("remove", help="remove an operator and end its sessions")
+    orm.add_argument("name")
     return p
 
 
@@ -239,6 +256,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not args.yes and not retention.confirm_forget(customer):
             return 1
         return asyncio.run(retention.forget(customer, args.json))
+    if args.command == "operator":
+        from . import operator
+
+        if args.operator_command == "list":
+            return asyncio.run(operator.list_operators(args.json))
+        if args.operator_command == "remove":
+            return asyncio.run(operator.remove(args.name))
+        return asyncio.run(operator.add(args.name, args.role, args.numbers, args.password_stdin))
     return 2
 
 

@@ -130,3 +130,22 @@ CREATE POLICY role_operator ON webhook_dlq TO :"operator"
                              WHERE c.id = webhook_dlq.conversation_id)))
     WITH CHECK (wa_operator_may((SELECT c.phone_number_id FROM webhook_conversations c
                                   WHERE c.id = webhook_dlq.conversation_id)));
+
+-- The console's operators (db/migrations/0019): `wa operator add` and the console's login
+-- write them through the operator role; sessions and the audit trail likewise. The audit
+-- shows an operator limited to some numbers the actions on those and its own; the others
+-- (and the CLI) see every action.
+GRANT SELECT, INSERT, UPDATE, DELETE ON wa_console_operators TO :"operator";
+GRANT SELECT, INSERT, DELETE ON wa_console_operator_numbers TO :"operator";
+GRANT SELECT, INSERT, UPDATE, DELETE ON wa_console_sessions TO :"operator";
+GRANT SELECT, INSERT ON wa_console_audit TO :"operator";
+GRANT USAGE ON SEQUENCE wa_console_audit_id_seq TO :"operator";
+CREATE POLICY role_operator ON wa_console_operators TO :"operator" USING (true) WITH CHECK (true);
+CREATE POLICY role_operator ON wa_console_operator_numbers TO :"operator"
+    USING (true) WITH CHECK (true);
+CREATE POLICY role_operator ON wa_console_sessions TO :"operator" USING (true) WITH CHECK (true);
+CREATE POLICY role_operator ON wa_console_audit FOR SELECT TO :"operator"
+    USING (wa_operator_may(phone_number_id)
+           OR operator = current_setting('wa.console_operator', true));
+CREATE POLICY role_operator_write ON wa_console_audit FOR INSERT TO :"operator"
+    WITH CHECK (true);

@@ -556,9 +556,19 @@ $$;
 CREATE FUNCTION public.wa_operator_may(p_phone_number_id text) RETURNS boolean
     LANGUAGE sql STABLE
     AS $$
-    SELECT NOT EXISTS (SELECT 1 FROM wa_operator_numbers o WHERE o.role_name = current_user)
-        OR EXISTS (SELECT 1 FROM wa_operator_numbers o
-                    WHERE o.role_name = current_user AND o.phone_number_id = p_phone_number_id)
+    SELECT (NOT EXISTS (SELECT 1 FROM wa_operator_numbers o WHERE o.role_name = current_user)
+            OR EXISTS (SELECT 1 FROM wa_operator_numbers o
+                        WHERE o.role_name = current_user
+                          AND o.phone_number_id = p_phone_number_id))
+       AND (coalesce(current_setting('wa.console_operator', true), '') = ''
+            OR EXISTS (
+                SELECT 1 FROM wa_console_operators c
+                 WHERE c.name = current_setting('wa.console_operator', true)
+                   AND (NOT EXISTS (SELECT 1 FROM wa_console_operator_numbers n
+                                     WHERE n.operator = c.name)
+                        OR EXISTS (SELECT 1 FROM wa_console_operator_numbers n
+                                    WHERE n.operator = c.name
+                                      AND n.phone_number_id = p_phone_number_id))))
 $$;
 
 --
@@ -1330,6 +1340,84 @@ CREATE VIEW public.stuck_webhook_conversations WITH (security_invoker='true') AS
   GROUP BY m.conversation_id, c.wa_id, c.status, c.lock_owner;
 
 --
+-- Name: wa_console_audit; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_console_audit (
+    id bigint NOT NULL,
+    operator text NOT NULL,
+    action text NOT NULL,
+    target text DEFAULT ''::text NOT NULL,
+    phone_number_id text,
+    detail jsonb DEFAULT '{}'::jsonb NOT NULL,
+    at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+ALTER TABLE ONLY public.wa_console_audit FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_audit_id_seq; Type: SEQUENCE; Schema: public; Owner: -
+--
+
+CREATE SEQUENCE public.wa_console_audit_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+--
+-- Name: wa_console_audit_id_seq; Type: SEQUENCE OWNED BY; Schema: public; Owner: -
+--
+
+ALTER SEQUENCE public.wa_console_audit_id_seq OWNED BY public.wa_console_audit.id;
+
+--
+-- Name: wa_console_operator_numbers; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_console_operator_numbers (
+    operator text NOT NULL,
+    phone_number_id text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+ALTER TABLE ONLY public.wa_console_operator_numbers FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_operators; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_console_operators (
+    name text NOT NULL,
+    role text NOT NULL,
+    password_hash text NOT NULL,
+    failed_attempts integer DEFAULT 0 NOT NULL,
+    first_failed_at timestamp with time zone,
+    locked_until timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT wa_console_operators_name_check CHECK ((name ~ '^[A-Za-z0-9._@-]{1,64}$'::text)),
+    CONSTRAINT wa_console_operators_role_check CHECK ((role = ANY (ARRAY['admin'::text, 'viewer'::text])))
+);
+
+ALTER TABLE ONLY public.wa_console_operators FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_sessions; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_console_sessions (
+    token_hash bytea NOT NULL,
+    operator text NOT NULL,
+    csrf_token text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE ONLY public.wa_console_sessions FORCE ROW LEVEL SECURITY;
+
+--
 -- Name: wa_erasure_audit; Type: TABLE; Schema: public; Owner: -
 --
 
@@ -1566,6 +1654,12 @@ ALTER TABLE ONLY public.operator_replies ALTER COLUMN id SET DEFAULT nextval('pu
 ALTER TABLE ONLY public.processed_webhook_messages ALTER COLUMN id SET DEFAULT nextval('public.processed_webhook_messages_id_seq'::regclass);
 
 --
+-- Name: wa_console_audit id; Type: DEFAULT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_audit ALTER COLUMN id SET DEFAULT nextval('public.wa_console_audit_id_seq'::regclass);
+
+--
 -- Name: wa_erasure_audit id; Type: DEFAULT; Schema: public; Owner: -
 --
 
@@ -1652,6 +1746,34 @@ ALTER TABLE ONLY public.processed_webhook_messages
 
 ALTER TABLE ONLY public.schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
+
+--
+-- Name: wa_console_audit wa_console_audit_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_audit
+    ADD CONSTRAINT wa_console_audit_pkey PRIMARY KEY (id);
+
+--
+-- Name: wa_console_operator_numbers wa_console_operator_numbers_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_operator_numbers
+    ADD CONSTRAINT wa_console_operator_numbers_pkey PRIMARY KEY (operator, phone_number_id);
+
+--
+-- Name: wa_console_operators wa_console_operators_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_operators
+    ADD CONSTRAINT wa_console_operators_pkey PRIMARY KEY (name);
+
+--
+-- Name: wa_console_sessions wa_console_sessions_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_sessions
+    ADD CONSTRAINT wa_console_sessions_pkey PRIMARY KEY (token_hash);
 
 --
 -- Name: wa_erasure_audit wa_erasure_audit_pkey; Type: CONSTRAINT; Schema: public; Owner: -
@@ -1825,6 +1947,18 @@ CREATE INDEX state_transitions_created_idx ON public.conversation_state_transiti
 CREATE INDEX state_transitions_message_idx ON public.conversation_state_transitions USING btree (message_id);
 
 --
+-- Name: wa_console_audit_at_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX wa_console_audit_at_idx ON public.wa_console_audit USING btree (at DESC, id DESC);
+
+--
+-- Name: wa_console_sessions_expires_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX wa_console_sessions_expires_idx ON public.wa_console_sessions USING btree (expires_at);
+
+--
 -- Name: wa_message_tombstones_at_idx; Type: INDEX; Schema: public; Owner: -
 --
 
@@ -1835,6 +1969,12 @@ CREATE INDEX wa_message_tombstones_at_idx ON public.wa_message_tombstones USING 
 --
 
 CREATE INDEX webhook_conversations_active_idx ON public.webhook_conversations USING btree (locked_at) WHERE (status = 'active'::text);
+
+--
+-- Name: webhook_conversations_activity_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX webhook_conversations_activity_idx ON public.webhook_conversations USING btree (last_activity_at DESC, id DESC);
 
 --
 -- Name: webhook_conversations_customer_idx; Type: INDEX; Schema: public; Owner: -
@@ -1957,6 +2097,20 @@ ALTER TABLE ONLY public.processed_webhook_messages
     ADD CONSTRAINT processed_webhook_messages_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id);
 
 --
+-- Name: wa_console_operator_numbers wa_console_operator_numbers_operator_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_operator_numbers
+    ADD CONSTRAINT wa_console_operator_numbers_operator_fkey FOREIGN KEY (operator) REFERENCES public.wa_console_operators(name) ON DELETE CASCADE;
+
+--
+-- Name: wa_console_sessions wa_console_sessions_operator_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_sessions
+    ADD CONSTRAINT wa_console_sessions_operator_fkey FOREIGN KEY (operator) REFERENCES public.wa_console_operators(name) ON DELETE CASCADE;
+
+--
 -- Name: webhook_dlq webhook_dlq_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
 --
 
@@ -2004,6 +2158,30 @@ ALTER TABLE public.processed_webhook_messages ENABLE ROW LEVEL SECURITY;
 --
 
 ALTER TABLE public.schema_migrations ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_audit; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_console_audit ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_operator_numbers; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_console_operator_numbers ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_operators; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_console_operators ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_sessions; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_console_sessions ENABLE ROW LEVEL SECURITY;
 
 --
 -- Name: wa_erasure_audit; Type: ROW SECURITY; Schema: public; Owner: -
@@ -2064,6 +2242,30 @@ CREATE POLICY wa_owner ON public.processed_webhook_messages USING (( SELECT publ
 --
 
 CREATE POLICY wa_owner ON public.schema_migrations USING (( SELECT public.wa_owns('public.schema_migrations'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.schema_migrations'::regclass) AS wa_owns));
+
+--
+-- Name: wa_console_audit wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_console_audit USING (( SELECT public.wa_owns('public.wa_console_audit'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_console_audit'::regclass) AS wa_owns));
+
+--
+-- Name: wa_console_operator_numbers wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_console_operator_numbers USING (( SELECT public.wa_owns('public.wa_console_operator_numbers'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_console_operator_numbers'::regclass) AS wa_owns));
+
+--
+-- Name: wa_console_operators wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_console_operators USING (( SELECT public.wa_owns('public.wa_console_operators'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_console_operators'::regclass) AS wa_owns));
+
+--
+-- Name: wa_console_sessions wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_console_sessions USING (( SELECT public.wa_owns('public.wa_console_sessions'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_console_sessions'::regclass) AS wa_owns));
 
 --
 -- Name: wa_erasure_audit wa_owner; Type: POLICY; Schema: public; Owner: -

@@ -113,6 +113,8 @@ async def test_simulate_sends_a_signed_message_and_reports_the_reply(
         ["reply", "15550001111", "hi"],
         ["migrate"],
         ["migrate", "--check"],
+        ["operator", "list"],
+        ["operator", "remove", "someone"],
     ],
 )
 def test_every_command_says_in_one_line_that_what_it_needs_is_down_and_exits_2(
@@ -129,6 +131,7 @@ def test_every_command_says_in_one_line_that_what_it_needs_is_down_and_exits_2(
         "GATEWAY_PORT": port,
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/postgres",
         "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "OPERATOR_DATABASE_URL": f"postgresql://operator@127.0.0.1:{port}/postgres",
     }
     done = subprocess.run(
         [WA, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
