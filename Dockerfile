@@ -49,7 +49,7 @@ RUN groupadd --system --gid 10001 wa \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp wa \
  && install -d -o 10001 -g 10001 -m 0700 \
       /var/lib/wa/tls/ca /var/lib/wa/tls/state /var/lib/wa/tls/agent /var/lib/wa/tls/dlq \
-      /var/lib/wa/tls/gateway /var/lib/wa/tls/operator \
+      /var/lib/wa/tls/gateway /var/lib/wa/tls/operator /var/lib/wa/tls/console \
  && install -d -m 0755 /etc/wa/tls
 COPY --from=build /app /app
 WORKDIR /app

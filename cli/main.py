@@ -79,6 +79,27 @@ def _parser() -> argparse.ArgumentParser:
         help="extra DNS names or IPs of every certificate, `{id}` standing for the identity "
         "(e.g. '{id}.wa.svc' '*.{id}.wa.svc.cluster.local')",
     )
+    ho = sub.add_parser("handoff", help="conversations handed off to a person")
+    hsub = ho.add_subparsers(dest="handoff_command", required=True)
+    hl = hsub.add_parser("list", help="conversations waiting for a person, and their messages")
+    hl.add_argument("--number", default="", help="only this business number's (PHONE_NUMBER_ID)")
+    hl.add_argument("--json", action="store_true")
+    hr = hsub.add_parser("release", help="give a conversation back to the bot")
+    hr.add_argument("customer", help="the customer's phone number or BSUID")
+    hr.add_argument("--number", default="", help="the business number (PHONE_NUMBER_ID)")
+    ht = hsub.add_parser("take", help="take a conversation over from the bot")
+    ht.add_argument("customer", help="the customer's phone number or BSUID")
+    ht.add_argument("--number", default="", help="the business number (PHONE_NUMBER_ID)")
+    rp = sub.add_parser("reply", help="answer a customer as an operator (sent once)")
+    rp.add_argument("customer", help="the customer's phone number or BSUID")
+    rp.add_argument("text")
+    rp.add_argument("--number", default="", help="the business number (PHONE_NUMBER_ID)")
+    rp.add_argument(
+        "--idempotency-key",
+        default="",
+        help="repeat an earlier invocation safely: the same key never sends twice "
+        "(default: a new key per invocation)",
+    )
     pr = sub.add_parser("prune", help="prune what RETENTION_DAYS allows now")
     pr.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     pr.add_argument("--json", action="store_true")
@@ -86,16 +107,36 @@ def _parser() -> argparse.ArgumentParser:
     fg.add_argument("customer", help="the customer's phone number or BSUID")
     fg.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     fg.add_argument("--json", action="store_true")
+    op = sub.add_parser("operator", help="people who may log in to the console")
+    osub = op.add_subparsers(dest="operator_command", required=True)
+    oa = osub.add_parser("add", help="add an operator, or change its role, password and numbers")
+    oa.add_argument("name")
+    oa.add_argument("--role", required=True, choices=["admin", "viewer"])
+    oa.add_argument(
+        "--numbers",
+        default="",
+        help="comma-separated business phone number ids it may see (default: all)",
+    )
+    oa.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin's first line"
+    )
+    ol = osub.add_parser("list", help="every operator, its role and numbers")
+    ol.add_argument("--json", action="store_true")
+    orm = osub.add_parser("remove", help="remove an operator and end its sessions")
+    orm.add_argument("name")
     return p
 
 
 # Commands that call the services: they present the operator's certificate.
-GRPC_COMMANDS = frozenset({"simulate", "dlq", "health", "stats", "trace", "prune", "forget"})
+GRPC_COMMANDS = frozenset(
+    {"simulate", "dlq", "health", "stats", "trace", "prune", "forget", "handoff", "reply"}
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = " ".join(part for part in (args.command, getattr(args, "dlq_command", None)) if part)
+    sub_command = getattr(args, "dlq_command", None) or getattr(args, "handoff_command", None)
+    command = " ".join(part for part in (args.command, sub_command) if part)
     try:
         if args.command in GRPC_COMMANDS:
             from common import tls
@@ -187,6 +228,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         from . import certs
 
         return certs.create(args.dir, args.hosts)
+    if args.command == "handoff":
+        from . import handoff
+
+        if args.handoff_command == "list":
+            return asyncio.run(handoff.list_handoffs(args.number, args.json))
+        if args.handoff_command == "take":
+            return asyncio.run(handoff.take_over(args.customer, args.number))
+        return asyncio.run(handoff.release(args.customer, args.number))
+    if args.command == "reply":
+        from . import handoff
+
+        return asyncio.run(
+            handoff.reply(args.customer, args.text, args.number, args.idempotency_key)
+        )
     if args.command == "prune":
         from . import retention
 
@@ -201,6 +256,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not args.yes and not retention.confirm_forget(customer):
             return 1
         return asyncio.run(retention.forget(customer, args.json))
+    if args.command == "operator":
+        from . import operator
+
+        if args.operator_command == "list":
+            return asyncio.run(operator.list_operators(args.json))
+        if args.operator_command == "remove":
+            return asyncio.run(operator.remove(args.name))
+        return asyncio.run(operator.add(args.name, args.role, args.numbers, args.password_stdin))
     return 2
 
 

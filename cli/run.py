@@ -22,11 +22,14 @@ from common import config, logs, migrate, roles, tls
 from common.redact import mask_url
 from devtools import embedded, replicas, supervisor
 from devtools.ports import free_port
+from services.console.settings import ConsoleSettings
 
 log = logging.getLogger("wa.run")
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("state", "agent", "dlq", "gateway")
+# The operator console (services/console): one process, on loopback only under `wa run`.
+CONSOLE = "console"
 METRICS_PORTS = {"state": 9101, "agent": 9102, "dlq": 9103}
 
 
@@ -150,12 +153,26 @@ async def run() -> int:
                     replica.name, service_command(name), env=service_env, log_file=log_file
                 )
             )
+        await sup.start(
+            supervisor.Spec(
+                CONSOLE,
+                service_command(CONSOLE),
+                env={
+                    **env,
+                    **scale.shared,
+                    roles.VARIABLES["operator"]: urls["operator"],
+                    "CONSOLE_HOST": "127.0.0.1",
+                    "CONSOLE_GATEWAY_URL": f"http://127.0.0.1:{settings.gateway_port}",
+                },
+                log_file=str(run_dir / "logs" / "console.log") if scale.scaled else None,
+            )
+        )
         _print_endpoints(settings, database_url, redis_url, scale, run_dir, tls_dir)
         await stop.wait()
     finally:
         say("[wa run] stopping")
         # Front door first, then the services, then the servers they use.
-        await sup.stop(scale.names("gateway"), timeout=4)
+        await sup.stop([*scale.names("gateway"), CONSOLE], timeout=4)
         await sup.stop([r.name for r in scale.all() if r.service != "gateway"], timeout=4)
         await sup.stop(timeout=2)
         say("[wa run] stopped")
@@ -221,6 +238,11 @@ def _print_endpoints(
     for name, target in scale.shared.items():
         if name.endswith("_ADDR"):
             lines.append(f"  {name:<10} {target}   (clients use every replica)")
+    console_port = ConsoleSettings.from_env().console_port
+    lines.append(
+        f"  console   http://127.0.0.1:{console_port}/   (first operator: "
+        ".venv/bin/wa operator add NAME --role admin)"
+    )
     lines += [
         f"  postgres  {mask_url(database_url)}",
         f"  redis     {mask_url(redis_url)}",

@@ -14,6 +14,9 @@ from common import grpcserver, wire
 
 from .errors import calling
 
+# Audited events of the conversation rather than of one message (README, "Human handoff").
+CONVERSATION_EVENTS = frozenset({"handoff", "operator"})
+
 
 def is_message_id(target: str) -> bool:
     """WhatsApp message ids (and ours for messages stored without one); anything else names
@@ -74,7 +77,9 @@ async def trace(target: str, as_json: bool) -> int:
             "correlation_id": t.correlation_id,
         }
         for t in reversed(tl.transitions)
-        if t.message_id in ids or (t.entity == "conversation" and not t.message_id)
+        if t.message_id in ids
+        or (t.entity == "conversation" and not t.message_id)
+        or t.entity in CONVERSATION_EVENTS
     ]
     customer = {
         "wa_id": tl.wa_id,
@@ -112,7 +117,10 @@ async def trace(target: str, as_json: bool) -> int:
                 )
     print("timeline:")
     for t in transitions:
-        if t["message_id"] in ids:
+        if t["entity"] in CONVERSATION_EVENTS:
+            # Handed off / released, an operator's reply: the conversation's, shown with who.
+            print(f"  {t['at'][:23]}  {t['entity']}: {t['to']}  {t['reason']}")
+        elif t["message_id"] in ids:
             print(f"  {t['at'][:23]}  {t['from'] or '(new)'} -> {t['to']}  {t['reason']}")
     for item in dlq:
         print(f"dead-letter item {item['id']} [{item['status']}]")

@@ -20,26 +20,31 @@ CALLERS: dict[str, frozenset[str]] = {
     for method, callers in {
         # services/gateway (acknowledging deliveries; /readyz via common/components.py).
         "/wa.v1.State/IngestBatch": {"gateway"},
-        "/wa.v1.State/CheckDependencies": {"gateway", "operator"},
+        "/wa.v1.State/CheckDependencies": {"gateway", "operator", "console"},
         # services/dlq (redrive).
         "/wa.v1.State/Redrive": {"dlq"},
         # cli/ and the console.
         "/wa.v1.State/GetTimeline": {"operator"},
         "/wa.v1.State/GetStats": {"operator"},
-        "/wa.v1.State/GetSystemHealth": {"operator"},
+        "/wa.v1.State/GetSystemHealth": {"operator", "console"},
         "/wa.v1.State/Prune": {"operator"},
         "/wa.v1.State/Forget": {"operator"},
+        "/wa.v1.State/ListHandoffs": {"operator"},
+        "/wa.v1.State/ReleaseHandoff": {"operator", "console"},
+        "/wa.v1.State/TakeOver": {"operator", "console"},
         # services/state (turns); GetStatus: the dlq's breaker check, readiness, `wa health`.
         "/wa.v1.Agent/Reply": {"state"},
-        "/wa.v1.Agent/GetStatus": {"dlq", "gateway", "operator"},
+        "/wa.v1.Agent/GetStatus": {"dlq", "gateway", "operator", "console"},
+        # cli/ and the console: an operator's answer to a customer.
+        "/wa.v1.Agent/SendOperatorReply": {"operator", "console"},
         # services/state (failed turns in, resolved ones out).
         "/wa.v1.Dlq/Enqueue": {"state"},
         "/wa.v1.Dlq/Resolve": {"state"},
-        # cli/ and the console.
+        # cli/ and the console (services/console: Retry and Purge only, its reads are SQL).
         "/wa.v1.Dlq/List": {"operator"},
         "/wa.v1.Dlq/Get": {"operator"},
-        "/wa.v1.Dlq/Retry": {"operator"},
-        "/wa.v1.Dlq/Purge": {"operator"},
+        "/wa.v1.Dlq/Retry": {"operator", "console"},
+        "/wa.v1.Dlq/Purge": {"operator", "console"},
     }.items()
 }
 # Any certificate of the CA: probes, `wa health`, grpcurl.

@@ -98,6 +98,12 @@ class TurnResult:
     confirmed_by_status: bool = False
     # Messages the reply was sent as (a long reply is split).
     parts: int = 1
+    # The conversation's other waiting messages this reply answered too (a debounced burst),
+    # in order; the state service moves them to replied with this turn.
+    absorbed_message_ids: tuple[str, ...] = ()
+    # The agent type that answered hands the conversation to a person (README, "Human
+    # handoff"): the state service stops turns for it until an operator releases it.
+    handoff: bool = False
 
     @property
     def detail(self) -> str:

@@ -30,7 +30,7 @@ from . import config
 
 log = logging.getLogger(__name__)
 
-IDENTITIES = ("state", "agent", "dlq", "gateway", "operator")
+IDENTITIES = ("state", "agent", "dlq", "gateway", "operator", "console")
 CA_DAYS = 3650
 LEAF_DAYS = 397
 # A certificate this close to its end is issued again by `wa certs create` / `make run`, and a

@@ -5,8 +5,8 @@ descriptor, into the same straight-line code one would write by hand (no per-mes
 reflection): a field of the same name is copied; a `google.protobuf.Timestamp` field is the
 domain's seconds (0: unset); an enum field is the domain's lowercase name (`"read"` for
 DELIVERY_STATUS_READ, "" for UNSPECIFIED); a `wa.v1.Error` field named `error` is the
-domain's `error_class`, `error_message` and `retryable`. A field on one side only is an import
-error, so a field cannot be dropped silently between the two.
+domain's `error_class`, `error_message` and `retryable`; a repeated field is a tuple. A field
+on one side only is an import error, so a field cannot be dropped silently between the two.
 """
 
 from __future__ import annotations
@@ -94,6 +94,10 @@ def _plan(cls: type, message: Any) -> tuple[list[str], list[str], dict[str, Any]
         if f.message_type is not None and f.message_type.full_name == "google.protobuf.Timestamp":
             to_proto.append(f"{name}=seconds_ts(o.{name})")
             from_proto.append(f"{name}=p.{name}.seconds")
+        elif f.is_repeated:
+            # A repeated field is the domain's tuple (a frozen dataclass holds no container).
+            to_proto.append(f"{name}=o.{name}")
+            from_proto.append(f"{name}=tuple(p.{name})")
         elif f.enum_type is not None:
             env[f"{name}_numbers"] = enum_numbers(f.enum_type)
             env[f"{name}_names"] = enum_names(f.enum_type)

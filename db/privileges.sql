@@ -34,6 +34,7 @@ GRANT USAGE ON SEQUENCE webhook_conversations_id_seq, processed_webhook_messages
 GRANT EXECUTE ON FUNCTION wa_start_turn, wa_claim_turn, wa_finish_turn, wa_transition_message,
     wa_delivery_rank, get_webhook_performance_stats, check_webhook_system_health,
     wa_stuck_timeout, wa_count_messages, wa_default_customer_id TO :"state";
+GRANT EXECUTE ON FUNCTION wa_hold_for_person TO :"state";  -- handoff (0017)
 -- Retention and erasure: only through these functions, which run as the owner (0013).
 GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";
 GRANT SELECT ON wa_message_tombstones TO :"state";  -- ingest: a forgotten id stays a duplicate
@@ -55,6 +56,8 @@ CREATE POLICY role_state ON wa_message_tombstones FOR SELECT TO :"state" USING (
 GRANT SELECT ON processed_webhook_messages TO :"agent";
 GRANT UPDATE (reply_text, agent_type, send_started_at, reply_message_id, reply_status,
     reply_error_code, updated_at) ON processed_webhook_messages TO :"agent";
+GRANT UPDATE (absorbed_message_ids) ON processed_webhook_messages TO :"agent";  -- a burst
+GRANT EXECUTE ON FUNCTION wa_save_burst TO :"agent";
 GRANT SELECT, UPDATE (updated_at) ON webhook_conversations TO :"agent";
 GRANT SELECT, INSERT, UPDATE ON agent_contexts, agent_sessions, agent_reply_parts TO :"agent";
 GRANT INSERT ON conversation_state_transitions TO :"agent";  -- a change of agent, audited
@@ -62,6 +65,9 @@ GRANT USAGE ON SEQUENCE agent_sessions_id_seq, conversation_state_transitions_id
     TO :"agent";
 GRANT EXECUTE ON FUNCTION wa_save_turn, increment_session_metrics, wa_delivery_rank
     TO :"agent";
+-- Operators' replies (Agent.SendOperatorReply): stored, sent, audited, added to the context.
+GRANT SELECT, INSERT, UPDATE ON operator_replies TO :"agent";
+GRANT USAGE ON SEQUENCE operator_replies_id_seq TO :"agent";
 CREATE POLICY role_agent ON processed_webhook_messages FOR SELECT TO :"agent" USING (true);
 CREATE POLICY role_agent_reply ON processed_webhook_messages FOR UPDATE TO :"agent"
     USING (kind = 'message') WITH CHECK (kind = 'message');
@@ -72,7 +78,8 @@ CREATE POLICY role_agent ON agent_contexts TO :"agent" USING (true) WITH CHECK (
 CREATE POLICY role_agent ON agent_sessions TO :"agent" USING (true) WITH CHECK (true);
 CREATE POLICY role_agent ON agent_reply_parts TO :"agent" USING (true) WITH CHECK (true);
 CREATE POLICY role_agent ON conversation_state_transitions FOR INSERT TO :"agent"
-    WITH CHECK (entity = 'agent');
+    WITH CHECK (entity IN ('agent', 'operator'));
+CREATE POLICY role_agent ON operator_replies TO :"agent" USING (true) WITH CHECK (true);
 
 -- dlq: its own table; of a message only what a redrive needs; of a conversation only how to
 -- name its customer. No context, session or history.
@@ -93,7 +100,7 @@ GRANT SELECT ON webhook_conversations, processed_webhook_messages,
     conversation_state_transitions, webhook_dlq, agent_contexts, agent_sessions,
     agent_reply_parts, wa_runtime_settings, wa_operator_numbers, webhook_conversation_health,
     stuck_webhook_conversations, webhook_agent_performance, webhook_message_processing_metrics,
-    webhook_dlq_summary TO :"operator";
+    webhook_dlq_summary, operator_replies TO :"operator";
 GRANT UPDATE (status, resolved_at, updated_at) ON webhook_dlq TO :"operator";
 GRANT EXECUTE ON FUNCTION wa_operator_may, get_webhook_performance_stats,
     check_webhook_system_health, wa_stuck_timeout, wa_delivery_rank TO :"operator";
@@ -103,6 +110,8 @@ CREATE POLICY role_operator ON wa_runtime_settings FOR SELECT TO :"operator" USI
 CREATE POLICY role_operator ON webhook_conversations FOR SELECT TO :"operator"
     USING (wa_operator_may(phone_number_id));
 CREATE POLICY role_operator ON processed_webhook_messages FOR SELECT TO :"operator"
+    USING (wa_operator_may(phone_number_id));
+CREATE POLICY role_operator ON operator_replies FOR SELECT TO :"operator"
     USING (wa_operator_may(phone_number_id));
 CREATE POLICY role_operator ON agent_reply_parts FOR SELECT TO :"operator"
     USING (wa_operator_may((SELECT m.phone_number_id FROM processed_webhook_messages m
@@ -121,3 +130,22 @@ CREATE POLICY role_operator ON webhook_dlq TO :"operator"
                              WHERE c.id = webhook_dlq.conversation_id)))
     WITH CHECK (wa_operator_may((SELECT c.phone_number_id FROM webhook_conversations c
                                   WHERE c.id = webhook_dlq.conversation_id)));
+
+-- The console's operators (db/migrations/0019): `wa operator add` and the console's login
+-- write them through the operator role; sessions and the audit trail likewise. The audit
+-- shows an operator limited to some numbers the actions on those and its own; the others
+-- (and the CLI) see every action.
+GRANT SELECT, INSERT, UPDATE, DELETE ON wa_console_operators TO :"operator";
+GRANT SELECT, INSERT, DELETE ON wa_console_operator_numbers TO :"operator";
+GRANT SELECT, INSERT, UPDATE, DELETE ON wa_console_sessions TO :"operator";
+GRANT SELECT, INSERT ON wa_console_audit TO :"operator";
+GRANT USAGE ON SEQUENCE wa_console_audit_id_seq TO :"operator";
+CREATE POLICY role_operator ON wa_console_operators TO :"operator" USING (true) WITH CHECK (true);
+CREATE POLICY role_operator ON wa_console_operator_numbers TO :"operator"
+    USING (true) WITH CHECK (true);
+CREATE POLICY role_operator ON wa_console_sessions TO :"operator" USING (true) WITH CHECK (true);
+CREATE POLICY role_operator ON wa_console_audit FOR SELECT TO :"operator"
+    USING (wa_operator_may(phone_number_id)
+           OR operator = current_setting('wa.console_operator', true));
+CREATE POLICY role_operator_write ON wa_console_audit FOR INSERT TO :"operator"
+    WITH CHECK (true);

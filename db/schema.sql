@@ -364,18 +364,43 @@ END
 $$;
 
 --
--- Name: wa_finish_turn(text, text, text[], text, bigint, text, bigint, boolean); Type: FUNCTION; Schema: public; Owner: -
+-- Name: wa_finish_turn(text, text, text[], text, bigint, text, bigint, boolean, text[], text[], text); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_finish_turn(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, p_conversation_id bigint, p_next boolean, OUT finished text, OUT finished_from text, OUT finished_fence bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text) RETURNS record
+CREATE FUNCTION public.wa_finish_turn(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, p_conversation_id bigint, p_next boolean, p_absorbed text[] DEFAULT '{}'::text[], p_absorbed_from text[] DEFAULT '{}'::text[], p_absorbed_reason text DEFAULT ''::text, OUT finished text, OUT finished_from text, OUT finished_fence bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT absorbed text[]) RETURNS record
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
+DECLARE
+    v_id text;
+    v_moved text;
 BEGIN
     SELECT t.outcome, t.from_state, t.fence_token
       INTO finished, finished_from, finished_fence
       FROM wa_transition_message(p_message_id, p_to_state, p_from, p_reason, p_token,
                                  p_correlation_id) t;
+    absorbed := '{}';
+    IF finished = 'done' AND cardinality(p_absorbed) > 0 THEN
+        FOR v_id IN
+            SELECT a.message_id
+              FROM processed_webhook_messages m
+              JOIN processed_webhook_messages a
+                ON a.message_id = ANY (m.absorbed_message_ids)
+               AND a.message_id = ANY (p_absorbed)
+             WHERE m.message_id = p_message_id
+               AND a.kind = 'message'
+               AND a.conversation_id = m.conversation_id
+               AND a.conversation_id = p_conversation_id
+             ORDER BY a.wa_timestamp, a.id
+        LOOP
+            SELECT t.outcome INTO v_moved
+              FROM wa_transition_message(v_id, p_to_state, p_absorbed_from, p_absorbed_reason,
+                                         p_token, '') t;
+            IF v_moved = 'done' THEN
+                absorbed := absorbed || v_id;
+            END IF;
+        END LOOP;
+    END IF;
     outcome := 'unasked';
     IF finished <> 'done' OR NOT p_next THEN
         RETURN;
@@ -479,15 +504,71 @@ END
 $$;
 
 --
+-- Name: wa_hold_for_person(bigint, bigint, timestamp with time zone); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_hold_for_person(p_conversation_id bigint, p_token bigint, p_handoff_at timestamp with time zone) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_reason text := 'waiting for a person (handed off at '
+        || to_char(p_handoff_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC)';
+    v_held integer;
+BEGIN
+    WITH held AS (
+        SELECT m.id, m.message_id, m.status, m.correlation_id,
+               -- processing -> replied, like the turn would have ended (the machine's move).
+               CASE WHEN m.reply_message_id IS NOT NULL AND m.status = 'processing'
+                    THEN 'replied' ELSE 'skipped' END AS ends,
+               CASE WHEN m.reply_message_id IS NOT NULL AND m.status = 'processing'
+                    THEN 'reply sent as ' || m.reply_message_id || ' (its turn was cut off; '
+                         || 'the conversation is ' || v_reason || ')'
+                    ELSE v_reason END AS why
+          FROM processed_webhook_messages m
+         WHERE m.conversation_id = p_conversation_id AND m.status IN ('received', 'processing')
+         ORDER BY m.wa_timestamp, m.id
+           FOR UPDATE
+    ), moved AS (
+        UPDATE processed_webhook_messages m
+           SET status = h.ends, status_reason = h.why, finished_at = now(),
+               updated_at = now()
+          FROM held h
+         WHERE m.id = h.id
+        RETURNING m.id
+    ), audit AS (
+        INSERT INTO conversation_state_transitions
+            (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
+             correlation_id)
+        SELECT p_conversation_id, h.message_id, 'message', h.status, h.ends, h.why,
+               p_token, h.correlation_id
+          FROM held h
+         ORDER BY h.id
+    )
+    SELECT count(*) INTO v_held FROM moved;
+    RETURN v_held;
+END
+$$;
+
+--
 -- Name: wa_operator_may(text); Type: FUNCTION; Schema: public; Owner: -
 --
 
 CREATE FUNCTION public.wa_operator_may(p_phone_number_id text) RETURNS boolean
     LANGUAGE sql STABLE
     AS $$
-    SELECT NOT EXISTS (SELECT 1 FROM wa_operator_numbers o WHERE o.role_name = current_user)
-        OR EXISTS (SELECT 1 FROM wa_operator_numbers o
-                    WHERE o.role_name = current_user AND o.phone_number_id = p_phone_number_id)
+    SELECT (NOT EXISTS (SELECT 1 FROM wa_operator_numbers o WHERE o.role_name = current_user)
+            OR EXISTS (SELECT 1 FROM wa_operator_numbers o
+                        WHERE o.role_name = current_user
+                          AND o.phone_number_id = p_phone_number_id))
+       AND (coalesce(current_setting('wa.console_operator', true), '') = ''
+            OR EXISTS (
+                SELECT 1 FROM wa_console_operators c
+                 WHERE c.name = current_setting('wa.console_operator', true)
+                   AND (NOT EXISTS (SELECT 1 FROM wa_console_operator_numbers n
+                                     WHERE n.operator = c.name)
+                        OR EXISTS (SELECT 1 FROM wa_console_operator_numbers n
+                                    WHERE n.operator = c.name
+                                      AND n.phone_number_id = p_phone_number_id))))
 $$;
 
 --
@@ -740,6 +821,33 @@ CREATE FUNCTION public.wa_retention_min_days() RETURNS integer
     AS $$ SELECT 8 $$;
 
 --
+-- Name: wa_save_burst(bigint, bigint, text, text[]); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_save_burst(p_conversation_id bigint, p_token bigint, p_message_id text, p_absorbed text[]) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_fence bigint;
+BEGIN
+    IF p_absorbed IS NULL OR cardinality(p_absorbed) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT c.fence_token INTO v_fence
+      FROM webhook_conversations c
+     WHERE c.id = p_conversation_id
+       FOR SHARE;
+    IF v_fence IS DISTINCT FROM p_token THEN
+        RETURN;
+    END IF;
+    UPDATE processed_webhook_messages m
+       SET absorbed_message_ids = p_absorbed, updated_at = now()
+     WHERE m.message_id = p_message_id AND m.kind = 'message'
+       AND m.conversation_id = p_conversation_id;
+END
+$$;
+
+--
 -- Name: wa_save_turn(bigint, bigint, text, text, text, jsonb, integer, text, bigint, bigint, bigint, text, boolean); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -805,14 +913,21 @@ DECLARE
     v_correlation_id text;
     v_reason text;
     v_wa_id text;
+    v_handoff_at timestamptz;
 BEGIN
-    SELECT c.fence_token, c.contact_name, c.wa_id, c.user_id, c.username
-      INTO fence_token, contact_name, v_wa_id, user_id, username
+    SELECT c.fence_token, c.contact_name, c.wa_id, c.user_id, c.username, c.handoff_at
+      INTO fence_token, contact_name, v_wa_id, user_id, username, v_handoff_at
       FROM webhook_conversations c
      WHERE c.id = p_conversation_id
        FOR SHARE;
     IF fence_token IS DISTINCT FROM p_token THEN
         outcome := 'stale';
+        RETURN;
+    END IF;
+    -- Handed off to a person: what waits is kept for the person, no turn starts (0017).
+    IF v_handoff_at IS NOT NULL THEN
+        PERFORM wa_hold_for_person(p_conversation_id, p_token, v_handoff_at);
+        outcome := 'none';
         RETURN;
     END IF;
 
@@ -1039,7 +1154,7 @@ CREATE TABLE public.conversation_state_transitions (
     fence_token bigint,
     correlation_id text DEFAULT ''::text NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT conversation_state_transitions_entity_check CHECK ((entity = ANY (ARRAY['message'::text, 'conversation'::text, 'agent'::text])))
+    CONSTRAINT conversation_state_transitions_entity_check CHECK ((entity = ANY (ARRAY['message'::text, 'conversation'::text, 'agent'::text, 'handoff'::text, 'operator'::text])))
 );
 
 ALTER TABLE ONLY public.conversation_state_transitions FORCE ROW LEVEL SECURITY;
@@ -1060,6 +1175,44 @@ CREATE SEQUENCE public.conversation_state_transitions_id_seq
 --
 
 ALTER SEQUENCE public.conversation_state_transitions_id_seq OWNED BY public.conversation_state_transitions.id;
+
+--
+-- Name: operator_replies; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.operator_replies (
+    id bigint NOT NULL,
+    idempotency_key text NOT NULL,
+    conversation_id bigint NOT NULL,
+    phone_number_id text NOT NULL,
+    operator text NOT NULL,
+    body text NOT NULL,
+    sent_id text,
+    send_started_at timestamp with time zone,
+    error_code text,
+    correlation_id text DEFAULT ''::text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    sent_at timestamp with time zone
+);
+
+ALTER TABLE ONLY public.operator_replies FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: operator_replies_id_seq; Type: SEQUENCE; Schema: public; Owner: -
+--
+
+CREATE SEQUENCE public.operator_replies_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+--
+-- Name: operator_replies_id_seq; Type: SEQUENCE OWNED BY; Schema: public; Owner: -
+--
+
+ALTER SEQUENCE public.operator_replies_id_seq OWNED BY public.operator_replies.id;
 
 --
 -- Name: processed_webhook_messages; Type: TABLE; Schema: public; Owner: -
@@ -1095,6 +1248,7 @@ CREATE TABLE public.processed_webhook_messages (
     turn_resumes integer DEFAULT 0 NOT NULL,
     user_id text,
     referral jsonb,
+    absorbed_message_ids text[],
     CONSTRAINT processed_webhook_messages_kind_check CHECK ((kind = ANY (ARRAY['message'::text, 'status'::text, 'event'::text]))),
     CONSTRAINT processed_webhook_messages_reply_status_check CHECK ((reply_status = ANY (ARRAY['sent'::text, 'delivered'::text, 'read'::text, 'failed'::text]))),
     CONSTRAINT processed_webhook_messages_status_check CHECK ((status = ANY (ARRAY['received'::text, 'processing'::text, 'replied'::text, 'skipped'::text, 'failed'::text, 'dead_lettered'::text])))
@@ -1157,6 +1311,8 @@ CREATE TABLE public.webhook_conversations (
     username text,
     marketing_preference text,
     marketing_preference_at timestamp with time zone,
+    handoff_at timestamp with time zone,
+    handoff_message_id text,
     CONSTRAINT webhook_conversations_marketing_preference_check CHECK ((marketing_preference = ANY (ARRAY['stop'::text, 'resume'::text]))),
     CONSTRAINT webhook_conversations_status_check CHECK ((status = ANY (ARRAY['idle'::text, 'active'::text])))
 );
@@ -1180,6 +1336,84 @@ CREATE VIEW public.stuck_webhook_conversations WITH (security_invoker='true') AS
      JOIN public.webhook_conversations c ON ((c.id = m.conversation_id)))
   WHERE ((m.status = ANY (ARRAY['received'::text, 'processing'::text])) AND (COALESCE(m.started_at, m.received_at) < (now() - public.wa_stuck_timeout())))
   GROUP BY m.conversation_id, c.wa_id, c.status, c.lock_owner;
+
+--
+-- Name: wa_console_audit; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_console_audit (
+    id bigint NOT NULL,
+    operator text NOT NULL,
+    action text NOT NULL,
+    target text DEFAULT ''::text NOT NULL,
+    phone_number_id text,
+    detail jsonb DEFAULT '{}'::jsonb NOT NULL,
+    at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+ALTER TABLE ONLY public.wa_console_audit FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_audit_id_seq; Type: SEQUENCE; Schema: public; Owner: -
+--
+
+CREATE SEQUENCE public.wa_console_audit_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1;
+
+--
+-- Name: wa_console_audit_id_seq; Type: SEQUENCE OWNED BY; Schema: public; Owner: -
+--
+
+ALTER SEQUENCE public.wa_console_audit_id_seq OWNED BY public.wa_console_audit.id;
+
+--
+-- Name: wa_console_operator_numbers; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_console_operator_numbers (
+    operator text NOT NULL,
+    phone_number_id text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+ALTER TABLE ONLY public.wa_console_operator_numbers FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_operators; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_console_operators (
+    name text NOT NULL,
+    role text NOT NULL,
+    password_hash text NOT NULL,
+    failed_attempts integer DEFAULT 0 NOT NULL,
+    first_failed_at timestamp with time zone,
+    locked_until timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT wa_console_operators_name_check CHECK ((name ~ '^[A-Za-z0-9._@-]{1,64}$'::text)),
+    CONSTRAINT wa_console_operators_role_check CHECK ((role = ANY (ARRAY['admin'::text, 'viewer'::text])))
+);
+
+ALTER TABLE ONLY public.wa_console_operators FORCE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_sessions; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.wa_console_sessions (
+    token_hash bytea NOT NULL,
+    operator text NOT NULL,
+    csrf_token text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL
+);
+
+ALTER TABLE ONLY public.wa_console_sessions FORCE ROW LEVEL SECURITY;
 
 --
 -- Name: wa_erasure_audit; Type: TABLE; Schema: public; Owner: -
@@ -1406,10 +1640,22 @@ ALTER TABLE ONLY public.agent_sessions ALTER COLUMN id SET DEFAULT nextval('publ
 ALTER TABLE ONLY public.conversation_state_transitions ALTER COLUMN id SET DEFAULT nextval('public.conversation_state_transitions_id_seq'::regclass);
 
 --
+-- Name: operator_replies id; Type: DEFAULT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.operator_replies ALTER COLUMN id SET DEFAULT nextval('public.operator_replies_id_seq'::regclass);
+
+--
 -- Name: processed_webhook_messages id; Type: DEFAULT; Schema: public; Owner: -
 --
 
 ALTER TABLE ONLY public.processed_webhook_messages ALTER COLUMN id SET DEFAULT nextval('public.processed_webhook_messages_id_seq'::regclass);
+
+--
+-- Name: wa_console_audit id; Type: DEFAULT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_audit ALTER COLUMN id SET DEFAULT nextval('public.wa_console_audit_id_seq'::regclass);
 
 --
 -- Name: wa_erasure_audit id; Type: DEFAULT; Schema: public; Owner: -
@@ -1465,6 +1711,20 @@ ALTER TABLE ONLY public.conversation_state_transitions
     ADD CONSTRAINT conversation_state_transitions_pkey PRIMARY KEY (id);
 
 --
+-- Name: operator_replies operator_replies_idempotency_key_key; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.operator_replies
+    ADD CONSTRAINT operator_replies_idempotency_key_key UNIQUE (idempotency_key);
+
+--
+-- Name: operator_replies operator_replies_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.operator_replies
+    ADD CONSTRAINT operator_replies_pkey PRIMARY KEY (id);
+
+--
 -- Name: processed_webhook_messages processed_webhook_messages_message_id_key; Type: CONSTRAINT; Schema: public; Owner: -
 --
 
@@ -1484,6 +1744,34 @@ ALTER TABLE ONLY public.processed_webhook_messages
 
 ALTER TABLE ONLY public.schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
+
+--
+-- Name: wa_console_audit wa_console_audit_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_audit
+    ADD CONSTRAINT wa_console_audit_pkey PRIMARY KEY (id);
+
+--
+-- Name: wa_console_operator_numbers wa_console_operator_numbers_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_operator_numbers
+    ADD CONSTRAINT wa_console_operator_numbers_pkey PRIMARY KEY (operator, phone_number_id);
+
+--
+-- Name: wa_console_operators wa_console_operators_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_operators
+    ADD CONSTRAINT wa_console_operators_pkey PRIMARY KEY (name);
+
+--
+-- Name: wa_console_sessions wa_console_sessions_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_sessions
+    ADD CONSTRAINT wa_console_sessions_pkey PRIMARY KEY (token_hash);
 
 --
 -- Name: wa_erasure_audit wa_erasure_audit_pkey; Type: CONSTRAINT; Schema: public; Owner: -
@@ -1553,6 +1841,12 @@ ALTER TABLE ONLY public.webhook_dlq
 --
 
 CREATE INDEX agent_sessions_last_active_idx ON public.agent_sessions USING btree (last_active_at);
+
+--
+-- Name: operator_replies_conversation_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX operator_replies_conversation_idx ON public.operator_replies USING btree (conversation_id, id);
 
 --
 -- Name: processed_messages_conversation_idx; Type: INDEX; Schema: public; Owner: -
@@ -1645,6 +1939,18 @@ CREATE INDEX state_transitions_created_idx ON public.conversation_state_transiti
 CREATE INDEX state_transitions_message_idx ON public.conversation_state_transitions USING btree (message_id);
 
 --
+-- Name: wa_console_audit_at_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX wa_console_audit_at_idx ON public.wa_console_audit USING btree (at DESC, id DESC);
+
+--
+-- Name: wa_console_sessions_expires_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX wa_console_sessions_expires_idx ON public.wa_console_sessions USING btree (expires_at);
+
+--
 -- Name: wa_message_tombstones_at_idx; Type: INDEX; Schema: public; Owner: -
 --
 
@@ -1657,10 +1963,22 @@ CREATE INDEX wa_message_tombstones_at_idx ON public.wa_message_tombstones USING 
 CREATE INDEX webhook_conversations_active_idx ON public.webhook_conversations USING btree (locked_at) WHERE (status = 'active'::text);
 
 --
+-- Name: webhook_conversations_activity_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX webhook_conversations_activity_idx ON public.webhook_conversations USING btree (last_activity_at DESC, id DESC);
+
+--
 -- Name: webhook_conversations_customer_idx; Type: INDEX; Schema: public; Owner: -
 --
 
 CREATE UNIQUE INDEX webhook_conversations_customer_idx ON public.webhook_conversations USING btree (phone_number_id, customer_id);
+
+--
+-- Name: webhook_conversations_handoff_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX webhook_conversations_handoff_idx ON public.webhook_conversations USING btree (handoff_at) WHERE (handoff_at IS NOT NULL);
 
 --
 -- Name: webhook_conversations_pn_wa_id_idx; Type: INDEX; Schema: public; Owner: -
@@ -1757,11 +2075,32 @@ ALTER TABLE ONLY public.conversation_state_transitions
     ADD CONSTRAINT conversation_state_transitions_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id);
 
 --
+-- Name: operator_replies operator_replies_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.operator_replies
+    ADD CONSTRAINT operator_replies_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id) ON DELETE CASCADE;
+
+--
 -- Name: processed_webhook_messages processed_webhook_messages_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
 --
 
 ALTER TABLE ONLY public.processed_webhook_messages
     ADD CONSTRAINT processed_webhook_messages_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id);
+
+--
+-- Name: wa_console_operator_numbers wa_console_operator_numbers_operator_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_operator_numbers
+    ADD CONSTRAINT wa_console_operator_numbers_operator_fkey FOREIGN KEY (operator) REFERENCES public.wa_console_operators(name) ON DELETE CASCADE;
+
+--
+-- Name: wa_console_sessions wa_console_sessions_operator_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.wa_console_sessions
+    ADD CONSTRAINT wa_console_sessions_operator_fkey FOREIGN KEY (operator) REFERENCES public.wa_console_operators(name) ON DELETE CASCADE;
 
 --
 -- Name: webhook_dlq webhook_dlq_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
@@ -1795,6 +2134,12 @@ ALTER TABLE public.agent_sessions ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.conversation_state_transitions ENABLE ROW LEVEL SECURITY;
 
 --
+-- Name: operator_replies; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.operator_replies ENABLE ROW LEVEL SECURITY;
+
+--
 -- Name: processed_webhook_messages; Type: ROW SECURITY; Schema: public; Owner: -
 --
 
@@ -1805,6 +2150,30 @@ ALTER TABLE public.processed_webhook_messages ENABLE ROW LEVEL SECURITY;
 --
 
 ALTER TABLE public.schema_migrations ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_audit; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_console_audit ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_operator_numbers; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_console_operator_numbers ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_operators; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_console_operators ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: wa_console_sessions; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.wa_console_sessions ENABLE ROW LEVEL SECURITY;
 
 --
 -- Name: wa_erasure_audit; Type: ROW SECURITY; Schema: public; Owner: -
@@ -1849,6 +2218,12 @@ CREATE POLICY wa_owner ON public.agent_sessions USING (( SELECT public.wa_owns('
 CREATE POLICY wa_owner ON public.conversation_state_transitions USING (( SELECT public.wa_owns('public.conversation_state_transitions'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.conversation_state_transitions'::regclass) AS wa_owns));
 
 --
+-- Name: operator_replies wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.operator_replies USING (( SELECT public.wa_owns('public.operator_replies'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.operator_replies'::regclass) AS wa_owns));
+
+--
 -- Name: processed_webhook_messages wa_owner; Type: POLICY; Schema: public; Owner: -
 --
 
@@ -1859,6 +2234,30 @@ CREATE POLICY wa_owner ON public.processed_webhook_messages USING (( SELECT publ
 --
 
 CREATE POLICY wa_owner ON public.schema_migrations USING (( SELECT public.wa_owns('public.schema_migrations'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.schema_migrations'::regclass) AS wa_owns));
+
+--
+-- Name: wa_console_audit wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_console_audit USING (( SELECT public.wa_owns('public.wa_console_audit'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_console_audit'::regclass) AS wa_owns));
+
+--
+-- Name: wa_console_operator_numbers wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_console_operator_numbers USING (( SELECT public.wa_owns('public.wa_console_operator_numbers'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_console_operator_numbers'::regclass) AS wa_owns));
+
+--
+-- Name: wa_console_operators wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_console_operators USING (( SELECT public.wa_owns('public.wa_console_operators'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_console_operators'::regclass) AS wa_owns));
+
+--
+-- Name: wa_console_sessions wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.wa_console_sessions USING (( SELECT public.wa_owns('public.wa_console_sessions'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_console_sessions'::regclass) AS wa_owns));
 
 --
 -- Name: wa_erasure_audit wa_owner; Type: POLICY; Schema: public; Owner: -

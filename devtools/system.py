@@ -94,6 +94,7 @@ class System:
         # connections are let go well before the server lets go of them.
         self.http = httpx.AsyncClient(timeout=15, limits=httpx.Limits(keepalive_expiry=2.0))
         self._db: asyncpg.Pool | None = None
+        self.console_url = ""  # start_console()
 
     def transport(self, identity: str = "operator") -> tls.Transport:
         """How a test calls the services as `identity` (plaintext when GRPC_INSECURE=true)."""
@@ -152,6 +153,40 @@ class System:
             await self.wait_ready(timeout=30.0 + 10.0 * max(0, len(processes) - len(SERVICES)))
         return self
 
+    async def start_console(self, **env: str) -> str:
+        """The operator console (services/console) as its own process, on a free loopback
+        port with the operator role's URL; returns its base URL once it answers."""
+        await self.provision()
+        port = free_port()
+        await self.sup.start(
+            supervisor.Spec(
+                "console",
+                [sys.executable, "-m", "services.console"],
+                env={
+                    **self.env,
+                    **self.scale.shared,
+                    "CONSOLE_HOST": "127.0.0.1",
+                    "CONSOLE_PORT": str(port),
+                    "CONSOLE_GATEWAY_URL": self.url,
+                    **env,
+                },
+                log_file=str(self.log_path("console")),
+            )
+        )
+        self.console_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if (
+                    await self.http.get(f"{self.console_url}/healthz", timeout=2)
+                ).status_code == 200:
+                    return self.console_url
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"console not ready\n{self.tail_logs()}")
+            await asyncio.sleep(0.1)
+
     async def restart(self, name: str, **env: str) -> None:
         """Stops one service and starts it again, with `env` changed."""
         await self.sup.stop([r.name for r in self._processes((name,))])
@@ -202,7 +237,7 @@ class System:
 
     def tail_logs(self, lines: int = 30) -> str:
         out = ["--- supervisor ---", *self.events[-lines:]]
-        for name in (r.name for r in self.scale.all()):
+        for name in [*(r.name for r in self.scale.all()), "console"]:
             path = self.log_path(name)
             if path.exists():
                 text = path.read_text(errors="replace").splitlines()[-lines:]

@@ -24,6 +24,15 @@ class AgentType:
     keywords: tuple[str, ...]
     # What to do with an answer longer than one WhatsApp text message: split | trim.
     long_replies: str = "split"
+    # Quick bursts become one turn: a turn waits until the conversation has been quiet this
+    # long and answers its waiting messages together (services/agent/debounce.py). 0: off.
+    debounce_seconds: float = 0.0
+    # Hands the conversation to a person once its message is sent (README, "Human handoff").
+    handoff: bool = False
+
+
+# A button id, list row id or quick-reply payload `agent:NAME` hands the conversation to NAME.
+CHOICE_PREFIX = "agent:"
 
 
 @dataclass(frozen=True)
@@ -34,9 +43,23 @@ class AgentCatalog:
     def get(self, name: str) -> AgentType:
         return self.agents.get(name) or self.agents[self.default]
 
-    def route(self, current: str, text: str) -> str:
-        """The agent type a message should be handled by (the current one unless a keyword of
-        another agent appears in it)."""
+    def resume_from(self, context_agent: str | None) -> str:
+        """The agent a turn starts from: the context's, except a handoff type's (such a
+        conversation has a turn again only after an operator released it: the bot takes
+        over from the default agent, instead of handing off again at once)."""
+        current = context_agent or self.default
+        return self.default if self.get(current).handoff else current
+
+    def route(self, current: str, text: str, choice: str = "") -> str:
+        """The agent type a message should be handled by: the one a tapped choice names (its
+        id or payload `agent:NAME`, or exactly an agent type's NAME), else the current one
+        unless a keyword of another agent appears in the text."""
+        chosen = choice.strip().lower()
+        if chosen:
+            named = chosen.removeprefix(CHOICE_PREFIX)
+            for name in self.agents:
+                if name.lower() == named:
+                    return name
         words = set(re.findall(r"[\w']+", text.lower()))
         for agent in self.agents.values():
             if agent.name != current and words.intersection(agent.keywords):
@@ -55,8 +78,13 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "model": str,
     "long_replies": str,
+    "debounce_seconds": (int, float),
+    "handoff": bool,
 }
 LONG_REPLIES = ("split", "trim")
+# A longer debounce would keep every customer of the agent type waiting that much longer for
+# each answer, and eat into the turn's deadline.
+DEBOUNCE_MAX_SECONDS = 10.0
 
 
 def _line_of(text: str, agent: str, key: str | None = None) -> int:
@@ -97,7 +125,11 @@ def load(path: Path) -> AgentCatalog:
                     f"{path}:{_line_of(text, name)}: agents.{name} is missing {key!r}"
                 )
         for key, kind in {**_FIELDS, **_OPTIONAL}.items():
-            if key in spec and (not isinstance(spec[key], kind) or isinstance(spec[key], bool)):
+            if key not in spec:
+                continue
+            # A bool is an int to Python: only a setting that is a bool may be one.
+            value = spec[key]
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise AgentConfigError(
                     f"{path}:{_line_of(text, name, key)}: agents.{name}.{key} has the wrong type"
                 )
@@ -125,6 +157,12 @@ def load(path: Path) -> AgentCatalog:
                 f"{path}:{_line_of(text, name, 'long_replies')}: long_replies must be "
                 f"'split' or 'trim', got {long_replies!r}"
             )
+        debounce = float(spec.get("debounce_seconds", 0))
+        if not 0 <= debounce <= DEBOUNCE_MAX_SECONDS:
+            raise AgentConfigError(
+                f"{path}:{_line_of(text, name, 'debounce_seconds')}: debounce_seconds must be "
+                f"in [0, {DEBOUNCE_MAX_SECONDS:g}], got {debounce:g}"
+            )
         agents[name] = AgentType(
             name=name,
             description=spec["description"],
@@ -134,6 +172,8 @@ def load(path: Path) -> AgentCatalog:
             token_limit=int(spec["token_limit"]),
             keywords=tuple(str(k).lower() for k in spec["keywords"]),
             long_replies=long_replies,
+            debounce_seconds=debounce,
+            handoff=spec.get("handoff", False),
         )
     default = raw.get("default", "")
     if default not in agents:

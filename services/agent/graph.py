@@ -48,6 +48,14 @@ class Sent:
     attempts: int
 
 
+@dataclass(frozen=True)
+class Media:
+    """A downloaded media file: kept in memory for its turn only, never stored."""
+
+    data: bytes
+    mime_type: str
+
+
 class GraphClient:
     def __init__(
         self,
@@ -127,6 +135,72 @@ class GraphClient:
         }
         await self._post("mark_read", phone_number_id, payload, retries=0)
 
+    async def download_media(
+        self, media_id: str, *, max_bytes: int, deadline: Deadline = UNBOUNDED
+    ) -> Media:
+        """A customer's media, held in memory: its id gives a short-lived URL (GET
+        /{version}/{media_id}), that URL the bytes, both with the business token. Raises
+        http.TooLarge, before reading it whole, for media over `max_bytes`; GraphError when
+        either call fails (after the policy's retries)."""
+        where = f"{self.base_url}/{self.version}/{media_id}"
+        meta = await self._get("media_url", where, http.ERROR_BODY_BYTES, deadline)
+        try:
+            doc = meta.json()
+        except ValueError:
+            doc = None
+        url = doc.get("url") if isinstance(doc, dict) else None
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise GraphError(
+                f"media {media_id}: the Graph API answered no download URL",
+                code="no_media_url",
+                action=GraphAction.RETRY,
+                status=meta.status,
+            )
+        declared = _int(doc.get("file_size")) if isinstance(doc, dict) else None
+        if declared is not None and declared > max_bytes:
+            # Meta says how big it is: not a byte of it is fetched.
+            raise http.TooLarge(max_bytes, declared)
+        mime_type = str(doc.get("mime_type") or "") if isinstance(doc, dict) else ""
+        body = await self._get("media_download", url, max_bytes, deadline)
+        return Media(data=body.body, mime_type=mime_type or body.headers.get("content-type", ""))
+
+    async def _get(self, call: str, url: str, max_bytes: int, deadline: Deadline) -> http.Answer:
+        """One GET with the business token and the policy's bounded retries."""
+        headers = {"Authorization": f"Bearer {self.access_token}"}
+        attempt = 0
+        while True:
+            attempt += 1
+            deadline.check(f"{call} from the Graph API")
+            started = time.perf_counter()
+            resp: http.Answer | None = None
+            try:
+                resp = await http.get(
+                    self.http,
+                    url,
+                    headers=headers,
+                    timeout=deadline.bound(self.timeout),
+                    max_bytes=max_bytes,
+                )
+                error = _error_of(resp)
+            except http.HttpFailure as exc:
+                # A GET changes nothing: trying again is always safe.
+                error = GraphError(
+                    str(exc), code="timeout" if exc.timeout else "network", action=GraphAction.RETRY
+                )
+            finally:
+                GRAPH_SECONDS.labels(call).observe(time.perf_counter() - started)
+            if error is None and resp is not None:
+                return resp
+            assert error is not None
+            GRAPH_ERRORS.labels(call, "retryable" if error.retryable else "final").inc()
+            if error.action is not GraphAction.RETRY or self.policy.exhausted(attempt):
+                raise error
+            delay = self.policy.delay(attempt, resp.headers if resp is not None else None)
+            if not self.policy.fits(delay, deadline):
+                raise error
+            log.warning("graph %s failed, retrying: %s", call, error, extra={"attempt": attempt})
+            await self.policy.sleep(delay)
+
     async def _post(
         self,
         call: str,
@@ -194,6 +268,17 @@ class GraphClient:
                 raise error
             log.warning("graph %s failed, retrying: %s", call, error, extra={"attempt": attempt})
             await policy.sleep(delay)
+
+
+def _int(value: Any) -> int | None:
+    """Meta writes sizes as numbers or decimal strings."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
 
 
 def _error_of(resp: http.Answer) -> GraphError | None:

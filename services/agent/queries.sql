@@ -6,9 +6,11 @@
 -- README, "Who owns which table".)
 
 -- name: turn_state
--- The message's reply state and its conversation's context, in one round trip.
+-- The message's reply state and its conversation's context, in one round trip; its type and
+-- Meta's message object say what it is (services/agent/inbound.py).
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
-       m.send_started_at, ctx.agent_type AS context_agent_type, ctx.messages AS context
+       m.send_started_at, m.absorbed_message_ids, ctx.agent_type AS context_agent_type,
+       ctx.messages AS context, m.message_type, m.payload
   FROM processed_webhook_messages m
   LEFT JOIN agent_contexts ctx ON ctx.conversation_id = m.conversation_id
  WHERE m.message_id = $1 AND m.kind = 'message'
@@ -20,7 +22,51 @@ SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_ty
  WHERE m.message_id = $1 AND m.kind = 'message'
 
 -- name: save_turn
-SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13)
+-- And the debounced burst $14 answered with the message (wa_save_burst, db/migrations/0018):
+-- one statement, so saved together or not at all. The first column is the fence token.
+SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13),
+       wa_save_burst($1, $2, $3, $14::text[])
+
+-- name: burst_quiet_seconds
+-- How long ago the newest waiting message of conversation $1 was stored (the database's clock
+-- on both sides). Its few waiting rows, by processed_messages_waiting_idx.
+SELECT EXTRACT(EPOCH FROM now() - max(m.received_at))::float8
+  FROM processed_webhook_messages m
+ WHERE m.conversation_id = $1 AND m.status IN ('received', 'processing')
+
+-- name: burst
+-- The messages waiting after message $1 in its conversation, in order (at most $2): those of
+-- a debounced burst lead (services/agent/debounce.py). processed_messages_waiting_idx, from
+-- M's position on.
+SELECT w.message_id, w.body, w.message_type, w.attempts
+  FROM processed_webhook_messages m
+  JOIN LATERAL (
+      SELECT b.message_id, b.body, b.message_type, b.attempts
+        FROM processed_webhook_messages b
+       WHERE b.conversation_id = m.conversation_id
+         AND b.status IN ('received', 'processing')
+         AND (b.wa_timestamp, b.id) > (m.wa_timestamp, m.id)
+         AND b.status = 'received' AND b.kind = 'message'
+       ORDER BY b.wa_timestamp, b.id
+       LIMIT $2
+  ) w ON true
+ WHERE m.message_id = $1 AND m.kind = 'message'
+
+-- name: save_fallback
+-- The fallback reply, stored like a model's (wa_save_turn) before it is sent: the context and
+-- the session figures are left alone, no model having been called.
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $5 FOR SHARE
+), saved AS (
+    UPDATE processed_webhook_messages m
+       SET reply_text = $2,
+           agent_type = $3,
+           send_started_at = CASE WHEN $4 THEN now() ELSE m.send_started_at END,
+           updated_at = now()
+      FROM fence f
+     WHERE m.message_id = $1 AND f.fence_token = $6
+)
+SELECT fence_token FROM fence
 
 -- name: session_metrics
 SELECT increment_session_metrics($1, $2, $3, $4, $5, $6, $7, $8)

@@ -11,24 +11,27 @@ import aiohttp
 import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
-from common import config, db, logs, roles, wire
+from common import authz, config, customers, db, logs, roles, wire
 from common.domain import TurnResult
 from services.agent.settings import AgentSettings
 
-from . import agents, window
+from . import agents, inbound, window
 from . import http as outbound
 from .backends import Backend, OpenAIBackend, RulesBackend
 from .breaker import CircuitBreaker
 from .deadline import Deadline, TurnTimeout
-from .graph import GraphClient
+from .graph import GraphClient, GraphError
+from .operator import InvalidReply, OperatorReplies, OutsideWindow, SendUncertain
+from .transcription import WhisperTranscriber
 from .turn import DB_DOWN, Agent, StaleFence, TurnFailed, UnknownMessage
 
 log = logging.getLogger(__name__)
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, replies: OperatorReplies | None = None) -> None:
         self.agent = agent
+        self.replies = replies or OperatorReplies(agent.pool, agent.catalog, agent.graph)
 
     async def Reply(
         self, request: agent_pb2.ReplyRequest, context: grpc.aio.ServicerContext
@@ -69,6 +72,61 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         backend = self.agent.backend
         return agent_pb2.GetStatusResponse(backend=backend.name, breaker_state=backend.status())
 
+    async def SendOperatorReply(
+        self, request: agent_pb2.SendOperatorReplyRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.SendOperatorReplyResponse:
+        if not request.customer.strip():
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "name a customer: a phone number or a BSUID"
+            )
+        deadline = Deadline.after(context.time_remaining())
+        try:
+            # Shielded like a turn: a caller that goes away must not cut the send off from
+            # its record.
+            sent = await asyncio.shield(
+                self.replies.send(
+                    customer=request.customer,
+                    phone_number_id=request.phone_number_id,
+                    text=request.text,
+                    idempotency_key=request.idempotency_key,
+                    operator=operator_name(request.operator, context),
+                    correlation_id=logs.correlation_id.get(),
+                    deadline=deadline,
+                )
+            )
+        except customers.UnknownCustomer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except (customers.AmbiguousCustomer, InvalidReply) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OutsideWindow as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except SendUncertain as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except GraphError as exc:
+            code = (
+                grpc.StatusCode.FAILED_PRECONDITION
+                if exc.code == "131047"  # Meta's own "more than 24 hours" refusal
+                else grpc.StatusCode.ABORTED
+            )
+            outcome = "not sent" if exc.status else "may or may not have been sent"
+            await context.abort(code, f"the Graph API send failed ({outcome}): {exc}")
+        except TurnTimeout as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        return agent_pb2.SendOperatorReplyResponse(
+            reply_message_id=sent.reply_message_id,
+            duplicate=sent.duplicate,
+            conversation_id=sent.conversation_id,
+            phone_number_id=sent.phone_number_id,
+        )
+
+
+def operator_name(named: str, context: grpc.aio.ServicerContext) -> str:
+    """Who answers, for the audit: the person the caller names and the identity its
+    certificate proves (`operator`)."""
+    identity = authz.identity(context) or "unauthenticated"
+    named = " ".join(named.split())[:100]
+    return f"{named} (via {identity})" if named else identity
+
 
 def _failed(error_class: str, message: str, *, retryable: bool = True) -> TurnResult:
     return TurnResult(
@@ -92,6 +150,30 @@ def make_backend(settings: AgentSettings, http: aiohttp.ClientSession) -> Backen
             ),
         )
     return RulesBackend()
+
+
+def make_reader(
+    settings: AgentSettings, http: aiohttp.ClientSession, graph: GraphClient
+) -> inbound.Reader:
+    """Voice notes are transcribed only with TRANSCRIPTION_URL set (and media downloaded only
+    with the business token); the model call's timeout and retries bound the transcription."""
+    transcriber = None
+    if settings.transcription_url:
+        transcriber = WhisperTranscriber(
+            http,
+            base_url=settings.transcription_url,
+            api_key=settings.transcription_api_key.reveal(),
+            model=settings.transcription_model,
+            timeout=settings.model_timeout_seconds,
+            max_retries=settings.agent_max_retries,
+        )
+    else:
+        log.info("TRANSCRIPTION_URL is not set: voice notes get the fallback reply")
+    return inbound.Reader(
+        media=graph if graph.enabled else None,
+        transcriber=transcriber,
+        max_bytes=settings.media_max_bytes,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -125,8 +207,12 @@ async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterat
             token_limit=settings.agent_token_limit,
             context_max_messages=settings.context_max_messages,
             confirm_seconds=settings.send_confirm_seconds,
+            reader=make_reader(settings, http, graph),
+            fallback_reply=settings.fallback_reply,
         )
-        agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(agent), server)
+        agent_pb2_grpc.add_AgentServicer_to_server(
+            AgentServicer(agent, OperatorReplies(pool, catalog, graph)), server
+        )
         try:
             yield [agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name]
         finally:

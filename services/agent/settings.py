@@ -9,6 +9,14 @@ from pydantic import field_validator
 
 from common import config
 
+from . import limits
+
+# AGENT_FALLBACK_REPLY's default.
+FALLBACK_REPLY = (
+    "Sorry, I can't open this kind of message here. "
+    "Could you write what you need in a text message?"
+)
+
 
 class AgentSettings(config.TurnLimits):
     # Its own login role (common/roles.py), never the owner's DATABASE_URL.
@@ -27,8 +35,26 @@ class AgentSettings(config.TurnLimits):
     context_max_messages: int = config.env("AGENT_CONTEXT_MAX_MESSAGES", 100, ge=2, le=10_000)
     breaker_threshold: int = config.env("AGENT_BREAKER_THRESHOLD", 5)
     breaker_reset_seconds: float = config.env("AGENT_BREAKER_RESET_SECONDS", 30.0)
+    # Voice notes: an OpenAI-compatible /audio/transcriptions root; empty: not transcribed,
+    # answered with the fallback reply.
+    transcription_url: str = config.env("TRANSCRIPTION_URL", "")
+    transcription_api_key: config.Secret = config.env("TRANSCRIPTION_API_KEY", config.Secret(""))
+    transcription_model: str = config.env("TRANSCRIPTION_MODEL", "whisper-1")
+    # A customer's media is held in memory for its turn: larger files are refused unread.
+    media_max_bytes: int = config.env("MEDIA_MAX_BYTES", 16 * 1024 * 1024, gt=0)
+    # Sent, without calling the model, for a message that cannot be read (README, "What
+    # customers can send").
+    fallback_reply: str = config.env("AGENT_FALLBACK_REPLY", FALLBACK_REPLY)
 
-    @field_validator("api_base_url", "openai_base_url")
+    @field_validator("api_base_url", "openai_base_url", "transcription_url")
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("fallback_reply")
+    @classmethod
+    def _sendable(cls, value: str) -> str:
+        value = value.strip()
+        if not value or limits.length(value) > limits.TEXT_BODY_MAX:
+            raise ValueError(f"must be 1 to {limits.TEXT_BODY_MAX} characters")
+        return value

@@ -8,6 +8,7 @@ sent again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -18,11 +19,12 @@ from opentelemetry import trace
 from common import sqlfile, telemetry
 from common.domain import TurnRequest, TurnResult
 
-from . import limits, window
+from . import debounce, inbound, limits, window
 from .agents import AgentCatalog
 from .backends import Backend, ModelError, clean_text
 from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline, TurnTimeout
 from .graph import GraphClient, GraphError
+from .settings import FALLBACK_REPLY
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -70,6 +72,8 @@ class Agent:
         token_limit: int,
         context_max_messages: int = 100,
         confirm_seconds: float = 10.0,
+        reader: inbound.Reader | None = None,
+        fallback_reply: str = FALLBACK_REPLY,
     ) -> None:
         self.pool = pool
         self.catalog = catalog
@@ -78,13 +82,27 @@ class Agent:
         self.token_limit = token_limit
         self.context_max_messages = max(2, context_max_messages)
         self.confirm_seconds = confirm_seconds
+        # Reads what each message says (buttons, captions, voice notes...); the fallback
+        # reply answers what cannot be read.
+        self.reader = reader or inbound.Reader()
+        self.fallback_reply = fallback_reply
         self._background: set[asyncio.Task[None]] = set()
 
     async def reply(self, req: TurnRequest, deadline: Deadline = UNBOUNDED) -> TurnResult:
         """The turn, every call of it ending before `deadline` (raises TurnTimeout past it)."""
+        result = await self._turn(req, deadline)
+        if result.outcome == "replied" and self.catalog.get(result.agent_type).handoff:
+            # Its message is sent: the state service hands the conversation to a person.
+            return dataclasses.replace(result, handoff=True)
+        return result
+
+    async def _turn(self, req: TurnRequest, deadline: Deadline) -> TurnResult:
         state = await self.pool.fetchrow(Q["turn_state"], req.message_id)
         if state is None:
             raise UnknownMessage(req.message_id)
+        # A debounced burst this message's reply answers too: saved with the reply, so a run
+        # resumed after a crash answers the same one (services/agent/debounce.py).
+        absorbed: tuple[str, ...] = tuple(state["absorbed_message_ids"] or ())
         if state["reply_message_id"]:
             # Sent by an earlier run of this turn that died before it was marked replied.
             return TurnResult(
@@ -92,6 +110,7 @@ class Agent:
                 reply_text=state["reply_text"] or "",
                 reply_message_id=state["reply_message_id"],
                 agent_type=state["agent_type"] or "",
+                absorbed_message_ids=absorbed,
             )
         reply_text = state["reply_text"]
         agent_type = state["agent_type"] or ""
@@ -106,9 +125,24 @@ class Agent:
             # confirmation comes is the reply sent again (at least once beats lost).
             confirmed = await self._await_confirmation(req, deadline)
             if confirmed is not None:
-                return confirmed
+                return dataclasses.replace(confirmed, absorbed_message_ids=absorbed)
+        burst = debounce.NONE
+        if reply_text is None:
+            current = self.catalog.get(state["context_agent_type"] or self.catalog.default)
+            if current.debounce_seconds > 0 and state["message_type"] in debounce.KINDS:
+                burst = await debounce.gather(
+                    self.pool,
+                    req.conversation_id,
+                    req.message_id,
+                    current.debounce_seconds,
+                    deadline,
+                )
+                absorbed = burst.message_ids
+        # The reply quotes the newest message it answers, and that one is marked read (which
+        # marks the earlier ones read too).
+        quote = absorbed[-1] if absorbed else req.message_id
         if self.graph.enabled:
-            task = asyncio.create_task(self._mark_read(req))
+            task = asyncio.create_task(self._mark_read(req, quote))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         # Saving a new reply marks its send as started too (it follows at once).
@@ -116,7 +150,12 @@ class Agent:
         if reply_text is None:
             try:
                 reply_text, agent_type = await self._think(
-                    req, state["context_agent_type"], state["context"], deadline
+                    req,
+                    state["context_agent_type"],
+                    state["context"],
+                    deadline,
+                    message=(state["message_type"], state["payload"]),
+                    burst=burst,
                 )
             except ModelError as exc:
                 await self._session_error(req, agent_type or self.catalog.default)
@@ -128,10 +167,19 @@ class Agent:
                 )
             parts = limits.fit(reply_text, self.catalog.get(agent_type).long_replies)
         if len(parts) > 1 and self.graph.enabled:
-            return await self._deliver_parts(req, reply_text, parts, agent_type, deadline)
-        return await self._deliver(
-            req, reply_text, agent_type, send_started=send_started, deadline=deadline
-        )
+            result = await self._deliver_parts(
+                req, reply_text, parts, agent_type, deadline, quote=quote
+            )
+        else:
+            result = await self._deliver(
+                req,
+                reply_text,
+                agent_type,
+                send_started=send_started,
+                deadline=deadline,
+                quote=quote,
+            )
+        return dataclasses.replace(result, absorbed_message_ids=absorbed)
 
     def _confirm_window(self, deadline: Deadline) -> float:
         """How long to wait for a status webhook: WHATSAPP_SEND_CONFIRM_SECONDS, but at most
@@ -186,9 +234,9 @@ class Agent:
                 return None
             await asyncio.sleep(0.25)
 
-    async def _mark_read(self, req: TurnRequest) -> None:
+    async def _mark_read(self, req: TurnRequest, message_id: str) -> None:
         try:
-            await asyncio.wait_for(self.graph.mark_read(req.phone_number_id, req.message_id), 5)
+            await asyncio.wait_for(self.graph.mark_read(req.phone_number_id, message_id), 5)
         except Exception as exc:
             log.info("mark-as-read failed (the turn goes on): %s", exc)
 
@@ -198,14 +246,23 @@ class Agent:
         context_agent: str | None,
         context: list[dict[str, Any]] | None,
         deadline: Deadline = UNBOUNDED,
+        message: tuple[str, Any] = ("text", None),
+        burst: debounce.Burst = debounce.NONE,
     ) -> tuple[str, str]:
+        """`message`: the stored message's type and Meta's object of it."""
         history: list[dict[str, Any]] = list(context) if context is not None else []
-        current = context_agent or self.catalog.default
-        routed = self.catalog.route(current, req.text)
+        current = self.catalog.resume_from(context_agent)
+        said = await self._understand(req, *message, deadline)
+        if isinstance(said, inbound.Fallback):
+            return await self._fall_back(req, current, said)
+        # A debounced burst (text messages, debounce.py) is one user message: the texts in
+        # order, one a line.
+        text = _lines([said.text, *burst.texts]) or said.text
+        routed = self.catalog.route(current, _lines([said.route_text, *burst.texts]), said.choice)
         agent = self.catalog.get(routed)
         user: dict[str, Any] = {
             "role": "user",
-            "content": clean_text(req.text),
+            "content": clean_text(text),
             "message_id": req.message_id,
         }
         user["tokens"] = window.message_tokens(user)
@@ -223,6 +280,8 @@ class Agent:
             telemetry.annotate(span, correlation_id=req.correlation_id, agent_type=agent.name)
             span.set_attribute("wa.model.backend", self.backend.name)
             span.set_attribute("wa.model.window_tokens", win.tokens)
+            if burst.message_ids:
+                span.set_attribute("wa.turn.burst_messages", 1 + len(burst.message_ids))
             try:
                 completion = await self.backend.complete(
                     agent,
@@ -270,6 +329,7 @@ class Agent:
                 latency_ms,
                 req.correlation_id,
                 self.graph.enabled and single,
+                list(burst.message_ids) or None,
             )
         except DB_DOWN as exc:
             # The model has answered: running the turn again would pay for it again, so this
@@ -279,6 +339,38 @@ class Agent:
             ) from exc
         _check_fence(req, fence)
         return text, agent.name
+
+    async def _understand(
+        self, req: TurnRequest, message_type: str, payload: Any, deadline: Deadline
+    ) -> inbound.Said | inbound.Fallback:
+        try:
+            return await self.reader.understand(message_type, payload, req.text, deadline)
+        except inbound.InboundError as exc:
+            # A transcription may have been paid for: a failed attempt, bounded by the DLQ.
+            raise TurnFailed(
+                str(exc), error_class=exc.error_class, retryable=exc.retryable
+            ) from exc
+
+    async def _fall_back(
+        self, req: TurnRequest, current: str, said: inbound.Fallback
+    ) -> tuple[str, str]:
+        """The fallback reply, stored (fenced, marked as being sent) like a model's answer so
+        that it is sent exactly once; the model is not called, the context not changed."""
+        agent_type = self.catalog.get(current).name
+        log.info(
+            "answered with the fallback reply",
+            extra={"message_id": req.message_id, "reason": said.reason},
+        )
+        trace.get_current_span().set_attribute("wa.inbound.fallback", said.reason)
+        await self._fenced(
+            req,
+            "save_fallback",
+            req.message_id,
+            self.fallback_reply,
+            agent_type,
+            self.graph.enabled and limits.length(self.fallback_reply) <= limits.TEXT_BODY_MAX,
+        )
+        return self.fallback_reply, agent_type
 
     async def _fenced(self, req: TurnRequest, query: str, *args: Any) -> None:
         """One write of the turn (queries.sql), applied only while the turn's fence token is
@@ -317,6 +409,7 @@ class Agent:
         *,
         send_started: bool,
         deadline: Deadline = UNBOUNDED,
+        quote: str = "",
     ) -> TurnResult:
         if not self.graph.enabled:
             log.info(
@@ -343,7 +436,9 @@ class Agent:
                     req.phone_number_id,
                     req.wa_id,
                     text,
-                    reply_to=req.message_id,
+                    reply_to=quote or req.message_id,
+                    # Its status webhook names the turn's message, whichever one it quotes.
+                    callback_data=req.message_id,
                     deadline=deadline,
                     user_id=req.user_id,
                     before_retry=lambda: self._still_holder(req),
@@ -379,7 +474,14 @@ class Agent:
         )
 
     async def _deliver_parts(
-        self, req: TurnRequest, text: str, parts: list[str], agent_type: str, deadline: Deadline
+        self,
+        req: TurnRequest,
+        text: str,
+        parts: list[str],
+        agent_type: str,
+        deadline: Deadline,
+        *,
+        quote: str = "",
     ) -> TurnResult:
         """A reply too long for one message, as consecutive messages. The split is recorded
         before the first is sent, and each part's send like a whole reply's: a run resumed
@@ -426,7 +528,7 @@ class Agent:
                         req.wa_id,
                         body,
                         # Only the first part quotes the customer's message.
-                        reply_to=req.message_id if n == 0 else "",
+                        reply_to=(quote or req.message_id) if n == 0 else "",
                         callback_data=callback,
                         deadline=deadline,
                         user_id=req.user_id,
@@ -476,6 +578,10 @@ class Agent:
             "" if sent is None else sent_ids[sent],
             -1 if start is None else start,
         )
+
+
+def _lines(texts: list[str]) -> str:
+    return "\n".join(t for t in texts if t.strip())
 
 
 def bounded(history: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from opentelemetry import trace
 
 from common import retry, telemetry
 
-from . import machine, metrics, store
+from . import handoff, machine, metrics, store
 from .locks import Lease, Locks
 from .ports import AgentPort, AgentUnavailable, DlqPort, DlqUnavailable, Failure, TurnResult
 
@@ -288,16 +288,40 @@ class Dispatcher:
             metrics.TURN_SECONDS.observe(time.perf_counter() - started)
             if result.outcome == "replied":
                 reason = result.detail or "replied"
-                finished = await store.finish_turn(
-                    self.pool,
-                    item,
-                    machine.REPLIED,
-                    reason,
-                    token,
-                    start_next=not lease.lost and not self._closing,
-                )
-                metrics.OUTCOMES.labels("replied").inc()
+                if result.absorbed_message_ids:
+                    burst = len(result.absorbed_message_ids) + 1
+                    reason = f"{reason}; answers a debounced burst of {burst} messages"
+                start_next = not lease.lost and not self._closing
+                if result.handoff:
+                    finished = await handoff.finish_handing_off(
+                        self.pool,
+                        item,
+                        machine.REPLIED,
+                        reason,
+                        token,
+                        start_next=start_next,
+                        agent_type=result.agent_type,
+                        absorbed=result.absorbed_message_ids,
+                    )
+                else:
+                    finished = await store.finish_turn(
+                        self.pool,
+                        item,
+                        machine.REPLIED,
+                        reason,
+                        token,
+                        start_next=start_next,
+                        absorbed=result.absorbed_message_ids,
+                    )
+                metrics.OUTCOMES.labels("replied").inc(1 + len(finished.absorbed))
                 log.info("message replied", extra=_who(item))
+                left = set(result.absorbed_message_ids) - set(finished.absorbed)
+                if left:
+                    # No longer waiting (another turn took them): they are theirs to answer.
+                    log.warning(
+                        "messages of a debounced burst were not waiting any more",
+                        extra={**_who(item), "left": sorted(left)},
+                    )
                 if item.attempts > 1:
                     with contextlib.suppress(DlqUnavailable):
                         await self.dlq.resolve(item.message_id, item.correlation_id)

@@ -26,6 +26,12 @@ MESSAGE_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {
     SKIPPED: frozenset(),
 }
 
+# A message answered by the turn of an earlier message of its conversation (a debounced burst,
+# services/agent/debounce.py) leaves received for replied with that turn's final transition, and
+# only then: it never had a turn of its own. Not in MESSAGE_TRANSITIONS, which no other move
+# may take this way.
+ABSORBED_FROM: Final = (RECEIVED,)
+
 IDLE: Final = "idle"
 ACTIVE: Final = "active"
 CONVERSATION_TRANSITIONS: Final[dict[str | None, frozenset[str]]] = {

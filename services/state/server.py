@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -13,10 +14,22 @@ import asyncpg
 import grpc
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
-from common import config, db, domain, grpcserver, kv, logs, migrate, roles, telemetry, wire
+from common import (
+    config,
+    customers,
+    db,
+    domain,
+    grpcserver,
+    kv,
+    logs,
+    migrate,
+    roles,
+    telemetry,
+    wire,
+)
 from services.state.settings import StateSettings
 
-from . import handback, machine, metrics, retention, store
+from . import handback, handoff, machine, metrics, retention, store
 from .clients import GrpcAgent, GrpcDlq
 from .dispatcher import Dispatcher
 from .locks import Locks
@@ -268,6 +281,91 @@ class StateServicer(state_pb2_grpc.StateServicer):
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
         return state_pb2.ForgetResponse(counts=_table_counts(counts))
 
+    async def ListHandoffs(
+        self, request: state_pb2.ListHandoffsRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.ListHandoffsResponse:
+        waiting = await handoff.waiting(
+            self.pool, request.phone_number_id.strip(), min(request.limit or 100, 1000)
+        )
+        return state_pb2.ListHandoffsResponse(
+            handoffs=[
+                state_pb2.Handoff(
+                    conversation_id=w.conversation_id,
+                    phone_number_id=w.phone_number_id,
+                    wa_id=w.wa_id,
+                    user_id=w.user_id,
+                    username=w.username,
+                    contact_name=w.contact_name,
+                    since=wire.datetime_ts(w.since),
+                    handoff_message_id=w.handoff_message_id,
+                    waiting_count=w.waiting_count,
+                    waiting=[
+                        state_pb2.WaitingMessage(
+                            message_id=m["message_id"],
+                            type=m["type"],
+                            text=m["text"] or "",
+                            received_at=wire.datetime_ts(
+                                dt.datetime.fromisoformat(m["received_at"])
+                            ),
+                            status=wire.MESSAGE_STATUS_NUMBER[m["status"]],
+                            status_reason=m["status_reason"] or "",
+                        )
+                        for m in w.messages
+                    ],
+                )
+                for w in waiting
+            ]
+        )
+
+    async def ReleaseHandoff(
+        self, request: state_pb2.ReleaseHandoffRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.ReleaseHandoffResponse:
+        customer = request.customer.strip()
+        if not customer:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "name a customer: a phone number or a BSUID"
+            )
+        by = operator_name(request.operator, context)
+        try:
+            released = await handoff.release(
+                self.pool, customer, request.phone_number_id, by, logs.correlation_id.get()
+            )
+        except customers.UnknownCustomer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except customers.AmbiguousCustomer as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except handoff.NotHandedOff as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return state_pb2.ReleaseHandoffResponse(
+            conversation_id=released.conversation_id,
+            phone_number_id=released.phone_number_id,
+            since=wire.datetime_ts(released.since),
+        )
+
+    async def TakeOver(
+        self, request: state_pb2.TakeOverRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.TakeOverResponse:
+        customer = request.customer.strip()
+        if not customer:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "name a customer: a phone number or a BSUID"
+            )
+        by = operator_name(request.operator, context)
+        try:
+            taken = await handoff.take_over(
+                self.pool, customer, request.phone_number_id, by, logs.correlation_id.get()
+            )
+        except customers.UnknownCustomer as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except customers.AmbiguousCustomer as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return state_pb2.TakeOverResponse(
+            conversation_id=taken.conversation_id,
+            phone_number_id=taken.phone_number_id,
+            since=wire.datetime_ts(taken.since),
+            already=taken.already,
+        )
+
     async def CheckDependencies(
         self, request: state_pb2.CheckDependenciesRequest, context: grpc.aio.ServicerContext
     ) -> state_pb2.CheckDependenciesResponse:
@@ -296,6 +394,14 @@ class StateServicer(state_pb2_grpc.StateServicer):
 
 def _table_counts(counts: dict[str, int]) -> list[state_pb2.TableCount]:
     return [state_pb2.TableCount(table_name=t, rows=n) for t, n in counts.items()]
+
+
+def operator_name(named: str, context: grpc.aio.ServicerContext) -> str:
+    """Who acted, for the audit: the person the caller names (the console's operator, the
+    CLI's user) and the identity its certificate proves."""
+    identity = caller_identity(context)
+    named = " ".join(named.split())[:100]
+    return f"{named} (via {identity})" if named else identity
 
 
 def caller_identity(context: grpc.aio.ServicerContext) -> str:

@@ -59,14 +59,36 @@ class Timeline:
     customer: asyncpg.Record | None = None
 
 
-ANSWERED_TYPES = frozenset({"text"})
+# What the agent answers (services/agent/inbound.py reads each kind: a choice, a caption, a
+# transcript, a location...; what it cannot read gets the fallback reply, never silence).
+ANSWERED_TYPES = frozenset(
+    {
+        "text",
+        "interactive",
+        "button",
+        "image",
+        "video",
+        "document",
+        "audio",
+        "sticker",
+        "location",
+        "contacts",
+        "order",
+        "unsupported",
+        "unknown",
+    }
+)
+# Recorded, never answered, and why.
+NOT_ANSWERED = {
+    "reaction": "reactions are recorded, not answered",
+}
 
 
 def skip_reason(message_type: str) -> str:
     """Why a message is stored but not answered ("" when it is answered)."""
     if message_type in ANSWERED_TYPES:
         return ""
-    return f"message type {message_type!r} is not answered"
+    return NOT_ANSWERED.get(message_type, f"message type {message_type!r} is not answered")
 
 
 # 9999-12-31T23:59:59Z, the last second a datetime holds.
@@ -493,20 +515,27 @@ class Finished:
     from_state: str
     # The next turn: started (a WorkItem), none waiting (None), or not looked for.
     next: WorkItem | NotAsked | None
+    # The messages of a debounced burst moved to the same state with it, in order.
+    absorbed: tuple[str, ...] = ()
 
 
 async def finish_turn(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool | Conn,
     item: WorkItem,
     to_state: str,
     reason: str,
     token: int,
     *,
     start_next: bool,
+    absorbed: tuple[str, ...] = (),
 ) -> Finished:
     """`transition` of a finished turn's message and, when `start_next` and the transition
     applied, `next_message` of its conversation with the same token: one round trip (and one
-    commit) instead of two. Raises what `transition` raises."""
+    commit) instead of two. Raises what `transition` raises.
+
+    `absorbed`: the debounced burst the turn's reply answered too (TurnResult); each of those
+    messages saved with the reply and still received moves to `to_state` as well, in the same
+    statement, audited with its own reason (db/migrations/0018)."""
     row = await pool.fetchrow(
         Q["finish_turn"],
         item.message_id,
@@ -517,6 +546,9 @@ async def finish_turn(
         "",
         item.conversation_id,
         start_next,
+        list(absorbed),
+        list(machine.ABSORBED_FROM),
+        f"replied together with {item.message_id} (debounced burst)",
     )
     assert row is not None
     from_state = _transitioned(
@@ -527,11 +559,12 @@ async def finish_turn(
         row["finished_from"],
         row["finished_fence"],
     )
+    moved = tuple(row["absorbed"] or ())
     if row["outcome"] in ("unasked", "stale"):
         # Stale: the turn was finished under its token and the conversation has moved on
         # since; next_message says so the usual way.
-        return Finished(from_state, NOT_ASKED)
-    return Finished(from_state, _started(row, item.conversation_id, token))
+        return Finished(from_state, NOT_ASKED, moved)
+    return Finished(from_state, _started(row, item.conversation_id, token), moved)
 
 
 # What a redrive may put back in its conversation's queue: a message that has finished failing.

@@ -75,7 +75,7 @@ async def terminal_once(system: System, message_ids: set[str], timeout: float = 
     assert {r["message_id"]: r["n"] for r in rows} == dict.fromkeys(message_ids, 1)
 
 
-async def test_any_text_a_customer_types_is_stored_and_answered(
+async def test_any_text_a_customer_types_is_stored_and_answered_as_text_caption_and_choice(
     start_system: StartSystem, graph: FakeGraph
 ) -> None:
     system = await start_system(**QUICK_DLQ)
@@ -94,13 +94,13 @@ async def test_any_text_a_customer_types_is_stored_and_answered(
             ),
         ]
         answer = await post_json(system, payloads.delivery(messages=messages, name=typed))
-        assert [m["status"] for m in answer["messages"]] == ["received", "skipped", "skipped"]
+        assert [m["status"] for m in answer["messages"]] == ["received"] * 3
         sent.append((wa_id, typed, [m["id"] for m in messages]))
 
     # A backslash and "u0000" typed (a developer pasting a log line), NUL, a lone surrogate.
     explicit = ("see \\u0000 in the log", "\x00", "half an emoji \ud83d", "\ud83d\ude00")
     await drive(st.text(max_size=200) | st.sampled_from(hostile.NASTY), deliver, 30, explicit)
-    await system.wait_status([ids[0] for _, _, ids in sent], {"replied"}, timeout=60)
+    await system.wait_status([i for _, _, ids in sent for i in ids], {"replied"}, timeout=90)
     pool = await system.db()
     for wa_id, typed, ids in sent:
         kept = hostile.expected_text(typed)
@@ -119,6 +119,10 @@ async def test_any_text_a_customer_types_is_stored_and_answered(
         )
         assert name == (kept or None), typed
     assert {r.body["to"] for r in graph.sends} == {wa_id for wa_id, _, _ in sent}
+    # A caption, a button's title: each answered once, whatever was typed.
+    assert sorted(r.body["context"]["message_id"] for r in graph.sends) == sorted(
+        i for _, _, ids in sent for i in ids
+    )
 
 
 async def test_any_value_in_a_delivery_is_answered_200_and_every_message_ends_once(

@@ -48,7 +48,7 @@ def _service_pid(root: psutil.Process, module: str) -> int | None:
 def make_run(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    ports = {k: free_port() for k in ("gw", "st", "ag", "dq", "ms", "ma", "md")}
+    ports = {k: free_port() for k in ("gw", "st", "ag", "dq", "ms", "ma", "md", "co")}
     env = {
         **getattr(request, "param", {}),
         **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
@@ -60,6 +60,7 @@ def make_run(
         "STATE_METRICS_PORT": str(ports["ms"]),
         "AGENT_METRICS_PORT": str(ports["ma"]),
         "DLQ_METRICS_PORT": str(ports["md"]),
+        "CONSOLE_PORT": str(ports["co"]),
     }
     log = (tmp_path / "make-run.log").open("wb")
     proc = subprocess.Popen(
@@ -95,6 +96,7 @@ def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> N
         "services.agent",
         "services.dlq",
         "services.gateway",
+        "services.console",
         "valkey-server",
         "postgres",
     ):
@@ -111,7 +113,7 @@ def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> N
     tls_dir = Path(env["RUN_DIR"]) / "tls"
     assert (tls_dir / "operator.key").stat().st_mode & 0o077 == 0
     assert f"grpcurl -cacert {tls_dir}/ca.crt -cert {tls_dir}/operator.crt" in output
-    for module in ("services.state", "services.agent", "services.dlq"):
+    for module in ("services.state", "services.agent", "services.dlq", "services.console"):
         pid = _service_pid(root, module)
         assert pid is not None
         listening = [
@@ -141,6 +143,21 @@ def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> N
             penv = psutil.Process(pid).environ()
             assert penv[roles.VARIABLES[service]] == service_url
             assert not penv.get("DATABASE_URL")
+    # The console reads as the operator role, on loopback, and says where it is.
+    console = psutil.Process(_service_pid(root, "services.console") or 0).environ()
+    assert console["OPERATOR_DATABASE_URL"] == urls["operator"]
+    assert not console.get("DATABASE_URL")
+    console_url = f"http://127.0.0.1:{env['CONSOLE_PORT']}"
+    assert f"console   {console_url}/" in output
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            login = httpx.get(f"{console_url}/login", timeout=3)
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, "the console never answered"
+            time.sleep(0.2)
+    assert login.status_code == 200 and "Log in" in login.text
 
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -171,7 +188,13 @@ def test_make_run_with_wa_scale_runs_prints_and_restarts_each_replica(make_run: 
     proc, url, log = make_run
     _wait_ready(url)
     root = psutil.Process(proc.pid)
-    expected = {"services.state": 2, "services.agent": 2, "services.dlq": 1, "services.gateway": 2}
+    expected = {
+        "services.state": 2,
+        "services.agent": 2,
+        "services.dlq": 1,
+        "services.gateway": 2,
+        "services.console": 1,
+    }
     deadline = time.monotonic() + 30
     while _services(root) != expected and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -27,11 +27,11 @@ async def test_stats_after_a_known_workload(
     system = await start_system(**model.env())
     # Two conversations fail first (the model refuses its first two calls), then 50 replies.
     texts = [payloads.message("text", wa_id=f"1555{i:04d}") for i in range(52)]
-    images = [payloads.message("image", wa_id=f"1556{i:04d}") for i in range(3)]
+    reactions = [payloads.message("reaction", wa_id=f"1556{i:04d}") for i in range(3)]
     first, rest = texts[:2], texts[2:]
     assert (await system.post(payloads.delivery(messages=first))).status_code == 200
     await system.wait_status([m["id"] for m in first], {"dead_lettered"})
-    assert (await system.post(payloads.delivery(messages=rest + images))).status_code == 200
+    assert (await system.post(payloads.delivery(messages=rest + reactions))).status_code == 200
     await system.wait_status([m["id"] for m in rest], {"replied"}, timeout=60)
 
     data = await asyncio.to_thread(wa_json, system, "stats", "--hours", "1")
@@ -107,8 +107,14 @@ async def test_simulate_sends_a_signed_message_and_reports_the_reply(
         ["trace", "wamid.X"],
         ["trace", "15550001111"],
         ["simulate", "hi", "--wait", "1"],
+        ["handoff", "list"],
+        ["handoff", "release", "15550001111"],
+        ["handoff", "take", "15550001111"],
+        ["reply", "15550001111", "hi"],
         ["migrate"],
         ["migrate", "--check"],
+        ["operator", "list"],
+        ["operator", "remove", "someone"],
     ],
 )
 def test_every_command_says_in_one_line_that_what_it_needs_is_down_and_exits_2(
@@ -125,6 +131,7 @@ def test_every_command_says_in_one_line_that_what_it_needs_is_down_and_exits_2(
         "GATEWAY_PORT": port,
         "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/postgres",
         "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "OPERATOR_DATABASE_URL": f"postgresql://operator@127.0.0.1:{port}/postgres",
     }
     done = subprocess.run(
         [WA, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60

@@ -159,7 +159,7 @@ async def test_a_redrive_of_a_message_that_did_not_fail_is_refused_over_grpc(
     from common import grpcserver
 
     system = await start_system()
-    doc = payloads.delivery(messages=[payloads.message("image")])
+    doc = payloads.delivery(messages=[payloads.message("reaction")])
     message_id = doc["entry"][0]["changes"][0]["value"]["messages"][0]["id"]
     assert (await system.post(doc)).status_code == 200
     target = f"127.0.0.1:{system.ports['state']}"

@@ -173,10 +173,11 @@ async def rows_of(pool: asyncpg.Pool, conv: int) -> dict[str, int]:
 async def test_prune_deletes_old_finished_work_and_keeps_what_is_still_needed(
     pool: asyncpg.Pool,
 ) -> None:
-    # Old and finished: replied texts, a skipped image, a dead-lettered message whose item
+    # Old and finished: replied texts, a skipped reaction, a dead-lettered message whose item
     # was purged. Everything of it goes, the conversation too.
     old = await customer(pool, "old", wa_id="15550000001", n=3)
-    await store.ingest(pool, [inbound("old.img", wa_id="15550000001", kind="image")], [], "c", "")
+    reaction = inbound("old.img", wa_id="15550000001", kind="reaction")
+    await store.ingest(pool, [reaction], [], "c", "")
     dead_done = inbound("old.dl", wa_id="15550000001")
     await store.ingest(pool, [dead_done], [], "c", "")
     for to in (machine.PROCESSING, machine.FAILED, machine.DEAD_LETTERED):

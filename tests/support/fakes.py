@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import email.message
+import email.parser
+import email.policy
 import hashlib
 import hmac
 import json
@@ -17,6 +20,8 @@ from typing import Any, Self
 
 import httpx
 
+from devtools.system import ACCESS_TOKEN
+
 
 @dataclass
 class Recorded:
@@ -26,6 +31,7 @@ class Recorded:
     body: dict[str, Any]
     at: float = field(default_factory=time.monotonic)
     answered: bool = False  # the server has written its answer (set just before it does)
+    raw: bytes = b""  # the request's body as sent (a multipart upload's bytes)
 
 
 Reply = tuple[int, dict[str, Any], dict[str, str]]
@@ -55,6 +61,7 @@ class FakeServer:
                 rec = Recorded(
                     "POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body
                 )
+                rec.raw = raw
                 with outer.lock:
                     outer.requests.append(rec)
                 status, payload, headers = outer.answer(rec)
@@ -68,6 +75,13 @@ class FakeServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def do_GET(self) -> None:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                rec = Recorded("GET", self.path, headers, {})
+                with outer.lock:
+                    outer.requests.append(rec)
+                outer.respond_get(self, rec)
+
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -76,6 +90,10 @@ class FakeServer:
 
     def answer(self, rec: Recorded) -> Reply:
         raise NotImplementedError
+
+    def respond_get(self, handler: BaseHTTPRequestHandler, rec: Recorded) -> None:
+        """Writes the answer to a GET (subclasses serve what they have; 404 here)."""
+        write_json(handler, 404, {"error": {"message": "not found", "code": 100}})
 
     def start(self) -> Self:
         self.thread.start()
@@ -251,6 +269,137 @@ class FakeGraph(FakeServer):
     def reads(self) -> list[Recorded]:
         with self.lock:
             return [r for r in self.requests if r.body.get("status") == "read"]
+
+
+def write_json(handler: BaseHTTPRequestHandler, status: int, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@dataclass
+class FakeMedia:
+    """A customer's media file at the fake Graph API. `declared`: its metadata says its size
+    and its download has a Content-Length (False: neither, the body is sent chunked, so only a
+    cap applied while streaming can stop it)."""
+
+    data: bytes
+    mime_type: str = "audio/ogg"
+    declared: bool = True
+
+
+class FakeGraphWithMedia(FakeGraph):
+    """The Graph API with media too: `GET /{version}/{media_id}` answers the metadata with a
+    download URL, `GET` that URL (with the business token) the bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.media: dict[str, FakeMedia] = {}
+        self.media_script: deque[Reply] = deque()  # answers to the metadata GETs, first
+        self.downloads: list[str] = []  # media ids whose bytes were all written
+        self.aborted: list[tuple[str, int]] = []  # (media id, bytes written) cut off
+
+    def respond_get(self, handler: BaseHTTPRequestHandler, rec: Recorded) -> None:
+        parts = rec.path.strip("/").split("/")
+        if rec.headers.get("authorization") != f"Bearer {ACCESS_TOKEN}":
+            write_json(handler, 401, {"error": {"message": "bad token", "code": 190}})
+            return
+        if len(parts) == 2 and parts[0] == "download" and parts[1] in self.media:
+            self._download(handler, parts[1], self.media[parts[1]])
+            return
+        if len(parts) == 2 and parts[1] in self.media:
+            with self.lock:
+                scripted = self.media_script.popleft() if self.media_script else None
+            if scripted is not None:
+                write_json(handler, scripted[0], scripted[1])
+                return
+            media = self.media[parts[1]]
+            doc: dict[str, Any] = {
+                "messaging_product": "whatsapp",
+                "url": f"{self.url}/download/{parts[1]}",
+                "mime_type": media.mime_type,
+                "sha256": hashlib.sha256(media.data).hexdigest(),
+                "id": parts[1],
+            }
+            if media.declared:
+                doc["file_size"] = len(media.data)
+            write_json(handler, 200, doc)
+            return
+        super().respond_get(handler, rec)
+
+    def _download(self, handler: BaseHTTPRequestHandler, media_id: str, media: FakeMedia) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", media.mime_type)
+        if media.declared:
+            handler.send_header("Content-Length", str(len(media.data)))
+        else:
+            handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        written = 0
+        try:
+            for start in range(0, len(media.data), 64 * 1024):
+                chunk = media.data[start : start + 64 * 1024]
+                if media.declared:
+                    handler.wfile.write(chunk)
+                else:
+                    handler.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                written += len(chunk)
+            if not media.declared:
+                handler.wfile.write(b"0\r\n\r\n")
+            handler.wfile.flush()
+        except OSError:
+            with self.lock:
+                self.aborted.append((media_id, written))
+            handler.close_connection = True
+            return
+        with self.lock:
+            self.downloads.append(media_id)
+
+
+class FakeTranscriber(FakeServer):
+    """An OpenAI-compatible `/audio/transcriptions`: records each upload (its file's bytes and
+    its form fields) and answers `{"text": words}`, or what the test scripts."""
+
+    def __init__(self, words: str = "") -> None:
+        super().__init__()
+        self.words = words
+        self.script: deque[Reply] = deque()
+        self.uploads: list[tuple[dict[str, str], bytes]] = []
+
+    def answer(self, rec: Recorded) -> Reply:
+        fields, file = multipart(rec.headers.get("content-type", ""), rec.raw)
+        with self.lock:
+            self.uploads.append((fields, file))
+            scripted = self.script.popleft() if self.script else None
+        if scripted is not None:
+            return scripted
+        if not rec.path.endswith("/audio/transcriptions") or not file:
+            return 400, {"error": {"message": "expected a file upload"}}, {}
+        return 200, {"text": self.words}, {}
+
+
+def multipart(content_type: str, raw: bytes) -> tuple[dict[str, str], bytes]:
+    """A multipart/form-data body's text fields and its `file` part's bytes."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+    )
+    fields: dict[str, str] = {}
+    file = b""
+    if not isinstance(message, email.message.EmailMessage) or not message.is_multipart():
+        return fields, file
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(data, bytes):
+            continue
+        if name == "file":
+            file = data
+        else:
+            fields[name] = data.decode(errors="replace")
+    return fields, file
 
 
 def model_error(status: int, message: str = "error") -> Reply:

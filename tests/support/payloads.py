@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -200,3 +201,60 @@ def delivery(
         "object": "whatsapp_business_account",
         "entry": [{"id": "200000000000002", "changes": [{"field": "messages", "value": value}]}],
     }
+
+
+# What a customer sends by tapping and sharing, in the shapes Meta documents
+# (https://developers.facebook.com/docs/whatsapp/cloud-api/webhooks/payload-examples).
+
+
+def button_reply(button_id: str, title: str, **kw: Any) -> dict[str, Any]:
+    """A tap on a reply button of an interactive message."""
+    return message(
+        "interactive",
+        interactive={"type": "button_reply", "button_reply": {"id": button_id, "title": title}},
+        **kw,
+    )
+
+
+def list_reply(row_id: str, title: str, description: str = "", **kw: Any) -> dict[str, Any]:
+    """A row picked from a list message."""
+    row = {"id": row_id, "title": title}
+    if description:
+        row["description"] = description
+    return message("interactive", interactive={"type": "list_reply", "list_reply": row}, **kw)
+
+
+def quick_reply(payload: str, text: str, **kw: Any) -> dict[str, Any]:
+    """A tap on a template's quick-reply button (type `button`, quoting the template)."""
+    return message(
+        "button",
+        button={"payload": payload, "text": text},
+        context={"from": DISPLAY, "id": new_id()},
+        **kw,
+    )
+
+
+def flow_reply(response: dict[str, Any], name: str = "flow", **kw: Any) -> dict[str, Any]:
+    """A completed WhatsApp Flow: its answers as a JSON string in `response_json`."""
+    return message(
+        "interactive",
+        interactive={
+            "type": "nfm_reply",
+            "nfm_reply": {"name": name, "body": "Sent", "response_json": json.dumps(response)},
+        },
+        context={"from": DISPLAY, "id": new_id()},
+        **kw,
+    )
+
+
+def voice_note(media_id: str, **kw: Any) -> dict[str, Any]:
+    return message(
+        "audio",
+        audio={
+            "mime_type": "audio/ogg; codecs=opus",
+            "sha256": "abc",
+            "id": media_id,
+            "voice": True,
+        },
+        **kw,
+    )

@@ -23,12 +23,13 @@ from opentelemetry.sdk import environment_variables as otel_environment
 from cli.run import SERVICES, service_command
 from cli.settings import CliSettings
 from common import config
+from services.console.settings import ConsoleSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA = ROOT / "deploy" / "schemas" / "compose-spec.json"
 IMAGE = "wa-agents:latest"
-IDENTITIES = ("state", "agent", "dlq", "gateway", "operator")
+IDENTITIES = ("state", "agent", "dlq", "gateway", "operator", "console")
 # What each service may connect to PostgreSQL with: its own role's URL, nothing else.
 DATABASE_URLS = {
     "state": "STATE_DATABASE_URL",
@@ -317,10 +318,28 @@ def test_the_certs_job_gives_each_service_only_its_own_key() -> None:
     mounting_ca = [n for n, s in services.items() if n != "certs" and "tls-ca" in str(s)]
     assert mounting_ca == [], "the CA's key stays with the certs job"
     assert "tls-operator:/etc/wa/tls:ro" in services["wa"]["volumes"]
+    assert services["console"]["volumes"] == ["tls-console:/etc/wa/tls:ro"]
     # The mount points exist in the image, owned by the user the job runs as.
     dockerfile = (ROOT / "Dockerfile").read_text()
     for identity in ("ca", *IDENTITIES):
         assert f"/var/lib/wa/tls/{identity}" in dockerfile
+
+
+def test_the_console_is_on_loopback_with_the_operator_role_and_what_make_run_starts() -> None:
+    console = compose()["services"]["console"]
+    assert console["command"] == service_command("console", "python")
+    assert console["ports"] == ["127.0.0.1:8081:8081"], "published on the host's loopback only"
+    env = _env(console)
+    assert env["OPERATOR_DATABASE_URL"].startswith("postgresql://wa_operator:")
+    assert {k for k in env if k.endswith("DATABASE_URL")} == {"OPERATOR_DATABASE_URL"}
+    assert env["GRPC_TLS_DIR"] == "/etc/wa/tls"
+    assert console["healthcheck"]["test"][-1] == "http://127.0.0.1:8081/healthz"
+    assert (
+        ConsoleSettings.from_env(
+            {k: v for k, v in env.items() if k in config.variables(ConsoleSettings)}
+        ).console_port
+        == 8081
+    )
 
 
 def test_the_proxy_balances_every_gateway_replica_found_by_dns() -> None:
@@ -391,7 +410,7 @@ def known_variables() -> frozenset[str]:
         for name, value in vars(otel_environment).items()
         if name.startswith("OTEL_") and isinstance(value, str)
     }
-    return config.variables(CliSettings) | otel
+    return config.variables(CliSettings) | config.variables(ConsoleSettings) | otel
 
 
 def unread_variables(doc: Mapping[str, Any]) -> list[str]:

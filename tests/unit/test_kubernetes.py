@@ -31,9 +31,9 @@ GRPC_PORTS = {"state": 50051, "agent": 50052, "dlq": 50053}
 # Who calls whom over gRPC: the code's channels (the gateway's /readyz asks all three,
 # common/components.py), and operators' CLI and console.
 CALLERS = {
-    "state": {"gateway", "dlq", "operator"},
-    "agent": {"state", "dlq", "gateway", "operator"},
-    "dlq": {"state", "gateway", "operator"},
+    "state": {"gateway", "dlq", "operator", "console"},
+    "agent": {"state", "dlq", "gateway", "operator", "console"},
+    "dlq": {"state", "gateway", "operator", "console"},
 }
 OWN_DATABASE_URL = {
     "state": "STATE_DATABASE_URL",
@@ -482,6 +482,23 @@ def test_network_policies_deny_by_default_and_open_only_what_is_called() -> None
                 {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "agent"}}}
             )
         assert network_problems(broken) != [], breakage
+
+
+def test_the_console_runs_what_make_run_starts_with_its_own_certificate_and_role() -> None:
+    objects = render()
+    console = _deployment(objects, "console")
+    pod = console["spec"]["template"]["spec"]
+    container = _container(console)
+    assert container["command"] == service_command("console", "python")
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["volumes"][0]["secret"]["secretName"] == "wa-tls-console"
+    env = _env(container)
+    assert {k for k in env if k.endswith("DATABASE_URL")} == {"OPERATOR_DATABASE_URL"}
+    assert env["OPERATOR_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "operator-url"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    policy = find(objects, "NetworkPolicy", "console")
+    assert policy["spec"]["ingress"] == [], "not reachable from outside the namespace"
 
 
 def test_the_production_overlay_sets_image_replicas_and_resources() -> None:

@@ -1,0 +1,73 @@
+-- Operators' replies (Agent.SendOperatorReply, db/migrations/0017): stored before they are
+-- sent, sent once per idempotency key.
+
+-- name: by_key
+SELECT r.id, r.idempotency_key, r.conversation_id, r.phone_number_id, r.body, r.sent_id, r.sent_at,
+       r.send_started_at, c.wa_id, c.user_id, c.last_message_at
+  FROM operator_replies r
+  JOIN webhook_conversations c ON c.id = r.conversation_id
+ WHERE r.idempotency_key = $1
+
+-- name: customer_conversations
+-- A customer's conversations by phone number or BSUID ($1), on business number $2 when it is
+-- not '' (common/customers.py chooses), newest first.
+SELECT id, phone_number_id, wa_id, user_id, last_message_at FROM (
+    SELECT c.id, c.phone_number_id, c.wa_id, c.user_id, c.last_message_at, c.last_activity_at
+      FROM webhook_conversations c
+     WHERE c.wa_id = $1 AND ($2 = '' OR c.phone_number_id = $2)
+    UNION
+    SELECT c.id, c.phone_number_id, c.wa_id, c.user_id, c.last_message_at, c.last_activity_at
+      FROM webhook_conversations c
+     WHERE c.user_id = $1 AND ($2 = '' OR c.phone_number_id = $2)
+) c
+ORDER BY last_activity_at DESC, id DESC
+LIMIT 50
+
+-- name: store
+-- The reply, recorded as being sent before it is (no row: the key is taken, by a concurrent
+-- request).
+INSERT INTO operator_replies
+    (idempotency_key, conversation_id, phone_number_id, operator, body, send_started_at,
+     correlation_id)
+VALUES ($1, $2, $3, $4, $5, now(), $6)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id
+
+-- name: start_again
+-- An earlier request's send that definitely failed (the Graph API answered) is sent again; no
+-- row: another request is sending it.
+UPDATE operator_replies
+   SET send_started_at = now(), error_code = NULL
+ WHERE id = $1 AND sent_at IS NULL AND send_started_at IS NULL
+RETURNING id
+
+-- name: send_failed
+-- The Graph API answered: this attempt did not deliver (a later request may send it).
+UPDATE operator_replies SET send_started_at = NULL, error_code = $2 WHERE id = $1
+
+-- name: sent
+-- Sent as $2 ('' when recorded, not sent): recorded, audited in the conversation's timeline,
+-- and added to the agent's context so that the bot knows what was said once it answers again.
+WITH sent AS (
+    UPDATE operator_replies r
+       SET sent_id = NULLIF($2, ''), sent_at = now()
+     WHERE r.id = $1
+    RETURNING r.id, r.conversation_id, r.body, r.operator, r.correlation_id
+), audit AS (
+    INSERT INTO conversation_state_transitions
+        (conversation_id, entity, from_state, to_state, reason, correlation_id)
+    SELECT s.conversation_id, 'operator', NULL, CASE WHEN $2 = '' THEN 'recorded' ELSE 'sent' END,
+           'reply by ' || s.operator
+               || CASE WHEN $2 = '' THEN ', recorded, not sent (no WHATSAPP_ACCESS_TOKEN)'
+                       ELSE ', sent as ' || $2 END
+               || ': ' || s.body,
+           s.correlation_id
+      FROM sent s
+)
+INSERT INTO agent_contexts AS a (conversation_id, agent_type, messages, token_count)
+SELECT s.conversation_id, $3, jsonb_build_array($4::jsonb), $5
+  FROM sent s
+ON CONFLICT (conversation_id) DO UPDATE
+   SET messages = a.messages || EXCLUDED.messages,
+       token_count = a.token_count + EXCLUDED.token_count,
+       updated_at = now()
