@@ -35,6 +35,9 @@ def main() -> None:
             port=settings.gateway_port,
             log_config=None,
             access_log=False,
+            # The gateway reads neither the client's address nor the scheme: X-Forwarded-*
+            # rewriting would be work on every request (and trust in a header) for nothing.
+            proxy_headers=False,
             # On SIGTERM: stop accepting, answer what is in flight, then close the channels.
             timeout_graceful_shutdown=5,
             lifespan="on",

@@ -6,15 +6,24 @@ byte a second holds a connection, and a slot of the concurrency limit, for as lo
 likes. This protocol (uvicorn's httptools one, passed as `Config(http=...)`) closes a
 connection whose request line and headers are not complete within the header timeout of its
 opening or of its previous response, answers 431 to headers larger than the limit, and 408
-to a body not complete within the body timeout of its headers. Two timers a request, armed
-and cancelled on the event loop: nothing on the acknowledgement's path waits for them.
+to a body not complete within the body timeout of its headers.
+
+One timer a connection, not one a deadline: each phase (headers, body, keep-alive idle) only
+writes its deadline, and the timer, when it fires, closes what is past its deadline or sleeps
+again until the nearest one. Deadlines only move later on a healthy connection, so a request
+arms no timer at all (three a request, armed and cancelled, cost the acknowledgement's
+throughput several per cent: README, Benchmarks). uvicorn's own keep-alive timer is folded in
+the same way, with its meaning kept: idle `timeout_keep_alive` seconds after a response, the
+connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
+import httptools
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -24,6 +33,12 @@ CLOSED = Counter(
     ["reason"],
 )
 
+# What a connection waits for, and so which deadline applies.
+_NOTHING = 0  # a request is being answered: no deadline
+_HEADERS = 1  # a request line and headers, within the header timeout
+_BODY = 2  # the rest of a body, within the body timeout
+_NEVER = math.inf
+
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout: float = 10.0
@@ -32,79 +47,137 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
+        self._phase = _NOTHING
+        self._deadline = _NEVER  # of the phase
         self._header_bytes = 0
-        self._in_headers = False
+        # Keep-alive: no byte since the last response, closed at `_idle_deadline`.
+        self._idle = False
+        self._idle_deadline = _NEVER
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _NEVER
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._await_headers()
+        self._await_headers(self.loop.time())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timers()
+        self._cancel_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._in_headers:
+        # uvicorn's, minus its keep-alive timer (never armed here), plus the header bytes.
+        self._idle = False
+        counting = self._phase == _HEADERS
+        if counting:
             self._header_bytes += len(data)
-        super().data_received(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
         # Still reading headers after more than the limit: they are larger than it (a body
         # that arrived in the same read as its headers is never counted against them).
-        if self._in_headers and self._header_bytes > self.max_header_bytes:
+        if counting and self._phase == _HEADERS and self._header_bytes > self.max_header_bytes:
             self._refuse(431, "header_too_large")
 
     def on_headers_complete(self) -> None:
-        self._in_headers = False
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-        self._body_timer = self.loop.call_later(self.body_timeout, self._body_timed_out)
+        self._phase = _BODY
+        deadline = self._deadline = self.loop.time() + self.body_timeout
+        if deadline < self._timer_at:
+            self._arm(deadline)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+        self._phase = _NOTHING
         answered = self.cycle is not None and self.cycle.response_complete
         super().on_message_complete()
         # Answered before its body was read (413): the next request starts now.
         if answered and not self.pipeline and not self.transport.is_closing():
-            self._await_headers()
+            self._await_headers(self.loop.time())
 
     def on_response_complete(self) -> None:
-        # A pipelined request waiting has its headers already: only an empty pipeline waits;
-        # and a body still arriving (answered early, 413) is not the next request's headers.
-        waiting = bool(self.pipeline) or (self.cycle is not None and self.cycle.more_body)
-        super().on_response_complete()
-        if not waiting and not self.transport.is_closing():
-            self._await_headers()
+        # uvicorn's, with its keep-alive timer replaced by a deadline of this one's.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            # A pipelined request waiting has its headers already.
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        now = self.loop.time()
+        self._idle = True
+        self._idle_deadline = now + self.timeout_keep_alive
+        # A body still arriving (answered early, 413) is not the next request's headers.
+        if self.cycle is None or not self.cycle.more_body:
+            self._await_headers(now)
+        elif self._idle_deadline < self._timer_at:
+            self._arm(self._idle_deadline)
 
-    def _await_headers(self) -> None:
-        self._in_headers = True
+    def _await_headers(self, now: float) -> None:
+        self._phase = _HEADERS
         self._header_bytes = 0
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_timed_out)
+        deadline = self._deadline = now + self.header_timeout
+        if self._idle and self._idle_deadline < deadline:
+            deadline = self._idle_deadline
+        if deadline < self._timer_at:
+            self._arm(deadline)
 
-    def _cancel_timers(self) -> None:
-        for timer in (self._header_timer, self._body_timer):
-            if timer is not None:
-                timer.cancel()
-        self._header_timer = self._body_timer = None
+    def _arm(self, at: float) -> None:
+        """The timer fires at `at` (earlier than it would have)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(at, self._check)
+        self._timer_at = at
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = _NEVER
+
+    def _check(self) -> None:
+        """The timer fired: close what is past its deadline, else sleep until the nearest."""
+        self._timer = None
+        self._timer_at = _NEVER
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self._idle and now >= self._idle_deadline:
+            # Keep-alive expired, as uvicorn's own timer would have closed it.
+            self.transport.close()
+            return
+        if self._phase != _NOTHING and now >= self._deadline:
+            if self._phase == _HEADERS:
+                self._headers_timed_out()
+            else:
+                self._body_timed_out()
+            return
+        nearest = min(
+            self._idle_deadline if self._idle else _NEVER,
+            self._deadline if self._phase != _NOTHING else _NEVER,
+        )
+        if nearest != _NEVER:
+            self._arm(nearest)
 
     def _headers_timed_out(self) -> None:
-        self._header_timer = None
-        if self._in_headers and not self.transport.is_closing():
-            # Nothing to answer: the request is not even known yet.
-            CLOSED.labels("header_timeout").inc()
-            self._cancel_timers()
-            self.transport.close()
+        # Nothing to answer: the request is not even known yet.
+        CLOSED.labels("header_timeout").inc()
+        self._phase = _NOTHING
+        self.transport.close()
 
     def _body_timed_out(self) -> None:
-        self._body_timer = None
+        self._phase = _NOTHING
         cycle = self.cycle
-        if cycle is None or not cycle.more_body or self.transport.is_closing():
+        if cycle is None or not cycle.more_body:
             return
         if cycle.response_started:
             CLOSED.labels("body_timeout").inc()
@@ -116,8 +189,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Answers `status` and closes the connection; the request in progress, if any, sees
         its client gone (its own answer is dropped)."""
         CLOSED.labels(reason).inc()
-        self._cancel_timers()
-        self._in_headers = False
+        self._cancel_timer()
+        self._phase = _NOTHING
+        self._idle = False
         body = reason.encode()
         self.transport.write(
             b"".join(

@@ -1,7 +1,9 @@
 """The operator console in a real browser: Playwright driving Debian's `chromium` package
 (`apt-get install chromium`; CHROMIUM_PATH names another binary). Without one, this module is
 skipped with one line, unless CI=true: then it fails, so CI never passes without them.
-Each page's screenshot is written to docs/screenshots/ (README shows them)."""
+Each page's screenshot is taken; with WA_SCREENSHOTS=1 it is written to docs/screenshots/ (README
+shows them: `WA_SCREENSHOTS=1 make test PYTEST_ARGS=tests/browser` refreshes them), otherwise under
+pytest's tmp folder, so a test run leaves the checkout as it was."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from tests.support.system import System
 
 pytestmark = pytest.mark.e2e
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+DOCS_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 CANDIDATES = ("chromium", "chromium-browser", "/usr/lib/chromium/chromium")
 
 
@@ -73,13 +75,20 @@ async def log_in(page: Page, system: System, name: str) -> None:
     await expect(page.get_by_role("heading", name="Overview")).to_be_visible()
 
 
-async def shot(page: Page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.environ.get("WA_SCREENSHOTS") == "1":
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return DOCS_SCREENSHOTS
+    return tmp_path_factory.mktemp("screenshots")
+
+
+async def shot(page: Page, folder: Path, name: str) -> None:
+    await page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
 
 
 async def test_find_a_conversation_by_phone_and_see_a_reply_arrive_live(
-    start_system: StartSystem, browser: Browser
+    start_system: StartSystem, browser: Browser, screenshots: Path
 ) -> None:
     system = await start_system()
     await system.start_console()
@@ -91,17 +100,17 @@ async def test_find_a_conversation_by_phone_and_see_a_reply_arrive_live(
 
     page = await page_for(browser)
     await page.goto(f"{system.console_url}/login")
-    await shot(page, "login")
+    await shot(page, screenshots, "login")
     await log_in(page, system, "ada")
     await expect(page.locator(".card").first).to_be_visible()
-    await shot(page, "overview")
+    await shot(page, screenshots, "overview")
 
     await page.get_by_role("link", name="Conversations").click()
     await page.get_by_label("Phone or name").fill("15550004001")
     await page.get_by_role("button", name="Search").click()
     rows = page.locator("#conversation-rows tr")
     await expect(rows).to_have_count(1)
-    await shot(page, "conversations")
+    await shot(page, screenshots, "conversations")
     await rows.get_by_role("link").click()
     await expect(page.locator(".in .bubble")).to_have_text(["where is my order?"])
     await expect(page.locator(".out")).to_have_count(1)
@@ -111,7 +120,7 @@ async def test_find_a_conversation_by_phone_and_see_a_reply_arrive_live(
     await system.deliver(delivery_to(NUMBER_A, [second]))
     await expect(page.locator(".in .bubble").last).to_have_text("and the invoice?", timeout=30_000)
     await expect(page.locator(".out")).to_have_count(2, timeout=30_000)
-    await shot(page, "conversation")
+    await shot(page, screenshots, "conversation")
 
     # Usable on a phone: the same page at 360 px wide scrolls no wider than the screen.
     context = await browser.new_context(
@@ -121,11 +130,11 @@ async def test_find_a_conversation_by_phone_and_see_a_reply_arrive_live(
     await phone.goto(page.url)
     width = await phone.evaluate("document.documentElement.scrollWidth")
     assert width <= 360
-    await shot(phone, "conversation-360px")
+    await shot(phone, screenshots, "conversation-360px")
 
 
 async def test_bulk_retry_after_the_dry_run_count(
-    start_system: StartSystem, model: FakeModel, browser: Browser
+    start_system: StartSystem, model: FakeModel, browser: Browser, screenshots: Path
 ) -> None:
     model.down = True
     system = await start_system(
@@ -155,7 +164,7 @@ async def test_bulk_retry_after_the_dry_run_count(
     await log_in(page, system, "ada")
     await page.get_by_role("link", name="Dead letters").click()
     await expect(page.locator("#dlq-rows tr")).to_have_count(3)
-    await shot(page, "dlq")
+    await shot(page, screenshots, "dlq")
     # The list refreshes itself; what is ticked stays ticked across a refresh.
     await page.get_by_label("select item 1", exact=True).check()
     async with page.expect_response(lambda r: "/dlq?" in r.url and "ids=1" in r.url):
@@ -164,7 +173,7 @@ async def test_bulk_retry_after_the_dry_run_count(
     await page.get_by_label("all matching the filter").check()
     await page.get_by_role("button", name="Retry…").click()
     await expect(page.locator("#confirm .count")).to_have_text("3")
-    await shot(page, "dlq-dry-run")
+    await shot(page, screenshots, "dlq-dry-run")
     await page.get_by_role("button", name=re.compile(r"Retry 3 item\(s\) now")).click()
     await expect(page.locator(".job .finished")).to_be_visible(timeout=60_000)
     await expect(page.locator(".job .progress")).to_have_text("3 of 3")
@@ -175,11 +184,11 @@ async def test_bulk_retry_after_the_dry_run_count(
     )
     await page.get_by_role("link", name="Audit").click()
     await expect(page.locator("table.audit")).to_contain_text("dlq retry")
-    await shot(page, "audit")
+    await shot(page, screenshots, "audit")
 
 
 async def test_an_operator_limited_to_one_number_cannot_open_anothers_by_url(
-    start_system: StartSystem, browser: Browser
+    start_system: StartSystem, browser: Browser, screenshots: Path
 ) -> None:
     system = await start_system()
     await system.start_console()
@@ -200,7 +209,7 @@ async def test_an_operator_limited_to_one_number_cannot_open_anothers_by_url(
 
 
 async def test_take_over_a_conversation_and_answer_it(
-    start_system: StartSystem, browser: Browser, graph: FakeGraph
+    start_system: StartSystem, browser: Browser, graph: FakeGraph, screenshots: Path
 ) -> None:
     system = await start_system()
     await system.start_console()
@@ -219,7 +228,7 @@ async def test_take_over_a_conversation_and_answer_it(
     await page.get_by_role("link", name="Handoffs").click()
     await expect(page.locator(".handoff")).to_have_count(1)
     await page.get_by_label("Answer").fill("Hello, this is Ada from support.")
-    await shot(page, "handoffs")
+    await shot(page, screenshots, "handoffs")
     # The form posts and comes back to the inbox once the agent service has sent it.
     async with page.expect_navigation(url=re.compile(r"/handoffs$")):
         await page.get_by_role("button", name="Send").click()

@@ -235,3 +235,61 @@ async def test_readyz_answers_from_a_cached_check_not_a_check_per_request(
         assert body["status"] == "not ready"
     finally:
         proxy.close()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length: its status and body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GRACE)
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(
+        int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")
+    )
+    body = await asyncio.wait_for(reader.readexactly(length), GRACE)
+    return int(lines[0].split()[1]), body
+
+
+async def refused(system: System, reason: str) -> float:
+    metrics = (await system.http.get(f"{system.url}/metrics")).text
+    return next(
+        (
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith(f'wa_gateway_connections_refused_total{{reason="{reason}"}}')
+        ),
+        0.0,
+    )
+
+
+async def test_a_busy_keep_alive_connection_outlives_the_header_timeout(
+    start_system: StartSystem,
+) -> None:
+    # The header deadline starts again at each response: a connection that keeps sending
+    # whole requests is never cut off, however long it lives.
+    system = await start_system(GATEWAY_HEADER_TIMEOUT_SECONDS="2")
+    reader, writer = await connect(system)
+    for n in range(10):  # 5 s: past the first request's header deadline twice over
+        body, headers = sign(text(f"on one connection {n}", wa_id=f"1555001{n:04d}"), SECRET)
+        writer.write(request_head(body, headers) + body)
+        status, answer = await read_response(reader)
+        assert status == 200, answer
+        await asyncio.sleep(0.5)
+    # Then silent: its next headers never come, and the connection is closed for that.
+    assert await closed_within(reader, GRACE) == b""
+    writer.close()
+    assert await refused(system, "header_timeout") >= 1
+
+
+async def test_an_idle_connection_after_a_response_is_closed_by_keep_alive(
+    start_system: StartSystem,
+) -> None:
+    # A header timeout longer than uvicorn's keep-alive (5 s): the keep-alive closes it, and
+    # that is not counted as a refused connection.
+    system = await start_system(GATEWAY_HEADER_TIMEOUT_SECONDS="60")
+    reader, writer = await connect(system)
+    body, headers = sign(text("then nothing more"), SECRET)
+    writer.write(request_head(body, headers) + body)
+    status, answer = await read_response(reader)
+    assert status == 200, answer
+    assert await closed_within(reader, GRACE) == b""
+    writer.close()
+    assert await refused(system, "header_timeout") == 0
