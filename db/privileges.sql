@@ -54,8 +54,8 @@ CREATE POLICY role_state ON wa_message_tombstones FOR SELECT TO :"state" USING (
 -- conversation (it may lock one, FOR SHARE, to fence its writes: that needs UPDATE on a
 -- column, and the policy refuses every row an UPDATE would write).
 GRANT SELECT ON processed_webhook_messages TO :"agent";
-GRANT UPDATE (reply_text, agent_type, send_started_at, reply_message_id, reply_status,
-    reply_error_code, updated_at) ON processed_webhook_messages TO :"agent";
+GRANT UPDATE (reply_text, reply_payload, agent_type, send_started_at, reply_message_id,
+    reply_status, reply_error_code, updated_at) ON processed_webhook_messages TO :"agent";
 GRANT UPDATE (absorbed_message_ids) ON processed_webhook_messages TO :"agent";  -- a burst
 GRANT EXECUTE ON FUNCTION wa_save_burst TO :"agent";
 GRANT SELECT, UPDATE (updated_at) ON webhook_conversations TO :"agent";

@@ -848,10 +848,10 @@ END
 $$;
 
 --
--- Name: wa_save_turn(bigint, bigint, text, text, text, jsonb, integer, text, bigint, bigint, bigint, text, boolean); Type: FUNCTION; Schema: public; Owner: -
+-- Name: wa_save_turn(bigint, bigint, text, text, text, jsonb, integer, text, bigint, bigint, bigint, text, boolean, jsonb); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_save_turn(p_conversation_id bigint, p_token bigint, p_message_id text, p_agent_type text, p_previous_agent_type text, p_messages jsonb, p_token_count integer, p_reply_text text, p_tokens_in bigint, p_tokens_out bigint, p_latency_ms bigint, p_correlation_id text, p_send_started boolean) RETURNS bigint
+CREATE FUNCTION public.wa_save_turn(p_conversation_id bigint, p_token bigint, p_message_id text, p_agent_type text, p_previous_agent_type text, p_messages jsonb, p_token_count integer, p_reply_text text, p_tokens_in bigint, p_tokens_out bigint, p_latency_ms bigint, p_correlation_id text, p_send_started boolean, p_reply_payload jsonb) RETURNS bigint
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -879,6 +879,7 @@ BEGIN
 
     UPDATE processed_webhook_messages m
        SET reply_text = p_reply_text,
+           reply_payload = p_reply_payload,
            agent_type = p_agent_type,
            send_started_at = CASE WHEN p_send_started THEN now() ELSE m.send_started_at END,
            updated_at = now()
@@ -1248,6 +1249,7 @@ CREATE TABLE public.processed_webhook_messages (
     turn_resumes integer DEFAULT 0 NOT NULL,
     user_id text,
     referral jsonb,
+    reply_payload jsonb,
     absorbed_message_ids text[],
     CONSTRAINT processed_webhook_messages_kind_check CHECK ((kind = ANY (ARRAY['message'::text, 'status'::text, 'event'::text]))),
     CONSTRAINT processed_webhook_messages_reply_status_check CHECK ((reply_status = ANY (ARRAY['sent'::text, 'delivered'::text, 'read'::text, 'failed'::text]))),
@@ -1859,6 +1861,12 @@ CREATE INDEX processed_messages_conversation_idx ON public.processed_webhook_mes
 --
 
 CREATE INDEX processed_messages_correlation_idx ON public.processed_webhook_messages USING btree (correlation_id);
+
+--
+-- Name: processed_messages_customer_last_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX processed_messages_customer_last_idx ON public.processed_webhook_messages USING btree (conversation_id, wa_timestamp DESC) WHERE (kind = 'message'::text);
 
 --
 -- Name: processed_messages_delivery_failed_idx; Type: INDEX; Schema: public; Owner: -

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from . import replies
+from .limits import LimitError
 
 
 class AgentConfigError(Exception):
@@ -29,6 +32,9 @@ class AgentType:
     debounce_seconds: float = 0.0
     # Hands the conversation to a person once its message is sent (README, "Human handoff").
     handoff: bool = False
+    # Reply buttons or a list every answer of this type offers (the `rules` backend), or the
+    # `openai` backend may offer (tool calling); None: plain text only.
+    choices: replies.Structured | None = None
 
 
 # A button id, list row id or quick-reply payload `agent:NAME` hands the conversation to NAME.
@@ -80,6 +86,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "long_replies": str,
     "debounce_seconds": (int, float),
     "handoff": bool,
+    "choices": dict,
 }
 LONG_REPLIES = ("split", "trim")
 # A longer debounce would keep every customer of the agent type waiting that much longer for
@@ -163,6 +170,19 @@ def load(path: Path) -> AgentCatalog:
                 f"{path}:{_line_of(text, name, 'debounce_seconds')}: debounce_seconds must be "
                 f"in [0, {DEBOUNCE_MAX_SECONDS:g}], got {debounce:g}"
             )
+        choices = None
+        if "choices" in spec:
+            try:
+                choices = replies.from_json(spec["choices"])
+                if choices.kind == "template":
+                    raise LimitError("choices are buttons or a list, not a template")
+                # Checked (and its titles trimmed) as it will be sent, with some body.
+                fitted = replies.fit(replace(choices, body=choices.body or "-"))
+                choices = replace(fitted, body=choices.body)
+            except LimitError as exc:
+                raise AgentConfigError(
+                    f"{path}:{_line_of(text, name + '.choices')}: agents.{name}.choices: {exc}"
+                ) from exc
         agents[name] = AgentType(
             name=name,
             description=spec["description"],
@@ -174,6 +194,7 @@ def load(path: Path) -> AgentCatalog:
             long_replies=long_replies,
             debounce_seconds=debounce,
             handoff=spec.get("handoff", False),
+            choices=choices,
         )
     default = raw.get("default", "")
     if default not in agents:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import aiohttp
 from prometheus_client import Counter, Histogram
 
-from . import http
+from . import http, replies
 from .agents import AgentType
 from .breaker import BreakerOpen, CircuitBreaker
 from .deadline import UNBOUNDED, Deadline
@@ -47,6 +47,8 @@ class Completion:
     tokens_in: int
     tokens_out: int
     calls: int = 1
+    # Reply buttons or a list around `text` (its body); None: a text message.
+    reply: replies.Structured | None = None
 
 
 class Backend(Protocol):
@@ -114,7 +116,11 @@ class RulesBackend:
                 reply = "Hello! " + reply
         # No server counts for us: the window's own count of what was sent is the usage.
         tokens_in = prompt_tokens or sum(window.message_tokens(m) for m in messages)
-        return Completion(text=reply, tokens_in=tokens_in, tokens_out=window.count(reply))
+        # An agent type with choices shows them offline: its answer carries them.
+        structured = replies.with_body(agent.choices, reply) if agent.choices else None
+        return Completion(
+            text=reply, tokens_in=tokens_in, tokens_out=window.count(reply), reply=structured
+        )
 
     def status(self) -> str:
         return "closed"
@@ -167,6 +173,10 @@ class OpenAIBackend:
             "messages": messages,
             "temperature": agent.temperature,
         }
+        if agent.choices is not None:
+            # The model may answer with reply buttons or a list: as a call of one of these.
+            payload["tools"] = reply_tools(agent.choices)
+            payload["tool_choice"] = "auto"
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         attempt = 0
         while True:
@@ -303,6 +313,9 @@ def _completion(body: Any, calls: int) -> Completion:
             error_class="ModelBadResponse",
         )
     text = clean_text(_content_text(message.get("content"))).strip()
+    structured = _tool_reply(message.get("tool_calls"), text)
+    if structured is not None:
+        text = structured.body
     if not text:
         raise ModelError("model answered an empty reply", retryable=True, error_class="EmptyReply")
     usage = body.get("usage")
@@ -311,4 +324,116 @@ def _completion(body: Any, calls: int) -> Completion:
         tokens_in=_count(usage, "prompt_tokens"),
         tokens_out=_count(usage, "completion_tokens"),
         calls=calls,
+        reply=structured,
     )
+
+
+REPLY_WITH_BUTTONS = "reply_with_buttons"
+REPLY_WITH_LIST = "reply_with_list"
+_OPTION_FIELDS: dict[str, Any] = {"id": {"type": "string"}, "title": {"type": "string"}}
+_OPTION = {"type": "object", "properties": _OPTION_FIELDS, "required": ["id", "title"]}
+
+
+def reply_tools(choices: replies.Structured) -> list[dict[str, Any]]:
+    """The functions the model may call to answer with reply buttons or a list; the agent
+    type's configured choices are named as the options to offer."""
+    offered = "; ".join(
+        f"{o.id}: {o.title}"
+        for o in (*choices.buttons, *(r for s in choices.sections for r in s.rows))
+    )
+    hint = f" Options to offer (id: title): {offered}." if offered else ""
+    row = {
+        "type": "object",
+        "properties": {**_OPTION_FIELDS, "description": {"type": "string"}},
+        "required": ["id", "title"],
+    }
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": REPLY_WITH_BUTTONS,
+                "description": "Answer with a text and 1 to 3 reply buttons (titles of at "
+                f"most {replies.BUTTON_TITLE_MAX} characters) the customer taps.{hint}",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "body": {"type": "string"},
+                        "buttons": {"type": "array", "items": _OPTION, "maxItems": 3},
+                    },
+                    "required": ["body", "buttons"],
+                },
+            },
+        },
+        {
+            "type": "function",
+            "function": {
+                "name": REPLY_WITH_LIST,
+                "description": "Answer with a text and a list of up to 10 options in "
+                f"sections (row titles of at most {replies.ROW_TITLE_MAX} characters), opened "
+                f"by a button labelled `button`.{hint}",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "body": {"type": "string"},
+                        "button": {"type": "string"},
+                        "sections": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "title": {"type": "string"},
+                                    "rows": {"type": "array", "items": row},
+                                },
+                                "required": ["rows"],
+                            },
+                        },
+                    },
+                    "required": ["body", "button", "sections"],
+                },
+            },
+        },
+    ]
+
+
+def _cleaned(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [_cleaned(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_text(str(k)): _cleaned(v) for k, v in value.items()}
+    return value
+
+
+def _tool_reply(calls: Any, text: str) -> replies.Structured | None:
+    """The reply buttons or list a model's tool call asks for, fitted to WhatsApp's limits;
+    None when it called none. A call that cannot be read or sent falls back to the answer's
+    text when it has some; without text it is a ModelError (the turn fails, retryable)."""
+    if not calls:
+        return None
+    call = calls[0] if isinstance(calls, list) else None
+    function = call.get("function") if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    kinds = {REPLY_WITH_BUTTONS: "buttons", REPLY_WITH_LIST: "list"}
+    try:
+        if name not in kinds:
+            raise ValueError(f"unknown function {name!r}")
+        assert isinstance(function, dict)
+        args = function.get("arguments")
+        doc = json.loads(args) if isinstance(args, str) else args
+        if not isinstance(doc, dict):
+            raise ValueError("arguments are not an object")
+        # What PostgreSQL's jsonb and WhatsApp take: no NUL, no lone surrogate anywhere.
+        doc = {**_cleaned(doc), "kind": kinds[name]}
+        if not str(doc.get("body") or "").strip():
+            doc["body"] = text
+        return replies.fit(replies.from_json(doc))
+    except ValueError as exc:  # LimitError is one
+        if text:
+            log.warning("unusable tool call from the model, answering its text: %s", exc)
+            return None
+        raise ModelError(
+            f"model answered an unusable tool call: {exc}",
+            retryable=True,
+            error_class="ModelBadToolCall",
+        ) from exc

@@ -1,4 +1,5 @@
-"""The WhatsApp Cloud (Graph) API: send a text reply, mark a message read, with bounded retries."""
+"""The WhatsApp Cloud (Graph) API: send a reply (text, interactive or a template), mark a
+message read, with bounded retries."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import Counter, Histogram
 
-from . import http, limits
+from . import http, limits, replies
 from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline
 from .outbound import GraphAction, RetryPolicy, graph_action
 
@@ -106,12 +107,63 @@ class GraphClient:
         send (nothing was sent then)."""
         callback = reply_to if callback_data is None else callback_data
         limits.check_text(body, callback)
+        return await self._send(
+            phone_number_id,
+            {"type": "text", "text": {"preview_url": False, "body": body}},
+            to=to,
+            user_id=user_id,
+            reply_to=reply_to,
+            callback=callback,
+            deadline=deadline,
+            before_retry=before_retry,
+        )
+
+    async def send_structured(
+        self,
+        phone_number_id: str,
+        to: str,
+        reply: replies.Structured,
+        reply_to: str = "",
+        *,
+        callback_data: str | None = None,
+        deadline: Deadline = UNBOUNDED,
+        user_id: str = "",
+        before_retry: Callable[[], Awaitable[None]] | None = None,
+    ) -> Sent:
+        """Sends reply buttons, a list or a message template, like send_text a text: raises
+        LimitError, before any request, for what Meta would refuse."""
+        callback = reply_to if callback_data is None else callback_data
+        replies.check(reply)
+        limits.check_text("-", callback)
+        return await self._send(
+            phone_number_id,
+            replies.graph_content(reply),
+            to=to,
+            user_id=user_id,
+            # A template starts a conversation anew: it quotes nothing.
+            reply_to="" if reply.kind == "template" else reply_to,
+            callback=callback,
+            deadline=deadline,
+            before_retry=before_retry,
+        )
+
+    async def _send(
+        self,
+        phone_number_id: str,
+        content: dict[str, Any],
+        *,
+        to: str,
+        user_id: str,
+        reply_to: str,
+        callback: str,
+        deadline: Deadline,
+        before_retry: Callable[[], Awaitable[None]] | None,
+    ) -> Sent:
         payload: dict[str, Any] = {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
             **limits.addressee(to, user_id),
-            "type": "text",
-            "text": {"preview_url": False, "body": body},
+            **content,
         }
         if reply_to:
             payload["context"] = {"message_id": reply_to}

@@ -21,7 +21,7 @@ import asyncpg
 
 from common import customers, sqlfile
 
-from . import limits, window
+from . import limits, service_window, window
 from .agents import AgentCatalog
 from .deadline import UNBOUNDED, Deadline
 from .graph import GraphClient, GraphError
@@ -29,7 +29,6 @@ from .graph import GraphClient, GraphError
 log = logging.getLogger(__name__)
 Q = sqlfile.load("services.agent", "operator.sql")
 
-SERVICE_WINDOW = dt.timedelta(hours=24)
 # How long a repeated request waits for the first one's send to be recorded.
 DUPLICATE_WAIT_SECONDS = 5.0
 
@@ -47,16 +46,8 @@ class SendUncertain(Exception):
 
 
 def window_refusal(last_customer_message_at: dt.datetime | None, now: dt.datetime) -> str | None:
-    """Why a free-form message may not be sent now, or None.
-    TODO(lead): use service_window (services/agent/service_window.py `check`)."""
-    if last_customer_message_at is None:
-        return "outside the 24-hour window: the customer has sent no message"
-    if now - last_customer_message_at > SERVICE_WINDOW:
-        return (
-            "outside the 24-hour window: the customer's last message was at "
-            f"{last_customer_message_at.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
-        )
-    return None
+    """Why a free-form message may not be sent now, or None: the turn's rule."""
+    return service_window.check(last_customer_message_at, now)
 
 
 @dataclass(frozen=True)

@@ -7,24 +7,30 @@
 
 -- name: turn_state
 -- The message's reply state and its conversation's context, in one round trip; its type and
--- Meta's message object say what it is (services/agent/inbound.py).
+-- Meta's message object say what it is (services/agent/inbound.py). With the customer's last
+-- message time in the conversation (the 24-hour window's start, one entry of
+-- processed_messages_customer_last_idx) and the database's clock to compare it with.
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
        m.send_started_at, m.absorbed_message_ids, ctx.agent_type AS context_agent_type,
-       ctx.messages AS context, m.message_type, m.payload
+       ctx.messages AS context, m.message_type, m.payload, m.reply_payload,
+       (SELECT l.wa_timestamp FROM processed_webhook_messages l
+         WHERE l.conversation_id = m.conversation_id AND l.kind = 'message'
+         ORDER BY l.wa_timestamp DESC LIMIT 1) AS last_customer_at,
+       now() AS db_now
   FROM processed_webhook_messages m
   LEFT JOIN agent_contexts ctx ON ctx.conversation_id = m.conversation_id
  WHERE m.message_id = $1 AND m.kind = 'message'
 
 -- name: reply_state
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
-       m.send_started_at
+       m.send_started_at, m.reply_payload
   FROM processed_webhook_messages m
  WHERE m.message_id = $1 AND m.kind = 'message'
 
 -- name: save_turn
 -- And the debounced burst $14 answered with the message (wa_save_burst, db/migrations/0018):
 -- one statement, so saved together or not at all. The first column is the fence token.
-SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13),
+SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $15::jsonb),
        wa_save_burst($1, $2, $3, $14::text[])
 
 -- name: burst_quiet_seconds
@@ -51,6 +57,20 @@ SELECT w.message_id, w.body, w.message_type, w.attempts
        LIMIT $2
   ) w ON true
  WHERE m.message_id = $1 AND m.kind = 'message'
+
+-- name: save_window_template
+-- Outside the 24-hour window: the template replaces whatever reply was stored (never sent:
+-- a free-form reply cannot be sent any more), stored as being sent before it is.
+WITH fence AS (
+    SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $4 FOR SHARE
+), saved AS (
+    UPDATE processed_webhook_messages m
+       SET reply_text = $2, reply_payload = $3::jsonb, send_started_at = now(),
+           updated_at = now()
+      FROM fence f
+     WHERE m.message_id = $1 AND f.fence_token = $5
+)
+SELECT fence_token FROM fence
 
 -- name: save_fallback
 -- The fallback reply, stored like a model's (wa_save_turn) before it is sent: the context and

@@ -209,6 +209,7 @@ async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterat
             confirm_seconds=settings.send_confirm_seconds,
             reader=make_reader(settings, http, graph),
             fallback_reply=settings.fallback_reply,
+            window_template=settings.window_template_reply(),
         )
         agent_pb2_grpc.add_AgentServicer_to_server(
             AgentServicer(agent, OperatorReplies(pool, catalog, graph)), server

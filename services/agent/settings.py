@@ -9,7 +9,7 @@ from pydantic import field_validator
 
 from common import config
 
-from . import limits
+from . import limits, replies
 
 # AGENT_FALLBACK_REPLY's default.
 FALLBACK_REPLY = (
@@ -35,6 +35,11 @@ class AgentSettings(config.TurnLimits):
     context_max_messages: int = config.env("AGENT_CONTEXT_MAX_MESSAGES", 100, ge=2, le=10_000)
     breaker_threshold: int = config.env("AGENT_BREAKER_THRESHOLD", 5)
     breaker_reset_seconds: float = config.env("AGENT_BREAKER_RESET_SECONDS", 30.0)
+    # Sent instead of a reply outside WhatsApp's 24-hour customer service window (an approved
+    # template without parameters); empty: such a message is dead-lettered, not answered.
+    window_template: str = config.env("WHATSAPP_WINDOW_TEMPLATE", "")
+    window_template_language: str = config.env("WHATSAPP_WINDOW_TEMPLATE_LANGUAGE", "en_US")
+
     # Voice notes: an OpenAI-compatible /audio/transcriptions root; empty: not transcribed,
     # answered with the fallback reply.
     transcription_url: str = config.env("TRANSCRIPTION_URL", "")
@@ -58,3 +63,8 @@ class AgentSettings(config.TurnLimits):
         if not value or limits.length(value) > limits.TEXT_BODY_MAX:
             raise ValueError(f"must be 1 to {limits.TEXT_BODY_MAX} characters")
         return value
+
+    def window_template_reply(self) -> replies.Structured | None:
+        if not self.window_template.strip():
+            return None
+        return replies.template(self.window_template, self.window_template_language)

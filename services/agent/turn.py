@@ -19,7 +19,7 @@ from opentelemetry import trace
 from common import sqlfile, telemetry
 from common.domain import TurnRequest, TurnResult
 
-from . import debounce, inbound, limits, window
+from . import debounce, inbound, limits, replies, service_window, window
 from .agents import AgentCatalog
 from .backends import Backend, ModelError, clean_text
 from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline, TurnTimeout
@@ -74,6 +74,7 @@ class Agent:
         confirm_seconds: float = 10.0,
         reader: inbound.Reader | None = None,
         fallback_reply: str = FALLBACK_REPLY,
+        window_template: replies.Structured | None = None,
     ) -> None:
         self.pool = pool
         self.catalog = catalog
@@ -86,6 +87,8 @@ class Agent:
         # reply answers what cannot be read.
         self.reader = reader or inbound.Reader()
         self.fallback_reply = fallback_reply
+        # Sent instead of a reply outside the 24-hour window (WHATSAPP_WINDOW_TEMPLATE).
+        self.window_template = window_template
         self._background: set[asyncio.Task[None]] = set()
 
     async def reply(self, req: TurnRequest, deadline: Deadline = UNBOUNDED) -> TurnResult:
@@ -114,11 +117,14 @@ class Agent:
             )
         reply_text = state["reply_text"]
         agent_type = state["agent_type"] or ""
-        parts = (
-            limits.fit(reply_text, self.catalog.get(agent_type).long_replies)
-            if reply_text is not None
-            else []
-        )
+        structured = stored_reply(state)
+        parts: list[str] = []
+        if reply_text is not None:
+            parts = (
+                limits.fit(reply_text, self.catalog.get(agent_type).long_replies)
+                if structured is None
+                else [reply_text]  # one interactive message or template
+            )
         if state["send_started_at"] is not None and self.graph.enabled and len(parts) == 1:
             # A previous run died while sending: the customer may have the reply already.
             # Its status webhook carries our callback data and confirms it; only when no
@@ -126,6 +132,10 @@ class Agent:
             confirmed = await self._await_confirmation(req, deadline)
             if confirmed is not None:
                 return dataclasses.replace(confirmed, absorbed_message_ids=absorbed)
+        closed = window_closed(state, structured)
+        if closed is not None:
+            result = await self._outside_window(req, agent_type, closed, deadline)
+            return dataclasses.replace(result, absorbed_message_ids=absorbed)
         burst = debounce.NONE
         if reply_text is None:
             current = self.catalog.get(state["context_agent_type"] or self.catalog.default)
@@ -141,7 +151,9 @@ class Agent:
         # The reply quotes the newest message it answers, and that one is marked read (which
         # marks the earlier ones read too).
         quote = absorbed[-1] if absorbed else req.message_id
-        if self.graph.enabled:
+        if self.graph.enabled and reply_text is None:
+            # Once per turn, while the model works: a run resumed after the model answered
+            # only sends what is stored, and its first run marked the message already.
             task = asyncio.create_task(self._mark_read(req, quote))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -149,7 +161,7 @@ class Agent:
         send_started = reply_text is None
         if reply_text is None:
             try:
-                reply_text, agent_type = await self._think(
+                reply_text, agent_type, structured = await self._think(
                     req,
                     state["context_agent_type"],
                     state["context"],
@@ -165,7 +177,11 @@ class Agent:
                     error_message=str(exc),
                     retryable=exc.retryable,
                 )
-            parts = limits.fit(reply_text, self.catalog.get(agent_type).long_replies)
+            parts = (
+                limits.fit(reply_text, self.catalog.get(agent_type).long_replies)
+                if structured is None
+                else [reply_text]
+            )
         if len(parts) > 1 and self.graph.enabled:
             result = await self._deliver_parts(
                 req, reply_text, parts, agent_type, deadline, quote=quote
@@ -178,8 +194,39 @@ class Agent:
                 send_started=send_started,
                 deadline=deadline,
                 quote=quote,
+                structured=structured,
             )
         return dataclasses.replace(result, absorbed_message_ids=absorbed)
+
+    async def _outside_window(
+        self, req: TurnRequest, agent_type: str, reason: str, deadline: Deadline
+    ) -> TurnResult:
+        """No free-form reply may be sent (service_window): the model is not asked, a stored
+        reply is not sent. The configured template is, stored first like a reply (so it is
+        sent once); without one the turn fails for good and its message is dead-lettered."""
+        template = self.window_template
+        if template is None:
+            log.warning(
+                "no reply: %s, and no WHATSAPP_WINDOW_TEMPLATE",
+                reason,
+                extra={"message_id": req.message_id},
+            )
+            return TurnResult(
+                outcome="failed",
+                error_class=service_window.ERROR_CLASS,
+                error_message=f"no reply sent: {reason}; only a message template may be sent "
+                "now (WHATSAPP_WINDOW_TEMPLATE)",
+                retryable=False,
+                agent_type=agent_type,
+            )
+        text = replies.as_text(template)
+        await self._fenced(
+            req, "save_window_template", req.message_id, text, replies.to_json(template)
+        )
+        log.info("sending the window template: %s", reason, extra={"message_id": req.message_id})
+        return await self._deliver(
+            req, text, agent_type, send_started=True, deadline=deadline, structured=template
+        )
 
     def _confirm_window(self, deadline: Deadline) -> float:
         """How long to wait for a status webhook: WHATSAPP_SEND_CONFIRM_SECONDS, but at most
@@ -248,7 +295,7 @@ class Agent:
         deadline: Deadline = UNBOUNDED,
         message: tuple[str, Any] = ("text", None),
         burst: debounce.Burst = debounce.NONE,
-    ) -> tuple[str, str]:
+    ) -> tuple[str, str, replies.Structured | None]:
         """`message`: the stored message's type and Meta's object of it."""
         history: list[dict[str, Any]] = list(context) if context is not None else []
         current = self.catalog.resume_from(context_agent)
@@ -294,8 +341,10 @@ class Agent:
                 span.set_status(trace.StatusCode.ERROR, str(exc))
                 raise
         latency_ms = int((time.perf_counter() - started) * 1000)
-        text = clean_text(completion.text)
-        if agent.long_replies == "trim":
+        structured = completion.reply
+        # Buttons or a list: the stored text says what was offered (the context remembers it).
+        text = clean_text(replies.as_text(structured) if structured else completion.text)
+        if agent.long_replies == "trim" and structured is None:
             # What the customer will read is what the context remembers.
             text = limits.trim(text)
         if not text.strip():
@@ -303,7 +352,7 @@ class Agent:
                 "model answered an empty reply", retryable=True, error_class="EmptyReply"
             )
         # A long reply's parts record their own sends; only a one-message reply is marked here.
-        single = limits.length(text) <= limits.TEXT_BODY_MAX
+        single = structured is not None or limits.length(text) <= limits.TEXT_BODY_MAX
         reply: dict[str, Any] = {"role": "assistant", "content": text}
         reply_tokens = window.message_tokens(reply)
         reply["tokens"] = reply_tokens
@@ -330,6 +379,7 @@ class Agent:
                 req.correlation_id,
                 self.graph.enabled and single,
                 list(burst.message_ids) or None,
+                replies.to_json(structured) if structured else None,
             )
         except DB_DOWN as exc:
             # The model has answered: running the turn again would pay for it again, so this
@@ -338,7 +388,7 @@ class Agent:
                 f"could not store the model's answer: {exc!r}", error_class="DatabaseUnavailable"
             ) from exc
         _check_fence(req, fence)
-        return text, agent.name
+        return text, agent.name, structured
 
     async def _understand(
         self, req: TurnRequest, message_type: str, payload: Any, deadline: Deadline
@@ -353,7 +403,7 @@ class Agent:
 
     async def _fall_back(
         self, req: TurnRequest, current: str, said: inbound.Fallback
-    ) -> tuple[str, str]:
+    ) -> tuple[str, str, None]:
         """The fallback reply, stored (fenced, marked as being sent) like a model's answer so
         that it is sent exactly once; the model is not called, the context not changed."""
         agent_type = self.catalog.get(current).name
@@ -370,7 +420,7 @@ class Agent:
             agent_type,
             self.graph.enabled and limits.length(self.fallback_reply) <= limits.TEXT_BODY_MAX,
         )
-        return self.fallback_reply, agent_type
+        return self.fallback_reply, agent_type, None
 
     async def _fenced(self, req: TurnRequest, query: str, *args: Any) -> None:
         """One write of the turn (queries.sql), applied only while the turn's fence token is
@@ -410,6 +460,7 @@ class Agent:
         send_started: bool,
         deadline: Deadline = UNBOUNDED,
         quote: str = "",
+        structured: replies.Structured | None = None,
     ) -> TurnResult:
         if not self.graph.enabled:
             log.info(
@@ -428,27 +479,53 @@ class Agent:
             # Nothing is sent that the deadline could cut off. (A reply saved as being sent
             # and not sent leaves its next turn waiting for a confirmation: only time lost.)
             deadline.check("send the reply", SEND_MARGIN_SECONDS)
-            limits.check_text(text, req.message_id)
+            if structured is None:
+                limits.check_text(text, req.message_id)
+            else:
+                replies.check(structured)
+                span.set_attribute("wa.reply.kind", structured.kind)
             if not send_started:
                 await self._fenced(req, "send_started", req.message_id)
             try:
-                sent = await self.graph.send_text(
-                    req.phone_number_id,
-                    req.wa_id,
-                    text,
-                    reply_to=quote or req.message_id,
-                    # Its status webhook names the turn's message, whichever one it quotes.
-                    callback_data=req.message_id,
-                    deadline=deadline,
-                    user_id=req.user_id,
-                    before_retry=lambda: self._still_holder(req),
-                )
+                if structured is None:
+                    sent = await self.graph.send_text(
+                        req.phone_number_id,
+                        req.wa_id,
+                        text,
+                        reply_to=quote or req.message_id,
+                        # Its status webhook names the turn's message, whichever one it quotes.
+                        callback_data=req.message_id,
+                        deadline=deadline,
+                        user_id=req.user_id,
+                        before_retry=lambda: self._still_holder(req),
+                    )
+                else:
+                    sent = await self.graph.send_structured(
+                        req.phone_number_id,
+                        req.wa_id,
+                        structured,
+                        reply_to=quote or req.message_id,
+                        callback_data=req.message_id,
+                        deadline=deadline,
+                        user_id=req.user_id,
+                        before_retry=lambda: self._still_holder(req),
+                    )
             except GraphError as exc:
                 span.set_status(trace.StatusCode.ERROR, str(exc))
                 # Only an answer proves the send did not go through; after a timeout the
                 # next turn waits for the status webhook instead of sending blindly again.
                 if exc.status:
                     await self._fenced(req, "record_send_error", req.message_id, exc.code)
+                if exc.code == service_window.GRAPH_CODE and (
+                    structured is None or structured.kind != "template"
+                ):
+                    # The window closed before the send: a template, or the dead-letter queue.
+                    return await self._outside_window(
+                        req,
+                        agent_type,
+                        f"{service_window.REASON} (Graph API error {exc.code})",
+                        deadline,
+                    )
                 return TurnResult(
                     outcome="failed",
                     reply_text=text,
@@ -540,6 +617,9 @@ class Agent:
                         await self._fenced(
                             req, "record_part_send_error", req.message_id, n, exc.code
                         )
+                    if exc.code == service_window.GRAPH_CODE:
+                        reason = f"{service_window.REASON} (Graph API error {exc.code})"
+                        return await self._outside_window(req, agent_type, reason, deadline)
                     return TurnResult(
                         outcome="failed",
                         reply_text=text,
@@ -582,6 +662,20 @@ class Agent:
 
 def _lines(texts: list[str]) -> str:
     return "\n".join(t for t in texts if t.strip())
+
+
+def stored_reply(state: Any) -> replies.Structured | None:
+    """The structured reply a turn state row holds (stored before its send), if any."""
+    payload = state["reply_payload"]
+    return replies.from_json(payload) if payload is not None else None
+
+
+def window_closed(state: Any, stored: replies.Structured | None) -> str | None:
+    """Why a free-form reply may not be sent now (service_window), from a turn state row;
+    None when it may, or when what is stored is the template sent outside the window."""
+    if stored is not None and stored.kind == "template":
+        return None
+    return service_window.check(state["last_customer_at"], state["db_now"])
 
 
 def bounded(history: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:

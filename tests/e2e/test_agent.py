@@ -203,7 +203,9 @@ async def test_graph_131047_is_final_recorded_and_dead_lettered(
     )
     assert code == "131047"
     (item,) = await dlq_rows(system)
-    assert item["error_class"] == "GraphError131047" and item["status"] == "dead"
+    # The customer service window had closed: without WHATSAPP_WINDOW_TEMPLATE, dead at once.
+    assert item["error_class"] == "OutsideCustomerWindow" and item["status"] == "dead"
+    assert "outside the 24-hour window" in item["error_message"]
 
 
 async def test_sessions_add_up_to_what_the_model_served(

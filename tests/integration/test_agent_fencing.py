@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from common.domain import TurnRequest
-from services.agent import agents
+from services.agent import agents, replies
 from services.agent.backends import RulesBackend
 from services.agent.graph import GraphClient
 from services.agent.turn import Agent, StaleFence
@@ -136,3 +136,25 @@ async def test_a_holder_taken_over_while_it_waits_to_send_again_does_not_send(
             await turn
     await asyncio.sleep(0.5)
     assert len(graph.sends) == 1
+
+
+async def test_a_stale_holder_outside_the_window_neither_stores_nor_sends_the_template(
+    pool: asyncpg.Pool, graph: FakeGraph
+) -> None:
+    conversation, token = await claimed(pool, "wamid.LATE")
+    await pool.execute(
+        "UPDATE processed_webhook_messages SET wa_timestamp = now() - interval '2 days'"
+    )
+    await store.claim_conversation(pool, conversation, "driver-b")
+    async with aiohttp.ClientSession() as http:
+        agent = make_agent(pool, graph, http, max_retries=0)
+        agent.window_template = replies.template("hello_again", "en_US")
+        with pytest.raises(StaleFence):
+            await agent.reply(request("wamid.LATE", conversation, token))
+        assert graph.messages == []
+        row = await reply_row(pool, "wamid.LATE")
+        assert row["reply_text"] is None and row["send_started_at"] is None
+        # The holder's own turn: the template, stored and sent once; never the model.
+        out = await agent.reply(request("wamid.LATE", conversation, token + 1))
+    assert out.outcome == "replied" and [m.body["type"] for m in graph.messages] == ["template"]
+    assert graph.reads == []

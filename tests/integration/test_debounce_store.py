@@ -35,6 +35,7 @@ async def save_reply(
         "c",
         False,
         burst,
+        None,  # a text reply: no structured one (reply_payload)
     )
     return int(fence)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from services.agent import turn as agent_turn
 from services.state import store as state_store
 
 
@@ -147,6 +148,11 @@ async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -
     ):
         plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {query}"))
         assert "Index" in plan and "Seq Scan" not in plan, (query, plan)
+    # Every turn's state, with the customer's last message in a conversation of a million
+    # (the 24-hour window): one entry of the window's index, not the conversation's history.
+    turn_state = agent_turn.Q["turn_state"].replace("$1", "'m500000'")
+    plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {turn_state}"))
+    assert "processed_messages_customer_last_idx" in plan and "Seq Scan" not in plan, plan
 
 
 async def test_stuck_views_and_checks_follow_stuck_timeout_seconds(pool: asyncpg.Pool) -> None:

@@ -207,6 +207,8 @@ class FakeGraph(FakeServer):
     @staticmethod
     def limit_error(body: dict[str, Any]) -> str | None:
         """What Meta refuses in a text message, with error code 100 (invalid parameter)."""
+        if body.get("type") in ("interactive", "template"):
+            return FakeGraph.structured_limit_error(body)
         if body.get("type") != "text":
             return None
         if not body.get("to") and not body.get("recipient"):
@@ -269,6 +271,58 @@ class FakeGraph(FakeServer):
     def reads(self) -> list[Recorded]:
         with self.lock:
             return [r for r in self.requests if r.body.get("status") == "read"]
+
+    @property
+    def messages(self) -> list[Recorded]:
+        """Every message sent (text, interactive, template), leaving out read receipts."""
+        with self.lock:
+            return [r for r in self.requests if r.body.get("type")]
+
+    @staticmethod
+    def structured_limit_error(body: dict[str, Any]) -> str | None:
+        """What Meta refuses in reply buttons, a list or a template (its documented limits,
+        counted in characters)."""
+        if not body.get("to") and not body.get("recipient"):
+            return "to or recipient is required"
+        if body["type"] == "template":
+            template = body.get("template") or {}
+            ok = template.get("name") and (template.get("language") or {}).get("code")
+            return None if ok else "template.name and template.language.code are required"
+        inter = body.get("interactive") or {}
+        text = (inter.get("body") or {}).get("text")
+        if not isinstance(text, str) or not text.strip() or len(text) > 1024:
+            return "interactive.body.text: 1 to 1024 characters"
+        for part in ("header", "footer"):
+            if len((inter.get(part) or {}).get("text", "")) > 60:
+                return f"interactive.{part}.text: at most 60 characters"
+        action = inter.get("action") or {}
+        if inter.get("type") == "button":
+            buttons = [b.get("reply") or {} for b in action.get("buttons") or []]
+            if not 1 <= len(buttons) <= 3:
+                return "action.buttons: 1 to 3 buttons"
+            if any(not 0 < len(b.get("title", "")) <= 20 for b in buttons):
+                return "button title: 1 to 20 characters"
+            if any(not 0 < len(b.get("id", "")) <= 256 for b in buttons):
+                return "button id: 1 to 256 characters"
+            return None
+        if inter.get("type") != "list":
+            return f"interactive.type {inter.get('type')!r} is not supported here"
+        if not 0 < len(action.get("button", "")) <= 20:
+            return "action.button: 1 to 20 characters"
+        sections = action.get("sections") or []
+        rows = [r for s in sections for r in s.get("rows") or []]
+        if not sections or not 1 <= len(rows) <= 10:
+            return "a list has 1 to 10 rows"
+        if any(len(s.get("title", "")) > 24 for s in sections):
+            return "section title: at most 24 characters"
+        if len(sections) > 1 and any(not s.get("title") for s in sections):
+            return "section title is required with more than one section"
+        for r in rows:
+            if not 0 < len(r.get("title", "")) <= 24:
+                return "row title: 1 to 24 characters"
+            if not 0 < len(r.get("id", "")) <= 200 or len(r.get("description", "")) > 72:
+                return "row id: 1 to 200 characters, description at most 72"
+        return None
 
 
 def write_json(handler: BaseHTTPRequestHandler, status: int, payload: dict[str, Any]) -> None:
@@ -471,3 +525,50 @@ class FakeModel(FakeServer):
         finally:
             with self.lock:
                 self.in_flight[k] -= 1
+
+
+class FlakyReadsGraph(FakeGraph):
+    """A FakeGraph whose mark-as-read calls (read receipt and typing indicator) answer
+    `read_reply` (by default a 500), while messages are accepted as usual."""
+
+    def __init__(self, read_reply: Reply | None = None) -> None:
+        super().__init__()
+        self.read_reply = read_reply or self.error(500, 1, "read receipts are down")
+
+    def answer(self, rec: Recorded) -> Reply:
+        if rec.body.get("status") == "read":
+            return self.read_reply
+        return super().answer(rec)
+
+
+def tool_call(name: str, arguments: dict[str, Any] | str, content: str | None = None) -> Reply:
+    """A chat completion in which the model calls the function `name` (OpenAI's tool calling
+    shape: `arguments` a JSON string), for FakeModel.script."""
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return (
+        200,
+        {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:8]}",
+            "object": "chat.completion",
+            "model": "fake-model",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "tool_calls",
+                    "message": {
+                        "role": "assistant",
+                        "content": content,
+                        "tool_calls": [
+                            {
+                                "id": f"call_{uuid.uuid4().hex[:8]}",
+                                "type": "function",
+                                "function": {"name": name, "arguments": args},
+                            }
+                        ],
+                    },
+                }
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        },
+        {},
+    )

@@ -4,6 +4,7 @@ where the documented shape of a delivery has one."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from hypothesis import strategies as st
@@ -51,7 +52,7 @@ def hostile_deliveries(draw: st.DrawFn, answerable: bool = False) -> dict[str, A
             return {
                 "from": draw(st.sampled_from(["15550001111", "15550002222", "15550003333"])),
                 "id": f"wamid.H{draw(st.uuids()).hex}",
-                "timestamp": str(1_700_000_000 + draw(st.integers(0, 10**6))),
+                "timestamp": str(int(time.time()) - draw(st.integers(0, 10**4))),
                 "type": "text",
                 "text": {"body": draw(st.text() | st.sampled_from(NASTY))},
                 **({"context": {"id": draw(hostile_values)}} if draw(st.booleans()) else {}),
