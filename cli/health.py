@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 import httpx
 import orjson
-from wa.v1 import state_pb2, state_pb2_grpc
 
 from cli.settings import CliSettings
-from common import grpcserver
-from common.components import check_components
+from common.components import system_health
 
 # A stopped service or database means messages are not acknowledged or not processed: down.
 # Redis missing (processing paused, acks go on) or a failing check: degraded.
@@ -41,25 +38,7 @@ async def _gateway(settings: CliSettings) -> dict[str, Any]:
 
 async def health(as_json: bool) -> int:
     settings = CliSettings.from_env()
-    checks: list[dict[str, Any]] = []
-    async with grpcserver.channel(settings.state_addr) as ch:
-        stub = state_pb2_grpc.StateStub(ch)
-        components = await check_components(settings, stub)
-        try:
-            resp = await stub.GetSystemHealth(state_pb2.GetSystemHealthRequest(), timeout=10)
-            checks = [
-                {"name": c.name, "status": c.status, "value": c.value, "detail": c.detail}
-                for c in resp.checks
-            ]
-        except grpc.aio.AioRpcError as exc:
-            checks = [
-                {
-                    "name": "database_checks",
-                    "status": "unknown",
-                    "value": 0,
-                    "detail": f"not available: {exc.code().name}",
-                }
-            ]
+    components, checks = await system_health(settings, timeout=10)
     components.append(await _gateway(settings))
     unhealthy = {c["name"] for c in components if not c["healthy"]}
     failing = [c for c in checks if c["status"] not in ("ok", "unknown")]

@@ -1,5 +1,5 @@
 """What the system's readiness is made of: PostgreSQL and Redis as the state service sees them,
-and the three gRPC services. The gateway's `/readyz` and `wa health` both report it."""
+and the three gRPC services. The gateway's `/readyz`, `wa health` and the console report it."""
 
 from __future__ import annotations
 
@@ -60,3 +60,29 @@ async def check_components(
     first, *rest = results
     assert isinstance(first, list)
     return [*first, *rest]  # type: ignore[list-item]
+
+
+async def system_health(
+    settings: config.Base, *, timeout: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each component's health (check_components) and the database's own checks
+    (check_webhook_system_health through State.GetSystemHealth): what `wa health` and the
+    console's overview show."""
+    async with grpcserver.channel(settings.state_addr) as ch:
+        stub = state_pb2_grpc.StateStub(ch)
+        components = await check_components(settings, stub)
+        try:
+            resp = await stub.GetSystemHealth(state_pb2.GetSystemHealthRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            unknown = {
+                "name": "database_checks",
+                "status": "unknown",
+                "value": 0,
+                "detail": f"not available: {exc.code().name}",
+            }
+            return components, [unknown]
+    checks = [
+        {"name": c.name, "status": c.status, "value": c.value, "detail": c.detail}
+        for c in resp.checks
+    ]
+    return components, checks

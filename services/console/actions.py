@@ -16,7 +16,7 @@ import httpx
 from wa.v1 import agent_pb2, agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 
 from common import config, grpcserver
-from common.components import check_components
+from common.components import system_health
 
 log = logging.getLogger("services.console")
 
@@ -119,24 +119,7 @@ async def health(
     settings: config.Base, gateway_url: str = ""
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Each component's health, and the database's own checks (what `wa health` shows)."""
-    async with grpcserver.channel(settings.state_addr) as ch:
-        stub = state_pb2_grpc.StateStub(ch)
-        components = await check_components(settings, stub)
-        try:
-            resp = await stub.GetSystemHealth(state_pb2.GetSystemHealthRequest(), timeout=5)
-            checks = [
-                {"name": c.name, "status": c.status, "value": c.value, "detail": c.detail}
-                for c in resp.checks
-            ]
-        except grpc.aio.AioRpcError as exc:
-            checks = [
-                {
-                    "name": "database_checks",
-                    "status": "unknown",
-                    "value": 0,
-                    "detail": f"not available: {exc.code().name}",
-                }
-            ]
+    components, checks = await system_health(settings, timeout=5)
     if gateway_url:
         components.append(await gateway(gateway_url))
     return components, checks
