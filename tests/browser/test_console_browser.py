@@ -244,3 +244,71 @@ async def test_take_over_a_conversation_and_answer_it(
         "Hello, this is Ada from support."
     )
     await expect(page.locator(".out.operator .meta")).to_contain_text("answered by ada")
+
+
+# The WCAG 2 contrast ratio of an element's text against the first opaque background behind it.
+CONTRAST = """(el) => {
+  const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  let bg = null;
+  for (let n = el; n && !bg; n = n.parentElement) {
+    const c = rgb(getComputedStyle(n).backgroundColor);
+    if (c.length === 3 || (c.length === 4 && c[3] === 1)) bg = c.slice(0, 3);
+  }
+  const a = lum(rgb(getComputedStyle(el).color).slice(0, 3)), b = lum(bg || [255, 255, 255]);
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
+PAGES = ("/", "/conversations", "/dlq", "/handoffs", "/audit")
+
+
+async def test_keyboard_only_narrow_screens_and_readable_contrast(
+    start_system: StartSystem, browser: Browser
+) -> None:
+    system = await start_system()
+    await system.start_console()
+    add_operator(system, "kay", "admin")
+    message = payloads.message("text", wa_id="15550004009", text={"body": "hello"})
+    await system.deliver(delivery_to(NUMBER_A, [message]))
+    await system.wait_status([message["id"]], {"replied"})
+
+    # Logged in and navigated with the keyboard alone: Tab moves through the form, Enter acts.
+    page = await page_for(browser, width=360)
+    await page.goto(f"{system.console_url}/login")
+    await page.get_by_label("Name").focus()
+    await page.keyboard.type("kay")
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.type") == "password"
+    await page.keyboard.type(PASSWORD)
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+    # The first Tab reaches the skip link, then the main navigation, in reading order.
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent.trim()") == "Skip to content"
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent.trim()") == "Overview"
+    await page.keyboard.press("Tab")
+    await page.keyboard.press("Enter")
+    await expect(page).to_have_url(re.compile(r"/conversations$"))
+    # Focus is always visible.
+    await page.keyboard.press("Tab")
+    outline = await page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("", "none"), outline
+
+    for path in PAGES:
+        await page.goto(f"{system.console_url}{path}")
+        # No page scrolls sideways on a 360 px phone.
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 360, (path, width)
+        # Text and links are readable: WCAG AA, 4.5:1, for every visible text element.
+        ratios = await page.locator(
+            "main :is(p, td, th, a, label, h1, h2, span, button)"
+        ).evaluate_all(
+            f"(els) => els.filter((e) => e.offsetParent && e.textContent.trim())"
+            f".map((e) => [e.textContent.trim().slice(0, 30), ({CONTRAST})(e)])"
+        )
+        assert ratios, path
+        low = [(text, round(ratio, 2)) for text, ratio in ratios if ratio < 4.5]
+        assert not low, (path, low)
