@@ -23,6 +23,7 @@ from common import (
     kv,
     logs,
     migrate,
+    retry,
     roles,
     telemetry,
     wire,
@@ -99,7 +100,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
         try:
             # A value PostgreSQL refuses costs its own message only (stored as a skipped
             # placeholder); an error here means nothing can be stored now (a 503: Meta retries).
-            outs = await store.ingest_isolating(self.pool, deliveries)
+            outs = await _ingest_retrying_conflicts(self.pool, deliveries)
         except store.PROBLEMS as exc:
             log.error("ingest failed: %s", store.describe(exc))
             error = wire.error("StoreUnavailable", f"cannot store: {store.describe(exc)}", True)
@@ -390,6 +391,27 @@ class StateServicer(state_pb2_grpc.StateServicer):
                 )
             )
         return state_pb2.CheckDependenciesResponse(components=components)
+
+
+# Concurrent deliveries of the same messages can deadlock in PostgreSQL (40P01) or fail to
+# serialize (40001): the statement was rolled back whole and storing is idempotent, so it is run
+# again, a bounded number of times with jitter, before answering 503 (which Meta would retry).
+CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+INGEST_ATTEMPTS = 3
+
+
+async def _ingest_retrying_conflicts(
+    pool: asyncpg.Pool, deliveries: list[store.DeliveryIn]
+) -> list[store.DeliveryOut | str]:
+    for attempt in range(1, INGEST_ATTEMPTS + 1):
+        try:
+            return await store.ingest_isolating(pool, deliveries)
+        except CONFLICTS as exc:
+            if attempt == INGEST_ATTEMPTS:
+                raise
+            log.warning("ingest conflicted, storing again: %s", store.describe(exc))
+            await asyncio.sleep(retry.full_jitter(attempt, 0.02, 0.2))
+    raise AssertionError("unreachable")
 
 
 def _table_counts(counts: dict[str, int]) -> list[state_pb2.TableCount]:
