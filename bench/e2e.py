@@ -7,6 +7,11 @@ are not the system and are not counted).
     .venv/bin/python -m bench.e2e [MESSAGES_PER_CONVERSATION]
     WA_SCALE=agent=2,state=2 .venv/bin/python -m bench.e2e     # replicas (devtools/replicas.py)
     .venv/bin/python -m bench.e2e --curve [MESSAGES_PER_CONVERSATION]
+    .venv/bin/python -m bench.e2e --statements [MESSAGES_PER_CONVERSATION]
+
+`--statements` (embedded PostgreSQL only) preloads pg_stat_statements and prints, after the
+run, what PostgreSQL executed per message: each statement's calls and time per message, the
+commits per message, and the rows inserted, updated (HOT or not) and deleted per message.
 
 `--curve` runs the same load with 1, 2 and 4 replicas of state and agent, one after the other
 on the same servers. Each run reports messages/s, CPU per message per process and in total,
@@ -93,6 +98,51 @@ async def _latency(system: System) -> tuple[float, float]:
     return float(row["worst"] or 0), float(row["p99"] or 0)
 
 
+STATEMENTS = "--statements" in sys.argv
+
+
+async def _statements_reset(system: System) -> None:
+    db = await system.db()
+    await db.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    await db.execute("SELECT pg_stat_statements_reset(), pg_stat_reset()")
+
+
+async def _statements_report(system: System, total: int) -> None:
+    """Where PostgreSQL's time went, per message (pg_stat_statements: time inside the
+    executor, functions' statements included as their own rows with `track=all`)."""
+    db = await system.db()
+    rows = await db.fetch(
+        "SELECT calls, total_exec_time, total_plan_time, rows, toplevel,"
+        " regexp_replace(left(query, 110), '\\s+', ' ', 'g') AS q"
+        " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
+        " WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT 30"
+    )
+    print("  PostgreSQL statements (per message: calls, µs; top level or inside a function):")
+    for r in rows:
+        us = 1000 * (r["total_exec_time"] + r["total_plan_time"]) / total
+        where = "top" if r["toplevel"] else "fn "
+        print(f"    {r['calls'] / total:6.2f} {us:8.1f} µs {where} {r['q']}")
+    db_row = await db.fetchrow(
+        "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+    )
+    assert db_row is not None
+    print(
+        f"  commits per message {db_row['xact_commit'] / total:.2f},"
+        f" rollbacks {db_row['xact_rollback'] / total:.2f}"
+    )
+    tables = await db.fetch(
+        "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del"
+        " FROM pg_stat_user_tables WHERE n_tup_ins + n_tup_upd + n_tup_del > 0"
+        " ORDER BY n_tup_ins + n_tup_upd + n_tup_del DESC"
+    )
+    print("  rows per message (inserted, updated of which HOT, deleted):")
+    for t in tables:
+        print(
+            f"    {t['relname']:<32} {t['n_tup_ins'] / total:5.2f} {t['n_tup_upd'] / total:5.2f}"
+            f" ({t['n_tup_hot_upd'] / total:4.2f}) {t['n_tup_del'] / total:5.2f}"
+        )
+
+
 async def run(s: Servers, graph_url: str, per: int, scale: str) -> tuple[float, float, float]:
     """One run; returns messages/s, CPU ms per message and the worst ack-to-reply seconds."""
     async with (
@@ -107,6 +157,8 @@ async def run(s: Servers, graph_url: str, per: int, scale: str) -> tuple[float, 
         requests = [
             load.signed_request(host, "/webhook", SECRET, orjson.dumps(doc)) for doc in docs
         ]
+        if STATEMENTS:
+            await _statements_reset(system)
         cpu_before = _cpu(s, system)
         started = time.monotonic()
         errors = await load.post_all(f"{system.url}/webhook", requests, 32)
@@ -129,11 +181,20 @@ async def run(s: Servers, graph_url: str, per: int, scale: str) -> tuple[float, 
         print(f"  duplicates: {counts['duplicates'] - before['duplicates']}")
         print(f"  acknowledged to replied: worst {worst:.2f} s, p99 {p99:.2f} s")
         ms = _report_cpu(cpu.per_message(cpu_before, cpu_after, total), system)
+        if STATEMENTS:
+            await _statements_report(system, total)
         return sent / elapsed, ms, worst
 
 
 async def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--curve"]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if STATEMENTS:
+        if os.environ.get("DATABASE_URL"):
+            sys.exit("--statements needs the embedded PostgreSQL (unset DATABASE_URL)")
+        os.environ["WA_PG_SETTINGS"] = (
+            "shared_preload_libraries=pg_stat_statements pg_stat_statements.track=all "
+            + os.environ.get("WA_PG_SETTINGS", "")
+        )
     per = int(args[0]) if args else 10
     scales = CURVE if "--curve" in sys.argv else (os.environ.get("WA_SCALE", ""),)
     results = []

@@ -94,6 +94,10 @@ def prepare_postgres(data_dir: Path, port: int = 5432) -> PostgresCommand:
         "-c",
         "shared_buffers=128MB",
     ]
+    # Extra settings for measuring (e.g. `bench.e2e --statements` preloads pg_stat_statements):
+    # WA_PG_SETTINGS="name=value name=value".
+    for setting in os.environ.get("WA_PG_SETTINGS", "").split():
+        argv += ["-c", setting]
     dsn = f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
     return PostgresCommand(argv=argv, user=user, dsn=dsn, data_dir=data_dir, socket_dir=socket_dir)
 
