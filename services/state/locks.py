@@ -154,7 +154,10 @@ class _Keeper:
 
     def _due(self) -> None:
         self.timer = None
-        if self.stopped or self.lease.lost:
+        if self.stopped:
+            return
+        if self.lease.lost:  # a turn's refresh found it taken
+            log.warning("lease lost", extra={"conversation_id": self.lease.conversation_id})
             return
         # A renewal since (a turn's `refresh`) moved the lease's expiry: the next one is due a
         # period after it, not now.
