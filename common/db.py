@@ -6,7 +6,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import orjson
-from asyncpg.pool import PoolConnectionProxy
+from asyncpg.pool import PoolConnectionHolder, PoolConnectionProxy
 
 # What `pool.acquire()` hands out, or a plain connection.
 Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
@@ -31,6 +31,16 @@ async def _no_session_state(conn: asyncpg.Connection) -> None:
     asyncpg still rolls back a transaction left open before calling this."""
 
 
+_ASYNCPG_HAS_WHAT_RELEASE_USES = all(
+    hasattr(cls, name)
+    for cls, names in (
+        (PoolConnectionHolder, ("_release", "_setup_inactive_callback")),
+        (asyncpg.Connection, ("_on_release", "is_in_transaction")),
+    )
+    for name in names
+)
+
+
 class _Pool(asyncpg.Pool):  # type: ignore[misc]
     """asyncpg's pool, with a release that costs no task when nothing is left to do.
 
@@ -44,7 +54,8 @@ class _Pool(asyncpg.Pool):  # type: ignore[misc]
     runs its statements through the pool.
 
     What is skipped is exactly what `PoolConnectionHolder.release` and `Connection._reset` do in
-    that case (asyncpg 0.30-0.32); tests/integration/test_db_pool.py checks the fast path is
+    that case (asyncpg 0.32, the locked version; an asyncpg without the private attributes read
+    here gets its own release); tests/integration/test_db_pool.py checks the fast path is
     taken, and that every other case still goes asyncpg's way."""
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
@@ -68,17 +79,23 @@ def _releasable_at_once(pool: Any, connection: Any) -> bool:
     if type(connection) is not PoolConnectionProxy or pool._reset is not _no_session_state:
         return False
     proxy: Any = connection
-    holder, con = proxy._holder, proxy._con
-    if con is None or holder._pool is not pool or holder._in_use is None or con.is_closed():
+    try:
+        holder, con = proxy._holder, proxy._con
+        if con is None or holder._pool is not pool or holder._in_use is None or con.is_closed():
+            return False
+        protocol = con._protocol
+        return bool(
+            holder._generation == pool._generation
+            and protocol.queries_count < holder._max_queries
+            and not protocol._is_cancelling()
+            and not protocol.is_in_transaction()
+            and con._top_xact is None
+            and con._listeners is not None
+            and con._log_listeners is not None
+            and _ASYNCPG_HAS_WHAT_RELEASE_USES
+        )
+    except AttributeError:
         return False
-    protocol = con._protocol
-    return bool(
-        holder._generation == pool._generation
-        and protocol.queries_count < holder._max_queries
-        and not protocol._is_cancelling()
-        and not protocol.is_in_transaction()
-        and con._top_xact is None
-    )
 
 
 async def create_pool(
