@@ -1,0 +1,34 @@
+-- Fewer index entries and row versions per message (issue 16: PostgreSQL's CPU per message).
+-- A non-HOT update writes an entry into every index of its table (a partial one when the new
+-- row matches its predicate), and an update is HOT only when it changes no column any index
+-- names (key, INCLUDE or predicate) and the page has room for the new version.
+
+-- processed_webhook_messages: a message row is updated about three times without HOT (its
+-- status is in partial indexes), each time entering every index.
+-- * inflight_idx had the same predicate as waiting_idx, which is small (only waiting rows) and
+--   serves the sweep and the stuck view as well, scanned whole.
+-- * correlation_idx served no query (traces are found by message, the correlation id is read
+--   from the row).
+DROP INDEX processed_messages_inflight_idx;
+DROP INDEX processed_messages_correlation_idx;
+-- Room on each page for the updated versions that can be HOT (the reply saved before sending).
+ALTER TABLE processed_webhook_messages SET (fillfactor = 90);
+
+-- webhook_conversations: active_idx served no query, and it named locked_at and status, which
+-- every claim and release of a conversation change.
+DROP INDEX webhook_conversations_active_idx;
+ALTER TABLE webhook_conversations SET (fillfactor = 70);
+
+-- agent_sessions: one update per turn, never HOT while last_active_at was indexed, and no
+-- query looks sessions up by it (the views only aggregate it).
+DROP INDEX agent_sessions_last_active_idx;
+ALTER TABLE agent_sessions SET (fillfactor = 70);
+ALTER TABLE agent_contexts SET (fillfactor = 70);
+
+-- conversation_state_transitions is the audit trail, written three to four times per message,
+-- always by a statement or function that has just read or locked the conversation it names:
+-- its foreign key check (a key-share lock on the conversation row per audit row) guarded
+-- nothing. Retention deletes a conversation only when no transition names it
+-- (wa_prune), erasure deletes the transitions first (wa_forget_customer).
+ALTER TABLE conversation_state_transitions
+    DROP CONSTRAINT conversation_state_transitions_conversation_id_fkey;
