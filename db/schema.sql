@@ -1080,7 +1080,8 @@ CREATE TABLE public.agent_contexts (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL
 )
-WITH (fillfactor='70');
+WITH (fillfactor='70', toast_tuple_target='8160');
+ALTER TABLE ONLY public.agent_contexts ALTER COLUMN messages SET STORAGE EXTERNAL;
 
 ALTER TABLE ONLY public.agent_contexts FORCE ROW LEVEL SECURITY;
 
@@ -1859,12 +1860,6 @@ CREATE INDEX processed_messages_conversation_idx ON public.processed_webhook_mes
 --
 
 CREATE INDEX processed_messages_customer_last_idx ON public.processed_webhook_messages USING btree (conversation_id, wa_timestamp DESC) WHERE (kind = 'message'::text);
-
---
--- Name: processed_messages_delivery_failed_idx; Type: INDEX; Schema: public; Owner: -
---
-
-CREATE INDEX processed_messages_delivery_failed_idx ON public.processed_webhook_messages USING btree (received_at) WHERE ((kind = 'status'::text) AND (reply_status = 'failed'::text));
 
 --
 -- Name: processed_messages_failed_idx; Type: INDEX; Schema: public; Owner: -
