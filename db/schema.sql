@@ -193,27 +193,6 @@ END
 $$;
 
 --
--- Name: wa_count_messages(); Type: FUNCTION; Schema: public; Owner: -
---
-
-CREATE FUNCTION public.wa_count_messages() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    -- The ingest statement has locked these conversation rows already (in key order), so this
-    -- waits for no other batch.
-    UPDATE webhook_conversations c
-       SET message_count = c.message_count + n.added
-      FROM (SELECT conversation_id, count(*)::integer AS added
-              FROM inserted
-             WHERE kind = 'message' AND conversation_id IS NOT NULL
-             GROUP BY conversation_id) n
-     WHERE c.id = n.conversation_id;
-    RETURN NULL;
-END
-$$;
-
---
 -- Name: wa_default_customer_id(); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -1064,6 +1043,18 @@ BEGIN
      WHERE m.id = v_id;
     outcome := 'done';
 END
+$$;
+
+--
+-- Name: wa_unstored_messages(text[]); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_unstored_messages(p_ids text[]) RETURNS integer
+    LANGUAGE sql
+    AS $$
+    SELECT count(*)::integer
+      FROM unnest(p_ids) AS t(id)
+     WHERE NOT EXISTS (SELECT 1 FROM processed_webhook_messages m WHERE m.message_id = t.id)
 $$;
 
 --
@@ -2016,12 +2007,6 @@ CREATE UNIQUE INDEX webhook_dlq_open_message_idx ON public.webhook_dlq USING btr
 --
 
 CREATE INDEX webhook_dlq_status_idx ON public.webhook_dlq USING btree (status, created_at);
-
---
--- Name: processed_webhook_messages processed_messages_count; Type: TRIGGER; Schema: public; Owner: -
---
-
-CREATE TRIGGER processed_messages_count AFTER INSERT ON public.processed_webhook_messages REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION public.wa_count_messages();
 
 --
 -- Name: webhook_conversations webhook_conversations_customer_id; Type: TRIGGER; Schema: public; Owner: -

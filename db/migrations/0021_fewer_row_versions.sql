@@ -46,3 +46,24 @@ ALTER TABLE conversation_state_transitions
 -- backend about 570 / 830 / 1320 µs before, 370 / 480 / 570 µs after.
 ALTER TABLE agent_contexts ALTER COLUMN messages SET STORAGE EXTERNAL;
 ALTER TABLE agent_contexts SET (toast_tuple_target = 8160);
+
+-- webhook_conversations.message_count: counted by the ingest statement's one update of each
+-- conversation row (services/state/queries.sql, ingest_messages) instead of by a trigger that
+-- updated the same rows a second time (another row version per conversation and batch, and a
+-- PL/pgSQL call per ingest statement, statuses' included). Exact as before, concurrent
+-- deliveries of the same messages to one conversation included; the one case it is not: the
+-- same message id stored at the same moment under two different conversations (one delivery
+-- naming the customer by BSUID, the other by phone number before they were linked) counts it
+-- in both.
+DROP TRIGGER processed_messages_count ON processed_webhook_messages;
+DROP FUNCTION wa_count_messages();
+
+-- How many of these message ids are not stored, as of now: VOLATILE, so it reads with a
+-- snapshot of its own, taken after the caller locked the conversation row (the ingest counts
+-- with it when a concurrent delivery changed the row after its statement began).
+CREATE FUNCTION wa_unstored_messages(p_ids text[]) RETURNS integer
+LANGUAGE sql VOLATILE AS $$
+    SELECT count(*)::integer
+      FROM unnest(p_ids) AS t(id)
+     WHERE NOT EXISTS (SELECT 1 FROM processed_webhook_messages m WHERE m.message_id = t.id)
+$$;

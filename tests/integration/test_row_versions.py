@@ -3,10 +3,13 @@ can be HOT are, and a turn's context is stored without a compression attempt."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import time
 
 import asyncpg
 import orjson
+import pytest
 
 from common import db
 from common.domain import Message, Status
@@ -96,3 +99,65 @@ async def test_a_delivery_status_moves_its_reply_on_with_a_hot_update(database_u
     assert reply_status == "read"
     # No index names reply_status (db/migrations/0021).
     assert (after[0] - before[0], after[1] - before[1]) == (2, 2)
+
+
+def _batch(ids: list[str], wa_id: str) -> tuple[object, ...]:
+    """ingest_messages' arguments for messages of one customer."""
+    n = len(ids)
+    now = dt.datetime.now(dt.UTC)
+    text = [""] * n
+    return (
+        ids,
+        ["100"] * n,
+        [wa_id] * n,
+        text,
+        ["c"] * n,
+        [now] * n,
+        ["text"] * n,
+        ["hi"] * n,
+        ["{}"] * n,
+        ["received"] * n,
+        text,
+        text,
+        text,
+        text,
+        text,
+        text,
+    )
+
+
+async def _message_count(pool: asyncpg.Pool, wa_id: str) -> int:
+    return int(
+        await pool.fetchval(
+            "SELECT message_count FROM webhook_conversations WHERE wa_id = $1", wa_id
+        )
+    )
+
+
+@pytest.mark.parametrize("existing", [True, False])
+async def test_concurrent_deliveries_of_the_same_messages_count_each_once(
+    pool: asyncpg.Pool, existing: bool
+) -> None:
+    # The ingest counts a conversation's new messages in its one update of the row, from what
+    # its statement saw; one that waited for the row while another delivery of the same
+    # messages committed counts them again, with a fresh snapshot.
+    if existing:
+        await store.ingest_many(
+            pool,
+            [store.DeliveryIn([Message("m0", "100", "1", "", "text", 0, "hi", "{}")], [], "c", "")],
+        )
+    first, second = await pool.acquire(), await pool.acquire()
+    try:
+        async with first.transaction():
+            await first.fetch(store.Q["ingest_messages"], *_batch(["m1", "m2"], "1"))
+            waiting = asyncio.create_task(
+                second.fetch(store.Q["ingest_messages"], *_batch(["m1", "m3"], "1"))
+            )
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # for the conversation row the first one holds
+        rows = await waiting
+    finally:
+        await pool.release(first)
+        await pool.release(second)
+    assert [r["status"] for r in rows] == [None, "received"]  # m1 a duplicate, m3 stored
+    assert await _message_count(pool, "1") == (4 if existing else 3)
