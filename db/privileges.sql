@@ -38,6 +38,7 @@ GRANT EXECUTE ON FUNCTION wa_hold_for_person TO :"state";  -- handoff (0017)
 -- Retention and erasure: only through these functions, which run as the owner (0013).
 GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";
 GRANT SELECT ON wa_message_tombstones TO :"state";  -- ingest: a forgotten id stays a duplicate
+GRANT SELECT ON agent_contexts TO :"state";  -- a turn starts with its context (0020)
 CREATE POLICY role_state ON schema_migrations FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON webhook_conversations TO :"state" USING (true) WITH CHECK (true);
 CREATE POLICY role_state ON processed_webhook_messages TO :"state"
@@ -48,6 +49,7 @@ CREATE POLICY role_state ON agent_reply_parts TO :"state" USING (true) WITH CHEC
 CREATE POLICY role_state ON webhook_dlq FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON wa_runtime_settings TO :"state" USING (true) WITH CHECK (true);
 CREATE POLICY role_state ON wa_message_tombstones FOR SELECT TO :"state" USING (true);
+CREATE POLICY role_state ON agent_contexts FOR SELECT TO :"state" USING (true);
 
 -- agent: reads the message it answers and its conversation, writes the context, the reply
 -- and its send state; never a message's status (no UPDATE on that column), never a

@@ -312,6 +312,10 @@ class Dispatcher:
                         token,
                         start_next=start_next,
                         absorbed=result.absorbed_message_ids,
+                        # Sent, and left to this transition to record (TurnResult).
+                        reply_message_id=(
+                            result.reply_message_id if result.sent_unrecorded else None
+                        ),
                     )
                 metrics.OUTCOMES.labels("replied").inc(1 + len(finished.absorbed))
                 log.info("message replied", extra=_who(item))

@@ -254,8 +254,9 @@ SELECT * FROM wa_start_turn($1, $2)
 -- name: finish_turn
 -- transition_message, then (when it applied and $8 asks for it) start_turn of conversation $7
 -- with the same token: db/migrations/0015; in between, the debounced burst $9 moved from $10
--- with reason $11: db/migrations/0018.
-SELECT * FROM wa_finish_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+-- with reason $11: db/migrations/0018; the sent reply's id $12 (NULL: none to record) written
+-- with the transition: db/migrations/0020.
+SELECT * FROM wa_finish_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 
 -- name: transition_message
 SELECT * FROM wa_transition_message($1, $2, $3, $4, $5, $6)

@@ -498,7 +498,28 @@ def _started(row: asyncpg.Record, conversation_id: int, token: int) -> WorkItem 
         probe=row["queued_because"] == machine.OPERATOR_REDRIVE,
         user_id=row["user_id"] or "",
         username=row["username"] or "",
+        # The turn's stored state, for the agent (db/migrations/0020): JSON passed on as text.
+        has_state=True,
+        message_type=row["message_type"],
+        payload_json=row["payload"] or "",
+        context_json=row["context"] or "",
+        context_agent_type=row["context_agent_type"] or "",
+        has_reply=row["reply_text"] is not None,
+        reply_text=row["reply_text"] or "",
+        reply_payload_json=row["reply_payload"] or "",
+        reply_message_id=row["reply_message_id"] or "",
+        agent_type=row["agent_type"] or "",
+        send_started=row["send_started_at"] is not None,
+        absorbed_message_ids=tuple(row["absorbed_message_ids"] or ()),
+        last_customer_at=_seconds(row["last_customer_at"]),
+        db_now=_seconds(row["db_now"]),
+        # The reply's id is recorded with the turn's final transition (finish_turn).
+        defer_sent_record=True,
     )
+
+
+def _seconds(value: dt.datetime | None) -> float:
+    return value.timestamp() if value is not None else 0.0
 
 
 class NotAsked:
@@ -528,10 +549,14 @@ async def finish_turn(
     *,
     start_next: bool,
     absorbed: tuple[str, ...] = (),
+    reply_message_id: str | None = None,
 ) -> Finished:
     """`transition` of a finished turn's message and, when `start_next` and the transition
     applied, `next_message` of its conversation with the same token: one round trip (and one
     commit) instead of two. Raises what `transition` raises.
+
+    `reply_message_id`: the reply the agent sent and did not record (TurnResult
+    sent_unrecorded), recorded in the same row update as the transition (db/migrations/0020).
 
     `absorbed`: the debounced burst the turn's reply answered too (TurnResult); each of those
     messages saved with the reply and still received moves to `to_state` as well, in the same
@@ -549,6 +574,7 @@ async def finish_turn(
         list(absorbed),
         list(machine.ABSORBED_FROM),
         f"replied together with {item.message_id} (debounced burst)",
+        reply_message_id or None,
     )
     assert row is not None
     from_state = _transitioned(
