@@ -153,10 +153,10 @@ CREATE FUNCTION public.wa_adopt_user_ids(p_phone_number_ids text[], p_wa_ids tex
 $$;
 
 --
--- Name: wa_claim_turn(bigint, text, text[]); Type: FUNCTION; Schema: public; Owner: -
+-- Name: wa_claim_turn(bigint, text, text[], text[]); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_claim_turn(p_conversation_id bigint, p_owner text, p_sources text[], OUT claimed bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT payload text, OUT reply_text text, OUT reply_payload text, OUT reply_message_id text, OUT agent_type text, OUT send_started_at timestamp with time zone, OUT absorbed_message_ids text[], OUT context_agent_type text, OUT context text, OUT last_customer_at timestamp with time zone, OUT db_now timestamp with time zone) RETURNS record
+CREATE FUNCTION public.wa_claim_turn(p_conversation_id bigint, p_owner text, p_sources text[], p_release_from text[] DEFAULT NULL::text[], OUT claimed bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT payload text, OUT reply_text text, OUT reply_payload text, OUT reply_message_id text, OUT agent_type text, OUT send_started_at timestamp with time zone, OUT absorbed_message_ids text[], OUT context_agent_type text, OUT context text, OUT last_customer_at timestamp with time zone, OUT db_now timestamp with time zone, OUT released boolean) RETURNS record
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
@@ -193,6 +193,10 @@ BEGIN
            reply_text, reply_payload, reply_message_id, agent_type, send_started_at,
            absorbed_message_ids, context_agent_type, context, last_customer_at, db_now
       FROM wa_start_turn(p_conversation_id, claimed) s;
+    released := false;
+    IF outcome = 'none' AND p_release_from IS NOT NULL THEN
+        released := wa_release_conversation(p_conversation_id, claimed, p_release_from);
+    END IF;
 END
 $$;
 
@@ -368,10 +372,10 @@ END
 $$;
 
 --
--- Name: wa_finish_turn(text, text, text[], text, bigint, text, bigint, boolean, text[], text[], text, text); Type: FUNCTION; Schema: public; Owner: -
+-- Name: wa_finish_turn(text, text, text[], text, bigint, text, bigint, boolean, text[], text[], text, text, text[]); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_finish_turn(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, p_conversation_id bigint, p_next boolean, p_absorbed text[] DEFAULT '{}'::text[], p_absorbed_from text[] DEFAULT '{}'::text[], p_absorbed_reason text DEFAULT ''::text, p_reply_message_id text DEFAULT NULL::text, OUT finished text, OUT finished_from text, OUT finished_fence bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT payload text, OUT reply_text text, OUT reply_payload text, OUT reply_message_id text, OUT agent_type text, OUT send_started_at timestamp with time zone, OUT absorbed_message_ids text[], OUT context_agent_type text, OUT context text, OUT last_customer_at timestamp with time zone, OUT db_now timestamp with time zone, OUT absorbed text[]) RETURNS record
+CREATE FUNCTION public.wa_finish_turn(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, p_conversation_id bigint, p_next boolean, p_absorbed text[] DEFAULT '{}'::text[], p_absorbed_from text[] DEFAULT '{}'::text[], p_absorbed_reason text DEFAULT ''::text, p_reply_message_id text DEFAULT NULL::text, p_release_from text[] DEFAULT NULL::text[], OUT finished text, OUT finished_from text, OUT finished_fence bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT payload text, OUT reply_text text, OUT reply_payload text, OUT reply_message_id text, OUT agent_type text, OUT send_started_at timestamp with time zone, OUT absorbed_message_ids text[], OUT context_agent_type text, OUT context text, OUT last_customer_at timestamp with time zone, OUT db_now timestamp with time zone, OUT absorbed text[], OUT released boolean) RETURNS record
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
@@ -421,6 +425,10 @@ BEGIN
            reply_text, reply_payload, reply_message_id, agent_type, send_started_at,
            absorbed_message_ids, context_agent_type, context, last_customer_at, db_now
       FROM wa_start_turn(p_conversation_id, p_token) s;
+    released := false;
+    IF outcome = 'none' AND p_release_from IS NOT NULL THEN
+        released := wa_release_conversation(p_conversation_id, p_token, p_release_from);
+    END IF;
 END
 $$;
 
@@ -818,6 +826,34 @@ CREATE FUNCTION public.wa_record_prune(p_counts jsonb, p_requested_by text) RETU
     INSERT INTO wa_erasure_audit (kind, counts, requested_by)
     VALUES ('prune', p_counts, p_requested_by)
     RETURNING id
+$$;
+
+--
+-- Name: wa_release_conversation(bigint, bigint, text[]); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_release_conversation(p_conversation_id bigint, p_token bigint, p_sources text[]) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_released boolean;
+BEGIN
+    WITH released AS (
+        UPDATE webhook_conversations c
+           SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now(),
+               last_activity_at = now()
+         WHERE c.id = p_conversation_id AND c.fence_token = p_token
+           AND c.status = ANY (p_sources)
+        RETURNING c.id, c.fence_token
+    ), audit AS (
+        INSERT INTO conversation_state_transitions
+            (conversation_id, entity, from_state, to_state, reason, fence_token)
+        SELECT r.id, 'conversation', 'active', 'idle', 'no waiting messages', r.fence_token
+          FROM released r
+    )
+    SELECT count(*) > 0 INTO v_released FROM released;
+    RETURN v_released;
+END
 $$;
 
 --

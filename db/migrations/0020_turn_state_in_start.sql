@@ -16,6 +16,11 @@
 --    message row it already locks (status_reason holds the reason of its last move to
 --    'received': every move writes both) instead of the transitions table.
 --
+-- 4. A turn that finds nothing waiting marks its conversation idle in the same statement
+--    (wa_finish_turn / wa_claim_turn p_release_from), instead of the driver's separate
+--    release_conversation: one statement and one commit fewer each time a conversation's
+--    queue runs dry (about once per message when replies keep up with arrivals).
+--
 -- The OUT parameters change, so each function is dropped and created again (privileges are
 -- applied again after every migration: db/privileges.sql). Columns are always qualified;
 -- `#variable_conflict use_column` keeps a column from ever being read as one of the OUT
@@ -111,6 +116,35 @@ BEGIN
     VALUES (v_conversation_id, p_message_id, 'message', from_state, p_to_state, p_reason,
             p_token, COALESCE(NULLIF(p_correlation_id, ''), v_correlation_id));
     outcome := 'done';
+END
+$$;
+
+-- The state service's release_conversation: conversation p_conversation_id idle (audited) if
+-- p_token still holds it and the machine lets it leave p_sources for 'idle'; whether it did.
+CREATE FUNCTION wa_release_conversation(
+    p_conversation_id bigint,
+    p_token bigint,
+    p_sources text[]
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_released boolean;
+BEGIN
+    WITH released AS (
+        UPDATE webhook_conversations c
+           SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now(),
+               last_activity_at = now()
+         WHERE c.id = p_conversation_id AND c.fence_token = p_token
+           AND c.status = ANY (p_sources)
+        RETURNING c.id, c.fence_token
+    ), audit AS (
+        INSERT INTO conversation_state_transitions
+            (conversation_id, entity, from_state, to_state, reason, fence_token)
+        SELECT r.id, 'conversation', 'active', 'idle', 'no waiting messages', r.fence_token
+          FROM released r
+    )
+    SELECT count(*) > 0 INTO v_released FROM released;
+    RETURN v_released;
 END
 $$;
 
@@ -262,6 +296,7 @@ CREATE FUNCTION wa_finish_turn(
     p_absorbed_from text[] DEFAULT '{}',
     p_absorbed_reason text DEFAULT '',
     p_reply_message_id text DEFAULT NULL,
+    p_release_from text[] DEFAULT NULL,
     OUT finished text,
     OUT finished_from text,
     OUT finished_fence bigint,
@@ -295,7 +330,8 @@ CREATE FUNCTION wa_finish_turn(
     OUT context text,
     OUT last_customer_at timestamptz,
     OUT db_now timestamptz,
-    OUT absorbed text[]
+    OUT absorbed text[],
+    OUT released boolean
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -345,6 +381,10 @@ BEGIN
            reply_text, reply_payload, reply_message_id, agent_type, send_started_at,
            absorbed_message_ids, context_agent_type, context, last_customer_at, db_now
       FROM wa_start_turn(p_conversation_id, p_token) s;
+    released := false;
+    IF outcome = 'none' AND p_release_from IS NOT NULL THEN
+        released := wa_release_conversation(p_conversation_id, p_token, p_release_from);
+    END IF;
 END
 $$;
 
@@ -353,6 +393,7 @@ CREATE FUNCTION wa_claim_turn(
     p_conversation_id bigint,
     p_owner text,
     p_sources text[],
+    p_release_from text[] DEFAULT NULL,
     OUT claimed bigint,
     OUT outcome text,
     OUT fence_token bigint,
@@ -383,7 +424,8 @@ CREATE FUNCTION wa_claim_turn(
     OUT context_agent_type text,
     OUT context text,
     OUT last_customer_at timestamptz,
-    OUT db_now timestamptz
+    OUT db_now timestamptz,
+    OUT released boolean
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -420,5 +462,9 @@ BEGIN
            reply_text, reply_payload, reply_message_id, agent_type, send_started_at,
            absorbed_message_ids, context_agent_type, context, last_customer_at, db_now
       FROM wa_start_turn(p_conversation_id, claimed) s;
+    released := false;
+    IF outcome = 'none' AND p_release_from IS NOT NULL THEN
+        released := wa_release_conversation(p_conversation_id, claimed, p_release_from);
+    END IF;
 END
 $$;
