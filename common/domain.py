@@ -9,7 +9,7 @@ travels without being copied by hand anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +86,8 @@ class TurnRequest:
     has_state: bool = False
     message_type: str = ""
     payload_json: str = ""
-    context_json: str = ""  # "" when the conversation has no context yet
+    # "" when the conversation has no context yet; never in a repr (logs: no conversations).
+    context_json: str = field(default="", repr=False)
     context_agent_type: str = ""
     has_reply: bool = False
     reply_text: str = ""
