@@ -166,7 +166,7 @@ BEGIN
     ), moved AS (
         UPDATE webhook_conversations c
            SET fence_token = c.fence_token + 1, status = 'active', lock_owner = p_owner,
-               locked_at = now(), last_activity_at = now(), updated_at = now()
+               locked_at = now(), updated_at = now()
          WHERE c.id = p_conversation_id AND c.status = ANY (p_sources)
         RETURNING c.id, c.fence_token
     ), audit AS (
@@ -840,8 +840,7 @@ DECLARE
 BEGIN
     WITH released AS (
         UPDATE webhook_conversations c
-           SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now(),
-               last_activity_at = now()
+           SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now()
          WHERE c.id = p_conversation_id AND c.fence_token = p_token
            AND c.status = ANY (p_sources)
         RETURNING c.id, c.fence_token

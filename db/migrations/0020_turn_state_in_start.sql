@@ -20,6 +20,9 @@
 --    (wa_finish_turn / wa_claim_turn p_release_from), instead of the driver's separate
 --    release_conversation: one statement and one commit fewer each time a conversation's
 --    queue runs dry (about once per message when replies keep up with arrivals).
+-- 5. A claim and a release leave last_activity_at alone (each ingested message sets it; the
+--    console and retention need no more): with no indexed column changed, they can be HOT
+--    updates (db/migrations/0021 drops the index that had status in it).
 --
 -- The OUT parameters change, so each function is dropped and created again (privileges are
 -- applied again after every migration: db/privileges.sql). Columns are always qualified;
@@ -132,8 +135,7 @@ DECLARE
 BEGIN
     WITH released AS (
         UPDATE webhook_conversations c
-           SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now(),
-               last_activity_at = now()
+           SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now()
          WHERE c.id = p_conversation_id AND c.fence_token = p_token
            AND c.status = ANY (p_sources)
         RETURNING c.id, c.fence_token
@@ -435,7 +437,7 @@ BEGIN
     ), moved AS (
         UPDATE webhook_conversations c
            SET fence_token = c.fence_token + 1, status = 'active', lock_owner = p_owner,
-               locked_at = now(), last_activity_at = now(), updated_at = now()
+               locked_at = now(), updated_at = now()
          WHERE c.id = p_conversation_id AND c.status = ANY (p_sources)
         RETURNING c.id, c.fence_token
     ), audit AS (

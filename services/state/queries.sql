@@ -215,7 +215,7 @@ WITH previous AS (
 ), claimed AS (
     UPDATE webhook_conversations
        SET fence_token = fence_token + 1, status = 'active', lock_owner = $2, locked_at = now(),
-           last_activity_at = now(), updated_at = now()
+           updated_at = now()
      WHERE id = $1 AND status = ANY ($3::text[])
     RETURNING id, fence_token
 ), audit AS (
@@ -237,8 +237,7 @@ SELECT * FROM wa_claim_turn($1, $2, $3, $4)
 -- $3: the states the machine lets a conversation leave for 'idle'.
 WITH released AS (
     UPDATE webhook_conversations
-       SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now(),
-           last_activity_at = now()
+       SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now()
      WHERE id = $1 AND fence_token = $2 AND status = ANY ($3::text[])
     RETURNING id, fence_token
 ), audit AS (
