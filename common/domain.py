@@ -9,7 +9,7 @@ travels without being copied by hand anywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +81,25 @@ class TurnRequest:
     correlation_id: str
     probe: bool = False  # redriven by an operator: an open circuit breaker lets it through
     user_id: str = ""
+    # The turn's stored state, read by the statement that started the turn (agent.proto
+    # ReplyRequest); without has_state the agent reads it itself.
+    has_state: bool = False
+    message_type: str = ""
+    payload_json: str = ""
+    # "" when the conversation has no context yet; never in a repr (logs: no conversations).
+    context_json: str = field(default="", repr=False)
+    context_agent_type: str = ""
+    has_reply: bool = False
+    reply_text: str = ""
+    reply_payload_json: str = ""
+    reply_message_id: str = ""
+    agent_type: str = ""
+    send_started: bool = False
+    absorbed_message_ids: tuple[str, ...] = ()
+    last_customer_at: float = 0.0  # seconds since the epoch; 0: the customer never wrote
+    db_now: float = 0.0
+    # The caller records a single-message reply's id with the turn's final transition.
+    defer_sent_record: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +123,9 @@ class TurnResult:
     # The agent type that answered hands the conversation to a person (README, "Human
     # handoff"): the state service stops turns for it until an operator releases it.
     handoff: bool = False
+    # reply_message_id is sent and not yet recorded: the caller (which asked for it with
+    # defer_sent_record) records it with the turn's final transition.
+    sent_unrecorded: bool = False
 
     @property
     def detail(self) -> str:

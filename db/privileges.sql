@@ -35,9 +35,11 @@ GRANT EXECUTE ON FUNCTION wa_start_turn, wa_claim_turn, wa_finish_turn, wa_trans
     wa_delivery_rank, get_webhook_performance_stats, check_webhook_system_health,
     wa_stuck_timeout, wa_unstored_messages, wa_default_customer_id TO :"state";
 GRANT EXECUTE ON FUNCTION wa_hold_for_person TO :"state";  -- handoff (0017)
+GRANT EXECUTE ON FUNCTION wa_release_conversation TO :"state";  -- with a turn (0020)
 -- Retention and erasure: only through these functions, which run as the owner (0013).
 GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";
 GRANT SELECT ON wa_message_tombstones TO :"state";  -- ingest: a forgotten id stays a duplicate
+GRANT SELECT ON agent_contexts TO :"state";  -- a turn starts with its context (0020)
 CREATE POLICY role_state ON schema_migrations FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON webhook_conversations TO :"state" USING (true) WITH CHECK (true);
 CREATE POLICY role_state ON processed_webhook_messages TO :"state"
@@ -48,6 +50,7 @@ CREATE POLICY role_state ON agent_reply_parts TO :"state" USING (true) WITH CHEC
 CREATE POLICY role_state ON webhook_dlq FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON wa_runtime_settings TO :"state" USING (true) WITH CHECK (true);
 CREATE POLICY role_state ON wa_message_tombstones FOR SELECT TO :"state" USING (true);
+CREATE POLICY role_state ON agent_contexts FOR SELECT TO :"state" USING (true);
 
 -- agent: reads the message it answers and its conversation, writes the context, the reply
 -- and its send state; never a message's status (no UPDATE on that column), never a

@@ -153,10 +153,10 @@ CREATE FUNCTION public.wa_adopt_user_ids(p_phone_number_ids text[], p_wa_ids tex
 $$;
 
 --
--- Name: wa_claim_turn(bigint, text, text[]); Type: FUNCTION; Schema: public; Owner: -
+-- Name: wa_claim_turn(bigint, text, text[], text[]); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_claim_turn(p_conversation_id bigint, p_owner text, p_sources text[], OUT claimed bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text) RETURNS record
+CREATE FUNCTION public.wa_claim_turn(p_conversation_id bigint, p_owner text, p_sources text[], p_release_from text[] DEFAULT NULL::text[], OUT claimed bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT payload text, OUT reply_text text, OUT reply_payload text, OUT reply_message_id text, OUT agent_type text, OUT send_started_at timestamp with time zone, OUT absorbed_message_ids text[], OUT context_agent_type text, OUT context text, OUT last_customer_at timestamp with time zone, OUT db_now timestamp with time zone, OUT released boolean) RETURNS record
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
@@ -166,7 +166,7 @@ BEGIN
     ), moved AS (
         UPDATE webhook_conversations c
            SET fence_token = c.fence_token + 1, status = 'active', lock_owner = p_owner,
-               locked_at = now(), last_activity_at = now(), updated_at = now()
+               locked_at = now(), updated_at = now()
          WHERE c.id = p_conversation_id AND c.status = ANY (p_sources)
         RETURNING c.id, c.fence_token
     ), audit AS (
@@ -184,11 +184,19 @@ BEGIN
     SELECT s.outcome, s.fence_token, s.id, s.message_id, s.conversation_id, s.phone_number_id,
            s.wa_id, s.message_type, s.wa_timestamp, s.body, s.correlation_id, s.traceparent,
            s.attempts, s.turn_resumes, s.resumed, s.queued_because, s.contact_name, s.user_id,
-           s.username
+           s.username, s.payload, s.reply_text, s.reply_payload, s.reply_message_id,
+           s.agent_type, s.send_started_at, s.absorbed_message_ids, s.context_agent_type,
+           s.context, s.last_customer_at, s.db_now
       INTO outcome, fence_token, id, message_id, conversation_id, phone_number_id, wa_id,
            message_type, wa_timestamp, body, correlation_id, traceparent, attempts,
-           turn_resumes, resumed, queued_because, contact_name, user_id, username
+           turn_resumes, resumed, queued_because, contact_name, user_id, username, payload,
+           reply_text, reply_payload, reply_message_id, agent_type, send_started_at,
+           absorbed_message_ids, context_agent_type, context, last_customer_at, db_now
       FROM wa_start_turn(p_conversation_id, claimed) s;
+    released := false;
+    IF outcome = 'none' AND p_release_from IS NOT NULL THEN
+        released := wa_release_conversation(p_conversation_id, claimed, p_release_from);
+    END IF;
 END
 $$;
 
@@ -343,10 +351,10 @@ END
 $$;
 
 --
--- Name: wa_finish_turn(text, text, text[], text, bigint, text, bigint, boolean, text[], text[], text); Type: FUNCTION; Schema: public; Owner: -
+-- Name: wa_finish_turn(text, text, text[], text, bigint, text, bigint, boolean, text[], text[], text, text, text[]); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_finish_turn(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, p_conversation_id bigint, p_next boolean, p_absorbed text[] DEFAULT '{}'::text[], p_absorbed_from text[] DEFAULT '{}'::text[], p_absorbed_reason text DEFAULT ''::text, OUT finished text, OUT finished_from text, OUT finished_fence bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT absorbed text[]) RETURNS record
+CREATE FUNCTION public.wa_finish_turn(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, p_conversation_id bigint, p_next boolean, p_absorbed text[] DEFAULT '{}'::text[], p_absorbed_from text[] DEFAULT '{}'::text[], p_absorbed_reason text DEFAULT ''::text, p_reply_message_id text DEFAULT NULL::text, p_release_from text[] DEFAULT NULL::text[], OUT finished text, OUT finished_from text, OUT finished_fence bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT payload text, OUT reply_text text, OUT reply_payload text, OUT reply_message_id text, OUT agent_type text, OUT send_started_at timestamp with time zone, OUT absorbed_message_ids text[], OUT context_agent_type text, OUT context text, OUT last_customer_at timestamp with time zone, OUT db_now timestamp with time zone, OUT absorbed text[], OUT released boolean) RETURNS record
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
@@ -357,7 +365,7 @@ BEGIN
     SELECT t.outcome, t.from_state, t.fence_token
       INTO finished, finished_from, finished_fence
       FROM wa_transition_message(p_message_id, p_to_state, p_from, p_reason, p_token,
-                                 p_correlation_id) t;
+                                 p_correlation_id, p_reply_message_id) t;
     absorbed := '{}';
     IF finished = 'done' AND cardinality(p_absorbed) > 0 THEN
         FOR v_id IN
@@ -387,11 +395,19 @@ BEGIN
     SELECT s.outcome, s.fence_token, s.id, s.message_id, s.conversation_id, s.phone_number_id,
            s.wa_id, s.message_type, s.wa_timestamp, s.body, s.correlation_id, s.traceparent,
            s.attempts, s.turn_resumes, s.resumed, s.queued_because, s.contact_name, s.user_id,
-           s.username
+           s.username, s.payload, s.reply_text, s.reply_payload, s.reply_message_id,
+           s.agent_type, s.send_started_at, s.absorbed_message_ids, s.context_agent_type,
+           s.context, s.last_customer_at, s.db_now
       INTO outcome, fence_token, id, message_id, conversation_id, phone_number_id, wa_id,
            message_type, wa_timestamp, body, correlation_id, traceparent, attempts,
-           turn_resumes, resumed, queued_because, contact_name, user_id, username
+           turn_resumes, resumed, queued_because, contact_name, user_id, username, payload,
+           reply_text, reply_payload, reply_message_id, agent_type, send_started_at,
+           absorbed_message_ids, context_agent_type, context, last_customer_at, db_now
       FROM wa_start_turn(p_conversation_id, p_token) s;
+    released := false;
+    IF outcome = 'none' AND p_release_from IS NOT NULL THEN
+        released := wa_release_conversation(p_conversation_id, p_token, p_release_from);
+    END IF;
 END
 $$;
 
@@ -792,6 +808,33 @@ CREATE FUNCTION public.wa_record_prune(p_counts jsonb, p_requested_by text) RETU
 $$;
 
 --
+-- Name: wa_release_conversation(bigint, bigint, text[]); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_release_conversation(p_conversation_id bigint, p_token bigint, p_sources text[]) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_released boolean;
+BEGIN
+    WITH released AS (
+        UPDATE webhook_conversations c
+           SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now()
+         WHERE c.id = p_conversation_id AND c.fence_token = p_token
+           AND c.status = ANY (p_sources)
+        RETURNING c.id, c.fence_token
+    ), audit AS (
+        INSERT INTO conversation_state_transitions
+            (conversation_id, entity, from_state, to_state, reason, fence_token)
+        SELECT r.id, 'conversation', 'active', 'idle', 'no waiting messages', r.fence_token
+          FROM released r
+    )
+    SELECT count(*) > 0 INTO v_released FROM released;
+    RETURN v_released;
+END
+$$;
+
+--
 -- Name: wa_retention_min_days(); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -882,7 +925,7 @@ $$;
 -- Name: wa_start_turn(bigint, bigint); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_start_turn(p_conversation_id bigint, p_token bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text) RETURNS record
+CREATE FUNCTION public.wa_start_turn(p_conversation_id bigint, p_token bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT payload text, OUT reply_text text, OUT reply_payload text, OUT reply_message_id text, OUT agent_type text, OUT send_started_at timestamp with time zone, OUT absorbed_message_ids text[], OUT context_agent_type text, OUT context text, OUT last_customer_at timestamp with time zone, OUT db_now timestamp with time zone) RETURNS record
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
@@ -891,6 +934,7 @@ DECLARE
     v_status text;
     v_message_id text;
     v_correlation_id text;
+    v_status_reason text;
     v_reason text;
     v_wa_id text;
     v_handoff_at timestamptz;
@@ -911,8 +955,8 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT m.id, m.status, m.message_id, m.correlation_id
-      INTO v_id, v_status, v_message_id, v_correlation_id
+    SELECT m.id, m.status, m.message_id, m.correlation_id, m.status_reason
+      INTO v_id, v_status, v_message_id, v_correlation_id, v_status_reason
       FROM processed_webhook_messages m
      WHERE m.conversation_id = p_conversation_id AND m.status IN ('received', 'processing')
      ORDER BY m.wa_timestamp, m.id
@@ -929,11 +973,9 @@ BEGIN
         queued_because := v_reason;
     ELSE
         v_reason := 'turn started';
-        SELECT t.reason INTO queued_because
-          FROM conversation_state_transitions t
-         WHERE t.message_id = v_message_id AND t.to_state = 'received'
-         ORDER BY t.id DESC
-         LIMIT 1;
+        -- The reason of its last move to 'received' (ingest and every transition write the
+        -- two together), without reading the transitions.
+        queued_because := v_status_reason;
     END IF;
 
     UPDATE processed_webhook_messages m
@@ -947,9 +989,24 @@ BEGIN
     RETURNING m.id, m.message_id, m.conversation_id, m.phone_number_id,
               COALESCE(v_wa_id, NULLIF(m.wa_id, ''), ''),
               m.message_type, m.wa_timestamp, m.body, m.correlation_id, m.traceparent,
-              m.attempts, m.turn_resumes
+              m.attempts, m.turn_resumes, m.payload::text, m.reply_text, m.reply_payload::text,
+              m.reply_message_id, m.agent_type, m.send_started_at, m.absorbed_message_ids
          INTO id, message_id, conversation_id, phone_number_id, wa_id, message_type,
-              wa_timestamp, body, correlation_id, traceparent, attempts, turn_resumes;
+              wa_timestamp, body, correlation_id, traceparent, attempts, turn_resumes,
+              payload, reply_text, reply_payload, reply_message_id, agent_type,
+              send_started_at, absorbed_message_ids;
+
+    SELECT a.agent_type, a.messages::text
+      INTO context_agent_type, context
+      FROM agent_contexts a
+     WHERE a.conversation_id = p_conversation_id;
+    -- One entry of processed_messages_customer_last_idx.
+    SELECT l.wa_timestamp INTO last_customer_at
+      FROM processed_webhook_messages l
+     WHERE l.conversation_id = p_conversation_id AND l.kind = 'message'
+     ORDER BY l.wa_timestamp DESC
+     LIMIT 1;
+    db_now := now();
 
     INSERT INTO conversation_state_transitions
         (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
@@ -978,16 +1035,17 @@ CREATE FUNCTION public.wa_stuck_timeout() RETURNS interval
 $$;
 
 --
--- Name: wa_transition_message(text, text, text[], text, bigint, text); Type: FUNCTION; Schema: public; Owner: -
+-- Name: wa_transition_message(text, text, text[], text, bigint, text, text); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_transition_message(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, OUT outcome text, OUT from_state text, OUT fence_token bigint) RETURNS record
+CREATE FUNCTION public.wa_transition_message(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, p_reply_message_id text DEFAULT NULL::text, OUT outcome text, OUT from_state text, OUT fence_token bigint) RETURNS record
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
 DECLARE
     v_id bigint;
     v_conversation_id bigint;
+    v_correlation_id text;
 BEGIN
     IF p_to_state = 'failed' THEN
         -- Its error_count is written below: the conversation is locked first, in the order
@@ -1024,8 +1082,19 @@ BEGIN
            finished_at = CASE WHEN p_to_state IN ('replied', 'skipped', 'failed',
                                                   'dead_lettered')
                               THEN now() ELSE m.finished_at END,
+           reply_message_id = COALESCE(p_reply_message_id, m.reply_message_id),
+           -- A status that arrived before the send was recorded still counts.
+           reply_status = CASE
+               WHEN p_reply_message_id IS NULL THEN m.reply_status
+               ELSE COALESCE(
+                   (SELECT s.reply_status FROM processed_webhook_messages s
+                     WHERE s.reply_message_id = p_reply_message_id AND s.kind = 'status'
+                     ORDER BY wa_delivery_rank(s.reply_status) DESC LIMIT 1),
+                   'sent')
+           END,
            updated_at = now()
-     WHERE m.id = v_id;
+     WHERE m.id = v_id
+    RETURNING m.correlation_id INTO v_correlation_id;
 
     -- Only on failure, so the happy path costs nothing more.
     IF p_to_state = 'failed' AND v_conversation_id IS NOT NULL THEN
@@ -1037,10 +1106,8 @@ BEGIN
     INSERT INTO conversation_state_transitions
         (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
          correlation_id)
-    SELECT m.conversation_id, m.message_id, 'message', from_state, p_to_state, p_reason,
-           p_token, COALESCE(NULLIF(p_correlation_id, ''), m.correlation_id)
-      FROM processed_webhook_messages m
-     WHERE m.id = v_id;
+    VALUES (v_conversation_id, p_message_id, 'message', from_state, p_to_state, p_reason,
+            p_token, COALESCE(NULLIF(p_correlation_id, ''), v_correlation_id));
     outcome := 'done';
 END
 $$;

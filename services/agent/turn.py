@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
 import time
 from typing import Any
 
 import asyncpg
+import orjson
 from opentelemetry import trace
 
 from common import sqlfile, telemetry
@@ -95,29 +97,40 @@ class Agent:
         """The turn, every call of it ending before `deadline` (raises TurnTimeout past it)."""
         result = await self._turn(req, deadline)
         if result.outcome == "replied" and self.catalog.get(result.agent_type).handoff:
+            if result.sent_unrecorded:
+                # The hand-off's own transaction records nothing of the send: recorded here.
+                await self._fenced(req, "record_sent", req.message_id, result.reply_message_id)
             # Its message is sent: the state service hands the conversation to a person.
-            return dataclasses.replace(result, handoff=True)
+            return dataclasses.replace(result, handoff=True, sent_unrecorded=False)
         return result
 
-    async def _turn(self, req: TurnRequest, deadline: Deadline) -> TurnResult:
-        state = await self.pool.fetchrow(Q["turn_state"], req.message_id)
-        if state is None:
+    async def _state(self, req: TurnRequest) -> TurnState:
+        """The turn's stored state: as the statement that started the turn read it, else
+        (an older caller) read now."""
+        if req.has_state:
+            return TurnState.of_request(req)
+        row = await self.pool.fetchrow(Q["turn_state"], req.message_id)
+        if row is None:
             raise UnknownMessage(req.message_id)
+        return TurnState.of_row(row)
+
+    async def _turn(self, req: TurnRequest, deadline: Deadline) -> TurnResult:
+        state = await self._state(req)
         # A debounced burst this message's reply answers too: saved with the reply, so a run
         # resumed after a crash answers the same one (services/agent/debounce.py).
-        absorbed: tuple[str, ...] = tuple(state["absorbed_message_ids"] or ())
-        if state["reply_message_id"]:
+        absorbed = state.absorbed
+        if state.reply_message_id:
             # Sent by an earlier run of this turn that died before it was marked replied.
             return TurnResult(
                 outcome="replied",
-                reply_text=state["reply_text"] or "",
-                reply_message_id=state["reply_message_id"],
-                agent_type=state["agent_type"] or "",
+                reply_text=state.reply_text or "",
+                reply_message_id=state.reply_message_id,
+                agent_type=state.agent_type or "",
                 absorbed_message_ids=absorbed,
             )
-        reply_text = state["reply_text"]
-        agent_type = state["agent_type"] or ""
-        structured = stored_reply(state)
+        reply_text = state.reply_text
+        agent_type = state.agent_type or ""
+        structured = stored_reply(state.reply_payload)
         parts: list[str] = []
         if reply_text is not None:
             parts = (
@@ -125,7 +138,7 @@ class Agent:
                 if structured is None
                 else [reply_text]  # one interactive message or template
             )
-        if state["send_started_at"] is not None and self.graph.enabled and len(parts) == 1:
+        if state.send_started and self.graph.enabled and len(parts) == 1:
             # A previous run died while sending: the customer may have the reply already.
             # Its status webhook carries our callback data and confirms it; only when no
             # confirmation comes is the reply sent again (at least once beats lost).
@@ -138,8 +151,8 @@ class Agent:
             return dataclasses.replace(result, absorbed_message_ids=absorbed)
         burst = debounce.NONE
         if reply_text is None:
-            current = self.catalog.get(state["context_agent_type"] or self.catalog.default)
-            if current.debounce_seconds > 0 and state["message_type"] in debounce.KINDS:
+            current = self.catalog.get(state.context_agent_type or self.catalog.default)
+            if current.debounce_seconds > 0 and state.message_type in debounce.KINDS:
                 burst = await debounce.gather(
                     self.pool,
                     req.conversation_id,
@@ -163,10 +176,10 @@ class Agent:
             try:
                 reply_text, agent_type, structured = await self._think(
                     req,
-                    state["context_agent_type"],
-                    state["context"],
+                    state.context_agent_type,
+                    state.context,
                     deadline,
-                    message=(state["message_type"], state["payload"]),
+                    message=(state.message_type, state.payload),
                     burst=burst,
                 )
             except ModelError as exc:
@@ -195,6 +208,7 @@ class Agent:
                 deadline=deadline,
                 quote=quote,
                 structured=structured,
+                defer_record=req.defer_sent_record,
             )
         return dataclasses.replace(result, absorbed_message_ids=absorbed)
 
@@ -461,7 +475,12 @@ class Agent:
         deadline: Deadline = UNBOUNDED,
         quote: str = "",
         structured: replies.Structured | None = None,
+        defer_record: bool = False,
     ) -> TurnResult:
+        """`defer_record`: the sent id is not recorded here but returned as `sent_unrecorded`,
+        for the caller to record with the turn's final transition (one row update fewer). Until
+        it does, the message looks as a turn cut off mid-send leaves it (send started, no id):
+        a run resumed then waits for the reply's status webhook before it sends again."""
         if not self.graph.enabled:
             log.info(
                 "no WHATSAPP_ACCESS_TOKEN: reply recorded, not sent",
@@ -534,7 +553,8 @@ class Agent:
                     retryable=exc.retryable,
                     agent_type=agent_type,
                 )
-        await self._fenced(req, "record_sent", req.message_id, sent.message_id)
+        if not defer_record:
+            await self._fenced(req, "record_sent", req.message_id, sent.message_id)
         log.info(
             "reply sent",
             extra={
@@ -548,6 +568,7 @@ class Agent:
             reply_text=text,
             reply_message_id=sent.message_id,
             agent_type=agent_type,
+            sent_unrecorded=defer_record,
         )
 
     async def _deliver_parts(
@@ -664,18 +685,76 @@ def _lines(texts: list[str]) -> str:
     return "\n".join(t for t in texts if t.strip())
 
 
-def stored_reply(state: Any) -> replies.Structured | None:
-    """The structured reply a turn state row holds (stored before its send), if any."""
-    payload = state["reply_payload"]
+@dataclasses.dataclass(frozen=True, slots=True)
+class TurnState:
+    """What a turn starts from: its message, the reply an earlier run stored and its send
+    state, the conversation's context, and the 24-hour window's start and now."""
+
+    message_type: str
+    payload: Any  # Meta's message object
+    context: list[dict[str, Any]] | None
+    context_agent_type: str | None
+    reply_text: str | None
+    reply_payload: Any  # the stored structured reply (replies.to_json), None for text
+    reply_message_id: str | None
+    agent_type: str | None
+    send_started: bool
+    absorbed: tuple[str, ...]
+    last_customer_at: dt.datetime | None
+    db_now: dt.datetime
+
+    @classmethod
+    def of_row(cls, row: Any) -> TurnState:
+        """From queries.sql turn_state (its JSON decoded by the pool)."""
+        return cls(
+            message_type=row["message_type"],
+            payload=row["payload"],
+            context=row["context"],
+            context_agent_type=row["context_agent_type"],
+            reply_text=row["reply_text"],
+            reply_payload=row["reply_payload"],
+            reply_message_id=row["reply_message_id"],
+            agent_type=row["agent_type"],
+            send_started=row["send_started_at"] is not None,
+            absorbed=tuple(row["absorbed_message_ids"] or ()),
+            last_customer_at=row["last_customer_at"],
+            db_now=row["db_now"],
+        )
+
+    @classmethod
+    def of_request(cls, req: TurnRequest) -> TurnState:
+        """From the request (read by the statement that started the turn: wa_start_turn)."""
+        return cls(
+            message_type=req.message_type,
+            payload=orjson.loads(req.payload_json) if req.payload_json else None,
+            context=orjson.loads(req.context_json) if req.context_json else None,
+            context_agent_type=req.context_agent_type or None,
+            reply_text=req.reply_text if req.has_reply else None,
+            reply_payload=orjson.loads(req.reply_payload_json) if req.reply_payload_json else None,
+            reply_message_id=req.reply_message_id or None,
+            agent_type=req.agent_type or None,
+            send_started=req.send_started,
+            absorbed=req.absorbed_message_ids,
+            last_customer_at=_datetime(req.last_customer_at) if req.last_customer_at else None,
+            db_now=_datetime(req.db_now),
+        )
+
+
+def _datetime(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
+
+
+def stored_reply(payload: Any) -> replies.Structured | None:
+    """The structured reply stored before its send (reply_payload), if any."""
     return replies.from_json(payload) if payload is not None else None
 
 
-def window_closed(state: Any, stored: replies.Structured | None) -> str | None:
-    """Why a free-form reply may not be sent now (service_window), from a turn state row;
-    None when it may, or when what is stored is the template sent outside the window."""
+def window_closed(state: TurnState, stored: replies.Structured | None) -> str | None:
+    """Why a free-form reply may not be sent now (service_window); None when it may, or when
+    what is stored is the template sent outside the window."""
     if stored is not None and stored.kind == "template":
         return None
-    return service_window.check(state["last_customer_at"], state["db_now"])
+    return service_window.check(state.last_customer_at, state.db_now)
 
 
 def bounded(history: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:

@@ -217,15 +217,21 @@ class Dispatcher:
             metrics.LOCK_CONTENDED.inc()
             return False
         token: int | None = None
+        released = False
         try:
             async with self.locks.keep_renewed(lease):
                 # The claim starts the first turn in the same round trip, and a replied turn
-                # the next one.
-                token, first = await store.claim_turn(self.pool, conversation_id, lease.owner)
-                following: store.WorkItem | store.NotAsked | None = first
+                # the next one; finding none, either also releases the conversation.
+                token, first = await store.claim_turn_or_release(
+                    self.pool, conversation_id, lease.owner
+                )
+                following: store.WorkItem | store.NotAsked | store.Released | None = first
                 # A closing replica finishes the turn it is in (one already started counts:
                 # left, it would come back as a cut-off turn) and starts no other.
                 while not lease.lost:
+                    if isinstance(following, store.Released):
+                        released = True
+                        break
                     if isinstance(following, store.NotAsked):
                         if self._closing:
                             break
@@ -236,7 +242,7 @@ class Dispatcher:
                         break
                     following = await self._turn(lease, item, token)
         finally:
-            if token is not None and not lease.lost:
+            if token is not None and not lease.lost and not released:
                 with contextlib.suppress(Exception):
                     await store.release_conversation(self.pool, conversation_id, token)
             with contextlib.suppress(Exception):
@@ -245,7 +251,7 @@ class Dispatcher:
 
     async def _turn(
         self, lease: Lease, item: store.WorkItem, token: int
-    ) -> store.WorkItem | store.NotAsked | None:
+    ) -> store.WorkItem | store.NotAsked | store.Released | None:
         """Runs one turn; returns the conversation's next turn when it was started with the
         turn's final transition (see store.finish_turn)."""
         with telemetry.continued(
@@ -312,6 +318,11 @@ class Dispatcher:
                         token,
                         start_next=start_next,
                         absorbed=result.absorbed_message_ids,
+                        # Sent, and left to this transition to record (TurnResult).
+                        reply_message_id=(
+                            result.reply_message_id if result.sent_unrecorded else None
+                        ),
+                        release=True,
                     )
                 metrics.OUTCOMES.labels("replied").inc(1 + len(finished.absorbed))
                 log.info("message replied", extra=_who(item))

@@ -246,7 +246,7 @@ WITH previous AS (
 ), claimed AS (
     UPDATE webhook_conversations
        SET fence_token = fence_token + 1, status = 'active', lock_owner = $2, locked_at = now(),
-           last_activity_at = now(), updated_at = now()
+           updated_at = now()
      WHERE id = $1 AND status = ANY ($3::text[])
     RETURNING id, fence_token
 ), audit AS (
@@ -260,15 +260,15 @@ WITH previous AS (
 SELECT c.fence_token, p.status AS previous FROM claimed c, previous p
 
 -- name: claim_turn
--- claim_conversation, then start_turn with the new token: db/migrations/0015.
-SELECT * FROM wa_claim_turn($1, $2, $3)
+-- claim_conversation, then start_turn with the new token: db/migrations/0015; when nothing
+-- waits, release_conversation from the states $4 (NULL: not): db/migrations/0020.
+SELECT * FROM wa_claim_turn($1, $2, $3, $4)
 
 -- name: release_conversation
 -- $3: the states the machine lets a conversation leave for 'idle'.
 WITH released AS (
     UPDATE webhook_conversations
-       SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now(),
-           last_activity_at = now()
+       SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now()
      WHERE id = $1 AND fence_token = $2 AND status = ANY ($3::text[])
     RETURNING id, fence_token
 ), audit AS (
@@ -285,8 +285,10 @@ SELECT * FROM wa_start_turn($1, $2)
 -- name: finish_turn
 -- transition_message, then (when it applied and $8 asks for it) start_turn of conversation $7
 -- with the same token: db/migrations/0015; in between, the debounced burst $9 moved from $10
--- with reason $11: db/migrations/0018.
-SELECT * FROM wa_finish_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+-- with reason $11: db/migrations/0018; the sent reply's id $12 (NULL: none to record) written
+-- with the transition, and when the next turn finds nothing waiting, release_conversation from
+-- the states $13 (NULL: not): db/migrations/0020.
+SELECT * FROM wa_finish_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 
 -- name: transition_message
 SELECT * FROM wa_transition_message($1, $2, $3, $4, $5, $6)

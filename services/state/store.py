@@ -442,13 +442,33 @@ async def claim_turn(
 ) -> tuple[int, WorkItem | None]:
     """`claim_conversation` and, with the new token, `next_message`: one round trip (and one
     commit) instead of two. Returns the token and the started turn (None when none waits)."""
+    token, row = await _claim(pool, conversation_id, owner, None)
+    return token, _started(row, conversation_id, token)
+
+
+async def claim_turn_or_release(
+    pool: asyncpg.Pool, conversation_id: int, owner: str
+) -> tuple[int, WorkItem | Released | None]:
+    """`claim_turn` and, when none waits, `release_conversation` in the same statement too
+    (RELEASED when it applied)."""
+    token, row = await _claim(pool, conversation_id, owner, _IDLE_SOURCES)
+    started = _started(row, conversation_id, token)
+    return token, RELEASED if started is None and row["released"] else started
+
+
+async def _claim(
+    pool: asyncpg.Pool, conversation_id: int, owner: str, release_from: list[str] | None
+) -> tuple[int, asyncpg.Record]:
     row = await pool.fetchrow(
-        Q["claim_turn"], conversation_id, owner, machine.conversation_sources(machine.ACTIVE)
+        Q["claim_turn"],
+        conversation_id,
+        owner,
+        machine.conversation_sources(machine.ACTIVE),
+        release_from,
     )
     if row is None or row["claimed"] is None:
         raise UnknownMessage(f"conversation {conversation_id} does not exist")
-    token = int(row["claimed"])
-    return token, _started(row, conversation_id, token)
+    return int(row["claimed"]), row
 
 
 async def release_conversation(pool: asyncpg.Pool, conversation_id: int, token: int) -> bool:
@@ -498,7 +518,28 @@ def _started(row: asyncpg.Record, conversation_id: int, token: int) -> WorkItem 
         probe=row["queued_because"] == machine.OPERATOR_REDRIVE,
         user_id=row["user_id"] or "",
         username=row["username"] or "",
+        # The turn's stored state, for the agent (db/migrations/0020): JSON passed on as text.
+        has_state=True,
+        message_type=row["message_type"],
+        payload_json=row["payload"] or "",
+        context_json=row["context"] or "",
+        context_agent_type=row["context_agent_type"] or "",
+        has_reply=row["reply_text"] is not None,
+        reply_text=row["reply_text"] or "",
+        reply_payload_json=row["reply_payload"] or "",
+        reply_message_id=row["reply_message_id"] or "",
+        agent_type=row["agent_type"] or "",
+        send_started=row["send_started_at"] is not None,
+        absorbed_message_ids=tuple(row["absorbed_message_ids"] or ()),
+        last_customer_at=_seconds(row["last_customer_at"]),
+        db_now=_seconds(row["db_now"]),
+        # The reply's id is recorded with the turn's final transition (finish_turn).
+        defer_sent_record=True,
     )
+
+
+def _seconds(value: dt.datetime | None) -> float:
+    return value.timestamp() if value is not None else 0.0
 
 
 class NotAsked:
@@ -508,13 +549,23 @@ class NotAsked:
 NOT_ASKED = NotAsked()
 
 
+class Released:
+    """No turn waited, and the conversation was released with the statement that looked
+    (`release_conversation` is done)."""
+
+
+RELEASED = Released()
+_IDLE_SOURCES = machine.conversation_sources(machine.IDLE)
+
+
 @dataclass(frozen=True)
 class Finished:
     """A turn's final transition, and the next turn when it was asked for."""
 
     from_state: str
-    # The next turn: started (a WorkItem), none waiting (None), or not looked for.
-    next: WorkItem | NotAsked | None
+    # The next turn: started (a WorkItem), none waiting (None; RELEASED when the conversation
+    # was released with it), or not looked for.
+    next: WorkItem | NotAsked | Released | None
     # The messages of a debounced burst moved to the same state with it, in order.
     absorbed: tuple[str, ...] = ()
 
@@ -528,10 +579,17 @@ async def finish_turn(
     *,
     start_next: bool,
     absorbed: tuple[str, ...] = (),
+    reply_message_id: str | None = None,
+    release: bool = False,
 ) -> Finished:
     """`transition` of a finished turn's message and, when `start_next` and the transition
     applied, `next_message` of its conversation with the same token: one round trip (and one
     commit) instead of two. Raises what `transition` raises.
+
+    `reply_message_id`: the reply the agent sent and did not record (TurnResult
+    sent_unrecorded), recorded in the same row update as the transition (db/migrations/0020).
+    `release`: when the next turn finds nothing waiting, `release_conversation` in the same
+    statement too (the next turn is then RELEASED).
 
     `absorbed`: the debounced burst the turn's reply answered too (TurnResult); each of those
     messages saved with the reply and still received moves to `to_state` as well, in the same
@@ -549,6 +607,8 @@ async def finish_turn(
         list(absorbed),
         list(machine.ABSORBED_FROM),
         f"replied together with {item.message_id} (debounced burst)",
+        reply_message_id or None,
+        _IDLE_SOURCES if release and start_next else None,
     )
     assert row is not None
     from_state = _transitioned(
@@ -564,7 +624,10 @@ async def finish_turn(
         # Stale: the turn was finished under its token and the conversation has moved on
         # since; next_message says so the usual way.
         return Finished(from_state, NOT_ASKED, moved)
-    return Finished(from_state, _started(row, item.conversation_id, token), moved)
+    started = _started(row, item.conversation_id, token)
+    if started is None and row["released"]:
+        return Finished(from_state, RELEASED, moved)
+    return Finished(from_state, started, moved)
 
 
 # What a redrive may put back in its conversation's queue: a message that has finished failing.

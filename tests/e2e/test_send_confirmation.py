@@ -14,7 +14,7 @@ from tests.conftest import StartSystem
 from tests.e2e.test_agent_turns import send, status_doc, wait_for
 from tests.e2e.test_dlq import wa
 from tests.support.fakes import FakeGraph
-from tests.support.system import System
+from tests.support.system import SECRET, System
 
 pytestmark = pytest.mark.e2e
 
@@ -111,3 +111,40 @@ async def test_a_resumed_send_without_a_status_webhook_is_sent_again_once(
     )
     assert row is not None
     assert row["reply_message_id"].startswith("wamid.OUT") and row["reply_confirmed_by"] is None
+
+
+async def test_a_reply_sent_after_its_driver_died_is_recorded_once_from_its_status_webhook(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    """The agent sent the reply and the state service died before the turn's final transition,
+    which records the reply's id with the replied state (db/migrations/0020): nothing recorded
+    the send. The resumed turn takes the reply's status webhook as the send: exactly one reply
+    reaches the Graph API and the message ends replied with that reply's id."""
+    system = await start_system(STUCK_TIMEOUT_SECONDS="5", WHATSAPP_SEND_CONFIRM_SECONDS="30")
+    graph.webhook = (f"{system.url}/webhook", SECRET)  # statuses flow back, as from Meta
+    graph.release.clear()  # the reply's send waits until the state service is dead
+    message_id = await send(system, "hello", wa_id=WA_ID)
+    assert await asyncio.to_thread(graph.wait_for, lambda: len(graph.sends) == 1, 30)
+    system.kill("state")
+    graph.release.set()
+
+    def agent_sent() -> bool:
+        return any(line.get("msg") == "reply sent" for line in system.log_lines("agent"))
+
+    assert await asyncio.to_thread(graph.wait_for, agent_sent, 30)
+    await system.wait_status([message_id], {"replied"}, timeout=90)
+    await asyncio.sleep(1.0)
+    assert len(graph.sends) == 1
+    pool = await system.db()
+    row = await pool.fetchrow(
+        "SELECT reply_message_id, reply_confirmed_by FROM processed_webhook_messages "
+        "WHERE message_id = $1",
+        message_id,
+    )
+    assert row is not None
+    sent_ids = await pool.fetch(
+        "SELECT reply_message_id FROM processed_webhook_messages WHERE kind = 'status'"
+    )
+    assert [r["reply_message_id"] for r in sent_ids] == [row["reply_message_id"]]
+    assert row["reply_message_id"].startswith("wamid.OUT")
+    assert row["reply_confirmed_by"] == "status webhook: sent"

@@ -14,6 +14,7 @@ import pytest
 
 from common.domain import TurnRequest
 from services.agent import agents, replies
+from services.agent import turn as agent_turn
 from services.agent.backends import RulesBackend
 from services.agent.graph import GraphClient
 from services.agent.turn import Agent, StaleFence
@@ -158,3 +159,57 @@ async def test_a_stale_holder_outside_the_window_neither_stores_nor_sends_the_te
         out = await agent.reply(request("wamid.LATE", conversation, token + 1))
     assert out.outcome == "replied" and [m.body["type"] for m in graph.messages] == ["template"]
     assert graph.reads == []
+
+
+class NoTurnStateReads:
+    """The pool, refusing the agent's own read of a turn's state (turn_state)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.pool, name)
+
+    async def fetchrow(self, query: str, *args: object) -> object:
+        assert query != agent_turn.Q["turn_state"], "the turn's state was read again"
+        return await self.pool.fetchrow(query, *args)
+
+
+async def test_a_turn_started_by_the_driver_reads_nothing_and_leaves_its_send_to_record(
+    pool: asyncpg.Pool, agent: Agent, graph: FakeGraph
+) -> None:
+    """The driver's request carries the turn's state (read by the statement that started the
+    turn) and asks to record the send itself: the agent does not read the state again, sends
+    once, and hands the id back unrecorded; the driver's final transition records it
+    (db/migrations/0020). A caller that does not ask (an older one) gets it recorded."""
+    await store.ingest(pool, [inbound("wamid.DRV")], [], "c", "")
+    conversation = await pool.fetchval(
+        "SELECT conversation_id FROM processed_webhook_messages WHERE message_id = 'wamid.DRV'"
+    )
+    token, item = await store.claim_turn(pool, conversation, "driver-a")
+    assert item is not None and item.has_state and item.defer_sent_record
+    agent.pool = NoTurnStateReads(pool)  # type: ignore[assignment]
+    out = await agent.reply(item)
+    assert out.outcome == "replied" and out.sent_unrecorded and out.reply_message_id
+    assert len(graph.sends) == 1
+    row = await reply_row(pool, "wamid.DRV")
+    assert row["reply_message_id"] is None and row["send_started_at"] is not None
+    assert row["reply_text"] == out.reply_text
+    finished = await store.finish_turn(
+        pool,
+        item,
+        "replied",
+        out.detail,
+        token,
+        start_next=True,
+        reply_message_id=out.reply_message_id,
+        release=True,
+    )
+    assert finished.next is store.RELEASED
+    assert (await reply_row(pool, "wamid.DRV"))["reply_message_id"] == out.reply_message_id
+
+    agent.pool = pool
+    conversation, token = await claimed(pool, "wamid.OLDCALLER")
+    old = await agent.reply(request("wamid.OLDCALLER", conversation, token))
+    assert old.outcome == "replied" and not old.sent_unrecorded
+    assert (await reply_row(pool, "wamid.OLDCALLER"))["reply_message_id"] == old.reply_message_id

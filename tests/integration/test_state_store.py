@@ -304,6 +304,105 @@ async def test_a_claim_starts_the_first_turn_in_the_same_round_trip(pool: asyncp
         await store.claim_turn(pool, conv + 1000, "me")
 
 
+async def test_a_turn_starts_with_its_stored_state_and_finishes_recording_its_reply(
+    pool: asyncpg.Pool,
+) -> None:
+    """The statement that starts a turn returns what the agent needs (the message, the stored
+    reply and its send state, the context, the window's start, the database's clock), and the
+    final transition writes the sent reply's id with 'replied' (the furthest status already
+    seen for it, else 'sent'); finding nothing more waiting, it releases the conversation in
+    the same statement, audited (db/migrations/0020)."""
+    now = int(time.time())
+    rows, _ = await store.ingest(
+        pool, [inbound("wamid.S1", ts=now), inbound("wamid.S2", ts=now + 1)], [], "c", ""
+    )
+    conv = rows[0].conversation_id
+    await pool.execute(
+        "INSERT INTO agent_contexts (conversation_id, agent_type, messages, token_count,"
+        " fence_token) VALUES ($1, 'sales', $2::jsonb, 3, 0)",
+        conv,
+        [{"role": "user", "content": "earlier"}],
+    )
+    token, first = await store.claim_turn_or_release(pool, conv, "me")
+    assert isinstance(first, store.WorkItem) and first.message_id == "wamid.S1"
+    assert first.has_state and first.defer_sent_record and not first.has_reply
+    assert first.message_type == "text" and first.payload_json == '{"id": "wamid.S1"}'
+    assert first.context_json == '[{"role": "user", "content": "earlier"}]'
+    assert first.context_agent_type == "sales" and not first.send_started
+    assert first.last_customer_at == now + 1 and abs(first.db_now - time.time()) < 60
+
+    # A status of the reply that arrived before the turn finished still counts.
+    await store.ingest(
+        pool,
+        [],
+        [
+            Status(
+                message_id="wamid.OUT1",
+                phone_number_id="100",
+                recipient_id="15550001111",
+                status="delivered",
+                timestamp=now,
+                payload_json="{}",
+            )
+        ],
+        "c",
+        "",
+    )
+    done = await store.finish_turn(
+        pool,
+        first,
+        machine.REPLIED,
+        "replied",
+        token,
+        start_next=True,
+        reply_message_id="wamid.OUT1",
+        release=True,
+    )
+    second = done.next
+    assert isinstance(second, store.WorkItem) and second.message_id == "wamid.S2"
+    row = await pool.fetchrow(
+        "SELECT status, reply_message_id, reply_status FROM processed_webhook_messages"
+        " WHERE message_id = 'wamid.S1'"
+    )
+    assert row is not None and tuple(row) == ("replied", "wamid.OUT1", "delivered")
+
+    done = await store.finish_turn(
+        pool,
+        second,
+        machine.REPLIED,
+        "replied",
+        token,
+        start_next=True,
+        reply_message_id="wamid.OUT2",
+        release=True,
+    )
+    assert done.next is store.RELEASED
+    row = await pool.fetchrow(
+        "SELECT status, reply_message_id, reply_status FROM processed_webhook_messages"
+        " WHERE message_id = 'wamid.S2'"
+    )
+    assert row is not None and tuple(row) == ("replied", "wamid.OUT2", "sent")
+    conversation = await pool.fetchrow(
+        "SELECT status, lock_owner FROM webhook_conversations WHERE id = $1", conv
+    )
+    assert conversation is not None and tuple(conversation) == ("idle", None)
+    moves = await pool.fetch(
+        "SELECT from_state, to_state, reason FROM conversation_state_transitions"
+        " WHERE entity = 'conversation' ORDER BY id"
+    )
+    assert [tuple(r) for r in moves] == [
+        ("idle", "active", "claimed by me"),
+        ("active", "idle", "no waiting messages"),
+    ]
+    # Claimed again with nothing waiting: released by the same statement.
+    _, nothing = await store.claim_turn_or_release(pool, conv, "me")
+    assert nothing is store.RELEASED
+    assert (
+        await pool.fetchval("SELECT status FROM webhook_conversations WHERE id = $1", conv)
+        == "idle"
+    )
+
+
 async def test_a_redrive_never_requeues_a_message_whose_turn_is_running(
     pool: asyncpg.Pool,
 ) -> None:
