@@ -10,9 +10,11 @@ dispatcher only; when another replica holds the conversation, the lease is taken
 driver gives up. The holder does not miss the message: the ingest committed before the failed
 `acquire`, which happened while the holder held the lease, so before its release; after every
 release the holder asks PostgreSQL whether anything waits (`has_waiting`) and takes the
-conversation again if so. That costs one indexed query per release, which a single replica
-needs anyway (a notify that lands between its last look and its release), and nothing per
-message; LISTEN/NOTIFY or Redis pub/sub would wake every replica for every message. Pub/sub is
+conversation again if so, but only when someone asked for it meanwhile: a failed `acquire`
+leaves a mark that the holder's release takes in the same round trip (services/state/locks.py).
+This replica's own notifications reach its driver directly (`_dirty`), so with one replica,
+or without contention, a hold costs no look at all; LISTEN/NOTIFY or Redis pub/sub would wake
+every replica for every message. Pub/sub is
 used for one rare event only: a replica that stops hands its conversations back (`close`,
 services/state/handback.py), since it cannot take them again itself.
 """
@@ -194,20 +196,24 @@ class Dispatcher:
                         )
                         self._later(conversation_id)
                         return
-                    if not held:
+                    if held is None:
                         return
                     self._failures.pop(conversation_id, None)
                     if conversation_id in self._dirty:
                         continue
-                    # The lease is released: a message another replica ingested while we held
-                    # it is ours to drive (module docstring). Not left to the sweeper.
+                    # The lease is released: a message another driver ingested while we held
+                    # it, and could not take, is ours to drive (module docstring). Not left to
+                    # the sweeper.
+                    if not held.wanted:
+                        return
                     if not await store.has_waiting(self.pool, conversation_id):
                         return
             finally:
                 metrics.ACTIVE_CONVERSATIONS.dec()
 
-    async def _hold(self, conversation_id: int) -> bool:
-        """Claims the conversation and runs its waiting turns; False when someone else holds it."""
+    async def _hold(self, conversation_id: int) -> Lease | None:
+        """Claims the conversation and runs its waiting turns; returns the released lease (which
+        says whether another driver asked for it meanwhile), None when someone else holds it."""
         try:
             lease = await self.locks.acquire(conversation_id)
         except Exception:
@@ -215,7 +221,7 @@ class Dispatcher:
             raise
         if lease is None:
             metrics.LOCK_CONTENDED.inc()
-            return False
+            return None
         token: int | None = None
         released = False
         try:
@@ -247,7 +253,7 @@ class Dispatcher:
                     await store.release_conversation(self.pool, conversation_id, token)
             with contextlib.suppress(Exception):
                 await self.locks.release(lease)
-        return True
+        return lease
 
     async def _turn(
         self, lease: Lease, item: store.WorkItem, token: int

@@ -24,6 +24,25 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+# A failed acquire leaves a mark that someone wanted the conversation while it was held (in
+# the same round trip); the holder's release takes the mark, and only then asks PostgreSQL
+# whether work waits (services/state/dispatcher.py). A released lease that nobody asked for
+# needs no look: this replica's own notifications reach its driver directly.
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+redis.call('set', KEYS[2], '1', 'PX', ARGV[3])
+return 0
+"""
+# 0: not this holder's lease (the mark is left for the holder); 1: released; 3: released,
+# and someone asked for it meanwhile.
+_RELEASE_ASKED = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('del', KEYS[1])
+return 1 + 2 * redis.call('del', KEYS[2])
+"""
+# The mark outlives any hold (a hold renews its lease while its turns run); one left behind
+# by a dead holder costs the next holder one look, nothing more.
+WANTED_TTL_MS = 3_600_000
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
@@ -37,6 +56,9 @@ class Lease:
     lost: bool = False
     # When the lease was last set to its full TTL (time.monotonic(), taken before the call).
     renewed_at: float = field(default_factory=time.monotonic)
+    # Whether another driver may have asked for the conversation during the hold: known only
+    # once `release` said so, assumed until then (a failed release gives no answer).
+    wanted: bool = True
 
 
 class Locks:
@@ -53,10 +75,15 @@ class Locks:
         self.ttl_ms = int(ttl_seconds * 1000)
         self.instance = instance or uuid.uuid4().hex[:12]
         self._release = client.register_script(_RELEASE)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release_asked = client.register_script(_RELEASE_ASKED)
         self._renew = client.register_script(_RENEW)
 
     def lock_key(self, conversation_id: int) -> str:
         return f"{self.prefix}conv:{conversation_id}:lock"
+
+    def wanted_key(self, conversation_id: int) -> str:
+        return f"{self.prefix}conv:{conversation_id}:wanted"
 
     def heartbeat_key(self, instance: str) -> str:
         return f"{self.prefix}instance:{instance}"
@@ -64,29 +91,32 @@ class Locks:
     def _owner(self) -> str:
         return f"{self.instance}:{uuid.uuid4().hex[:8]}"
 
-    # `execute_command`, not `set()` and the script object: the same command, retries and
-    # reply, without the keyword handling and wrappers around it (about a tenth of a command's
-    # CPU in redis-py). A hold makes two: acquire and release.
+    # `execute_command`, not the script object: the same command, retries and reply, without
+    # the keyword handling and wrappers around it (about a tenth of a command's CPU in
+    # redis-py). A hold makes two: acquire and release.
 
     async def acquire(self, conversation_id: int) -> Lease | None:
+        """The conversation's lease, or None (held: the holder learns that it was asked for)."""
         owner = self._owner()
         asked = time.monotonic()
-        ok = await self.client.execute_command(
-            "SET", self.lock_key(conversation_id), owner, "NX", "PX", self.ttl_ms
-        )
+        keys = (self.lock_key(conversation_id), self.wanted_key(conversation_id))
+        ok = await self._run(self._acquire, keys, owner, self.ttl_ms, WANTED_TTL_MS)
         return Lease(conversation_id, owner, renewed_at=asked) if ok else None
 
     async def release(self, lease: Lease) -> bool:
-        return bool(
-            await self._run(self._release, self.lock_key(lease.conversation_id), lease.owner)
-        )
+        """Releases the holder's own lease (False: not its lease any more) and sets
+        `lease.wanted` to whether another driver asked for the conversation meanwhile."""
+        keys = (self.lock_key(lease.conversation_id), self.wanted_key(lease.conversation_id))
+        answer = await self._run(self._release_asked, keys, lease.owner)
+        lease.wanted = answer != 1
+        return answer in (1, 3)
 
-    async def _run(self, script: AsyncScript, key: str, *args: str | int) -> object:
+    async def _run(self, script: AsyncScript, keys: tuple[str, ...], *args: str | int) -> object:
         try:
-            return await self.client.execute_command("EVALSHA", script.sha, 1, key, *args)
+            return await self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             # A server that does not know it (restarted, flushed): the script object loads it.
-            return await script(keys=[key], args=list(args))
+            return await script(keys=list(keys), args=list(args))
 
     async def renew(self, lease: Lease) -> bool:
         asked = time.monotonic()

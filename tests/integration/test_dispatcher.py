@@ -40,37 +40,30 @@ class Dlq:
         pass
 
 
-class LateCommitPool:
-    """The real pool; the first time the driver asks whether anything still waits, a message
-    commits (and notifies) just after the answer was read, as an acknowledgement can."""
+class LateCommitLocks(Locks):
+    """Real leases; the first time the driver releases one, a message commits (and notifies)
+    just after, as an acknowledgement can: after the driver's last look at its queue (the turn's
+    final statement, which found nothing and released the conversation) and before it ends."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-        self.after_has_waiting: Callable[[], Awaitable[None]] | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.after_release: Callable[[], Awaitable[None]] | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.pool, name)
-
-    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
-        value = await self.pool.fetchval(query, *args, **kwargs)
-        if query == store.Q["has_waiting"] and self.after_has_waiting is not None:
-            hook, self.after_has_waiting = self.after_has_waiting, None
+    async def release(self, lease: Any) -> bool:
+        released = await super().release(lease)
+        if self.after_release is not None:
+            hook, self.after_release = self.after_release, None
             await hook()
-        return value
+        return released
 
 
 async def test_a_message_acknowledged_as_the_driver_finishes_is_not_left_to_the_sweeper(
     pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
 ) -> None:
     client = kv.create_client(redis_server.url)
-    racing = LateCommitPool(pool)
+    locks = LateCommitLocks(client, ttl_seconds=30, prefix=redis_prefix)
     agent = Agent(expect=2)
-    dispatcher = Dispatcher(
-        racing,  # type: ignore[arg-type]
-        Locks(client, ttl_seconds=30, prefix=redis_prefix),
-        agent,
-        Dlq(),
-    )
+    dispatcher = Dispatcher(pool, locks, agent, Dlq())
     try:
         ((first,), _) = await store.ingest(pool, [inbound("wamid.R1")], [], "c1", "")
 
@@ -78,12 +71,12 @@ async def test_a_message_acknowledged_as_the_driver_finishes_is_not_left_to_the_
             ((late,), _) = await store.ingest(pool, [inbound("wamid.R2")], [], "c2", "")
             dispatcher.notify(late.conversation_id)
 
-        racing.after_has_waiting = late_message
+        locks.after_release = late_message
         dispatcher.notify(first.conversation_id)
         async with asyncio.timeout(5):  # the sweeper would take 15 s or more
             await agent.done.wait()
         assert agent.replied == ["wamid.R1", "wamid.R2"]
-        assert racing.after_has_waiting is None  # the race was staged
+        assert locks.after_release is None  # the race was staged
     finally:
         await dispatcher.close()
         await client.aclose()

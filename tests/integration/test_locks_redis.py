@@ -41,3 +41,40 @@ async def test_a_lease_is_released_after_the_server_forgot_the_script(
         assert await locks.holder(6) is None
     finally:
         await client.aclose()
+
+
+async def test_a_holder_learns_on_release_whether_another_driver_asked_for_the_conversation(
+    redis_server: Redis, redis_prefix: str
+) -> None:
+    """The dispatcher looks for work another replica ingested only when told so: without the
+    mark, a message ingested by the replica that could not take the lease would wait for the
+    sweeper; with a mark that is never taken, every hold would pay for a look."""
+    client = kv.create_client(redis_server.url)
+    try:
+        locks = Locks(client, ttl_seconds=30, prefix=redis_prefix)
+        alone = await locks.acquire(7)
+        assert alone is not None and alone.wanted  # unknown until released
+        assert await locks.release(alone)
+        assert not alone.wanted
+
+        held = await locks.acquire(7)
+        assert held is not None
+        assert await locks.acquire(7) is None  # another driver asks
+        assert await locks.release(held)
+        assert held.wanted
+        again = await locks.acquire(7)
+        assert again is not None and await locks.release(again)
+        assert not again.wanted  # the mark was taken by the release that learnt of it
+
+        lost = await locks.acquire(8)
+        assert lost is not None
+        await client.delete(locks.lock_key(8))  # expired: another driver holds it now
+        holder = await locks.acquire(8)
+        assert holder is not None
+        assert await locks.acquire(8) is None  # a third asks: the mark is the holder's
+        assert not await locks.release(lost)
+        assert lost.wanted  # no answer for a lease no longer ours: look, to be safe
+        assert await locks.release(holder)
+        assert holder.wanted
+    finally:
+        await client.aclose()
