@@ -177,15 +177,18 @@ class GraphClient:
         messages = data.get("messages") or [{}]
         return Sent(message_id=str(messages[0].get("id", "")), attempts=attempts)
 
-    async def mark_read(self, phone_number_id: str, message_id: str) -> None:
-        """Read receipt with a typing indicator: the customer sees the turn has started."""
+    async def mark_read(
+        self, phone_number_id: str, message_id: str, deadline: Deadline = UNBOUNDED
+    ) -> None:
+        """Read receipt with a typing indicator: the customer sees the turn has started.
+        `deadline` bounds the call as asyncio.wait_for would, without its task."""
         payload = {
             "messaging_product": "whatsapp",
             "status": "read",
             "message_id": message_id,
             "typing_indicator": {"type": "text"},
         }
-        await self._post("mark_read", phone_number_id, payload, retries=0)
+        await self._post("mark_read", phone_number_id, payload, retries=0, deadline=deadline)
 
     async def download_media(
         self, media_id: str, *, max_bytes: int, deadline: Deadline = UNBOUNDED

@@ -288,7 +288,7 @@ class _Exchange(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(aiohttp.ClientResponseError(_NO_INFO, (), status=400, message=repr(exc)))
             self.close()
 
@@ -430,9 +430,14 @@ class LeanPool:
     def _reuse(self, key: tuple[str, int, bool]) -> _Exchange | None:
         idle = self._idle.get(key)
         now = time.monotonic()
+        if idle and now - idle[0].idle_since >= KEEPALIVE_SECONDS:
+            # The least recently used one, expired: closed as aiohttp's cleanup would.
+            self._open.discard(stale := idle.pop(0))
+            stale.close()
         while idle:
             conn = idle.pop()
-            if not conn.lost and now - conn.idle_since < KEEPALIVE_SECONDS:
+            alive = not conn.lost and not (conn.transport and conn.transport.is_closing())
+            if alive and now - conn.idle_since < KEEPALIVE_SECONDS:
                 return conn
             conn.close()
             self._open.discard(conn)

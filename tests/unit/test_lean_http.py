@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from services.agent import http
+from services.agent.deadline import Deadline
 from services.agent.graph import GraphClient, GraphError
 from services.agent.outbound import GraphAction
 
@@ -250,3 +251,33 @@ def test_the_lean_pool_is_off_when_traces_are_exported(monkeypatch: Any) -> None
             return getattr(s.connector, "lean", None)
 
     assert asyncio.run(lean()) is None
+
+
+async def test_an_idle_connection_past_the_keepalive_is_closed_not_reused(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await raw.read_request(reader)
+            writer.write(reply(200, b"{}"))
+
+    monkeypatch.setattr(http, "KEEPALIVE_SECONDS", 0.05)
+    async with Raw(handler) as raw:
+        await post(session, raw.url)
+        await asyncio.sleep(0.1)
+        await post(session, raw.url)
+    assert raw.connections == 2
+
+
+async def test_mark_read_ends_by_its_deadline(session: aiohttp.ClientSession) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await raw.read_request(reader)
+        await asyncio.sleep(5)
+
+    async with Raw(silent) as raw:
+        graph = GraphClient(session, base_url=raw.url, version="v23.0", access_token="t")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(GraphError) as failed:
+            await graph.mark_read("123", "wamid.IN", deadline=Deadline.after(0.6))
+    assert failed.value.code == "timeout"
+    assert asyncio.get_running_loop().time() - started < 2
