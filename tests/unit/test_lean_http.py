@@ -4,6 +4,8 @@ aiohttp gives them, so GraphClient tells "not sent" from "maybe sent" the same e
 from __future__ import annotations
 
 import asyncio
+import gzip
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -281,3 +283,32 @@ async def test_mark_read_ends_by_its_deadline(session: aiohttp.ClientSession) ->
             await graph.mark_read("123", "wamid.IN", deadline=Deadline.after(0.6))
     assert failed.value.code == "timeout"
     assert asyncio.get_running_loop().time() - started < 2
+
+
+async def test_an_answer_that_is_no_http_is_a_response_error(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await raw.read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await asyncio.sleep(1)
+
+    async with Raw(garbage) as raw:
+        with pytest.raises(http.HttpFailure) as failed:
+            await post(session, raw.url)
+    assert isinstance(failed.value.__cause__, aiohttp.ClientResponseError)
+    assert str(failed.value).startswith("ClientResponseError: 400")
+
+
+async def test_a_compressed_body_is_decompressed_as_aiohttp_does(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await raw.read_request(reader)
+        writer.write(reply(200, gzip.compress(b'{"a":1}'), "Content-Encoding: gzip"))
+        await raw.read_request(reader)
+        writer.write(reply(200, zlib.compress(b'{"b":2}'), "Content-Encoding: deflate"))
+
+    async with Raw(gzipped) as raw:
+        assert (await post(session, raw.url)).json() == {"a": 1}
+        assert (await post(session, raw.url)).json() == {"b": 2}
