@@ -242,7 +242,10 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 @functools.lru_cache(maxsize=256)
 def _target(url: str) -> tuple[tuple[str, int, bool], str, bytes]:
     """(connection key: host, port, TLS), its Host header, the request line's start)."""
-    u = URL(url)
+    try:
+        u = URL(url)
+    except ValueError as exc:
+        raise aiohttp.InvalidURL(url) from exc
     if u.scheme not in ("http", "https") or not u.raw_host:
         raise aiohttp.InvalidURL(url)
     https = u.scheme == "https"

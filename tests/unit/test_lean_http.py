@@ -312,3 +312,12 @@ async def test_a_compressed_body_is_decompressed_as_aiohttp_does(
     async with Raw(gzipped) as raw:
         assert (await post(session, raw.url)).json() == {"a": 1}
         assert (await post(session, raw.url)).json() == {"b": 2}
+
+
+@pytest.mark.parametrize("url", ["ftp://graph.example", "http://[::1"])
+async def test_an_unusable_url_is_a_failure_as_with_aiohttp(
+    session: aiohttp.ClientSession, url: str
+) -> None:
+    with pytest.raises(http.HttpFailure) as failed:
+        await http.post_json(session, url, {}, headers={}, timeout=1)
+    assert isinstance(failed.value.__cause__, aiohttp.InvalidURL)
