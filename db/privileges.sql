@@ -33,7 +33,7 @@ GRANT USAGE ON SEQUENCE webhook_conversations_id_seq, processed_webhook_messages
     conversation_state_transitions_id_seq TO :"state";
 GRANT EXECUTE ON FUNCTION wa_start_turn, wa_claim_turn, wa_finish_turn, wa_transition_message,
     wa_delivery_rank, get_webhook_performance_stats, check_webhook_system_health,
-    wa_stuck_timeout, wa_count_messages, wa_default_customer_id TO :"state";
+    wa_stuck_timeout, wa_unstored_messages, wa_default_customer_id TO :"state";
 GRANT EXECUTE ON FUNCTION wa_hold_for_person TO :"state";  -- handoff (0017)
 -- Retention and erasure: only through these functions, which run as the owner (0013).
 GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";

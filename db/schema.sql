@@ -193,27 +193,6 @@ END
 $$;
 
 --
--- Name: wa_count_messages(); Type: FUNCTION; Schema: public; Owner: -
---
-
-CREATE FUNCTION public.wa_count_messages() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    -- The ingest statement has locked these conversation rows already (in key order), so this
-    -- waits for no other batch.
-    UPDATE webhook_conversations c
-       SET message_count = c.message_count + n.added
-      FROM (SELECT conversation_id, count(*)::integer AS added
-              FROM inserted
-             WHERE kind = 'message' AND conversation_id IS NOT NULL
-             GROUP BY conversation_id) n
-     WHERE c.id = n.conversation_id;
-    RETURN NULL;
-END
-$$;
-
---
 -- Name: wa_default_customer_id(); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -1067,6 +1046,18 @@ END
 $$;
 
 --
+-- Name: wa_unstored_messages(text[]); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_unstored_messages(p_ids text[]) RETURNS integer
+    LANGUAGE sql
+    AS $$
+    SELECT count(*)::integer
+      FROM unnest(p_ids) AS t(id)
+     WHERE NOT EXISTS (SELECT 1 FROM processed_webhook_messages m WHERE m.message_id = t.id)
+$$;
+
+--
 -- Name: agent_contexts; Type: TABLE; Schema: public; Owner: -
 --
 
@@ -1079,7 +1070,9 @@ CREATE TABLE public.agent_contexts (
     correlation_id text DEFAULT ''::text NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL
-);
+)
+WITH (fillfactor='70', toast_tuple_target='8160');
+ALTER TABLE ONLY public.agent_contexts ALTER COLUMN messages SET STORAGE EXTERNAL;
 
 ALTER TABLE ONLY public.agent_contexts FORCE ROW LEVEL SECURITY;
 
@@ -1119,7 +1112,8 @@ CREATE TABLE public.agent_sessions (
     correlation_id text DEFAULT ''::text NOT NULL,
     started_at timestamp with time zone DEFAULT now() NOT NULL,
     last_active_at timestamp with time zone DEFAULT now() NOT NULL
-);
+)
+WITH (fillfactor='70');
 
 ALTER TABLE ONLY public.agent_sessions FORCE ROW LEVEL SECURITY;
 
@@ -1254,7 +1248,8 @@ CREATE TABLE public.processed_webhook_messages (
     CONSTRAINT processed_webhook_messages_kind_check CHECK ((kind = ANY (ARRAY['message'::text, 'status'::text, 'event'::text]))),
     CONSTRAINT processed_webhook_messages_reply_status_check CHECK ((reply_status = ANY (ARRAY['sent'::text, 'delivered'::text, 'read'::text, 'failed'::text]))),
     CONSTRAINT processed_webhook_messages_status_check CHECK ((status = ANY (ARRAY['received'::text, 'processing'::text, 'replied'::text, 'skipped'::text, 'failed'::text, 'dead_lettered'::text])))
-);
+)
+WITH (fillfactor='90');
 
 ALTER TABLE ONLY public.processed_webhook_messages FORCE ROW LEVEL SECURITY;
 
@@ -1317,7 +1312,8 @@ CREATE TABLE public.webhook_conversations (
     handoff_message_id text,
     CONSTRAINT webhook_conversations_marketing_preference_check CHECK ((marketing_preference = ANY (ARRAY['stop'::text, 'resume'::text]))),
     CONSTRAINT webhook_conversations_status_check CHECK ((status = ANY (ARRAY['idle'::text, 'active'::text])))
-);
+)
+WITH (fillfactor='70');
 
 ALTER TABLE ONLY public.webhook_conversations FORCE ROW LEVEL SECURITY;
 
@@ -1839,12 +1835,6 @@ ALTER TABLE ONLY public.webhook_dlq
     ADD CONSTRAINT webhook_dlq_pkey PRIMARY KEY (id);
 
 --
--- Name: agent_sessions_last_active_idx; Type: INDEX; Schema: public; Owner: -
---
-
-CREATE INDEX agent_sessions_last_active_idx ON public.agent_sessions USING btree (last_active_at);
-
---
 -- Name: operator_replies_conversation_idx; Type: INDEX; Schema: public; Owner: -
 --
 
@@ -1857,22 +1847,10 @@ CREATE INDEX operator_replies_conversation_idx ON public.operator_replies USING 
 CREATE INDEX processed_messages_conversation_idx ON public.processed_webhook_messages USING btree (conversation_id, received_at);
 
 --
--- Name: processed_messages_correlation_idx; Type: INDEX; Schema: public; Owner: -
---
-
-CREATE INDEX processed_messages_correlation_idx ON public.processed_webhook_messages USING btree (correlation_id);
-
---
 -- Name: processed_messages_customer_last_idx; Type: INDEX; Schema: public; Owner: -
 --
 
 CREATE INDEX processed_messages_customer_last_idx ON public.processed_webhook_messages USING btree (conversation_id, wa_timestamp DESC) WHERE (kind = 'message'::text);
-
---
--- Name: processed_messages_delivery_failed_idx; Type: INDEX; Schema: public; Owner: -
---
-
-CREATE INDEX processed_messages_delivery_failed_idx ON public.processed_webhook_messages USING btree (received_at) WHERE ((kind = 'status'::text) AND (reply_status = 'failed'::text));
 
 --
 -- Name: processed_messages_failed_idx; Type: INDEX; Schema: public; Owner: -
@@ -1885,12 +1863,6 @@ CREATE INDEX processed_messages_failed_idx ON public.processed_webhook_messages 
 --
 
 CREATE INDEX processed_messages_finished_idx ON public.processed_webhook_messages USING btree (finished_at) WHERE ((kind = 'message'::text) AND (finished_at IS NOT NULL));
-
---
--- Name: processed_messages_inflight_idx; Type: INDEX; Schema: public; Owner: -
---
-
-CREATE INDEX processed_messages_inflight_idx ON public.processed_webhook_messages USING btree (received_at) WHERE (status = ANY (ARRAY['received'::text, 'processing'::text]));
 
 --
 -- Name: processed_messages_kind_received_idx; Type: INDEX; Schema: public; Owner: -
@@ -1965,12 +1937,6 @@ CREATE INDEX wa_console_sessions_expires_idx ON public.wa_console_sessions USING
 CREATE INDEX wa_message_tombstones_at_idx ON public.wa_message_tombstones USING btree (forgotten_at);
 
 --
--- Name: webhook_conversations_active_idx; Type: INDEX; Schema: public; Owner: -
---
-
-CREATE INDEX webhook_conversations_active_idx ON public.webhook_conversations USING btree (locked_at) WHERE (status = 'active'::text);
-
---
 -- Name: webhook_conversations_activity_idx; Type: INDEX; Schema: public; Owner: -
 --
 
@@ -2043,12 +2009,6 @@ CREATE UNIQUE INDEX webhook_dlq_open_message_idx ON public.webhook_dlq USING btr
 CREATE INDEX webhook_dlq_status_idx ON public.webhook_dlq USING btree (status, created_at);
 
 --
--- Name: processed_webhook_messages processed_messages_count; Type: TRIGGER; Schema: public; Owner: -
---
-
-CREATE TRIGGER processed_messages_count AFTER INSERT ON public.processed_webhook_messages REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION public.wa_count_messages();
-
---
 -- Name: webhook_conversations webhook_conversations_customer_id; Type: TRIGGER; Schema: public; Owner: -
 --
 
@@ -2074,13 +2034,6 @@ ALTER TABLE ONLY public.agent_reply_parts
 
 ALTER TABLE ONLY public.agent_sessions
     ADD CONSTRAINT agent_sessions_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id);
-
---
--- Name: conversation_state_transitions conversation_state_transitions_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
---
-
-ALTER TABLE ONLY public.conversation_state_transitions
-    ADD CONSTRAINT conversation_state_transitions_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id);
 
 --
 -- Name: operator_replies operator_replies_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -

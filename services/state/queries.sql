@@ -2,6 +2,8 @@
 -- A whole batch of messages in one statement: find or create their conversations, insert each
 -- message once (the unique message_id decides duplicates, concurrent ones included), audit what
 -- was stored. Rows are written in key order so concurrent batches cannot deadlock each other.
+-- Each conversation row is written once: its attributes and its message_count together
+-- (`fresh`; db/migrations/0021).
 -- A conversation is one per (business number, customer_id): the customer's BSUID when Meta
 -- sends one, the phone number otherwise. `adopt`: a conversation known by a phone number that
 -- this batch names together with a BSUID (in any of its messages) takes the BSUID as its key
@@ -48,6 +50,15 @@ WITH given AS (
     SELECT DISTINCT ON (phone_number_id, customer_id) *
       FROM input
      ORDER BY phone_number_id, customer_id, wa_timestamp DESC
+), fresh AS (
+    -- Each conversation's messages in this batch that are not stored yet, as this statement
+    -- sees the table: counted into message_count by the one update of the conversation row.
+    SELECT i.phone_number_id, i.customer_id, count(DISTINCT i.message_id)::integer AS added,
+           array_agg(DISTINCT i.message_id) AS ids
+      FROM input i
+     WHERE NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
+                        WHERE m.message_id = i.message_id)
+     GROUP BY i.phone_number_id, i.customer_id
 ), adopt AS (
     UPDATE webhook_conversations c
        SET customer_id = p.user_id, user_id = p.user_id,
@@ -56,7 +67,11 @@ WITH given AS (
            username = COALESCE(NULLIF(k.username, ''), c.username),
            contact_name = COALESCE(NULLIF(k.contact_name, ''), c.contact_name),
            last_message_at = GREATEST(c.last_message_at, k.wa_timestamp),
-           last_activity_at = now(), updated_at = now()
+           last_activity_at = now(), updated_at = now(),
+           -- (rare: counted with a fresh snapshot, whoever changed the row since this began)
+           message_count = c.message_count + wa_unstored_messages(
+               (SELECT f.ids FROM fresh f
+                 WHERE f.phone_number_id = k.phone_number_id AND f.customer_id = k.customer_id))
       FROM pairs p
       JOIN keys k ON k.phone_number_id = p.phone_number_id AND k.customer_id = p.user_id
      WHERE c.phone_number_id = p.phone_number_id AND c.customer_id = p.wa_id
@@ -67,11 +82,13 @@ WITH given AS (
 ), created AS (
     INSERT INTO webhook_conversations AS c
         (phone_number_id, customer_id, wa_id, user_id, parent_user_id, username, contact_name,
-         correlation_id, last_message_at)
+         correlation_id, last_message_at, message_count)
     SELECT k.phone_number_id, k.customer_id, NULLIF(k.wa_id, ''), NULLIF(k.user_id, ''),
            NULLIF(k.parent_user_id, ''), NULLIF(k.username, ''), NULLIF(k.contact_name, ''),
-           k.correlation_id, k.wa_timestamp
+           k.correlation_id, k.wa_timestamp, COALESCE(f.added, 0)
       FROM keys k
+      LEFT JOIN fresh f ON f.phone_number_id = k.phone_number_id
+                       AND f.customer_id = k.customer_id
      WHERE NOT EXISTS (SELECT 1 FROM adopt a
                         WHERE a.phone_number_id = k.phone_number_id
                           AND a.customer_id = k.customer_id)
@@ -83,7 +100,21 @@ WITH given AS (
             parent_user_id = COALESCE(EXCLUDED.parent_user_id, c.parent_user_id),
             username = COALESCE(EXCLUDED.username, c.username),
             last_message_at = GREATEST(c.last_message_at, EXCLUDED.last_message_at),
-            last_activity_at = now()
+            last_activity_at = now(),
+            -- The count this statement's snapshot saw is still the row's: no message was
+            -- added to it since, `fresh` holds. Else (a concurrent delivery of the same
+            -- messages, committed while this one waited for the row) count with a fresh
+            -- snapshot.
+            message_count = c.message_count
+                + CASE WHEN c.message_count = (SELECT s.message_count
+                                                 FROM webhook_conversations s
+                                                WHERE s.id = c.id)
+                       THEN EXCLUDED.message_count
+                       ELSE wa_unstored_messages(
+                                (SELECT f.ids FROM fresh f
+                                  WHERE f.phone_number_id = EXCLUDED.phone_number_id
+                                    AND f.customer_id = EXCLUDED.customer_id))
+                  END
     RETURNING id, phone_number_id, customer_id
 ), conv AS (
     SELECT * FROM adopt

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 import grpc
+from prometheus_client import Counter
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
 from common import (
@@ -71,6 +72,17 @@ def _delivery_in(request: state_pb2.IngestRequest) -> store.DeliveryIn:
 
 _ingest_result = wire.to_proto(store.Ingested, state_pb2.IngestResult)
 
+# The ingest counter's children, looked up once per label (`labels` per message is a lock and
+# a dict lookup each).
+_ingested: dict[str, Counter] = {}
+
+
+def _count_ingested(result: str) -> None:
+    child = _ingested.get(result)
+    if child is None:
+        child = _ingested[result] = metrics.INGESTED.labels(result)
+    child.inc()
+
 
 class StateServicer(state_pb2_grpc.StateServicer):
     def __init__(
@@ -113,7 +125,7 @@ class StateServicer(state_pb2_grpc.StateServicer):
                 )
                 continue
             for r in out.results:
-                metrics.INGESTED.labels("duplicate" if r.duplicate else r.status).inc()
+                _count_ingested("duplicate" if r.duplicate else r.status)
                 if r.status == machine.RECEIVED and self.dispatcher is not None:
                     self.dispatcher.notify(r.conversation_id)
             answers.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from services.state.locks import Lease, Locks
@@ -50,3 +51,41 @@ async def test_leaving_keep_renewed_stops_renewing_even_if_the_cancel_is_swallow
     renewals = client.renewals
     await asyncio.sleep(0.3)
     assert renewals >= 1 and client.renewals == renewals  # and no renewal after the body
+
+
+class CountingClient:
+    """A Redis client whose scripts answer at once (1: still ours) and are counted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def register_script(self, source: str) -> Any:
+        async def run(keys: list[str], args: list[Any]) -> int:
+            self.calls += 1
+            return 1
+
+        return run
+
+
+async def test_keep_renewed_renews_every_third_of_the_ttl() -> None:
+    client = CountingClient()
+    locks = Locks(client, ttl_seconds=0.3)  # type: ignore[arg-type]
+    lease = Lease(7, "me")
+    async with locks.keep_renewed(lease):
+        await asyncio.sleep(0.45)  # renewals due at 0.1, 0.2, 0.3, 0.4 s
+    renewals = client.calls
+    await asyncio.sleep(0.25)
+    assert renewals >= 1 and client.calls == renewals and not lease.lost
+
+
+async def test_a_renewal_by_refresh_postpones_keep_renewed_s_next_one() -> None:
+    """A lease a turn just renewed (`refresh`) needs no renewal a third of the TTL after the
+    hold started, only a third after that renewal (fails when the timer renews regardless)."""
+    client = CountingClient()
+    locks = Locks(client, ttl_seconds=0.9)  # type: ignore[arg-type]
+    lease = Lease(7, "me")
+    async with locks.keep_renewed(lease):
+        for _ in range(10):  # 0.5 s, past the first renewal's 0.3
+            lease.renewed_at = time.monotonic()  # what a refresh does
+            await asyncio.sleep(0.05)
+    assert client.calls == 0
