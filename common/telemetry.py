@@ -153,8 +153,29 @@ def new_correlation_id() -> str:
     return os.urandom(16).hex()
 
 
+class _Tracer(trace.Tracer):
+    """`trace.get_tracer`'s tracer, minus its cost while no provider is installed (tracing off,
+    every service's default): the API's no-op then opens two generator context managers and
+    attaches a context per span only to leave the current, non-recording span current, and
+    that is what this yields, with nothing attached. Once a provider is installed it is the
+    API's tracer throughout."""
+
+    def __init__(self, name: str) -> None:
+        self._tracer = trace.get_tracer(name)
+
+    def start_span(self, *args: Any, **kwargs: Any) -> Span:
+        return self._tracer.start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        if trace._TRACER_PROVIDER is None:
+            span = trace.get_current_span()
+            if not span.is_recording():
+                return contextlib.nullcontext(span)
+        return self._tracer.start_as_current_span(*args, **kwargs)
+
+
 def tracer(name: str) -> trace.Tracer:
-    return trace.get_tracer(name)
+    return _Tracer(name)
 
 
 def traceparent_of(span: Span) -> str:
@@ -202,6 +223,8 @@ def trace_id_of(traceparent: str) -> str:
 
 
 def annotate(span: Span, **attributes: str | int) -> None:
+    if not span.is_recording():
+        return  # a non-recording span keeps no attribute
     for key, value in attributes.items():
         if value not in ("", None):
             span.set_attribute(key if key.startswith("wa.") else f"wa.{key}", value)

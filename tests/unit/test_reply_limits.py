@@ -147,3 +147,10 @@ def test_a_reply_never_becomes_more_than_ten_messages_nor_a_shower_of_fragments(
     assert len(long) == limits.MAX_PARTS
     assert long[-1].endswith(limits.ELLIPSIS)
     assert all(limits.length(p) <= limits.TEXT_BODY_MAX for p in long)
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF)))
+def test_length_counts_utf16_code_units(text: str) -> None:
+    """ASCII, the BMP, astral characters (two units) and lone surrogates (one) alike."""
+    assert limits.length(text) == len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
+    assert limits.length(text + "\ud83d") == limits.length(text) + 1
