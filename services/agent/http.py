@@ -88,11 +88,32 @@ async def post_json(
         if answer.status not in _REDIRECTS or "location" not in answer.headers:
             return answer
         return await _redirected(http, url, answer, payload, headers, timeout)
+    return await _request(
+        http,
+        "POST",
+        url,
+        data=orjson.dumps(payload),
+        headers={"Content-Type": "application/json", **headers},
+        timeout=timeout,
+    )
+
+
+async def _request(
+    http: aiohttp.ClientSession,
+    method: str,
+    url: str | URL,
+    *,
+    data: Any,
+    headers: Mapping[str, str],
+    timeout: float,
+) -> Answer:
+    """One aiohttp request read whole, its failures as HttpFailure."""
     try:
-        async with http.post(
+        async with http.request(
+            method,
             url,
-            data=orjson.dumps(payload),
-            headers={"Content-Type": "application/json", **headers},
+            data=data,
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
         ) as resp:
             return Answer(
@@ -121,21 +142,14 @@ async def _redirected(
     if target.origin() != origin.origin():
         forwarded = {k: v for k, v in forwarded.items() if k.lower() != "authorization"}
     get = answer.status in (301, 302, 303)
-    try:
-        async with http.request(
-            "GET" if get else "POST",
-            target,
-            data=None if get else orjson.dumps(payload),
-            headers=forwarded,
-            timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
-        ) as resp:
-            return Answer(
-                resp.status, await resp.read(), {k.lower(): v for k, v in resp.headers.items()}
-            )
-    except TimeoutError as exc:
-        raise HttpFailure(f"no answer within {timeout:g}s", timeout=True) from exc
-    except aiohttp.ClientError as exc:
-        raise HttpFailure(f"{type(exc).__name__}: {exc}", timeout=False) from exc
+    return await _request(
+        http,
+        "GET" if get else "POST",
+        target,
+        data=None if get else orjson.dumps(payload),
+        headers=forwarded,
+        timeout=timeout,
+    )
 
 
 class TooLarge(Exception):
@@ -209,20 +223,7 @@ async def post_file(
         form.add_field(name, value)
     filename, data, content_type = file
     form.add_field("file", data, filename=filename, content_type=content_type)
-    try:
-        async with http.post(
-            url,
-            data=form,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
-        ) as resp:
-            return Answer(
-                resp.status, await resp.read(), {k.lower(): v for k, v in resp.headers.items()}
-            )
-    except TimeoutError as exc:
-        raise HttpFailure(f"no answer within {timeout:g}s", timeout=True) from exc
-    except aiohttp.ClientError as exc:
-        raise HttpFailure(f"{type(exc).__name__}: {exc}", timeout=False) from exc
+    return await _request(http, "POST", url, data=form, headers=headers, timeout=timeout)
 
 
 # --- The lean pool ---------------------------------------------------------------------------
