@@ -22,8 +22,9 @@ from .breaker import CircuitBreaker
 from .deadline import Deadline, TurnTimeout
 from .graph import GraphClient, GraphError
 from .operator import InvalidReply, OperatorReplies, OutsideWindow, SendUncertain
+from .saves import DB_DOWN
 from .transcription import WhisperTranscriber
-from .turn import DB_DOWN, Agent, StaleFence, TurnFailed, UnknownMessage
+from .turn import Agent, StaleFence, TurnFailed, UnknownMessage
 
 log = logging.getLogger(__name__)
 
@@ -217,4 +218,5 @@ async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterat
         try:
             yield [agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name]
         finally:
+            await agent.saves.close()  # the batches of saves in flight, before their pool
             await pool.close()
