@@ -944,7 +944,10 @@ BEGIN
                AS s(conversation_id, token, message_id, agent_type, previous_agent_type,
                     messages, token_count, reply_text, tokens_in, tokens_out, latency_ms,
                     correlation_id, send_started, reply_payload, absorbed, n)
-         ORDER BY s.conversation_id, s.n
+          -- An unlocked read, for the order only (a conversation that does not exist comes
+          -- last: its save finds no fence and writes nothing).
+          LEFT JOIN webhook_conversations w ON w.id = s.conversation_id
+         ORDER BY w.phone_number_id, w.customer_id, s.conversation_id, s.n
     LOOP
         ord := t.n;
         fence_token := wa_save_turn(t.conversation_id, t.token, t.message_id, t.agent_type,

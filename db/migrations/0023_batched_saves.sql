@@ -11,13 +11,15 @@
 --
 -- The turns come as one jsonb array of objects (the arguments of wa_save_turn, by name, with
 -- the burst as a JSON array of message ids, null or absent for none): fourteen values of
--- which one is an array of its own do not fit a set of parallel arrays. They are saved in
--- the order of their conversations' ids (then their place in the batch): statements that lock
--- the rows of many conversations lock them in that order, so that two of them never wait on
--- each other (a deadlock still only costs the agent a retry of each save alone). One row per
--- turn comes back: its
--- place in the array (1-based) and its conversation's fence token, as wa_save_turn returns it
--- (not the turn's: nothing of that turn was written).
+-- which one is an array of its own do not fit a set of parallel arrays. They are saved in the
+-- order of their conversations' keys (phone_number_id, customer_id), then ids, then places in
+-- the batch: the order in which the gateway's ingest (services/state/queries.sql,
+-- ingest_messages) and the state service's batches of claims and finishes lock the
+-- conversation rows they share, so that none of them and a batch of saves deadlock each other
+-- across conversations. Should one happen all the same (a key changed in between), the batch
+-- is undone and the agent saves each turn again alone. One row per turn comes back: its place
+-- in the array (1-based) and its conversation's fence token, as wa_save_turn returns it
+-- (when it is not the turn's, nothing of that turn was written).
 --
 -- The function runs with its caller's rights, like the two it calls (db/privileges.sql
 -- grants it to the agent's role only). Columns are always qualified;
@@ -42,7 +44,10 @@ BEGIN
                AS s(conversation_id, token, message_id, agent_type, previous_agent_type,
                     messages, token_count, reply_text, tokens_in, tokens_out, latency_ms,
                     correlation_id, send_started, reply_payload, absorbed, n)
-         ORDER BY s.conversation_id, s.n
+          -- An unlocked read, for the order only (a conversation that does not exist comes
+          -- last: its save finds no fence and writes nothing).
+          LEFT JOIN webhook_conversations w ON w.id = s.conversation_id
+         ORDER BY w.phone_number_id, w.customer_id, s.conversation_id, s.n
     LOOP
         ord := t.n;
         fence_token := wa_save_turn(t.conversation_id, t.token, t.message_id, t.agent_type,
