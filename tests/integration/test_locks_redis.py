@@ -97,7 +97,6 @@ class CountingRelay:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
         self.path = parts.path
-        self.connections = 0
         self.reads = 0
         self.server: asyncio.Server | None = None
 
@@ -107,7 +106,6 @@ class CountingRelay:
         return f"redis://127.0.0.1:{port}{self.path}"
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
         up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
 
         async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, counted: bool) -> None:
@@ -124,7 +122,7 @@ class CountingRelay:
         )
 
     def reset(self) -> None:
-        self.connections = self.reads = 0
+        self.reads = 0
 
     async def close(self) -> None:
         if self.server is not None:
@@ -143,32 +141,33 @@ async def relay(redis_server: Redis) -> AsyncIterator[CountingRelay]:
 async def test_concurrent_lease_calls_of_many_conversations_share_round_trips(
     redis_server: Redis, redis_prefix: str, relay: CountingRelay
 ) -> None:
-    """Forty holds taken, refused and released at once: a few requests on the wire, not one
-    (and one connection) per call, and each caller gets its own lease, refusal or mark."""
+    """Forty holds taken, refused, renewed and released at once: a few requests on the wire,
+    not one per call, and each caller gets its own lease, refusal or mark."""
     client = kv.create_client(await relay.start())
     other_client = kv.create_client(redis_server.url)
     try:
         locks = Locks(client, ttl_seconds=30, prefix=redis_prefix)
         other = Locks(other_client, ttl_seconds=30, prefix=redis_prefix)
-        await locks.ping()  # the first connection's handshake is not a lease call
-        relay.reset()
+        # Connections opened (their handshakes are no lease calls), on other conversations.
+        warm = await asyncio.gather(*(locks.acquire(c) for c in range(1001, 1041)))
+        await asyncio.gather(*(locks.release(lease) for lease in warm if lease is not None))
         # Half the conversations are held by another replica already.
         held = [await other.acquire(c) for c in range(1, 41, 2)]
+        relay.reset()
         leases = await asyncio.gather(*(locks.acquire(c) for c in range(1, 41)))
+        mine = [lease for lease in leases if lease is not None]
+        renewed = await asyncio.gather(*(locks.renew(lease) for lease in mine))
+        released = await asyncio.gather(*(locks.release(lease) for lease in mine))
+        calls = 40 + 20 + 20
+        # Alone, each call is a request; together, a pipeline can still span a few reads.
+        assert relay.reads <= calls // 5, f"{relay.reads} requests for {calls} calls"
         for c, lease in zip(range(1, 41), leases, strict=True):
             if c % 2:
                 assert lease is None, c  # refused, and the holder is told it was asked for
             else:
                 assert lease is not None and lease.conversation_id == c
-                assert await locks.holder(c) == lease.owner
-        mine = [lease for lease in leases if lease is not None]
-        renewed = await asyncio.gather(*(locks.renew(lease) for lease in mine))
-        released = await asyncio.gather(*(locks.release(lease) for lease in mine))
         assert renewed == released == [True] * 20
         assert not any(lease.wanted for lease in mine)  # nobody asked for these
-        calls = 40 + 20 + 20 + 20  # the holder() looks are calls too, one at a time
-        assert relay.reads <= 20 + 12, f"{relay.reads} requests for {calls} calls"
-        assert relay.connections <= 3
         for lease in held:
             assert lease is not None and await other.release(lease) and lease.wanted
     finally:
