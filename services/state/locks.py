@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from common.coalesce import BATCH_SIZE, Coalescer
+from common.coalesce import Coalescer
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,6 @@ class Locks:
         self._release_asked = client.register_script(_RELEASE_ASKED)
         self._renew = client.register_script(_RENEW)
         self._calls: Coalescer[_Call, object] = Coalescer("redis_lease", self._run_batch)
-        self._alone = BATCH_SIZE.labels("redis_lease")
-        self._outstanding = 0  # calls sent and not answered yet
 
     def lock_key(self, conversation_id: int) -> str:
         return f"{self.prefix}conv:{conversation_id}:lock"
@@ -140,24 +138,13 @@ class Locks:
         return ok
 
     async def _run(self, script: AsyncScript, keys: tuple[str, ...], *args: str | int) -> object:
-        """One script call, sent with whatever other calls wait (module docstring). A call
-        while none is outstanding goes at once from the caller's own task: the batcher's
-        task and future would cost it a sixth of its CPU (a microbenchmark of holds one
-        after another), for no round trip saved."""
-        call = _Call(script, keys, args)
-        alone = not self._outstanding
-        self._outstanding += 1
-        try:
-            if alone:
-                self._alone.observe(1)
-                return await self._run_one(call)
-            return await self._calls.submit(call)
-        finally:
-            self._outstanding -= 1
+        """One script call, sent with whatever other calls wait (module docstring)."""
+        return await self._calls.submit(_Call(script, keys, args))
 
     async def _run_batch(self, calls: list[_Call]) -> list[object]:
         if len(calls) == 1:
-            # Alone (an idle replica): the plain command, without a pipeline's own costs.
+            # Alone (an idle replica, or the first calls of a busy one): the plain command,
+            # without a pipeline's own costs.
             return [await self._run_one(calls[0])]
         outcomes = await self._pipeline(calls)
         forgotten = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, NoScriptError)]
