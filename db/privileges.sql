@@ -68,6 +68,7 @@ GRANT USAGE ON SEQUENCE agent_sessions_id_seq, conversation_state_transitions_id
     TO :"agent";
 GRANT EXECUTE ON FUNCTION wa_save_turn, increment_session_metrics, wa_delivery_rank
     TO :"agent";
+GRANT EXECUTE ON FUNCTION wa_save_turns TO :"agent";  -- many turns' saves at once (0023)
 -- Operators' replies (Agent.SendOperatorReply): stored, sent, audited, added to the context.
 GRANT SELECT, INSERT, UPDATE ON operator_replies TO :"agent";
 GRANT USAGE ON SEQUENCE operator_replies_id_seq TO :"agent";

@@ -922,6 +922,45 @@ END
 $$;
 
 --
+-- Name: wa_save_turns(jsonb); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_save_turns(p_turns jsonb) RETURNS TABLE(ord integer, fence_token bigint)
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+    t record;
+BEGIN
+    FOR t IN
+        SELECT s.*
+          FROM ROWS FROM (jsonb_to_recordset(p_turns) AS (
+                   conversation_id bigint, token bigint, message_id text, agent_type text,
+                   previous_agent_type text, messages jsonb, token_count integer,
+                   reply_text text, tokens_in bigint, tokens_out bigint, latency_ms bigint,
+                   correlation_id text, send_started boolean, reply_payload jsonb,
+                   absorbed text[]))
+               WITH ORDINALITY
+               AS s(conversation_id, token, message_id, agent_type, previous_agent_type,
+                    messages, token_count, reply_text, tokens_in, tokens_out, latency_ms,
+                    correlation_id, send_started, reply_payload, absorbed, n)
+          -- An unlocked read, for the order only (a conversation that does not exist comes
+          -- last: its save finds no fence and writes nothing).
+          LEFT JOIN webhook_conversations w ON w.id = s.conversation_id
+         ORDER BY w.phone_number_id, w.customer_id, s.conversation_id, s.n
+    LOOP
+        ord := t.n;
+        fence_token := wa_save_turn(t.conversation_id, t.token, t.message_id, t.agent_type,
+                                    t.previous_agent_type, t.messages, t.token_count,
+                                    t.reply_text, t.tokens_in, t.tokens_out, t.latency_ms,
+                                    t.correlation_id, t.send_started, t.reply_payload);
+        PERFORM wa_save_burst(t.conversation_id, t.token, t.message_id, t.absorbed);
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+--
 -- Name: wa_start_turn(bigint, bigint); Type: FUNCTION; Schema: public; Owner: -
 --
 

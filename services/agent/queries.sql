@@ -188,3 +188,8 @@ SELECT fence_token FROM fence
 
 -- name: fence_token
 SELECT fence_token FROM webhook_conversations WHERE id = $1
+
+-- name: save_turns
+-- Many turns' save_turn in one statement (db/migrations/0023, services/agent/saves.py): $1 a
+-- jsonb array of wa_save_turn's arguments by name; one row per turn, by its place in $1.
+SELECT s.ord, s.fence_token FROM wa_save_turns($1::jsonb) AS s

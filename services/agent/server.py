@@ -23,8 +23,9 @@ from .breaker import CircuitBreaker
 from .deadline import Deadline, TurnTimeout
 from .graph import GraphClient, GraphError
 from .operator import InvalidReply, OperatorReplies, OutsideWindow, SendUncertain
+from .saves import DB_DOWN
 from .transcription import WhisperTranscriber
-from .turn import DB_DOWN, Agent, StaleFence, TurnFailed, UnknownMessage
+from .turn import Agent, StaleFence, TurnFailed, UnknownMessage
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             conversation_id=turn.conversation_id,
         ):
             try:
-                result = await self._turn(turn, Deadline.after(request.timeout_seconds))
+                # Not shielded: this task is the turn's own already, and a caller that goes
+                # away cancels only the reading (Turns), never it.
+                result = await self._turn(
+                    turn, Deadline.after(request.timeout_seconds), shield=False
+                )
             except _Refused as refused:
                 answer(
                     agent_pb2.TurnsResponse(
@@ -112,15 +117,16 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         answer(agent_pb2.TurnsResponse(id=request.id, result=result))
 
     async def _turn(
-        self, request: agent_pb2.ReplyRequest, deadline: Deadline
+        self, request: agent_pb2.ReplyRequest, deadline: Deadline, *, shield: bool = True
     ) -> agent_pb2.ReplyResponse:
         """Runs one turn; a turn refused (or that did not run) raises _Refused with the status
         its call ends with."""
         try:
-            # Shielded: once a turn runs, a caller that goes away (a killed state service)
-            # must not cut it between the Graph API send and recording that send. The turn
-            # still ends by the deadline.
-            out = await asyncio.shield(self.agent.reply(wire.turn_from_proto(request), deadline))
+            turn = self.agent.reply(wire.turn_from_proto(request), deadline)
+            # Shielded (a task of its own): once a turn runs, a caller that goes away (a
+            # killed state service) must not cut it between the Graph API send and recording
+            # that send. The turn still ends by the deadline.
+            out = await (asyncio.shield(turn) if shield else turn)
         except StaleFence as exc:
             log.warning("refused a stale turn: %s", exc)
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
@@ -302,4 +308,5 @@ async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterat
         try:
             yield [agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name]
         finally:
+            await agent.saves.close()  # the batches of saves in flight, before their pool
             await pool.close()

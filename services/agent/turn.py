@@ -26,6 +26,7 @@ from .agents import AgentCatalog
 from .backends import Backend, ModelError, clean_text
 from .deadline import SEND_MARGIN_SECONDS, UNBOUNDED, Deadline, TurnTimeout
 from .graph import GraphClient, GraphError
+from .saves import DB_DOWN, Save, Saves
 from .settings import FALLBACK_REPLY
 
 log = logging.getLogger(__name__)
@@ -48,19 +49,6 @@ class TurnFailed(Exception):
         super().__init__(message)
         self.error_class = error_class
         self.retryable = retryable
-
-
-# The database could not be reached: a turn that has not called the model yet did not run.
-DB_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-)
 
 
 class Agent:
@@ -92,6 +80,8 @@ class Agent:
         # Sent instead of a reply outside the 24-hour window (WHATSAPP_WINDOW_TEMPLATE).
         self.window_template = window_template
         self._background: set[asyncio.Task[None]] = set()
+        # Turns that finish together save together: one statement and commit (saves.py).
+        self.saves = Saves(pool)
 
     async def reply(self, req: TurnRequest, deadline: Deadline = UNBOUNDED) -> TurnResult:
         """The turn, every call of it ending before `deadline` (raises TurnTimeout past it)."""
@@ -378,23 +368,24 @@ class Agent:
         token_count = sum(m.get("tokens") or window.message_tokens(m) for m in kept)
         history = kept
         try:
-            fence = await self.pool.fetchval(
-                Q["save_turn"],
-                req.conversation_id,
-                req.fence_token,
-                req.message_id,
-                agent.name,
-                current,
-                history,
-                token_count,
-                text,
-                completion.tokens_in,
-                completion.tokens_out,
-                latency_ms,
-                req.correlation_id,
-                self.graph.enabled and single,
-                list(burst.message_ids) or None,
-                replies.to_json(structured) if structured else None,
+            fence = await self.saves.save(
+                Save(
+                    conversation_id=req.conversation_id,
+                    token=req.fence_token,
+                    message_id=req.message_id,
+                    agent_type=agent.name,
+                    previous_agent_type=current,
+                    messages=history,
+                    token_count=token_count,
+                    reply_text=text,
+                    tokens_in=completion.tokens_in,
+                    tokens_out=completion.tokens_out,
+                    latency_ms=latency_ms,
+                    correlation_id=req.correlation_id,
+                    send_started=self.graph.enabled and single,
+                    reply_payload=replies.to_json(structured) if structured else None,
+                    absorbed=list(burst.message_ids) or None,
+                )
             )
         except DB_DOWN as exc:
             # The model has answered: running the turn again would pay for it again, so this
