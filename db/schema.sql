@@ -208,12 +208,14 @@ CREATE FUNCTION public.wa_claim_turns(p_conversation_ids bigint[], p_owners text
     LANGUAGE sql
     AS $$
     -- The sorted subquery is not flattened (it has an ORDER BY): the nested loop calls the
-    -- function once per item, in that order.
+    -- function once per item, in that order. (A conversation that does not exist comes last;
+    -- its claim finds nothing.)
     SELECT t.ord::integer, c.*
       FROM (SELECT u.conversation_id, u.owner, u.ord
               FROM unnest(p_conversation_ids, p_owners)
                    WITH ORDINALITY AS u(conversation_id, owner, ord)
-             ORDER BY u.conversation_id, u.ord) AS t
+              LEFT JOIN webhook_conversations w ON w.id = u.conversation_id
+             ORDER BY w.phone_number_id, w.customer_id, u.conversation_id, u.ord) AS t
      CROSS JOIN LATERAL wa_claim_turn(t.conversation_id, t.owner, p_sources,
                                       p_release_from) AS c
 $$;
@@ -442,7 +444,8 @@ CREATE FUNCTION public.wa_finish_turns(p_message_ids text[], p_to_states text[],
                           p_conversation_ids, p_next, p_reply_message_ids)
                    WITH ORDINALITY AS u(message_id, to_state, reason, token, correlation_id,
                                         conversation_id, next, reply_message_id, ord)
-             ORDER BY u.conversation_id, u.ord) AS t
+              LEFT JOIN webhook_conversations w ON w.id = u.conversation_id
+             ORDER BY w.phone_number_id, w.customer_id, u.conversation_id, u.ord) AS t
      CROSS JOIN LATERAL wa_finish_turn(t.message_id, t.to_state, p_from, t.reason, t.token,
                                        t.correlation_id, t.conversation_id, t.next, '{}', '{}',
                                        '', t.reply_message_id, p_release_from) AS f

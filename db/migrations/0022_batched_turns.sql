@@ -12,11 +12,15 @@
 -- VOLATILE function's own statements, so it sees what the items before it wrote, as it would
 -- have seen them committed before.
 --
--- Lock order: the items run in the order of their conversation ids (then their ordinals), so
--- two batches lock the conversations they share in the same order and cannot deadlock each
--- other across conversations. The whole batch is one transaction: an error in any item (a
--- deadlock with a statement that locks in another order included) undoes all of it, and the
--- state service then runs each item alone (its own statement), so only that item fails.
+-- Lock order: the items run in the order of their conversations' keys (phone_number_id,
+-- customer_id), then ids, then ordinals: the order in which the ingest statement
+-- (services/state/queries.sql, ingest_messages) locks the conversation rows of its batch. So
+-- two batches, and a batch and an ingest, lock the conversations they share in the same order
+-- and cannot deadlock each other across conversations (the rows of one conversation are
+-- locked in the order its single function always took them). The whole batch is one
+-- transaction: an error in any item (a deadlock with a statement that locks in another
+-- order included, or a key changed in between) undoes all of it, and the state service then
+-- runs each item alone (its own statement), so only an item that fails by itself fails.
 --
 -- Arrays are given one element per item; what is the same for every item of a batch is a
 -- scalar. A finish with a debounced burst (a text[] of its own per item) is not batched.
@@ -63,18 +67,21 @@ CREATE FUNCTION wa_claim_turns(
 )
 LANGUAGE sql AS $$
     -- The sorted subquery is not flattened (it has an ORDER BY): the nested loop calls the
-    -- function once per item, in that order.
+    -- function once per item, in that order. (A conversation that does not exist comes last;
+    -- its claim finds nothing.)
     SELECT t.ord::integer, c.*
       FROM (SELECT u.conversation_id, u.owner, u.ord
               FROM unnest(p_conversation_ids, p_owners)
                    WITH ORDINALITY AS u(conversation_id, owner, ord)
-             ORDER BY u.conversation_id, u.ord) AS t
+              LEFT JOIN webhook_conversations w ON w.id = u.conversation_id
+             ORDER BY w.phone_number_id, w.customer_id, u.conversation_id, u.ord) AS t
      CROSS JOIN LATERAL wa_claim_turn(t.conversation_id, t.owner, p_sources,
                                       p_release_from) AS c
 $$;
 
--- p_from and p_release_from: the same for every item (the caller batches together the
--- finishes to the same states); the burst (p_absorbed) is empty for each.
+-- Each item in the same order as above (by its conversation_id's key). p_from and
+-- p_release_from: the same for every item (the caller batches together the finishes from and
+-- to the same states); the burst (p_absorbed) is empty for each.
 CREATE FUNCTION wa_finish_turns(
     p_message_ids text[],
     p_to_states text[],
@@ -131,7 +138,8 @@ LANGUAGE sql AS $$
                           p_conversation_ids, p_next, p_reply_message_ids)
                    WITH ORDINALITY AS u(message_id, to_state, reason, token, correlation_id,
                                         conversation_id, next, reply_message_id, ord)
-             ORDER BY u.conversation_id, u.ord) AS t
+              LEFT JOIN webhook_conversations w ON w.id = u.conversation_id
+             ORDER BY w.phone_number_id, w.customer_id, u.conversation_id, u.ord) AS t
      CROSS JOIN LATERAL wa_finish_turn(t.message_id, t.to_state, p_from, t.reason, t.token,
                                        t.correlation_id, t.conversation_id, t.next, '{}', '{}',
                                        '', t.reply_message_id, p_release_from) AS f

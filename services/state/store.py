@@ -480,7 +480,7 @@ async def _claim(
     batches = _batches(pool) if batched else None
     if batches is not None:
         key = _batch_key(args[2], release_from)
-        row = await batches.claims.submit(_Call(conversation_id, args, key))
+        row = await batches.claims.submit(_Call(args, key))
     else:
         row = await pool.fetchrow(Q["claim_turn"], *args)
     if row is None or row["claimed"] is None:
@@ -632,7 +632,7 @@ async def finish_turn(
     if batches is not None:
         # A burst's text[] of its own does not fit the batch's arrays: it runs alone.
         key = None if absorbed else _batch_key(args[2], args[12])
-        row = await batches.finishes.submit(_Call(item.conversation_id, args, key))
+        row = await batches.finishes.submit(_Call(args, key))
     else:
         row = await pool.fetchrow(Q["finish_turn"], *args)
     assert row is not None
@@ -663,10 +663,9 @@ async def finish_turn(
 
 @dataclass(frozen=True)
 class _Call:
-    """One call: its conversation, the single statement's arguments in order, and what must
-    be the same for the calls that share a batch statement (None: it runs alone)."""
+    """One call: the single statement's arguments in order, and what must be the same for the
+    calls that share a batch statement (None: it runs alone)."""
 
-    conversation_id: int
     args: tuple[Any, ...]
     key: Hashable | None
 
@@ -726,8 +725,8 @@ class _TurnBatches:
                 outcomes[n] = exc
 
         async def together(members: list[int]) -> None:
-            # In conversation order, as the function runs them (db/migrations/0022).
-            members.sort(key=lambda n: (calls[n].conversation_id, n))
+            # (The function runs them in the order their conversations are locked by every
+            # batch and every ingest, db/migrations/0022; each row says which one it is.)
             try:
                 rows = await pool.fetch(batch, *columns([calls[n] for n in members]))
             except UNDONE as exc:
