@@ -34,6 +34,7 @@ CALLERS: dict[str, frozenset[str]] = {
         "/wa.v1.State/TakeOver": {"operator", "console"},
         # services/state (turns); GetStatus: the dlq's breaker check, readiness, `wa health`.
         "/wa.v1.Agent/Reply": {"state"},
+        "/wa.v1.Agent/Turns": {"state"},
         "/wa.v1.Agent/GetStatus": {"dlq", "gateway", "operator", "console"},
         # cli/ and the console: an operator's answer to a customer.
         "/wa.v1.Agent/SendOperatorReply": {"operator", "console"},
@@ -115,12 +116,27 @@ def _guarded(
     if inner is not None:
         return handler._replace(unary_unary=unary_unary)
 
-    # No internal RPC streams today: one that does is refused until a check of its kind is
-    # written here.
+    streams = handler.stream_stream
+    if streams is not None:
+        # Checked once, when the call opens: every message of the call is the same caller's.
+        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            caller = identity(context)
+            if caller not in allowed:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{caller or 'a certificate naming no identity'} may not call {method}",
+                )
+            async for answer in streams(requests, context):
+                yield answer
+
+        return handler._replace(stream_stream=stream_stream)
+
+    # No internal RPC is unary-stream or stream-unary today: one that is is refused until a
+    # check of its kind is written here.
     async def refused(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(
             grpc.StatusCode.PERMISSION_DENIED, f"{method} streams: common/authz.py cannot check it"
         )
 
-    kind = next(k for k in ("unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+    kind = next(k for k in ("unary_stream", "stream_unary") if getattr(handler, k))
     return handler._replace(**{kind: refused})

@@ -26,6 +26,8 @@ load. Not retried by the channel:
   beside a first attempt that is still going on the replica that lost its connection; the
   state service's driver asks again itself, after claiming the conversation anew (a new token
   that refuses every write of the first attempt).
+- `Agent.Turns`: the same turns, many to a call (services/state/turn_calls.py); a call that
+  breaks fails each turn it owes as UNAVAILABLE, for the driver to ask again the same way.
 - `Dlq.Enqueue`: a repeat counts one more attempt against the message; the state service's
   sweeper hands over a failure whose hand-over failed.
 - `Dlq.Retry`, `Dlq.Purge`: an operator's; a repeat's answer would misreport what the first did.

@@ -190,6 +190,14 @@ def continued(name: str, traceparent: str, correlation_id: str, **attributes: st
     """A span continuing a message's trace from its stored traceparent, with the correlation id
     in the log context and the baggage (so the next gRPC hops carry it)."""
     cid_token = logs.correlation_id.set(correlation_id)
+    if trace._TRACER_PROVIDER is None:
+        # Tracing off: no span, no baggage (nothing reads it), only the log context; the
+        # API's no-op would still extract, attach and start a non-recording span per turn.
+        try:
+            yield trace.INVALID_SPAN
+        finally:
+            logs.correlation_id.reset(cid_token)
+        return
     ctx = with_correlation(correlation_id, context_from_traceparent(traceparent))
     token = otel_context.attach(ctx)
     try:
@@ -244,6 +252,9 @@ UNTRACED_METHODS = frozenset(
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/wa.v1.State/IngestBatch",
+        # One call carries the turns of many messages; each turn continues its own trace from
+        # its request's traceparent (services/agent/server.py, Turns).
+        "/wa.v1.Agent/Turns",
         # Readiness probes (the gateway's /readyz, `wa health`).
         "/wa.v1.State/CheckDependencies",
         "/wa.v1.State/GetSystemHealth",

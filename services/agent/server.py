@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
-from common import authz, config, customers, db, logs, roles, wire
+from common import authz, config, customers, db, logs, roles, telemetry, wire
 from common.domain import TurnResult
 from services.agent.settings import AgentSettings
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 class AgentServicer(agent_pb2_grpc.AgentServicer):
     def __init__(self, agent: Agent, replies: OperatorReplies | None = None) -> None:
         self.agent = agent
+        # Turns of `Turns` calls still running, whether or not their caller still waits.
+        self._running: set[asyncio.Task[None]] = set()
         self.replies = replies or OperatorReplies(agent.pool, agent.catalog, agent.graph)
 
     async def Reply(
@@ -39,7 +42,80 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         if request.correlation_id:
             logs.correlation_id.set(request.correlation_id)
         # The caller's deadline is the turn's: every call and wait of the turn ends before it.
-        deadline = Deadline.after(context.time_remaining())
+        try:
+            return await self._turn(request, Deadline.after(context.time_remaining()))
+        except _Refused as refused:
+            await context.abort(refused.code, refused.details)
+            raise  # abort raises; this keeps the type checker informed
+
+    async def Turns(
+        self,
+        requests: AsyncIterator[agent_pb2.TurnsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[agent_pb2.TurnsResponse]:
+        """Each turn read runs at once, beside the others; each answer is written as its turn
+        ends. The call ends when the caller has stopped writing and every turn is answered."""
+        answers: asyncio.Queue[agent_pb2.TurnsResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    # A fresh context: each turn continues its own message's trace.
+                    task = asyncio.create_task(
+                        self._streamed(request, answers.put_nowait),
+                        name=f"turn-{request.turn.message_id}",
+                        context=contextvars.Context(),
+                    )
+                    running.add(task)
+                    self._running.add(task)
+                    task.add_done_callback(running.discard)
+                    task.add_done_callback(self._running.discard)
+            finally:
+                if running:
+                    await asyncio.wait(set(running))
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read(), name="turns-reader")
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # raises what ended the reading (the caller went away)
+        finally:
+            # A caller that goes away stops the reading, not the turns: like Reply's, each
+            # runs to its end (self._running keeps them), so that a send is never cut off
+            # from its record.
+            reader.cancel()
+
+    async def _streamed(
+        self,
+        request: agent_pb2.TurnsRequest,
+        answer: Callable[[agent_pb2.TurnsResponse], None],
+    ) -> None:
+        turn = request.turn
+        with telemetry.continued(
+            "agent.turn",
+            request.traceparent,
+            turn.correlation_id,
+            message_id=turn.message_id,
+            conversation_id=turn.conversation_id,
+        ):
+            try:
+                result = await self._turn(turn, Deadline.after(request.timeout_seconds))
+            except _Refused as refused:
+                answer(
+                    agent_pb2.TurnsResponse(
+                        id=request.id, code=refused.code.value[0], details=refused.details
+                    )
+                )
+                return
+        answer(agent_pb2.TurnsResponse(id=request.id, result=result))
+
+    async def _turn(
+        self, request: agent_pb2.ReplyRequest, deadline: Deadline
+    ) -> agent_pb2.ReplyResponse:
+        """Runs one turn; a turn refused (or that did not run) raises _Refused with the status
+        its call ends with."""
         try:
             # Shielded: once a turn runs, a caller that goes away (a killed state service)
             # must not cut it between the Graph API send and recording that send. The turn
@@ -47,9 +123,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             out = await asyncio.shield(self.agent.reply(wire.turn_from_proto(request), deadline))
         except StaleFence as exc:
             log.warning("refused a stale turn: %s", exc)
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
         except UnknownMessage as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no message {exc}")
+            raise _Refused(grpc.StatusCode.NOT_FOUND, f"no message {exc}") from exc
         except TurnTimeout as exc:
             log.warning("the turn ran out of time: %s", exc)
             out = _failed(TurnTimeout.error_class, str(exc))
@@ -58,7 +134,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             out = _failed(exc.error_class, str(exc), retryable=exc.retryable)
         except DB_DOWN as exc:
             # Before the model was called (see Agent._think): the turn did not run.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"database: {exc!r}")
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, f"database: {exc!r}") from exc
         except Exception as exc:
             # Anything else is a failed attempt with its error, bounded by the dead-letter
             # queue: "did not run" would retry it without end, the model paid each time.
@@ -126,6 +202,15 @@ def operator_name(named: str, context: grpc.aio.ServicerContext) -> str:
     identity = authz.identity(context) or "unauthenticated"
     named = " ".join(named.split())[:100]
     return f"{named} (via {identity})" if named else identity
+
+
+class _Refused(Exception):
+    """A turn refused, or that did not run: its call ends with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
 
 
 def _failed(error_class: str, message: str, *, retryable: bool = True) -> TurnResult:

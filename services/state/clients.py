@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import grpc
-from wa.v1 import agent_pb2_grpc, dlq_pb2, dlq_pb2_grpc
+from opentelemetry import trace
+from wa.v1 import dlq_pb2, dlq_pb2_grpc
 
-from common import wire
+from common import telemetry, wire
 
 from .ports import AgentUnavailable, DlqUnavailable, Failure, TurnResult
 from .store import WorkItem
+from .turn_calls import TurnCalls, TurnError
 
 # Codes that mean "the turn did not run", as opposed to "the turn ran and failed". Only these
 # are retried by the driver without counting: an error of a turn that ran (UNKNOWN, INTERNAL:
@@ -28,33 +30,37 @@ _RAN_AND_FAILED = {
 
 class GrpcAgent:
     def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
-        self.stub = agent_pb2_grpc.AgentStub(channel)
+        self.calls = TurnCalls(channel)
         self.timeout = timeout
 
     async def reply(self, item: WorkItem, token: int) -> TurnResult:
         # The item carries its turn's fencing token (`token`, the one it was claimed with).
-        request = wire.turn_to_proto(item)
+        span = trace.get_current_span()
         try:
-            resp = await self.stub.Reply(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in _UNAVAILABLE:
-                raise AgentUnavailable(f"{exc.code().name}: {exc.details()}") from exc
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            resp = await self.calls.turn(
+                wire.turn_to_proto(item),
+                self.timeout,
+                telemetry.traceparent_of(span) if span.is_recording() else "",
+            )
+        except TurnError as exc:
+            if exc.code in _UNAVAILABLE:
+                raise AgentUnavailable(str(exc)) from exc
+            if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
                 # The agent refused a stale fencing token: this holder lost the conversation.
                 from .store import StaleFence
 
-                raise StaleFence(exc.details() or "stale fencing token") from exc
-            if exc.code() in _RAN_AND_FAILED:
+                raise StaleFence(exc.details or "stale fencing token") from exc
+            if exc.code in _RAN_AND_FAILED:
                 return TurnResult(
                     outcome="failed",
-                    error_class=_RAN_AND_FAILED[exc.code()],
-                    error_message=f"{exc.code().name}: {exc.details() or ''}",
+                    error_class=_RAN_AND_FAILED[exc.code],
+                    error_message=str(exc),
                     retryable=True,
                 )
             return TurnResult(
                 outcome="failed",
-                error_class=f"Agent{exc.code().name.title().replace('_', '')}",
-                error_message=exc.details() or "",
+                error_class=f"Agent{exc.code.name.title().replace('_', '')}",
+                error_message=exc.details,
                 retryable=False,
             )
         return wire.result_from_proto(resp)

@@ -36,8 +36,8 @@ async def test_calls_made_while_batches_run_go_together_and_each_gets_its_own_ou
     run = Recorder()
     c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=1)
     outcomes = await asyncio.gather(*(c.submit(a) for a in range(10)), return_exceptions=True)
-    # All ten were made before the first batch could start: they go together.
-    assert run.batches == [list(range(10))]
+    # The first runs at once, alone; the nine made meanwhile go together in the next batch.
+    assert run.batches == [[0], list(range(1, 10))]
     for a, outcome in zip(range(10), outcomes, strict=True):
         if a % 2:
             assert isinstance(outcome, ValueError) and str(outcome) == f"odd {a}"
@@ -49,7 +49,7 @@ async def test_a_batch_takes_at_most_max_batch_calls() -> None:
     run = Recorder()
     c: Coalescer[int, int] = Coalescer("t", run, max_batch=3, max_in_flight=1)
     await asyncio.gather(*(c.submit(a * 2) for a in range(8)))
-    assert [len(b) for b in run.batches] == [3, 3, 2]
+    assert [len(b) for b in run.batches] == [1, 3, 3, 1]
     assert [a for b in run.batches for a in b] == [a * 2 for a in range(8)]
 
 
@@ -66,21 +66,24 @@ async def test_a_failing_batch_fails_each_of_its_callers_and_the_next_batch_stil
 
     c: Coalescer[int, int] = Coalescer("t", run, max_batch=2, max_in_flight=1)
     outcomes = await asyncio.gather(*(c.submit(a) for a in range(5)), return_exceptions=True)
-    assert outcomes[:2] == [0, 1]
-    assert all(isinstance(o, ConnectionError) for o in outcomes[2:4])
-    assert outcomes[4:] == [4]
+    # Batches [0], [1, 2], [3, 4]: the second fails.
+    assert outcomes[0] == 0
+    assert all(isinstance(o, ConnectionError) for o in outcomes[1:3])
+    assert outcomes[3:] == [3, 4]
 
 
 async def test_a_wrong_number_of_outcomes_fails_the_batch_instead_of_misrouting_them() -> None:
     async def run(args: list[int]) -> Sequence[int | BaseException]:
+        await asyncio.sleep(0.01)
         return args[:-1]
 
-    c: Coalescer[int, int] = Coalescer("t", run)
-    with pytest.raises(RuntimeError, match="1 outcomes for 2 calls"):
-        await asyncio.gather(c.submit(1), c.submit(2))
-    c2: Coalescer[int, int] = Coalescer("t", run, max_in_flight=1)
-    results = await asyncio.gather(c2.submit(1), c2.submit(2), c2.submit(3), return_exceptions=True)
-    assert all(isinstance(r, RuntimeError) for r in results)
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=1)
+    results = await asyncio.gather(c.submit(1), c.submit(2), c.submit(3), return_exceptions=True)
+    assert [str(r) for r in results] == [
+        "t: 0 outcomes for 1 calls",
+        "t: 1 outcomes for 2 calls",
+        "t: 1 outcomes for 2 calls",
+    ]
 
 
 async def test_a_cancelled_caller_stops_waiting_while_the_others_get_their_outcomes() -> None:
@@ -98,24 +101,45 @@ async def test_a_cancelled_caller_stops_waiting_while_the_others_get_their_outco
     assert run.batches == [[0], [2, 4]]  # its part still ran
 
 
-async def test_a_batch_does_not_run_in_the_context_of_the_caller_that_started_it() -> None:
+async def test_a_queued_batch_does_not_run_in_the_context_of_any_of_its_callers() -> None:
     var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
     seen: list[str] = []
 
     async def run(args: list[int]) -> Sequence[int | BaseException]:
         seen.append(var.get())
+        await asyncio.sleep(0.01)
         return args
 
-    c: Coalescer[int, int] = Coalescer("t", run)
-    var.set("caller")
-    assert await c.submit(1) == 1
-    assert seen == ["unset"]
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=1)
+
+    async def call(name: str, arg: int) -> int:
+        var.set(name)
+        return await c.submit(arg)
+
+    assert list(await asyncio.gather(call("first", 1), call("second", 2))) == [1, 2]
+    # The first ran alone from its own task; the second's batch from one of ours.
+    assert seen == ["first", "unset"]
 
 
-async def test_close_waits_for_the_batches_in_flight() -> None:
+async def test_close_waits_for_the_queued_batches_in_flight() -> None:
     run = Recorder(delay=0.05)
-    c: Coalescer[int, int] = Coalescer("t", run)
-    pending = asyncio.create_task(c.submit(2))
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=1)
+    alone = asyncio.create_task(c.submit(2))
     await asyncio.sleep(0)
+    queued = asyncio.create_task(c.submit(4))
+    await alone  # its end starts the queued call's batch
     await c.close()
-    assert pending.done() and pending.result() == 20
+    assert queued.done() and queued.result() == 40
+
+
+async def test_a_call_running_alone_is_cancelled_with_its_caller_and_frees_its_place() -> None:
+    run = Recorder(delay=10)
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=1)
+    alone = asyncio.create_task(c.submit(2))
+    await asyncio.sleep(0.01)
+    alone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await alone
+    run.delay = 0
+    assert await c.submit(4) == 40  # runs at once: the cancelled call left no batch behind
+    assert run.batches == [[2], [4]]
