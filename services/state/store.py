@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from opentelemetry import trace
 
 from common import sqlfile, telemetry
 from common.coalesce import Coalescer
@@ -755,7 +756,10 @@ class _TurnBatches:
                 groups.setdefault(call.key, []).append(n)
         for members in groups.values():
             runs.append(alone(members[0]) if len(members) == 1 else together(members))
-        with telemetry.untraced():  # many messages' work: part of no one trace
+        # A call run at once from its caller's task is traced as its caller's; a queued batch,
+        # run by the Coalescer's own task, is many messages' work: part of no one trace.
+        traced = trace.get_current_span().get_span_context().is_valid
+        with contextlib.nullcontext() if traced else telemetry.untraced():
             await asyncio.gather(*runs)
         missing = RuntimeError("the batch statement returned no row for it")
         return [outcomes.get(n, missing) for n in range(len(calls))]

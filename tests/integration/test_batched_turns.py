@@ -270,7 +270,7 @@ async def test_a_deadlocked_batch_runs_each_claim_alone(
     """A batch of claims that deadlocks with a transaction locking the same conversations in
     the other order is undone by PostgreSQL (the other transaction gets its locks); each claim
     then runs alone and its caller still gets its turn."""
-    first, second = sorted(conversations)[:2]
+    first, second, *rest = sorted(conversations)
     pool = await counted.open()
     other = await asyncpg.connect(counted.url, timeout=10)
     try:
@@ -278,9 +278,10 @@ async def test_a_deadlocked_batch_runs_each_claim_alone(
             await other.execute(
                 "SELECT 1 FROM webhook_conversations WHERE id = $1 FOR UPDATE", second
             )
+            # While two calls run (alone, these of the rest), the next ones queue and then
+            # go together: `first` and `second` in one batch.
             claims = asyncio.gather(
-                store.claim_turn_or_release(pool, first, "me"),
-                store.claim_turn_or_release(pool, second, "me"),
+                *(store.claim_turn_or_release(pool, c, "me") for c in (*rest[:2], first, second))
             )
             # The batch holds `first` and waits for `second`.
             deadline = time.monotonic() + 20
@@ -299,7 +300,7 @@ async def test_a_deadlocked_batch_runs_each_claim_alone(
     finally:
         await other.close()
         await pool.close()
-    for conv, (token, item) in zip((first, second), results, strict=True):
+    for conv, (token, item) in zip((*rest[:2], first, second), results, strict=True):
         n = conversations.index(conv)
         assert isinstance(item, store.WorkItem)
         assert (item.message_id, token) == (f"wamid.{n}.1", 1)
