@@ -266,7 +266,8 @@ SELECT * FROM wa_claim_turn($1, $2, $3, $4)
 
 -- name: claim_turns
 -- claim_turn of each conversation $1 (owner $2, alike in $3 and $4), in one statement and one
--- transaction, in conversation order; each row's ord is its place in $1: db/migrations/0022.
+-- transaction, in the order ingest locks conversations; each row's ord is its place in $1:
+-- db/migrations/0022.
 SELECT * FROM wa_claim_turns($1, $2, $3, $4)
 
 -- name: release_conversation
@@ -298,8 +299,8 @@ SELECT * FROM wa_finish_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 
 -- name: finish_turns
 -- finish_turn of each message $1 (to $2, reason $4, token $5, correlation id $6, conversation
 -- $7, next turn asked $8, sent reply $9; alike in the sources $3 and the release's $10; no
--- burst), in one statement and one transaction, in conversation order; each row's ord is its
--- place in $1: db/migrations/0022.
+-- burst), in one statement and one transaction, in the order ingest locks conversations; each
+-- row's ord is its place in $1: db/migrations/0022.
 SELECT * FROM wa_finish_turns($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 
 -- name: transition_message
