@@ -41,6 +41,11 @@ $(BUF): .tools/package.json .tools/package-lock.json
 	npm ci --prefix .tools --no-audit --no-fund --silent
 	touch $(BUF)
 
+# pytest-xdist workers: a test spends much of its time waiting (for processes to start, for
+# what must not happen not to happen), and the other worker uses that time. Each worker has
+# its own embedded PostgreSQL and Valkey; 0 runs the tests in pytest's own process.
+PYTEST_WORKERS ?= 2
+
 test: install $(BUF)
 	$(BIN)/ruff check .
 	$(BUF) lint protos
@@ -59,7 +64,7 @@ test: install $(BUF)
 	$(BUF) breaking protos --against ".git#ref=$$against,subdir=protos"
 	$(BIN)/mypy common services cli tests bench devtools fastotel
 	@# pytest exits 5 when it collected nothing: that is a failure, not a pass.
-	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS); code=$$?; \
+	$(BIN)/pytest -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); code=$$?; \
 	if [ $$code -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$code
 
 lint: install

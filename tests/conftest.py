@@ -5,6 +5,7 @@ Redis keys under a unique prefix per test, and the fakes of the Graph API and th
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -34,10 +35,25 @@ settings.register_profile("wa", deadline=None)
 settings.load_profile("wa")
 
 
+# The embedded server's data lives as long as the session: flushing it to disk at every commit
+# (and at every CREATE DATABASE, once per test) only costs time. A clean stop (the outage
+# tests' `stop_server`) still writes everything; WA_PG_SETTINGS given to the run come after
+# these, so they win.
+EMBEDDED_PG_SETTINGS = "fsync=off synchronous_commit=off full_page_writes=off"
+
+
 @pytest.fixture(scope="session")
 def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     server = Postgres(tmp_path_factory.mktemp("postgres"))
-    server.start()
+    given = os.environ.get("WA_PG_SETTINGS")
+    os.environ["WA_PG_SETTINGS"] = f"{EMBEDDED_PG_SETTINGS} {given or ''}"
+    try:
+        server.start()  # reads WA_PG_SETTINGS once; restart_server reuses its command
+    finally:
+        if given is None:
+            del os.environ["WA_PG_SETTINGS"]
+        else:
+            os.environ["WA_PG_SETTINGS"] = given
     yield server
     if server.external:  # an embedded server's folder goes away with the session
         asyncio.run(server.drop_all())
@@ -108,6 +124,10 @@ async def start_system(
         root = tmp_path / f"system{len(systems)}"
         root.mkdir()
         env.setdefault("WHATSAPP_API_BASE_URL", graph.url)
+        # The gateway is ready only after a background check finds the other services up
+        # (every GATEWAY_READY_REFRESH_SECONDS, 2 s by default). It starts first, so its first
+        # check finds them down and every start waited up to 2 s more for the next one.
+        env.setdefault("GATEWAY_READY_REFRESH_SECONDS", "0.5")
         system = System(root, database_url, redis_server.url, redis_prefix, env)
         systems.append(system)
         return await system.start(wait=wait)

@@ -3,6 +3,14 @@
 A lease is not a guarantee (a holder can stall past its TTL); the fencing token in PostgreSQL
 is what refuses a stale holder's writes. Each process also keeps a heartbeat key so that the
 sweeper can tell a lease held by a dead process from one held by a live, slow one.
+
+The lease scripts of concurrent holds (acquire, release, renew, break) go to Redis together:
+one non-transactional pipeline of EVALSHA calls per round trip (common/coalesce.py). One
+batcher for all of them, not one per kind: a busy replica acquires some conversations while it
+releases others, and one pipeline carries both (the calls of one hold follow each other, so
+they never share a batch). A pipeline, not one script over many keys: a script's keys must
+hash to one slot on Redis Cluster, and the keys of different conversations do not; and in a
+pipeline each call keeps its own reply or its own error (WRONGTYPE, NOSCRIPT), as if alone.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+
+from common.coalesce import Coalescer
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,15 @@ return 0
 """
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One script call: the script, its keys, its arguments."""
+
+    script: AsyncScript
+    keys: tuple[str, ...]
+    args: tuple[str | int, ...]
+
+
 @dataclass
 class Lease:
     conversation_id: int
@@ -78,6 +97,7 @@ class Locks:
         self._acquire = client.register_script(_ACQUIRE)
         self._release_asked = client.register_script(_RELEASE_ASKED)
         self._renew = client.register_script(_RENEW)
+        self._calls: Coalescer[_Call, object] = Coalescer("redis_lease", self._run_batch)
 
     def lock_key(self, conversation_id: int) -> str:
         return f"{self.prefix}conv:{conversation_id}:lock"
@@ -90,10 +110,6 @@ class Locks:
 
     def _owner(self) -> str:
         return f"{self.instance}:{uuid.uuid4().hex[:8]}"
-
-    # `execute_command`, not the script object: the same command, retries and reply, without
-    # the keyword handling and wrappers around it (about a tenth of a command's CPU in
-    # redis-py). A hold makes two: acquire and release.
 
     async def acquire(self, conversation_id: int) -> Lease | None:
         """The conversation's lease, or None (held: the holder learns that it was asked for)."""
@@ -111,25 +127,57 @@ class Locks:
         lease.wanted = answer != 1
         return answer in (1, 3)
 
+    async def renew(self, lease: Lease) -> bool:
+        asked = time.monotonic()
+        keys = (self.lock_key(lease.conversation_id),)
+        ok = bool(await self._run(self._renew, keys, lease.owner, self.ttl_ms))
+        if not ok:
+            lease.lost = True
+        else:
+            lease.renewed_at = asked
+        return ok
+
     async def _run(self, script: AsyncScript, keys: tuple[str, ...], *args: str | int) -> object:
+        """One script call, sent with whatever other calls wait (module docstring)."""
+        return await self._calls.submit(_Call(script, keys, args))
+
+    async def _run_batch(self, calls: list[_Call]) -> list[object]:
+        if len(calls) == 1:
+            # Alone (an idle replica, or the first calls of a busy one): the plain command,
+            # without a pipeline's own costs.
+            return [await self._run_one(calls[0])]
+        outcomes = await self._pipeline(calls)
+        forgotten = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, NoScriptError)]
+        if forgotten:
+            # A server that does not know a script (restarted, flushed) did not run it: load
+            # it, then send those calls again.
+            for script in {calls[i].script.sha: calls[i].script for i in forgotten}.values():
+                await self.client.script_load(script.script)
+            again = await self._pipeline([calls[i] for i in forgotten])
+            for i, outcome in zip(forgotten, again, strict=True):
+                outcomes[i] = outcome
+        return outcomes
+
+    # `execute_command`, not the script object: the same command, retries and reply, without
+    # the keyword handling and wrappers around it (about a tenth of a command's CPU in
+    # redis-py).
+
+    async def _run_one(self, call: _Call) -> object:
+        script, keys, args = call.script, call.keys, call.args
         try:
             return await self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             # A server that does not know it (restarted, flushed): the script object loads it.
             return await script(keys=list(keys), args=list(args))
 
-    async def renew(self, lease: Lease) -> bool:
-        asked = time.monotonic()
-        ok = bool(
-            await self._renew(
-                keys=[self.lock_key(lease.conversation_id)], args=[lease.owner, self.ttl_ms]
-            )
-        )
-        if not ok:
-            lease.lost = True
-        else:
-            lease.renewed_at = asked
-        return ok
+    async def _pipeline(self, calls: list[_Call]) -> list[object]:
+        """The calls in one round trip: each one's reply, or its own error (a script that
+        fails is that call's outcome; the calls after it still run)."""
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            keys = call.keys
+            pipe.execute_command("EVALSHA", call.script.sha, len(keys), *keys, *call.args)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def refresh(self, lease: Lease, fraction: float = 0.1) -> bool:
         """Renews the lease unless it was set to its full TTL less than `fraction` of the TTL
@@ -158,7 +206,7 @@ class Locks:
 
     async def break_lock(self, conversation_id: int, owner: str) -> bool:
         """Removes a dead holder's lease (compare-and-delete: only that holder's)."""
-        return bool(await self._release(keys=[self.lock_key(conversation_id)], args=[owner]))
+        return bool(await self._run(self._release, (self.lock_key(conversation_id),), owner))
 
     async def heartbeat(self, ttl_seconds: float) -> None:
         await self.client.set(self.heartbeat_key(self.instance), "1", px=int(ttl_seconds * 1000))

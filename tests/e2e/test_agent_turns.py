@@ -162,8 +162,8 @@ async def test_malformed_model_answers_end_replied_or_dead_lettered_with_bounded
 async def test_a_model_asking_to_wait_longer_than_the_turn_cannot_make_two_turns_of_it(
     start_system: StartSystem, model: FakeModel, graph: FakeGraph
 ) -> None:
-    # Short timeouts make a short turn deadline (10 s); the model asks for twice that.
-    model.script.append((429, {"error": {"message": "slow down"}}, {"Retry-After": "20"}))
+    # Short timeouts make a short turn deadline (10 s); the model asks for longer than that.
+    model.script.append((429, {"error": {"message": "slow down"}}, {"Retry-After": "12"}))
     system = await start_system(
         **model.env(
             AGENT_TIMEOUT_SECONDS="1",
@@ -182,8 +182,8 @@ async def test_a_model_asking_to_wait_longer_than_the_turn_cannot_make_two_turns
     # The agent gave up by the deadline: the state never had to give up on a running turn.
     assert not [r for r in reasons if "DEADLINE_EXCEEDED" in r or "unavailable" in r], reasons
     assert any("ModelHTTP429" in r for r in reasons), reasons
-    # Long enough for a turn that honoured the 20 s to wake up and answer a second time.
-    await asyncio.sleep(max(0.0, 22 - (time.monotonic() - started)))
+    # Long enough for a turn that honoured the 12 s to wake up and answer a second time.
+    await asyncio.sleep(max(0.0, 14 - (time.monotonic() - started)))
     assert await takeovers(system) == []
     assert len(model.requests) == 2  # the 429, then the answer of the redriven turn
     assert [r.body["context"]["message_id"] for r in graph.sends] == [message_id]

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +77,19 @@ async def test_model_down_retried_with_growing_delays_then_dead_then_operator_re
     async def listed() -> list[dict[str, Any]]:
         return await asyncio.to_thread(wa_json, system, "dlq", "list")  # type: ignore[no-any-return]
 
-    async def is_dead() -> bool:
-        items = await listed()
-        return bool(items) and items[0]["status"] == "dead"
+    pool = await system.db()
 
-    await wait_for(is_dead, timeout=60)
+    def status_is(status: str) -> Callable[[], Awaitable[bool]]:
+        # Waited for in the database: each `wa` call is a Python process started; the CLI
+        # is asked once the item got there.
+        async def check() -> bool:
+            return bool(await pool.fetchval("SELECT status FROM webhook_dlq") == status)
+
+        return check
+
+    await wait_for(status_is("dead"), timeout=60)
     (item,) = await listed()
+    assert item["status"] == "dead"
     assert item["message_id"] == msg["id"] and item["attempts"] == 4
     assert item["error_class"] and item["error_message"]
     shown = await asyncio.to_thread(wa_json, system, "dlq", "show", str(item["id"]))
@@ -116,10 +124,8 @@ async def test_model_down_retried_with_growing_delays_then_dead_then_operator_re
     assert done.returncode == 0, done.stdout + done.stderr
     await system.wait_status([msg["id"]], {"replied"})
 
-    async def resolved() -> bool:
-        return bool((await listed())[0]["status"] == "resolved")
-
-    await wait_for(resolved)
+    await wait_for(status_is("resolved"))
+    assert [i["status"] for i in await listed()] == ["resolved"]
     await asyncio.sleep(1.5)
     assert [r.body["context"]["message_id"] for r in graph.sends] == [msg["id"]]
     # 1 + 3 automatic turns of 2 calls each, then the operator's redrive.

@@ -28,7 +28,8 @@ from tests.support.fakes import FakeGraph, FakeModel
 from tests.support.servers import Postgres, Redis
 from tests.support.system import SECRET, System
 
-pytestmark = pytest.mark.e2e
+# One worker runs the whole module under pytest-xdist: its scaled system is started once.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("scale")]
 
 SCALE = "agent=3,state=2,dlq=2,gateway=2"
 CONVERSATIONS = 60

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from typing import Any
 
 from services.state.locks import Lease, Locks
+
+
+class Script:
+    def __init__(self, source: str) -> None:
+        self.script = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
 class SwallowingClient:
@@ -18,16 +25,16 @@ class SwallowingClient:
         self.in_flight = asyncio.Event()
 
     def register_script(self, source: str) -> Any:
-        async def run(keys: list[str], args: list[Any]) -> int:
-            self.renewals += 1
-            self.in_flight.set()
-            try:
-                await asyncio.sleep(0.5)
-            except asyncio.CancelledError:
-                raise TimeoutError("timed out") from None
-            return 1
+        return Script(source)
 
-        return run
+    async def execute_command(self, *args: Any) -> int:
+        self.renewals += 1
+        self.in_flight.set()
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            raise TimeoutError("timed out") from None
+        return 1
 
 
 async def test_leaving_keep_renewed_stops_renewing_even_if_the_cancel_is_swallowed() -> None:
@@ -60,11 +67,11 @@ class CountingClient:
         self.calls = 0
 
     def register_script(self, source: str) -> Any:
-        async def run(keys: list[str], args: list[Any]) -> int:
-            self.calls += 1
-            return 1
+        return Script(source)
 
-        return run
+    async def execute_command(self, *args: Any) -> int:
+        self.calls += 1
+        return 1
 
 
 async def test_keep_renewed_renews_every_third_of_the_ttl() -> None:
