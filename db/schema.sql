@@ -201,6 +201,26 @@ END
 $$;
 
 --
+-- Name: wa_claim_turns(bigint[], text[], text[], text[]); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_claim_turns(p_conversation_ids bigint[], p_owners text[], p_sources text[], p_release_from text[] DEFAULT NULL::text[]) RETURNS TABLE(ord integer, claimed bigint, outcome text, fence_token bigint, id bigint, message_id text, conversation_id bigint, phone_number_id text, wa_id text, message_type text, wa_timestamp timestamp with time zone, body text, correlation_id text, traceparent text, attempts integer, turn_resumes integer, resumed boolean, queued_because text, contact_name text, user_id text, username text, payload text, reply_text text, reply_payload text, reply_message_id text, agent_type text, send_started_at timestamp with time zone, absorbed_message_ids text[], context_agent_type text, context text, last_customer_at timestamp with time zone, db_now timestamp with time zone, released boolean)
+    LANGUAGE sql
+    AS $$
+    -- The sorted subquery is not flattened (it has an ORDER BY): the nested loop calls the
+    -- function once per item, in that order. (A conversation that does not exist comes last;
+    -- its claim finds nothing.)
+    SELECT t.ord::integer, c.*
+      FROM (SELECT u.conversation_id, u.owner, u.ord
+              FROM unnest(p_conversation_ids, p_owners)
+                   WITH ORDINALITY AS u(conversation_id, owner, ord)
+              LEFT JOIN webhook_conversations w ON w.id = u.conversation_id
+             ORDER BY w.phone_number_id, w.customer_id, u.conversation_id, u.ord) AS t
+     CROSS JOIN LATERAL wa_claim_turn(t.conversation_id, t.owner, p_sources,
+                                      p_release_from) AS c
+$$;
+
+--
 -- Name: wa_default_customer_id(); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -409,6 +429,26 @@ BEGIN
         released := wa_release_conversation(p_conversation_id, p_token, p_release_from);
     END IF;
 END
+$$;
+
+--
+-- Name: wa_finish_turns(text[], text[], text[], text[], bigint[], text[], bigint[], boolean[], text[], text[]); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_finish_turns(p_message_ids text[], p_to_states text[], p_from text[], p_reasons text[], p_tokens bigint[], p_correlation_ids text[], p_conversation_ids bigint[], p_next boolean[], p_reply_message_ids text[], p_release_from text[] DEFAULT NULL::text[]) RETURNS TABLE(ord integer, finished text, finished_from text, finished_fence bigint, outcome text, fence_token bigint, id bigint, message_id text, conversation_id bigint, phone_number_id text, wa_id text, message_type text, wa_timestamp timestamp with time zone, body text, correlation_id text, traceparent text, attempts integer, turn_resumes integer, resumed boolean, queued_because text, contact_name text, user_id text, username text, payload text, reply_text text, reply_payload text, reply_message_id text, agent_type text, send_started_at timestamp with time zone, absorbed_message_ids text[], context_agent_type text, context text, last_customer_at timestamp with time zone, db_now timestamp with time zone, absorbed text[], released boolean)
+    LANGUAGE sql
+    AS $$
+    SELECT t.ord::integer, f.*
+      FROM (SELECT u.*
+              FROM unnest(p_message_ids, p_to_states, p_reasons, p_tokens, p_correlation_ids,
+                          p_conversation_ids, p_next, p_reply_message_ids)
+                   WITH ORDINALITY AS u(message_id, to_state, reason, token, correlation_id,
+                                        conversation_id, next, reply_message_id, ord)
+              LEFT JOIN webhook_conversations w ON w.id = u.conversation_id
+             ORDER BY w.phone_number_id, w.customer_id, u.conversation_id, u.ord) AS t
+     CROSS JOIN LATERAL wa_finish_turn(t.message_id, t.to_state, p_from, t.reason, t.token,
+                                       t.correlation_id, t.conversation_id, t.next, '{}', '{}',
+                                       '', t.reply_message_id, p_release_from) AS f
 $$;
 
 --

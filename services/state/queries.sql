@@ -264,6 +264,12 @@ SELECT c.fence_token, p.status AS previous FROM claimed c, previous p
 -- waits, release_conversation from the states $4 (NULL: not): db/migrations/0020.
 SELECT * FROM wa_claim_turn($1, $2, $3, $4)
 
+-- name: claim_turns
+-- claim_turn of each conversation $1 (owner $2, alike in $3 and $4), in one statement and one
+-- transaction, in the order ingest locks conversations; each row's ord is its place in $1:
+-- db/migrations/0022.
+SELECT * FROM wa_claim_turns($1, $2, $3, $4)
+
 -- name: release_conversation
 -- $3: the states the machine lets a conversation leave for 'idle'.
 WITH released AS (
@@ -289,6 +295,13 @@ SELECT * FROM wa_start_turn($1, $2)
 -- with the transition, and when the next turn finds nothing waiting, release_conversation from
 -- the states $13 (NULL: not): db/migrations/0020.
 SELECT * FROM wa_finish_turn($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+
+-- name: finish_turns
+-- finish_turn of each message $1 (to $2, reason $4, token $5, correlation id $6, conversation
+-- $7, next turn asked $8, sent reply $9; alike in the sources $3 and the release's $10; no
+-- burst), in one statement and one transaction, in the order ingest locks conversations; each
+-- row's ord is its place in $1: db/migrations/0022.
+SELECT * FROM wa_finish_turns($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 
 -- name: transition_message
 SELECT * FROM wa_transition_message($1, $2, $3, $4, $5, $6)

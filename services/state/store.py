@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
 import logging
+import weakref
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import orjson
+from opentelemetry import trace
 
-from common import sqlfile
+from common import sqlfile, telemetry
+from common.coalesce import Coalescer
 from common.db import Conn
 from common.domain import Event, Message, Status, TurnRequest
 
@@ -450,22 +456,34 @@ async def claim_turn_or_release(
     pool: asyncpg.Pool, conversation_id: int, owner: str
 ) -> tuple[int, WorkItem | Released | None]:
     """`claim_turn` and, when none waits, `release_conversation` in the same statement too
-    (RELEASED when it applied)."""
-    token, row = await _claim(pool, conversation_id, owner, _IDLE_SOURCES)
+    (RELEASED when it applied). Concurrent calls of different conversations share one
+    statement (`_TurnBatches`)."""
+    token, row = await _claim(pool, conversation_id, owner, _IDLE_SOURCES, batched=True)
     started = _started(row, conversation_id, token)
     return token, RELEASED if started is None and row["released"] else started
 
 
 async def _claim(
-    pool: asyncpg.Pool, conversation_id: int, owner: str, release_from: list[str] | None
+    pool: asyncpg.Pool,
+    conversation_id: int,
+    owner: str,
+    release_from: list[str] | None,
+    *,
+    batched: bool = False,
 ) -> tuple[int, asyncpg.Record]:
-    row = await pool.fetchrow(
-        Q["claim_turn"],
+    args = (
         conversation_id,
         owner,
         machine.conversation_sources(machine.ACTIVE),
         release_from,
     )
+    row: asyncpg.Record | None
+    batches = _batches(pool) if batched else None
+    if batches is not None:
+        key = _batch_key(args[2], release_from)
+        row = await batches.claims.submit(_Call(args, key))
+    else:
+        row = await pool.fetchrow(Q["claim_turn"], *args)
     if row is None or row["claimed"] is None:
         raise UnknownMessage(f"conversation {conversation_id} does not exist")
     return int(row["claimed"]), row
@@ -594,8 +612,7 @@ async def finish_turn(
     `absorbed`: the debounced burst the turn's reply answered too (TurnResult); each of those
     messages saved with the reply and still received moves to `to_state` as well, in the same
     statement, audited with its own reason (db/migrations/0018)."""
-    row = await pool.fetchrow(
-        Q["finish_turn"],
+    args = (
         item.message_id,
         to_state,
         machine.message_sources(to_state),
@@ -610,6 +627,15 @@ async def finish_turn(
         reply_message_id or None,
         _IDLE_SOURCES if release and start_next else None,
     )
+    # (Within a caller's transaction, a handoff's, it is that transaction's statement.)
+    row: asyncpg.Record | None
+    batches = _batches(pool)
+    if batches is not None:
+        # A burst's text[] of its own does not fit the batch's arrays: it runs alone.
+        key = None if absorbed else _batch_key(args[2], args[12])
+        row = await batches.finishes.submit(_Call(args, key))
+    else:
+        row = await pool.fetchrow(Q["finish_turn"], *args)
     assert row is not None
     from_state = _transitioned(
         item.message_id,
@@ -628,6 +654,140 @@ async def finish_turn(
     if started is None and row["released"]:
         return Finished(from_state, RELEASED, moved)
     return Finished(from_state, started, moved)
+
+
+# Turns batched across conversations (db/migrations/0022). With many conversations in flight,
+# their claims (and their finishes) arrive together; each as a statement of its own paid a
+# round trip, a transaction and a commit, more than its row work. A pool's concurrent calls
+# share one statement instead (common/coalesce.py: an idle call still runs at once, alone).
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call: the single statement's arguments in order, and what must be the same for the
+    calls that share a batch statement (None: it runs alone)."""
+
+    args: tuple[Any, ...]
+    key: Hashable | None
+
+
+_Outcome = asyncpg.Record | None | BaseException
+
+
+class _TurnBatches:
+    """A pool's claims and finishes, each gathered into batch statements."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        # Weak: this lives in a WeakKeyDictionary keyed by the pool.
+        self._pool = weakref.ref(pool)
+        self.claims: Coalescer[_Call, asyncpg.Record | None] = Coalescer("claim_turn", self._claims)
+        self.finishes: Coalescer[_Call, asyncpg.Record | None] = Coalescer(
+            "finish_turn", self._finishes
+        )
+
+    async def _claims(self, calls: list[_Call]) -> list[_Outcome]:
+        def columns(group: list[_Call]) -> tuple[Any, ...]:
+            _, _, sources, release_from = group[0].args
+            return ([c.args[0] for c in group], [c.args[1] for c in group], sources, release_from)
+
+        return await self._run(Q["claim_turn"], Q["claim_turns"], calls, columns)
+
+    async def _finishes(self, calls: list[_Call]) -> list[_Outcome]:
+        def columns(group: list[_Call]) -> tuple[Any, ...]:
+            def each(n: int) -> list[Any]:
+                return [c.args[n] for c in group]
+
+            # (message, to_state, reason, token, correlation id, conversation, next, reply id)
+            # per call; the sources and the release's are the batch's (its key).
+            first = group[0].args
+            return (
+                each(0), each(1), first[2], each(3), each(4), each(5), each(6), each(7),
+                each(11), first[12],
+            )  # fmt: skip
+
+        return await self._run(Q["finish_turn"], Q["finish_turns"], calls, columns)
+
+    async def _run(
+        self,
+        single: str,
+        batch: str,
+        calls: list[_Call],
+        columns: Callable[[list[_Call]], tuple[Any, ...]],
+    ) -> list[_Outcome]:
+        pool = self._pool()
+        if pool is None:
+            raise RuntimeError("the pool is gone")
+        outcomes: dict[int, _Outcome] = {}
+
+        async def alone(n: int) -> None:
+            try:
+                outcomes[n] = await pool.fetchrow(single, *calls[n].args)
+            except Exception as exc:  # its caller's alone
+                outcomes[n] = exc
+
+        async def together(members: list[int]) -> None:
+            # (The function runs them in the order their conversations are locked by every
+            # batch and every ingest, db/migrations/0022; each row says which one it is.)
+            try:
+                rows = await pool.fetch(batch, *columns([calls[n] for n in members]))
+            except UNDONE as exc:
+                # Nothing of it was written: each call alone, so that only one that fails by
+                # itself fails (a deadlock, or an error raised inside one call's function).
+                log.warning(
+                    "a batch of %d turn statements failed as a whole (%s): each runs alone",
+                    len(members),
+                    describe(exc),
+                )
+                await asyncio.gather(*(alone(n) for n in members))
+                return
+            except Exception as exc:  # how far it got is unknown: as a single call's would be
+                for n in members:
+                    outcomes[n] = exc
+                return
+            for row in rows:
+                outcomes[members[row["ord"] - 1]] = row
+
+        groups: dict[Hashable, list[int]] = {}
+        runs = []
+        for n, call in enumerate(calls):
+            if call.key is None:
+                runs.append(alone(n))
+            else:
+                groups.setdefault(call.key, []).append(n)
+        for members in groups.values():
+            runs.append(alone(members[0]) if len(members) == 1 else together(members))
+        # A call run at once from its caller's task is traced as its caller's; a queued batch,
+        # run by the Coalescer's own task, is many messages' work: part of no one trace.
+        traced = trace.get_current_span().get_span_context().is_valid
+        with contextlib.nullcontext() if traced else telemetry.untraced():
+            await asyncio.gather(*runs)
+        missing = RuntimeError("the batch statement returned no row for it")
+        return [outcomes.get(n, missing) for n in range(len(calls))]
+
+
+# An error PostgreSQL answered (the statement, its own transaction, was rolled back), or a
+# value the driver could not encode (nothing was sent).
+UNDONE = (asyncpg.PostgresError, ValueError, OverflowError)
+
+_BATCHES: weakref.WeakKeyDictionary[asyncpg.Pool, _TurnBatches] = weakref.WeakKeyDictionary()
+
+
+def _batches(pool: asyncpg.Pool | Conn) -> _TurnBatches | None:
+    """The pool's batches; None for a connection (a caller's transaction) and for a pool that
+    cannot be weakly referenced (asyncpg's own; common.db's can)."""
+    if not isinstance(pool, asyncpg.Pool):
+        return None
+    try:
+        batches = _BATCHES.get(pool)
+        if batches is None:
+            batches = _BATCHES[pool] = _TurnBatches(pool)
+    except TypeError:
+        return None
+    return batches
+
+
+def _batch_key(*shared: list[str] | None) -> tuple[tuple[str, ...] | None, ...]:
+    return tuple(None if v is None else tuple(v) for v in shared)
 
 
 # What a redrive may put back in its conversation's queue: a message that has finished failing.
