@@ -35,12 +35,14 @@ class GrpcAgent:
 
     async def reply(self, item: WorkItem, token: int) -> TurnResult:
         # The item carries its turn's fencing token (`token`, the one it was claimed with).
+        # Sampled or not: an unsampled message's turn must stay unsampled in the agent too
+        # (with no parent there, the agent's span would start a sampled trace of its own).
         span = trace.get_current_span()
         try:
             resp = await self.calls.turn(
                 wire.turn_to_proto(item),
                 self.timeout,
-                telemetry.traceparent_of(span) if span.is_recording() else "",
+                telemetry.traceparent_of(span) if span.get_span_context().is_valid else "",
             )
         except TurnError as exc:
             if exc.code in _UNAVAILABLE:
