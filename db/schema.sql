@@ -382,6 +382,10 @@ DECLARE
     v_id text;
     v_moved text;
 BEGIN
+    -- The conversation first, then its message: the order every other writer of the two
+    -- rows takes them in (wa_start_turn, wa_transition_message's failure path, the ingest's
+    -- upsert of the conversation before the insert of its messages).
+    PERFORM 1 FROM webhook_conversations c WHERE c.id = p_conversation_id FOR NO KEY UPDATE;
     SELECT t.outcome, t.from_state, t.fence_token
       INTO finished, finished_from, finished_fence
       FROM wa_transition_message(p_message_id, p_to_state, p_from, p_reason, p_token,

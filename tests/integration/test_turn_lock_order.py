@@ -1,0 +1,90 @@
+"""A turn's final statement and an ingest batch take a conversation's rows in one order, so a
+duplicate delivery of the message being answered cannot deadlock with the statement that
+records its reply (db/migrations/0024_finish_lock_order.sql)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from common.domain import Message
+from services.state import machine, store
+
+pytestmark = pytest.mark.asyncio
+
+
+def inbound(message_id: str) -> Message:
+    return Message(
+        message_id=message_id,
+        phone_number_id="100",
+        wa_id="15550001111",
+        contact_name="Ann",
+        type="text",
+        timestamp=int(time.time()),
+        text="hi",
+        payload_json=f'{{"id": "{message_id}"}}',
+    )
+
+
+class InTransaction:
+    """A pool stand-in whose every `acquire` is one connection inside an open transaction: the
+    ingest runs as it does, but its locks are held until the test commits."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        yield self.conn
+
+
+async def test_a_duplicate_delivery_ingested_while_the_turn_finishes_does_not_deadlock_it(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    (first,), _ = await store.ingest(pool, [inbound("wamid.L1")], [], "c", "")
+    token, item = await store.claim_turn(pool, first.conversation_id, "me")
+    assert item is not None and item.message_id == "wamid.L1"
+
+    ingest = await asyncpg.connect(database_url)
+    try:
+        tx = ingest.transaction()
+        await tx.start()
+        # A batch holds the conversation (it counts the conversation's new messages)...
+        (new,), _ = await store.ingest(InTransaction(ingest), [inbound("wamid.L2")], [], "c", "")  # type: ignore[arg-type]
+        assert not new.duplicate
+        # ...while the turn's final statement starts: it must wait for the conversation
+        # before it touches the message...
+        finishing = asyncio.create_task(
+            store.finish_turn(
+                pool, item, machine.REPLIED, "replied", token, start_next=True, release=True
+            )
+        )
+        await asyncio.sleep(0.3)
+        assert not finishing.done()
+        # ...so that the batch's duplicate of that message does not wait for the turn's
+        # transaction (PostgreSQL would break the cycle by failing one of the two, and a
+        # failed final statement leaves a sent reply unrecorded).
+        (again,), _ = await asyncio.wait_for(
+            store.ingest(InTransaction(ingest), [inbound("wamid.L1")], [], "c2", ""),  # type: ignore[arg-type]
+            timeout=5,
+        )
+        assert again.duplicate
+        await tx.commit()
+    finally:
+        await ingest.close()
+    finished = await asyncio.wait_for(finishing, timeout=5)
+    assert finished.from_state == machine.PROCESSING
+    # The turn that finished found the batch's new message and started it.
+    assert isinstance(finished.next, store.WorkItem)
+    assert finished.next.message_id == "wamid.L2"
+    assert (
+        await pool.fetchval(
+            "SELECT status FROM processed_webhook_messages WHERE message_id = 'wamid.L1'"
+        )
+        == "replied"
+    )
