@@ -16,7 +16,7 @@ import asyncpg
 import orjson
 from opentelemetry import trace
 
-from common import sqlfile, telemetry
+from common import retry, sqlfile, telemetry
 from common.coalesce import Coalescer
 from common.db import Conn
 from common.domain import Event, Message, Status, TurnRequest
@@ -720,10 +720,21 @@ class _TurnBatches:
         outcomes: dict[int, _Outcome] = {}
 
         async def alone(n: int) -> None:
-            try:
-                outcomes[n] = await pool.fetchrow(single, *calls[n].args)
-            except Exception as exc:  # its caller's alone
-                outcomes[n] = exc
+            for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+                try:
+                    outcomes[n] = await pool.fetchrow(single, *calls[n].args)
+                    return
+                except CONFLICTS as exc:
+                    # Undone whole by PostgreSQL, nothing written: run again, a few times.
+                    # A finish that failed here would leave a reply sent and unrecorded.
+                    if attempt == CONFLICT_ATTEMPTS:
+                        outcomes[n] = exc
+                        return
+                    log.warning("a turn statement was undone (%s): running it again", exc)
+                    await asyncio.sleep(retry.full_jitter(attempt, 0.02, 0.2))
+                except Exception as exc:  # its caller's alone
+                    outcomes[n] = exc
+                    return
 
         async def together(members: list[int]) -> None:
             # (The function runs them in the order their conversations are locked by every
@@ -768,6 +779,9 @@ class _TurnBatches:
 # An error PostgreSQL answered (the statement, its own transaction, was rolled back), or a
 # value the driver could not encode (nothing was sent).
 UNDONE = (asyncpg.PostgresError, ValueError, OverflowError)
+# What PostgreSQL undoes to let concurrent transactions go on, and a run again may pass.
+CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+CONFLICT_ATTEMPTS = 3
 
 _BATCHES: weakref.WeakKeyDictionary[asyncpg.Pool, _TurnBatches] = weakref.WeakKeyDictionary()
 

@@ -88,3 +88,44 @@ async def test_a_duplicate_delivery_ingested_while_the_turn_finishes_does_not_de
         )
         == "replied"
     )
+
+
+async def test_a_final_statement_undone_by_a_deadlock_runs_again(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """PostgreSQL breaks a deadlock (or a serialization conflict) by undoing one transaction
+    whole: the turn's final statement then runs again, instead of failing the turn with its
+    reply sent and not recorded."""
+    (first,), _ = await store.ingest(pool, [inbound("wamid.D1")], [], "c", "")
+    token, item = await store.claim_turn(pool, first.conversation_id, "me")
+    assert item is not None
+    # The first update that records a reply is undone as a deadlock victim would be.
+    await pool.execute(
+        """CREATE SEQUENCE victims;
+           CREATE FUNCTION victim() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               IF NEW.status = 'replied' AND nextval('victims') = 1 THEN
+                   RAISE EXCEPTION 'deadlock detected (by the test)' USING ERRCODE = '40P01';
+               END IF;
+               RETURN NEW;
+           END $$;
+           CREATE TRIGGER victim BEFORE UPDATE ON processed_webhook_messages
+               FOR EACH ROW EXECUTE FUNCTION victim();"""
+    )
+    finished = await store.finish_turn(
+        pool,
+        item,
+        machine.REPLIED,
+        "replied",
+        token,
+        start_next=True,
+        reply_message_id="wamid.OUT-D1",
+        release=True,
+    )
+    assert finished.from_state == machine.PROCESSING
+    assert await pool.fetchval("SELECT last_value FROM victims") == 2  # undone once, then ran
+    row = await pool.fetchrow(
+        "SELECT status, reply_message_id FROM processed_webhook_messages"
+        " WHERE message_id = 'wamid.D1'"
+    )
+    assert row is not None and tuple(row) == ("replied", "wamid.OUT-D1")
