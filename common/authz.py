@@ -104,13 +104,16 @@ def _guarded(
 ) -> grpc.RpcMethodHandler:
     inner = handler.unary_unary
 
-    async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def refusal(context: grpc.aio.ServicerContext) -> str | None:
+        """Why the caller may not call the method; None when it may."""
         caller = identity(context)
-        if caller not in allowed:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{caller or 'a certificate naming no identity'} may not call {method}",
-            )
+        if caller in allowed:
+            return None
+        return f"{caller or 'a certificate naming no identity'} may not call {method}"
+
+    async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if (why := refusal(context)) is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         return await inner(request, context)
 
     if inner is not None:
@@ -120,12 +123,8 @@ def _guarded(
     if streams is not None:
         # Checked once, when the call opens: every message of the call is the same caller's.
         async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            caller = identity(context)
-            if caller not in allowed:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"{caller or 'a certificate naming no identity'} may not call {method}",
-                )
+            if (why := refusal(context)) is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
             async for answer in streams(requests, context):
                 yield answer
 
