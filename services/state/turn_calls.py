@@ -7,8 +7,14 @@ this project's 2-core machines). So each turn goes as one message on a `Turns` c
 already open, and its answer comes back on it, whenever the turn ends: turns of one call do
 not wait for each other, and a slow model holds up only its own turn.
 
-Calls are short-lived on purpose: `width` calls are open for new turns at a time, turns go to
-them in rotation, and each stops taking turns after `call_seconds` (or `call_turns`) and ends
+Turns queued at the same moment (the turn statements are batched, so turns start together) go
+in one stream message, and the agent answers together the turns that end together: a message
+costs each side a system call and a few wake-ups whatever it carries. Both sides say so when
+the call opens (`wire.TURNS_MORE`: the caller's request metadata, the agent's initial
+metadata); with a peer of an earlier release (a rolling deploy), one turn a message each way.
+
+Calls are short-lived on purpose: `width` calls are open for new turns at a time, messages go
+to them in rotation, and each stops taking turns after `call_seconds` (or `call_turns`) and ends
 once its last turn is answered. Every new call is placed by the channel's `round_robin` on the
 next replica (common/balancing.py), so the turns keep spreading over the agent's replicas, and
 a replica that was added is used within `call_seconds`.
