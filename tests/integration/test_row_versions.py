@@ -175,7 +175,13 @@ def _as_meta_sends_it(message_id: str, wa_id: str) -> Message:
         "text": {"body": f"{message_id} please help"},
     }
     return Message(
-        message_id, "100", wa_id, "Ann", "text", now, f"{message_id} please help",
+        message_id,
+        "100",
+        wa_id,
+        "Ann",
+        "text",
+        now,
+        f"{message_id} please help",
         orjson.dumps(payload).decode(),
     )
 
@@ -219,8 +225,7 @@ async def test_every_reply_is_saved_with_a_hot_update(database_url: str) -> None
             items = []
             for m in messages:
                 conversation = await one.fetchval(
-                    "SELECT conversation_id FROM processed_webhook_messages"
-                    " WHERE message_id = $1",
+                    "SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1",
                     m.message_id,
                 )
                 token = await store.claim_conversation(one, conversation, "driver")
