@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -24,12 +25,21 @@ from tests.support.servers import Redis
 class Recording(Sweeper):
     """A sweeper that records when each of its sweeps starts (on the loop's clock)."""
 
-    def __init__(self, *args: object, starts: list[tuple[str, float]], **kwargs: object) -> None:
+    def __init__(
+        self,
+        *args: object,
+        starts: list[tuple[str, float]],
+        enough: asyncio.Event,
+        **kwargs: object,
+    ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.starts = starts
+        self.enough = enough
 
     async def sweep_once(self) -> list[int]:
         self.starts.append((self.locks.instance, asyncio.get_running_loop().time()))
+        if len(self.starts) >= 4:
+            self.enough.set()
         return await super().sweep_once()
 
 
@@ -48,27 +58,29 @@ async def test_two_replicas_sweep_once_per_interval_between_them(
     pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
 ) -> None:
     starts: list[tuple[str, float]] = []
+    enough = asyncio.Event()
     async with redis_client(redis_server.url) as client:
         replicas = []
         for _ in range(2):
             locks = Locks(client, ttl_seconds=30, prefix=redis_prefix)
             dispatcher = Dispatcher(pool, locks, Agent(expect=0), Dlq())
             replicas.append(
-                Recording(pool, locks, dispatcher, Dlq(), stuck_timeout=8.0, starts=starts)
+                Recording(
+                    pool, locks, dispatcher, Dlq(), stuck_timeout=8.0, starts=starts, enough=enough
+                )
             )
         token = replicas[0].token_ms / 1000
         assert replicas[0].interval == 2.0 and token == 1.0
         async with running(*replicas):
             async with asyncio.timeout(30):
-                while len(starts) < 4:
-                    await asyncio.sleep(0.05)
+                await enough.wait()
         for r in replicas:
             await r.dispatcher.close(0.0)
     # Both start at once and both would sweep at once: one did. Each sweep came at least a
     # token's lifetime after the one before, whichever replica ran it (a little slack: Redis
     # and this loop keep time each their own way).
     times = [t for _, t in starts]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= token * 0.9, starts
 
 
