@@ -98,6 +98,17 @@ async def _latency(system: System) -> tuple[float, float]:
     return float(row["worst"] or 0), float(row["p99"] or 0)
 
 
+async def _backends(system: System) -> str:
+    """The services' PostgreSQL connections open at the end of the run (each pool keeps what
+    it opened for 60 s idle), in total and per service."""
+    rows = await (await system.db()).fetch(
+        "SELECT application_name AS name, count(*) AS n FROM pg_stat_activity"
+        " WHERE application_name LIKE 'wa-%' GROUP BY 1 ORDER BY 1"
+    )
+    parts = ", ".join(f"{r['name'].removeprefix('wa-')} {r['n']}" for r in rows)
+    return f"{sum(r['n'] for r in rows)} ({parts})"
+
+
 STATEMENTS = "--statements" in sys.argv
 
 
@@ -193,6 +204,7 @@ async def run(s: Servers, graph_url: str, per: int, scale: str) -> tuple[float, 
         cpu_after = _cpu(s, system)
         sent = counts["sent"] - before["sent"]
         worst, p99 = await _latency(system)
+        backends = await _backends(system)
         print(
             f"{total} messages across {CONVERSATIONS} conversations (rules backend),"
             f" WA_SCALE={scale or 'none'}"
@@ -201,6 +213,7 @@ async def run(s: Servers, graph_url: str, per: int, scale: str) -> tuple[float, 
         print(f"  {sent} replies after {elapsed:.1f} s: {sent / elapsed:.0f} messages/s")
         print(f"  duplicates: {counts['duplicates'] - before['duplicates']}")
         print(f"  acknowledged to replied: worst {worst:.2f} s, p99 {p99:.2f} s")
+        print(f"  PostgreSQL backends of the services: {backends}")
         ms = _report_cpu(cpu.per_message(cpu_before, cpu_after, total), system)
         if STATEMENTS:
             await _statements_report(system, total)
