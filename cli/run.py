@@ -213,7 +213,13 @@ def _replicas(settings: CliSettings) -> replicas.Plan:
         "agent": settings.agent_port,
         "dlq": settings.dlq_port,
     }
-    return replicas.plan(replicas.parse(settings.scale), grpc_ports, metrics, port_for=free_port)
+    return replicas.plan(
+        replicas.parse(settings.scale),
+        grpc_ports,
+        metrics,
+        port_for=free_port,
+        pool_size=settings.database_pool_size,
+    )
 
 
 def _print_endpoints(

@@ -25,6 +25,13 @@ ENVIRONMENT_ONLY = frozenset(
 )
 
 
+# Each service's PostgreSQL pool at most, when it runs alone: state and agent run many turns at
+# once, dlq a worker and its operators' calls. Replicas of a service share PostgreSQL: each
+# backend costs it memory and, per backend, the warm-up of its caches and of every function's
+# plans, so replicas divide this rather than multiply it.
+POOL_SIZES = {"state": 20, "agent": 20, "dlq": 10}
+
+
 class ConfigError(Exception):
     """A setting is missing or malformed; the process must not start."""
 
@@ -94,6 +101,9 @@ class Base(BaseSettings):
     # (STATE_DATABASE_URL, ...: common/roles.py).
     database_url: str = env("DATABASE_URL", "")
     allow_privileged_role: bool = env("DATABASE_ALLOW_PRIVILEGED_ROLE", False)
+    # Connections this process's PostgreSQL pool opens at most; 0: its service's own share,
+    # POOL_SIZES (WA_SCALE divides it among the service's replicas: devtools/replicas.py).
+    database_pool_size: int = env("DATABASE_POOL_SIZE", 0, ge=0, le=1000)
     redis_url: str = env("REDIS_URL", "")
     redis_prefix: str = env("REDIS_KEY_PREFIX", "wa:")
     stuck_timeout_seconds: float = env("STUCK_TIMEOUT_SECONDS", 120.0, gt=0)
@@ -155,6 +165,10 @@ class Base(BaseSettings):
                 "each service's role)"
             )
         return self.database_url
+
+    def pool_size(self, service: str) -> int:
+        """How many PostgreSQL connections `service`'s pool may open (DATABASE_POOL_SIZE)."""
+        return self.database_pool_size or POOL_SIZES[service]
 
     def require_redis(self) -> str:
         if not self.redis_url:

@@ -105,7 +105,7 @@ async def create_pool(
     pool = _Pool(
         dsn,
         server_settings={"application_name": application_name} if application_name else None,
-        min_size=min_size,
+        min_size=min(min_size, max_size),
         max_size=max_size,
         max_queries=50_000,  # asyncpg's default
         timeout=CONNECT_TIMEOUT,

@@ -1399,7 +1399,7 @@ CREATE TABLE public.processed_webhook_messages (
     CONSTRAINT processed_webhook_messages_reply_status_check CHECK ((reply_status = ANY (ARRAY['sent'::text, 'delivered'::text, 'read'::text, 'failed'::text]))),
     CONSTRAINT processed_webhook_messages_status_check CHECK ((status = ANY (ARRAY['received'::text, 'processing'::text, 'replied'::text, 'skipped'::text, 'failed'::text, 'dead_lettered'::text])))
 )
-WITH (fillfactor='90');
+WITH (fillfactor='70');
 
 ALTER TABLE ONLY public.processed_webhook_messages FORCE ROW LEVEL SECURITY;
 
@@ -2007,12 +2007,6 @@ CREATE INDEX processed_messages_customer_last_idx ON public.processed_webhook_me
 --
 
 CREATE INDEX processed_messages_failed_idx ON public.processed_webhook_messages USING btree (finished_at) WHERE (status = 'failed'::text);
-
---
--- Name: processed_messages_finished_idx; Type: INDEX; Schema: public; Owner: -
---
-
-CREATE INDEX processed_messages_finished_idx ON public.processed_webhook_messages USING btree (finished_at) WHERE ((kind = 'message'::text) AND (finished_at IS NOT NULL));
 
 --
 -- Name: processed_messages_kind_received_idx; Type: INDEX; Schema: public; Owner: -

@@ -9,10 +9,11 @@ are `state-1`, `state-2`, ...
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from common import balancing
+from common import balancing, config
 
 SERVICES = ("state", "agent", "dlq", "gateway")
 GRPC_SERVICES = ("state", "agent", "dlq")
@@ -20,6 +21,9 @@ MAX_REPLICAS = 16
 # Replica n (from 0) of a service listens on its first port + PORT_STRIDE * n when that is free:
 # 50051, 50061, ... for state, 9101, 9111, ... for its metrics.
 PORT_STRIDE = 10
+# The fewest PostgreSQL connections a replica's pool gets: a turn's statements and a call of an
+# operator's can still run side by side.
+MIN_POOL_SIZE = 2
 
 
 class ScaleError(ValueError):
@@ -54,6 +58,7 @@ class Replica:
     name: str  # the service's name when it runs alone, else `<service>-<n>` from 1
     grpc_port: int | None = None  # gateway: None (it shares GATEWAY_PORT)
     metrics_port: int | None = None
+    pool_size: int | None = None  # DATABASE_POOL_SIZE; None: the service's own default
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,21 @@ class Plan:
             env[f"{replica.service.upper()}_GRPC_PORT"] = str(replica.grpc_port)
         if replica.metrics_port is not None:
             env["METRICS_PORT"] = str(replica.metrics_port)
+        if replica.pool_size is not None:
+            env["DATABASE_POOL_SIZE"] = str(replica.pool_size)
         return env
+
+
+def pool_share(service: str, replicas: int) -> int | None:
+    """The PostgreSQL pool of one of `replicas` replicas of `service`: its share of what the
+    service's one process would open (config.POOL_SIZES), so that replicas add no backends
+    (each one costs PostgreSQL memory and the warm-up of its caches and plans, and a pool
+    that sees a fraction of the load needs a fraction of the connections). None: alone, or
+    no pool."""
+    alone = config.POOL_SIZES.get(service)
+    if alone is None or replicas == 1:
+        return None
+    return max(MIN_POOL_SIZE, math.ceil(alone / replicas))
 
 
 def plan(
@@ -89,12 +108,16 @@ def plan(
     metrics_ports: Mapping[str, int | None],
     port_for: Callable[[int], int],
     host: str = "127.0.0.1",
+    pool_size: int = 0,
 ) -> Plan:
     """Names and ports of every replica. The first replica of each service takes the ports it
-    would have alone; `port_for(preferred)` finds one for each further replica."""
+    would have alone; `port_for(preferred)` finds one for each further replica. Replicas of a
+    service share its PostgreSQL connections (`pool_share`), unless `pool_size` (the
+    operator's DATABASE_POOL_SIZE) is set: then each gets that."""
     replicas: dict[str, list[Replica]] = {}
     for service in SERVICES:
         n = counts.get(service, 1)
+        share = None if pool_size else pool_share(service, n)
         out = []
         for i in range(n):
             grpc_port = metrics_port = None
@@ -105,7 +128,7 @@ def plan(
             if base_metrics:
                 metrics_port = base_metrics if i == 0 else port_for(base_metrics + PORT_STRIDE * i)
             name = service if n == 1 else f"{service}-{i + 1}"
-            out.append(Replica(service, name, grpc_port, metrics_port))
+            out.append(Replica(service, name, grpc_port, metrics_port, share))
         replicas[service] = out
     shared: dict[str, str] = {}
     for service in GRPC_SERVICES:

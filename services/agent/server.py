@@ -314,7 +314,9 @@ async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterat
     # Load the tokenizer before serving (about half a second of CPU), not on the first turn.
     window.load_encoding()
     pool = await db.create_pool(
-        settings.require_database(), max_size=20, application_name="wa-agent"
+        settings.require_database(),
+        max_size=settings.pool_size("agent"),
+        application_name="wa-agent",
     )
     await roles.refuse_privileged(pool, settings)
     async with outbound.session() as http:

@@ -229,7 +229,9 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
 
 @contextlib.asynccontextmanager
 async def setup(server: grpc.aio.Server, settings: DlqSettings) -> AsyncIterator[list[str]]:
-    pool = await db.create_pool(settings.require_database(), application_name="wa-dlq")
+    pool = await db.create_pool(
+        settings.require_database(), max_size=settings.pool_size("dlq"), application_name="wa-dlq"
+    )
     await roles.refuse_privileged(pool, settings)
     async with (
         grpcserver.channel(settings.state_addr) as state_ch,

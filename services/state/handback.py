@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 HANDBACK_TIMEOUT = 3.0  # the query and the publish, within the replica's grace period
 RESUBSCRIBE_BASE_SECONDS = 0.5
 RESUBSCRIBE_MAX_SECONDS = 10.0
+# How long one wait for a hand-back lasts. Nothing is late for it: a message wakes the wait at
+# once, and `stop` cancels it. Long, so that an idle replica does not wake every second (each
+# wake is a few Redis client calls); no longer than the client's health check interval
+# (common/kv.py), which each new wait runs when due.
+LISTEN_SECONDS = 15.0
 
 
 def channel(prefix: str) -> str:
@@ -82,9 +87,12 @@ class Listener:
         self.notify = notify
         self._stop = asyncio.Event()
         self.subscribed = asyncio.Event()
+        self._waiting: asyncio.Task[object] | None = None
 
     def stop(self) -> None:
         self._stop.set()
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     async def run(self) -> None:
         failures = 0
@@ -112,8 +120,16 @@ class Listener:
             await pubsub.subscribe(self.channel)
             self.subscribed.set()
             while not self._stop.is_set():
-                message = await pubsub.get_message(timeout=1.0)
-                if message is not None:
+                self._waiting = asyncio.ensure_future(pubsub.get_message(timeout=LISTEN_SECONDS))
+                try:
+                    message = await self._waiting
+                except asyncio.CancelledError:
+                    if self._stop.is_set() and not _cancelling():
+                        return  # stopped while waiting
+                    raise
+                finally:
+                    self._waiting = None
+                if isinstance(message, dict):
                     self._heard(message.get("data"))
         finally:
             await pubsub.aclose()
@@ -134,3 +150,9 @@ class Listener:
         )
         for conversation_id in conversations:
             self.notify(conversation_id)
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (not only the wait it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

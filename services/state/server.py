@@ -456,7 +456,9 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
     with telemetry.untraced():
         await migrate.require_current(settings.require_database())
     pool = await db.create_pool(
-        settings.require_database(), max_size=20, application_name="wa-state"
+        settings.require_database(),
+        max_size=settings.pool_size("state"),
+        application_name="wa-state",
     )
     await roles.refuse_privileged(pool, settings)
     with telemetry.untraced():  # start-up housekeeping, part of no message's trace

@@ -3,6 +3,14 @@
 Safe with several replicas: dispatching is guarded by the conversation lease, and a lease is only
 broken when its holder's process heartbeat has expired (or the turn overran the stuck timeout);
 fencing refuses any late write of the holder it replaced.
+
+One sweep per interval for the whole cluster, not one per replica: a sweep looks at every
+conversation, so a second replica's sweep in the same interval finds nothing the first did not
+(and each costs PostgreSQL two scans). The replica that takes a Redis token (`SET NX PX`,
+`token_key`) sweeps; the others look again when it expires. The token lasts one tick less than
+the interval, so however many replicas run, and whichever of them dies (even right after taking
+it), the next sweep starts at most `interval` after the last one: the bound a single replica
+has always had. Every replica still heartbeats every tick (its leases' liveness is its own).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ log = logging.getLogger(__name__)
 UNSTARTED_GRACE_SECONDS = 3.0
 # A process whose heartbeat is older than this is gone; its leases can be broken.
 HEARTBEAT_TTL_SECONDS = 5.0
+# How often each replica heartbeats and looks whether a sweep is due.
+TICK_SECONDS = 1.0
 
 
 class Sweeper:
@@ -45,6 +55,10 @@ class Sweeper:
         self.stuck_timeout = stuck_timeout
         # Runs often enough that stuck work resumes well within 1.5 x the timeout.
         self.interval = max(1.0, min(stuck_timeout / 4, 15.0))
+        # Held one tick less than the interval: a replica that looks at the first tick after it
+        # expires starts the next sweep no later than `interval` after this one.
+        self.token_ms = int(1000 * max(self.interval - TICK_SECONDS, TICK_SECONDS / 2))
+        self.token_key = f"{locks.prefix}sweep"
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -59,18 +73,44 @@ class Sweeper:
     async def _loop(self, loop: asyncio.AbstractEventLoop, next_sweep: float) -> None:
         while not self._stop.is_set():
             try:
-                await self.locks.heartbeat(HEARTBEAT_TTL_SECONDS)
-                if loop.time() >= next_sweep:
-                    next_sweep = loop.time() + self.interval
-                    recovered = await self.sweep_once()
-                    metrics.SWEEPS.labels("ok").inc()
-                    if recovered:
-                        log.info("sweeper recovered work", extra={"conversations": recovered})
+                if loop.time() < next_sweep:
+                    await self.locks.heartbeat(HEARTBEAT_TTL_SECONDS)
+                else:
+                    wait = await self.heartbeat_and_take_turn()
+                    next_sweep = loop.time() + (self.interval if wait is None else wait)
+                    if wait is None:
+                        await self._sweep()
             except Exception as exc:
                 metrics.SWEEPS.labels("error").inc()
                 log.warning("sweep failed: %s", exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+                async with asyncio.timeout(TICK_SECONDS):  # no task per tick, unlike wait_for
+                    await self._stop.wait()
+
+    async def heartbeat_and_take_turn(self) -> float | None:
+        """Heartbeats and tries to take the cluster's sweep token, in one round trip (a
+        pipeline: the two keys need not share a Redis Cluster slot). None: this replica sweeps
+        now; else the seconds until the token is free."""
+        async with self.locks.client.pipeline(transaction=False) as pipe:
+            pipe.set(
+                self.locks.heartbeat_key(self.locks.instance),
+                "1",
+                px=int(HEARTBEAT_TTL_SECONDS * 1000),
+            )
+            pipe.set(self.token_key, self.locks.instance, nx=True, px=self.token_ms)
+            pipe.pttl(self.token_key)
+            _, taken, left_ms = await pipe.execute()
+        left = int(left_ms)
+        # -1: a token without expiry (never set so here): sweeping beside it is always safe.
+        if taken or left == -1:
+            return None
+        return max(0, left) / 1000  # -2: gone since: look again at the next tick
+
+    async def _sweep(self) -> None:
+        recovered = await self.sweep_once()
+        metrics.SWEEPS.labels("ok").inc()
+        if recovered:
+            log.info("sweeper recovered work", extra={"conversations": recovered})
 
     def stop(self) -> None:
         self._stop.set()

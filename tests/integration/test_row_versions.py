@@ -1,5 +1,5 @@
-"""What each message costs PostgreSQL in row versions (db/migrations/0021): the updates that
-can be HOT are, and a turn's context is stored without a compression attempt."""
+"""What each message costs PostgreSQL in row versions (db/migrations/0021, 0025): the updates
+that can be HOT are, and a turn's context is stored without a compression attempt."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from common import db
 from common.domain import Message, Status
+from services.agent.saves import Save, Saves
 from services.state import store
 
 
@@ -161,3 +162,90 @@ async def test_concurrent_deliveries_of_the_same_messages_count_each_once(
         await pool.release(second)
     assert [r["status"] for r in rows] == [None, "received"]  # m1 a duplicate, m3 stored
     assert await _message_count(pool, "1") == (4 if existing else 3)
+
+
+def _as_meta_sends_it(message_id: str, wa_id: str) -> Message:
+    """A text message with the payload the gateway stores: Meta's message object."""
+    now = int(time.time())
+    payload = {
+        "from": wa_id,
+        "id": message_id,
+        "timestamp": str(now),
+        "type": "text",
+        "text": {"body": f"{message_id} please help"},
+    }
+    return Message(
+        message_id,
+        "100",
+        wa_id,
+        "Ann",
+        "text",
+        now,
+        f"{message_id} please help",
+        orjson.dumps(payload).decode(),
+    )
+
+
+def _reply(item: store.WorkItem) -> Save:
+    return Save(
+        conversation_id=item.conversation_id,
+        token=item.fence_token,
+        message_id=item.message_id,
+        agent_type="support",
+        previous_agent_type=None,
+        messages=[{"role": "assistant", "content": "Thanks, we are on it.", "tokens": 5}],
+        token_count=5,
+        reply_text="Thanks for your message, we will get back to you shortly with help.",
+        tokens_in=3,
+        tokens_out=5,
+        latency_ms=7,
+        correlation_id=item.correlation_id,
+        send_started=True,
+        reply_payload=None,
+        absorbed=None,
+    )
+
+
+async def test_every_reply_is_saved_with_a_hot_update(database_url: str) -> None:
+    # The bench's order of things over 40 conversations, three messages each: every
+    # conversation's message stored, its turn started, its reply saved (before sending), the
+    # turn finished. No index names what the save writes: with room on the page for its new
+    # version, it writes no index entry (db/migrations/0025); without, it enters every index.
+    one = await db.create_pool(database_url, min_size=1, max_size=1)
+    saves = Saves(one)
+    conversations = 40
+    try:
+        saved = hot = 0
+        for n in range(3):
+            messages = [
+                _as_meta_sends_it(f"wamid.R{n}x{c:02d}", f"1555000{c:04d}")
+                for c in range(conversations)
+            ]
+            await store.ingest_many(one, [store.DeliveryIn(messages, [], "c", "")])
+            items = []
+            for m in messages:
+                conversation = await one.fetchval(
+                    "SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1",
+                    m.message_id,
+                )
+                token = await store.claim_conversation(one, conversation, "driver")
+                item = await store.next_message(one, conversation, token)
+                assert item is not None and item.message_id == m.message_id
+                items.append(item)
+            async with one.acquire() as conn:
+                before = await _hot_updates(conn, "processed_webhook_messages")
+            for item in items:
+                assert await saves.save(_reply(item)) == item.fence_token
+            async with one.acquire() as conn:
+                after = await _hot_updates(conn, "processed_webhook_messages")
+            saved += after[0] - before[0]
+            hot += after[1] - before[1]
+            for item in items:
+                finished = await store.finish_turn(
+                    one, item, "replied", "replied", item.fence_token, start_next=False
+                )
+                assert finished.from_state == "processing", finished
+    finally:
+        await saves.close()
+        await one.close()
+    assert (saved, hot) == (3 * conversations, 3 * conversations)

@@ -47,6 +47,7 @@ def test_replicas_get_their_own_ports_and_clients_one_target_naming_them_all() -
         "STATE_ADDR": "ipv4:127.0.0.1:50051,127.0.0.1:51061",
         "AGENT_ADDR": "ipv4:127.0.0.1:50052,127.0.0.1:50062,127.0.0.1:50072",
         "GATEWAY_REUSE_PORT": "true",
+        "DATABASE_POOL_SIZE": "10",  # half of what state opens alone
     }
     # dlq runs alone: its clients keep their usual target.
     assert "DLQ_ADDR" not in plan.env_for(state_2)
@@ -67,3 +68,31 @@ def test_one_of_each_is_the_system_as_it_always_ran() -> None:
         "STATE_GRPC_PORT": "50051",
         "METRICS_PORT": "9101",
     }
+
+
+def test_replicas_share_their_service_s_postgresql_connections() -> None:
+    def pools(scale: str, pool_size: int = 0) -> dict[str, list[str | None]]:
+        plan = replicas.plan(
+            replicas.parse(scale),
+            grpc_ports={"state": 50051, "agent": 50052, "dlq": 50053},
+            metrics_ports={"state": 9101, "agent": 9102, "dlq": 9103},
+            port_for=lambda p: p,
+            pool_size=pool_size,
+        )
+        return {
+            s: [plan.env_for(r).get("DATABASE_POOL_SIZE") for r in plan.replicas[s]]
+            for s in ("state", "agent", "dlq", "gateway")
+        }
+
+    # Alone, each service opens what it always did; replicas divide it (rounded up), down to
+    # two each; the gateway has no pool.
+    assert pools("") == {"state": [None], "agent": [None], "dlq": [None], "gateway": [None]}
+    assert pools("state=4,agent=3,dlq=2,gateway=2") == {
+        "state": ["5"] * 4,
+        "agent": ["7"] * 3,
+        "dlq": ["5"] * 2,
+        "gateway": [None] * 2,
+    }
+    assert pools("state=16")["state"] == ["2"] * 16
+    # The operator's DATABASE_POOL_SIZE is every process's: nothing divided.
+    assert pools("state=4", pool_size=3)["state"] == [None] * 4
