@@ -160,3 +160,8 @@ DLQ_STATUS: tuple[str, ...] = enum_names(dlq_pb2.DlqStatus.DESCRIPTOR)
 DLQ_STATUS_NUMBER = cast(
     Mapping[str, dlq_pb2.DlqStatus], enum_numbers(dlq_pb2.DlqStatus.DESCRIPTOR)
 )
+
+# `Agent.Turns`: the metadata with which a caller asks for several answers per TurnsResponse,
+# and the agent's initial metadata saying it reads several turns per TurnsRequest (`more`,
+# protos/wa/v1/agent.proto). A peer of an earlier release sends neither: one turn a message.
+TURNS_MORE = ("wa-turns-more", "1")

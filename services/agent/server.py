@@ -55,23 +55,34 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[agent_pb2.TurnsResponse]:
         """Each turn read runs at once, beside the others; each answer is written as its turn
-        ends. The call ends when the caller has stopped writing and every turn is answered."""
-        answers: asyncio.Queue[agent_pb2.TurnsResponse | None] = asyncio.Queue()
+        ends, with those of the turns that ended meanwhile when the caller reads several per
+        message. The call ends when the caller has stopped writing and every turn is
+        answered."""
+        answers: asyncio.Queue[_Answer | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        more = _asks_more(context)
+        if more:
+            # Says at once, before any answer, that several turns may come per message.
+            await context.send_initial_metadata((wire.TURNS_MORE,))
+
+        def start(request: agent_pb2.TurnsRequest) -> None:
+            # A fresh context: each turn continues its own message's trace.
+            task = asyncio.create_task(
+                self._streamed(request, answers.put_nowait),
+                name=f"turn-{request.turn.message_id}",
+                context=contextvars.Context(),
+            )
+            running.add(task)
+            self._running.add(task)
+            task.add_done_callback(running.discard)
+            task.add_done_callback(self._running.discard)
 
         async def read() -> None:
             try:
                 async for request in requests:
-                    # A fresh context: each turn continues its own message's trace.
-                    task = asyncio.create_task(
-                        self._streamed(request, answers.put_nowait),
-                        name=f"turn-{request.turn.message_id}",
-                        context=contextvars.Context(),
-                    )
-                    running.add(task)
-                    self._running.add(task)
-                    task.add_done_callback(running.discard)
-                    task.add_done_callback(self._running.discard)
+                    start(request)
+                    for also in request.more:
+                        start(also)
             finally:
                 if running:
                     await asyncio.wait(set(running))
@@ -79,8 +90,17 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
         reader = asyncio.create_task(read(), name="turns-reader")
         try:
-            while (answer := await answers.get()) is not None:
-                yield answer
+            ended = False
+            while not ended and (answer := await answers.get()) is not None:
+                first = _response(answer)
+                # The turns that ended while the last message was written go with it.
+                while more and not answers.empty():
+                    also = answers.get_nowait()
+                    if also is None:
+                        ended = True
+                        break
+                    _response(also, first.more.add())
+                yield first
             await reader  # raises what ended the reading (the caller went away)
         finally:
             # A caller that goes away stops the reading, not the turns: like Reply's, each
@@ -89,9 +109,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             reader.cancel()
 
     async def _streamed(
-        self,
-        request: agent_pb2.TurnsRequest,
-        answer: Callable[[agent_pb2.TurnsResponse], None],
+        self, request: agent_pb2.TurnsRequest, answer: Callable[[_Answer], None]
     ) -> None:
         turn = request.turn
         with telemetry.continued(
@@ -108,13 +126,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     turn, Deadline.after(request.timeout_seconds), shield=False
                 )
             except _Refused as refused:
-                answer(
-                    agent_pb2.TurnsResponse(
-                        id=request.id, code=refused.code.value[0], details=refused.details
-                    )
-                )
+                answer((request.id, refused))
                 return
-        answer(agent_pb2.TurnsResponse(id=request.id, result=result))
+        answer((request.id, result))
 
     async def _turn(
         self, request: agent_pb2.ReplyRequest, deadline: Deadline, *, shield: bool = True
@@ -210,6 +224,26 @@ def operator_name(named: str, context: grpc.aio.ServicerContext) -> str:
     return f"{named} (via {identity})" if named else identity
 
 
+def _asks_more(context: grpc.aio.ServicerContext) -> bool:
+    """The caller reads several answers per TurnsResponse (wire.TURNS_MORE)."""
+    return wire.TURNS_MORE in (context.invocation_metadata() or ())
+
+
+def _response(
+    answer: _Answer, into: agent_pb2.TurnsResponse | None = None
+) -> agent_pb2.TurnsResponse:
+    """`answer` as a TurnsResponse, written into `into` (an element of another's `more`)."""
+    turn_id, result = answer
+    response = agent_pb2.TurnsResponse() if into is None else into
+    response.id = turn_id
+    if isinstance(result, _Refused):
+        response.code = result.code.value[0]
+        response.details = result.details
+    else:
+        response.result.CopyFrom(result)
+    return response
+
+
 class _Refused(Exception):
     """A turn refused, or that did not run: its call ends with this status."""
 
@@ -217,6 +251,10 @@ class _Refused(Exception):
         super().__init__(details)
         self.code = code
         self.details = details
+
+
+# A turn's answer on a `Turns` call: its id and its result, or why it was refused.
+_Answer = tuple[int, agent_pb2.ReplyResponse | _Refused]
 
 
 def _failed(error_class: str, message: str, *, retryable: bool = True) -> TurnResult:

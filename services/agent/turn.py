@@ -321,12 +321,7 @@ class Agent:
         history.append(user)
         costs = [m.get("tokens") or window.message_tokens(m) for m in history]
         limit = min(self.token_limit, agent.token_limit)
-        win = window.fit(
-            agent.system_prompt,
-            [{"role": m["role"], "content": m["content"]} for m in history],
-            limit,
-            costs,
-        )
+        win = window.fit(agent.system_prompt, history, limit, costs)
         started = time.perf_counter()
         with tracer.start_as_current_span("agent.model") as span:
             telemetry.annotate(span, correlation_id=req.correlation_id, agent_type=agent.name)

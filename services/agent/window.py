@@ -54,7 +54,8 @@ def fit(
     Oldest messages go first and whole; only the newest message may be cut, and only when it
     alone does not fit beside the system prompt. The newest user message is never dropped.
     `costs`, when given, are the messages' token counts (stored with the context, so a long
-    conversation is not re-tokenised on every turn).
+    conversation is not re-tokenised on every turn). The window's messages have a role and a
+    content only, whatever else `history`'s carry; only the kept ones are copied.
     """
     system = {"role": "system", "content": system_prompt}
     used = _prompt_tokens(system_prompt) + REPLY_PRIMING
@@ -63,7 +64,8 @@ def fit(
     for i, message in enumerate(reversed(history)):
         cost = costs[n - 1 - i] if costs is not None else message_tokens(message)
         if used + cost <= limit:
-            kept.append(message)
+            # What the model reads of it: a stored message carries more (its id, its tokens).
+            kept.append({"role": message["role"], "content": message["content"]})
             used += cost
             continue
         if i == 0:

@@ -7,8 +7,14 @@ this project's 2-core machines). So each turn goes as one message on a `Turns` c
 already open, and its answer comes back on it, whenever the turn ends: turns of one call do
 not wait for each other, and a slow model holds up only its own turn.
 
-Calls are short-lived on purpose: `width` calls are open for new turns at a time, turns go to
-them in rotation, and each stops taking turns after `call_seconds` (or `call_turns`) and ends
+Turns queued at the same moment (the turn statements are batched, so turns start together) go
+in one stream message, and the agent answers together the turns that end together: a message
+costs each side a system call and a few wake-ups whatever it carries. Both sides say so when
+the call opens (`wire.TURNS_MORE`: the caller's request metadata, the agent's initial
+metadata); with a peer of an earlier release (a rolling deploy), one turn a message each way.
+
+Calls are short-lived on purpose: `width` calls are open for new turns at a time, messages go
+to them in rotation, and each stops taking turns after `call_seconds` (or `call_turns`) and ends
 once its last turn is answered. Every new call is placed by the channel's `round_robin` on the
 next replica (common/balancing.py), so the turns keep spreading over the agent's replicas, and
 a replica that was added is used within `call_seconds`.
@@ -31,6 +37,8 @@ from collections import deque
 import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
+from common import wire
+
 log = logging.getLogger(__name__)
 
 # How long past the turn's own deadline (which the agent keeps) the caller waits for its answer.
@@ -48,6 +56,10 @@ class TurnError(Exception):
         self.details = details
 
 
+# A turn waiting to be written: its id, the turn, its timeout and its traceparent.
+_Queued = tuple[int, agent_pb2.ReplyRequest, float, str]
+
+
 class _Call:
     """One open `Turns` call: a writer that sends what queues, a reader that answers turns."""
 
@@ -56,19 +68,29 @@ class _Call:
         self.turns = 0
         self.retired = False
         self.ended = False
-        self._call = stub.Turns(timeout=timeout)
+        # The agent reads several turns per message (it said so: wire.TURNS_MORE). Until its
+        # initial metadata is read, and with an agent of an earlier release, one a message.
+        self.more = False
+        self._call = stub.Turns(timeout=timeout, metadata=(wire.TURNS_MORE,))
         self._owed: dict[int, asyncio.Future[agent_pb2.ReplyResponse]] = {}
-        self._outbox: deque[agent_pb2.TurnsRequest] = deque()
+        self._outbox: deque[_Queued] = deque()
         self._writer: asyncio.Task[None] | None = None
         # Fresh contexts: the call serves many turns and belongs to none of their traces.
         self._reader = asyncio.create_task(
             self._read(), name="agent-turns-reader", context=contextvars.Context()
         )
 
-    def send(self, request: agent_pb2.TurnsRequest) -> asyncio.Future[agent_pb2.ReplyResponse]:
+    @property
+    def queued(self) -> bool:
+        """Turns wait for the writer: a turn queued now goes in the same message as them."""
+        return bool(self._outbox)
+
+    def send(
+        self, turn_id: int, turn: agent_pb2.ReplyRequest, timeout: float, traceparent: str
+    ) -> asyncio.Future[agent_pb2.ReplyResponse]:
         future: asyncio.Future[agent_pb2.ReplyResponse] = asyncio.get_running_loop().create_future()
-        self._owed[request.id] = future
-        self._outbox.append(request)
+        self._owed[turn_id] = future
+        self._outbox.append((turn_id, turn, timeout, traceparent))
         self.turns += 1
         self._start_writer()
         return future
@@ -91,7 +113,15 @@ class _Call:
     async def _write(self) -> None:
         try:
             while self._outbox:
-                await self._call.write(self._outbox.popleft())
+                # Everything queued goes in one message (a write costs each side a system
+                # call and a few wake-ups, whatever it carries); what queues during the write
+                # goes in the next.
+                if self.more:
+                    batch = list(self._outbox)
+                    self._outbox.clear()
+                else:
+                    batch = [self._outbox.popleft()]
+                await self._call.write(_request(batch))
             if self.retired and not self.ended:
                 await self._call.done_writing()
         except Exception as exc:  # any failure to write fails the call's turns
@@ -102,15 +132,14 @@ class _Call:
     async def _read(self) -> None:
         error = TurnError(grpc.StatusCode.UNAVAILABLE, "the call ended without answering")
         try:
+            metadata = await self._call.initial_metadata()
+            self.more = (
+                metadata is not None and metadata.get(wire.TURNS_MORE[0]) == (wire.TURNS_MORE[1])
+            )
             async for answer in self._call:
-                future = self._owed.pop(answer.id, None)
-                if future is None or future.done():
-                    continue  # its caller stopped waiting
-                if answer.code:
-                    code = _CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
-                    future.set_exception(TurnError(code, answer.details))
-                else:
-                    future.set_result(answer.result)
+                self._answer(answer)
+                for also in answer.more:
+                    self._answer(also)
         except grpc.aio.AioRpcError as exc:
             error = TurnError(exc.code(), exc.details() or "")
         except asyncio.CancelledError:
@@ -119,6 +148,16 @@ class _Call:
         finally:
             self.ended = True
             self._fail_all(error)
+
+    def _answer(self, answer: agent_pb2.TurnsResponse) -> None:
+        future = self._owed.pop(answer.id, None)
+        if future is None or future.done():
+            return  # its caller stopped waiting
+        if answer.code:
+            code = _CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
+            future.set_exception(TurnError(code, answer.details))
+        else:
+            future.set_result(answer.result)
 
     def _fail_all(self, error: TurnError) -> None:
         self.ended = True
@@ -130,6 +169,17 @@ class _Call:
 
     def cancel(self) -> None:
         self._call.cancel()
+
+
+def _request(batch: list[_Queued]) -> agent_pb2.TurnsRequest:
+    """The first turn in the message's own fields, the others in its `more`."""
+    (turn_id, turn, timeout, traceparent), *rest = batch
+    request = agent_pb2.TurnsRequest(
+        id=turn_id, turn=turn, timeout_seconds=timeout, traceparent=traceparent
+    )
+    for turn_id, turn, timeout, traceparent in rest:
+        request.more.add(id=turn_id, turn=turn, timeout_seconds=timeout, traceparent=traceparent)
+    return request
 
 
 class TurnCalls:
@@ -153,6 +203,7 @@ class TurnCalls:
         self.call_timeout = call_timeout
         self._slots: list[_Call | None] = [None] * width
         self._next = 0
+        self._last: _Call | None = None
         self._ids = itertools.count(1)
 
     async def turn(
@@ -161,11 +212,7 @@ class TurnCalls:
         """The turn's answer; raises TurnError with the status its turn (or call) ended with."""
         turn_id = next(self._ids)
         call = self._call()
-        future = call.send(
-            agent_pb2.TurnsRequest(
-                id=turn_id, turn=turn, timeout_seconds=timeout, traceparent=traceparent
-            )
-        )
+        future = call.send(turn_id, turn, timeout, traceparent)
         try:
             async with asyncio.timeout(timeout + ANSWER_GRACE):
                 return await future
@@ -177,16 +224,32 @@ class TurnCalls:
             call.forget(turn_id)
 
     def _call(self) -> _Call:
+        # A turn joins the turns still queued on the last call, to go in their message; the
+        # rotation moves on once they are written, so messages, not turns, take turns.
+        last = self._last
+        if last is not None and last.more and last.queued and self._open(last):
+            return last
         slot = self._next
         self._next = (slot + 1) % self.width
         call = self._slots[slot]
         if call is not None and not call.ended:
-            if call.turns < self.call_turns and time.monotonic() - call.opened < self.call_seconds:
+            if self._open(call):
+                self._last = call
                 return call
             call.retire()
         call = _Call(self.stub, self.call_timeout)
         self._slots[slot] = call
+        self._last = call
         return call
+
+    def _open(self, call: _Call) -> bool:
+        """The call still takes turns: young enough, not full, not retired nor ended."""
+        return (
+            not call.ended
+            and not call.retired
+            and call.turns < self.call_turns
+            and time.monotonic() - call.opened < self.call_seconds
+        )
 
     def close(self) -> None:
         """Ends every call (the turns still owed fail as CANCELLED)."""
@@ -194,3 +257,4 @@ class TurnCalls:
             if call is not None:
                 call.cancel()
         self._slots = [None] * self.width
+        self._last = None

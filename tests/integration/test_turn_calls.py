@@ -7,13 +7,20 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import cast
 
 import grpc
 import pytest
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
-from common import grpcserver, tls
+from common import grpcserver, tls, wire
+from common.domain import TurnRequest, TurnResult
 from devtools.ports import free_port
+from services.agent.deadline import Deadline
+from services.agent.operator import OperatorReplies
+from services.agent.server import AgentServicer
+from services.agent.turn import Agent
+from services.agent.turn import StaleFence as StaleTurn
 from services.state import turn_calls
 from services.state.clients import GrpcAgent
 from services.state.ports import AgentUnavailable
@@ -32,13 +39,22 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> tls.Credentials:
 
 class FakeAgent(agent_pb2_grpc.AgentServicer):
     """Answers each turn after the seconds its text names ("0.2"), or as its text says:
-    "stale" is refused as a stale fencing token, "hang" never ends, "die" breaks the call."""
+    "stale" is refused as a stale fencing token, "hang" never ends, "die" breaks the call.
 
-    def __init__(self, name: str) -> None:
+    As an agent of an earlier release, one turn per message each way; `more`: as today's,
+    it announces it reads several turns per message and answers together those that end
+    together, to a caller that asked."""
+
+    def __init__(self, name: str, *, more: bool = False) -> None:
         self.name = name
+        self.more = more
         self.calls = 0
         self.turns: Counter[str] = Counter()
         self.started = asyncio.Event()
+        # Stream messages read and written, and turns each carried.
+        self.requests: list[int] = []
+        self.responses: list[int] = []
+        self.asked_more: list[bool] = []
 
     async def Turns(
         self,
@@ -48,6 +64,11 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
         self.calls += 1
         answers: asyncio.Queue[agent_pb2.TurnsResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        asked = wire.TURNS_MORE in (context.invocation_metadata() or ())
+        self.asked_more.append(asked)
+        more = self.more and asked
+        if more:
+            await context.send_initial_metadata((wire.TURNS_MORE,))
 
         async def one(request: agent_pb2.TurnsRequest) -> None:
             text = request.turn.text
@@ -80,9 +101,11 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
 
         async def read() -> None:
             async for request in requests:
-                task = asyncio.create_task(one(request))
-                running.add(task)
-                task.add_done_callback(running.discard)
+                self.requests.append(1 + len(request.more))
+                for each in (request, *request.more):
+                    task = asyncio.create_task(one(each))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
             while running:
                 await asyncio.wait(set(running))
             answers.put_nowait(None)
@@ -90,6 +113,12 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
         reader = asyncio.create_task(read())
         try:
             while (answer := await answers.get()) is not None:
+                while more and not answers.empty():
+                    if (also := answers.get_nowait()) is None:
+                        answers.put_nowait(None)  # the end, after this answer
+                        break
+                    answer.more.append(also)
+                self.responses.append(1 + len(answer.more))
                 yield answer
         finally:
             reader.cancel()
@@ -98,7 +127,9 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
 
 
 @contextlib.asynccontextmanager
-async def serving(agent: FakeAgent, port: int, creds: tls.Credentials) -> AsyncIterator[None]:
+async def serving(
+    agent: agent_pb2_grpc.AgentServicer, port: int, creds: tls.Credentials
+) -> AsyncIterator[None]:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     agent_pb2_grpc.add_AgentServicer_to_server(agent, server)
     grpcserver.bind(server, "127.0.0.1", port, creds)
@@ -192,10 +223,11 @@ async def test_a_refused_turn_fails_alone_and_its_call_goes_on(creds: tls.Creden
         assert agent.calls == 1
 
 
+@pytest.mark.parametrize("more", [False, True], ids=["earlier-agent", "agent-reads-several"])
 async def test_a_call_that_breaks_fails_the_turns_it_owes_as_unavailable_and_the_next_turn_opens_another(  # noqa: E501
-    creds: tls.Credentials,
+    creds: tls.Credentials, more: bool
 ) -> None:
-    agent, port = FakeAgent("a"), free_port()
+    agent, port = FakeAgent("a", more=more), free_port()
     async with (
         serving(agent, port, creds),
         grpcserver.channel(f"127.0.0.1:{port}", transport=creds) as ch,
@@ -203,9 +235,15 @@ async def test_a_call_that_breaks_fails_the_turns_it_owes_as_unavailable_and_the
         calls = TurnCalls(ch, width=1, call_seconds=60)
         owed = asyncio.create_task(calls.turn(turn("slow", "hang"), 5.0, ""))
         await agent.started.wait()
-        with pytest.raises(TurnError) as broken:
-            await calls.turn(turn("d", "die"), 5.0, "")
-        assert broken.value.code == grpc.StatusCode.UNAVAILABLE
+        # Queued together: one message to an agent that reads several.
+        together = await asyncio.gather(
+            *(calls.turn(turn(f"d{i}", "hang" if i else "die"), 5.0, "") for i in range(3)),
+            return_exceptions=True,
+        )
+        assert [type(e) for e in together] == [TurnError] * 3
+        assert {e.code for e in together if isinstance(e, TurnError)} == {
+            grpc.StatusCode.UNAVAILABLE
+        }
         with pytest.raises(TurnError) as also:
             await owed
         assert also.value.code == grpc.StatusCode.UNAVAILABLE
@@ -238,6 +276,118 @@ async def test_the_state_service_maps_each_turns_status_as_it_did_for_a_unary_ca
         assert result.retryable
         result = await gate.reply(_item("0"), 1)
         assert result.outcome == "replied"
+
+
+async def test_turns_queued_together_go_in_one_message_and_answers_that_end_together_in_one(
+    creds: tls.Credentials,
+) -> None:
+    """To an agent that said, when the call opened, that it reads several turns per message:
+    each still gets its own answer, traceparent and status."""
+    agent, port = FakeAgent("a", more=True), free_port()
+    async with (
+        serving(agent, port, creds),
+        grpcserver.channel(f"127.0.0.1:{port}", transport=creds) as ch,
+    ):
+        calls = TurnCalls(ch, width=2, call_seconds=60)
+        await calls.turn(turn("first", "0"), 5.0, "")  # its call learns what the agent reads
+        texts = ["0.2"] * 29 + ["stale"]
+        answers = await asyncio.gather(
+            *(calls.turn(turn(f"m{i}", texts[i]), 5.0, f"tp{i}") for i in range(30)),
+            return_exceptions=True,
+        )
+        replied = [a for a in answers if isinstance(a, agent_pb2.ReplyResponse)]
+        assert [a.reply_text for a in replied] == [f"a:m{i}" for i in range(29)]
+        assert [a.agent_type for a in replied] == [f"tp{i}" for i in range(29)]
+        refused = answers[29]
+        assert isinstance(refused, TurnError)
+        assert refused.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert sum(agent.requests) == sum(agent.responses) == 31
+        assert set(agent.turns.values()) == {1}
+        # The first turn alone, then one message on the call that knows, beside one on the
+        # next call, which does not know yet.
+        assert sorted(agent.requests) == [1, 1, 29], agent.requests
+        assert len(agent.responses) < 10, agent.responses
+
+
+async def test_an_agent_of_an_earlier_release_gets_one_turn_per_message(
+    creds: tls.Credentials,
+) -> None:
+    """It does not announce that it reads several (a rolling deploy: new state service, old
+    agent): every message carries one turn."""
+    agent, port = FakeAgent("a"), free_port()
+    async with (
+        serving(agent, port, creds),
+        grpcserver.channel(f"127.0.0.1:{port}", transport=creds) as ch,
+    ):
+        calls = TurnCalls(ch, width=1, call_seconds=60)
+        await calls.turn(turn("first", "0"), 5.0, "")
+        answers = await asyncio.gather(
+            *(calls.turn(turn(f"m{i}", "0.05"), 5.0, "") for i in range(30))
+        )
+        assert [a.reply_text for a in answers] == [f"a:m{i}" for i in range(30)]
+        assert agent.requests == [1] * 31
+        assert agent.asked_more == [True]
+
+
+class Turning:
+    """The agent's turns as its servicer runs them, the Agent a stand-in: each waits until
+    `gate` opens, so that they end together; "stale" is refused as a stale fencing token."""
+
+    def __init__(self, turns: int) -> None:
+        self.gate = asyncio.Event()
+        self.waiting = 0
+        self.all_waiting = asyncio.Event()
+        self.turns = turns
+
+    async def reply(self, req: TurnRequest, deadline: Deadline) -> TurnResult:
+        self.waiting += 1
+        if self.waiting == self.turns:
+            self.all_waiting.set()
+        await self.gate.wait()
+        if req.text == "stale":
+            raise StaleTurn("held with token 9")
+        return TurnResult(outcome="replied", reply_text=f"r:{req.message_id}")
+
+
+@pytest.mark.parametrize("asks", [False, True], ids=["earlier-state", "reads-several"])
+async def test_the_agent_answers_several_turns_per_message_only_to_a_caller_that_asks(
+    creds: tls.Credentials, asks: bool
+) -> None:
+    """A state service of an earlier release (a rolling deploy) neither asks nor reads `more`:
+    it gets one answer per message, one turn a message from it being read as before."""
+    turning, port = Turning(3), free_port()
+    servicer = AgentServicer(cast(Agent, turning), replies=cast(OperatorReplies, object()))
+    texts = {1: "hi", 2: "hi", 3: "stale"}
+    async with (
+        serving(servicer, port, creds),
+        grpcserver.channel(f"127.0.0.1:{port}", transport=creds) as ch,
+    ):
+        call = agent_pb2_grpc.AgentStub(ch).Turns(
+            timeout=10, metadata=(wire.TURNS_MORE,) if asks else None
+        )
+        requests = [
+            agent_pb2.TurnsRequest(
+                id=i, turn=turn(f"m{i}", text), timeout_seconds=5, traceparent=""
+            )
+            for i, text in texts.items()
+        ]
+        if asks:
+            requests[0].more.extend(requests[1:])
+            del requests[1:]
+        for request in requests:
+            await call.write(request)
+        async with asyncio.timeout(10):  # every turn read, else the test fails, not hangs
+            await turning.all_waiting.wait()
+        turning.gate.set()
+        await call.done_writing()
+        responses = [r async for r in call]
+        metadata = await call.initial_metadata()
+    answers = {a.id: a for r in responses for a in (r, *r.more)}
+    assert (metadata.get(wire.TURNS_MORE[0]) == wire.TURNS_MORE[1]) is asks
+    assert [len(r.more) for r in responses] == ([2] if asks else [0, 0, 0])
+    assert answers[1].result.reply_text == "r:m1" and answers[2].result.reply_text == "r:m2"
+    assert answers[3].code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "held with token 9" in answers[3].details
 
 
 def _item(text: str) -> WorkItem:
