@@ -198,6 +198,12 @@ async def test_calls_spread_over_every_replica_of_the_agent(creds: tls.Credentia
         grpcserver.channel(target, transport=creds) as ch,
     ):
         await ch.channel_ready()
+        # `channel_ready` means one replica is connected, not both: until the second is, every
+        # call opened goes to the first. Calls of one turn each until both have served one.
+        probe = TurnCalls(ch, width=1, call_seconds=60, call_turns=1)
+        async with asyncio.timeout(10):
+            while not (first.calls and second.calls):
+                await probe.turn(turn("probe", "0"), 5.0, "")
         calls = TurnCalls(ch, width=4, call_seconds=60)
         answers = await asyncio.gather(
             *(calls.turn(turn(f"m{i}", "0.05"), 5.0, "") for i in range(40))
