@@ -4,6 +4,12 @@ together in the next `State.IngestBatch` call (one gRPC call and one transaction
 Nothing waits for a timer: an idle gateway sends each delivery at once; a busy one sends what
 queued up meanwhile. Each delivery is still answered only once its own batch is stored.
 
+One call at a time, normally: deliveries that arrive while a batch is being stored wait for it
+and go together in the next one, so under load batches grow by themselves (each call costs both
+processes a fixed price, about the CPU of storing several messages). A second call (up to
+`max_in_flight`) starts only when the latest one has run longer than `stall_seconds`: one
+batch held up (a lock wait, a slow commit) does not hold every acknowledgement behind it.
+
 A batch is capped in bytes as well as in deliveries, so that it stays within the state
 service's gRPC message limit (`common.grpcserver.MAX_MESSAGE_BYTES`) however large the
 deliveries (Meta sends up to 3 MB): a delivery larger than the cap goes in parts, each alone,
@@ -65,6 +71,7 @@ class IngestBatcher:
         max_batch: int = 128,
         max_batch_bytes: int = MAX_BATCH_BYTES,
         max_in_flight: int = 4,
+        stall_seconds: float = 0.05,
         max_queued: int = 1024,
         max_queued_bytes: int = 64 * 1024 * 1024,
     ) -> None:
@@ -80,7 +87,11 @@ class IngestBatcher:
         QUEUED.set_function(lambda: len(self._queue))
         QUEUED_BYTES.set_function(lambda: self._queued_bytes)
         self.max_in_flight = max_in_flight
+        self.stall_seconds = stall_seconds
         self._tasks: set[asyncio.Task[None]] = set()
+        self._senders = 0  # tasks of `_send`: each is in a call, or about to take the queue
+        self._in_flight = 0  # calls being answered
+        self._latest_start = 0.0  # of the latest call, by the loop's clock
 
     async def submit(self, request: state_pb2.IngestRequest) -> state_pb2.IngestResponse:
         size = request.ByteSize() + FRAMING_BYTES
@@ -111,25 +122,48 @@ class IngestBatcher:
         )
         self._queue.append((request, size, future))
         self._queued_bytes += size
-        if len(self._tasks) < self.max_in_flight:
+        # (A task about to take the queue takes this delivery too.)
+        if self._senders == self._in_flight and self._may_call():
+            self._senders += 1
             task = asyncio.create_task(self._send())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await future
 
+    def _may_call(self) -> bool:
+        """Whether a call may start besides those being answered: when none is, or when the
+        latest has been answered for longer than `stall_seconds` (and fewer than the most)."""
+        return self._in_flight == 0 or (
+            self._in_flight < self.max_in_flight
+            and asyncio.get_running_loop().time() - self._latest_start > self.stall_seconds
+        )
+
     async def _send(self) -> None:
-        while self._queue:
-            batch = [self._queue.popleft()]
-            total = batch[0][1]
-            while (
-                self._queue
-                and len(batch) < self.max_batch
-                and total + self._queue[0][1] <= self.max_batch_bytes
-            ):
-                total += self._queue[0][1]
-                batch.append(self._queue.popleft())
-            self._queued_bytes -= total
+        try:
+            # After each batch: the next one, unless another call is being answered (and does
+            # not stall): that one's task takes what queued meanwhile once it is done.
+            while self._queue and self._may_call():
+                await self._send_next()
+        finally:
+            self._senders -= 1
+
+    async def _send_next(self) -> None:
+        batch = [self._queue.popleft()]
+        total = batch[0][1]
+        while (
+            self._queue
+            and len(batch) < self.max_batch
+            and total + self._queue[0][1] <= self.max_batch_bytes
+        ):
+            total += self._queue[0][1]
+            batch.append(self._queue.popleft())
+        self._queued_bytes -= total
+        self._in_flight += 1
+        self._latest_start = asyncio.get_running_loop().time()
+        try:
             await self._send_batch(batch)
+        finally:
+            self._in_flight -= 1
 
     async def _send_batch(self, batch: list[Pending]) -> None:
         BATCH_SIZE.observe(len(batch))

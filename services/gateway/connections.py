@@ -93,6 +93,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if deadline < self._timer_at:
             self._arm(deadline)
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:  # (not an upgrade)
+            cycle.transport = OneWrite(self.transport)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._phase = _NOTHING
@@ -104,6 +107,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         # uvicorn's, with its keep-alive timer replaced by a deadline of this one's.
+        cycle = self.cycle
+        if cycle is not None and isinstance(cycle.transport, OneWrite):
+            cycle.transport.flush()  # a response without a body (HEAD)
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
@@ -209,6 +215,52 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
+
+
+# What uvicorn writes before a response when a client asked for it: it must not wait.
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class OneWrite:
+    """A response's view of its connection: the status line and headers go out with the
+    body's first part, in one system call instead of two (uvicorn writes each ASGI message as
+    it comes; a system call costs more than the copy). Whatever comes after passes through."""
+
+    __slots__ = ("_held", "_passing", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held = b""  # the status line and headers, until the body's first part
+        self._passing = False
+
+    def write(self, data: bytes) -> None:
+        if self._passing:
+            self._transport.write(data)
+        elif self._held:
+            self._passing = True
+            self._transport.write(self._held + data)
+            self._held = b""
+        elif data == _CONTINUE:
+            self._transport.write(data)
+        else:
+            self._held = data
+
+    def flush(self) -> None:
+        """Writes what is held (a response without a body: HEAD)."""
+        self._passing = True
+        if self._held:
+            self._transport.write(self._held)
+            self._held = b""
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def protocol(

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -223,10 +223,10 @@ def _phone_number_id(metadata: dict[str, Any]) -> tuple[str, str]:
     return pnid, ""
 
 
-@dataclass(frozen=True)
-class Customer:
+class Customer(NamedTuple):
     """Who wrote: the phone number (`from`), the BSUID (`from_user_id`), either may be "" but
-    not both, and what `contacts[]` says about them."""
+    not both, and what `contacts[]` says about them. (A tuple: built twice per message, at a
+    third of a frozen dataclass's cost.)"""
 
     wa_id: str
     user_id: str

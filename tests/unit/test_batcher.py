@@ -128,3 +128,50 @@ async def test_a_stalled_state_service_fills_a_bounded_queue_and_no_more(
     await asyncio.gather(first, alone)
     await batcher.close()
     await small.close()
+
+
+async def _calls(servicer: State, n: int) -> None:
+    """Until the state service has received `n` calls (bounded)."""
+    for _ in range(500):
+        if len(servicer.batches) >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(servicer.batches)} calls, not {n}")
+
+
+async def test_deliveries_arriving_while_a_batch_is_stored_go_together_in_the_next(
+    state: tuple[State, state_pb2_grpc.StateStub],
+) -> None:
+    servicer, stub = state
+    servicer.open.clear()
+    batcher = IngestBatcher(stub, timeout=10, stall_seconds=60)
+    first = asyncio.create_task(batcher.submit(delivery(0, [10])))
+    await _calls(servicer, 1)  # an idle batcher sends at once, alone
+    more = [asyncio.create_task(batcher.submit(delivery(n, [10]))) for n in range(1, 11)]
+    await asyncio.sleep(0.1)
+    assert len(servicer.batches) == 1, "no second call while the first is answered"
+    servicer.open.set()
+    answers = await asyncio.gather(first, *more)
+    assert [a.results[0].message_id for a in answers] == [f"m{n}.0" for n in range(11)]
+    assert [n for n, _ in servicer.batches] == [1, 10]
+    await batcher.close()
+
+
+async def test_a_call_that_stalls_does_not_hold_the_next_deliveries(
+    state: tuple[State, state_pb2_grpc.StateStub],
+) -> None:
+    servicer, stub = state
+    servicer.open.clear()
+    batcher = IngestBatcher(stub, timeout=10, stall_seconds=0.5, max_in_flight=2)
+    first = asyncio.create_task(batcher.submit(delivery(0, [10])))
+    await _calls(servicer, 1)
+    await asyncio.sleep(0.7)  # the first call is answered for longer than the stall
+    second = asyncio.create_task(batcher.submit(delivery(1, [10])))
+    await _calls(servicer, 2)  # a second call, besides the stalled one
+    third = asyncio.create_task(batcher.submit(delivery(2, [10])))
+    await asyncio.sleep(0.05)
+    assert len(servicer.batches) == 2, "at most max_in_flight calls"
+    servicer.open.set()
+    await asyncio.gather(first, second, third)
+    assert [n for n, _ in servicer.batches] == [1, 1, 1]
+    await batcher.close()
