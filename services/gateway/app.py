@@ -17,7 +17,6 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 from wa.v1 import state_pb2, state_pb2_grpc
 
 from common import config, grpcserver, logs, telemetry, wire
@@ -313,10 +312,10 @@ def create_app(settings: GatewaySettings) -> Starlette:
             yield
             await batcher.close()
 
-    app = GatewayApp(
+    app = Starlette(
         routes=[
             Route("/webhook", verify_handshake, methods=["GET"]),
-            DELIVERY_ROUTE,
+            Route("/webhook", receive_delivery, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
@@ -324,23 +323,3 @@ def create_app(settings: GatewaySettings) -> Starlette:
         lifespan=lifespan,
     )
     return app
-
-
-DELIVERY_ROUTE = Route("/webhook", receive_delivery, methods=["POST"])
-
-
-class GatewayApp(Starlette):
-    """Starlette, except that a delivery (nearly every request) goes straight to its handler:
-    its middleware, router and route wrappers cost about 15 µs a request and handle nothing a
-    delivery raises (`receive_delivery` answers every refusal itself; an unexpected exception
-    still reaches uvicorn, which answers 500 and logs it, as Starlette's outermost middleware
-    would have)."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/webhook" and scope["method"] == "POST":
-            scope["app"] = self
-            scope["route"] = DELIVERY_ROUTE  # as the router sets it (the request span's name)
-            response = await receive_delivery(Request(scope, receive, send))
-            await response(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
