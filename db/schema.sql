@@ -1129,6 +1129,7 @@ DECLARE
     v_id bigint;
     v_conversation_id bigint;
     v_correlation_id text;
+    v_kind text;
 BEGIN
     IF p_to_state = 'failed' THEN
         -- Its error_count is written below: the conversation is locked first, in the order
@@ -1138,13 +1139,16 @@ BEGIN
                          WHERE m.message_id = p_message_id)
             FOR NO KEY UPDATE;
     END IF;
-    SELECT m.id, m.status, m.conversation_id, c.fence_token
-      INTO v_id, from_state, v_conversation_id, fence_token
+    -- By its unique key alone: with `kind = 'message'` in the condition, a plan made while the
+    -- table is small may read the whole partial index on kind instead (same estimated cost),
+    -- and that plan is kept. The message_id is unique across kinds, so this reads one row.
+    SELECT m.id, m.status, m.conversation_id, c.fence_token, m.kind
+      INTO v_id, from_state, v_conversation_id, fence_token, v_kind
       FROM processed_webhook_messages m
       LEFT JOIN webhook_conversations c ON c.id = m.conversation_id
-     WHERE m.message_id = p_message_id AND m.kind = 'message'
+     WHERE m.message_id = p_message_id
        FOR UPDATE OF m;
-    IF NOT FOUND THEN
+    IF NOT FOUND OR v_kind <> 'message' THEN
         outcome := 'unknown';
         RETURN;
     END IF;

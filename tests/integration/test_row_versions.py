@@ -249,3 +249,51 @@ async def test_every_reply_is_saved_with_a_hot_update(database_url: str) -> None
         await saves.close()
         await one.close()
     assert (saved, hot) == (3 * conversations, 3 * conversations)
+
+
+async def _index_reads(conn: db.Conn, index: str) -> int:
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    return int(
+        await conn.fetchval(
+            "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1", index
+        )
+    )
+
+
+async def test_a_turns_final_transition_finds_its_message_by_its_key_on_a_small_table(
+    database_url: str,
+) -> None:
+    # A new deployment's tables are small, and a plan made then is kept by the connection. The
+    # final transition's lookup by message id must not read the partial index on the kind of
+    # message, whose entries grow with the table (db/migrations/0026): one connection, so one
+    # cached plan serves every finish.
+    one = await db.create_pool(database_url, min_size=1, max_size=1)
+    conversations = 12
+    try:
+        messages = [
+            _as_meta_sends_it(f"wamid.K{c:02d}", f"1556000{c:04d}") for c in range(conversations)
+        ]
+        await store.ingest_many(one, [store.DeliveryIn(messages, [], "c", "")])
+        items = []
+        for m in messages:
+            conversation = await one.fetchval(
+                "SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1",
+                m.message_id,
+            )
+            token = await store.claim_conversation(one, conversation, "driver")
+            item = await store.next_message(one, conversation, token)
+            assert item is not None
+            items.append(item)
+        async with one.acquire() as conn:
+            before = await _index_reads(conn, "processed_messages_customer_last_idx")
+        for item in items:
+            finished = await store.finish_turn(
+                one, item, "replied", "replied", item.fence_token, start_next=False
+            )
+            assert finished.from_state == "processing", finished
+        async with one.acquire() as conn:
+            after = await _index_reads(conn, "processed_messages_customer_last_idx")
+    finally:
+        await one.close()
+    assert after - before == 0
