@@ -26,10 +26,14 @@ async def _conversation(pool: asyncpg.Pool) -> int:
     )
 
 
-async def _hot_updates(conn: db.Conn, table: str) -> tuple[int, int]:
+async def _fresh_statistics(conn: db.Conn) -> None:
     # The backend's counters reach the shared statistics when it goes idle, forced here.
     await conn.execute("SELECT pg_stat_force_next_flush()")
     await conn.execute("SELECT pg_stat_clear_snapshot()")
+
+
+async def _hot_updates(conn: db.Conn, table: str) -> tuple[int, int]:
+    await _fresh_statistics(conn)
     row = await conn.fetchrow(
         "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = $1", table
     )
@@ -221,17 +225,7 @@ async def test_every_reply_is_saved_with_a_hot_update(database_url: str) -> None
                 _as_meta_sends_it(f"wamid.R{n}x{c:02d}", f"1555000{c:04d}")
                 for c in range(conversations)
             ]
-            await store.ingest_many(one, [store.DeliveryIn(messages, [], "c", "")])
-            items = []
-            for m in messages:
-                conversation = await one.fetchval(
-                    "SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1",
-                    m.message_id,
-                )
-                token = await store.claim_conversation(one, conversation, "driver")
-                item = await store.next_message(one, conversation, token)
-                assert item is not None and item.message_id == m.message_id
-                items.append(item)
+            items = await _turns_started(one, messages)
             async with one.acquire() as conn:
                 before = await _hot_updates(conn, "processed_webhook_messages")
             for item in items:
@@ -240,20 +234,40 @@ async def test_every_reply_is_saved_with_a_hot_update(database_url: str) -> None
                 after = await _hot_updates(conn, "processed_webhook_messages")
             saved += after[0] - before[0]
             hot += after[1] - before[1]
-            for item in items:
-                finished = await store.finish_turn(
-                    one, item, "replied", "replied", item.fence_token, start_next=False
-                )
-                assert finished.from_state == "processing", finished
+            await _replied(one, items)
     finally:
         await saves.close()
         await one.close()
     assert (saved, hot) == (3 * conversations, 3 * conversations)
 
 
+async def _turns_started(pool: asyncpg.Pool, messages: list[Message]) -> list[store.WorkItem]:
+    """Each message stored, its conversation claimed and its turn started (one per
+    conversation)."""
+    await store.ingest_many(pool, [store.DeliveryIn(messages, [], "c", "")])
+    items = []
+    for m in messages:
+        conversation = await pool.fetchval(
+            "SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1",
+            m.message_id,
+        )
+        token = await store.claim_conversation(pool, conversation, "driver")
+        item = await store.next_message(pool, conversation, token)
+        assert item is not None and item.message_id == m.message_id
+        items.append(item)
+    return items
+
+
+async def _replied(pool: asyncpg.Pool, items: list[store.WorkItem]) -> None:
+    for item in items:
+        finished = await store.finish_turn(
+            pool, item, "replied", "replied", item.fence_token, start_next=False
+        )
+        assert finished.from_state == "processing", finished
+
+
 async def _index_reads(conn: db.Conn, index: str) -> int:
-    await conn.execute("SELECT pg_stat_force_next_flush()")
-    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    await _fresh_statistics(conn)
     return int(
         await conn.fetchval(
             "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1", index
@@ -274,24 +288,10 @@ async def test_a_turns_final_transition_finds_its_message_by_its_key_on_a_small_
         messages = [
             _as_meta_sends_it(f"wamid.K{c:02d}", f"1556000{c:04d}") for c in range(conversations)
         ]
-        await store.ingest_many(one, [store.DeliveryIn(messages, [], "c", "")])
-        items = []
-        for m in messages:
-            conversation = await one.fetchval(
-                "SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1",
-                m.message_id,
-            )
-            token = await store.claim_conversation(one, conversation, "driver")
-            item = await store.next_message(one, conversation, token)
-            assert item is not None
-            items.append(item)
+        items = await _turns_started(one, messages)
         async with one.acquire() as conn:
             before = await _index_reads(conn, "processed_messages_customer_last_idx")
-        for item in items:
-            finished = await store.finish_turn(
-                one, item, "replied", "replied", item.fence_token, start_next=False
-            )
-            assert finished.from_state == "processing", finished
+        await _replied(one, items)
         async with one.acquire() as conn:
             after = await _index_reads(conn, "processed_messages_customer_last_idx")
     finally:
