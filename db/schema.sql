@@ -2091,6 +2091,12 @@ CREATE INDEX wa_message_tombstones_at_idx ON public.wa_message_tombstones USING 
 CREATE INDEX webhook_conversations_activity_idx ON public.webhook_conversations USING btree (last_activity_at DESC, id DESC);
 
 --
+-- Name: webhook_conversations_bsuid_phone_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX webhook_conversations_bsuid_phone_idx ON public.webhook_conversations USING btree (wa_id, phone_number_id) WHERE (user_id IS NOT NULL);
+
+--
 -- Name: webhook_conversations_customer_idx; Type: INDEX; Schema: public; Owner: -
 --
 
@@ -2101,12 +2107,6 @@ CREATE UNIQUE INDEX webhook_conversations_customer_idx ON public.webhook_convers
 --
 
 CREATE INDEX webhook_conversations_handoff_idx ON public.webhook_conversations USING btree (handoff_at) WHERE (handoff_at IS NOT NULL);
-
---
--- Name: webhook_conversations_pn_wa_id_idx; Type: INDEX; Schema: public; Owner: -
---
-
-CREATE INDEX webhook_conversations_pn_wa_id_idx ON public.webhook_conversations USING btree (phone_number_id, wa_id);
 
 --
 -- Name: webhook_conversations_user_id_idx; Type: INDEX; Schema: public; Owner: -

@@ -59,25 +59,34 @@ WITH given AS (
      WHERE NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
                         WHERE m.message_id = i.message_id)
      GROUP BY i.phone_number_id, i.customer_id
+), adoptable AS MATERIALIZED (
+    -- Each BSUID of this batch with its phone number: the conversation keyed by that number,
+    -- if any, becomes the BSUID's. One relation holds the whole key of both lookups below, so
+    -- each probes the unique (phone_number_id, customer_id) index with both columns: joined
+    -- to `pairs` and `keys` apart, a plan can take phone_number_id from one of them alone
+    -- and read the business number's every conversation per message, as it did while the
+    -- table's statistics were an empty table's (db/migrations/0027).
+    SELECT k.*, p.wa_id AS phone_customer_id
+      FROM pairs p
+      JOIN keys k ON k.phone_number_id = p.phone_number_id AND k.customer_id = p.user_id
 ), adopt AS (
     UPDATE webhook_conversations c
-       SET customer_id = p.user_id, user_id = p.user_id,
-           wa_id = COALESCE(NULLIF(k.wa_id, ''), p.wa_id),
-           parent_user_id = COALESCE(NULLIF(k.parent_user_id, ''), c.parent_user_id),
-           username = COALESCE(NULLIF(k.username, ''), c.username),
-           contact_name = COALESCE(NULLIF(k.contact_name, ''), c.contact_name),
-           last_message_at = GREATEST(c.last_message_at, k.wa_timestamp),
+       SET customer_id = a.customer_id, user_id = a.customer_id,
+           wa_id = COALESCE(NULLIF(a.wa_id, ''), a.phone_customer_id),
+           parent_user_id = COALESCE(NULLIF(a.parent_user_id, ''), c.parent_user_id),
+           username = COALESCE(NULLIF(a.username, ''), c.username),
+           contact_name = COALESCE(NULLIF(a.contact_name, ''), c.contact_name),
+           last_message_at = GREATEST(c.last_message_at, a.wa_timestamp),
            last_activity_at = now(), updated_at = now(),
            -- (rare: counted with a fresh snapshot, whoever changed the row since this began)
            message_count = c.message_count + wa_unstored_messages(
                (SELECT f.ids FROM fresh f
-                 WHERE f.phone_number_id = k.phone_number_id AND f.customer_id = k.customer_id))
-      FROM pairs p
-      JOIN keys k ON k.phone_number_id = p.phone_number_id AND k.customer_id = p.user_id
-     WHERE c.phone_number_id = p.phone_number_id AND c.customer_id = p.wa_id
+                 WHERE f.phone_number_id = a.phone_number_id AND f.customer_id = a.customer_id))
+      FROM adoptable a
+     WHERE c.phone_number_id = a.phone_number_id AND c.customer_id = a.phone_customer_id
        AND NOT EXISTS (SELECT 1 FROM webhook_conversations d
-                        WHERE d.phone_number_id = p.phone_number_id
-                          AND d.customer_id = p.user_id)
+                        WHERE d.phone_number_id = a.phone_number_id
+                          AND d.customer_id = a.customer_id)
     RETURNING c.id, c.phone_number_id, c.customer_id
 ), created AS (
     INSERT INTO webhook_conversations AS c
