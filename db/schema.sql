@@ -18,6 +18,48 @@ SET client_min_messages = warning;
 SET row_security = off;
 
 --
+-- Name: wa_conversation_status; Type: DOMAIN; Schema: public; Owner: -
+--
+
+CREATE DOMAIN public.wa_conversation_status AS text
+	CONSTRAINT webhook_conversations_status_check CHECK ((VALUE = ANY (ARRAY['idle'::text, 'active'::text])));
+
+--
+-- Name: wa_marketing_preference; Type: DOMAIN; Schema: public; Owner: -
+--
+
+CREATE DOMAIN public.wa_marketing_preference AS text
+	CONSTRAINT webhook_conversations_marketing_preference_check CHECK ((VALUE = ANY (ARRAY['stop'::text, 'resume'::text])));
+
+--
+-- Name: wa_message_kind; Type: DOMAIN; Schema: public; Owner: -
+--
+
+CREATE DOMAIN public.wa_message_kind AS text
+	CONSTRAINT processed_webhook_messages_kind_check CHECK ((VALUE = ANY (ARRAY['message'::text, 'status'::text, 'event'::text])));
+
+--
+-- Name: wa_message_status; Type: DOMAIN; Schema: public; Owner: -
+--
+
+CREATE DOMAIN public.wa_message_status AS text
+	CONSTRAINT processed_webhook_messages_status_check CHECK ((VALUE = ANY (ARRAY['received'::text, 'processing'::text, 'replied'::text, 'skipped'::text, 'failed'::text, 'dead_lettered'::text])));
+
+--
+-- Name: wa_reply_status; Type: DOMAIN; Schema: public; Owner: -
+--
+
+CREATE DOMAIN public.wa_reply_status AS text
+	CONSTRAINT processed_webhook_messages_reply_status_check CHECK ((VALUE = ANY (ARRAY['sent'::text, 'delivered'::text, 'read'::text, 'failed'::text])));
+
+--
+-- Name: wa_transition_entity; Type: DOMAIN; Schema: public; Owner: -
+--
+
+CREATE DOMAIN public.wa_transition_entity AS text
+	CONSTRAINT conversation_state_transitions_entity_check CHECK ((VALUE = ANY (ARRAY['message'::text, 'conversation'::text, 'agent'::text, 'handoff'::text, 'operator'::text])));
+
+--
 -- Name: check_webhook_system_health(numeric); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -1303,7 +1345,7 @@ CREATE TABLE public.conversation_state_transitions (
     fence_token bigint,
     correlation_id text DEFAULT ''::text NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT conversation_state_transitions_entity_check CHECK ((entity = ANY (ARRAY['message'::text, 'conversation'::text, 'agent'::text, 'handoff'::text, 'operator'::text])))
+    CONSTRAINT conversation_state_transitions_entity_check CHECK (((entity)::public.wa_transition_entity IS NOT NULL))
 );
 
 ALTER TABLE ONLY public.conversation_state_transitions FORCE ROW LEVEL SECURITY;
@@ -1399,9 +1441,9 @@ CREATE TABLE public.processed_webhook_messages (
     referral jsonb,
     reply_payload jsonb,
     absorbed_message_ids text[],
-    CONSTRAINT processed_webhook_messages_kind_check CHECK ((kind = ANY (ARRAY['message'::text, 'status'::text, 'event'::text]))),
-    CONSTRAINT processed_webhook_messages_reply_status_check CHECK ((reply_status = ANY (ARRAY['sent'::text, 'delivered'::text, 'read'::text, 'failed'::text]))),
-    CONSTRAINT processed_webhook_messages_status_check CHECK ((status = ANY (ARRAY['received'::text, 'processing'::text, 'replied'::text, 'skipped'::text, 'failed'::text, 'dead_lettered'::text])))
+    CONSTRAINT processed_webhook_messages_kind_check CHECK (((kind)::public.wa_message_kind IS NOT NULL)),
+    CONSTRAINT processed_webhook_messages_reply_status_check CHECK ((((reply_status)::public.wa_reply_status)::text = reply_status)),
+    CONSTRAINT processed_webhook_messages_status_check CHECK (((status)::public.wa_message_status IS NOT NULL))
 )
 WITH (fillfactor='70');
 
@@ -1464,8 +1506,8 @@ CREATE TABLE public.webhook_conversations (
     marketing_preference_at timestamp with time zone,
     handoff_at timestamp with time zone,
     handoff_message_id text,
-    CONSTRAINT webhook_conversations_marketing_preference_check CHECK ((marketing_preference = ANY (ARRAY['stop'::text, 'resume'::text]))),
-    CONSTRAINT webhook_conversations_status_check CHECK ((status = ANY (ARRAY['idle'::text, 'active'::text])))
+    CONSTRAINT webhook_conversations_marketing_preference_check CHECK ((((marketing_preference)::public.wa_marketing_preference)::text = marketing_preference)),
+    CONSTRAINT webhook_conversations_status_check CHECK (((status)::public.wa_conversation_status IS NOT NULL))
 )
 WITH (fillfactor='70');
 
