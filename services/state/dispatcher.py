@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 MAX_TURN_RESUMES = 5
 RETRY_BASE_SECONDS = 0.5
 RETRY_MAX_SECONDS = 15.0
+# The outcome nearly every turn counts, looked up once (labels() takes a lock and a lookup).
+_REPLIED = metrics.OUTCOMES.labels("replied")
 
 
 def backoff(failures: int) -> float:
@@ -330,9 +332,14 @@ class Dispatcher:
                         ),
                         release=True,
                     )
-                metrics.OUTCOMES.labels("replied").inc(1 + len(finished.absorbed))
-                log.info("message replied", extra=_who(item))
-                left = set(result.absorbed_message_ids) - set(finished.absorbed)
+                _REPLIED.inc(1 + len(finished.absorbed))
+                if log.isEnabledFor(logging.INFO):
+                    log.info("message replied", extra=_who(item))
+                left = (
+                    set(result.absorbed_message_ids) - set(finished.absorbed)
+                    if result.absorbed_message_ids
+                    else None
+                )
                 if left:
                     # No longer waiting (another turn took them): they are theirs to answer.
                     log.warning(

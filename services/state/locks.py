@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ class Locks:
         return f"{self.prefix}instance:{instance}"
 
     def _owner(self) -> str:
-        return f"{self.instance}:{uuid.uuid4().hex[:8]}"
+        # 32 random bits, as uuid4().hex[:8] gave them, without building a UUID per hold.
+        return f"{self.instance}:{os.urandom(4).hex()}"
 
     async def acquire(self, conversation_id: int) -> Lease | None:
         """The conversation's lease, or None (held: the holder learns that it was asked for)."""

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # How long past the turn's own deadline (which the agent keeps) the caller waits for its answer.
 ANSWER_GRACE = 2.0
+# How often the turns awaiting an answer are looked at for one past its deadline: a turn that
+# gets none fails at most this much later than `timeout + ANSWER_GRACE`.
+WATCH_SECONDS = 0.1
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -205,6 +208,9 @@ class TurnCalls:
         self._next = 0
         self._last: _Call | None = None
         self._ids = itertools.count(1)
+        # The turns awaiting an answer: when each stops waiting, and its own timeout.
+        self._due: dict[asyncio.Future[agent_pb2.ReplyResponse], tuple[float, float]] = {}
+        self._watch: asyncio.TimerHandle | None = None
 
     async def turn(
         self, turn: agent_pb2.ReplyRequest, timeout: float, traceparent: str
@@ -213,15 +219,29 @@ class TurnCalls:
         turn_id = next(self._ids)
         call = self._call()
         future = call.send(turn_id, turn, timeout, traceparent)
+        # Its deadline is kept by the watch (`_watch`), not by a timeout of its own: an
+        # asyncio.timeout per turn (its object, a timer set and cancelled, the task's
+        # cancellation state) cost more than the rest of sending the turn.
+        self._due[future] = (time.monotonic() + timeout + ANSWER_GRACE, timeout)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(WATCH_SECONDS, self._expire)
         try:
-            async with asyncio.timeout(timeout + ANSWER_GRACE):
-                return await future
-        except TimeoutError:
-            raise TurnError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f} s"
-            ) from None
+            return await future
         finally:
+            del self._due[future]
             call.forget(turn_id)
+
+    def _expire(self) -> None:
+        """Fails the turns past their deadline (DEADLINE_EXCEEDED); looks again in
+        WATCH_SECONDS while turns are owed."""
+        self._watch = None
+        now = time.monotonic()
+        for future, (deadline, timeout) in list(self._due.items()):
+            if deadline <= now and not future.done():
+                said = f"no answer within {timeout:.1f} s"
+                future.set_exception(TurnError(grpc.StatusCode.DEADLINE_EXCEEDED, said))
+        if self._due:
+            self._watch = asyncio.get_running_loop().call_later(WATCH_SECONDS, self._expire)
 
     def _call(self) -> _Call:
         # A turn joins the turns still queued on the last call, to go in their message; the
@@ -253,6 +273,9 @@ class TurnCalls:
 
     def close(self) -> None:
         """Ends every call (the turns still owed fail as CANCELLED)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for call in self._slots:
             if call is not None:
                 call.cancel()
