@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -178,6 +179,35 @@ async def test_no_answer_in_time_is_a_timeout_and_the_connection_is_dropped(
         with pytest.raises(http.HttpFailure) as failed:
             await post(session, raw.url, timeout=0.1)
         assert failed.value.timeout
+        assert (await post(session, raw.url)).status == 200
+    assert raw.connections == 2
+
+
+async def test_no_answer_in_time_on_a_kept_alive_connection_is_a_timeout_too(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The answer awaited on a connection kept from an earlier request (timed by the pool's
+    watch, not by the request's own timeout): late, it is a timeout, soon after the timeout,
+    and that connection is not used again."""
+    answered = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        while True:
+            await raw.read_request(reader)
+            answered += 1
+            if answered == 2:
+                await asyncio.sleep(2.0)  # answers late, on the connection given up
+            writer.write(reply(200, b"{}"))
+
+    async with Raw(handler) as raw:
+        assert (await post(session, raw.url)).status == 200
+        started = time.monotonic()
+        with pytest.raises(http.HttpFailure) as failed:
+            await post(session, raw.url, timeout=0.2)
+        assert failed.value.timeout
+        assert time.monotonic() - started < 1.0
+        assert raw.connections == 1  # the kept-alive one
         assert (await post(session, raw.url)).status == 200
     assert raw.connections == 2
 
