@@ -54,6 +54,8 @@ return 1 + 2 * redis.call('del', KEYS[2])
 # The mark outlives any hold (a hold renews its lease while its turns run); one left behind
 # by a dead holder costs the next holder one look, nothing more.
 WANTED_TTL_MS = 3_600_000
+# How often, per renewal period, the leases held are looked at for a renewal due (_Keeper).
+WATCHES_PER_PERIOD = 4
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
@@ -99,6 +101,11 @@ class Locks:
         self._release_asked = client.register_script(_RELEASE_ASKED)
         self._renew = client.register_script(_RENEW)
         self._calls: Coalescer[_Call, object] = Coalescer("redis_lease", self._run_batch)
+        # The leases of the holds running (keep_renewed), and the one timer that renews them.
+        self.period = self.ttl_ms / 3000
+        self._kept: set[_Keeper] = set()
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_loop: asyncio.AbstractEventLoop | None = None
 
     def lock_key(self, conversation_id: int) -> str:
         return f"{self.prefix}conv:{conversation_id}:lock"
@@ -189,14 +196,25 @@ class Locks:
             return True
         return await self.renew(lease)
 
-    @contextlib.asynccontextmanager
-    async def keep_renewed(self, lease: Lease):  # type: ignore[no-untyped-def]
-        """Renews the lease every third of its TTL while the body runs."""
-        keeper = _Keeper(self, lease)
-        try:
-            yield lease
-        finally:
-            await keeper.stop()
+    def keep_renewed(self, lease: Lease) -> _Keeper:
+        """`async with`: renews the lease every third of its TTL while the body runs."""
+        return _Keeper(self, lease)
+
+    def _keep(self, keeper: _Keeper) -> None:
+        self._kept.add(keeper)
+        loop = asyncio.get_running_loop()
+        if self._watch is None or self._watch_loop is not loop:
+            self._watch_loop = loop
+            self._watch = loop.call_later(self.period / WATCHES_PER_PERIOD, self._look)
+
+    def _look(self) -> None:
+        """The watch: starts the renewals that are due; looks again while leases are kept."""
+        self._watch = None
+        now = time.monotonic()
+        for keeper in list(self._kept):
+            keeper.look(now)
+        if self._kept and self._watch_loop is not None:
+            self._watch = self._watch_loop.call_later(self.period / WATCHES_PER_PERIOD, self._look)
 
     async def holder(self, conversation_id: int) -> str | None:
         value = await self.client.get(self.lock_key(conversation_id))
@@ -218,53 +236,58 @@ class Locks:
 
 
 class _Keeper:
-    """The renewals of one lease: a timer that starts a renewal when one is due, not a task
-    that waits for it. Nearly every hold ends long before its first renewal, and a task per
-    hold (with the wait's own task and timer) cost a hold about a fifth of its CPU, Redis
-    round trips included (a microbenchmark of acquire, keep_renewed and release)."""
+    """The renewals of one lease, started by its Locks' watch (`Locks._look`, one timer for
+    every lease held, looking WATCHES_PER_PERIOD times a period): nearly every hold ends long
+    before its first renewal, and a timer per hold (set, then cancelled) cost a hold more than
+    the rest of its Python work but the Redis calls. A renewal starts at most a
+    WATCHES_PER_PERIOD-th of a period late; the next is due a period after the last renewal
+    (one by a turn's `refresh` included) or, after a failed one, a period after it failed."""
 
     def __init__(self, locks: Locks, lease: Lease) -> None:
         self.locks = locks
         self.lease = lease
-        self.period = locks.ttl_ms / 3000
-        self.loop = asyncio.get_running_loop()
+        self.period = locks.period
+        self.due = time.monotonic() + self.period
         self.stopped = False
         self.renewal: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = self.loop.call_later(self.period, self._due)
 
-    def _due(self) -> None:
-        self.timer = None
-        if self.stopped:
+    async def __aenter__(self) -> Lease:
+        self.locks._keep(self)
+        return self.lease
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def look(self, now: float) -> None:
+        if self.stopped or (self.renewal is not None and not self.renewal.done()):
             return
         if self.lease.lost:  # a turn's refresh found it taken
             log.warning("lease lost", extra={"conversation_id": self.lease.conversation_id})
+            self.locks._kept.discard(self)
             return
         # A renewal since (a turn's `refresh`) moved the lease's expiry: the next one is due a
         # period after it, not now.
-        due = self.lease.renewed_at + self.period
-        if due - time.monotonic() > 0.001 * self.period:
-            self.timer = self.loop.call_later(due - time.monotonic(), self._due)
+        due = max(self.due, self.lease.renewed_at + self.period)
+        if due - now > 0.001 * self.period:
             return
-        self.renewal = self.loop.create_task(self._renew())
+        self.renewal = asyncio.get_running_loop().create_task(self._renew())
 
     async def _renew(self) -> None:
         try:
             await self.locks.renew(self.lease)
         except Exception:
             log.warning("lease renewal failed", extra={"conv": self.lease.conversation_id})
+            self.due = time.monotonic() + self.period
         if self.lease.lost:
             log.warning("lease lost", extra={"conversation_id": self.lease.conversation_id})
-        elif not self.stopped:
-            self.timer = self.loop.call_later(self.period, self._due)
+            self.locks._kept.discard(self)
 
     async def stop(self) -> None:
         # The flag, not only the cancel: a cancel that lands as a command's own timeout fires
         # can surface as TimeoutError (Python 3.11's asyncio.timeout), which the renewal would
-        # take for a failed one and schedule the next.
+        # take for a failed one.
         self.stopped = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.locks._kept.discard(self)
         renewal = self.renewal
         if renewal is not None and not renewal.done():
             renewal.cancel()
