@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from common import db
+
 # (table, column, constraint, the values it allows, nullable)
 CHECKS = [
     (
@@ -54,7 +56,7 @@ CHECKS = [
 ]
 
 
-async def _row(conn: asyncpg.Connection, table: str) -> str:
+async def _row(conn: db.Conn, table: str) -> str:
     """A row of `table` to update, as the condition that names it."""
     conversation = await conn.fetchval(
         "INSERT INTO webhook_conversations (phone_number_id, wa_id) VALUES ('100', '1')"
