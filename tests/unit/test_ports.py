@@ -6,6 +6,9 @@ metrics port and restarted forever)."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 from devtools.ports import free_port
 
@@ -31,3 +34,42 @@ def test_a_preferred_port_is_used_when_free_and_passed_over_when_taken() -> None
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
     assert free_port(free) == free
+
+
+def test_two_processes_are_never_handed_the_same_port() -> None:
+    # Two test workers pick from the same range, each binding its ports seconds later: a port
+    # one process picked must not be the other's too, although nothing listens on it yet.
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from devtools.ports import free_port\n"
+            "print(' '.join(str(free_port()) for _ in range(500)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    theirs = {int(p) for p in other.stdout.split()}
+    ours = {free_port() for _ in range(500)}
+    assert len(theirs) == len(ours) == 500
+    assert theirs & ours == set()  # ~11 in common without the claims (500 x 500 / ~22,700)
+
+
+def test_a_preferred_port_is_taken_again_by_the_next_run() -> None:
+    # `make run`, stopped and run again, gets the port it asked for, claimed or not.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    assert free_port(free) == free
+    other = subprocess.run(
+        [sys.executable, "-c", f"from devtools.ports import free_port; print(free_port({free}))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert int(other.stdout) == free
