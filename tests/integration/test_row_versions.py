@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import time
 
 import asyncpg
@@ -210,6 +211,16 @@ def _reply(item: store.WorkItem) -> Save:
     )
 
 
+# PostgreSQL prunes a page's dead versions (the room a HOT update needs) only past the oldest
+# transaction id running anywhere on the server: on a server shared with another test worker,
+# that worker's transactions in its own database hold the pruning back (PostgreSQL 15: 18 of
+# 120 saves HOT while one transaction stayed open in another database). The embedded server
+# is each worker's own, and `-n 0` against a shared one runs it.
+@pytest.mark.skipif(
+    bool(os.environ.get("DATABASE_URL"))
+    and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1,
+    reason="page pruning on a PostgreSQL server shared with other test workers is theirs too",
+)
 async def test_every_reply_is_saved_with_a_hot_update(database_url: str) -> None:
     # The bench's order of things over 40 conversations, three messages each: every
     # conversation's message stored, its turn started, its reply saved (before sending), the
