@@ -24,6 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from common import telemetry
+from common.deadlines import Deadlines
 
 
 class HttpFailure(Exception):
@@ -239,7 +240,7 @@ async def post_file(
 KEEPALIVE_SECONDS = 15.0
 CONNECT_SECONDS = 5.0
 # How often the answers awaited on kept-alive connections are looked at for one past its
-# timeout (LeanPool._watched).
+# timeout (common/deadlines.py).
 WATCH_SECONDS = 0.05
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
@@ -395,9 +396,8 @@ class LeanPool:
         self._idle: dict[tuple[str, int, bool], list[_Exchange]] = {}
         self._slots = asyncio.Semaphore(connections)
         self._open: set[_Exchange] = set()
-        # The answers awaited on kept-alive connections (`_watched`), and until when.
-        self._due: dict[asyncio.Future[Answer], float] = {}
-        self._watch: asyncio.TimerHandle | None = None
+        # The answers awaited on kept-alive connections, each until its request's timeout.
+        self._deadlines = Deadlines(WATCH_SECONDS)
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
@@ -444,7 +444,7 @@ class LeanPool:
                 # A kept-alive connection at once, as nearly every request of a busy agent
                 # finds one: its answer is awaited until `timeout` by the pool's watch, not by
                 # an asyncio.timeout of its own (a fifth of a request's CPU in the agent).
-                answer = await self._watched(conn.send(request), timeout)
+                answer = await self._deadlines.wait(conn.send(request), timeout, _timed_out)
             else:
                 async with asyncio.timeout(timeout):
                     # As aiohttp's connect timeout: waiting for a free slot and connecting,
@@ -470,26 +470,6 @@ class LeanPool:
                 self._open.discard(conn)
             if acquired:
                 self._slots.release()
-
-    async def _watched(self, waiter: asyncio.Future[Answer], timeout: float) -> Answer:
-        """`waiter`'s answer; TimeoutError once `timeout` has passed, at most WATCH_SECONDS
-        late (`_expire`)."""
-        self._due[waiter] = time.monotonic() + timeout
-        if self._watch is None:
-            self._watch = asyncio.get_running_loop().call_later(WATCH_SECONDS, self._expire)
-        try:
-            return await waiter
-        finally:
-            del self._due[waiter]
-
-    def _expire(self) -> None:
-        self._watch = None
-        now = time.monotonic()
-        for waiter, deadline in list(self._due.items()):
-            if deadline <= now and not waiter.done():
-                waiter.set_exception(TimeoutError())
-        if self._due:
-            self._watch = asyncio.get_running_loop().call_later(WATCH_SECONDS, self._expire)
 
     def _reuse(self, key: tuple[str, int, bool]) -> _Exchange | None:
         idle = self._idle.get(key)
@@ -529,9 +509,11 @@ class LeanPool:
             conn.close()
         self._open.clear()
         self._idle.clear()
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+        self._deadlines.close()
+
+
+def _timed_out(seconds: float) -> TimeoutError:
+    return TimeoutError()  # post() says "no answer within" the timeout
 
 
 _FIXED_HEADERS = (

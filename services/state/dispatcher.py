@@ -158,7 +158,7 @@ class Dispatcher:
         # Claiming, leases and the queue are the conversation's, not one message's: untraced.
         # Each turn continues its message's trace.
         try:
-            with _untraced():
+            with telemetry.untraced():
                 await self._drive_untraced(conversation_id)
         finally:
             # A notify that came after the driver's last look only marked the conversation
@@ -368,15 +368,6 @@ class Dispatcher:
             correlation_id=item.correlation_id,
         )
         await dead_letter(self.pool, self.dlq, failure)
-
-
-def _untraced() -> contextlib.AbstractContextManager[object]:
-    """`telemetry.untraced()`, or nothing while tracing is off (no tracer provider: nothing
-    is traced anyway, and attaching a context to say so cost a hold a few µs; the check is
-    telemetry.continued's)."""
-    if trace._TRACER_PROVIDER is None:
-        return contextlib.nullcontext()
-    return telemetry.untraced()  # type: ignore[no-any-return]
 
 
 def _who(item: store.WorkItem) -> dict[str, str]:

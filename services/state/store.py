@@ -769,10 +769,7 @@ class _TurnBatches:
             runs.append(alone(members[0]) if len(members) == 1 else together(members))
         # A call run at once from its caller's task is traced as its caller's; a queued batch,
         # run by the Coalescer's own task, is many messages' work: part of no one trace.
-        # (Tracing off, no tracer provider: nothing is traced either way.)
-        traced = (
-            trace._TRACER_PROVIDER is None or trace.get_current_span().get_span_context().is_valid
-        )
+        traced = trace.get_current_span().get_span_context().is_valid
         with contextlib.nullcontext() if traced else telemetry.untraced():
             await asyncio.gather(*runs)
         missing = RuntimeError("the batch statement returned no row for it")

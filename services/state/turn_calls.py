@@ -38,6 +38,7 @@ import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
 from common import wire
+from common.deadlines import Deadlines
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,11 @@ def _request(batch: list[_Queued]) -> agent_pb2.TurnsRequest:
     return request
 
 
+def _late(seconds: float) -> TurnError:
+    said = f"no answer within {seconds - ANSWER_GRACE:.1f} s (and {ANSWER_GRACE:g} s of grace)"
+    return TurnError(grpc.StatusCode.DEADLINE_EXCEEDED, said)
+
+
 class TurnCalls:
     """Sends turns on `width` rotating `Agent.Turns` calls (module docstring)."""
 
@@ -208,9 +214,8 @@ class TurnCalls:
         self._next = 0
         self._last: _Call | None = None
         self._ids = itertools.count(1)
-        # The turns awaiting an answer: when each stops waiting, and its own timeout.
-        self._due: dict[asyncio.Future[agent_pb2.ReplyResponse], tuple[float, float]] = {}
-        self._watch: asyncio.TimerHandle | None = None
+        # The turns awaiting an answer, each until its own timeout and ANSWER_GRACE.
+        self._deadlines = Deadlines(WATCH_SECONDS)
 
     async def turn(
         self, turn: agent_pb2.ReplyRequest, timeout: float, traceparent: str
@@ -219,29 +224,12 @@ class TurnCalls:
         turn_id = next(self._ids)
         call = self._call()
         future = call.send(turn_id, turn, timeout, traceparent)
-        # Its deadline is kept by the watch (`_watch`), not by a timeout of its own: an
-        # asyncio.timeout per turn (its object, a timer set and cancelled, the task's
-        # cancellation state) cost more than the rest of sending the turn.
-        self._due[future] = (time.monotonic() + timeout + ANSWER_GRACE, timeout)
-        if self._watch is None:
-            self._watch = asyncio.get_running_loop().call_later(WATCH_SECONDS, self._expire)
+        # An asyncio.timeout per turn cost more than the rest of sending the turn
+        # (common/deadlines.py).
         try:
-            return await future
+            return await self._deadlines.wait(future, timeout + ANSWER_GRACE, _late)
         finally:
-            del self._due[future]
             call.forget(turn_id)
-
-    def _expire(self) -> None:
-        """Fails the turns past their deadline (DEADLINE_EXCEEDED); looks again in
-        WATCH_SECONDS while turns are owed."""
-        self._watch = None
-        now = time.monotonic()
-        for future, (deadline, timeout) in list(self._due.items()):
-            if deadline <= now and not future.done():
-                said = f"no answer within {timeout:.1f} s"
-                future.set_exception(TurnError(grpc.StatusCode.DEADLINE_EXCEEDED, said))
-        if self._due:
-            self._watch = asyncio.get_running_loop().call_later(WATCH_SECONDS, self._expire)
 
     def _call(self) -> _Call:
         # A turn joins the turns still queued on the last call, to go in their message; the
@@ -273,9 +261,7 @@ class TurnCalls:
 
     def close(self) -> None:
         """Ends every call (the turns still owed fail as CANCELLED)."""
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+        self._deadlines.close()
         for call in self._slots:
             if call is not None:
                 call.cancel()
