@@ -20,6 +20,7 @@ and the worst (and p99) time from a message's acknowledgement to its reply, from
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
@@ -109,9 +110,6 @@ async def _backends(system: System) -> str:
     return f"{sum(r['n'] for r in rows)} ({parts})"
 
 
-STATEMENTS = "--statements" in sys.argv
-
-
 async def _statements_reset(system: System) -> None:
     db = await system.db()
     await db.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -175,7 +173,9 @@ async def _statements_report(system: System, total: int) -> None:
         )
 
 
-async def run(s: Servers, graph_url: str, per: int, scale: str) -> tuple[float, float, float]:
+async def run(
+    s: Servers, graph_url: str, per: int, scale: str, statements: bool = False
+) -> tuple[float, float, float]:
     """One run; returns messages/s, CPU ms per message and the worst ack-to-reply seconds."""
     async with (
         s.system(WHATSAPP_API_BASE_URL=graph_url, WA_SCALE=scale) as system,
@@ -189,7 +189,7 @@ async def run(s: Servers, graph_url: str, per: int, scale: str) -> tuple[float, 
         requests = [
             load.signed_request(host, "/webhook", SECRET, orjson.dumps(doc)) for doc in docs
         ]
-        if STATEMENTS:
+        if statements:
             await _statements_reset(system)
         cpu_before = _cpu(s, system)
         started = time.monotonic()
@@ -215,14 +215,33 @@ async def run(s: Servers, graph_url: str, per: int, scale: str) -> tuple[float, 
         print(f"  acknowledged to replied: worst {worst:.2f} s, p99 {p99:.2f} s")
         print(f"  PostgreSQL backends of the services: {backends}")
         ms = _report_cpu(cpu.per_message(cpu_before, cpu_after, total), system)
-        if STATEMENTS:
+        if statements:
             await _statements_report(system, total)
         return sent / elapsed, ms, worst
 
 
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.e2e",
+        description="End to end with the rules backend: messages/s and CPU per message.",
+    )
+    parser.add_argument(
+        "per", nargs="?", type=int, default=10, help="messages per conversation (200 of them)"
+    )
+    parser.add_argument(
+        "--curve", action="store_true", help="1, 2 and 4 replicas of state and agent in turn"
+    )
+    parser.add_argument(
+        "--statements",
+        action="store_true",
+        help="what PostgreSQL executed per message (embedded PostgreSQL only)",
+    )
+    return parser.parse_args()
+
+
 async def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if STATEMENTS:
+    args = _arguments()
+    if args.statements:
         if os.environ.get("DATABASE_URL"):
             sys.exit("--statements needs the embedded PostgreSQL (unset DATABASE_URL)")
         os.environ["WA_PG_SETTINGS"] = (
@@ -241,13 +260,13 @@ async def main() -> None:
         os.environ["WA_PG_SETTINGS"] = (
             "autovacuum_naptime=1 " + os.environ.get("WA_PG_SETTINGS", "")
         ).strip()
-    per = int(args[0]) if args else 10
-    scales = CURVE if "--curve" in sys.argv else (os.environ.get("WA_SCALE", ""),)
+    per: int = args.per
+    scales = CURVE if args.curve else (os.environ.get("WA_SCALE", ""),)
     results = []
     with harness.graph_standin() as graph_url:
         async with harness.servers() as s:
             for scale in scales:
-                results.append((scale, *await run(s, graph_url, per, scale)))
+                results.append((scale, *await run(s, graph_url, per, scale, args.statements)))
     if len(results) > 1:
         print("\nreplicas of state and agent | messages/s | CPU ms/message | worst ack->reply s")
         for scale, rate, ms, worst in results:
