@@ -248,18 +248,7 @@ async def main() -> None:
             "shared_preload_libraries=pg_stat_statements pg_stat_statements.track=all "
             + os.environ.get("WA_PG_SETTINGS", "")
         )
-    # The run starts on an empty database. Each backend caches a generic plan of every
-    # statement at its sixth run, and on tables that small every index costs the same: the
-    # plans chosen then read a whole index (the finish's lookup of a message by id scanned all
-    # of processed_messages_customer_last_idx, the ingest's adopt every conversation of the
-    # business number) until autovacuum's first ANALYZE replaces them, up to a minute
-    # (autovacuum_naptime) later: a 10-message run never got there, a 50-message run late,
-    # and its cost per message grew with the tables. A deployment runs on analyzed tables: the
-    # bench's autovacuum looks every second, so that what it measures is that steady state.
-    if not os.environ.get("DATABASE_URL"):
-        os.environ["WA_PG_SETTINGS"] = (
-            "autovacuum_naptime=1 " + os.environ.get("WA_PG_SETTINGS", "")
-        ).strip()
+    harness.analyzed_plans()
     per: int = args.per
     scales = CURVE if args.curve else (os.environ.get("WA_SCALE", ""),)
     results = []
