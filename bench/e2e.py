@@ -8,10 +8,19 @@ are not the system and are not counted).
     WA_SCALE=agent=2,state=2 .venv/bin/python -m bench.e2e     # replicas (devtools/replicas.py)
     .venv/bin/python -m bench.e2e --curve [MESSAGES_PER_CONVERSATION]
     .venv/bin/python -m bench.e2e --statements [MESSAGES_PER_CONVERSATION]
+    .venv/bin/python -m bench.e2e --curve --rate 400 20     # an offered load, 400 messages/s
 
 `--statements` (embedded PostgreSQL only) preloads pg_stat_statements and prints, after the
 run, what PostgreSQL executed per message: each statement's calls and time per message, the
 commits per message, and the rows inserted, updated (HOT or not) and deleted per message.
+
+`--rate` offers the messages at a fixed rate instead of as fast as they are acknowledged. A
+burst's CPU per message falls as a backlog builds (a turn that finds the next message waiting
+needs no new claim, and batches grow), so a faster system pays more per message for draining it
+sooner; at one offered rate below every configuration's capacity, each is measured at the
+same backlog, as customers load it.
+
+`--statements` also counts the audit rows per message by transition.
 
 `--curve` runs the same load with 1, 2 and 4 replicas of state and agent, one after the other
 on the same servers. Each run reports messages/s, CPU per message per process and in total,
@@ -171,10 +180,22 @@ async def _statements_report(system: System, total: int) -> None:
             f"    {t['relname']:<32} {t['n_tup_ins'] / total:5.2f} {t['n_tup_upd'] / total:5.2f}"
             f" ({t['n_tup_hot_upd'] / total:4.2f}) {t['n_tup_del'] / total:5.2f}"
         )
+    audit = await db.fetch(
+        "SELECT entity, coalesce(from_state, '-') AS f, to_state AS t, count(*) AS n"
+        " FROM conversation_state_transitions GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 12"
+    )
+    print("  audit rows per message (entity: from -> to):")
+    for r in audit:
+        print(f"    {r['n'] / total:5.2f} {r['entity']}: {r['f']} -> {r['t']}")
 
 
 async def run(
-    s: Servers, graph_url: str, per: int, scale: str, statements: bool = False
+    s: Servers,
+    graph_url: str,
+    per: int,
+    scale: str,
+    statements: bool = False,
+    rate: float | None = None,
 ) -> tuple[float, float, float]:
     """One run; returns messages/s, CPU ms per message and the worst ack-to-reply seconds."""
     async with (
@@ -193,7 +214,7 @@ async def run(
             await _statements_reset(system)
         cpu_before = _cpu(s, system)
         started = time.monotonic()
-        errors = await load.post_all(f"{system.url}/webhook", requests, 32)
+        errors = await load.post_all(f"{system.url}/webhook", requests, 32, rate)
         acked = time.monotonic() - started
         assert errors == 0, f"{errors} deliveries were not acknowledged"
         deadline = started + 600
@@ -207,7 +228,7 @@ async def run(
         backends = await _backends(system)
         print(
             f"{total} messages across {CONVERSATIONS} conversations (rules backend),"
-            f" WA_SCALE={scale or 'none'}"
+            f" WA_SCALE={scale or 'none'}" + (f", offered at {rate:g}/s" if rate else "")
         )
         print(f"  all acknowledged after {acked:.1f} s ({total / acked:.0f} acks/s)")
         print(f"  {sent} replies after {elapsed:.1f} s: {sent / elapsed:.0f} messages/s")
@@ -230,6 +251,11 @@ def _arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--curve", action="store_true", help="1, 2 and 4 replicas of state and agent in turn"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="offer the messages at this rate (messages/s) instead of as fast as acknowledged",
     )
     parser.add_argument(
         "--statements",
@@ -255,7 +281,9 @@ async def main() -> None:
     with harness.graph_standin() as graph_url:
         async with harness.servers() as s:
             for scale in scales:
-                results.append((scale, *await run(s, graph_url, per, scale, args.statements)))
+                results.append(
+                    (scale, *await run(s, graph_url, per, scale, args.statements, args.rate))
+                )
     if len(results) > 1:
         print("\nreplicas of state and agent | messages/s | CPU ms/message | worst ack->reply s")
         for scale, rate, ms, worst in results:

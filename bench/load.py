@@ -61,18 +61,29 @@ def endpoint(url: str) -> tuple[str, int, str]:
     return parts.hostname or "127.0.0.1", parts.port or 80, parts.path
 
 
-async def post_all(url: str, requests: list[bytes], connections: int) -> int:
-    """Sends prepared requests over `connections` keep-alive connections; returns non-200s."""
+async def post_all(
+    url: str, requests: list[bytes], connections: int, rate: float | None = None
+) -> int:
+    """Sends prepared requests over `connections` keep-alive connections; returns non-200s.
+
+    With `rate`, request n is sent no earlier than n / rate seconds after the start: an
+    offered load, as customers offer it, instead of as fast as the acknowledgements come."""
     host, port, _ = endpoint(url)
     queue = list(reversed(requests))
     errors = 0
+    started = time.monotonic()
+    taken = 0
 
     async def worker() -> None:
-        nonlocal errors
+        nonlocal errors, taken
         reader, writer = await asyncio.open_connection(host, port)
         try:
             while queue:
-                writer.write(queue.pop())
+                request, n = queue.pop(), taken
+                taken += 1
+                if rate is not None and (wait := started + n / rate - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                writer.write(request)
                 if await read_response(reader) != 200:
                     errors += 1
         finally:
