@@ -119,6 +119,18 @@ async def _backends(system: System) -> str:
     return f"{sum(r['n'] for r in rows)} ({parts})"
 
 
+async def _ingest_batches(client: httpx.AsyncClient, system: System) -> tuple[float, float]:
+    """The gateway's IngestBatch calls so far and the deliveries they carried (its /metrics;
+    with gateway replicas, the one that answered)."""
+    text = (await client.get(f"{system.url}/metrics")).text
+    found = dict.fromkeys(("count", "sum"), 0.0)
+    for line in text.splitlines():
+        for part in found:
+            if line.startswith(f"wa_gateway_ingest_batch_size_{part} "):
+                found[part] = float(line.split()[1])
+    return found["count"], found["sum"]
+
+
 async def _statements_reset(system: System) -> None:
     db = await system.db()
     await db.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -212,6 +224,7 @@ async def run(
         ]
         if statements:
             await _statements_reset(system)
+        batches_before = await _ingest_batches(client, system)
         cpu_before = _cpu(s, system)
         started = time.monotonic()
         errors = await load.post_all(f"{system.url}/webhook", requests, 32, rate)
@@ -223,6 +236,7 @@ async def run(
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - started
         cpu_after = _cpu(s, system)
+        batches_after = await _ingest_batches(client, system)
         sent = counts["sent"] - before["sent"]
         worst, p99 = await _latency(system)
         backends = await _backends(system)
@@ -235,6 +249,10 @@ async def run(
         print(f"  duplicates: {counts['duplicates'] - before['duplicates']}")
         print(f"  acknowledged to replied: worst {worst:.2f} s, p99 {p99:.2f} s")
         print(f"  PostgreSQL backends of the services: {backends}")
+        calls = batches_after[0] - batches_before[0]
+        if calls:
+            per_call = (batches_after[1] - batches_before[1]) / calls
+            print(f"  deliveries per IngestBatch call: {per_call:.1f} ({calls:.0f} calls)")
         ms = _report_cpu(cpu.per_message(cpu_before, cpu_after, total), system)
         if statements:
             await _statements_report(system, total)
