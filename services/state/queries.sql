@@ -200,6 +200,24 @@ WITH input AS (
     SELECT DISTINCT ON (outbound_id) outbound_id, status, error_code
       FROM input
      ORDER BY outbound_id, wa_delivery_rank(status) DESC
+), locked AS MATERIALIZED (
+    -- The messages the updates below may change, locked in the order a batch of turns' final
+    -- statements takes them (wa_finish_turns: by conversation, each conversation's row before
+    -- its messages'). Locked in the updates' own join order, a status for a reply whose turn
+    -- is still finishing could hold one message of that batch while waiting for another, and
+    -- PostgreSQL would break the cycle after deadlock_timeout by failing one of the two.
+    -- (Both updates read their rows from here, so every row they change is locked by now.)
+    SELECT m.id
+      FROM processed_webhook_messages m
+      LEFT JOIN webhook_conversations c ON c.id = m.conversation_id
+     WHERE m.id IN (SELECT t.id FROM processed_webhook_messages t, best b
+                     WHERE t.reply_message_id = b.outbound_id AND t.kind = 'message'
+                    UNION ALL
+                    SELECT t.id FROM processed_webhook_messages t, input i
+                     WHERE t.message_id = i.callback_data AND i.callback_data <> ''
+                       AND t.kind = 'message')
+     ORDER BY c.phone_number_id, c.customer_id, m.conversation_id, m.id
+       FOR NO KEY UPDATE OF m
 ), confirm AS (
     -- A reply whose send was never recorded (its turn died mid-send) is confirmed by the
     -- status webhook that carries our callback data: the inbound message id. `failed` is
@@ -208,9 +226,9 @@ WITH input AS (
        SET reply_message_id = i.outbound_id, reply_status = i.status,
            reply_confirmed_by = 'status webhook: ' || i.status, send_started_at = NULL,
            updated_at = now()
-      FROM input i
+      FROM input i, locked l
      WHERE i.callback_data <> '' AND m.message_id = i.callback_data AND m.kind = 'message'
-       AND m.reply_message_id IS NULL AND i.status <> 'failed'
+       AND m.reply_message_id IS NULL AND i.status <> 'failed' AND m.id = l.id
     RETURNING m.id
 ), part_status AS (
     -- A part of a long reply (callback data '<message id>#<part>'): its furthest delivery
@@ -240,9 +258,9 @@ WITH input AS (
        SET reply_status = b.status,
            reply_error_code = COALESCE(NULLIF(b.error_code, ''), m.reply_error_code),
            updated_at = now()
-      FROM best b
+      FROM best b, locked l
      WHERE m.reply_message_id = b.outbound_id AND m.kind = 'message'
-       AND wa_delivery_rank(m.reply_status) < wa_delivery_rank(b.status)
+       AND wa_delivery_rank(m.reply_status) < wa_delivery_rank(b.status) AND m.id = l.id
     RETURNING m.id
 )
 SELECT message_id FROM ins

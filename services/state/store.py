@@ -132,28 +132,36 @@ async def ingest(
     correlation_id: str,
     traceparent: str,
 ) -> tuple[list[Ingested], int]:
-    """Stores one delivery atomically: all of it or, on error, none of it."""
+    """Stores one delivery (`ingest_many`)."""
     (out,) = await ingest_many(pool, [DeliveryIn(messages, statuses, correlation_id, traceparent)])
     return out.results, out.statuses_stored
 
 
 async def ingest_many(pool: asyncpg.Pool, deliveries: list[DeliveryIn]) -> list[DeliveryOut]:
-    """Stores several deliveries atomically, in one statement per kind of event (messages,
-    statuses and, rarely, customer events)."""
+    """Stores several deliveries, in one statement per kind of event (messages, statuses
+    and, rarely, customer events).
+
+    The statuses are stored first, in a statement of their own; then the customer's events
+    and messages, together or not at all. A status locks the messages its reply answered, and
+    a batch of turns' final statements takes each conversation's row before its messages': in
+    one transaction with the messages' conversation rows, a status could hold a conversation
+    that batch waits for while waiting for a message the batch holds (a deadlock PostgreSQL
+    breaks after deadlock_timeout by failing one of them). When either fails the call fails,
+    and storing again is idempotent; statuses first, so that a failure never leaves messages
+    stored whose retry would find them duplicates (a duplicate wakes no conversation)."""
     messages = [(d, m) for d in deliveries for m in d.messages]
     statuses = [(d, s) for d in deliveries for s in d.statuses]
     events = [(d, e) for d in deliveries for e in d.events]
     async with pool.acquire() as conn:
+        stored = await _insert_statuses(conn, statuses) if statuses else set()
         # One statement is atomic by itself: no BEGIN/COMMIT round trips.
         # Customer events are stored and applied together or not at all (a stored event is a
         # duplicate when Meta retries it, so it must not be stored unapplied).
-        several = bool(events) or bool(messages and statuses)
-        async with conn.transaction() if several else contextlib.nullcontext():
+        async with conn.transaction() if events else contextlib.nullcontext():
             # A changed BSUID first: the messages of this delivery then find their
             # conversation under the new one.
             applied = await _apply_events(conn, events) if events else set()
             rows = await _insert_messages(conn, messages) if messages else []
-            stored = await _insert_statuses(conn, statuses) if statuses else set()
     seen: set[str] = set()
     results: dict[int, list[Ingested]] = {id(d): [] for d in deliveries}
     for (d, m), row in zip(messages, rows, strict=True):

@@ -148,6 +148,15 @@ async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -
     ):
         plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {query}"))
         assert "Index" in plan and "Seq Scan" not in plan, (query, plan)
+    # A batch of delivery statuses: the replies it is about, by their ids (each array one
+    # status: $5 the timestamps, $10 our callback data, the inbound message's id).
+    async with pool.acquire() as conn:
+        await conn.execute(f"PREPARE statuses AS {state_store.Q['ingest_statuses']}")
+        values = ["ARRAY['wamid.x']"] * 11
+        values[4], values[9] = "ARRAY[now()]", "ARRAY['m500000']"
+        rows = await conn.fetch(f"EXPLAIN EXECUTE statuses({', '.join(values)})")
+    plan = "\n".join(r[0] for r in rows)
+    assert "Seq Scan on processed_webhook_messages" not in plan, plan
     # Every turn's state, with the customer's last message in a conversation of a million
     # (the 24-hour window): one entry of the window's index, not the conversation's history.
     turn_state = agent_turn.Q["turn_state"].replace("$1", "'m500000'")
