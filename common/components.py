@@ -4,6 +4,7 @@ and the three gRPC services. The gateway's `/readyz`, `wa health` and the consol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
@@ -12,10 +13,42 @@ from wa.v1 import agent_pb2, agent_pb2_grpc, state_pb2, state_pb2_grpc
 from . import config, grpcserver
 
 
+class Channels:
+    """A channel per target, opened at its first check and kept while the target answers (a
+    check that opened its own paid a connection and its TLS handshake each time: most of the
+    CPU of the gateway's readiness loop, whatever the system was doing). A target found
+    down gets a new channel at the next check, which connects at once, rather than waiting
+    out the kept channel's reconnection backoff."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[contextlib.AbstractAsyncContextManager[Any], Any]] = {}
+
+    async def get(self, target: str) -> grpc.aio.Channel:
+        entry = self._open.get(target)
+        if entry is None:
+            opener = grpcserver.channel(target)
+            entry = self._open[target] = (opener, await opener.__aenter__())
+        ch: grpc.aio.Channel = entry[1]
+        return ch
+
+    async def drop(self, target: str) -> None:
+        entry = self._open.pop(target, None)
+        if entry is not None:
+            await entry[0].__aexit__(None, None, None)
+
+    async def aclose(self) -> None:
+        for target in list(self._open):
+            await self.drop(target)
+
+
 async def check_components(
-    settings: config.Base, state: state_pb2_grpc.StateStub
+    settings: config.Base, state: state_pb2_grpc.StateStub, channels: Channels | None = None
 ) -> list[dict[str, Any]]:
-    """PostgreSQL and Redis (as the state service sees them) and the three gRPC services."""
+    """PostgreSQL and Redis (as the state service sees them) and the three gRPC services, on
+    `channels` when given (else on channels of this check's own)."""
+    if channels is None:
+        async with contextlib.aclosing(Channels()) as own:
+            return await check_components(settings, state, own)
 
     async def deps() -> list[dict[str, Any]]:
         try:
@@ -26,7 +59,10 @@ async def check_components(
         return [{"name": c.name, "healthy": c.healthy, "detail": c.detail} for c in resp.components]
 
     async def service(name: str, target: str) -> dict[str, Any]:
-        ok, detail = await grpcserver.check_health(target)
+        ch = await channels.get(target)
+        ok, detail = await grpcserver.check_health_on(ch)
+        if not ok:
+            await channels.drop(target)
         component: dict[str, Any] = {
             "name": name,
             "healthy": ok,
@@ -36,19 +72,18 @@ async def check_components(
         if name == "agent" and ok:
             # An open breaker does not make the gateway unready (acks do not need the model);
             # it is shown so an operator sees why replies are not going out.
-            async with grpcserver.channel(target) as ch:
-                try:
-                    status = await agent_pb2_grpc.AgentStub(ch).GetStatus(
-                        agent_pb2.GetStatusRequest(), timeout=2
-                    )
-                    component["backend"] = status.backend
-                    component["breaker"] = status.breaker_state
-                    component["detail"] = (
-                        f"{detail}; model backend {status.backend}, "
-                        f"circuit breaker {status.breaker_state}"
-                    )
-                except grpc.aio.AioRpcError:
-                    pass
+            try:
+                status = await agent_pb2_grpc.AgentStub(ch).GetStatus(
+                    agent_pb2.GetStatusRequest(), timeout=2
+                )
+                component["backend"] = status.backend
+                component["breaker"] = status.breaker_state
+                component["detail"] = (
+                    f"{detail}; model backend {status.backend}, "
+                    f"circuit breaker {status.breaker_state}"
+                )
+            except grpc.aio.AioRpcError:
+                pass
         return component
 
     results = await asyncio.gather(

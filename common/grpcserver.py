@@ -182,10 +182,15 @@ async def check_health(
     target: str, timeout: float = 2.0, transport: tls.Transport = _UNSET
 ) -> tuple[bool, str]:
     """Asks a service's standard health endpoint; returns (serving, detail)."""
+    async with channel(target, transport=transport) as ch:
+        return await check_health_on(ch, timeout)
+
+
+async def check_health_on(ch: grpc.aio.Channel, timeout: float = 2.0) -> tuple[bool, str]:
+    """`check_health` on a channel already open."""
     try:
-        async with channel(target, transport=transport) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        stub = health_pb2_grpc.HealthStub(ch)
+        resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
     except grpc.aio.AioRpcError as exc:
         return False, f"{exc.code().name}: {exc.details()}"
     serving = resp.status == health_pb2.HealthCheckResponse.SERVING

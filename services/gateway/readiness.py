@@ -1,8 +1,9 @@
 """`/readyz` from a check made in the background, never per request.
 
 Checking the system (PostgreSQL and Redis through the state service, the three gRPC services'
-health) opens channels and makes several RPCs: done per request, anyone who can reach
-`/readyz` could make the gateway open connections as fast as they can send requests. One
+health) makes several RPCs: done per request, anyone who can reach `/readyz` could make the
+gateway call the services as fast as they can send requests. The checks' channels stay open
+between checks (a channel per check paid a connection and a TLS handshake each time). One
 task checks every `GATEWAY_READY_REFRESH_SECONDS`; `/readyz` answers the last result, and
 503 until there is one or when it is too old (the task stuck), so a probe never reports a
 readiness nobody checked lately. Changes are logged, the result is the `wa_gateway_ready`
@@ -20,7 +21,7 @@ from prometheus_client import Counter, Gauge
 from wa.v1 import state_pb2_grpc
 
 from common import config
-from common.components import check_components
+from common.components import Channels, check_components
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Readiness:
         self._checked_at = 0.0
         self._ready: bool | None = None
         self._task: asyncio.Task[None] | None = None
+        self._channels = Channels()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="readiness")
@@ -50,6 +52,7 @@ class Readiness:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._channels.aclose()
 
     def answer(self) -> tuple[bool, dict[str, Any]]:
         """(ready, the body of `/readyz`)."""
@@ -71,7 +74,7 @@ class Readiness:
         CHECKS.inc()
         try:
             components = await asyncio.wait_for(
-                check_components(self.settings, self.state), CHECK_TIMEOUT
+                check_components(self.settings, self.state, self._channels), CHECK_TIMEOUT
             )
         except Exception as exc:  # the loop goes on; what failed is the answer
             components = [{"name": "gateway", "healthy": False, "detail": f"check failed: {exc!r}"}]
