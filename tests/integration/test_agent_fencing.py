@@ -19,8 +19,8 @@ from services.agent.backends import RulesBackend
 from services.agent.graph import GraphClient
 from services.agent.turn import Agent, StaleFence
 from services.state import store
-from tests.integration.test_state_store import inbound
 from tests.support.fakes import FakeGraph
+from tests.support.inbound import inbound
 
 ROOT = Path(__file__).resolve().parents[2]
 

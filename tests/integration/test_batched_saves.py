@@ -15,7 +15,7 @@ import pytest
 from common import db, roles
 from services.agent.saves import Save, Saves
 from services.state import store
-from tests.integration.test_state_store import inbound
+from tests.support.inbound import inbound
 
 
 @pytest.fixture

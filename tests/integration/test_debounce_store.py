@@ -11,7 +11,7 @@ import pytest
 
 from common import sqlfile
 from services.state import machine, store
-from tests.integration.test_state_store import inbound
+from tests.support.inbound import inbound
 
 
 async def save_reply(

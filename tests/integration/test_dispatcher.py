@@ -15,7 +15,7 @@ from services.state import store
 from services.state.dispatcher import Dispatcher
 from services.state.locks import Locks
 from services.state.ports import Failure, TurnResult
-from tests.integration.test_state_store import inbound
+from tests.support.inbound import inbound
 from tests.support.servers import Redis
 
 

@@ -20,6 +20,7 @@ from common.domain import Message, Status
 from services.state import machine, retention, store
 from services.state.locks import Locks
 from services.state.settings import StateSettings
+from tests.support.inbound import inbound as support_inbound
 from tests.support.servers import Redis
 
 TABLES = (
@@ -36,16 +37,17 @@ TABLES = (
 def inbound(
     message_id: str, wa_id: str = "", user_id: str = "", kind: str = "text", text: str = "hi"
 ) -> Message:
-    return Message(
-        message_id=message_id,
-        phone_number_id="100",
-        wa_id=wa_id,
+    """A message whose stored payload names its customer and words, as Meta's does: what
+    erasure must remove."""
+    payload = f'{{"id": "{message_id}", "from": "{wa_id}", "text": "{text}"}}'
+    return support_inbound(
+        message_id,
+        wa_id,
         user_id=user_id,
-        contact_name="Ann Example",
-        type=kind,
-        timestamp=int(time.time()),
+        kind=kind,
         text=text,
-        payload_json=f'{{"id": "{message_id}", "from": "{wa_id}", "text": "{text}"}}',
+        contact_name="Ann Example",
+        payload_json=payload,
     )
 
 

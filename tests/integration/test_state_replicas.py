@@ -18,7 +18,7 @@ from services.state.dispatcher import Dispatcher
 from services.state.locks import Locks
 from services.state.ports import TurnResult
 from tests.integration.test_dispatcher import Dlq
-from tests.integration.test_state_store import inbound
+from tests.support.inbound import inbound
 from tests.support.servers import Redis
 
 

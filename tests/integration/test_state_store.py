@@ -10,25 +10,11 @@ import asyncpg
 import pytest
 
 from common import kv
-from common.domain import Message, Status
+from common.domain import Status
 from services.state import machine, store
 from services.state.locks import Locks
+from tests.support.inbound import inbound
 from tests.support.servers import Redis
-
-
-def inbound(
-    message_id: str, wa_id: str = "15550001111", ts: int = 0, kind: str = "text", text: str = "hi"
-) -> Message:
-    return Message(
-        message_id=message_id,
-        phone_number_id="100",
-        wa_id=wa_id,
-        contact_name="Ann",
-        type=kind,
-        timestamp=ts or int(time.time()),
-        text=text,
-        payload_json=f'{{"id": "{message_id}"}}',
-    )
 
 
 async def test_concurrent_copies_of_one_message_store_it_once(pool: asyncpg.Pool) -> None:

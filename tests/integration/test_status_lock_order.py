@@ -17,23 +17,11 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 
-from common.domain import Message, Status
+from common.domain import Status
 from services.state import machine, store
+from tests.support.inbound import inbound
 
 pytestmark = pytest.mark.asyncio
-
-
-def inbound(message_id: str, wa_id: str) -> Message:
-    return Message(
-        message_id=message_id,
-        phone_number_id="100",
-        wa_id=wa_id,
-        contact_name="Ann",
-        type="text",
-        timestamp=int(time.time()),
-        text="hi",
-        payload_json=f'{{"id": "{message_id}"}}',
-    )
 
 
 def sent(outbound_id: str, inbound_id: str, wa_id: str) -> Status:

@@ -18,7 +18,7 @@ from services.state.locks import Locks
 from services.state.sweeper import Sweeper
 from tests.integration.test_dispatcher import Agent, Dlq
 from tests.integration.test_state_replicas import redis_client
-from tests.integration.test_state_store import inbound
+from tests.support.inbound import inbound
 from tests.support.servers import Redis
 
 

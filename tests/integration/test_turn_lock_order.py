@@ -6,29 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from common.domain import Message
 from services.state import machine, store
+from tests.support.inbound import inbound
 
 pytestmark = pytest.mark.asyncio
-
-
-def inbound(message_id: str) -> Message:
-    return Message(
-        message_id=message_id,
-        phone_number_id="100",
-        wa_id="15550001111",
-        contact_name="Ann",
-        type="text",
-        timestamp=int(time.time()),
-        text="hi",
-        payload_json=f'{{"id": "{message_id}"}}',
-    )
 
 
 class InTransaction:
