@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 from pathlib import Path
 
 import asyncpg
@@ -125,16 +126,63 @@ async def require_current(dsn: str, directory: Path = MIGRATIONS) -> None:
         )
 
 
+WAIT_POLL_SECONDS = 2.0
+
+
+async def wait_current(dsn: str, seconds: float, directory: Path = MIGRATIONS) -> list[str]:
+    """Waits up to `seconds` for every migration to be applied (by the owner, elsewhere);
+    returns the ones still pending then (none: the schema is current). A connection refused,
+    or a role not provisioned yet, counts as pending: on a first install the owner's job
+    creates the roles too."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    attempt = 0
+    while True:
+        try:
+            missing = await pending(dsn, directory)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            missing = [f"(cannot read them: {type(exc).__name__})"]
+        if not missing:
+            return []
+        attempt += 1
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            return missing
+        if attempt == 1 or attempt % 15 == 0:
+            log.info("waiting for migrations", extra={"pending": missing})
+        await asyncio.sleep(min(left, WAIT_POLL_SECONDS * (0.5 + random.random())))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m common.migrate [--check]`: apply and provision the services' roles (what
-    compose's job runs), or (--check) exit 1 when any is pending."""
+    """`python -m common.migrate [--check | --wait SECONDS]`: apply and provision the services'
+    roles (what compose's job runs); or (--check) exit 1 when any is pending; or (--wait)
+    wait for the owner to apply them, exit 1 if still pending after SECONDS (a Kubernetes
+    init container's, with the service's own URL: `--url-from STATE_DATABASE_URL`)."""
     import argparse
+    import os
 
     from . import logs, roles
 
     parser = argparse.ArgumentParser(prog="migrate")
     parser.add_argument("--check", action="store_true", help="exit 1 if migrations are pending")
+    parser.add_argument(
+        "--wait", type=float, metavar="SECONDS", help="wait until none is pending, at most this"
+    )
+    parser.add_argument(
+        "--url-from",
+        metavar="VARIABLE",
+        help="with --wait: the variable holding the database URL (default DATABASE_URL)",
+    )
     args = parser.parse_args(argv)
+    if args.wait is not None:
+        logs.setup("migrate", os.environ.get("LOG_LEVEL", "INFO"))
+        variable = args.url_from or "DATABASE_URL"
+        dsn = os.environ.get(variable, "")
+        if not dsn:
+            raise ConfigError(f"{variable} is not set")
+        missing = asyncio.run(wait_current(dsn, args.wait))
+        if missing:
+            log.error("migrations still pending", extra={"pending": missing})
+        return 1 if missing else 0
     settings = roles.RoleSettings.from_env()
     logs.setup("migrate", settings.log_level)
     if args.check:

@@ -21,9 +21,14 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public
     FROM PUBLIC, :"state", :"agent", :"dlq", :"operator";
 -- Every policy's owner clause calls it.
 GRANT EXECUTE ON FUNCTION wa_owns TO :"state", :"agent", :"dlq", :"operator";
+-- Which migrations are applied: the state service refuses to start with one pending, and each
+-- service's Kubernetes init container waits for them with its own role
+-- (`python -m common.migrate --wait`).
+GRANT SELECT ON schema_migrations TO :"state", :"agent", :"dlq", :"operator";
+CREATE POLICY role_services ON schema_migrations FOR SELECT
+    TO :"state", :"agent", :"dlq", :"operator" USING (true);
 
 -- state: ingests, claims conversations, moves messages through their states, audits, reports.
-GRANT SELECT ON schema_migrations TO :"state";  -- it refuses to start with migrations pending
 GRANT SELECT, INSERT, UPDATE ON webhook_conversations, processed_webhook_messages TO :"state";
 GRANT SELECT, INSERT ON conversation_state_transitions TO :"state";
 GRANT SELECT, UPDATE ON agent_reply_parts TO :"state";  -- status webhooks confirm parts
@@ -41,7 +46,6 @@ GRANT EXECUTE ON FUNCTION wa_claim_turns, wa_finish_turns TO :"state";  -- batch
 GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";
 GRANT SELECT ON wa_message_tombstones TO :"state";  -- ingest: a forgotten id stays a duplicate
 GRANT SELECT ON agent_contexts TO :"state";  -- a turn starts with its context (0020)
-CREATE POLICY role_state ON schema_migrations FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON webhook_conversations TO :"state" USING (true) WITH CHECK (true);
 CREATE POLICY role_state ON processed_webhook_messages TO :"state"
     USING (true) WITH CHECK (true);

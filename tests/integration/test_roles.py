@@ -449,3 +449,46 @@ async def _drop_roles(dsn: str, names: list[str]) -> None:
             await conn.execute(f"DROP OWNED BY {ident}; DROP ROLE {ident}")
     finally:
         await conn.close()
+
+
+async def test_each_service_role_can_wait_for_the_migrations_its_code_needs(pg: Postgres) -> None:
+    """`python -m common.migrate --wait` with a service's own URL (a Kubernetes init
+    container's): it exits 1 while a migration is pending, and 0 once the owner applied it."""
+    dsn = await pg.create_database(None)
+    await migrate.migrate(dsn)
+    urls = await roles.provision(dsn)
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        applied = await conn.fetchrow(
+            "DELETE FROM schema_migrations WHERE version = '0011_message_referral.sql'"
+            " RETURNING version, checksum"
+        )
+        assert applied is not None
+
+        def wait(service: str, seconds: str) -> subprocess.CompletedProcess[str]:
+            variable = roles.VARIABLES[service]
+            argv = ["-m", "common.migrate", "--wait", seconds, "--url-from", variable]
+            return subprocess.run(
+                [sys.executable, *argv],
+                env={**os.environ, variable: urls[service]},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        for service in ("state", "agent", "dlq", "operator"):
+            pending = await asyncio.to_thread(wait, service, "0.5")
+            assert pending.returncode == 1, (service, pending.stderr)
+            assert "0011_message_referral.sql" in pending.stderr, pending.stderr
+        # The owner applies it while a service waits.
+        waiting = asyncio.create_task(asyncio.to_thread(wait, "agent", "30"))
+        await asyncio.sleep(1)
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+            applied["version"],
+            applied["checksum"],
+        )
+        done = await waiting
+        assert done.returncode == 0, done.stderr
+    finally:
+        await conn.close()

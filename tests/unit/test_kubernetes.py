@@ -125,7 +125,27 @@ def deployment_problems(objects: list[Object]) -> list[str]:
         own = OWN_DATABASE_URL[name]
         if urls != ({own} if own else set()):
             problems.append(f"{name}: database URLs {sorted(urls)}, expected only {own}")
+        if own:
+            problems += _schema_wait_problems(name, pod, env[own])
     return problems
+
+
+def _schema_wait_problems(name: str, pod: Object, url: Object) -> list[str]:
+    """A service with a database first waits, with its own URL from the same secret, until the
+    migrate Job has brought the schema its image needs (`common.migrate --wait`)."""
+    variable = url["name"]
+    for init in pod.get("initContainers", []):
+        command = init.get("command", [])
+        if command[:4] == ["python", "-m", "common.migrate", "--wait"] and command[5:] == [
+            "--url-from",
+            variable,
+        ]:
+            if _env(init).get(variable) != url:
+                return [f"{name}: its schema wait reads another {variable}"]
+            if init.get("securityContext", {}).get("readOnlyRootFilesystem") is not True:
+                return [f"{name}: its schema wait has a writable root filesystem"]
+            return []
+    return [f"{name}: starts without waiting for the schema (common.migrate --wait)"]
 
 
 def secret_problems(objects: list[Object]) -> list[str]:
@@ -384,6 +404,12 @@ MUTATIONS: dict[str, Callable[[list[Object]], None]] = {
     "another service's certificate": lambda o: _deployment(o, "gateway")["spec"]["template"][
         "spec"
     ]["volumes"][0]["secret"].update(secretName="wa-tls-state"),
+    "no schema wait": lambda o: _deployment(o, "agent")["spec"]["template"]["spec"].pop(
+        "initContainers"
+    ),
+    "a schema wait with another URL": lambda o: _deployment(o, "dlq")["spec"]["template"]["spec"][
+        "initContainers"
+    ][0]["env"][1]["valueFrom"]["secretKeyRef"].update(key="state-url"),
     "service links": lambda o: _deployment(o, "gateway")["spec"]["template"]["spec"].pop(
         "enableServiceLinks"
     ),
