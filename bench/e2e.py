@@ -9,6 +9,7 @@ are not the system and are not counted).
     .venv/bin/python -m bench.e2e --curve [MESSAGES_PER_CONVERSATION]
     .venv/bin/python -m bench.e2e --statements [MESSAGES_PER_CONVERSATION]
     .venv/bin/python -m bench.e2e --curve --rate 400 20     # an offered load, 400 messages/s
+    .venv/bin/python -m bench.e2e --curve --idle 30         # no load: background loops' CPU
 
 `--statements` (embedded PostgreSQL only) preloads pg_stat_statements and prints, after the
 run, what PostgreSQL executed per message: each statement's calls and time per message, the
@@ -94,6 +95,23 @@ def _report_cpu(per: dict[str, float], system: System) -> float:
         }
         print("  by service: " + ", ".join(f"{k} {v:.2f}" for k, v in services.items()))
     return sum(per.values())
+
+
+async def idle(s: Servers, graph_url: str, scale: str, seconds: float) -> float:
+    """The system up, ready and sent nothing: CPU per second of each process (its background
+    loops: leases, sweeps, polls, readiness checks, gauges), and in total."""
+    async with s.system(WHATSAPP_API_BASE_URL=graph_url, WA_SCALE=scale) as system:
+        await asyncio.sleep(3)  # start-up's own work done
+        before = _cpu(s, system)
+        await asyncio.sleep(seconds)
+        per_second = {
+            name: ms / seconds for name, ms in cpu.per_message(before, _cpu(s, system), 1).items()
+        }
+    parts = ", ".join(f"{name} {ms:.1f}" for name, ms in per_second.items())
+    total = sum(per_second.values())
+    print(f"idle for {seconds:g} s, WA_SCALE={scale or 'none'}: {total:.1f} ms of CPU a second")
+    print(f"  ({parts})")
+    return total
 
 
 async def _latency(system: System) -> tuple[float, float]:
@@ -276,6 +294,12 @@ def _arguments() -> argparse.Namespace:
         help="offer the messages at this rate (messages/s) instead of as fast as acknowledged",
     )
     parser.add_argument(
+        "--idle",
+        type=float,
+        metavar="SECONDS",
+        help="send nothing: each process's CPU a second while the system idles this long",
+    )
+    parser.add_argument(
         "--statements",
         action="store_true",
         help="what PostgreSQL executed per message (embedded PostgreSQL only)",
@@ -299,6 +323,9 @@ async def main() -> None:
     with harness.graph_standin() as graph_url:
         async with harness.servers() as s:
             for scale in scales:
+                if args.idle:
+                    await idle(s, graph_url, scale, args.idle)
+                    continue
                 results.append(
                     (scale, *await run(s, graph_url, per, scale, args.statements, args.rate))
                 )
