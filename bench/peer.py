@@ -145,6 +145,7 @@ async def burst(
     settle: float,
     cpu_now: Any,
     kill: Any = None,
+    rate: float | None = None,
 ) -> Run:
     """Posts the burst to `url` and waits for its replies; `cpu_now()` gives the system's CPU
     seconds so far; `kill()`, if given, is called once every delivery is acknowledged."""
@@ -160,7 +161,7 @@ async def burst(
     async with httpx.AsyncClient(timeout=10) as client:
         before = cpu_now()
         started = time.monotonic()
-        not_acked = await load.post_all(url, requests, CONNECTIONS)
+        not_acked = await load.post_all(url, requests, CONNECTIONS, rate)
         if kill is not None:
             kill()
         answered, last_change, deadline = -1, time.monotonic(), started + 900
@@ -179,7 +180,7 @@ async def burst(
     return Run(name, total, not_acked, answered, counts["duplicates"], seconds, cpu_ms, parts)
 
 
-async def run_ours(s: harness.Servers, per: int, settle: float) -> Run:
+async def run_ours(s: harness.Servers, per: int, settle: float, rate: float | None = None) -> Run:
     """One burst against a fresh system (its own database) on the shared servers."""
     with harness.graph_standin() as graph_url:
         async with s.system(WHATSAPP_API_BASE_URL=graph_url) as system:
@@ -190,6 +191,7 @@ async def run_ours(s: harness.Servers, per: int, settle: float) -> Run:
                 per,
                 settle,
                 lambda: system_cpu(s, system),
+                rate=rate,
             )
 
 
@@ -264,7 +266,15 @@ async def _ready(url: str, proc: subprocess.Popen[bytes], workers: int) -> None:
             await asyncio.sleep(0.2)
 
 
-async def run_peer(name: str, peer: Peer, per: int, settle: float, log: Path, kill: bool) -> Run:
+async def run_peer(
+    name: str,
+    peer: Peer,
+    per: int,
+    settle: float,
+    log: Path,
+    kill: bool,
+    rate: float | None = None,
+) -> Run:
     """One burst against a fresh pywa bot."""
     with harness.graph_standin() as graph_url:
         async with pywa_bot(peer, graph_url, log) as (url, pid):
@@ -276,6 +286,7 @@ async def run_peer(name: str, peer: Peer, per: int, settle: float, log: Path, ki
                 settle,
                 lambda: cpu.snapshot({"pywa": pid}, {}),
                 (lambda: os.killpg(pid, signal.SIGKILL)) if kill else None,
+                rate,
             )
 
 
@@ -340,6 +351,11 @@ def main() -> None:
         help="a run ends once no reply has come for this many seconds",
     )
     parser.add_argument(
+        "--rate",
+        type=float,
+        help="offer the messages at this rate (messages/s) instead of as fast as acknowledged",
+    )
+    parser.add_argument(
         "--kill-after-ack",
         action="store_true",
         help="SIGKILL the pywa bot once every delivery is acknowledged: what it loses",
@@ -360,17 +376,27 @@ def main() -> None:
             for _ in range(args.repeat):
                 for name in names:
                     if s is not None and name == "ours":
-                        run = await run_ours(s, args.per, args.settle)
+                        run = await run_ours(s, args.per, args.settle, args.rate)
                     else:
                         run = await run_peer(
-                            name, PEERS[name], args.per, args.settle, args.log, args.kill_after_ack
+                            name,
+                            PEERS[name],
+                            args.per,
+                            args.settle,
+                            args.log,
+                            args.kill_after_ack,
+                            args.rate,
                         )
                     print(line(run), flush=True)
                     results.setdefault(name, []).append(run)
 
     asyncio.run(go())
     print()
-    print(f"{args.per * CONVERSATIONS} messages over {CONVERSATIONS} conversations, medians of")
+    offered = f", offered at {args.rate:g}/s" if args.rate else ""
+    print(
+        f"{args.per * CONVERSATIONS} messages over {CONVERSATIONS} conversations{offered},"
+        " medians of"
+    )
     print(f"{args.repeat} runs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for row in summary(results):
         print(row)
