@@ -27,7 +27,12 @@ class Channels:
         entry = self._open.get(target)
         if entry is None:
             opener = grpcserver.channel(target)
-            entry = self._open[target] = (opener, await opener.__aenter__())
+            opened = await opener.__aenter__()
+            entry = self._open.get(target)
+            if entry is None:
+                entry = self._open[target] = (opener, opened)
+            else:  # another check of the same target opened one meanwhile
+                await opener.__aexit__(None, None, None)
         ch: grpc.aio.Channel = entry[1]
         return ch
 
