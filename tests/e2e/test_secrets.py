@@ -136,6 +136,36 @@ async def test_a_callers_trace_context_and_correlation_id_count_only_once_signed
     assert "forged-correlation-id" not in logged
 
 
+async def test_a_flood_of_forged_deliveries_is_counted_each_and_logged_once_in_a_while(
+    start_system: StartSystem,
+) -> None:
+    """Anyone who can reach the gateway can send unsigned deliveries: each is refused and
+    counted, and the log says so once every ten seconds, with how many it left out."""
+    system = await start_system()
+    for _ in range(3):
+        await asyncio.gather(
+            *(system.post(text("forged"), secret="not-the-secret") for _ in range(40))
+        )
+
+    def refusals() -> list[dict[str, Any]]:
+        return [
+            line
+            for line in system.log_lines("gateway")
+            if line.get("msg", "").startswith("refused deliveries with a missing or wrong")
+        ]
+
+    assert len(refusals()) == 1
+    await asyncio.sleep(10.5)
+    assert (await system.post(text("forged"), secret="not-the-secret")).status_code == 401
+    for _ in range(50):  # its line is written by now; the log file may lag a little
+        if len(refusals()) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert [line["not_logged_since_last"] for line in refusals()] == [0, 119]
+    metrics = (await system.http.get(f"{system.url}/metrics")).text
+    assert 'wa_gateway_deliveries_total{result="bad_signature"} 121.0' in metrics
+
+
 def with_password(url: str, password: str) -> str:
     """`url` with a password (trust authentication, as in the tests, ignores it)."""
     parts = urlsplit(url)
