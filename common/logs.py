@@ -63,10 +63,10 @@ def setup(service: str, level: str = "INFO") -> None:
 
 
 class Sampled:
-    """A log line for an event that anyone can repeat at will (a forged delivery): the first at
-    once, then at most one every `every` seconds, saying how many were not logged since the
-    last. Without it, each forged request was a line, and a flood of them a flood of logs
-    (the event's counter still counts every one)."""
+    """A log line for an event that can repeat at any rate (a forged delivery, every delivery
+    refused during an outage): the first at once, then at most one every `every` seconds,
+    saying how many were not logged since the last. Without it, each forged request was a
+    line, and a flood of them a flood of logs (the event's counter still counts every one)."""
 
     def __init__(self, logger: logging.Logger, level: int, message: str, every: float = 10.0):
         self.logger = logger
@@ -76,11 +76,13 @@ class Sampled:
         self._last = -every
         self._unlogged = 0
 
-    def __call__(self) -> None:
+    def __call__(self, **extra: Any) -> None:
+        """One more; logged with `extra` when its turn has come."""
         now = time.monotonic()
         if now - self._last < self.every:
             self._unlogged += 1
             return
         self._last = now
-        self.logger.log(self.level, self.message, extra={"not_logged_since_last": self._unlogged})
+        extra["not_logged_since_last"] = self._unlogged
+        self.logger.log(self.level, self.message, extra=extra)
         self._unlogged = 0

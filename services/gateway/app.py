@@ -138,10 +138,13 @@ async def _read(request: Request, settings: GatewaySettings) -> bytes:
     return body
 
 
-# Anyone who can reach the port can send these: a line each would be a log flood.
+# Anyone who can reach the port can send these, and during an outage Meta retries every
+# delivery: a line each would be a log flood.
 _BAD_SIGNATURE = logs.Sampled(
     log, logging.WARNING, "refused deliveries with a missing or wrong signature"
 )
+_QUEUE_FULL = logs.Sampled(log, logging.WARNING, "refused deliveries, the ingest queue is full")
+_NOT_STORED = logs.Sampled(log, logging.ERROR, "could not store deliveries")
 
 
 def _verify(request: Request, body: bytes, st: GatewayState) -> None:
@@ -198,7 +201,7 @@ async def _store(
         return await st.batcher.submit(request_pb)
     except QueueFull as exc:
         DELIVERIES.labels("queue_full").inc()
-        log.warning("refused a delivery, the ingest queue is full: %s", exc)
+        _QUEUE_FULL(error=str(exc))
         raise Refused(
             _json(
                 503,
@@ -208,7 +211,7 @@ async def _store(
         ) from None
     except IngestError as exc:
         DELIVERIES.labels("unavailable").inc()
-        log.error("could not store the delivery: %s", exc)
+        _NOT_STORED(error=str(exc))
         raise Refused(_json(503, error="cannot store the delivery durably; retry later")) from None
 
 
