@@ -22,8 +22,10 @@ SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_ty
  WHERE m.message_id = $1 AND m.kind = 'message'
 
 -- name: reply_state
+-- reply_confirmed_by: the recorded id came from a status webhook (not, say, from the agent
+-- that sent it recording it for a caller that went away: record_unanswered_sends).
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
-       m.send_started_at, m.reply_payload
+       m.send_started_at, m.reply_payload, m.reply_confirmed_by
   FROM processed_webhook_messages m
  WHERE m.message_id = $1 AND m.kind = 'message'
 
@@ -108,6 +110,26 @@ WITH fence AS (
      WHERE m.message_id = $1 AND f.fence_token = $4
 )
 SELECT fence_token FROM fence
+
+-- name: record_unanswered_sends
+-- Replies sent by turns whose answers may never have reached the state service (their Turns
+-- call ended first: a killed state service; services/agent/server.py): message $1[n] was
+-- answered by reply $2[n]. Each recorded as record_sent would, where no reply is recorded
+-- yet. Not fenced, like a status webhook's confirmation (services/state/queries.sql
+-- ingest_statuses): that Meta accepted this reply for this message stays true whoever holds
+-- the conversation now, and a turn resumed after the crash must find it rather than send
+-- the reply again.
+UPDATE processed_webhook_messages m
+   SET reply_message_id = s.reply_id,
+       reply_status = COALESCE(
+           (SELECT st.reply_status FROM processed_webhook_messages st
+             WHERE st.reply_message_id = s.reply_id AND st.kind = 'status'
+             ORDER BY wa_delivery_rank(st.reply_status) DESC LIMIT 1),
+           'sent'),
+       updated_at = now()
+  FROM unnest($1::text[], $2::text[]) AS s(message_id, reply_id)
+ WHERE m.message_id = s.message_id AND m.kind = 'message' AND m.reply_message_id IS NULL
+RETURNING m.message_id
 
 -- name: send_started
 WITH fence AS (
