@@ -167,10 +167,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     extra={"message_ids": ids},
                 )
                 return
-        log.warning(
-            "recorded replies sent for a caller that went away before their turns' answers",
-            extra={"message_ids": ids, "recorded": len(recorded)},
-        )
+        if recorded:
+            # (None when the caller had recorded them: a state service that stopped, closing
+            # its calls, after it took their answers.)
+            log.warning(
+                "recorded replies sent for a caller that went away before their turns' answers",
+                extra={"message_ids": [r["message_id"] for r in recorded]},
+            )
 
     async def _turn(
         self, request: agent_pb2.ReplyRequest, deadline: Deadline, *, shield: bool = True
