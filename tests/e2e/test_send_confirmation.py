@@ -6,6 +6,8 @@ within WHATSAPP_SEND_CONFIRM_SECONDS, sends the stored reply again."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from tests.conftest import StartSystem
 from tests.e2e.test_agent_turns import send, status_doc, wait_for
 from tests.e2e.test_dlq import wa
+from tests.e2e.test_scale import metric
 from tests.support.fakes import FakeGraph
 from tests.support.system import SECRET, System
 
@@ -186,3 +189,56 @@ async def test_a_reply_sent_after_its_driver_died_is_recorded_by_the_agent_and_n
     )
     assert row is not None
     assert sent_ids() == [row["reply_message_id"]] and row["reply_confirmed_by"] is None
+
+
+async def test_a_reply_sent_for_a_stalled_state_replica_is_recorded_when_it_wakes(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    """The state replica driving a turn stalls (SIGSTOP: as a long pause or a starved CPU
+    would) while the reply's send is in flight; the other replica breaks its lease once its
+    heartbeat expires and runs the turn again, which finds the send in flight and waits for a
+    confirmation. No status webhook comes. The stalled replica wakes and gets the turn's
+    answer; its final transition is refused (a later holder has the conversation), and it
+    records the reply's id all the same: the waiting turn takes it as the send, and one reply
+    reaches the Graph API. (The id went with the refused transition, and the reply was sent
+    again once the wait was over.)"""
+    system = await start_system(
+        WA_SCALE="state=2", STUCK_TIMEOUT_SECONDS="40", WHATSAPP_SEND_CONFIRM_SECONDS="30"
+    )
+    graph.release.clear()  # the reply's send waits until its driver is stopped
+    message_id = await send(system, "hello", wa_id=WA_ID)
+    assert await asyncio.to_thread(graph.wait_for, lambda: len(graph.sends) == 1, 30)
+    active = {
+        r.name: await metric(r.metrics_port, "wa_active_conversations")
+        for r in system.scale.replicas["state"]
+    }
+    [holder] = [name for name, n in active.items() if n == 1]
+    pid = system.sup.pid(holder)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        graph.release.set()  # sent; the answer waits for the stopped replica to read it
+
+        async def turn_waits() -> bool:
+            return waiting(system)
+
+        # The other replica's sweeper (every 10 s) breaks the lease 5 s after the heartbeat.
+        await wait_for(turn_waits, 40, "no other replica ran the turn again")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await system.wait_status([message_id], {"replied"}, timeout=60)
+    await asyncio.sleep(1.0)
+    assert len(graph.sends) == 1
+    assert any(
+        line["msg"] == "recorded the reply of a turn that lost its conversation meanwhile"
+        for line in system.log_lines(holder)
+    )
+    sent = [line["reply_id"] for line in system.log_lines("agent") if line["msg"] == "reply sent"]
+    pool = await system.db()
+    row = await pool.fetchrow(
+        "SELECT reply_message_id, reply_confirmed_by FROM processed_webhook_messages "
+        "WHERE message_id = $1",
+        message_id,
+    )
+    assert row is not None
+    assert sent == [row["reply_message_id"]] and row["reply_confirmed_by"] is None
