@@ -95,6 +95,10 @@ SELECT increment_session_metrics($1, $2, $3, $4, $5, $6, $7, $8)
 
 -- name: record_sent
 -- A status that arrived before we recorded the send still counts: take the furthest one seen.
+-- A turn whose conversation was taken over meanwhile (its token stale) still records the
+-- reply it sent where none is recorded, as a status webhook's confirmation would: the later
+-- holder's run finds the send in flight and must find that it went out, not send it again.
+-- The caller learns that its turn is stale all the same.
 WITH fence AS (
     SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $3 FOR SHARE
 ), sent AS (
@@ -107,7 +111,7 @@ WITH fence AS (
                'sent'),
            updated_at = now()
       FROM fence f
-     WHERE m.message_id = $1 AND f.fence_token = $4
+     WHERE m.message_id = $1 AND (f.fence_token = $4 OR m.reply_message_id IS NULL)
 )
 SELECT fence_token FROM fence
 

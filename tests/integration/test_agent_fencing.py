@@ -1,6 +1,7 @@
 """The agent's writes to the state service's table are fenced: a turn whose conversation was
-taken over (its fencing token moved on) neither starts a send nor records one, against real
-PostgreSQL and a Graph API played over real HTTP."""
+taken over (its fencing token moved on) neither starts a send nor writes anything else, but
+the id of a reply it did send (where none is recorded), against real PostgreSQL and a Graph
+API played over real HTTP."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ async def reply_row(pool: asyncpg.Pool, message_id: str) -> asyncpg.Record:
     return row
 
 
-async def test_a_holder_taken_over_mid_send_cannot_record_its_send(
+async def test_a_holder_taken_over_mid_send_records_what_it_sent_and_nothing_more(
     pool: asyncpg.Pool, graph: FakeGraph, agent: Agent
 ) -> None:
     conversation, token = await claimed(pool, "wamid.MID")
@@ -93,11 +94,17 @@ async def test_a_holder_taken_over_mid_send_cannot_record_its_send(
     graph.release.set()
     with pytest.raises(StaleFence):
         await turn
-    # Not recorded as sent: the new holder finds the send in flight and waits for its status
-    # webhook (the state service's write) before sending again.
+    # Its send is recorded all the same (where none is), as the reply's status webhook would
+    # record it: the new holder finds that the reply went out instead of waiting for that
+    # webhook and, without one, sending it again. The turn itself is refused.
     row = await reply_row(pool, "wamid.MID")
-    assert row["reply_text"] and row["send_started_at"] is not None
-    assert row["reply_message_id"] is None
+    assert row["reply_text"] and row["reply_message_id"].startswith("wamid.OUT")
+    # A reply already recorded is never replaced by a stale holder's.
+    with pytest.raises(StaleFence):
+        await agent._fenced(
+            request("wamid.MID", conversation, token), "record_sent", "wamid.MID", "wamid.STALE"
+        )
+    assert await reply_row(pool, "wamid.MID") == row
 
 
 async def test_a_stale_holder_neither_sends_again_nor_records_errors(
