@@ -184,7 +184,10 @@ SELECT f.fence_token, p.part, p.body, p.sent_id, p.send_started_at
 SELECT sent_id FROM agent_reply_parts WHERE message_id = $1 AND part = $2
 
 -- name: reply_part_sent
--- Part $2 was sent as $3 (-1: none) and part $4 is being sent now (-1: none).
+-- Part $2 was sent as $3 (-1: none) and part $4 is being sent now (-1: none). A turn whose
+-- conversation was taken over meanwhile starts no part, but records the part it sent where no
+-- id is recorded for it (as record_sent does a whole reply's): the later holder's run must
+-- find that it went out rather than send it again.
 WITH fence AS (
     SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $5 FOR SHARE
 ), parts AS (
@@ -192,7 +195,8 @@ WITH fence AS (
        SET sent_id = CASE WHEN p.part = $2 THEN $3 ELSE p.sent_id END,
            send_started_at = CASE WHEN p.part = $2 THEN NULL ELSE now() END
       FROM fence f
-     WHERE p.message_id = $1 AND p.part IN ($2, $4) AND f.fence_token = $6
+     WHERE p.message_id = $1 AND p.part IN ($2, $4)
+       AND (f.fence_token = $6 OR (p.part = $2 AND p.sent_id IS NULL))
 )
 SELECT fence_token FROM fence
 
