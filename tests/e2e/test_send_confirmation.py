@@ -6,10 +6,12 @@ within WHATSAPP_SEND_CONFIRM_SECONDS, sends the stored reply again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 
+import httpx
 import pytest
 
 from tests.conftest import StartSystem
@@ -191,6 +193,22 @@ async def test_a_reply_sent_after_its_driver_died_is_recorded_by_the_agent_and_n
     assert sent_ids() == [row["reply_message_id"]] and row["reply_confirmed_by"] is None
 
 
+async def driving_replica(system: System) -> str:
+    """The one state replica driving a conversation, by its own /metrics (a replica may still
+    be starting: the system is ready once one answers)."""
+    deadline = time.monotonic() + 30
+    while True:
+        active: dict[str, float] = {}
+        for r in system.scale.replicas["state"]:
+            with contextlib.suppress(httpx.HTTPError):
+                active[r.name] = await metric(r.metrics_port, "wa_active_conversations")
+        driving = [name for name, n in active.items() if n == 1]
+        if len(active) == len(system.scale.replicas["state"]) and len(driving) == 1:
+            return driving[0]
+        assert time.monotonic() < deadline, active
+        await asyncio.sleep(0.2)
+
+
 async def test_a_reply_sent_for_a_stalled_state_replica_is_recorded_when_it_wakes(
     start_system: StartSystem, graph: FakeGraph
 ) -> None:
@@ -208,11 +226,7 @@ async def test_a_reply_sent_for_a_stalled_state_replica_is_recorded_when_it_wake
     graph.release.clear()  # the reply's send waits until its driver is stopped
     message_id = await send(system, "hello", wa_id=WA_ID)
     assert await asyncio.to_thread(graph.wait_for, lambda: len(graph.sends) == 1, 30)
-    active = {
-        r.name: await metric(r.metrics_port, "wa_active_conversations")
-        for r in system.scale.replicas["state"]
-    }
-    [holder] = [name for name, n in active.items() if n == 1]
+    holder = await driving_replica(system)
     pid = system.sup.pid(holder)
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
