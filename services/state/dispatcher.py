@@ -391,6 +391,38 @@ class Dispatcher:
         await dead_letter(self.pool, self.dlq, failure)
 
 
+# Records of unclaimed sends in flight (record_unclaimed_send), kept until done.
+_RECORDING: set[asyncio.Task[None]] = set()
+
+
+def record_unclaimed_send(pool: asyncpg.Pool, message_id: str, reply_message_id: str) -> None:
+    """A turn's answer came after its driver had stopped waiting for it (the turn overran
+    its deadline and grace, its driver was cancelled) and says that its reply went out, left
+    to the driver to record: the message was failed or cut off meanwhile, and its next run
+    would find the send in flight and, without a status webhook, send the reply again.
+    Recorded now, in the background, unfenced where no reply is (store.record_stale_send)."""
+
+    async def record() -> None:
+        try:
+            recorded = await store.record_stale_send(pool, message_id, reply_message_id)
+        except Exception as exc:
+            log.warning(
+                "could not record the reply of a turn answered too late: %r",
+                exc,
+                extra={"message_id": message_id},
+            )
+            return
+        if recorded:
+            log.warning(
+                "recorded the reply of a turn answered after its driver stopped waiting",
+                extra={"message_id": message_id, "reply_id": reply_message_id},
+            )
+
+    task = asyncio.create_task(record(), name="record-unclaimed-send")
+    _RECORDING.add(task)
+    task.add_done_callback(_RECORDING.discard)
+
+
 def _who(item: store.WorkItem) -> dict[str, str]:
     """The message and, for an operator reading logs, the customer's username when it has one
     (a customer with a username may have no phone number to recognise it by)."""
