@@ -295,10 +295,20 @@ class GraphClient:
             except http.HttpFailure as exc:
                 # No answer: whether Meta has the message is unknown (status 0). A connection
                 # that failed never carried the request: sending again is safe. A timeout may
-                # have: sending again could give the customer the message twice, so the send
+                # have, and so may a connection closed or reset after the request was written
+                # (ClientOSError other than a failed connect: a reset says no more than a
+                # close): sending again could give the customer the message twice, so the send
                 # ends here and the next turn waits for its status webhook instead.
-                maybe_sent = exc.timeout or isinstance(
-                    exc.__cause__, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError
+                cause = exc.__cause__
+                maybe_sent = (
+                    exc.timeout
+                    or isinstance(
+                        cause, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError
+                    )
+                    or (
+                        isinstance(cause, aiohttp.ClientOSError)
+                        and not isinstance(cause, aiohttp.ClientConnectorError)
+                    )
                 )
                 retry_safe = not maybe_sent or call != "send"
                 error = GraphError(

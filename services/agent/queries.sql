@@ -22,8 +22,10 @@ SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_ty
  WHERE m.message_id = $1 AND m.kind = 'message'
 
 -- name: reply_state
+-- reply_confirmed_by: the recorded id came from a status webhook (not, say, from the agent
+-- that sent it recording it for a caller that went away: record_unanswered_sends).
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
-       m.send_started_at, m.reply_payload
+       m.send_started_at, m.reply_payload, m.reply_confirmed_by
   FROM processed_webhook_messages m
  WHERE m.message_id = $1 AND m.kind = 'message'
 
@@ -93,6 +95,10 @@ SELECT increment_session_metrics($1, $2, $3, $4, $5, $6, $7, $8)
 
 -- name: record_sent
 -- A status that arrived before we recorded the send still counts: take the furthest one seen.
+-- A turn whose conversation was taken over meanwhile (its token stale) still records the
+-- reply it sent where none is recorded, as a status webhook's confirmation would: the later
+-- holder's run finds the send in flight and must find that it went out, not send it again.
+-- The caller learns that its turn is stale all the same.
 WITH fence AS (
     SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $3 FOR SHARE
 ), sent AS (
@@ -105,9 +111,29 @@ WITH fence AS (
                'sent'),
            updated_at = now()
       FROM fence f
-     WHERE m.message_id = $1 AND f.fence_token = $4
+     WHERE m.message_id = $1 AND (f.fence_token = $4 OR m.reply_message_id IS NULL)
 )
 SELECT fence_token FROM fence
+
+-- name: record_unanswered_sends
+-- Replies sent by turns whose answers may never have reached the state service (their Turns
+-- call ended first: a killed state service; services/agent/server.py): message $1[n] was
+-- answered by reply $2[n]. Each recorded as record_sent would, where no reply is recorded
+-- yet. Not fenced, like a status webhook's confirmation (services/state/queries.sql
+-- ingest_statuses): that Meta accepted this reply for this message stays true whoever holds
+-- the conversation now, and a turn resumed after the crash must find it rather than send
+-- the reply again.
+UPDATE processed_webhook_messages m
+   SET reply_message_id = s.reply_id,
+       reply_status = COALESCE(
+           (SELECT st.reply_status FROM processed_webhook_messages st
+             WHERE st.reply_message_id = s.reply_id AND st.kind = 'status'
+             ORDER BY wa_delivery_rank(st.reply_status) DESC LIMIT 1),
+           'sent'),
+       updated_at = now()
+  FROM unnest($1::text[], $2::text[]) AS s(message_id, reply_id)
+ WHERE m.message_id = s.message_id AND m.kind = 'message' AND m.reply_message_id IS NULL
+RETURNING m.message_id
 
 -- name: send_started
 WITH fence AS (
@@ -158,7 +184,10 @@ SELECT f.fence_token, p.part, p.body, p.sent_id, p.send_started_at
 SELECT sent_id FROM agent_reply_parts WHERE message_id = $1 AND part = $2
 
 -- name: reply_part_sent
--- Part $2 was sent as $3 (-1: none) and part $4 is being sent now (-1: none).
+-- Part $2 was sent as $3 (-1: none) and part $4 is being sent now (-1: none). A turn whose
+-- conversation was taken over meanwhile starts no part, but records the part it sent where no
+-- id is recorded for it (as record_sent does a whole reply's): the later holder's run must
+-- find that it went out rather than send it again.
 WITH fence AS (
     SELECT c.fence_token FROM webhook_conversations c WHERE c.id = $5 FOR SHARE
 ), parts AS (
@@ -166,7 +195,8 @@ WITH fence AS (
        SET sent_id = CASE WHEN p.part = $2 THEN $3 ELSE p.sent_id END,
            send_started_at = CASE WHEN p.part = $2 THEN NULL ELSE now() END
       FROM fence f
-     WHERE p.message_id = $1 AND p.part IN ($2, $4) AND f.fence_token = $6
+     WHERE p.message_id = $1 AND p.part IN ($2, $4)
+       AND (f.fence_token = $6 OR (p.part = $2 AND p.sent_id IS NULL))
 )
 SELECT fence_token FROM fence
 

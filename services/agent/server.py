@@ -12,7 +12,7 @@ import aiohttp
 import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
-from common import authz, config, customers, db, logs, roles, telemetry, wire
+from common import authz, config, customers, db, logs, roles, sqlfile, telemetry, wire
 from common.domain import TurnResult
 from services.agent.settings import AgentSettings
 
@@ -28,6 +28,7 @@ from .transcription import WhisperTranscriber
 from .turn import Agent, StaleFence, TurnFailed, UnknownMessage
 
 log = logging.getLogger(__name__)
+Q = sqlfile.load("services.agent", "queries.sql")
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
@@ -61,6 +62,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         answers: asyncio.Queue[_Answer | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         more = _asks_more(context)
+        sent = _SentReplies(self._record_unanswered)
+        context.add_done_callback(sent.call_ended)
         if more:
             # Says at once, before any answer, that several turns may come per message.
             await context.send_initial_metadata((wire.TURNS_MORE,))
@@ -68,7 +71,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         def start(request: agent_pb2.TurnsRequest) -> None:
             # A fresh context: each turn continues its own message's trace.
             task = asyncio.create_task(
-                self._streamed(request, answers.put_nowait),
+                self._streamed(request, answers.put_nowait, sent),
                 name=f"turn-{request.turn.message_id}",
                 context=contextvars.Context(),
             )
@@ -102,6 +105,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     _response(also, first.more.add())
                 yield first
             await reader  # raises what ended the reading (the caller went away)
+            sent.answered()
         finally:
             # A caller that goes away stops the reading, not the turns: like Reply's, each
             # runs to its end (self._running keeps them), so that a send is never cut off
@@ -109,7 +113,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             reader.cancel()
 
     async def _streamed(
-        self, request: agent_pb2.TurnsRequest, answer: Callable[[_Answer], None]
+        self,
+        request: agent_pb2.TurnsRequest,
+        answer: Callable[[_Answer], None],
+        sent: _SentReplies,
     ) -> None:
         turn = request.turn
         with telemetry.continued(
@@ -128,7 +135,45 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             except _Refused as refused:
                 answer((request.id, refused))
                 return
+        if result.sent_unrecorded:
+            sent.add(turn.message_id, result.reply_message_id)
         answer((request.id, result))
+
+    def _record_unanswered(self, replies: dict[str, str]) -> None:
+        """Records, in the background, replies whose turns' answers may not have reached the
+        state service (_SentReplies)."""
+        task = asyncio.create_task(self._record(replies), name="record-unanswered-sends")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _record(self, replies: dict[str, str]) -> None:
+        ids = list(replies)
+        for attempt in range(3):
+            try:
+                recorded = await self.agent.pool.fetch(
+                    Q["record_unanswered_sends"], ids, [replies[m] for m in ids]
+                )
+                break
+            except Exception as exc:
+                if attempt < 2:
+                    # The resumed turn cannot start before the dead holder's heartbeat has
+                    # expired (5 s): time for another try.
+                    await asyncio.sleep(0.5)
+                    continue
+                # Left as before: the resumed turn waits for the replies' status webhooks.
+                log.warning(
+                    "could not record replies sent for a caller that went away: %r",
+                    exc,
+                    extra={"message_ids": ids},
+                )
+                return
+        if recorded:
+            # (None when the caller had recorded them: a state service that stopped, closing
+            # its calls, after it took their answers.)
+            log.warning(
+                "recorded replies sent for a caller that went away before their turns' answers",
+                extra={"message_ids": [r["message_id"] for r in recorded]},
+            )
 
     async def _turn(
         self, request: agent_pb2.ReplyRequest, deadline: Deadline, *, shield: bool = True
@@ -242,6 +287,46 @@ def _response(
     else:
         response.result.CopyFrom(result)
     return response
+
+
+class _SentReplies:
+    """The replies a Turns call's turns sent and left to its caller to record with each
+    turn's final transition (the request's defer_sent_record), by message id. A call that ends
+    before it wrote every answer (its caller went away: a killed state service) may not have
+    delivered them, and a turn resumed after the crash would find a send in flight with no
+    id, wait for its status webhook and, without one, send the reply again: the agent records
+    them itself then, and those of the call's turns that end later. Recording one the caller
+    did get is harmless (only where no reply is recorded yet). A caller that dies after the
+    call's last answer, or while the call still looks alive (a host that vanished, until
+    HTTP/2 keepalive notices), is not seen: those replies are left to their status webhooks,
+    as before."""
+
+    __slots__ = ("_answered", "_record", "gone", "sent")
+
+    def __init__(self, record: Callable[[dict[str, str]], None]) -> None:
+        self._record = record
+        self.sent: dict[str, str] = {}
+        self._answered = False
+        self.gone = False
+
+    def add(self, message_id: str, reply_id: str) -> None:
+        if self.gone:
+            self._record({message_id: reply_id})
+        else:
+            self.sent[message_id] = reply_id
+
+    def answered(self) -> None:
+        """The call wrote every answer and ends normally (its caller finished writing)."""
+        self._answered = True
+
+    def call_ended(self, context: grpc.aio.ServicerContext) -> None:
+        # Its caller gone, a call ends before its answers are written, and grpc may still
+        # report it neither cancelled nor failed (an answer written into a dead connection).
+        if not self._answered:
+            self.gone = True
+            if self.sent:
+                self._record(self.sent)
+        self.sent = {}
 
 
 class _Refused(Exception):

@@ -254,7 +254,7 @@ class Agent:
                     reply_text=state["reply_text"] or "",
                     reply_message_id=state["reply_message_id"],
                     agent_type=state["agent_type"] or "",
-                    confirmed_by_status=True,
+                    confirmed_by_status=state["reply_confirmed_by"] is not None,
                 )
             if time.monotonic() >= until:
                 log.warning(

@@ -10,7 +10,7 @@ from common import telemetry, wire
 
 from .ports import AgentUnavailable, DlqUnavailable, Failure, TurnResult
 from .store import WorkItem
-from .turn_calls import TurnCalls, TurnError
+from .turn_calls import TurnCalls, TurnError, UnclaimedSend
 
 # Codes that mean "the turn did not run", as opposed to "the turn ran and failed". Only these
 # are retried by the driver without counting: an error of a turn that ran (UNKNOWN, INTERNAL:
@@ -29,8 +29,12 @@ _RAN_AND_FAILED = {
 
 
 class GrpcAgent:
-    def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
-        self.calls = TurnCalls(channel)
+    def __init__(
+        self, channel: grpc.aio.Channel, timeout: float, unclaimed: UnclaimedSend | None = None
+    ) -> None:
+        # `unclaimed`: a reply sent by a turn whose answer came after its driver stopped
+        # waiting (turn_calls.py).
+        self.calls = TurnCalls(channel, unclaimed=unclaimed)
         self.timeout = timeout
 
     async def reply(self, item: WorkItem, token: int) -> TurnResult:

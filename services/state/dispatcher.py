@@ -318,20 +318,25 @@ class Dispatcher:
                         absorbed=result.absorbed_message_ids,
                     )
                 else:
-                    finished = await store.finish_turn(
-                        self.pool,
-                        item,
-                        machine.REPLIED,
-                        reason,
-                        token,
-                        start_next=start_next,
-                        absorbed=result.absorbed_message_ids,
-                        # Sent, and left to this transition to record (TurnResult).
-                        reply_message_id=(
-                            result.reply_message_id if result.sent_unrecorded else None
-                        ),
-                        release=True,
-                    )
+                    try:
+                        finished = await store.finish_turn(
+                            self.pool,
+                            item,
+                            machine.REPLIED,
+                            reason,
+                            token,
+                            start_next=start_next,
+                            absorbed=result.absorbed_message_ids,
+                            # Sent, and left to this transition to record (TurnResult).
+                            reply_message_id=(
+                                result.reply_message_id if result.sent_unrecorded else None
+                            ),
+                            release=True,
+                        )
+                    except store.StaleFence:
+                        if result.sent_unrecorded and result.reply_message_id:
+                            await self._record_stale_send(item, result.reply_message_id)
+                        raise
                 _REPLIED.inc(1 + len(finished.absorbed))
                 if log.isEnabledFor(logging.INFO):
                     log.info("message replied", extra=_who(item))
@@ -354,6 +359,22 @@ class Dispatcher:
             await self._fail(item, token, result)
             return store.NOT_ASKED
 
+    async def _record_stale_send(self, item: store.WorkItem, reply_message_id: str) -> None:
+        """The turn ran past the loss of its conversation (this replica stalled longer than
+        its heartbeat lasts, and another broke its lease) and sent its reply: whoever runs the
+        turn again finds a send in flight and waits for its confirmation. That the reply went
+        out is recorded now, or the later run sends it again when no status webhook comes."""
+        try:
+            recorded = await store.record_stale_send(self.pool, item.message_id, reply_message_id)
+        except Exception as exc:
+            log.warning("could not record the reply of a stale turn: %r", exc, extra=_who(item))
+            return
+        if recorded:
+            log.warning(
+                "recorded the reply of a turn that lost its conversation meanwhile",
+                extra={**_who(item), "reply_id": reply_message_id},
+            )
+
     async def _fail(self, item: store.WorkItem, token: int, result: TurnResult) -> None:
         reason = f"{result.error_class}: {result.error_message}"
         await store.transition(self.pool, item.message_id, machine.FAILED, reason, token=token)
@@ -368,6 +389,38 @@ class Dispatcher:
             correlation_id=item.correlation_id,
         )
         await dead_letter(self.pool, self.dlq, failure)
+
+
+# Records of unclaimed sends in flight (record_unclaimed_send), kept until done.
+_RECORDING: set[asyncio.Task[None]] = set()
+
+
+def record_unclaimed_send(pool: asyncpg.Pool, message_id: str, reply_message_id: str) -> None:
+    """A turn's answer came after its driver had stopped waiting for it (the turn overran
+    its deadline and grace, its driver was cancelled) and says that its reply went out, left
+    to the driver to record: the message was failed or cut off meanwhile, and its next run
+    would find the send in flight and, without a status webhook, send the reply again.
+    Recorded now, in the background, unfenced where no reply is (store.record_stale_send)."""
+
+    async def record() -> None:
+        try:
+            recorded = await store.record_stale_send(pool, message_id, reply_message_id)
+        except Exception as exc:
+            log.warning(
+                "could not record the reply of a turn answered too late: %r",
+                exc,
+                extra={"message_id": message_id},
+            )
+            return
+        if recorded:
+            log.warning(
+                "recorded the reply of a turn answered after its driver stopped waiting",
+                extra={"message_id": message_id, "reply_id": reply_message_id},
+            )
+
+    task = asyncio.create_task(record(), name="record-unclaimed-send")
+    _RECORDING.add(task)
+    task.add_done_callback(_RECORDING.discard)
 
 
 def _who(item: store.WorkItem) -> dict[str, str]:

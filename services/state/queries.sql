@@ -390,6 +390,23 @@ SELECT m.message_id, m.message_type, m.status, m.status_reason, m.body, m.reply_
  ORDER BY m.wa_timestamp DESC, m.id DESC
  LIMIT $2
 
+-- name: record_stale_send
+-- The reply $2 a turn sent for message $1, whose final transition was refused (a later holder
+-- took the conversation while it ran): recorded all the same where no reply is recorded yet,
+-- as a status webhook's confirmation is (ingest_statuses). Not fenced: Meta has the reply
+-- whoever holds the conversation now, and the later holder's run of the turn, which finds the
+-- send in flight, must find it rather than send the reply again.
+UPDATE processed_webhook_messages m
+   SET reply_message_id = $2,
+       reply_status = COALESCE(
+           (SELECT st.reply_status FROM processed_webhook_messages st
+             WHERE st.reply_message_id = $2 AND st.kind = 'status'
+             ORDER BY wa_delivery_rank(st.reply_status) DESC LIMIT 1),
+           'sent'),
+       updated_at = now()
+ WHERE m.message_id = $1 AND m.kind = 'message' AND m.reply_message_id IS NULL
+RETURNING m.id
+
 -- name: conversation_of_message
 SELECT conversation_id FROM processed_webhook_messages WHERE message_id = $1
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -33,7 +34,7 @@ from services.state.settings import StateSettings
 
 from . import handback, handoff, machine, metrics, retention, store
 from .clients import GrpcAgent, GrpcDlq
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, record_unclaimed_send
 from .locks import Locks
 from .sweeper import Sweeper
 
@@ -491,7 +492,11 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
             dispatcher = Dispatcher(
                 pool,
                 locks,
-                GrpcAgent(agent_ch, turn_timeout),
+                GrpcAgent(
+                    agent_ch,
+                    turn_timeout,
+                    functools.partial(record_unclaimed_send, pool),
+                ),
                 dlq,
                 max_concurrent=settings.max_concurrent_conversations,
             )

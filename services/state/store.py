@@ -864,6 +864,12 @@ def _transitioned(
     return str(from_state)
 
 
+async def record_stale_send(pool: asyncpg.Pool, message_id: str, reply_message_id: str) -> bool:
+    """A reply sent by a turn whose final transition was refused as stale, recorded unfenced
+    where none is (queries.sql record_stale_send); whether it was."""
+    return await pool.fetchval(Q["record_stale_send"], message_id, reply_message_id) is not None
+
+
 async def record_illegal(
     pool: asyncpg.Pool, message_id: str, exc: machine.IllegalTransition, correlation_id: str
 ) -> None:

@@ -33,6 +33,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
@@ -62,12 +63,20 @@ class TurnError(Exception):
 
 # A turn waiting to be written: its id, the turn, its timeout and its traceparent.
 _Queued = tuple[int, agent_pb2.ReplyRequest, float, str]
+# Called with (message id, reply id) for an answer whose caller had stopped waiting and whose
+# reply was sent and left to that caller to record (the answer's sent_unrecorded).
+UnclaimedSend = Callable[[str, str], None]
 
 
 class _Call:
     """One open `Turns` call: a writer that sends what queues, a reader that answers turns."""
 
-    def __init__(self, stub: agent_pb2_grpc.AgentStub, timeout: float) -> None:
+    def __init__(
+        self,
+        stub: agent_pb2_grpc.AgentStub,
+        timeout: float,
+        unclaimed: UnclaimedSend | None = None,
+    ) -> None:
         self.opened = time.monotonic()
         self.turns = 0
         self.retired = False
@@ -77,6 +86,9 @@ class _Call:
         self.more = False
         self._call = stub.Turns(timeout=timeout, metadata=(wire.TURNS_MORE,))
         self._owed: dict[int, asyncio.Future[agent_pb2.ReplyResponse]] = {}
+        # Each turn's message, until its answer comes, however late (for `unclaimed`).
+        self._unclaimed = unclaimed
+        self._message_of: dict[int, str] = {}
         self._outbox: deque[_Queued] = deque()
         self._writer: asyncio.Task[None] | None = None
         # Fresh contexts: the call serves many turns and belongs to none of their traces.
@@ -94,6 +106,8 @@ class _Call:
     ) -> asyncio.Future[agent_pb2.ReplyResponse]:
         future: asyncio.Future[agent_pb2.ReplyResponse] = asyncio.get_running_loop().create_future()
         self._owed[turn_id] = future
+        if self._unclaimed is not None:
+            self._message_of[turn_id] = turn.message_id
         self._outbox.append((turn_id, turn, timeout, traceparent))
         self.turns += 1
         self._start_writer()
@@ -155,8 +169,21 @@ class _Call:
 
     def _answer(self, answer: agent_pb2.TurnsResponse) -> None:
         future = self._owed.pop(answer.id, None)
+        message_id = self._message_of.pop(answer.id, None) if self._message_of else None
         if future is None or future.done():
-            return  # its caller stopped waiting
+            # Its caller stopped waiting (the turn ran out of time, its driver was cancelled).
+            # A reply it sent is recorded all the same: the next run of the turn would find a
+            # send in flight and, without a status webhook, send it again.
+            result = answer.result
+            if (
+                not answer.code
+                and result.sent_unrecorded
+                and result.reply_message_id
+                and message_id
+                and self._unclaimed is not None
+            ):
+                self._unclaimed(message_id, result.reply_message_id)
+            return
         if answer.code:
             code = _CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
             future.set_exception(TurnError(code, answer.details))
@@ -202,8 +229,10 @@ class TurnCalls:
         call_seconds: float = 1.0,
         call_turns: int = 1024,
         call_timeout: float = 600.0,
+        unclaimed: UnclaimedSend | None = None,
     ) -> None:
         self.stub = agent_pb2_grpc.AgentStub(channel)
+        self.unclaimed = unclaimed
         self.width = width
         self.call_seconds = call_seconds
         self.call_turns = call_turns
@@ -245,7 +274,7 @@ class TurnCalls:
                 self._last = call
                 return call
             call.retire()
-        call = _Call(self.stub, self.call_timeout)
+        call = _Call(self.stub, self.call_timeout, self.unclaimed)
         self._slots[slot] = call
         self._last = call
         return call

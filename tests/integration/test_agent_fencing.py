@@ -1,6 +1,7 @@
 """The agent's writes to the state service's table are fenced: a turn whose conversation was
-taken over (its fencing token moved on) neither starts a send nor records one, against real
-PostgreSQL and a Graph API played over real HTTP."""
+taken over (its fencing token moved on) neither starts a send nor writes anything else, but
+the id of a reply it did send (where none is recorded), against real PostgreSQL and a Graph
+API played over real HTTP."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ async def reply_row(pool: asyncpg.Pool, message_id: str) -> asyncpg.Record:
     return row
 
 
-async def test_a_holder_taken_over_mid_send_cannot_record_its_send(
+async def test_a_holder_taken_over_mid_send_records_what_it_sent_and_nothing_more(
     pool: asyncpg.Pool, graph: FakeGraph, agent: Agent
 ) -> None:
     conversation, token = await claimed(pool, "wamid.MID")
@@ -93,11 +94,17 @@ async def test_a_holder_taken_over_mid_send_cannot_record_its_send(
     graph.release.set()
     with pytest.raises(StaleFence):
         await turn
-    # Not recorded as sent: the new holder finds the send in flight and waits for its status
-    # webhook (the state service's write) before sending again.
+    # Its send is recorded all the same (where none is), as the reply's status webhook would
+    # record it: the new holder finds that the reply went out instead of waiting for that
+    # webhook and, without one, sending it again. The turn itself is refused.
     row = await reply_row(pool, "wamid.MID")
-    assert row["reply_text"] and row["send_started_at"] is not None
-    assert row["reply_message_id"] is None
+    assert row["reply_text"] and row["reply_message_id"].startswith("wamid.OUT")
+    # A reply already recorded is never replaced by a stale holder's.
+    with pytest.raises(StaleFence):
+        await agent._fenced(
+            request("wamid.MID", conversation, token), "record_sent", "wamid.MID", "wamid.STALE"
+        )
+    assert await reply_row(pool, "wamid.MID") == row
 
 
 async def test_a_stale_holder_neither_sends_again_nor_records_errors(
@@ -213,3 +220,35 @@ async def test_a_turn_started_by_the_driver_reads_nothing_and_leaves_its_send_to
     old = await agent.reply(request("wamid.OLDCALLER", conversation, token))
     assert old.outcome == "replied" and not old.sent_unrecorded
     assert (await reply_row(pool, "wamid.OLDCALLER"))["reply_message_id"] == old.reply_message_id
+
+
+async def test_a_holder_taken_over_mid_part_records_the_part_it_sent_and_starts_no_other(
+    pool: asyncpg.Pool, graph: FakeGraph, agent: Agent
+) -> None:
+    """A long reply (stored, as a resumed turn finds it) goes out in parts; the turn is taken
+    over while its first part is at the Graph API. That part's id is recorded all the same (the
+    new holder's run starts at the next part instead of waiting for the part's status webhook
+    and, without one, sending it again); the next part is neither started nor sent."""
+    conversation, token = await claimed(pool, "wamid.PARTS")
+    long = "\n\n".join(f"Paragraph {n}. " + "word " * 300 for n in range(6))
+    await pool.execute(
+        "UPDATE processed_webhook_messages SET reply_text = $2, agent_type = 'concierge' "
+        "WHERE message_id = $1",
+        "wamid.PARTS",
+        long,
+    )
+    graph.release.clear()  # the first part is held at the Graph API
+    turn = asyncio.create_task(agent.reply(request("wamid.PARTS", conversation, token)))
+    assert await asyncio.to_thread(graph.wait_for, lambda: len(graph.sends) == 1)
+    assert await store.claim_conversation(pool, conversation, "driver-b") == token + 1
+    graph.release.set()
+    with pytest.raises(StaleFence):
+        await turn
+    assert len(graph.sends) == 1
+    parts = await pool.fetch(
+        "SELECT part, sent_id, send_started_at FROM agent_reply_parts "
+        "WHERE message_id = 'wamid.PARTS' ORDER BY part"
+    )
+    assert len(parts) > 1
+    assert parts[0]["sent_id"].startswith("wamid.OUT") and parts[0]["send_started_at"] is None
+    assert all(p["sent_id"] is None and p["send_started_at"] is None for p in parts[1:])

@@ -39,7 +39,8 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> tls.Credentials:
 
 class FakeAgent(agent_pb2_grpc.AgentServicer):
     """Answers each turn after the seconds its text names ("0.2"), or as its text says:
-    "stale" is refused as a stale fencing token, "hang" never ends, "die" breaks the call.
+    "stale" is refused as a stale fencing token, "hang" never ends, "die" breaks the call;
+    "sent:0.2" answers after 0.2 s that its reply was sent and is the caller's to record.
 
     As an agent of an earlier release, one turn per message each way; `more`: as today's,
     it announces it reads several turns per message and answers together those that end
@@ -87,6 +88,8 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
                 with contextlib.suppress(Exception):  # the abort raises here too
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "replica went away")
                 return
+            sent = text.startswith("sent:")  # sent its reply, left to the caller to record
+            text = text.removeprefix("sent:")
             await asyncio.sleep(3600 if text == "hang" else float(text or 0))
             answers.put_nowait(
                 agent_pb2.TurnsResponse(
@@ -95,6 +98,8 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
                         outcome=agent_pb2.TURN_OUTCOME_REPLIED,
                         reply_text=f"{self.name}:{request.turn.message_id}",
                         agent_type=request.traceparent,
+                        reply_message_id=f"wamid.OUT.{request.turn.message_id}" if sent else "",
+                        sent_unrecorded=sent,
                     ),
                 )
             )
@@ -414,3 +419,33 @@ def _item(text: str) -> WorkItem:
         turn_resumes=0,
         fence_token=1,
     )
+
+
+async def test_a_reply_sent_by_a_turn_answered_after_its_caller_stopped_waiting_is_handed_over(
+    creds: tls.Credentials,
+) -> None:
+    """A turn that overran its deadline and grace fails for its caller; when its answer comes
+    all the same and says its reply went out, unrecorded, the message and the reply's id are
+    handed to `unclaimed` (the state service records them), not dropped: the turn's next run
+    would find the send in flight and, without a status webhook, send it again. An answer in
+    time stays its caller's."""
+    agent, port = FakeAgent("a"), free_port()
+    unclaimed: list[tuple[str, str]] = []
+    async with (
+        serving(agent, port, creds),
+        grpcserver.channel(f"127.0.0.1:{port}", transport=creds) as ch,
+    ):
+        calls = TurnCalls(
+            ch, width=1, call_seconds=60, unclaimed=lambda m, r: unclaimed.append((m, r))
+        )
+        with pytest.raises(TurnError) as late:
+            # Given up at 0.1 s and the grace; answered at the grace and a half second more.
+            await calls.turn(turn("m-late", f"sent:{turn_calls.ANSWER_GRACE + 0.6}"), 0.1, "")
+        assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        answer = await calls.turn(turn("m-in-time", "sent:0"), 5.0, "")
+        assert answer.sent_unrecorded and answer.reply_message_id == "wamid.OUT.m-in-time"
+        for _ in range(100):
+            if unclaimed:
+                break
+            await asyncio.sleep(0.05)
+        assert unclaimed == [("m-late", "wamid.OUT.m-late")]

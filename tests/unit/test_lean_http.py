@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
+import struct
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -148,6 +150,44 @@ async def test_a_connection_closed_before_the_answer_may_have_sent_it() -> None:
             await graph.send_text("123", "15550001111", "hi", reply_to="wamid.IN")
     assert sent.value.action is GraphAction.DLQ and sent.value.status == 0
     assert len(raw.requests) == 2  # one per call: the send was not tried again
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "aiohttp"])
+async def test_a_connection_reset_before_the_answer_may_have_sent_it(lean: bool) -> None:
+    """The request was written and the connection was reset (RST, not a close) before any
+    answer: the server may have acted on it as much as after a close (a proxy that fails after
+    forwarding, a server that crashes after accepting). GraphClient must not send it again in
+    the turn: the next turn waits for the reply's status webhook instead."""
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await raw.read_request(reader)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with a zero linger: an RST
+
+    async with Raw(reset) as raw, http.session(lean=lean) as s:
+        with pytest.raises(http.HttpFailure) as failed:
+            await post(s, raw.url)
+        assert isinstance(failed.value.__cause__, aiohttp.ClientOSError)
+        assert not failed.value.timeout
+        graph = GraphClient(s, base_url=raw.url, version="v23.0", access_token="t")
+        with pytest.raises(GraphError) as sent:
+            await graph.send_text("123", "15550001111", "hi", reply_to="wamid.IN")
+    assert sent.value.action is GraphAction.DLQ and sent.value.status == 0
+    assert len(raw.requests) == 2  # one per call: the send was not tried again
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "aiohttp"])
+async def test_a_send_that_could_not_connect_was_not_sent_and_may_be_tried_again(
+    lean: bool,
+) -> None:
+    async with Raw(lambda r, w: asyncio.sleep(0)) as raw:
+        url = raw.url  # closed: nothing listens there any more
+    async with http.session(lean=lean) as s:
+        graph = GraphClient(s, base_url=url, version="v23.0", access_token="t", max_retries=0)
+        with pytest.raises(GraphError) as failed:
+            await graph.send_text("123", "15550001111", "hi", reply_to="wamid.IN")
+    assert failed.value.action is GraphAction.RETRY and failed.value.status == 0
 
 
 async def test_a_body_cut_short_is_a_payload_error(session: aiohttp.ClientSession) -> None:
