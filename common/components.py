@@ -14,36 +14,33 @@ from . import config, grpcserver
 
 
 class Channels:
-    """A channel per target, opened at its first check and kept while the target answers (a
+    """A channel per component checked, opened at its first check and kept while it answers (a
     check that opened its own paid a connection and its TLS handshake each time: most of the
-    CPU of the gateway's readiness loop, whatever the system was doing). A target found
+    CPU of the gateway's readiness loop, whatever the system was doing). A component found
     down gets a new channel at the next check, which connects at once, rather than waiting
-    out the kept channel's reconnection backoff."""
+    out the kept channel's reconnection backoff. Per component, not per target: two
+    components at one address (a misconfiguration `wa health` must report) each close only
+    their own channel."""
 
     def __init__(self) -> None:
         self._open: dict[str, tuple[contextlib.AbstractAsyncContextManager[Any], Any]] = {}
 
-    async def get(self, target: str) -> grpc.aio.Channel:
-        entry = self._open.get(target)
+    async def get(self, name: str, target: str) -> grpc.aio.Channel:
+        entry = self._open.get(name)
         if entry is None:
             opener = grpcserver.channel(target)
-            opened = await opener.__aenter__()
-            entry = self._open.get(target)
-            if entry is None:
-                entry = self._open[target] = (opener, opened)
-            else:  # another check of the same target opened one meanwhile
-                await opener.__aexit__(None, None, None)
+            entry = self._open[name] = (opener, await opener.__aenter__())
         ch: grpc.aio.Channel = entry[1]
         return ch
 
-    async def drop(self, target: str) -> None:
-        entry = self._open.pop(target, None)
+    async def drop(self, name: str) -> None:
+        entry = self._open.pop(name, None)
         if entry is not None:
             await entry[0].__aexit__(None, None, None)
 
     async def aclose(self) -> None:
-        for target in list(self._open):
-            await self.drop(target)
+        for name in list(self._open):
+            await self.drop(name)
 
 
 async def check_components(
@@ -64,10 +61,10 @@ async def check_components(
         return [{"name": c.name, "healthy": c.healthy, "detail": c.detail} for c in resp.components]
 
     async def service(name: str, target: str) -> dict[str, Any]:
-        ch = await channels.get(target)
+        ch = await channels.get(name, target)
         ok, detail = await grpcserver.check_health_on(ch)
         if not ok:
-            await channels.drop(target)
+            await channels.drop(name)
         component: dict[str, Any] = {
             "name": name,
             "healthy": ok,
