@@ -142,10 +142,12 @@ async def test_a_flood_of_forged_deliveries_is_counted_each_and_logged_once_in_a
     """Anyone who can reach the gateway can send unsigned deliveries: each is refused and
     counted, and the log says so once every ten seconds, with how many it left out."""
     system = await start_system()
+    started = time.monotonic()
     for _ in range(3):
         await asyncio.gather(
             *(system.post(text("forged"), secret="not-the-secret") for _ in range(40))
         )
+    took = time.monotonic() - started
 
     def refusals() -> list[dict[str, Any]]:
         return [
@@ -154,14 +156,19 @@ async def test_a_flood_of_forged_deliveries_is_counted_each_and_logged_once_in_a
             if line.get("msg", "").startswith("refused deliveries with a missing or wrong")
         ]
 
-    assert len(refusals()) == 1
+    # One line per ten seconds at most (one, unless the machine took that long to send them).
+    assert 1 <= len(refusals()) <= 1 + int(took // 10)
     await asyncio.sleep(10.5)
+    before = len(refusals())
     assert (await system.post(text("forged"), secret="not-the-secret")).status_code == 401
     for _ in range(50):  # its line is written by now; the log file may lag a little
-        if len(refusals()) == 2:
+        if len(refusals()) > before:
             break
         await asyncio.sleep(0.1)
-    assert [line["not_logged_since_last"] for line in refusals()] == [0, 119]
+    lines = refusals()
+    # Every refusal is in the log: logged, or counted in the next line as left out.
+    assert len(lines) + sum(line["not_logged_since_last"] for line in lines) == 121
+    assert len(lines) == before + 1
     metrics = (await system.http.get(f"{system.url}/metrics")).text
     assert 'wa_gateway_deliveries_total{result="bad_signature"} 121.0' in metrics
 
