@@ -364,16 +364,13 @@ class Dispatcher:
         its heartbeat lasts, and another broke its lease) and sent its reply: whoever runs the
         turn again finds a send in flight and waits for its confirmation. That the reply went
         out is recorded now, or the later run sends it again when no status webhook comes."""
-        try:
-            recorded = await store.record_stale_send(self.pool, item.message_id, reply_message_id)
-        except Exception as exc:
-            log.warning("could not record the reply of a stale turn: %r", exc, extra=_who(item))
-            return
-        if recorded:
-            log.warning(
-                "recorded the reply of a turn that lost its conversation meanwhile",
-                extra={**_who(item), "reply_id": reply_message_id},
-            )
+        await _record_sent_anyway(
+            self.pool,
+            item.message_id,
+            reply_message_id,
+            "a turn that lost its conversation meanwhile",
+            _who(item),
+        )
 
     async def _fail(self, item: store.WorkItem, token: int, result: TurnResult) -> None:
         reason = f"{result.error_class}: {result.error_message}"
@@ -391,6 +388,20 @@ class Dispatcher:
         await dead_letter(self.pool, self.dlq, failure)
 
 
+async def _record_sent_anyway(
+    pool: asyncpg.Pool, message_id: str, reply_message_id: str, turn: str, who: dict[str, str]
+) -> None:
+    """Records a reply that went out for `turn`, whose own record cannot be made any more:
+    unfenced, where no reply is recorded (store.record_stale_send). Logged either way."""
+    try:
+        recorded = await store.record_stale_send(pool, message_id, reply_message_id)
+    except Exception as exc:
+        log.warning("could not record the reply of %s: %r", turn, exc, extra=who)
+        return
+    if recorded:
+        log.warning("recorded the reply of %s", turn, extra={**who, "reply_id": reply_message_id})
+
+
 # Records of unclaimed sends in flight (record_unclaimed_send), kept until done.
 _RECORDING: set[asyncio.Task[None]] = set()
 
@@ -402,23 +413,14 @@ def record_unclaimed_send(pool: asyncpg.Pool, message_id: str, reply_message_id:
     would find the send in flight and, without a status webhook, send the reply again.
     Recorded now, in the background, unfenced where no reply is (store.record_stale_send)."""
 
-    async def record() -> None:
-        try:
-            recorded = await store.record_stale_send(pool, message_id, reply_message_id)
-        except Exception as exc:
-            log.warning(
-                "could not record the reply of a turn answered too late: %r",
-                exc,
-                extra={"message_id": message_id},
-            )
-            return
-        if recorded:
-            log.warning(
-                "recorded the reply of a turn answered after its driver stopped waiting",
-                extra={"message_id": message_id, "reply_id": reply_message_id},
-            )
-
-    task = asyncio.create_task(record(), name="record-unclaimed-send")
+    record = _record_sent_anyway(
+        pool,
+        message_id,
+        reply_message_id,
+        "a turn answered after its driver stopped waiting",
+        {"message_id": message_id},
+    )
+    task = asyncio.create_task(record, name="record-unclaimed-send")
     _RECORDING.add(task)
     task.add_done_callback(_RECORDING.discard)
 
