@@ -12,7 +12,7 @@ import aiohttp
 import grpc
 from wa.v1 import agent_pb2, agent_pb2_grpc
 
-from common import authz, config, customers, db, logs, roles, sqlfile, telemetry, wire
+from common import authz, config, customers, db, logs, retry, roles, sqlfile, telemetry, wire
 from common.domain import TurnResult
 from services.agent.settings import AgentSettings
 
@@ -157,8 +157,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             except Exception as exc:
                 if attempt < 2:
                     # The resumed turn cannot start before the dead holder's heartbeat has
-                    # expired (5 s): time for another try.
-                    await asyncio.sleep(0.5)
+                    # expired (5 s): time for another try (at least 0.5 s on, with jitter).
+                    await asyncio.sleep(0.5 + retry.full_jitter(attempt + 1, 0.25, 1.0))
                     continue
                 # Left as before: the resumed turn waits for the replies' status webhooks.
                 log.warning(
