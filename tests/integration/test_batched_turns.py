@@ -274,6 +274,15 @@ async def test_a_deadlocked_batch_runs_each_claim_alone(
     the other order is undone by PostgreSQL (the other transaction gets its locks); each claim
     then runs alone and its caller still gets its turn."""
     first, second, *rest = sorted(conversations)
+    # Of two sessions in a deadlock, the one whose check runs first (deadlock_timeout after it
+    # began to wait) is undone; the batch waits first, but with the default 1 s a loaded
+    # machine can delay the other's lock past the batch's only check, and the other is undone
+    # instead. Both sessions get 5 s: the other has that long to close the cycle.
+    admin = await asyncpg.connect(counted.admin_dsn, timeout=10)
+    try:
+        await admin.execute(f"ALTER DATABASE \"{counted.name}\" SET deadlock_timeout = '5s'")
+    finally:
+        await admin.close()
     pool = await counted.open()
     other = await asyncpg.connect(counted.url, timeout=10)
     try:
