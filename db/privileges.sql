@@ -42,6 +42,7 @@ GRANT EXECUTE ON FUNCTION wa_start_turn, wa_claim_turn, wa_finish_turn, wa_trans
 GRANT EXECUTE ON FUNCTION wa_hold_for_person TO :"state";  -- handoff (0017)
 GRANT EXECUTE ON FUNCTION wa_release_conversation TO :"state";  -- with a turn (0020)
 GRANT EXECUTE ON FUNCTION wa_claim_turns, wa_finish_turns TO :"state";  -- batched (0022)
+GRANT EXECUTE ON FUNCTION wa_reply_status_seen TO :"state";  -- a send's delivery state (0029)
 -- Retention and erasure: only through these functions, which run as the owner (0013).
 GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";
 GRANT SELECT ON wa_message_tombstones TO :"state";  -- ingest: a forgotten id stays a duplicate
@@ -74,6 +75,7 @@ GRANT USAGE ON SEQUENCE agent_sessions_id_seq, conversation_state_transitions_id
 GRANT EXECUTE ON FUNCTION wa_save_turn, increment_session_metrics, wa_delivery_rank
     TO :"agent";
 GRANT EXECUTE ON FUNCTION wa_save_turns TO :"agent";  -- many turns' saves at once (0023)
+GRANT EXECUTE ON FUNCTION wa_reply_status_seen TO :"agent";  -- a send's delivery state (0029)
 -- Operators' replies (Agent.SendOperatorReply): stored, sent, audited, added to the context.
 GRANT SELECT, INSERT, UPDATE ON operator_replies TO :"agent";
 GRANT USAGE ON SEQUENCE operator_replies_id_seq TO :"agent";

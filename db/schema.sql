@@ -921,6 +921,20 @@ END
 $$;
 
 --
+-- Name: wa_reply_status_seen(text); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_reply_status_seen(p_reply_message_id text) RETURNS SETOF text
+    LANGUAGE sql STABLE ROWS 1
+    AS $$
+    SELECT COALESCE(
+        (SELECT s.reply_status FROM processed_webhook_messages s
+          WHERE s.reply_message_id = p_reply_message_id AND s.kind = 'status'
+          ORDER BY wa_delivery_rank(s.reply_status) DESC LIMIT 1),
+        'sent')
+$$;
+
+--
 -- Name: wa_retention_min_days(); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -1215,11 +1229,7 @@ BEGIN
            -- A status that arrived before the send was recorded still counts.
            reply_status = CASE
                WHEN p_reply_message_id IS NULL THEN m.reply_status
-               ELSE COALESCE(
-                   (SELECT s.reply_status FROM processed_webhook_messages s
-                     WHERE s.reply_message_id = p_reply_message_id AND s.kind = 'status'
-                     ORDER BY wa_delivery_rank(s.reply_status) DESC LIMIT 1),
-                   'sent')
+               ELSE (SELECT seen FROM wa_reply_status_seen(p_reply_message_id) seen)
            END,
            updated_at = now()
      WHERE m.id = v_id

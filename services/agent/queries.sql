@@ -104,11 +104,7 @@ WITH fence AS (
 ), sent AS (
     UPDATE processed_webhook_messages m
        SET reply_message_id = $2,
-           reply_status = COALESCE(
-               (SELECT s.reply_status FROM processed_webhook_messages s
-                 WHERE s.reply_message_id = $2 AND s.kind = 'status'
-                 ORDER BY wa_delivery_rank(s.reply_status) DESC LIMIT 1),
-               'sent'),
+           reply_status = (SELECT seen FROM wa_reply_status_seen($2) seen),
            updated_at = now()
       FROM fence f
      WHERE m.message_id = $1 AND (f.fence_token = $4 OR m.reply_message_id IS NULL)
@@ -125,11 +121,7 @@ SELECT fence_token FROM fence
 -- the reply again.
 UPDATE processed_webhook_messages m
    SET reply_message_id = s.reply_id,
-       reply_status = COALESCE(
-           (SELECT st.reply_status FROM processed_webhook_messages st
-             WHERE st.reply_message_id = s.reply_id AND st.kind = 'status'
-             ORDER BY wa_delivery_rank(st.reply_status) DESC LIMIT 1),
-           'sent'),
+       reply_status = (SELECT seen FROM wa_reply_status_seen(s.reply_id) seen),
        updated_at = now()
   FROM unnest($1::text[], $2::text[]) AS s(message_id, reply_id)
  WHERE m.message_id = s.message_id AND m.kind = 'message' AND m.reply_message_id IS NULL

@@ -398,11 +398,7 @@ SELECT m.message_id, m.message_type, m.status, m.status_reason, m.body, m.reply_
 -- send in flight, must find it rather than send the reply again.
 UPDATE processed_webhook_messages m
    SET reply_message_id = $2,
-       reply_status = COALESCE(
-           (SELECT st.reply_status FROM processed_webhook_messages st
-             WHERE st.reply_message_id = $2 AND st.kind = 'status'
-             ORDER BY wa_delivery_rank(st.reply_status) DESC LIMIT 1),
-           'sent'),
+       reply_status = (SELECT seen FROM wa_reply_status_seen($2) seen),
        updated_at = now()
  WHERE m.message_id = $1 AND m.kind = 'message' AND m.reply_message_id IS NULL
 RETURNING m.id

@@ -3,6 +3,8 @@ a large table."""
 
 from __future__ import annotations
 
+import re
+
 import asyncpg
 
 from services.agent import turn as agent_turn
@@ -157,11 +159,75 @@ async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -
         rows = await conn.fetch(f"EXPLAIN EXECUTE statuses({', '.join(values)})")
     plan = "\n".join(r[0] for r in rows)
     assert "Seq Scan on processed_webhook_messages" not in plan, plan
+    # A sent reply recorded with the furthest status seen for it (wa_reply_status_seen,
+    # db/migrations/0029): the function inlined, its lookup (alias s), by an index, is in the
+    # statement's own plan.
+    for q, args in (
+        (agent_turn.Q["record_sent"], "'m500000', 'wamid.x', 1, 0"),
+        (agent_turn.Q["record_unanswered_sends"], "ARRAY['m500000'], ARRAY['wamid.x']"),
+        (state_store.Q["record_stale_send"], "'m500000', 'wamid.x'"),
+    ):
+        async with pool.acquire() as conn:
+            await conn.execute(f"PREPARE record AS {q}")
+            rows = await conn.fetch(f"EXPLAIN EXECUTE record({args})")
+            await conn.execute("DEALLOCATE record")
+        plan = "\n".join(r[0] for r in rows)
+        # (EXPLAIN names it s_1 where the statement has an s of its own.)
+        assert re.search(r"Index Scan using \S+ on processed_webhook_messages s(_1)? ", plan), (
+            q,
+            plan,
+        )
+        assert "Seq Scan on processed_webhook_messages" not in plan, (q, plan)
     # Every turn's state, with the customer's last message in a conversation of a million
     # (the 24-hour window): one entry of the window's index, not the conversation's history.
     turn_state = agent_turn.Q["turn_state"].replace("$1", "'m500000'")
     plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {turn_state}"))
     assert "processed_messages_customer_last_idx" in plan and "Seq Scan" not in plan, plan
+
+
+async def test_a_sends_furthest_status_is_read_inline_not_by_a_function_call(
+    pool: asyncpg.Pool,
+) -> None:
+    # wa_reply_status_seen (db/migrations/0029) is written into each statement that calls it:
+    # a call of a SQL function that reads a table is planned again at every statement before
+    # PostgreSQL 18. track_functions counts the calls that remain calls.
+    await _workload(pool)  # r1..r10 replied, p1 and p2 in flight
+    await pool.execute(
+        "INSERT INTO processed_webhook_messages (message_id, kind, phone_number_id, wa_id,"
+        " message_type, wa_timestamp, payload, status, reply_message_id, reply_status,"
+        " correlation_id) SELECT 'status:' || r, 'status', '100', '1555001', 'status', now(),"
+        " '{}', 'skipped', r, 'delivered', 'c' FROM unnest(ARRAY['wamid.o1', 'wamid.o4']) r"
+    )
+    statements = [
+        (agent_turn.Q["record_sent"], ("p1", "wamid.o1", 2, 0)),
+        (agent_turn.Q["record_unanswered_sends"], (["p2"], ["wamid.o2"])),
+        (state_store.Q["record_stale_send"], ("r1", "wamid.o3")),
+        (
+            "SELECT * FROM wa_transition_message($1, 'replied', ARRAY['replied'], 'x', NULL,"
+            " 'c', $2)",
+            ("r2", "wamid.o4"),
+        ),
+    ]
+    async with pool.acquire() as conn:
+        for sql, args in statements:
+            async with conn.transaction():
+                await conn.execute("SET LOCAL track_functions = 'all'")
+                await conn.fetch(sql, *args)
+                calls = await conn.fetch("SELECT funcname FROM pg_stat_xact_user_functions")
+            called = {r["funcname"] for r in calls}
+            assert "wa_reply_status_seen" not in called, (sql, called)
+    # The final transition's own call is counted: what is not counted was not called.
+    assert called == {"wa_transition_message"}
+    rows = await pool.fetch(
+        "SELECT message_id, reply_status FROM processed_webhook_messages"
+        " WHERE kind = 'message' AND reply_message_id LIKE 'wamid.o%' ORDER BY message_id"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("p1", "delivered"),
+        ("p2", "sent"),
+        ("r1", "sent"),
+        ("r2", "delivered"),
+    ]
 
 
 async def test_stuck_views_and_checks_follow_stuck_timeout_seconds(pool: asyncpg.Pool) -> None:

@@ -17,6 +17,8 @@ import orjson
 import pytest
 
 from common import migrate, roles, tls
+from services.agent import turn as agent_turn
+from services.state import store as state_store
 from tests.support.servers import Postgres, with_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,6 +206,68 @@ async def test_the_dlq_cannot_read_contexts_or_message_texts(
         assert await dlq.execute("UPDATE webhook_dlq SET status = 'pending'") == "UPDATE 2"
     finally:
         await dlq.close()
+
+
+async def test_each_record_of_a_send_takes_the_furthest_status_seen_with_its_own_role(
+    urls: dict[str, str], owner: asyncpg.Connection
+) -> None:
+    """The four statements that record a sent reply read its statuses (which may come before
+    the send is recorded) through wa_reply_status_seen (db/migrations/0029), with the rights
+    of the service that runs them; no other service may run it."""
+    await owner.execute(
+        "INSERT INTO webhook_conversations (id, phone_number_id, wa_id) VALUES (1, 'PN1', '1')"
+    )
+    await owner.execute(
+        "INSERT INTO processed_webhook_messages (message_id, kind, conversation_id, "
+        "phone_number_id, wa_id, message_type, wa_timestamp, payload, status, correlation_id) "
+        "SELECT 'wamid.' || i, 'message', 1, 'PN1', '1', 'text', now(), '{}', 'processing', 'c' "
+        "FROM generate_series(1, 5) i"
+    )
+    # Replies OUT1..OUT4 were delivered and read before their sends were recorded.
+    await owner.execute(
+        "INSERT INTO processed_webhook_messages (message_id, kind, phone_number_id, wa_id, "
+        "message_type, wa_timestamp, payload, status, reply_message_id, reply_status, "
+        "correlation_id) "
+        "SELECT 'status:wamid.OUT' || i || ':' || s, 'status', 'PN1', '1', 'status', now(), "
+        "'{}', 'skipped', 'wamid.OUT' || i, s, 'c' "
+        "FROM generate_series(1, 4) i, unnest(ARRAY['read', 'delivered']) s"
+    )
+    agent = await _as(urls["agent"])
+    state = await _as(urls["state"])
+    try:
+        assert await agent.fetchval(agent_turn.Q["record_sent"], "wamid.1", "wamid.OUT1", 1, 0) == 0
+        await agent.fetch(agent_turn.Q["record_unanswered_sends"], ["wamid.2"], ["wamid.OUT2"])
+        await state.fetch(state_store.Q["record_stale_send"], "wamid.3", "wamid.OUT3")
+        # A turn's final transition (wa_finish_turn calls it); and a reply with no status yet.
+        for message, reply in (("wamid.4", "wamid.OUT4"), ("wamid.5", "wamid.OUT5")):
+            outcome = await state.fetchval(
+                "SELECT outcome FROM wa_transition_message($1, 'replied', ARRAY['processing'],"
+                " 'replied', 0, 'c', $2)",
+                message,
+                reply,
+            )
+            assert outcome == "done"
+        for service in ("dlq", "operator"):
+            other = await _as(urls[service])
+            try:
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await other.fetch("SELECT * FROM wa_reply_status_seen('wamid.OUT1')")
+            finally:
+                await other.close()
+    finally:
+        await agent.close()
+        await state.close()
+    rows = await owner.fetch(
+        "SELECT message_id, reply_message_id, reply_status FROM processed_webhook_messages"
+        " WHERE kind = 'message' ORDER BY message_id"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("wamid.1", "wamid.OUT1", "read"),
+        ("wamid.2", "wamid.OUT2", "read"),
+        ("wamid.3", "wamid.OUT3", "read"),
+        ("wamid.4", "wamid.OUT4", "read"),
+        ("wamid.5", "wamid.OUT5", "sent"),
+    ]
 
 
 async def test_the_operator_reads_and_writes_only_its_numbers(
