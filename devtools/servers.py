@@ -132,10 +132,18 @@ class Postgres:
 
 
 class Redis:
-    def __init__(self, root: Path, *, embedded_only: bool = False) -> None:
+    """`url` is what the state service gets: on the embedded server its own ACL user, limited
+    to keys and channels under `key_prefix` (so every test's prefix starts with it);
+    `admin_url` can do anything, for tests that inspect or change what the service cannot.
+    Both are REDIS_URL on an external server: the operator's URL, as it is."""
+
+    def __init__(self, root: Path, *, embedded_only: bool = False, key_prefix: str = "wa:") -> None:
         self.root = root
+        self.key_prefix = key_prefix
         self.external = "" if embedded_only else os.environ.get("REDIS_URL", "")
         self.url = self.external
+        self.admin_url = self.external
+        self.command: embedded.ValkeyCommand | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -143,13 +151,15 @@ class Redis:
         if self.external:
             return
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.command = embedded.prepare_valkey(self.port, self.root / "valkey", self.key_prefix)
+        self.url, self.admin_url = self.command.url, self.command.admin_url
         self._spawn()
 
     def _spawn(self) -> None:
+        assert self.command is not None
         with open(self.root / "valkey.log", "ab") as log:
             self.proc = subprocess.Popen(
-                embedded.valkey_argv(self.port, self.root / "valkey"),
+                self.command.argv,
                 stdout=log,
                 stderr=log,
                 preexec_fn=supervisor.die_with_parent,

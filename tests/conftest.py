@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import settings
 
 from tests.support.fakes import FakeGraph, FakeModel
@@ -68,6 +69,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
     server.stop()
 
 
+@pytest.fixture
+async def redis_admin(redis_server: Redis) -> AsyncIterator[aioredis.Redis]:
+    """A client that can do what the state service's user cannot (flush scripts, write keys
+    of other types): the embedded server's admin, or REDIS_URL's user."""
+    from common import kv
+
+    client = kv.create_client(redis_server.admin_url)
+    yield client
+    await client.aclose()
+
+
 @pytest.fixture(scope="session")
 async def template(pg: Postgres) -> str:
     return await pg.create_template()
@@ -89,7 +101,7 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture
 def redis_prefix() -> str:
-    return f"test:{uuid.uuid4().hex[:10]}:"
+    return f"wa:test:{uuid.uuid4().hex[:10]}:"
 
 
 @pytest.fixture

@@ -464,7 +464,15 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
     await roles.refuse_privileged(pool, settings)
     with telemetry.untraced():  # start-up housekeeping, part of no message's trace
         await store.record_stuck_timeout(pool, settings.stuck_timeout_seconds)
-    redis = kv.create_client(settings.require_redis())
+    redis_url = settings.require_redis()
+    anonymous = kv.anonymous_remote(redis_url)
+    if anonymous is not None:
+        log.warning(
+            "REDIS_URL has no password and %s is not this host: whoever reaches it can take "
+            "or break every lease. Give the server an ACL user (README, Security)",
+            anonymous,
+        )
+    redis = kv.create_client(redis_url)
     locks = Locks(redis, settings.lock_ttl_seconds, prefix=settings.redis_prefix)
     background: list[asyncio.Task[None]] = []
     dispatcher: Dispatcher | None = None

@@ -34,7 +34,7 @@ async def own(tmp_path: Path, graph: FakeGraph) -> AsyncIterator[tuple[System, P
         tmp_path / "system",
         dsn,
         redis.url,
-        "outage:",
+        "wa:outage:",
         {"WHATSAPP_API_BASE_URL": graph.url, "STUCK_TIMEOUT_SECONDS": "10"},
     )
     await system.start()

@@ -63,7 +63,7 @@ async def scaled(
     )
     root: Path = tmp_path_factory.mktemp("scaled")
     system = System(
-        root, await pg.create_database(template), redis_server.url, f"t:{uuid.uuid4().hex}:", env
+        root, await pg.create_database(template), redis_server.url, f"wa:t:{uuid.uuid4().hex}:", env
     )
     try:
         # Nine Python processes: on two busy cores they can take a while to start.

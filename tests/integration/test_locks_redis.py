@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common import kv
@@ -38,14 +39,14 @@ async def test_a_lease_is_taken_once_and_released_by_its_holder_only(
 
 
 async def test_a_lease_is_released_after_the_server_forgot_the_script(
-    redis_server: Redis, redis_prefix: str
+    redis_server: Redis, redis_admin: aioredis.Redis, redis_prefix: str
 ) -> None:
     client = kv.create_client(redis_server.url)
     try:
         locks = Locks(client, ttl_seconds=30, prefix=redis_prefix)
         lease = await locks.acquire(6)
         assert lease is not None
-        await client.script_flush()
+        await redis_admin.script_flush()
         assert await locks.release(lease)
         assert await locks.holder(6) is None
     finally:
@@ -94,16 +95,16 @@ class CountingRelay:
     client's socket is about one request on the wire (one command, or one whole pipeline)."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
-        self.path = parts.path
+        self.parts = urlsplit(url)
+        self.host, self.port = self.parts.hostname or "127.0.0.1", self.parts.port or 6379
         self.reads = 0
         self.server: asyncio.Server | None = None
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
         port = self.server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}{self.path}"
+        login = self.parts.netloc.rpartition("@")[0]
+        return urlunsplit(self.parts._replace(netloc=f"{login}@127.0.0.1:{port}".lstrip("@")))
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
@@ -176,7 +177,7 @@ async def test_concurrent_lease_calls_of_many_conversations_share_round_trips(
 
 
 async def test_a_call_that_fails_in_a_shared_round_trip_fails_alone(
-    redis_server: Redis, redis_prefix: str
+    redis_server: Redis, redis_admin: aioredis.Redis, redis_prefix: str
 ) -> None:
     client = kv.create_client(redis_server.url)
     try:
@@ -185,7 +186,7 @@ async def test_a_call_that_fails_in_a_shared_round_trip_fails_alone(
         assert all(leases)
         # Conversation 5's lease key is no string now: its release script fails (WRONGTYPE).
         await client.delete(locks.lock_key(5))
-        await client.hset(locks.lock_key(5), "x", "1")
+        await redis_admin.hset(locks.lock_key(5), "x", "1")
         outcomes = await asyncio.gather(
             *(locks.release(lease) for lease in leases if lease is not None),
             return_exceptions=True,
@@ -198,15 +199,15 @@ async def test_a_call_that_fails_in_a_shared_round_trip_fails_alone(
 
 
 async def test_lease_calls_sharing_a_round_trip_survive_a_forgotten_script(
-    redis_server: Redis, redis_prefix: str
+    redis_server: Redis, redis_admin: aioredis.Redis, redis_prefix: str
 ) -> None:
     client = kv.create_client(redis_server.url)
     try:
         locks = Locks(client, ttl_seconds=30, prefix=redis_prefix)
-        await client.script_flush()
+        await redis_admin.script_flush()
         leases = await asyncio.gather(*(locks.acquire(c) for c in range(1, 11)))
         assert all(leases)
-        await client.script_flush()
+        await redis_admin.script_flush()
         released = await asyncio.gather(
             *(locks.release(lease) for lease in leases if lease is not None)
         )

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -22,7 +23,7 @@ from opentelemetry.sdk import environment_variables as otel_environment
 
 from cli.run import SERVICES, service_command
 from cli.settings import CliSettings
-from common import config
+from common import config, kv
 from services.console.settings import ConsoleSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,7 @@ REQUIRED = (
     "AGENT_DB_PASSWORD",
     "DLQ_DB_PASSWORD",
     "OPERATOR_DB_PASSWORD",
+    "REDIS_PASSWORD",
 )
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|API_KEY")
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
@@ -189,6 +191,47 @@ def structure_problems(doc: Mapping[str, Any]) -> list[str]:
             problems.append(f"{name}: gets the owner's DATABASE_URL")
     if "data" in (services["gateway"].get("networks") or []):
         problems.append("gateway: on the database network")
+    return problems + redis_problems(services)
+
+
+def redis_users(spec: Mapping[str, Any]) -> list[str]:
+    """The ACL users the redis service's command gives the server (on its stdin)."""
+    command = spec.get("command") or []
+    script = command[-1] if command[:2] == ["sh", "-ec"] else ""
+    if not re.search(r"^exec docker-entrypoint\.sh redis-server - .*<<EOF$", script, re.M):
+        return []
+    return [line for line in script.splitlines() if line.startswith("user ")]
+
+
+def redis_problems(services: Mapping[str, Any]) -> list[str]:
+    """Redis lets in nobody anonymous, and the state service as its own user only, with the
+    rules of common/kv.py and the password of the state's REDIS_URL."""
+    problems = []
+    redis = services["redis"]
+    state = _env(services["state"])
+    prefix = CliSettings.from_env(
+        {k: v for k, v in state.items() if k in config.variables(CliSettings)}
+    ).redis_prefix
+    expected = [
+        "user default off",
+        f"user {kv.STATE_USER} on >$REDISCLI_AUTH {kv.state_acl_rules(prefix)}",
+    ]
+    if redis_users(redis) != expected:
+        problems.append(f"redis: users {redis_users(redis)}, expected {expected}")
+    password = _env(redis).get("REDISCLI_AUTH", "")
+    url = urlsplit(state.get("REDIS_URL", ""))
+    if not password or (url.username, url.password, url.hostname) != (
+        kv.STATE_USER,
+        password,
+        "redis",
+    ):
+        problems.append(f"state: REDIS_URL is not {kv.STATE_USER}'s with the server's password")
+    check = " ".join(redis.get("healthcheck", {}).get("test", []))
+    if f"--user {kv.STATE_USER}" not in check or "PONG" not in check:
+        problems.append("redis: the healthcheck does not log in (or believes redis-cli's exit)")
+    for name, spec in services.items():
+        if name != "state" and "REDIS_URL" in _env(spec):
+            problems.append(f"{name}: gets REDIS_URL (only the state service uses Redis)")
     return problems
 
 
@@ -258,6 +301,28 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
         volumes=["tls-state:/etc/wa/tls:ro"]
     ),
     "plaintext gRPC": lambda d: d["services"]["state"]["environment"].update(GRPC_INSECURE="true"),
+    "anonymous Redis": lambda d: d["services"]["redis"].update(
+        command=["redis-server", "--save", "", "--appendonly", "no"]
+    ),
+    "the state's user may do anything": lambda d: d["services"]["redis"].update(
+        command=[
+            *d["services"]["redis"]["command"][:2],
+            re.sub(
+                r"(user wa-state on \S+) .*",
+                r"\1 ~* &* +@all",
+                d["services"]["redis"]["command"][2],
+            ),
+        ]
+    ),
+    "Redis URL without credentials": lambda d: d["services"]["state"]["environment"].update(
+        REDIS_URL="redis://redis:6379/0"
+    ),
+    "healthcheck without login": lambda d: d["services"]["redis"]["healthcheck"].update(
+        test=["CMD", "redis-cli", "ping"]
+    ),
+    "Redis URL in the agent": lambda d: d["services"]["agent"]["environment"].update(
+        REDIS_URL="redis://wa-state:x@redis:6379/0"
+    ),
 }
 
 
@@ -442,7 +507,9 @@ def test_compose_environment_is_a_configuration_the_services_accept() -> None:
         assert settings.agent_addr == "dns:///agent:50052"
         assert settings.dlq_addr == "dns:///dlq:50053"
         assert settings.metrics_port == 9100
-    assert _env(services["state"])["REDIS_URL"] == "redis://redis:6379/0"
+    assert _env(services["state"])["REDIS_URL"] == (
+        f"redis://{kv.STATE_USER}:{full_env()['REDIS_PASSWORD']}@redis:6379/0"
+    )
 
 
 # --- the Dockerfile ------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 from cli.run import SERVICES, service_command
+from cli.settings import CliSettings
+from common import kv
 from devtools import kustomize
 from devtools.kustomize import KustomizeError, Object
 from tests.unit.test_compose import SECRET_NAME, known_variables
@@ -550,3 +552,14 @@ def test_manifests_set_only_variables_the_services_read() -> None:
         for container in kustomize.containers(obj) if obj["kind"] in kustomize.WORKLOADS else []:
             unknown = sorted(set(_env(container)) - known)
             assert unknown == [], f"{obj['metadata']['name']}: {unknown}"
+
+
+def test_the_redis_secret_is_the_state_users_and_the_readme_names_its_acl() -> None:
+    """deploy/kubernetes/README.md gives the Redis server the same user as compose and the
+    embedded server (common/kv.py), and the Secret's URL logs in as it."""
+    readme = (KUBERNETES / "README.md").read_text()
+    rules = kv.state_acl_rules(CliSettings.from_env({}).redis_prefix)
+    assert f"#   ACL SETUSER {kv.STATE_USER} on >PASSWORD {rules}\n" in readme
+    assert f"url='rediss://{kv.STATE_USER}:PASSWORD@" in readme
+    env = _env(_container(_deployment(render(), "state")))
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "wa-redis", "key": "url"}

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("gateway", "state", "agent", "dlq")
 # What the tooling defines, wherever it lives: free ports, the embedded servers, the supervisor,
 # protoc for the code generation.
-TOOLING_NAMES = ("free_port", "prepare_postgres", "valkey_argv", "Supervisor", "protoc")
+TOOLING_NAMES = ("free_port", "prepare_postgres", "prepare_valkey", "Supervisor", "protoc")
 
 # Imports every module of the packages named (their __main__ aside: it starts the service),
 # then prints what the interpreter has loaded, and which of the repository's modules define one
