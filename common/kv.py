@@ -12,12 +12,12 @@ import redis.asyncio as aioredis
 # The state service's user (README, Security): the embedded server's, compose's, and the one
 # deploy/kubernetes/README.md asks for.
 STATE_USER = "wa-state"
-# Every command the state service sends (services/state: locks.py, sweeper.py, handback.py),
-# those its Lua scripts call (locks.py), and the one redis-py sends on connecting. Nothing that
-# reads or changes keys beyond them, the server's configuration, or other clients.
+# Every command the state service sends (services/state: locks.py, sweeper.py, handback.py)
+# and those its Lua scripts call (locks.py). Nothing that reads or changes keys beyond them, the
+# server's configuration, or other clients. (Not CLIENT SETINFO: create_client does not send
+# it, and before Redis 7.2 a rule naming it would stop the server from loading its users.)
 STATE_COMMANDS = (
     "ping",
-    "client|setinfo",
     "get",
     "set",
     "del",
@@ -70,4 +70,7 @@ def create_client(url: str) -> aioredis.Redis:
         health_check_interval=15,
         retry_on_timeout=False,
         decode_responses=True,
+        # No CLIENT SETINFO on connecting: a round trip per connection for a label in
+        # CLIENT LIST, which the state's user may not send (STATE_COMMANDS).
+        driver_info=None,
     )
