@@ -112,19 +112,44 @@ WITH fence AS (
 SELECT fence_token FROM fence
 
 -- name: record_unanswered_sends
--- Replies sent by turns whose answers may never have reached the state service (their Turns
--- call ended first: a killed state service; services/agent/server.py): message $1[n] was
--- answered by reply $2[n]. Each recorded as record_sent would, where no reply is recorded
--- yet. Not fenced, like a status webhook's confirmation (services/state/queries.sql
--- ingest_statuses): that Meta accepted this reply for this message stays true whoever holds
--- the conversation now, and a turn resumed after the crash must find it rather than send
--- the reply again.
+-- Replies sent by turns whose answers may never have reached the state service, or reached
+-- it and were never recorded (services/agent/server.py, _SentReplies: a killed state
+-- service): message $1[n] was answered by reply $2[n]. Each recorded as record_sent would,
+-- where no reply is recorded yet. Not fenced, like a status webhook's confirmation
+-- (services/state/queries.sql ingest_statuses): that Meta accepted this reply for this
+-- message stays true whoever holds the conversation now, and a turn resumed after the crash
+-- must find it rather than send the reply again.
+-- It runs for every call's replies once the call has ended, and nearly always finds them all
+-- recorded: each message is found by its key alone (`kind` checked on the row found, as in
+-- db/migrations/0026), one that is recorded is neither locked nor written, and with nothing
+-- to record the update reads no row. The others are locked first, one by one in the order a
+-- batch of turns' final statements takes them (wa_finish_turns: by conversation, as
+-- ingest_statuses's `locked`): in the update's own join order, this could hold one message of
+-- a batch still finishing while waiting for another, and PostgreSQL would break the cycle by
+-- failing one of the two. A row the batch records meanwhile is left out once its lock is free.
+WITH locked AS MATERIALIZED (
+    SELECT l.id, f.reply_id
+      FROM (SELECT s.reply_id, k.id, k.phone_number_id, k.customer_id, k.conversation_id
+              FROM unnest($1::text[], $2::text[]) AS s(message_id, reply_id)
+             CROSS JOIN LATERAL (
+                 SELECT m.id, m.kind, m.conversation_id, c.phone_number_id, c.customer_id
+                   FROM processed_webhook_messages m
+                   LEFT JOIN webhook_conversations c ON c.id = m.conversation_id
+                  WHERE m.message_id = s.message_id AND m.reply_message_id IS NULL
+                  LIMIT 1) AS k
+             WHERE k.kind = 'message'
+             ORDER BY k.phone_number_id, k.customer_id, k.conversation_id, k.id) AS f
+     CROSS JOIN LATERAL (
+         SELECT m.id FROM processed_webhook_messages m
+          WHERE m.id = f.id AND m.reply_message_id IS NULL
+            FOR NO KEY UPDATE) AS l
+)
 UPDATE processed_webhook_messages m
-   SET reply_message_id = s.reply_id,
-       reply_status = (SELECT seen FROM wa_reply_status_seen(s.reply_id) seen),
+   SET reply_message_id = l.reply_id,
+       reply_status = (SELECT seen FROM wa_reply_status_seen(l.reply_id) seen),
        updated_at = now()
-  FROM unnest($1::text[], $2::text[]) AS s(message_id, reply_id)
- WHERE m.message_id = s.message_id AND m.kind = 'message' AND m.reply_message_id IS NULL
+  FROM locked l
+ WHERE m.id = l.id AND m.reply_message_id IS NULL AND EXISTS (SELECT FROM locked)
 RETURNING m.message_id
 
 -- name: send_started

@@ -30,12 +30,24 @@ from .turn import Agent, StaleFence, TurnFailed, UnknownMessage
 log = logging.getLogger(__name__)
 Q = sqlfile.load("services.agent", "queries.sql")
 
+# How long after a Turns call ends its turns' sent replies are looked at again (_SentReplies):
+# the caller records them with its final transitions within moments of reading the answers.
+# The turns of a caller that died are resumed only once its heartbeat has expired (5 s after
+# its last beat, at most a second before it died: services/state/sweeper.py), and a resumed
+# turn still waits WHATSAPP_SEND_CONFIRM_SECONDS for a record before it sends again.
+RECHECK_SECONDS = 2.0
+# On the way out, how long the records not yet done may take (after the gRPC server's grace).
+CLOSE_SECONDS = 3.0
+
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
     def __init__(self, agent: Agent, replies: OperatorReplies | None = None) -> None:
         self.agent = agent
         # Turns of `Turns` calls still running, whether or not their caller still waits.
         self._running: set[asyncio.Task[None]] = set()
+        # Records of sent replies that callers may not have recorded (_SentReplies), pending.
+        self._records: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
         self.replies = replies or OperatorReplies(agent.pool, agent.catalog, agent.graph)
 
     async def Reply(
@@ -139,14 +151,18 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             sent.add(turn.message_id, result.reply_message_id)
         answer((request.id, result))
 
-    def _record_unanswered(self, replies: dict[str, str]) -> None:
-        """Records, in the background, replies whose turns' answers may not have reached the
-        state service (_SentReplies)."""
-        task = asyncio.create_task(self._record(replies), name="record-unanswered-sends")
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+    def _record_unanswered(self, replies: dict[str, str], after: float) -> None:
+        """Records, in the background and `after` seconds on, replies whose turns' callers
+        may not have recorded them (_SentReplies)."""
+        task = asyncio.create_task(self._record(replies, after), name="record-unanswered-sends")
+        self._records.add(task)
+        task.add_done_callback(self._records.discard)
 
-    async def _record(self, replies: dict[str, str]) -> None:
+    async def _record(self, replies: dict[str, str], after: float) -> None:
+        if after and not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(after):
+                    await self._closing.wait()  # on the way out: at once
         ids = list(replies)
         for attempt in range(3):
             try:
@@ -156,24 +172,39 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 break
             except Exception as exc:
                 if attempt < 2:
-                    # The resumed turn cannot start before the dead holder's heartbeat has
-                    # expired (5 s): time for another try (at least 0.5 s on, with jitter).
+                    # A resumed turn starts once the dead holder's heartbeat has expired, and
+                    # then waits for a record (RECHECK_SECONDS): time for another try (at
+                    # least 0.5 s on, with jitter).
                     await asyncio.sleep(0.5 + retry.full_jitter(attempt + 1, 0.25, 1.0))
                     continue
                 # Left as before: the resumed turn waits for the replies' status webhooks.
                 log.warning(
-                    "could not record replies sent for a caller that went away: %r",
+                    "could not record replies sent that their caller may not have recorded: %r",
                     exc,
-                    extra={"message_ids": ids},
+                    extra={"message_ids": ids, "after_seconds": after},
                 )
                 return
         if recorded:
-            # (None when the caller had recorded them: a state service that stopped, closing
-            # its calls, after it took their answers.)
+            # (None, nearly always: the caller had recorded them. A caller that went away, or
+            # one that had not recorded them RECHECK_SECONDS after the call ended.)
             log.warning(
-                "recorded replies sent for a caller that went away before their turns' answers",
-                extra={"message_ids": [r["message_id"] for r in recorded]},
+                "recorded replies sent that their caller had not recorded",
+                extra={
+                    "message_ids": [r["message_id"] for r in recorded],
+                    "after_seconds": after,
+                },
             )
+
+    async def close(self) -> None:
+        """On the way out (SIGTERM), once the gRPC server has stopped: the records waiting to
+        look again are done at once, not RECHECK_SECONDS on; those not done within
+        CLOSE_SECONDS are left to the replies' status webhooks (the pool closes next)."""
+        self._closing.set()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + CLOSE_SECONDS
+        await asyncio.sleep(0)  # the calls the stop cancelled end, and start their records
+        while self._records and (left := until - loop.time()) > 0:
+            await asyncio.wait(set(self._records), timeout=left)
 
     async def _turn(
         self, request: agent_pb2.ReplyRequest, deadline: Deadline, *, shield: bool = True
@@ -291,19 +322,25 @@ def _response(
 
 class _SentReplies:
     """The replies a Turns call's turns sent and left to its caller to record with each
-    turn's final transition (the request's defer_sent_record), by message id. A call that ends
-    before it wrote every answer (its caller went away: a killed state service) may not have
-    delivered them, and a turn resumed after the crash would find a send in flight with no
-    id, wait for its status webhook and, without one, send the reply again: the agent records
-    them itself then, and those of the call's turns that end later. Recording one the caller
-    did get is harmless (only where no reply is recorded yet). A caller that dies after the
-    call's last answer, or while the call still looks alive (a host that vanished, until
-    HTTP/2 keepalive notices), is not seen: those replies are left to their status webhooks,
-    as before."""
+    turn's final transition (the request's defer_sent_record), by message id. A caller that
+    dies before it records one (a killed state service) leaves a send in flight with no id,
+    and the turn resumed after the crash would wait for its status webhook and, without one,
+    send the reply again: so the agent records them itself, where no reply is recorded yet
+    (recording one the caller did record is harmless, and costs no lock).
+
+    A call that ends before it wrote every answer (its caller went away) has them recorded at
+    once, and those of its turns that end later as they end. Every other call's are looked
+    at again RECHECK_SECONDS after it ended, one statement for the call: its caller may have
+    died after the answers were written (gRPC may end a call as if normally even when they
+    were written into a connection that was dying) or before its final transitions
+    committed. Left to the replies' status webhooks, as before: a caller that dies more than
+    RECHECK_SECONDS after the call ended with its transitions still uncommitted, or while a
+    call it had not half-closed still looks alive (a host that vanished, until HTTP/2
+    keepalive notices), and an agent that dies first."""
 
     __slots__ = ("_answered", "_record", "gone", "sent")
 
-    def __init__(self, record: Callable[[dict[str, str]], None]) -> None:
+    def __init__(self, record: Callable[[dict[str, str], float], None]) -> None:
         self._record = record
         self.sent: dict[str, str] = {}
         self._answered = False
@@ -311,7 +348,7 @@ class _SentReplies:
 
     def add(self, message_id: str, reply_id: str) -> None:
         if self.gone:
-            self._record({message_id: reply_id})
+            self._record({message_id: reply_id}, 0.0)
         else:
             self.sent[message_id] = reply_id
 
@@ -321,11 +358,11 @@ class _SentReplies:
 
     def call_ended(self, context: grpc.aio.ServicerContext) -> None:
         # Its caller gone, a call ends before its answers are written, and grpc may still
-        # report it neither cancelled nor failed (an answer written into a dead connection).
+        # report it neither cancelled nor failed.
         if not self._answered:
             self.gone = True
-            if self.sent:
-                self._record(self.sent)
+        if self.sent:
+            self._record(self.sent, 0.0 if self.gone else RECHECK_SECONDS)
         self.sent = {}
 
 
@@ -427,11 +464,11 @@ async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterat
             fallback_reply=settings.fallback_reply,
             window_template=settings.window_template_reply(),
         )
-        agent_pb2_grpc.add_AgentServicer_to_server(
-            AgentServicer(agent, OperatorReplies(pool, catalog, graph)), server
-        )
+        servicer = AgentServicer(agent, OperatorReplies(pool, catalog, graph))
+        agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
         try:
             yield [agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name]
         finally:
+            await servicer.close()  # the server has stopped: no call ends any more
             await agent.saves.close()  # the batches of saves in flight, before their pool
             await pool.close()

@@ -43,6 +43,9 @@ from common.deadlines import Deadlines
 
 log = logging.getLogger(__name__)
 
+# Calls open for new turns at a time, and how long each takes them (TurnCalls).
+WIDTH = 4
+CALL_SECONDS = 1.0
 # How long past the turn's own deadline (which the agent keeps) the caller waits for its answer.
 ANSWER_GRACE = 2.0
 # How often the turns awaiting an answer are looked at for one past its deadline: a turn that
@@ -225,8 +228,8 @@ class TurnCalls:
         self,
         channel: grpc.aio.Channel,
         *,
-        width: int = 4,
-        call_seconds: float = 1.0,
+        width: int = WIDTH,
+        call_seconds: float = CALL_SECONDS,
         call_turns: int = 1024,
         call_timeout: float = 600.0,
         unclaimed: UnclaimedSend | None = None,

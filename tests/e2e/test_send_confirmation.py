@@ -11,9 +11,11 @@ import os
 import signal
 import time
 
+import asyncpg
 import httpx
 import pytest
 
+from services.state import turn_calls
 from tests.conftest import StartSystem
 from tests.e2e.test_agent_turns import send, status_doc, wait_for
 from tests.e2e.test_dlq import wa
@@ -25,6 +27,7 @@ pytestmark = pytest.mark.e2e
 
 WA_ID = "15550001111"
 WAITING = "a send was in flight when its turn died; waiting for its status webhook"
+RECORDED = "recorded replies sent that their caller had not recorded"
 
 
 async def interrupted_send(system: System, graph: FakeGraph) -> tuple[str, str]:
@@ -49,6 +52,27 @@ async def redrive(system: System, message_id: str) -> None:
     item = await pool.fetchval("SELECT id FROM webhook_dlq WHERE message_id = $1", message_id)
     done = await asyncio.to_thread(wa, system, "dlq", "retry", str(item))
     assert done.returncode == 0, done.stderr
+
+
+def sent_ids(system: System, message_id: str) -> list[str]:
+    """The replies the agent says it sent for the message's turns."""
+    return [
+        line["reply_id"]
+        for line in system.log_lines("agent")
+        if line["msg"] == "reply sent" and line.get("message_id") == message_id
+    ]
+
+
+async def recorded_reply(system: System, message_id: str) -> asyncpg.Record:
+    """The message's recorded reply id and what confirmed it (none: its sender's record)."""
+    pool = await system.db()
+    row = await pool.fetchrow(
+        "SELECT reply_message_id, reply_confirmed_by FROM processed_webhook_messages "
+        "WHERE message_id = $1",
+        message_id,
+    )
+    assert row is not None
+    return row
 
 
 def waiting(system: System) -> bool:
@@ -108,13 +132,7 @@ async def test_a_resumed_send_without_a_status_webhook_is_sent_again_once(
     again = sends[1].body
     assert again["text"]["body"] == reply
     assert again["biz_opaque_callback_data"] == message_id
-    pool = await system.db()
-    row = await pool.fetchrow(
-        "SELECT reply_message_id, reply_confirmed_by FROM processed_webhook_messages "
-        "WHERE message_id = $1",
-        message_id,
-    )
-    assert row is not None
+    row = await recorded_reply(system, message_id)
     assert row["reply_message_id"].startswith("wamid.OUT") and row["reply_confirmed_by"] is None
 
 
@@ -143,35 +161,27 @@ async def test_a_reply_sent_after_its_driver_died_is_recorded_once_from_its_stat
     await system.wait_status([message_id], {"replied"}, timeout=90)
     await asyncio.sleep(1.0)
     assert len(graph.sends) == 1
+    row = await recorded_reply(system, message_id)
     pool = await system.db()
-    row = await pool.fetchrow(
-        "SELECT reply_message_id, reply_confirmed_by FROM processed_webhook_messages "
-        "WHERE message_id = $1",
-        message_id,
-    )
-    assert row is not None
-    sent_ids = await pool.fetch(
+    statuses = await pool.fetch(
         "SELECT reply_message_id FROM processed_webhook_messages WHERE kind = 'status'"
     )
-    assert [r["reply_message_id"] for r in sent_ids] == [row["reply_message_id"]]
+    assert [r["reply_message_id"] for r in statuses] == [row["reply_message_id"]]
     assert row["reply_message_id"].startswith("wamid.OUT")
     assert row["reply_confirmed_by"] == "status webhook: sent"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known window, not closed: grpc may end the agent's Turns call as if normally after "
-    "the state service was killed, and then the agent does not record the sent id (seen in 1 of "
-    "~20 runs under load and 1 of 3 fresh-clone CI runs on 2026-12-04; README, issue 16 note)",
-)
 async def test_a_reply_sent_after_its_driver_died_is_recorded_by_the_agent_and_not_sent_again(
     start_system: StartSystem, graph: FakeGraph
 ) -> None:
     """As above, but no status webhook ever comes (Meta's retries of the one refused while
     the state service was down may come late): the agent, whose Turns call ended before it
-    could answer, records the sent id itself. The resumed turn finds it and sends nothing; it
-    never waits for a confirmation. (It sent the reply again after
-    WHATSAPP_SEND_CONFIRM_SECONDS: the sent id had been left to the dead state service.)"""
+    could answer, records the sent id itself; or, when gRPC ended the call as if normally (the
+    answer written into the dying connection), once it looks again after the call's end. The
+    resumed turn finds it and sends nothing; it never waits for a confirmation. (It sent the
+    reply again after WHATSAPP_SEND_CONFIRM_SECONDS: the sent id had been left to the dead
+    state service; and, until the look after the call's end, in about 1 of 3 runs under
+    load.)"""
     system = await start_system(STUCK_TIMEOUT_SECONDS="5", WHATSAPP_SEND_CONFIRM_SECONDS="1")
     graph.release.clear()  # the reply's send waits until the state service is dead
     message_id = await send(system, "hello", wa_id=WA_ID)
@@ -179,24 +189,81 @@ async def test_a_reply_sent_after_its_driver_died_is_recorded_by_the_agent_and_n
     system.kill("state")
     graph.release.set()
 
-    def sent_ids() -> list[str]:
-        return [
-            line["reply_id"] for line in system.log_lines("agent") if line["msg"] == "reply sent"
-        ]
-
-    assert await asyncio.to_thread(graph.wait_for, lambda: bool(sent_ids()), 30)
+    assert await asyncio.to_thread(graph.wait_for, lambda: bool(sent_ids(system, message_id)), 30)
     await system.wait_status([message_id], {"replied"}, timeout=90)
     await asyncio.sleep(1.5)  # a resumed turn's wait (1 s) and a second send would show
     assert len(graph.sends) == 1
     assert not waiting(system)
+    row = await recorded_reply(system, message_id)
+    assert sent_ids(system, message_id) == [row["reply_message_id"]]
+    assert row["reply_confirmed_by"] is None
+
+
+async def test_a_reply_answered_on_a_closed_call_to_a_driver_that_died_is_recorded_by_the_agent(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    """The agent wrote the turn's answer on a Turns call that the state service had
+    half-closed (a call takes turns for `call_seconds`, then stops writing and waits for their
+    answers): the call ended normally. The state service then died before its final
+    transition, which was to record the reply's id, committed. The agent looks again at every
+    call's sent replies shortly after the call ends and records those still unrecorded: one
+    send, the message replied, no confirmation wait. (The id was left to the dead state
+    service, and the resumed turn, finding no status webhook, sent the reply again.)"""
+    system = await start_system(STUCK_TIMEOUT_SECONDS="5", WHATSAPP_SEND_CONFIRM_SECONDS="1")
+    graph.hold_for = {WA_ID}
+    graph.release.clear()  # this customer's reply waits
+    message_id = await send(system, "hello", wa_id=WA_ID)
+    assert await asyncio.to_thread(graph.wait_for, lambda: len(graph.sends) == 1, 30)
+    # A turn given to a call's place once the call is `call_seconds` old half-closes it; the
+    # places take turns in rotation, so the WIDTH-th turn after the held one closes its call.
+    await asyncio.sleep(turn_calls.CALL_SECONDS + 0.2)
+    for n in range(turn_calls.WIDTH):
+        other = await send(system, f"hello {n}", wa_id=f"1555000200{n}")
+        await system.wait_status([other], {"replied"}, timeout=30)
     pool = await system.db()
-    row = await pool.fetchrow(
-        "SELECT reply_message_id, reply_confirmed_by FROM processed_webhook_messages "
-        "WHERE message_id = $1",
-        message_id,
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        # The turn's final statement takes its conversation's row first: it waits for this
+        # lock, its answer read and its reply not yet recorded, when the state service dies.
+        await conn.execute(
+            "SELECT 1 FROM webhook_conversations c JOIN processed_webhook_messages m "
+            "ON m.conversation_id = c.id WHERE m.message_id = $1 FOR UPDATE OF c",
+            message_id,
+        )
+        graph.release.set()
+        waiting_pids: list[int] = []
+
+        async def finish_waits() -> bool:
+            waiting_pids[:] = [
+                r["pid"]
+                for r in await pool.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'wa-state' "
+                    "AND wait_event_type = 'Lock' AND query LIKE '%wa_finish_turn%'"
+                )
+            ]
+            return bool(waiting_pids)
+
+        await wait_for(finish_waits, 30, "the turn's final statement never waited")
+        system.kill("state")
+        # Its statement, which PostgreSQL would run to its commit once the lock is free,
+        # dies with it (as when its host goes away).
+        await pool.execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid", waiting_pids
+        )
+        await tx.rollback()
+
+    await system.wait_status([message_id], {"replied"}, timeout=90)
+    await asyncio.sleep(1.5)  # a resumed turn's wait (1 s) and a second send would show
+    assert len([s for s in graph.sends if s.body.get("to") == WA_ID]) == 1
+    assert not waiting(system)
+    assert any(
+        line["msg"] == RECORDED and message_id in line["message_ids"]
+        for line in system.log_lines("agent")
     )
-    assert row is not None
-    assert sent_ids() == [row["reply_message_id"]] and row["reply_confirmed_by"] is None
+    row = await recorded_reply(system, message_id)
+    assert sent_ids(system, message_id) == [row["reply_message_id"]]
+    assert row["reply_confirmed_by"] is None
 
 
 async def driving_replica(system: System) -> str:
@@ -253,12 +320,6 @@ async def test_a_reply_sent_for_a_stalled_state_replica_is_recorded_when_it_wake
         line["msg"] == "recorded the reply of a turn that lost its conversation meanwhile"
         for line in system.log_lines(holder)
     )
-    sent = [line["reply_id"] for line in system.log_lines("agent") if line["msg"] == "reply sent"]
-    pool = await system.db()
-    row = await pool.fetchrow(
-        "SELECT reply_message_id, reply_confirmed_by FROM processed_webhook_messages "
-        "WHERE message_id = $1",
-        message_id,
-    )
-    assert row is not None
-    assert sent == [row["reply_message_id"]] and row["reply_confirmed_by"] is None
+    row = await recorded_reply(system, message_id)
+    assert sent_ids(system, message_id) == [row["reply_message_id"]]
+    assert row["reply_confirmed_by"] is None

@@ -12,7 +12,7 @@ import asyncpg
 import orjson
 import pytest
 
-from common import db
+from common import db, sqlfile
 from common.domain import Message, Status
 from services.agent.saves import Save, Saves
 from services.state import store
@@ -371,3 +371,52 @@ async def test_an_ingest_finds_each_conversation_by_its_key_on_a_small_table(
     # count's re-read by id, the BSUID's lookup) and the dead versions they step over: about
     # 4.3 entries; reading the business number's conversations instead is over 70.
     assert read <= 6 * stored, (read, stored)
+
+
+async def _table_reads(conn: db.Conn) -> tuple[int, int]:
+    """Rows the messages table's scans and index entries its index scans have read."""
+    await _fresh_statistics(conn)
+    row = await conn.fetchrow(
+        "SELECT t.seq_tup_read AS scanned,"
+        " (SELECT sum(i.idx_tup_read) FROM pg_stat_user_indexes i"
+        "   WHERE i.relid = t.relid) AS entries"
+        " FROM pg_stat_user_tables t WHERE t.relname = 'processed_webhook_messages'"
+    )
+    assert row is not None
+    return int(row["scanned"]), int(row["entries"])
+
+
+async def test_a_calls_replies_looked_at_again_are_found_by_their_keys_on_a_small_table(
+    database_url: str,
+) -> None:
+    # The agent looks again at every Turns call's sent replies once the call has ended
+    # (services/agent/server.py, _SentReplies) and nearly always finds them recorded: on a new
+    # deployment's small tables too (one connection's cached plan for every call), that costs
+    # a probe of each message's key, not a read of the table or of a partial index on the kind
+    # of message, whose entries grow with it.
+    one = await db.create_pool(database_url, min_size=1, max_size=1)
+    conversations, calls, per_call = 40, 30, 4
+    agent_q = sqlfile.load("services.agent", "queries.sql")
+    try:
+        messages = [
+            _as_meta_sends_it(f"wamid.L{c:02d}", f"1558000{c:04d}") for c in range(conversations)
+        ]
+        await _replied(one, await _turns_started(one, messages))
+        await one.execute(
+            "UPDATE processed_webhook_messages SET reply_message_id = 'wamid.OUT.' || message_id"
+            " WHERE kind = 'message'"
+        )
+        ids = [m.message_id for m in messages]
+        async with one.acquire() as conn:
+            before = await _table_reads(conn)
+            for n in range(calls):
+                chunk = ids[n * per_call % conversations :][:per_call]
+                recorded = await conn.fetch(
+                    agent_q["record_unanswered_sends"], chunk, [f"wamid.OUT.{m}" for m in chunk]
+                )
+                assert recorded == []
+            after = await _table_reads(conn)
+    finally:
+        await one.close()
+    scanned, entries = after[0] - before[0], after[1] - before[1]
+    assert scanned == 0 and entries <= 2 * calls * per_call, (scanned, entries)

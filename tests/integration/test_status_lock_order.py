@@ -1,27 +1,32 @@
-"""A delivery status and a batch of turns' final statements take message rows in one order.
+"""A delivery status, the agent's own record of the replies it sent, and a batch of turns'
+final statements take message rows in one order.
 
 Meta sends a reply's `sent` status moments after the send, often while the turn that sent it is
 still recording it: the status (through our callback data, `confirm` in ingest_statuses) and
 the batch of final statements (wa_finish_turns) then lock the same messages. Taken in opposite
 orders, each held one row the other waited for, and PostgreSQL broke the cycle after
 `deadlock_timeout` by failing one of the two: a stalled batch of turns, or a status delivery
-answered 503."""
+answered 503. So with the agent's record of a Turns call's sent replies (record_unanswered_sends,
+services/agent/server.py _SentReplies), which looks at every call's replies shortly after the
+call ends, while the state service may still be recording them."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 
 import asyncpg
 import pytest
 
+from common import sqlfile
 from common.domain import Status
 from services.state import machine, store
 from tests.support.inbound import inbound
 
 pytestmark = pytest.mark.asyncio
+AGENT_Q = sqlfile.load("services.agent", "queries.sql")
 
 
 def sent(outbound_id: str, inbound_id: str, wa_id: str) -> Status:
@@ -99,9 +104,40 @@ async def _waiting_for_a_lock(pool: asyncpg.Pool, pid: int) -> None:
     await _until(pool, "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid)
 
 
-async def test_a_status_for_replies_being_recorded_waits_for_their_turns_without_deadlock(
-    pool: asyncpg.Pool, connections: list[asyncpg.Connection]
+async def statuses_b_first(pool: asyncpg.Pool) -> int:
+    """The replies' `sent` statuses arrive, B's first; how many it stored."""
+    statuses = [
+        sent("wamid.OUT-B", "wamid.B1", "15550000002"),
+        sent("wamid.OUT-A", "wamid.A1", "15550000001"),
+    ]
+    _, stored = await store.ingest(pool, [], statuses, "c", "")
+    return stored
+
+
+async def agent_records_b_first(pool: asyncpg.Pool) -> int:
+    """The agent looks again at the replies its Turns call's turns sent, B's first; how many
+    it recorded itself."""
+    recorded = await pool.fetch(
+        AGENT_Q["record_unanswered_sends"],
+        ["wamid.B1", "wamid.A1"],
+        ["wamid.OUT-B", "wamid.OUT-A"],
+    )
+    return len(recorded)
+
+
+@pytest.mark.parametrize(
+    ("recording", "writes"),
+    [(statuses_b_first, 2), (agent_records_b_first, 0)],
+    ids=["status", "agent"],
+)
+async def test_what_records_replies_being_recorded_waits_for_their_turns_without_deadlock(
+    pool: asyncpg.Pool,
+    connections: list[asyncpg.Connection],
+    recording: Callable[[asyncpg.Pool], Coroutine[None, None, int]],
+    writes: int,
 ) -> None:
+    """A status (which stores itself), or the agent's own record (which writes nothing once
+    the batch has recorded both replies)."""
     blocker, finisher = connections
     turns = await two_turns(pool)
     # Conversation B's row is held elsewhere, so the batch stops between A and B, as a
@@ -114,20 +150,15 @@ async def test_a_status_for_replies_being_recorded_waits_for_their_turns_without
     )
     finishing = asyncio.create_task(finish_a_then_b(finisher, turns))
     await _waiting_for_a_lock(pool, finisher.get_server_pid())  # holds A, waits for B
-    # The replies' `sent` statuses arrive, B's first.
-    statuses = [
-        sent("wamid.OUT-B", "wamid.B1", "15550000002"),
-        sent("wamid.OUT-A", "wamid.A1", "15550000001"),
-    ]
-    storing = asyncio.create_task(store.ingest(pool, [], statuses, "c", ""))
+    storing = asyncio.create_task(recording(pool))
     await asyncio.sleep(0.3)
     assert not storing.done()  # it waits for message A, which the batch holds...
     await hold.rollback()  # ...and the batch goes on to B
     # Neither is failed as a deadlock's victim (deadlock_timeout is 1 s).
     finished = await asyncio.wait_for(finishing, timeout=10)
-    _, stored = await asyncio.wait_for(storing, timeout=10)
+    stored = await asyncio.wait_for(storing, timeout=10)
     assert [r["finished"] for r in finished] == ["done", "done"]
-    assert stored == 2
+    assert stored == writes
     rows = await pool.fetch(
         "SELECT message_id, status, reply_message_id, reply_status"
         " FROM processed_webhook_messages WHERE kind = 'message' ORDER BY message_id"

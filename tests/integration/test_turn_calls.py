@@ -16,6 +16,7 @@ from wa.v1 import agent_pb2, agent_pb2_grpc
 from common import grpcserver, tls, wire
 from common.domain import TurnRequest, TurnResult
 from devtools.ports import free_port
+from services.agent import server as agent_server
 from services.agent.deadline import Deadline
 from services.agent.operator import OperatorReplies
 from services.agent.server import AgentServicer
@@ -449,3 +450,67 @@ async def test_a_reply_sent_by_a_turn_answered_after_its_caller_stopped_waiting_
                 break
             await asyncio.sleep(0.05)
         assert unclaimed == [("m-late", "wamid.OUT.m-late")]
+
+
+class Sending:
+    """The agent's turns as its servicer runs them, the Agent a stand-in: each says its reply
+    went out and is its caller's to record. Also the stand-in's pool: what the servicer
+    records itself (the messages and replies of each statement) goes to `recorded`."""
+
+    def __init__(self) -> None:
+        self.pool = self
+        self.recorded: list[dict[str, str]] = []
+
+    async def reply(self, req: TurnRequest, deadline: Deadline) -> TurnResult:
+        return TurnResult(
+            outcome="replied",
+            reply_text="r",
+            reply_message_id=f"wamid.OUT.{req.message_id}",
+            sent_unrecorded=True,
+        )
+
+    async def fetch(self, query: str, messages: list[str], replies: list[str]) -> list[object]:
+        self.recorded.append(dict(zip(messages, replies, strict=True)))
+        return []
+
+
+async def a_call_that_ends_normally(port: int, creds: tls.Credentials) -> None:
+    """Two turns on one Turns call, both answered, then the call ended by its caller."""
+    async with grpcserver.channel(f"127.0.0.1:{port}", transport=creds) as ch:
+        call = agent_pb2_grpc.AgentStub(ch).Turns(timeout=10, metadata=(wire.TURNS_MORE,))
+        for i in (1, 2):
+            request = agent_pb2.TurnsRequest(id=i, turn=turn(f"m{i}", "hi"), timeout_seconds=5)
+            await call.write(request)
+        await call.done_writing()
+        answers = [a for r in [r async for r in call] for a in (r, *r.more)]
+        assert await call.code() == grpc.StatusCode.OK
+    assert sorted(a.result.reply_message_id for a in answers) == ["wamid.OUT.m1", "wamid.OUT.m2"]
+
+
+async def test_a_call_that_ended_normally_has_its_sent_replies_looked_at_again_once(
+    creds: tls.Credentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its caller got every answer, and may still die before it records their replies: the
+    agent looks at them again RECHECK_SECONDS after the call ended, all of them in one
+    statement, and records those still unrecorded (services/agent/queries.sql)."""
+    monkeypatch.setattr(agent_server, "RECHECK_SECONDS", 0.5)
+    sending, port = Sending(), free_port()
+    servicer = AgentServicer(cast(Agent, sending), replies=cast(OperatorReplies, object()))
+    async with serving(servicer, port, creds):
+        await a_call_that_ends_normally(port, creds)
+        await asyncio.sleep(0.2)
+        assert sending.recorded == []  # its caller records them first
+        await asyncio.sleep(0.6)
+        assert sending.recorded == [{"m1": "wamid.OUT.m1", "m2": "wamid.OUT.m2"}]
+
+
+async def test_the_agent_on_its_way_out_looks_again_at_once(creds: tls.Credentials) -> None:
+    """SIGTERM: once the server has stopped, the calls' replies waiting to be looked at again
+    are looked at at once, not RECHECK_SECONDS on, before the pool closes."""
+    sending, port = Sending(), free_port()
+    servicer = AgentServicer(cast(Agent, sending), replies=cast(OperatorReplies, object()))
+    async with serving(servicer, port, creds):
+        await a_call_that_ends_normally(port, creds)
+    async with asyncio.timeout(agent_server.RECHECK_SECONDS / 2):
+        await servicer.close()
+    assert sending.recorded == [{"m1": "wamid.OUT.m1", "m2": "wamid.OUT.m2"}]

@@ -125,6 +125,9 @@ class FakeGraph(FakeServer):
         # When set, text sends after the first `hold_after` ones wait for `release` (only the
         # first `hold_after` go through at once).
         self.hold_after: int | None = None
+        # When set, only text sends to these recipients (a phone number or a BSUID) wait for
+        # `release`; the others go through at once.
+        self.hold_for: set[str] | None = None
         self.webhook: tuple[str, str] | None = None  # (gateway URL, app secret)
         self.refused: list[Recorded] = []  # sends refused for breaking a documented limit
 
@@ -231,7 +234,10 @@ class FakeGraph(FakeServer):
             with self.lock:
                 self.refused.append(rec)
             return self.error(400, 100, f"(#100) Invalid parameter: {refused}")
-        if self.hold_after is None:
+        if self.hold_for is not None:
+            if {rec.body.get("to"), rec.body.get("recipient")} & self.hold_for:
+                self.release.wait(30)
+        elif self.hold_after is None:
             self.release.wait(30)
         else:
             with self.lock:
