@@ -301,7 +301,17 @@ async def test_a_deadlocked_batch_runs_each_claim_alone(
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE pg_backend_pid() = ANY (pg_blocking_pids(pid))"
             ):
-                assert time.monotonic() < deadline, "the batch never waited for the lock"
+                if claims.done():  # ended without waiting: say how
+                    await claims
+                    raise AssertionError("the claims ended without waiting for the lock")
+                if time.monotonic() > deadline:
+                    sessions = await other.fetch(
+                        "SELECT pid, state, wait_event_type, wait_event, left(query, 80) AS q"
+                        " FROM pg_stat_activity WHERE datname = current_database()"
+                    )
+                    raise AssertionError(
+                        f"the batch never waited for the lock: {[dict(r) for r in sessions]}"
+                    )
                 await asyncio.sleep(0.05)
             # The batch waited first: its deadlock check (deadlock_timeout later) finds the
             # cycle first, and undoes the batch.
