@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("state", "agent", "dlq", "gateway")
 # The operator console (services/console): one process, on loopback only under `wa run`.
 CONSOLE = "console"
+# The embedded Redis's admin URL, in RUN_DIR (mode 0600), for a developer's redis-cli.
+REDIS_ADMIN_FILE = "redis-admin.url"
 METRICS_PORTS = {"state": 9101, "agent": 9102, "dlq": 9103}
 
 
@@ -134,6 +136,12 @@ async def run() -> int:
             )
             redis_url = valkey.url
             await _wait_redis(redis_url)
+            # For a developer's redis-cli (the leases, the heartbeats); no service reads it.
+            redis_admin = run_dir / REDIS_ADMIN_FILE
+            fd = os.open(redis_admin, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(valkey.admin_url + "\n")
+            os.chmod(redis_admin, 0o600)  # an older file keeps its mode through O_TRUNC
         applied = await migrate.migrate(database_url)
         say(f"[wa run] migrations applied: {', '.join(applied) or 'none pending'}")
         urls = await _provision(database_url, settings)
@@ -260,6 +268,9 @@ def _print_endpoints(
         f"  postgres  {mask_url(database_url)}",
         f"  redis     {mask_url(redis_url)}",
     ]
+    if not settings.redis_url:
+        admin = run_dir / REDIS_ADMIN_FILE
+        lines.append(f'            (every command: redis-cli -u "$(cat {admin})")')
     if tls_dir is None:
         lines.append("  grpc      PLAINTEXT (GRPC_INSECURE=true): development only")
     else:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import redis
 
 from common import roles
 from devtools.ports import free_port
@@ -143,6 +144,17 @@ def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> N
             penv = psutil.Process(pid).environ()
             assert penv[roles.VARIABLES[service]] == service_url
             assert not penv.get("DATABASE_URL")
+    # The embedded Redis: the state service's own user, and an admin URL for a developer's
+    # redis-cli in a file only the user reads, named in the output, never printed itself.
+    admin_file = run_dir / "redis-admin.url"
+    assert admin_file.stat().st_mode & 0o777 == 0o600
+    admin_url = admin_file.read_text().strip()
+    assert admin_url not in output and f'redis-cli -u "$(cat {admin_file})"' in output
+    admin = redis.Redis.from_url(admin_url, socket_timeout=5)
+    try:
+        assert admin.execute_command("ACL", "WHOAMI") in (b"wa-admin", "wa-admin")
+    finally:
+        admin.close()
     # The console reads as the operator role, on loopback, and says where it is.
     console = psutil.Process(_service_pid(root, "services.console") or 0).environ()
     assert console["OPERATOR_DATABASE_URL"] == urls["operator"]
