@@ -18,7 +18,7 @@ from dotenv import dotenv_values
 
 from cli import certs
 from cli.settings import CliSettings
-from common import config, kv, logs, migrate, roles, tls
+from common import config, files, kv, logs, migrate, roles, tls
 from common.redact import mask_url
 from devtools import embedded, replicas, supervisor
 from devtools.ports import free_port
@@ -137,11 +137,7 @@ async def run() -> int:
             redis_url = valkey.url
             await _wait_redis(redis_url)
             # For a developer's redis-cli (the leases, the heartbeats); no service reads it.
-            redis_admin = run_dir / REDIS_ADMIN_FILE
-            fd = os.open(redis_admin, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(valkey.admin_url + "\n")
-            os.chmod(redis_admin, 0o600)  # an older file keeps its mode through O_TRUNC
+            files.write_atomic(run_dir / REDIS_ADMIN_FILE, valkey.admin_url + "\n")
         applied = await migrate.migrate(database_url)
         say(f"[wa run] migrations applied: {', '.join(applied) or 'none pending'}")
         urls = await _provision(database_url, settings)

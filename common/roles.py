@@ -14,7 +14,6 @@ import base64
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 import asyncpg
 
-from . import config, migrate, telemetry
+from . import config, files, migrate, telemetry
 
 SERVICES = ("state", "agent", "dlq", "operator")
 VARIABLES = {s: f"{s.upper()}_DATABASE_URL" for s in SERVICES}
@@ -315,14 +314,9 @@ def read_urls(path: Path) -> dict[str, str]:
 
 def write_urls(path: Path, urls: Mapping[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write("# Written by wa migrate / make run: each service's database login.\n")
-        for service, url in urls.items():
-            out.write(f"{VARIABLES[service]}={url}\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    lines = ["# Written by wa migrate / make run: each service's database login."]
+    lines += [f"{VARIABLES[service]}={url}" for service, url in urls.items()]
+    files.write_atomic(path, "\n".join(lines) + "\n")
 
 
 async def refuse_privileged(pool: asyncpg.Pool, settings: config.Base) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from . import config
+from . import config, files
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +181,10 @@ def create(
         ca_cert, ca_key = signer
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _issue(identity, names, key.public_key(), ca_cert, ca_key)
-        _write(directory / f"{identity}.key", _key_pem(key), 0o600)
-        _write(directory / f"{identity}.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        files.write_atomic(directory / f"{identity}.key", _key_pem(key), 0o600)
+        files.write_atomic(
+            directory / f"{identity}.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644
+        )
         written += [f"{identity}.key", f"{identity}.crt"]
     return written
 
@@ -196,8 +197,8 @@ def _ca(
     if not crt.exists() and not key_path.exists():
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _self_signed(key)
-        _write(key_path, _key_pem(key), 0o600)
-        _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        files.write_atomic(key_path, _key_pem(key), 0o600)
+        files.write_atomic(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         written += ["ca.key", "ca.crt"]
         return [cert], (cert, key)
     if not crt.exists():
@@ -397,18 +398,6 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Whole or not at all (a reader never sees half a key), readable only as `mode` says."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _now() -> datetime.datetime:

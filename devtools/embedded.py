@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import kv
+from common import files, kv
 
 PG_SYSTEM_USER = "embedded_postgres"
 SOCKET_MAX = 100
@@ -143,15 +143,13 @@ def prepare_valkey(port: int, data_dir: Path, key_prefix: str) -> ValkeyCommand:
     data_dir.mkdir(parents=True, exist_ok=True)
     state_password, admin_password = secrets.token_hex(24), secrets.token_hex(24)
     acl = data_dir / "users.acl"
-    fd = os.open(acl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(
-            "user default off resetpass resetkeys resetchannels -@all\n"
-            f"user {kv.STATE_USER} on #{_sha256(state_password)} "
-            f"{kv.state_acl_rules(key_prefix)}\n"
-            f"user {VALKEY_ADMIN_USER} on #{_sha256(admin_password)} ~* &* +@all\n"
-        )
-    os.chmod(acl, 0o600)  # an older file keeps its mode through O_TRUNC
+    files.write_atomic(
+        acl,
+        "user default off resetpass resetkeys resetchannels -@all\n"
+        f"user {kv.STATE_USER} on #{_sha256(state_password)} "
+        f"{kv.state_acl_rules(key_prefix)}\n"
+        f"user {VALKEY_ADMIN_USER} on #{_sha256(admin_password)} ~* &* +@all\n",
+    )
     argv = [
         str(get_binary_path()),
         "--port",
