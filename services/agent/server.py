@@ -173,8 +173,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             except Exception as exc:
                 if attempt < 2:
                     # A resumed turn starts once the dead holder's heartbeat has expired, and
-                    # then waits for a record (RECHECK_SECONDS): time for another try (at
-                    # least 0.5 s on, with jitter).
+                    # then waits WHATSAPP_SEND_CONFIRM_SECONDS for a record: time for another
+                    # try (at least 0.5 s on, with jitter).
                     await asyncio.sleep(0.5 + retry.full_jitter(attempt + 1, 0.25, 1.0))
                     continue
                 # Left as before: the resumed turn waits for the replies' status webhooks.
