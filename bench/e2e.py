@@ -10,6 +10,7 @@ are not the system and are not counted).
     .venv/bin/python -m bench.e2e --statements [MESSAGES_PER_CONVERSATION]
     .venv/bin/python -m bench.e2e --curve --rate 400 20     # an offered load, 400 messages/s
     .venv/bin/python -m bench.e2e --curve --idle 30         # no load: background loops' CPU
+    .venv/bin/python -m bench.e2e --history 50 10   # established customers, not new ones
 
 `--statements` (embedded PostgreSQL only) preloads pg_stat_statements and prints, after the
 run, what PostgreSQL executed per message: each statement's calls and time per message, the
@@ -22,6 +23,13 @@ sooner; at one offered rate below every configuration's capacity, each is measur
 same backlog, as customers load it.
 
 `--statements` also counts the audit rows per message by transition.
+
+`--history N` first sends every conversation N messages and waits for their replies, unmeasured:
+the measured messages then come from customers with a history (a context of up to
+AGENT_CONTEXT_MAX_MESSAGES messages, read and written by every turn) instead of new ones.
+
+Every run also reports the WAL PostgreSQL wrote per message (from pg_current_wal_lsn(), so on a
+shared server it counts what others wrote meanwhile too).
 
 `--curve` runs the same load with 1, 2 and 4 replicas of state and agent, one after the other
 on the same servers. Each run reports messages/s, CPU per message per process and in total,
@@ -49,6 +57,20 @@ from .harness import Servers
 CONVERSATIONS = 200
 
 
+async def _wal_lsn(system: System) -> str:
+    lsn: str = await (await system.db()).fetchval("SELECT pg_current_wal_lsn()::text")
+    return lsn
+
+
+async def _wal_since(system: System, lsn: str) -> float:
+    """Bytes of WAL written since `lsn`."""
+    return float(
+        await (await system.db()).fetchval(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)", lsn
+        )
+    )
+
+
 def delivery(conv: int, n: int, base_ts: int) -> dict[str, Any]:
     """Message `n` of conversation `conv`. A third of the customers write by phone number only,
     a third by BSUID only (a username), a third with both, as Meta names customers since
@@ -62,6 +84,29 @@ def delivery(conv: int, n: int, base_ts: int) -> dict[str, Any]:
 async def replies(client: httpx.AsyncClient, url: str) -> dict[str, int]:
     out: dict[str, int] = (await client.get(f"{url}/replies")).json()
     return out
+
+
+async def _send_and_wait(
+    client: httpx.AsyncClient,
+    system: System,
+    graph_url: str,
+    messages: list[tuple[int, int]],
+    base_ts: int,
+) -> None:
+    """Sends message n of conversation c for each (c, n), unmeasured, and waits for every
+    reply."""
+    before = (await replies(client, graph_url))["sent"]
+    host = system.url.split("//")[1]
+    requests = [
+        load.signed_request(host, "/webhook", SECRET, orjson.dumps(delivery(c, n, base_ts)))
+        for c, n in messages
+    ]
+    errors = await load.post_all(f"{system.url}/webhook", requests, 32)
+    assert errors == 0, f"{errors} deliveries were not acknowledged"
+    deadline = time.monotonic() + 600
+    while (await replies(client, graph_url))["sent"] - before < len(messages):
+        assert time.monotonic() < deadline, "replies did not all arrive in 600 s"
+        await asyncio.sleep(0.1)
 
 
 CURVE = ("state=1,agent=1", "state=2,agent=2", "state=4,agent=4")
@@ -226,23 +271,34 @@ async def run(
     scale: str,
     statements: bool = False,
     rate: float | None = None,
+    history: int = 0,
 ) -> tuple[float, float, float]:
     """One run; returns messages/s, CPU ms per message and the worst ack-to-reply seconds."""
     async with (
         s.system(WHATSAPP_API_BASE_URL=graph_url, WA_SCALE=scale) as system,
         httpx.AsyncClient(timeout=10) as client,
     ):
-        before = await replies(client, graph_url)
-        base = int(time.time())
-        docs = [delivery(c, n, base) for n in range(per) for c in range(CONVERSATIONS)]
-        total = len(docs)
         host = system.url.split("//")[1]
+        base = int(time.time())
+        if history:
+            # The conversations' earlier messages, a second apart, before the measured ones.
+            await _send_and_wait(
+                client,
+                system,
+                graph_url,
+                [(c, n) for n in range(history) for c in range(CONVERSATIONS)],
+                base - history - 1,
+            )
+        before = await replies(client, graph_url)
+        docs = [delivery(c, history + n, base) for n in range(per) for c in range(CONVERSATIONS)]
+        total = len(docs)
         requests = [
             load.signed_request(host, "/webhook", SECRET, orjson.dumps(doc)) for doc in docs
         ]
         if statements:
             await _statements_reset(system)
         batches_before = await _ingest_batches(client, system)
+        wal_before = await _wal_lsn(system)
         cpu_before = _cpu(s, system)
         started = time.monotonic()
         errors = await load.post_all(f"{system.url}/webhook", requests, 32, rate)
@@ -254,13 +310,16 @@ async def run(
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - started
         cpu_after = _cpu(s, system)
+        wal = await _wal_since(system, wal_before)
         batches_after = await _ingest_batches(client, system)
         sent = counts["sent"] - before["sent"]
         worst, p99 = await _latency(system)
         backends = await _backends(system)
         print(
             f"{total} messages across {CONVERSATIONS} conversations (rules backend),"
-            f" WA_SCALE={scale or 'none'}" + (f", offered at {rate:g}/s" if rate else "")
+            f" WA_SCALE={scale or 'none'}"
+            + (f", offered at {rate:g}/s" if rate else "")
+            + (f", after {history} earlier messages each" if history else "")
         )
         print(f"  all acknowledged after {acked:.1f} s ({total / acked:.0f} acks/s)")
         print(f"  {sent} replies after {elapsed:.1f} s: {sent / elapsed:.0f} messages/s")
@@ -272,6 +331,7 @@ async def run(
             per_call = (batches_after[1] - batches_before[1]) / calls
             print(f"  deliveries per IngestBatch call: {per_call:.1f} ({calls:.0f} calls)")
         ms = _report_cpu(cpu.per_message(cpu_before, cpu_after, total), system)
+        print(f"  WAL per message: {wal / total / 1024:.1f} kB")
         if statements:
             await _statements_report(system, total)
         return sent / elapsed, ms, worst
@@ -298,6 +358,13 @@ def _arguments() -> argparse.Namespace:
         type=float,
         metavar="SECONDS",
         help="send nothing: each process's CPU a second while the system idles this long",
+    )
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first send every conversation N messages, unmeasured (customers with a history)",
     )
     parser.add_argument(
         "--statements",
@@ -327,7 +394,12 @@ async def main() -> None:
                     await idle(s, graph_url, scale, args.idle)
                     continue
                 results.append(
-                    (scale, *await run(s, graph_url, per, scale, args.statements, args.rate))
+                    (
+                        scale,
+                        *await run(
+                            s, graph_url, per, scale, args.statements, args.rate, args.history
+                        ),
+                    )
                 )
     if len(results) > 1:
         print("\nreplicas of state and agent | messages/s | CPU ms/message | worst ack->reply s")

@@ -43,10 +43,11 @@ GRANT EXECUTE ON FUNCTION wa_hold_for_person TO :"state";  -- handoff (0017)
 GRANT EXECUTE ON FUNCTION wa_release_conversation TO :"state";  -- with a turn (0020)
 GRANT EXECUTE ON FUNCTION wa_claim_turns, wa_finish_turns TO :"state";  -- batched (0022)
 GRANT EXECUTE ON FUNCTION wa_reply_status_seen TO :"state";  -- a send's delivery state (0029)
+GRANT EXECUTE ON FUNCTION wa_context TO :"state";  -- a turn's context, from its entries (0030)
 -- Retention and erasure: only through these functions, which run as the owner (0013).
 GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";
 GRANT SELECT ON wa_message_tombstones TO :"state";  -- ingest: a forgotten id stays a duplicate
-GRANT SELECT ON agent_contexts TO :"state";  -- a turn starts with its context (0020)
+GRANT SELECT ON agent_contexts, agent_context_entries TO :"state";  -- a turn's context (0020)
 CREATE POLICY role_state ON webhook_conversations TO :"state" USING (true) WITH CHECK (true);
 CREATE POLICY role_state ON processed_webhook_messages TO :"state"
     USING (true) WITH CHECK (true);
@@ -57,6 +58,7 @@ CREATE POLICY role_state ON webhook_dlq FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON wa_runtime_settings TO :"state" USING (true) WITH CHECK (true);
 CREATE POLICY role_state ON wa_message_tombstones FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON agent_contexts FOR SELECT TO :"state" USING (true);
+CREATE POLICY role_state ON agent_context_entries FOR SELECT TO :"state" USING (true);
 
 -- agent: reads the message it answers and its conversation, writes the context, the reply
 -- and its send state; never a message's status (no UPDATE on that column), never a
@@ -69,6 +71,8 @@ GRANT UPDATE (absorbed_message_ids) ON processed_webhook_messages TO :"agent";  
 GRANT EXECUTE ON FUNCTION wa_save_burst TO :"agent";
 GRANT SELECT, UPDATE (updated_at) ON webhook_conversations TO :"agent";
 GRANT SELECT, INSERT, UPDATE ON agent_contexts, agent_sessions, agent_reply_parts TO :"agent";
+-- A turn appends its entry and deletes those past the bound (0030).
+GRANT SELECT, INSERT, DELETE ON agent_context_entries TO :"agent";
 GRANT INSERT ON conversation_state_transitions TO :"agent";  -- a change of agent, audited
 GRANT USAGE ON SEQUENCE agent_sessions_id_seq, conversation_state_transitions_id_seq
     TO :"agent";
@@ -76,6 +80,7 @@ GRANT EXECUTE ON FUNCTION wa_save_turn, increment_session_metrics, wa_delivery_r
     TO :"agent";
 GRANT EXECUTE ON FUNCTION wa_save_turns TO :"agent";  -- many turns' saves at once (0023)
 GRANT EXECUTE ON FUNCTION wa_reply_status_seen TO :"agent";  -- a send's delivery state (0029)
+GRANT EXECUTE ON FUNCTION wa_context TO :"agent";  -- a turn's context, from its entries (0030)
 -- Operators' replies (Agent.SendOperatorReply): stored, sent, audited, added to the context.
 GRANT SELECT, INSERT, UPDATE ON operator_replies TO :"agent";
 GRANT USAGE ON SEQUENCE operator_replies_id_seq TO :"agent";
@@ -86,6 +91,7 @@ CREATE POLICY role_agent ON webhook_conversations FOR SELECT TO :"agent" USING (
 CREATE POLICY role_agent_lock ON webhook_conversations FOR UPDATE TO :"agent"
     USING (true) WITH CHECK (false);
 CREATE POLICY role_agent ON agent_contexts TO :"agent" USING (true) WITH CHECK (true);
+CREATE POLICY role_agent ON agent_context_entries TO :"agent" USING (true) WITH CHECK (true);
 CREATE POLICY role_agent ON agent_sessions TO :"agent" USING (true) WITH CHECK (true);
 CREATE POLICY role_agent ON agent_reply_parts TO :"agent" USING (true) WITH CHECK (true);
 CREATE POLICY role_agent ON conversation_state_transitions FOR INSERT TO :"agent"
@@ -108,7 +114,8 @@ CREATE POLICY role_dlq ON webhook_conversations FOR SELECT TO :"dlq" USING (true
 -- operator (the CLI and the console): reads, and resolves or purges dead-letter items, of
 -- the business numbers wa_operator_numbers lists for it (all when it lists none).
 GRANT SELECT ON webhook_conversations, processed_webhook_messages,
-    conversation_state_transitions, webhook_dlq, agent_contexts, agent_sessions,
+    conversation_state_transitions, webhook_dlq, agent_contexts, agent_context_entries,
+    agent_sessions,
     agent_reply_parts, wa_runtime_settings, wa_operator_numbers, webhook_conversation_health,
     stuck_webhook_conversations, webhook_agent_performance, webhook_message_processing_metrics,
     webhook_dlq_summary, operator_replies TO :"operator";
@@ -133,6 +140,9 @@ CREATE POLICY role_operator ON conversation_state_transitions FOR SELECT TO :"op
 CREATE POLICY role_operator ON agent_contexts FOR SELECT TO :"operator"
     USING (wa_operator_may((SELECT c.phone_number_id FROM webhook_conversations c
                              WHERE c.id = agent_contexts.conversation_id)));
+CREATE POLICY role_operator ON agent_context_entries FOR SELECT TO :"operator"
+    USING (wa_operator_may((SELECT c.phone_number_id FROM webhook_conversations c
+                             WHERE c.id = agent_context_entries.conversation_id)));
 CREATE POLICY role_operator ON agent_sessions FOR SELECT TO :"operator"
     USING (wa_operator_may((SELECT c.phone_number_id FROM webhook_conversations c
                              WHERE c.id = agent_sessions.conversation_id)));

@@ -263,6 +263,18 @@ CREATE FUNCTION public.wa_claim_turns(p_conversation_ids bigint[], p_owners text
 $$;
 
 --
+-- Name: wa_context(bigint); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_context(p_conversation_id bigint) RETURNS SETOF text
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT '[' || string_agg(x.messages, ',' ORDER BY x.seq) || ']'
+      FROM agent_context_entries x
+     WHERE x.conversation_id = p_conversation_id
+$$;
+
+--
 -- Name: wa_default_customer_id(); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -970,15 +982,24 @@ END
 $$;
 
 --
--- Name: wa_save_turn(bigint, bigint, text, text, text, jsonb, integer, text, bigint, bigint, bigint, text, boolean, jsonb); Type: FUNCTION; Schema: public; Owner: -
+-- Name: wa_save_turn(bigint, bigint, text, text, text, json, integer, integer, text, bigint, bigint, bigint, text, boolean, jsonb); Type: FUNCTION; Schema: public; Owner: -
 --
 
-CREATE FUNCTION public.wa_save_turn(p_conversation_id bigint, p_token bigint, p_message_id text, p_agent_type text, p_previous_agent_type text, p_messages jsonb, p_token_count integer, p_reply_text text, p_tokens_in bigint, p_tokens_out bigint, p_latency_ms bigint, p_correlation_id text, p_send_started boolean, p_reply_payload jsonb) RETURNS bigint
+CREATE FUNCTION public.wa_save_turn(p_conversation_id bigint, p_token bigint, p_message_id text, p_agent_type text, p_previous_agent_type text, p_appended json, p_keep integer, p_token_count integer, p_reply_text text, p_tokens_in bigint, p_tokens_out bigint, p_latency_ms bigint, p_correlation_id text, p_send_started boolean, p_reply_payload jsonb) RETURNS bigint
     LANGUAGE plpgsql
     AS $$
 DECLARE
     v_fence bigint;
+    v_added integer;
+    v_last bigint;
+    v_text text;
 BEGIN
+    IF p_keep IS NULL OR p_keep < 1 THEN
+        RAISE EXCEPTION 'wa_save_turn: a context keeps at least one message (p_keep %)', p_keep;
+    END IF;
+    IF json_typeof(p_appended) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'wa_save_turn: the messages appended are not a JSON array';
+    END IF;
     SELECT c.fence_token INTO v_fence
       FROM webhook_conversations c
      WHERE c.id = p_conversation_id
@@ -987,17 +1008,29 @@ BEGIN
         RETURN v_fence;
     END IF;
 
+    v_added := json_array_length(p_appended);
     INSERT INTO agent_contexts AS a
-        (conversation_id, agent_type, messages, token_count, fence_token, correlation_id)
-    VALUES (p_conversation_id, p_agent_type, p_messages, p_token_count, p_token,
-            p_correlation_id)
+        (conversation_id, agent_type, token_count, fence_token, correlation_id, last_seq)
+    VALUES (p_conversation_id, p_agent_type, p_token_count, p_token, p_correlation_id,
+            v_added)
     ON CONFLICT (conversation_id) DO UPDATE
        SET agent_type = EXCLUDED.agent_type,
-           messages = EXCLUDED.messages,
            token_count = EXCLUDED.token_count,
            fence_token = EXCLUDED.fence_token,
            correlation_id = EXCLUDED.correlation_id,
-           updated_at = now();
+           last_seq = a.last_seq + EXCLUDED.last_seq,
+           updated_at = now()
+    RETURNING a.last_seq INTO v_last;
+    IF v_added > 0 THEN
+        v_text := btrim(p_appended::text);
+        INSERT INTO agent_context_entries (conversation_id, seq, messages)
+        VALUES (p_conversation_id, v_last, substr(v_text, 2, length(v_text) - 2));
+    END IF;
+    -- The entries whose messages all fell out of the bound: once the context is full, about
+    -- one a turn. (The agent keeps the newest p_keep of what it reads; an entry across the
+    -- bound stays whole until it is past it.)
+    DELETE FROM agent_context_entries x
+     WHERE x.conversation_id = p_conversation_id AND x.seq <= v_last - p_keep;
 
     UPDATE processed_webhook_messages m
        SET reply_text = p_reply_text,
@@ -1036,14 +1069,14 @@ BEGIN
         SELECT s.*
           FROM ROWS FROM (jsonb_to_recordset(p_turns) AS (
                    conversation_id bigint, token bigint, message_id text, agent_type text,
-                   previous_agent_type text, messages jsonb, token_count integer,
+                   previous_agent_type text, appended json, keep integer, token_count integer,
                    reply_text text, tokens_in bigint, tokens_out bigint, latency_ms bigint,
                    correlation_id text, send_started boolean, reply_payload jsonb,
                    absorbed text[]))
                WITH ORDINALITY
                AS s(conversation_id, token, message_id, agent_type, previous_agent_type,
-                    messages, token_count, reply_text, tokens_in, tokens_out, latency_ms,
-                    correlation_id, send_started, reply_payload, absorbed, n)
+                    appended, keep, token_count, reply_text, tokens_in, tokens_out,
+                    latency_ms, correlation_id, send_started, reply_payload, absorbed, n)
           -- An unlocked read, for the order only (a conversation that does not exist comes
           -- last: its save finds no fence and writes nothing).
           LEFT JOIN webhook_conversations w ON w.id = s.conversation_id
@@ -1051,7 +1084,7 @@ BEGIN
     LOOP
         ord := t.n;
         fence_token := wa_save_turn(t.conversation_id, t.token, t.message_id, t.agent_type,
-                                    t.previous_agent_type, t.messages, t.token_count,
+                                    t.previous_agent_type, t.appended, t.keep, t.token_count,
                                     t.reply_text, t.tokens_in, t.tokens_out, t.latency_ms,
                                     t.correlation_id, t.send_started, t.reply_payload);
         PERFORM wa_save_burst(t.conversation_id, t.token, t.message_id, t.absorbed);
@@ -1135,7 +1168,8 @@ BEGIN
               payload, reply_text, reply_payload, reply_message_id, agent_type,
               send_started_at, absorbed_message_ids;
 
-    SELECT a.agent_type, a.messages::text
+    SELECT a.agent_type,
+           (SELECT c FROM wa_context(p_conversation_id) c)
       INTO context_agent_type, context
       FROM agent_contexts a
      WHERE a.conversation_id = p_conversation_id;
@@ -1264,21 +1298,33 @@ CREATE FUNCTION public.wa_unstored_messages(p_ids text[]) RETURNS integer
 $$;
 
 --
+-- Name: agent_context_entries; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.agent_context_entries (
+    conversation_id bigint NOT NULL,
+    seq bigint NOT NULL,
+    messages text NOT NULL,
+    CONSTRAINT agent_context_entries_messages_check CHECK (((messages <> ''::text) AND (json_typeof(((('['::text || messages) || ']'::text))::json) = 'array'::text)))
+);
+
+ALTER TABLE ONLY public.agent_context_entries FORCE ROW LEVEL SECURITY;
+
+--
 -- Name: agent_contexts; Type: TABLE; Schema: public; Owner: -
 --
 
 CREATE TABLE public.agent_contexts (
     conversation_id bigint NOT NULL,
     agent_type text NOT NULL,
-    messages jsonb DEFAULT '[]'::jsonb NOT NULL,
     token_count integer DEFAULT 0 NOT NULL,
     fence_token bigint DEFAULT 0 NOT NULL,
     correlation_id text DEFAULT ''::text NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    last_seq bigint DEFAULT 0 NOT NULL
 )
-WITH (fillfactor='70', toast_tuple_target='8160');
-ALTER TABLE ONLY public.agent_contexts ALTER COLUMN messages SET STORAGE EXTERNAL;
+WITH (fillfactor='70');
 
 ALTER TABLE ONLY public.agent_contexts FORCE ROW LEVEL SECURITY;
 
@@ -1880,6 +1926,13 @@ ALTER TABLE ONLY public.webhook_conversations ALTER COLUMN id SET DEFAULT nextva
 ALTER TABLE ONLY public.webhook_dlq ALTER COLUMN id SET DEFAULT nextval('public.webhook_dlq_id_seq'::regclass);
 
 --
+-- Name: agent_context_entries agent_context_entries_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.agent_context_entries
+    ADD CONSTRAINT agent_context_entries_pkey PRIMARY KEY (conversation_id, seq);
+
+--
 -- Name: agent_contexts agent_contexts_pkey; Type: CONSTRAINT; Schema: public; Owner: -
 --
 
@@ -2215,6 +2268,13 @@ CREATE INDEX webhook_dlq_status_idx ON public.webhook_dlq USING btree (status, c
 CREATE TRIGGER webhook_conversations_customer_id BEFORE INSERT ON public.webhook_conversations FOR EACH ROW WHEN ((new.customer_id IS NULL)) EXECUTE FUNCTION public.wa_default_customer_id();
 
 --
+-- Name: agent_context_entries agent_context_entries_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.agent_context_entries
+    ADD CONSTRAINT agent_context_entries_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.agent_contexts(conversation_id) ON DELETE CASCADE;
+
+--
 -- Name: agent_contexts agent_contexts_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
 --
 
@@ -2269,6 +2329,12 @@ ALTER TABLE ONLY public.wa_console_sessions
 
 ALTER TABLE ONLY public.webhook_dlq
     ADD CONSTRAINT webhook_dlq_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id);
+
+--
+-- Name: agent_context_entries; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.agent_context_entries ENABLE ROW LEVEL SECURITY;
 
 --
 -- Name: agent_contexts; Type: ROW SECURITY; Schema: public; Owner: -
@@ -2353,6 +2419,12 @@ ALTER TABLE public.wa_message_tombstones ENABLE ROW LEVEL SECURITY;
 --
 
 ALTER TABLE public.wa_operator_numbers ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: agent_context_entries wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.agent_context_entries USING (( SELECT public.wa_owns('public.agent_context_entries'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.agent_context_entries'::regclass) AS wa_owns));
 
 --
 -- Name: agent_contexts wa_owner; Type: POLICY; Schema: public; Owner: -

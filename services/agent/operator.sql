@@ -63,11 +63,18 @@ WITH sent AS (
                || ': ' || s.body,
            s.correlation_id
       FROM sent s
+), context AS (
+    -- The message's number in the context (db/migrations/0030): taken on the row, after a
+    -- turn's save of the same conversation if one holds it.
+    INSERT INTO agent_contexts AS a (conversation_id, agent_type, token_count, last_seq)
+    SELECT s.conversation_id, $3, $5, 1
+      FROM sent s
+    ON CONFLICT (conversation_id) DO UPDATE
+       SET token_count = a.token_count + EXCLUDED.token_count,
+           last_seq = a.last_seq + 1,
+           updated_at = now()
+    RETURNING a.conversation_id, a.last_seq
 )
-INSERT INTO agent_contexts AS a (conversation_id, agent_type, messages, token_count)
-SELECT s.conversation_id, $3, jsonb_build_array($4::jsonb), $5
-  FROM sent s
-ON CONFLICT (conversation_id) DO UPDATE
-   SET messages = a.messages || EXCLUDED.messages,
-       token_count = a.token_count + EXCLUDED.token_count,
-       updated_at = now()
+INSERT INTO agent_context_entries (conversation_id, seq, messages)
+SELECT c.conversation_id, c.last_seq, $4::json::text
+  FROM context c

@@ -12,7 +12,8 @@
 -- processed_messages_customer_last_idx) and the database's clock to compare it with.
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
        m.send_started_at, m.absorbed_message_ids, ctx.agent_type AS context_agent_type,
-       ctx.messages AS context, m.message_type, m.payload, m.reply_payload,
+       (SELECT c::json FROM wa_context(m.conversation_id) c) AS context,
+       m.message_type, m.payload, m.reply_payload,
        (SELECT l.wa_timestamp FROM processed_webhook_messages l
          WHERE l.conversation_id = m.conversation_id AND l.kind = 'message'
          ORDER BY l.wa_timestamp DESC LIMIT 1) AS last_customer_at,
@@ -31,8 +32,10 @@ SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_ty
 
 -- name: save_turn
 -- And the debounced burst $14 answered with the message (wa_save_burst, db/migrations/0018):
--- one statement, so saved together or not at all. The first column is the fence token.
-SELECT wa_save_turn($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $15::jsonb),
+-- one statement, so saved together or not at all. The first column is the fence token. $6 is
+-- the turn's own context messages, $16 how many the context keeps (db/migrations/0030).
+SELECT wa_save_turn($1, $2, $3, $4, $5, $6::json, $16, $7, $8, $9, $10, $11, $12, $13,
+                    $15::jsonb),
        wa_save_burst($1, $2, $3, $14::text[])
 
 -- name: burst_quiet_seconds

@@ -48,7 +48,10 @@ class Save:
     message_id: str
     agent_type: str
     previous_agent_type: str | None
-    messages: list[dict[str, Any]]
+    # The turn's own context messages (its question and its answer), appended to the stored
+    # context, which keeps the newest `keep` (db/migrations/0030).
+    appended: list[dict[str, Any]]
+    keep: int
     token_count: int
     reply_text: str
     tokens_in: int
@@ -102,7 +105,7 @@ class Saves:
             s.message_id,
             s.agent_type,
             s.previous_agent_type,
-            s.messages,
+            s.appended,
             s.token_count,
             s.reply_text,
             s.tokens_in,
@@ -112,6 +115,7 @@ class Saves:
             s.send_started,
             s.absorbed,
             s.reply_payload,
+            s.keep,
         )
         return fence
 

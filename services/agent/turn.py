@@ -357,11 +357,11 @@ class Agent:
         reply_tokens = window.message_tokens(reply)
         reply["tokens"] = reply_tokens
         history.append(reply)
-        # Only the newest messages are kept (AGENT_CONTEXT_MAX_MESSAGES): the context, and its
-        # write every turn, stop growing. The window above already had what it could use.
+        # Only the newest messages are kept (AGENT_CONTEXT_MAX_MESSAGES): the stored context
+        # stops growing. The window above already had what it could use. The save writes the
+        # turn's two messages only, and the database drops what falls out of the bound.
         kept = bounded(history, self.context_max_messages)
         token_count = sum(m.get("tokens") or window.message_tokens(m) for m in kept)
-        history = kept
         try:
             fence = await self.saves.save(
                 Save(
@@ -370,7 +370,8 @@ class Agent:
                     message_id=req.message_id,
                     agent_type=agent.name,
                     previous_agent_type=current,
-                    messages=history,
+                    appended=[user, reply],
+                    keep=self.context_max_messages,
                     token_count=token_count,
                     reply_text=text,
                     tokens_in=completion.tokens_in,

@@ -4,6 +4,7 @@ the circuit breaker, routing, the Graph API's errors and the session figures."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -80,8 +81,8 @@ async def test_the_token_window_keeps_the_system_prompt_and_the_newest_messages(
     assert kept_users == list(range(25 - len(kept_users), 25)) and 1 < len(kept_users) < 25
     # Dropped history stays in the database.
     pool = await system.db()
-    stored = await pool.fetchval("SELECT jsonb_array_length(messages) FROM agent_contexts")
-    assert stored == 50
+    stored = await pool.fetchval("SELECT c FROM agent_contexts, wa_context(conversation_id) c")
+    assert len(json.loads(stored)) == 50
 
 
 async def test_model_500_twice_then_one_reply(

@@ -101,7 +101,7 @@ async def test_three_messages_within_the_debounce_get_one_model_call_and_one_rep
     assert f"replied together with {first} (debounced burst)" in shown
     # The context remembers one user message and one answer.
     pool = await system.db()
-    context = await pool.fetchval("SELECT messages::text FROM agent_contexts")
+    context = await pool.fetchval("SELECT c FROM agent_contexts, wa_context(conversation_id) c")
     assert [m["role"] for m in json.loads(context)] == ["user", "assistant"]
 
 

@@ -145,7 +145,7 @@ async def test_wa_forget_by_phone_and_by_bsuid_erases_that_customer_only(
         )
         == "replied"
     )
-    assert "agent_contexts" in await tables_naming(pool, "someone else entirely")
+    assert "agent_context_entries" in await tables_naming(pool, "someone else entirely")
 
     audits = await pool.fetch("SELECT a::text AS line, a.* FROM wa_erasure_audit a ORDER BY id")
     assert [a["kind"] for a in audits] == ["forget", "forget"]
@@ -173,7 +173,8 @@ async def test_the_stored_context_keeps_only_the_newest_messages(
         last = await say(system, f"question number {n}", wa_id="15557000031")
     pool = await system.db()
     row = await pool.fetchrow(
-        "SELECT messages, token_count FROM agent_contexts WHERE conversation_id = $1",
+        "SELECT (SELECT c FROM wa_context(a.conversation_id) c) AS messages, a.token_count"
+        "  FROM agent_contexts a WHERE a.conversation_id = $1",
         await conversation_of(pool, last["id"]),
     )
     assert row is not None

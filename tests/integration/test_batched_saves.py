@@ -51,10 +51,11 @@ def save(message_id: str, conversation: int, token: int, *, burst: bool = False)
         message_id=message_id,
         agent_type="support",
         previous_agent_type=None,
-        messages=[
+        appended=[
             {"role": "user", "content": "hi", "message_id": message_id, "tokens": 3},
             {"role": "assistant", "content": f"reply to {message_id}", "tokens": 5},
         ],
+        keep=100,
         token_count=8,
         reply_text=f"reply to {message_id}",
         tokens_in=3,
@@ -72,7 +73,8 @@ async def saved(pool: asyncpg.Pool, message_ids: list[str]) -> dict[str, asyncpg
     rows = await pool.fetch(
         "SELECT m.message_id, m.reply_text, m.reply_payload, m.absorbed_message_ids,"
         "       m.send_started_at IS NOT NULL AS send_started, m.xmin::text AS m_xact,"
-        "       a.messages, a.xmin::text AS a_xact, s.turns, s.tokens_out"
+        "       (SELECT c::json FROM wa_context(m.conversation_id) c) AS messages,"
+        "       a.xmin::text AS a_xact, s.turns, s.tokens_out"
         "  FROM processed_webhook_messages m"
         "  LEFT JOIN agent_contexts a ON a.conversation_id = m.conversation_id"
         "  LEFT JOIN agent_sessions s ON s.conversation_id = m.conversation_id"
@@ -96,7 +98,7 @@ async def test_concurrent_saves_go_in_fewer_transactions_each_with_its_own_outco
     for s in calls:
         row = rows[s.message_id]
         assert row["reply_text"] == s.reply_text and row["send_started"]
-        assert row["messages"] == s.messages
+        assert row["messages"] == s.appended
         assert row["reply_payload"] == s.reply_payload
         assert row["absorbed_message_ids"] == s.absorbed
         assert (row["turns"], row["tokens_out"]) == (1, 5)

@@ -230,11 +230,17 @@ async def test_conversations_from_before_bsuids_keep_their_context_after_the_upg
             )
         await migrate.migrate(dsn)
         rows = await conn.fetch(
-            "SELECT c.id, c.customer_id, c.wa_id, a.messages FROM webhook_conversations c"
-            " JOIN agent_contexts a ON a.conversation_id = c.id ORDER BY c.id"
+            "SELECT c.id, c.customer_id, c.wa_id, a.last_seq,"
+            "       (SELECT t FROM wa_context(c.id) t) AS context"
+            "  FROM webhook_conversations c"
+            "  JOIN agent_contexts a ON a.conversation_id = c.id ORDER BY c.id"
         )
         assert [(r["id"], r["customer_id"], r["wa_id"]) for r in rows] == [
             (conv_ids[n], f"1555000900{n}", f"1555000900{n}") for n in range(3)
+        ]
+        # Each context became its first entry (db/migrations/0030), its messages numbered.
+        assert [(r["last_seq"], orjson.loads(r["context"])) for r in rows] == [
+            (1, [{"role": "user", "content": f"earlier {n}"}]) for n in range(3)
         ]
     finally:
         await conn.close()

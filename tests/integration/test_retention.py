@@ -30,6 +30,7 @@ TABLES = (
     "agent_reply_parts",
     "webhook_dlq",
     "agent_contexts",
+    "agent_context_entries",
     "agent_sessions",
 )
 
@@ -108,10 +109,14 @@ async def customer(
         "",
     )
     await pool.execute(
-        "INSERT INTO agent_contexts (conversation_id, agent_type, messages) "
-        "VALUES ($1, 'concierge', $2::jsonb)",
+        "INSERT INTO agent_contexts (conversation_id, agent_type, last_seq) "
+        "VALUES ($1, 'concierge', 1)",
         conv,
-        f'[{{"role": "user", "content": "secret words {prefix}"}}]',
+    )
+    await pool.execute(
+        "INSERT INTO agent_context_entries (conversation_id, seq, messages) VALUES ($1, 1, $2)",
+        conv,
+        f'{{"role": "user", "content": "secret words {prefix}"}}',
     )
     await pool.execute(
         "SELECT increment_session_metrics($1, 'concierge', 1, 10, 10, 5, 0, 'x')", conv
@@ -167,6 +172,8 @@ async def rows_of(pool: asyncpg.Pool, conv: int) -> dict[str, int]:
         "JOIN processed_webhook_messages m USING (message_id) WHERE m.conversation_id = $1",
         "webhook_dlq": "SELECT count(*) FROM webhook_dlq WHERE conversation_id = $1",
         "agent_contexts": "SELECT count(*) FROM agent_contexts WHERE conversation_id = $1",
+        "agent_context_entries": "SELECT count(*) FROM agent_context_entries"
+        " WHERE conversation_id = $1",
         "agent_sessions": "SELECT count(*) FROM agent_sessions WHERE conversation_id = $1",
     }
     return {t: await pool.fetchval(sql, conv) for t, sql in q.items()}

@@ -66,8 +66,13 @@ async def _seed(owner: asyncpg.Connection) -> None:
             f"wamid.{n}",
         )
         await owner.execute(
-            "INSERT INTO agent_contexts (conversation_id, agent_type, messages) "
-            "VALUES ($1, 'general', '[\"secret\"]')",
+            "INSERT INTO agent_contexts (conversation_id, agent_type, last_seq) "
+            "VALUES ($1, 'general', 1)",
+            n,
+        )
+        await owner.execute(
+            "INSERT INTO agent_context_entries (conversation_id, seq, messages) "
+            "VALUES ($1, 1, '\"secret\"')",
             n,
         )
         await owner.execute(
@@ -194,6 +199,7 @@ async def test_the_dlq_cannot_read_contexts_or_message_texts(
         )
         for query in (
             "SELECT * FROM agent_contexts",
+            "SELECT * FROM agent_context_entries",
             "SELECT * FROM agent_sessions",
             "SELECT * FROM conversation_state_transitions",
             "SELECT body FROM processed_webhook_messages",
@@ -288,6 +294,7 @@ async def test_the_operator_reads_and_writes_only_its_numbers(
             "processed_webhook_messages",
             "conversation_state_transitions",
             "agent_contexts",
+            "agent_context_entries",
             "webhook_dlq",
             "webhook_conversation_health",
         ):

@@ -1,5 +1,5 @@
 """What each message costs PostgreSQL in row versions (db/migrations/0021, 0025): the updates
-that can be HOT are, and a turn's context is stored without a compression attempt."""
+that can be HOT are (a turn's context: tests/integration/test_context_entries.py)."""
 
 from __future__ import annotations
 
@@ -56,27 +56,6 @@ async def test_a_turns_session_metrics_are_a_hot_update(pool: asyncpg.Pool) -> N
         after = await _hot_updates(conn, "agent_sessions")
     # No index names last_active_at, which every turn moves on.
     assert (after[0] - before[0], after[1] - before[1]) == (3, 3)
-
-
-async def test_a_context_is_stored_as_is_without_a_compression_attempt(
-    pool: asyncpg.Pool,
-) -> None:
-    conversation = await _conversation(pool)
-    # Three kilobytes that pglz would compress well: stored as written all the same.
-    context = orjson.dumps([{"role": "user", "content": "hello " * 50}] * 10).decode()
-    await pool.execute(
-        "INSERT INTO agent_contexts (conversation_id, agent_type, messages)"
-        " VALUES ($1, 'a', $2::jsonb)",
-        conversation,
-        context,
-    )
-    row = await pool.fetchrow(
-        "SELECT pg_column_compression(messages) AS compression,"
-        " pg_column_size(messages) AS size FROM agent_contexts WHERE conversation_id = $1",
-        conversation,
-    )
-    assert row is not None
-    assert row["compression"] is None and row["size"] >= len(context) - 100, dict(row)
 
 
 async def test_a_delivery_status_moves_its_reply_on_with_a_hot_update(database_url: str) -> None:
@@ -198,7 +177,8 @@ def _reply(item: store.WorkItem) -> Save:
         message_id=item.message_id,
         agent_type="support",
         previous_agent_type=None,
-        messages=[{"role": "assistant", "content": "Thanks, we are on it.", "tokens": 5}],
+        appended=[{"role": "assistant", "content": "Thanks, we are on it.", "tokens": 5}],
+        keep=100,
         token_count=5,
         reply_text="Thanks for your message, we will get back to you shortly with help.",
         tokens_in=3,

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import asyncpg
+import orjson
 import pytest
 
 from common import kv
@@ -304,16 +305,26 @@ async def test_a_turn_starts_with_its_stored_state_and_finishes_recording_its_re
     )
     conv = rows[0].conversation_id
     await pool.execute(
-        "INSERT INTO agent_contexts (conversation_id, agent_type, messages, token_count,"
-        " fence_token) VALUES ($1, 'sales', $2::jsonb, 3, 0)",
+        "INSERT INTO agent_contexts (conversation_id, agent_type, token_count, fence_token,"
+        " last_seq) VALUES ($1, 'sales', 3, 0, 2)",
         conv,
-        [{"role": "user", "content": "earlier"}],
+    )
+    # Read in the order written (db/migrations/0030), whatever the order of the rows.
+    await pool.execute(
+        "INSERT INTO agent_context_entries (conversation_id, seq, messages)"
+        " VALUES ($1, 2, $2), ($1, 1, $3)",
+        conv,
+        '{"role": "assistant", "content": "later"}',
+        '{"role": "user", "content": "earlier"}',
     )
     token, first = await store.claim_turn_or_release(pool, conv, "me")
     assert isinstance(first, store.WorkItem) and first.message_id == "wamid.S1"
     assert first.has_state and first.defer_sent_record and not first.has_reply
     assert first.message_type == "text" and first.payload_json == '{"id": "wamid.S1"}'
-    assert first.context_json == '[{"role": "user", "content": "earlier"}]'
+    assert orjson.loads(first.context_json) == [
+        {"role": "user", "content": "earlier"},
+        {"role": "assistant", "content": "later"},
+    ]
     assert first.context_agent_type == "sales" and not first.send_started
     assert first.last_customer_at == now + 1 and abs(first.db_now - time.time()) < 60
 
