@@ -295,16 +295,20 @@ async def test_a_deadlocked_batch_runs_each_claim_alone(
             claims = asyncio.gather(
                 *(store.claim_turn_or_release(pool, c, "me") for c in (*rest[:2], first, second))
             )
-            # The batch holds `first` and waits for `second`.
+            # The batch holds `first` and waits for `second`. From pg_locks: this session is in
+            # a transaction, where pg_stat_activity keeps the sessions of its first read (a
+            # backend status snapshot until the transaction ends), so it would never show the
+            # connection the pool opened afterwards for the batch.
             deadline = time.monotonic() + 20
             while not await other.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE pg_backend_pid() = ANY (pg_blocking_pids(pid))"
+                "SELECT count(*) FROM pg_locks l"
+                " WHERE NOT l.granted AND pg_backend_pid() = ANY (pg_blocking_pids(l.pid))"
             ):
                 if claims.done():  # ended without waiting: say how
                     await claims
                     raise AssertionError("the claims ended without waiting for the lock")
                 if time.monotonic() > deadline:
+                    await other.execute("SELECT pg_stat_clear_snapshot()")
                     sessions = await other.fetch(
                         "SELECT pid, state, wait_event_type, wait_event, left(query, 80) AS q"
                         " FROM pg_stat_activity WHERE datname = current_database()"

@@ -36,6 +36,7 @@ async def save_reply(
         False,
         burst,
         None,  # a text reply: no structured one (reply_payload)
+        100,  # the context's bound (keep)
     )
     return int(fence)
 
