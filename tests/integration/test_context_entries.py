@@ -132,3 +132,41 @@ async def test_an_operators_reply_sent_while_a_turn_runs_stays_in_the_context(
         )
         == 5
     )
+
+
+async def test_a_turns_context_statements_use_the_key_on_a_million_entries(
+    pool: asyncpg.Pool,
+) -> None:
+    # 20,000 conversations of 50 entries each. PL/pgSQL runs wa_save_turn's and wa_start_turn's
+    # statements with generic plans: each is checked as one, its parameters unknown.
+    await pool.execute(
+        """
+        INSERT INTO webhook_conversations (id, phone_number_id, wa_id, customer_id)
+        SELECT i, '1', '1555' || i, '1555' || i FROM generate_series(1, 20000) i;
+        INSERT INTO agent_contexts (conversation_id, agent_type, last_seq)
+        SELECT i, 'concierge', 100 FROM generate_series(1, 20000) i;
+        INSERT INTO agent_context_entries (conversation_id, seq, messages)
+        SELECT c, 2 * s, '{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}'
+          FROM generate_series(1, 50) s, generate_series(1, 20000) c;
+        ANALYZE agent_context_entries;
+    """,
+        timeout=300,
+    )
+    statements = {
+        "read": "SELECT (SELECT c FROM wa_context($1) c)",
+        "prune": "DELETE FROM agent_context_entries x"
+        " WHERE x.conversation_id = $1 AND x.seq <= $2::bigint - $3::integer",
+    }
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        for name, sql in statements.items():
+            await conn.execute(f"PREPARE {name} AS {sql}")
+        plans = {
+            "read": await conn.fetch("EXPLAIN EXECUTE read(7777)"),
+            "prune": await conn.fetch("EXPLAIN EXECUTE prune(7777, 100, 60)"),
+        }
+    for name, rows in plans.items():
+        plan = "\n".join(r[0] for r in rows)
+        assert "agent_context_entries_pkey" in plan and "Seq Scan" not in plan, (name, plan)
+    context = await _context(pool, 7777)
+    assert len(context) == 100 and context[0] == {"role": "user", "content": "q"}
