@@ -71,8 +71,9 @@ GRANT UPDATE (absorbed_message_ids) ON processed_webhook_messages TO :"agent";  
 GRANT EXECUTE ON FUNCTION wa_save_burst TO :"agent";
 GRANT SELECT, UPDATE (updated_at) ON webhook_conversations TO :"agent";
 GRANT SELECT, INSERT, UPDATE ON agent_contexts, agent_sessions, agent_reply_parts TO :"agent";
--- A turn appends its entry and deletes those past the bound (0030).
-GRANT SELECT, INSERT, DELETE ON agent_context_entries TO :"agent";
+-- A turn adds its messages to the newest entry or a new one, and deletes those past the bound
+-- (0030).
+GRANT SELECT, INSERT, UPDATE, DELETE ON agent_context_entries TO :"agent";
 GRANT INSERT ON conversation_state_transitions TO :"agent";  -- a change of agent, audited
 GRANT USAGE ON SEQUENCE agent_sessions_id_seq, conversation_state_transitions_id_seq
     TO :"agent";

@@ -1023,14 +1023,24 @@ BEGIN
     RETURNING a.last_seq INTO v_last;
     IF v_added > 0 THEN
         v_text := btrim(p_appended::text);
-        INSERT INTO agent_context_entries (conversation_id, seq, messages)
-        VALUES (p_conversation_id, v_last, substr(v_text, 2, length(v_text) - 2));
+        v_text := substr(v_text, 2, length(v_text) - 2);
+        -- To the newest entry (its last message is v_last - v_added: numbers are given in
+        -- order, under this row's lock) while it stays under 1,800 bytes; else a new one.
+        UPDATE agent_context_entries x
+           SET messages = x.messages || ',' || v_text, n = x.n + v_added
+         WHERE x.conversation_id = p_conversation_id
+           AND x.seq = (SELECT max(y.seq) FROM agent_context_entries y
+                         WHERE y.conversation_id = p_conversation_id)
+           AND octet_length(x.messages) + octet_length(v_text) < 1800;
+        IF NOT FOUND THEN
+            INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
+            VALUES (p_conversation_id, v_last - v_added + 1, v_added, v_text);
+        END IF;
     END IF;
-    -- The entries whose messages all fell out of the bound: once the context is full, about
-    -- one a turn. (The agent keeps the newest p_keep of what it reads; an entry across the
-    -- bound stays whole until it is past it.)
+    -- The entries whose messages all fell out of the bound (the agent keeps the newest p_keep
+    -- of what it reads).
     DELETE FROM agent_context_entries x
-     WHERE x.conversation_id = p_conversation_id AND x.seq <= v_last - p_keep;
+     WHERE x.conversation_id = p_conversation_id AND x.seq + x.n - 1 <= v_last - p_keep;
 
     UPDATE processed_webhook_messages m
        SET reply_text = p_reply_text,
@@ -1304,9 +1314,13 @@ $$;
 CREATE TABLE public.agent_context_entries (
     conversation_id bigint NOT NULL,
     seq bigint NOT NULL,
+    n integer NOT NULL,
     messages text NOT NULL,
-    CONSTRAINT agent_context_entries_messages_check CHECK (((messages <> ''::text) AND (json_typeof(((('['::text || messages) || ']'::text))::json) = 'array'::text)))
-);
+    CONSTRAINT agent_context_entries_messages_check CHECK (((messages <> ''::text) AND (json_typeof(((('['::text || messages) || ']'::text))::json) = 'array'::text))),
+    CONSTRAINT agent_context_entries_n_check CHECK ((n > 0))
+)
+WITH (fillfactor='70');
+ALTER TABLE ONLY public.agent_context_entries ALTER COLUMN messages SET STORAGE EXTERNAL;
 
 ALTER TABLE ONLY public.agent_context_entries FORCE ROW LEVEL SECURITY;
 

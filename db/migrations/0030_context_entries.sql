@@ -7,10 +7,15 @@
 -- question and its answer: in a conversation that has reached the bound, about 23 kB a turn,
 -- out of line in the TOAST table. `bench.e2e` with customers of 50 messages' history
 -- (`--history 50`) wrote 25 kB of WAL per message against 10 kB for new customers. Now a save
--- appends one row (agent_context_entries: the turn's messages, as a JSON array) and deletes
--- the rows that fell out of the bound: what a turn writes no longer depends on how long the
--- conversation is. Messages are numbered per conversation by agent_contexts.last_seq, and an
--- entry's seq is the number of its last message.
+-- adds the turn's messages to the conversation's newest entry (agent_context_entries) while
+-- that stays under 1,800 bytes (inline: below the 2 kB at which PostgreSQL moves a value out
+-- of line), or starts a new one, and deletes the entries whose messages all fell
+-- out of the bound: what a turn writes no longer depends on how long the conversation is, and
+-- a context of 100 messages reads as about a dozen rows (one row a turn made it fifty, each on
+-- its own page: its read cost PostgreSQL twice the single value's). Messages are numbered per
+-- conversation by agent_contexts.last_seq; an entry holds messages seq to seq + n - 1. The
+-- entry across the bound is kept whole until it is past it (the agent keeps the newest
+-- AGENT_CONTEXT_MAX_MESSAGES of what it reads).
 --
 -- The read that starts a turn still returns the whole context as one JSON array (wa_start_turn,
 -- the agent's turn_state): the entries joined in order. So an entry is kept as the text of its
@@ -31,10 +36,13 @@ CREATE TABLE agent_context_entries (
     conversation_id bigint NOT NULL
         REFERENCES agent_contexts (conversation_id) ON DELETE CASCADE,
     seq bigint NOT NULL,
+    n integer NOT NULL CHECK (n > 0),
     messages text NOT NULL
         CHECK (messages <> '' AND json_typeof(('[' || messages || ']')::json) = 'array'),
     PRIMARY KEY (conversation_id, seq)
-);
+) WITH (fillfactor = 70);  -- room on the page for the newest entry's next version (HOT)
+-- An entry that one write makes longer than a page is stored out of line, uncompressed (0021).
+ALTER TABLE agent_context_entries ALTER COLUMN messages SET STORAGE EXTERNAL;
 ALTER TABLE agent_context_entries ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
 CREATE POLICY wa_owner ON agent_context_entries USING ((SELECT wa_owns('agent_context_entries')))
     WITH CHECK ((SELECT wa_owns('agent_context_entries')));
@@ -42,8 +50,8 @@ CREATE POLICY wa_owner ON agent_context_entries USING ((SELECT wa_owns('agent_co
 ALTER TABLE agent_contexts ADD COLUMN last_seq bigint NOT NULL DEFAULT 0;
 
 -- Each stored context becomes its first entry.
-INSERT INTO agent_context_entries (conversation_id, seq, messages)
-SELECT a.conversation_id, jsonb_array_length(a.messages),
+INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
+SELECT a.conversation_id, 1, jsonb_array_length(a.messages),
        substr(a.messages::text, 2, length(a.messages::text) - 2)
   FROM agent_contexts a
  WHERE jsonb_typeof(a.messages) = 'array' AND jsonb_array_length(a.messages) > 0;
@@ -254,14 +262,24 @@ BEGIN
     RETURNING a.last_seq INTO v_last;
     IF v_added > 0 THEN
         v_text := btrim(p_appended::text);
-        INSERT INTO agent_context_entries (conversation_id, seq, messages)
-        VALUES (p_conversation_id, v_last, substr(v_text, 2, length(v_text) - 2));
+        v_text := substr(v_text, 2, length(v_text) - 2);
+        -- To the newest entry (its last message is v_last - v_added: numbers are given in
+        -- order, under this row's lock) while it stays under 1,800 bytes; else a new one.
+        UPDATE agent_context_entries x
+           SET messages = x.messages || ',' || v_text, n = x.n + v_added
+         WHERE x.conversation_id = p_conversation_id
+           AND x.seq = (SELECT max(y.seq) FROM agent_context_entries y
+                         WHERE y.conversation_id = p_conversation_id)
+           AND octet_length(x.messages) + octet_length(v_text) < 1800;
+        IF NOT FOUND THEN
+            INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
+            VALUES (p_conversation_id, v_last - v_added + 1, v_added, v_text);
+        END IF;
     END IF;
-    -- The entries whose messages all fell out of the bound: once the context is full, about
-    -- one a turn. (The agent keeps the newest p_keep of what it reads; an entry across the
-    -- bound stays whole until it is past it.)
+    -- The entries whose messages all fell out of the bound (the agent keeps the newest p_keep
+    -- of what it reads).
     DELETE FROM agent_context_entries x
-     WHERE x.conversation_id = p_conversation_id AND x.seq <= v_last - p_keep;
+     WHERE x.conversation_id = p_conversation_id AND x.seq + x.n - 1 <= v_last - p_keep;
 
     UPDATE processed_webhook_messages m
        SET reply_text = p_reply_text,

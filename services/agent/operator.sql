@@ -75,6 +75,6 @@ WITH sent AS (
            updated_at = now()
     RETURNING a.conversation_id, a.last_seq
 )
-INSERT INTO agent_context_entries (conversation_id, seq, messages)
-SELECT c.conversation_id, c.last_seq, $4::json::text
+INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
+SELECT c.conversation_id, c.last_seq, 1, $4::json::text
   FROM context c

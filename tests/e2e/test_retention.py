@@ -169,8 +169,11 @@ async def test_the_stored_context_keeps_only_the_newest_messages(
     start_system: StartSystem,
 ) -> None:
     system = await start_system(AGENT_CONTEXT_MAX_MESSAGES="4")
+    # Questions long enough that each turn fills an entry of its own (db/migrations/0030): the
+    # context drops whole entries, and these end at the bound.
+    words = " about my order and its delivery" * 12
     for n in range(5):
-        last = await say(system, f"question number {n}", wa_id="15557000031")
+        last = await say(system, f"question number {n}{words}", wa_id="15557000031")
     pool = await system.db()
     row = await pool.fetchrow(
         "SELECT (SELECT c FROM wa_context(a.conversation_id) c) AS messages, a.token_count"
@@ -181,7 +184,7 @@ async def test_the_stored_context_keeps_only_the_newest_messages(
     messages = json.loads(row["messages"])
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert [m["content"] for m in messages if m["role"] == "user"] == [
-        "question number 3",
-        "question number 4",
+        f"question number 3{words}",
+        f"question number 4{words}",
     ]
     assert row["token_count"] == sum(m["tokens"] for m in messages)

@@ -44,8 +44,9 @@ async def test_a_turns_save_writes_its_own_messages_not_the_whole_context(
     pool: asyncpg.Pool,
 ) -> None:
     # db/migrations/0030: the context was one value that every save wrote whole (15 kB and
-    # more once a conversation reached AGENT_CONTEXT_MAX_MESSAGES); a save now appends the
-    # turn's messages and drops those past the bound, whatever the conversation's length.
+    # more once a conversation reached AGENT_CONTEXT_MAX_MESSAGES); a save now adds the turn's
+    # messages to an entry of at most 1,800 bytes and drops the entries past the bound,
+    # whatever the conversation's length.
     conversation, token = await _conversation(pool)
     keep, said = 50, []
     async with pool.acquire() as conn:
@@ -68,9 +69,18 @@ async def test_a_turns_save_writes_its_own_messages_not_the_whole_context(
             stored = await conn.fetchval("SELECT (SELECT c FROM wa_context($1) c)", conversation)
             called = await conn.fetch("SELECT funcname FROM pg_stat_xact_user_functions")
         assert "wa_context" not in {r["funcname"] for r in called}, called
-    # The newest `keep` and no more (each turn's entry holds two: none across the bound).
-    assert orjson.loads(stored) == said[-keep:]
-    # Two messages of about 300 bytes, a row deleted, the counters: a few kilobytes at most
+    # The newest `keep`, and of older ones only the rest of the entry across the bound: a turn
+    # of two 300-byte messages fills an entry with the next one (four messages).
+    context = orjson.loads(stored)
+    assert context[-keep:] == said[-keep:] and keep <= len(context) < keep + 4, len(context)
+    rows = await pool.fetch(
+        "SELECT seq, n, octet_length(messages) AS size FROM agent_context_entries"
+        " WHERE conversation_id = $1 ORDER BY seq",
+        conversation,
+    )
+    assert [(r["seq"], r["n"]) for r in rows] == [(s, 4) for s in range(69, 121, 4)], rows
+    assert all(r["size"] < 1800 for r in rows)
+    # At most one entry of 1,800 bytes written, one deleted, the counters: a few kilobytes
     # (the least of five, should a checkpoint make one save write whole pages), where the
     # context alone is over 15 kB.
     assert min(wal) < 6000 < len(stored), (wal, len(stored))
@@ -85,13 +95,14 @@ async def test_a_context_entry_is_refused_unless_the_context_stays_valid_json(
         "INSERT INTO agent_contexts (conversation_id, agent_type) VALUES ($1, 'a')", conversation
     )
     insert = (
-        "INSERT INTO agent_context_entries (conversation_id, seq, messages) VALUES ($1, $2, $3)"
+        "INSERT INTO agent_context_entries (conversation_id, seq, n, messages)"
+        " VALUES ($1, $2, $3, $4)"
     )
     for n, bad in enumerate(["", '{"a": 1},', "[1],[2", '{"a": '], start=1):
         with pytest.raises((asyncpg.CheckViolationError, asyncpg.InvalidTextRepresentationError)):
-            await pool.execute(insert, conversation, n, bad)
-    await pool.execute(insert, conversation, 2, '{"a": 1}, {"b": 2}')
-    await pool.execute(insert, conversation, 3, '"c"')
+            await pool.execute(insert, conversation, n, 1, bad)
+    await pool.execute(insert, conversation, 2, 2, '{"a": 1}, {"b": 2}')
+    await pool.execute(insert, conversation, 4, 1, '"c"')
     context = await _context(pool, conversation)
     assert context == [{"a": 1}, {"b": 2}, "c"]
     with pytest.raises(asyncpg.RaiseError, match="not a JSON array"):
@@ -145,8 +156,9 @@ async def test_a_turns_context_statements_use_the_key_on_a_million_entries(
         SELECT i, '1', '1555' || i, '1555' || i FROM generate_series(1, 20000) i;
         INSERT INTO agent_contexts (conversation_id, agent_type, last_seq)
         SELECT i, 'concierge', 100 FROM generate_series(1, 20000) i;
-        INSERT INTO agent_context_entries (conversation_id, seq, messages)
-        SELECT c, 2 * s, '{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}'
+        INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
+        SELECT c, 2 * s - 1, 2,
+               '{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}'
           FROM generate_series(1, 50) s, generate_series(1, 20000) c;
         ANALYZE agent_context_entries;
     """,

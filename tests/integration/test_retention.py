@@ -114,7 +114,8 @@ async def customer(
         conv,
     )
     await pool.execute(
-        "INSERT INTO agent_context_entries (conversation_id, seq, messages) VALUES ($1, 1, $2)",
+        "INSERT INTO agent_context_entries (conversation_id, seq, n, messages)"
+        " VALUES ($1, 1, 1, $2)",
         conv,
         f'{{"role": "user", "content": "secret words {prefix}"}}',
     )

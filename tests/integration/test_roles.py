@@ -71,8 +71,8 @@ async def _seed(owner: asyncpg.Connection) -> None:
             n,
         )
         await owner.execute(
-            "INSERT INTO agent_context_entries (conversation_id, seq, messages) "
-            "VALUES ($1, 1, '\"secret\"')",
+            "INSERT INTO agent_context_entries (conversation_id, seq, n, messages) "
+            "VALUES ($1, 1, 1, '\"secret\"')",
             n,
         )
         await owner.execute(

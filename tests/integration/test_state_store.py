@@ -311,8 +311,8 @@ async def test_a_turn_starts_with_its_stored_state_and_finishes_recording_its_re
     )
     # Read in the order written (db/migrations/0030), whatever the order of the rows.
     await pool.execute(
-        "INSERT INTO agent_context_entries (conversation_id, seq, messages)"
-        " VALUES ($1, 2, $2), ($1, 1, $3)",
+        "INSERT INTO agent_context_entries (conversation_id, seq, n, messages)"
+        " VALUES ($1, 2, 1, $2), ($1, 1, 1, $3)",
         conv,
         '{"role": "assistant", "content": "later"}',
         '{"role": "user", "content": "earlier"}',
