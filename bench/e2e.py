@@ -86,27 +86,25 @@ async def replies(client: httpx.AsyncClient, url: str) -> dict[str, int]:
     return out
 
 
-async def _send_and_wait(
-    client: httpx.AsyncClient,
-    system: System,
-    graph_url: str,
-    messages: list[tuple[int, int]],
-    base_ts: int,
-) -> None:
-    """Sends message n of conversation c for each (c, n), unmeasured, and waits for every
-    reply."""
-    before = (await replies(client, graph_url))["sent"]
+def _signed(system: System, docs: list[dict[str, Any]]) -> list[bytes]:
     host = system.url.split("//")[1]
-    requests = [
-        load.signed_request(host, "/webhook", SECRET, orjson.dumps(delivery(c, n, base_ts)))
-        for c, n in messages
-    ]
-    errors = await load.post_all(f"{system.url}/webhook", requests, 32)
+    return [load.signed_request(host, "/webhook", SECRET, orjson.dumps(doc)) for doc in docs]
+
+
+async def _post(system: System, requests: list[bytes], rate: float | None = None) -> None:
+    errors = await load.post_all(f"{system.url}/webhook", requests, 32, rate)
     assert errors == 0, f"{errors} deliveries were not acknowledged"
-    deadline = time.monotonic() + 600
-    while (await replies(client, graph_url))["sent"] - before < len(messages):
+
+
+async def _until_replied(
+    client: httpx.AsyncClient, graph_url: str, before: int, total: int, started: float
+) -> dict[str, int]:
+    """The stand-in's counts once `total` replies more than `before` were sent."""
+    deadline = started + 600
+    while (counts := await replies(client, graph_url))["sent"] - before < total:
         assert time.monotonic() < deadline, "replies did not all arrive in 600 s"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
+    return counts
 
 
 CURVE = ("state=1,agent=1", "state=2,agent=2", "state=4,agent=4")
@@ -278,36 +276,30 @@ async def run(
         s.system(WHATSAPP_API_BASE_URL=graph_url, WA_SCALE=scale) as system,
         httpx.AsyncClient(timeout=10) as client,
     ):
-        host = system.url.split("//")[1]
         base = int(time.time())
         if history:
             # The conversations' earlier messages, a second apart, before the measured ones.
-            await _send_and_wait(
-                client,
-                system,
-                graph_url,
-                [(c, n) for n in range(history) for c in range(CONVERSATIONS)],
-                base - history - 1,
-            )
+            earlier = [
+                delivery(c, n, base - history - 1)
+                for n in range(history)
+                for c in range(CONVERSATIONS)
+            ]
+            sent = (await replies(client, graph_url))["sent"]
+            await _post(system, _signed(system, earlier))
+            await _until_replied(client, graph_url, sent, len(earlier), time.monotonic())
         before = await replies(client, graph_url)
         docs = [delivery(c, history + n, base) for n in range(per) for c in range(CONVERSATIONS)]
         total = len(docs)
-        requests = [
-            load.signed_request(host, "/webhook", SECRET, orjson.dumps(doc)) for doc in docs
-        ]
+        requests = _signed(system, docs)
         if statements:
             await _statements_reset(system)
         batches_before = await _ingest_batches(client, system)
         wal_before = await _wal_lsn(system)
         cpu_before = _cpu(s, system)
         started = time.monotonic()
-        errors = await load.post_all(f"{system.url}/webhook", requests, 32, rate)
+        await _post(system, requests, rate)
         acked = time.monotonic() - started
-        assert errors == 0, f"{errors} deliveries were not acknowledged"
-        deadline = started + 600
-        while (counts := await replies(client, graph_url))["sent"] - before["sent"] < total:
-            assert time.monotonic() < deadline, "replies did not all arrive in 600 s"
-            await asyncio.sleep(0.05)
+        counts = await _until_replied(client, graph_url, before["sent"], total, started)
         elapsed = time.monotonic() - started
         cpu_after = _cpu(s, system)
         wal = await _wal_since(system, wal_before)
