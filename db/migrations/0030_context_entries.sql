@@ -1,6 +1,5 @@
--- A conversation's context is kept as what each save added to it, and a turn writes only its
--- own two messages (issue 16: CPU per message; no per-turn work that does not depend on the
--- turn).
+-- A conversation's context is kept as entries of a few messages each, and a turn writes only
+-- its own two messages (issue 16: no per-turn work that does not depend on the turn).
 --
 -- agent_contexts.messages held the whole context, up to AGENT_CONTEXT_MAX_MESSAGES (100)
 -- messages, as one jsonb value that every turn parsed, wrote and logged again whole to add a
