@@ -526,7 +526,9 @@ DECLARE
     n_trans bigint;
     n_dlq bigint;
     n_ctx bigint;
+    n_entries bigint;
     n_sess bigint;
+    n_ops bigint;
     n_conv bigint;
     n_tomb bigint;
     v_counts jsonb;
@@ -560,7 +562,11 @@ BEGIN
          WHERE m.message_id = ANY (v_ids) AND m.reply_message_id IS NOT NULL
         UNION ALL
         SELECT p.sent_id FROM agent_reply_parts p
-         WHERE p.message_id = ANY (v_ids) AND p.sent_id IS NOT NULL) x
+         WHERE p.message_id = ANY (v_ids) AND p.sent_id IS NOT NULL
+        UNION ALL
+        -- A person's replies: a late status of one names the customer's number too.
+        SELECT r.sent_id FROM operator_replies r
+         WHERE r.conversation_id = ANY (v_convs) AND r.sent_id IS NOT NULL) x
     ON CONFLICT (id_hash) DO NOTHING;
     GET DIAGNOSTICS n_tomb = ROW_COUNT;
 
@@ -572,6 +578,12 @@ BEGIN
     DELETE FROM webhook_dlq d
      WHERE d.conversation_id = ANY (v_convs) OR d.message_id = ANY (v_ids);
     GET DIAGNOSTICS n_dlq = ROW_COUNT;
+    -- Deleted here, not left to the cascades of the rows they belong to: the report and the
+    -- audit say what was erased.
+    DELETE FROM operator_replies r WHERE r.conversation_id = ANY (v_convs);
+    GET DIAGNOSTICS n_ops = ROW_COUNT;
+    DELETE FROM agent_context_entries e WHERE e.conversation_id = ANY (v_convs);
+    GET DIAGNOSTICS n_entries = ROW_COUNT;
     DELETE FROM agent_contexts a WHERE a.conversation_id = ANY (v_convs);
     GET DIAGNOSTICS n_ctx = ROW_COUNT;
     DELETE FROM agent_sessions s WHERE s.conversation_id = ANY (v_convs);
@@ -588,7 +600,9 @@ BEGIN
         'agent_reply_parts', n_parts,
         'webhook_dlq', n_dlq,
         'agent_contexts', n_ctx,
+        'agent_context_entries', n_entries,
         'agent_sessions', n_sess,
+        'operator_replies', n_ops,
         'wa_message_tombstones', n_tomb);
     INSERT INTO wa_erasure_audit (kind, counts, requested_by)
     VALUES ('forget', v_counts, p_requested_by);
@@ -694,7 +708,9 @@ DECLARE
     n_trans_old bigint := 0;
     n_dlq bigint := 0;
     n_ctx bigint := 0;
+    n_entries bigint := 0;
     n_sess bigint := 0;
+    n_ops bigint := 0;
     n_conv bigint := 0;
     n_tomb bigint := 0;
 BEGIN
@@ -720,6 +736,9 @@ BEGIN
                         AND NOT EXISTS (SELECT 1 FROM webhook_dlq d
                                          WHERE d.message_id = m.message_id
                                            AND d.status IN ('pending', 'retrying', 'dead'))))
+        ), ops AS (
+            SELECT r.id, r.conversation_id FROM operator_replies r
+             WHERE r.created_at < v_cutoff AND coalesce(r.sent_at, r.created_at) < v_cutoff
         ), idle AS (
             SELECT c.* FROM webhook_conversations c
              WHERE c.status = 'idle' AND c.last_activity_at < v_cutoff
@@ -738,7 +757,10 @@ BEGIN
                                              WHERE m.message_id = t.message_id)))),
                (SELECT count(*) FROM webhook_dlq d
                  WHERE d.status IN ('resolved', 'purged') AND d.updated_at < v_cutoff),
+               (SELECT count(*) FROM ops),
                (SELECT count(*) FROM agent_contexts a JOIN idle i ON i.id = a.conversation_id),
+               (SELECT count(*) FROM agent_context_entries e
+                  JOIN idle i ON i.id = e.conversation_id),
                (SELECT count(*) FROM agent_sessions s JOIN idle i ON i.id = s.conversation_id),
                -- Idle conversations that nothing would refer to once the rest is pruned.
                (SELECT count(*) FROM idle i
@@ -756,9 +778,14 @@ BEGIN
                        SELECT 1 FROM webhook_dlq d
                         WHERE d.conversation_id = i.id
                           AND NOT (d.status IN ('resolved', 'purged')
-                                   AND d.updated_at < v_cutoff))),
+                                   AND d.updated_at < v_cutoff))
+                   AND NOT EXISTS (
+                       SELECT 1 FROM operator_replies r
+                        WHERE r.conversation_id = i.id
+                          AND r.id NOT IN (SELECT o.id FROM ops o))),
                (SELECT count(*) FROM wa_message_tombstones t WHERE t.forgotten_at < v_cutoff)
-          INTO n_msg, n_other, n_parts, n_trans, n_dlq, n_ctx, n_sess, n_conv, n_tomb;
+          INTO n_msg, n_other, n_parts, n_trans, n_dlq, n_ops, n_ctx, n_entries, n_sess,
+               n_conv, n_tomb;
     ELSE
         -- Messages, with their reply parts and transitions.
         WITH v AS (
@@ -809,6 +836,18 @@ BEGIN
         DELETE FROM webhook_dlq d USING v WHERE d.id = v.id;
         GET DIAGNOSTICS n_dlq = ROW_COUNT;
 
+        -- A person's replies (their text, to whom), whether or not their conversation goes
+        -- on: sent, or never sent, before the cutoff.
+        WITH v AS (
+            SELECT r.id FROM operator_replies r
+             WHERE r.created_at < v_cutoff AND coalesce(r.sent_at, r.created_at) < v_cutoff
+             ORDER BY r.created_at
+             LIMIT p_batch
+               FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM operator_replies r USING v WHERE r.id = v.id;
+        GET DIAGNOSTICS n_ops = ROW_COUNT;
+
         -- Old transitions of no message (a conversation's claims and releases) or of one gone.
         WITH v AS (
             SELECT t.id FROM conversation_state_transitions t
@@ -825,8 +864,8 @@ BEGIN
         n_trans := n_trans + n_trans_old;
 
         -- Idle conversations, once what refers to them is gone: a conversation is only
-        -- deleted when no message, transition or dead-letter item is left.
-        IF n_msg + n_other + n_dlq + n_trans = 0 THEN
+        -- deleted when no message, transition, dead-letter item or person's reply is left.
+        IF n_msg + n_other + n_dlq + n_trans + n_ops = 0 THEN
             WITH v AS (
                 SELECT c.id,
                        c.marketing_preference IS DISTINCT FROM 'stop'
@@ -835,7 +874,9 @@ BEGIN
                        AND NOT EXISTS (SELECT 1 FROM conversation_state_transitions t
                                         WHERE t.conversation_id = c.id)
                        AND NOT EXISTS (SELECT 1 FROM webhook_dlq d
-                                        WHERE d.conversation_id = c.id) AS unused
+                                        WHERE d.conversation_id = c.id)
+                       AND NOT EXISTS (SELECT 1 FROM operator_replies r
+                                        WHERE r.conversation_id = c.id) AS unused
                   FROM webhook_conversations c
                  WHERE c.status = 'idle' AND c.last_activity_at < v_cutoff
                    AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
@@ -850,10 +891,16 @@ BEGIN
                             AND NOT EXISTS (SELECT 1 FROM conversation_state_transitions t
                                              WHERE t.conversation_id = c.id)
                             AND NOT EXISTS (SELECT 1 FROM webhook_dlq d
-                                             WHERE d.conversation_id = c.id)))
+                                             WHERE d.conversation_id = c.id)
+                            AND NOT EXISTS (SELECT 1 FROM operator_replies r
+                                             WHERE r.conversation_id = c.id)))
                  ORDER BY c.id
                  LIMIT p_batch
                    FOR UPDATE SKIP LOCKED
+            ), entries AS (
+                -- Deleted by the cascade of their context; counted here, in this statement's
+                -- snapshot, so that the report says so.
+                SELECT count(*) AS n FROM agent_context_entries e JOIN v ON v.id = e.conversation_id
             ), ctx AS (
                 DELETE FROM agent_contexts a USING v WHERE a.conversation_id = v.id
                 RETURNING 1
@@ -864,9 +911,9 @@ BEGIN
                 DELETE FROM webhook_conversations c USING v WHERE c.id = v.id AND v.unused
                 RETURNING 1
             )
-            SELECT (SELECT count(*) FROM ctx), (SELECT count(*) FROM sess),
-                   (SELECT count(*) FROM conv)
-              INTO n_ctx, n_sess, n_conv;
+            SELECT (SELECT count(*) FROM ctx), (SELECT n FROM entries),
+                   (SELECT count(*) FROM sess), (SELECT count(*) FROM conv)
+              INTO n_ctx, n_entries, n_sess, n_conv;
         END IF;
 
         WITH v AS (
@@ -886,7 +933,9 @@ BEGIN
         ('agent_reply_parts', n_parts),
         ('webhook_dlq', n_dlq),
         ('agent_contexts', n_ctx),
+        ('agent_context_entries', n_entries),
         ('agent_sessions', n_sess),
+        ('operator_replies', n_ops),
         ('webhook_conversations', n_conv),
         ('wa_message_tombstones', n_tomb);
 END
@@ -2112,6 +2161,12 @@ ALTER TABLE ONLY public.webhook_dlq
 --
 
 CREATE INDEX operator_replies_conversation_idx ON public.operator_replies USING btree (conversation_id, id);
+
+--
+-- Name: operator_replies_created_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX operator_replies_created_idx ON public.operator_replies USING btree (created_at);
 
 --
 -- Name: processed_messages_conversation_idx; Type: INDEX; Schema: public; Owner: -

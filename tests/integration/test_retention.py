@@ -32,6 +32,7 @@ TABLES = (
     "agent_contexts",
     "agent_context_entries",
     "agent_sessions",
+    "operator_replies",
 )
 
 
@@ -66,7 +67,8 @@ async def customer(
     status: str = machine.REPLIED,
 ) -> int:
     """A conversation with `n` text messages moved to `status`, one of them with a long reply
-    in two parts and a status webhook, a context and a session. Returns its id."""
+    in two parts and a status webhook, a context, a session, and a person's reply sent to the
+    customer (services/agent/operator.sql). Returns its id."""
     msgs = [
         inbound(f"{prefix}.{i}", wa_id=wa_id, user_id=user_id, text=f"secret words {prefix}")
         for i in range(n)
@@ -122,7 +124,23 @@ async def customer(
     await pool.execute(
         "SELECT increment_session_metrics($1, 'concierge', 1, 10, 10, 5, 0, 'x')", conv
     )
+    await operator_reply(pool, conv, prefix)
     return conv
+
+
+async def operator_reply(pool: asyncpg.Pool, conv: int, name: str, days: int = 0) -> None:
+    """A person's reply, sent `days` ago as wamid.OP-<name>."""
+    await pool.execute(
+        "INSERT INTO operator_replies (idempotency_key, conversation_id, phone_number_id, "
+        "operator, body, sent_id, send_started_at, sent_at, created_at) "
+        "VALUES ($1, $2, '100', 'ann', $3, $4, now() - make_interval(days => $5), "
+        "now() - make_interval(days => $5), now() - make_interval(days => $5))",
+        f"key-{name}",
+        conv,
+        f"secret words {name}, from a person",
+        f"wamid.OP-{name}",
+        days,
+    )
 
 
 async def age(pool: asyncpg.Pool, conv: int, days: int) -> None:
@@ -148,6 +166,11 @@ async def age(pool: asyncpg.Pool, conv: int, days: int) -> None:
     )
     await pool.execute(
         f"UPDATE webhook_dlq SET created_at = {at}, updated_at = {at} WHERE conversation_id = $1",
+        conv,
+    )
+    await pool.execute(
+        f"UPDATE operator_replies SET created_at = {at}, send_started_at = {at}, sent_at = {at} "
+        "WHERE conversation_id = $1",
         conv,
     )
 
@@ -176,6 +199,7 @@ async def rows_of(pool: asyncpg.Pool, conv: int) -> dict[str, int]:
         "agent_context_entries": "SELECT count(*) FROM agent_context_entries"
         " WHERE conversation_id = $1",
         "agent_sessions": "SELECT count(*) FROM agent_sessions WHERE conversation_id = $1",
+        "operator_replies": "SELECT count(*) FROM operator_replies WHERE conversation_id = $1",
     }
     return {t: await pool.fetchval(sql, conv) for t, sql in q.items()}
 
@@ -241,6 +265,8 @@ async def test_prune_deletes_old_finished_work_and_keeps_what_is_still_needed(
         == 4
     )
     assert kept["agent_contexts"] == 1 and kept["agent_sessions"] == 1
+    # A person's reply older than the retention goes, although its conversation stays.
+    assert kept["operator_replies"] == 0
     assert await rows_of(pool, stop) == {
         **dict.fromkeys(before[stop], 0),
         "webhook_conversations": 1,
@@ -250,11 +276,39 @@ async def test_prune_deletes_old_finished_work_and_keeps_what_is_still_needed(
         "SELECT count(*) FROM processed_webhook_messages WHERE wa_id = '15550000001'"
     )
     assert out.counts["processed_webhook_messages"] == 6 + 2 + 2  # with the status webhooks
+    # Reported as deleted, not left to a cascade: the old, needed and stop conversations'
+    # replies of a person, and the contexts' entries of the two idle ones (old, stop).
+    assert out.counts["operator_replies"] == 3
+    assert out.counts["agent_context_entries"] == 2
     audit = await pool.fetchrow("SELECT kind, counts::text, requested_by FROM wa_erasure_audit")
     assert audit is not None
     assert audit["kind"] == "prune" and audit["requested_by"] == "test"
     again = await retention.prune(pool, 90, 500, requested_by="test")
     assert again.total == 0 and again.batches == 1
+
+
+async def test_prune_keeps_a_quiet_conversation_while_a_persons_recent_reply_is_in_it(
+    pool: asyncpg.Pool,
+) -> None:
+    conv = await customer(pool, "quiet", wa_id="15550000006", n=1)
+    await age(pool, conv, 100)
+    await operator_reply(pool, conv, "quiet-late", days=1)
+    dry = await retention.prune(pool, 90, 500, dry_run=True, requested_by="test")
+    out = await retention.prune(pool, 90, 500, requested_by="test")
+    assert out.counts == dry.counts
+    assert out.counts["operator_replies"] == 1 and out.counts["webhook_conversations"] == 0
+    left = await rows_of(pool, conv)
+    assert left["webhook_conversations"] == 1 and left["operator_replies"] == 1
+    assert left["processed_webhook_messages"] == 0
+    # Once that reply is old too, the conversation goes with it.
+    await pool.execute(
+        "UPDATE operator_replies SET created_at = created_at - interval '100 days', "
+        "sent_at = sent_at - interval '100 days' WHERE conversation_id = $1",
+        conv,
+    )
+    out = await retention.prune(pool, 90, 500, requested_by="test")
+    assert out.counts["operator_replies"] == 1 and out.counts["webhook_conversations"] == 1
+    assert await rows_of(pool, conv) == dict.fromkeys(left, 0)
 
 
 async def test_prune_goes_in_small_batches_until_nothing_is_left(pool: asyncpg.Pool) -> None:
@@ -311,8 +365,11 @@ async def test_forget_erases_one_customer_everywhere_and_keeps_a_duplicate_guard
         "agent_reply_parts": 2,
         "webhook_dlq": 1,
         "agent_contexts": 1,
+        "agent_context_entries": 1,
         "agent_sessions": 1,
-        "wa_message_tombstones": 2 + 1 + 2,  # messages, the reply, its parts
+        "operator_replies": 1,
+        # messages, the reply, its parts, the person's reply
+        "wa_message_tombstones": 2 + 1 + 2 + 1,
     }
     assert await rows_of(pool, gone) == dict.fromkeys(before_other, 0)
     assert await rows_of(pool, other) == before_other
@@ -329,20 +386,22 @@ async def test_forget_erases_one_customer_everywhere_and_keeps_a_duplicate_guard
     for value in (phone, bsuid, "secret words", "Ann Example", phone_digest, "gone."):
         assert value not in audit["line"]
 
-    # Meta delivers the erased message again (within its retry window), and a late status of
-    # the erased reply: duplicates, nothing stored again.
+    # Meta delivers the erased message again (within its retry window), and late statuses of
+    # the erased reply and of the person's: duplicates, nothing stored again (a status names
+    # its recipient's number).
     again, stored = await store.ingest(
         pool,
         [inbound("gone.0", wa_id=phone, user_id=bsuid)],
         [
             Status(
-                message_id="wamid.REPLY-gone",
+                message_id=reply,
                 phone_number_id="100",
                 recipient_id=phone,
                 status="read",
                 timestamp=int(time.time()),
                 payload_json="{}",
             )
+            for reply in ("wamid.REPLY-gone", "wamid.OP-gone")
         ],
         "c",
         "",
@@ -411,7 +470,7 @@ async def test_only_a_role_granted_execute_may_prune_or_forget(pool: asyncpg.Poo
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(f"SET LOCAL ROLE {role}")
             # It runs as its owner: the caller needs no privilege on the tables themselves.
-            assert len(await conn.fetch("SELECT * FROM wa_prune(90, 500, true)")) == 8
+            assert len(await conn.fetch("SELECT * FROM wa_prune(90, 500, true)")) == 10
     finally:
         await pool.execute(f"DROP OWNED BY {role}")
         await pool.execute(f"DROP ROLE {role}")

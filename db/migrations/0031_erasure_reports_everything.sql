@@ -1,0 +1,363 @@
+-- Erasure and retention cover a person's replies and the context's entries, and say so.
+--
+-- wa_forget_customer (0013) left two things to the cascades of the rows they belong to:
+-- operator_replies (a person's replies to the customer, with their text: 0017) went with the
+-- conversation, agent_context_entries (0030) with the context. Both were erased, neither was
+-- in the report `wa forget` prints nor in the erasure audit. Worse, the ids of a person's
+-- replies were not kept as tombstones: a late status of one (Meta sends `read` whenever the
+-- customer opens it, days later) was stored again as a status row naming the customer's
+-- number, after the customer had been forgotten. Now both are deleted and counted, and a
+-- person's reply ids join the tombstones (ingest drops a status about a tombstoned id).
+--
+-- wa_prune never pruned a person's replies on their own: they went only with their
+-- conversation, so a conversation whose customer kept writing kept every reply of a person
+-- for ever, against RETENTION_DAYS. Now each pass deletes the replies sent (or never sent)
+-- before the cutoff, whatever their conversation does, and a conversation is deleted only
+-- once none is left (a person's reply younger than the cutoff keeps its conversation, like
+-- a message would). Both tables are in the report and the audit; the entries of the contexts
+-- of idle conversations still go by cascade, counted in the same statement.
+CREATE INDEX operator_replies_created_idx ON operator_replies (created_at);
+
+CREATE OR REPLACE FUNCTION wa_forget_customer(p_customer text, p_requested_by text) RETURNS TABLE(table_name text, rows bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    AS $$
+#variable_conflict use_column
+DECLARE
+    v_convs bigint[];
+    v_ids text[];
+    n_msg bigint;
+    n_parts bigint;
+    n_trans bigint;
+    n_dlq bigint;
+    n_ctx bigint;
+    n_entries bigint;
+    n_sess bigint;
+    n_ops bigint;
+    n_conv bigint;
+    n_tomb bigint;
+    v_counts jsonb;
+BEGIN
+    IF p_customer IS NULL OR btrim(p_customer) = '' THEN
+        RAISE EXCEPTION 'name a customer: a phone number or a BSUID'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Locked first: whatever would refer to them (an ingest, a transition, a dead-letter
+    -- item) waits until they are gone.
+    SELECT coalesce(array_agg(id), '{}') INTO v_convs FROM (
+        SELECT c.id FROM webhook_conversations c
+         WHERE c.wa_id = p_customer OR c.user_id = p_customer
+            OR c.customer_id = p_customer OR c.parent_user_id = p_customer
+         ORDER BY c.id
+           FOR UPDATE) x;
+    SELECT coalesce(array_agg(message_id), '{}') INTO v_ids FROM (
+        SELECT m.message_id FROM processed_webhook_messages m
+         WHERE m.conversation_id = ANY (v_convs)
+        UNION
+        SELECT m.message_id FROM processed_webhook_messages m
+         WHERE m.conversation_id IS NULL
+           AND (m.wa_id = p_customer OR m.user_id = p_customer)) x;
+
+    INSERT INTO wa_message_tombstones (id_hash)
+    SELECT DISTINCT sha256(convert_to(i, 'UTF8')) FROM (
+        SELECT m.message_id AS i FROM processed_webhook_messages m
+         WHERE m.message_id = ANY (v_ids) AND m.kind <> 'status'
+        UNION ALL
+        SELECT m.reply_message_id FROM processed_webhook_messages m
+         WHERE m.message_id = ANY (v_ids) AND m.reply_message_id IS NOT NULL
+        UNION ALL
+        SELECT p.sent_id FROM agent_reply_parts p
+         WHERE p.message_id = ANY (v_ids) AND p.sent_id IS NOT NULL
+        UNION ALL
+        -- A person's replies: a late status of one names the customer's number too.
+        SELECT r.sent_id FROM operator_replies r
+         WHERE r.conversation_id = ANY (v_convs) AND r.sent_id IS NOT NULL) x
+    ON CONFLICT (id_hash) DO NOTHING;
+    GET DIAGNOSTICS n_tomb = ROW_COUNT;
+
+    DELETE FROM agent_reply_parts p WHERE p.message_id = ANY (v_ids);
+    GET DIAGNOSTICS n_parts = ROW_COUNT;
+    DELETE FROM conversation_state_transitions t
+     WHERE t.conversation_id = ANY (v_convs) OR t.message_id = ANY (v_ids);
+    GET DIAGNOSTICS n_trans = ROW_COUNT;
+    DELETE FROM webhook_dlq d
+     WHERE d.conversation_id = ANY (v_convs) OR d.message_id = ANY (v_ids);
+    GET DIAGNOSTICS n_dlq = ROW_COUNT;
+    -- Deleted here, not left to the cascades of the rows they belong to: the report and the
+    -- audit say what was erased.
+    DELETE FROM operator_replies r WHERE r.conversation_id = ANY (v_convs);
+    GET DIAGNOSTICS n_ops = ROW_COUNT;
+    DELETE FROM agent_context_entries e WHERE e.conversation_id = ANY (v_convs);
+    GET DIAGNOSTICS n_entries = ROW_COUNT;
+    DELETE FROM agent_contexts a WHERE a.conversation_id = ANY (v_convs);
+    GET DIAGNOSTICS n_ctx = ROW_COUNT;
+    DELETE FROM agent_sessions s WHERE s.conversation_id = ANY (v_convs);
+    GET DIAGNOSTICS n_sess = ROW_COUNT;
+    DELETE FROM processed_webhook_messages m WHERE m.message_id = ANY (v_ids);
+    GET DIAGNOSTICS n_msg = ROW_COUNT;
+    DELETE FROM webhook_conversations c WHERE c.id = ANY (v_convs);
+    GET DIAGNOSTICS n_conv = ROW_COUNT;
+
+    v_counts := jsonb_build_object(
+        'webhook_conversations', n_conv,
+        'processed_webhook_messages', n_msg,
+        'conversation_state_transitions', n_trans,
+        'agent_reply_parts', n_parts,
+        'webhook_dlq', n_dlq,
+        'agent_contexts', n_ctx,
+        'agent_context_entries', n_entries,
+        'agent_sessions', n_sess,
+        'operator_replies', n_ops,
+        'wa_message_tombstones', n_tomb);
+    INSERT INTO wa_erasure_audit (kind, counts, requested_by)
+    VALUES ('forget', v_counts, p_requested_by);
+    RETURN QUERY SELECT key, value::bigint FROM jsonb_each_text(v_counts);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION wa_prune(p_days integer, p_batch integer, p_dry_run boolean) RETURNS TABLE(table_name text, rows bigint)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    AS $$
+#variable_conflict use_column
+DECLARE
+    v_cutoff timestamptz;
+    n_msg bigint := 0;
+    n_other bigint := 0;
+    n_parts bigint := 0;
+    n_trans bigint := 0;
+    n_trans_old bigint := 0;
+    n_dlq bigint := 0;
+    n_ctx bigint := 0;
+    n_entries bigint := 0;
+    n_sess bigint := 0;
+    n_ops bigint := 0;
+    n_conv bigint := 0;
+    n_tomb bigint := 0;
+BEGIN
+    IF p_days IS NULL OR p_days < wa_retention_min_days() THEN
+        RAISE EXCEPTION 'retention of % days refused: at least % (Meta delivers a message '
+                        'again for up to 7 days, and a pruned message id would then be '
+                        'processed a second time)', p_days, wa_retention_min_days()
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_batch IS NULL OR p_batch < 1 OR p_batch > 10000 THEN
+        RAISE EXCEPTION 'batch of % rows refused: 1 to 10000', p_batch
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_cutoff := now() - make_interval(days => p_days);
+
+    IF p_dry_run THEN
+        WITH doomed AS (
+            SELECT m.message_id, m.kind FROM processed_webhook_messages m
+             WHERE m.received_at < v_cutoff AND m.updated_at < v_cutoff
+               AND (m.kind <> 'message'
+                    OR m.status IN ('replied', 'skipped')
+                    OR (m.status = 'dead_lettered'
+                        AND NOT EXISTS (SELECT 1 FROM webhook_dlq d
+                                         WHERE d.message_id = m.message_id
+                                           AND d.status IN ('pending', 'retrying', 'dead'))))
+        ), ops AS (
+            SELECT r.id, r.conversation_id FROM operator_replies r
+             WHERE r.created_at < v_cutoff AND coalesce(r.sent_at, r.created_at) < v_cutoff
+        ), idle AS (
+            SELECT c.* FROM webhook_conversations c
+             WHERE c.status = 'idle' AND c.last_activity_at < v_cutoff
+               AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
+                                WHERE m.conversation_id = c.id
+                                  AND m.status IN ('received', 'processing', 'failed'))
+        )
+        SELECT (SELECT count(*) FROM doomed WHERE kind = 'message'),
+               (SELECT count(*) FROM doomed WHERE kind <> 'message'),
+               (SELECT count(*) FROM agent_reply_parts p JOIN doomed g USING (message_id)),
+               (SELECT count(*) FROM conversation_state_transitions t
+                 WHERE t.message_id IN (SELECT message_id FROM doomed)
+                    OR (t.created_at < v_cutoff
+                        AND (t.message_id IS NULL
+                             OR NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
+                                             WHERE m.message_id = t.message_id)))),
+               (SELECT count(*) FROM webhook_dlq d
+                 WHERE d.status IN ('resolved', 'purged') AND d.updated_at < v_cutoff),
+               (SELECT count(*) FROM ops),
+               (SELECT count(*) FROM agent_contexts a JOIN idle i ON i.id = a.conversation_id),
+               (SELECT count(*) FROM agent_context_entries e
+                  JOIN idle i ON i.id = e.conversation_id),
+               (SELECT count(*) FROM agent_sessions s JOIN idle i ON i.id = s.conversation_id),
+               -- Idle conversations that nothing would refer to once the rest is pruned.
+               (SELECT count(*) FROM idle i
+                 WHERE i.marketing_preference IS DISTINCT FROM 'stop'
+                   AND NOT EXISTS (
+                       SELECT 1 FROM processed_webhook_messages m
+                        WHERE m.conversation_id = i.id
+                          AND m.message_id NOT IN (SELECT message_id FROM doomed))
+                   AND NOT EXISTS (
+                       SELECT 1 FROM conversation_state_transitions t
+                        WHERE t.conversation_id = i.id AND t.created_at >= v_cutoff
+                          AND (t.message_id IS NULL
+                               OR t.message_id NOT IN (SELECT message_id FROM doomed)))
+                   AND NOT EXISTS (
+                       SELECT 1 FROM webhook_dlq d
+                        WHERE d.conversation_id = i.id
+                          AND NOT (d.status IN ('resolved', 'purged')
+                                   AND d.updated_at < v_cutoff))
+                   AND NOT EXISTS (
+                       SELECT 1 FROM operator_replies r
+                        WHERE r.conversation_id = i.id
+                          AND r.id NOT IN (SELECT o.id FROM ops o))),
+               (SELECT count(*) FROM wa_message_tombstones t WHERE t.forgotten_at < v_cutoff)
+          INTO n_msg, n_other, n_parts, n_trans, n_dlq, n_ops, n_ctx, n_entries, n_sess,
+               n_conv, n_tomb;
+    ELSE
+        -- Messages, with their reply parts and transitions.
+        WITH v AS (
+            SELECT m.id, m.message_id FROM processed_webhook_messages m
+             WHERE m.kind = 'message' AND m.received_at < v_cutoff AND m.updated_at < v_cutoff
+               AND (m.status IN ('replied', 'skipped')
+                    OR (m.status = 'dead_lettered'
+                        AND NOT EXISTS (SELECT 1 FROM webhook_dlq d
+                                         WHERE d.message_id = m.message_id
+                                           AND d.status IN ('pending', 'retrying', 'dead'))))
+             ORDER BY m.received_at
+             LIMIT p_batch
+               FOR UPDATE SKIP LOCKED
+        ), parts AS (
+            DELETE FROM agent_reply_parts p USING v WHERE p.message_id = v.message_id
+            RETURNING 1
+        ), trans AS (
+            DELETE FROM conversation_state_transitions t USING v
+             WHERE t.message_id = v.message_id
+            RETURNING 1
+        ), gone AS (
+            DELETE FROM processed_webhook_messages m USING v WHERE m.id = v.id
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM parts),
+               (SELECT count(*) FROM trans)
+          INTO n_msg, n_parts, n_trans;
+
+        -- Delivery statuses and customer events (always stored as skipped).
+        WITH v AS (
+            SELECT m.id FROM processed_webhook_messages m
+             WHERE m.kind <> 'message' AND m.received_at < v_cutoff AND m.updated_at < v_cutoff
+             ORDER BY m.received_at
+             LIMIT p_batch
+               FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM processed_webhook_messages m USING v WHERE m.id = v.id;
+        GET DIAGNOSTICS n_other = ROW_COUNT;
+
+        -- Dead-letter items done with, and their payloads.
+        WITH v AS (
+            SELECT d.id FROM webhook_dlq d
+             WHERE d.status IN ('resolved', 'purged') AND d.updated_at < v_cutoff
+             ORDER BY d.id
+             LIMIT p_batch
+               FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM webhook_dlq d USING v WHERE d.id = v.id;
+        GET DIAGNOSTICS n_dlq = ROW_COUNT;
+
+        -- A person's replies (their text, to whom), whether or not their conversation goes
+        -- on: sent, or never sent, before the cutoff.
+        WITH v AS (
+            SELECT r.id FROM operator_replies r
+             WHERE r.created_at < v_cutoff AND coalesce(r.sent_at, r.created_at) < v_cutoff
+             ORDER BY r.created_at
+             LIMIT p_batch
+               FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM operator_replies r USING v WHERE r.id = v.id;
+        GET DIAGNOSTICS n_ops = ROW_COUNT;
+
+        -- Old transitions of no message (a conversation's claims and releases) or of one gone.
+        WITH v AS (
+            SELECT t.id FROM conversation_state_transitions t
+             WHERE t.created_at < v_cutoff
+               AND (t.message_id IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
+                                    WHERE m.message_id = t.message_id))
+             ORDER BY t.created_at
+             LIMIT p_batch
+               FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM conversation_state_transitions t USING v WHERE t.id = v.id;
+        GET DIAGNOSTICS n_trans_old = ROW_COUNT;
+        n_trans := n_trans + n_trans_old;
+
+        -- Idle conversations, once what refers to them is gone: a conversation is only
+        -- deleted when no message, transition, dead-letter item or person's reply is left.
+        IF n_msg + n_other + n_dlq + n_trans + n_ops = 0 THEN
+            WITH v AS (
+                SELECT c.id,
+                       c.marketing_preference IS DISTINCT FROM 'stop'
+                       AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
+                                        WHERE m.conversation_id = c.id)
+                       AND NOT EXISTS (SELECT 1 FROM conversation_state_transitions t
+                                        WHERE t.conversation_id = c.id)
+                       AND NOT EXISTS (SELECT 1 FROM webhook_dlq d
+                                        WHERE d.conversation_id = c.id)
+                       AND NOT EXISTS (SELECT 1 FROM operator_replies r
+                                        WHERE r.conversation_id = c.id) AS unused
+                  FROM webhook_conversations c
+                 WHERE c.status = 'idle' AND c.last_activity_at < v_cutoff
+                   AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
+                                    WHERE m.conversation_id = c.id
+                                      AND m.status IN ('received', 'processing', 'failed'))
+                   AND (EXISTS (SELECT 1 FROM agent_contexts a WHERE a.conversation_id = c.id)
+                        OR EXISTS (SELECT 1 FROM agent_sessions s
+                                    WHERE s.conversation_id = c.id)
+                        OR (c.marketing_preference IS DISTINCT FROM 'stop'
+                            AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
+                                             WHERE m.conversation_id = c.id)
+                            AND NOT EXISTS (SELECT 1 FROM conversation_state_transitions t
+                                             WHERE t.conversation_id = c.id)
+                            AND NOT EXISTS (SELECT 1 FROM webhook_dlq d
+                                             WHERE d.conversation_id = c.id)
+                            AND NOT EXISTS (SELECT 1 FROM operator_replies r
+                                             WHERE r.conversation_id = c.id)))
+                 ORDER BY c.id
+                 LIMIT p_batch
+                   FOR UPDATE SKIP LOCKED
+            ), entries AS (
+                -- Deleted by the cascade of their context; counted here, in this statement's
+                -- snapshot, so that the report says so.
+                SELECT count(*) AS n FROM agent_context_entries e JOIN v ON v.id = e.conversation_id
+            ), ctx AS (
+                DELETE FROM agent_contexts a USING v WHERE a.conversation_id = v.id
+                RETURNING 1
+            ), sess AS (
+                DELETE FROM agent_sessions s USING v WHERE s.conversation_id = v.id
+                RETURNING 1
+            ), conv AS (
+                DELETE FROM webhook_conversations c USING v WHERE c.id = v.id AND v.unused
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM ctx), (SELECT n FROM entries),
+                   (SELECT count(*) FROM sess), (SELECT count(*) FROM conv)
+              INTO n_ctx, n_entries, n_sess, n_conv;
+        END IF;
+
+        WITH v AS (
+            SELECT t.id_hash FROM wa_message_tombstones t
+             WHERE t.forgotten_at < v_cutoff
+             ORDER BY t.forgotten_at
+             LIMIT p_batch
+               FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM wa_message_tombstones t USING v WHERE t.id_hash = v.id_hash;
+        GET DIAGNOSTICS n_tomb = ROW_COUNT;
+    END IF;
+
+    RETURN QUERY VALUES
+        ('processed_webhook_messages', n_msg + n_other),
+        ('conversation_state_transitions', n_trans),
+        ('agent_reply_parts', n_parts),
+        ('webhook_dlq', n_dlq),
+        ('agent_contexts', n_ctx),
+        ('agent_context_entries', n_entries),
+        ('agent_sessions', n_sess),
+        ('operator_replies', n_ops),
+        ('webhook_conversations', n_conv),
+        ('wa_message_tombstones', n_tomb);
+END
+$$;
