@@ -15,7 +15,8 @@
 -- before the cutoff, whatever their conversation does, and a conversation is deleted only
 -- once none is left (a person's reply younger than the cutoff keeps its conversation, like
 -- a message would). Both tables are in the report and the audit; the entries of the contexts
--- of idle conversations still go by cascade, counted in the same statement.
+-- of idle conversations still go by cascade, counted in the same statement. And the console's
+-- audit trail keeps no reply's text (below).
 CREATE INDEX operator_replies_created_idx ON operator_replies (created_at);
 
 CREATE OR REPLACE FUNCTION wa_forget_customer(p_customer text, p_requested_by text) RETURNS TABLE(table_name text, rows bigint)
@@ -361,3 +362,14 @@ BEGIN
         ('wa_message_tombstones', n_tomb);
 END
 $$;
+
+-- The console's audit trail kept the text of every reply a person sent (detail.text): the
+-- customer's data, in a table neither retention nor erasure touch, and shown nowhere. The
+-- console now records the reply's key instead (the reply itself is in operator_replies); the
+-- texts already there go. The console also stored every detail as a JSON string holding the
+-- object's text (it encoded the object, and its pool's codec encoded that text again): each
+-- becomes the object it holds first.
+UPDATE wa_console_audit
+   SET detail = (detail #>> '{}')::jsonb
+ WHERE jsonb_typeof(detail) = 'string' AND left(detail #>> '{}', 1) = '{';
+UPDATE wa_console_audit SET detail = detail - 'text' WHERE detail ? 'text';

@@ -431,7 +431,10 @@ async def handoff_action(request: Request) -> Response:
         text = str(form.get("text", "")).strip()
         if action == "reply" and not text:
             raise HTTPException(400, "write an answer first")
-        detail = {"text": text} if action == "reply" else {}
+        key = str(form.get("key", "")) or _new_key()
+        # The reply's key, not its text: the text is the customer's data, kept with the reply
+        # (operator_replies), which retention and `wa forget` delete; the trail is kept.
+        detail = {"key": key} if action == "reply" else {}
         await operators.record(
             conn,
             sess.operator.name,
@@ -447,7 +450,7 @@ async def handoff_action(request: Request) -> Response:
         elif action == "release":
             await actions.release(settings, conv, who)
         else:
-            await actions.reply(settings, conv, text, str(form.get("key", "")) or _new_key(), who)
+            await actions.reply(settings, conv, text, key, who)
     except actions.Refused as exc:
         raise HTTPException(409, f"{action} refused: {exc}") from None
     back = str(form.get("back", ""))

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 
 from common.db import Conn
 
@@ -206,15 +205,16 @@ async def record(
     phone_number_id: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """One line of the audit trail: who did what to what, now."""
+    """One line of the audit trail: who did what to what, now. `detail` goes as it is: the
+    pool's jsonb codec encodes it (common/db.py); text would be stored as a JSON string."""
     await conn.execute(
         "INSERT INTO wa_console_audit (operator, action, target, phone_number_id, detail) "
-        "VALUES ($1, $2, $3, $4, $5::jsonb)",
+        "VALUES ($1, $2, $3, $4, $5)",
         operator,
         action,
         target,
         phone_number_id,
-        orjson.dumps(detail or {}).decode(),
+        detail or {},
     )
 
 

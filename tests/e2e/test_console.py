@@ -362,3 +362,19 @@ async def test_take_over_answer_once_and_release_through_the_services(
         audit = (await client.get("/audit")).text
         for action in ("take-over", "reply", "release"):
             assert f"<td>{action}</td>" in audit, action
+    # The trail names the reply by its key (both requests: it records what was asked); its
+    # text, the customer's data, is only with the reply, which retention and `wa forget` delete.
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM wa_console_audit a WHERE a::text LIKE '%Ada here%'"
+        )
+        == 0
+    )
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM wa_console_audit WHERE action = 'reply'"
+            " AND jsonb_typeof(detail) = 'object' AND detail->>'key' = $1",
+            key.group(1),
+        )
+        == 2
+    )

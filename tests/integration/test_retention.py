@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
-from common import config, kv
+from common import config, kv, migrate
 from common.domain import Message, Status
 from services.state import machine, retention, store
 from services.state.locks import Locks
 from services.state.settings import StateSettings
 from tests.support.inbound import inbound as support_inbound
-from tests.support.servers import Redis
+from tests.support.servers import Postgres, Redis
 
 TABLES = (
     "webhook_conversations",
@@ -495,3 +497,39 @@ async def test_a_driver_notified_for_an_erased_conversation_ends_without_retryin
         assert not [r for r in caplog.records if "will retry" in r.getMessage()]
     finally:
         await dispatcher.close()
+
+
+async def test_an_upgrade_takes_the_texts_of_replies_out_of_the_console_trail(
+    pg: Postgres, tmp_path: Path
+) -> None:
+    """The console recorded a person's reply with its text (detail.text), and every detail as
+    a JSON string, until 0031; the upgrade keeps every line of the trail and what else it
+    says, as objects, not the texts."""
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in migrate.pending_files():
+        if path.name < "0031":
+            shutil.copy(path, before / path.name)
+    dsn = await pg.create_database(None)
+    await migrate.migrate(dsn, before)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO wa_console_audit (operator, action, target, detail) VALUES "
+            "('ada', 'reply', 'conversation 1', to_jsonb($1::text)), "
+            "('ada', 'dlq retry', '2 item(s)', to_jsonb($2::text)), ('ada', 'login', 'ada', '{}')",
+            # As the console stored them: each object's JSON text, as a JSON string.
+            '{"text": "secret words for Ann"}',
+            '{"ids": [1, 2]}',
+        )
+        await migrate.migrate(dsn)
+        rows = await conn.fetch(
+            "SELECT action, target, detail::text AS detail FROM wa_console_audit ORDER BY id"
+        )
+        assert [tuple(r) for r in rows] == [
+            ("reply", "conversation 1", "{}"),
+            ("dlq retry", "2 item(s)", '{"ids": [1, 2]}'),
+            ("login", "ada", "{}"),
+        ]
+    finally:
+        await conn.close()
