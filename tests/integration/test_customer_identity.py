@@ -4,7 +4,6 @@ one conversation each, whatever Meta sends, and conversations from before BSUIDs
 from __future__ import annotations
 
 import functools
-import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from services.state import store
 from tests.support import payloads
 from tests.support.inbound import inbound as support_inbound
 from tests.support.servers import Postgres
+from tests.support.upgrades import migrated_before
 
 PHONE = "15550001111"
 
@@ -204,13 +204,7 @@ async def test_conversations_from_before_bsuids_keep_their_context_after_the_upg
     """A database migrated by the previous release, with phone-keyed conversations and their
     agent context, upgraded in place: every conversation, message and context is kept, and the
     customer's first delivery with a BSUID continues the same conversation."""
-    before = tmp_path / "before"
-    before.mkdir()
-    for path in migrate.pending_files():
-        if path.name < "0010":
-            shutil.copy(path, before / path.name)
-    dsn = await pg.create_database(None)
-    await migrate.migrate(dsn, before)
+    dsn = await migrated_before(pg, tmp_path / "before", "0010")
     conn = await asyncpg.connect(dsn)
     try:
         conv_ids = []

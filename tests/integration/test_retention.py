@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from services.state.locks import Locks
 from services.state.settings import StateSettings
 from tests.support.inbound import inbound as support_inbound
 from tests.support.servers import Postgres, Redis
+from tests.support.upgrades import migrated_before
 
 TABLES = (
     "webhook_conversations",
@@ -505,13 +505,7 @@ async def test_an_upgrade_takes_the_texts_of_replies_out_of_the_console_trail(
     """The console recorded a person's reply with its text (detail.text), and every detail as
     a JSON string, until 0031; the upgrade keeps every line of the trail and what else it
     says, as objects, not the texts."""
-    before = tmp_path / "before"
-    before.mkdir()
-    for path in migrate.pending_files():
-        if path.name < "0031":
-            shutil.copy(path, before / path.name)
-    dsn = await pg.create_database(None)
-    await migrate.migrate(dsn, before)
+    dsn = await migrated_before(pg, tmp_path / "before", "0031")
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
