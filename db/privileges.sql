@@ -48,6 +48,8 @@ GRANT EXECUTE ON FUNCTION wa_context TO :"state";  -- a turn's context, from its
 GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";
 GRANT SELECT ON wa_message_tombstones TO :"state";  -- ingest: a forgotten id stays a duplicate
 GRANT SELECT ON agent_contexts, agent_context_entries TO :"state";  -- a turn's context (0020)
+-- A conversation's earlier identifiers, written with a BSUID change, read by `wa forget` (0031).
+GRANT SELECT, INSERT ON webhook_conversation_aliases TO :"state";
 CREATE POLICY role_state ON webhook_conversations TO :"state" USING (true) WITH CHECK (true);
 CREATE POLICY role_state ON processed_webhook_messages TO :"state"
     USING (true) WITH CHECK (true);
@@ -59,6 +61,8 @@ CREATE POLICY role_state ON wa_runtime_settings TO :"state" USING (true) WITH CH
 CREATE POLICY role_state ON wa_message_tombstones FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON agent_contexts FOR SELECT TO :"state" USING (true);
 CREATE POLICY role_state ON agent_context_entries FOR SELECT TO :"state" USING (true);
+CREATE POLICY role_state ON webhook_conversation_aliases TO :"state"
+    USING (true) WITH CHECK (true);
 
 -- agent: reads the message it answers and its conversation, writes the context, the reply
 -- and its send state; never a message's status (no UPDATE on that column), never a

@@ -529,6 +529,7 @@ DECLARE
     n_entries bigint;
     n_sess bigint;
     n_ops bigint;
+    n_alias bigint;
     n_conv bigint;
     n_tomb bigint;
     v_counts jsonb;
@@ -543,6 +544,8 @@ BEGIN
         SELECT c.id FROM webhook_conversations c
          WHERE c.wa_id = p_customer OR c.user_id = p_customer
             OR c.customer_id = p_customer OR c.parent_user_id = p_customer
+            OR c.id IN (SELECT a.conversation_id FROM webhook_conversation_aliases a
+                         WHERE a.alias = p_customer)
          ORDER BY c.id
            FOR UPDATE) x;
     SELECT coalesce(array_agg(message_id), '{}') INTO v_ids FROM (
@@ -590,6 +593,8 @@ BEGIN
     GET DIAGNOSTICS n_sess = ROW_COUNT;
     DELETE FROM processed_webhook_messages m WHERE m.message_id = ANY (v_ids);
     GET DIAGNOSTICS n_msg = ROW_COUNT;
+    DELETE FROM webhook_conversation_aliases a WHERE a.conversation_id = ANY (v_convs);
+    GET DIAGNOSTICS n_alias = ROW_COUNT;
     DELETE FROM webhook_conversations c WHERE c.id = ANY (v_convs);
     GET DIAGNOSTICS n_conv = ROW_COUNT;
 
@@ -603,6 +608,7 @@ BEGIN
         'agent_context_entries', n_entries,
         'agent_sessions', n_sess,
         'operator_replies', n_ops,
+        'webhook_conversation_aliases', n_alias,
         'wa_message_tombstones', n_tomb);
     INSERT INTO wa_erasure_audit (kind, counts, requested_by)
     VALUES ('forget', v_counts, p_requested_by);
@@ -711,6 +717,7 @@ DECLARE
     n_entries bigint := 0;
     n_sess bigint := 0;
     n_ops bigint := 0;
+    n_alias bigint := 0;
     n_conv bigint := 0;
     n_tomb bigint := 0;
 BEGIN
@@ -745,6 +752,28 @@ BEGIN
                AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
                                 WHERE m.conversation_id = c.id
                                   AND m.status IN ('received', 'processing', 'failed'))
+        ), gone AS (
+            -- Idle conversations that nothing would refer to once the rest is pruned.
+            SELECT i.id FROM idle i
+             WHERE i.marketing_preference IS DISTINCT FROM 'stop'
+               AND NOT EXISTS (
+                   SELECT 1 FROM processed_webhook_messages m
+                    WHERE m.conversation_id = i.id
+                      AND m.message_id NOT IN (SELECT message_id FROM doomed))
+               AND NOT EXISTS (
+                   SELECT 1 FROM conversation_state_transitions t
+                    WHERE t.conversation_id = i.id AND t.created_at >= v_cutoff
+                      AND (t.message_id IS NULL
+                           OR t.message_id NOT IN (SELECT message_id FROM doomed)))
+               AND NOT EXISTS (
+                   SELECT 1 FROM webhook_dlq d
+                    WHERE d.conversation_id = i.id
+                      AND NOT (d.status IN ('resolved', 'purged')
+                               AND d.updated_at < v_cutoff))
+               AND NOT EXISTS (
+                   SELECT 1 FROM operator_replies r
+                    WHERE r.conversation_id = i.id
+                      AND r.id NOT IN (SELECT o.id FROM ops o))
         )
         SELECT (SELECT count(*) FROM doomed WHERE kind = 'message'),
                (SELECT count(*) FROM doomed WHERE kind <> 'message'),
@@ -762,30 +791,12 @@ BEGIN
                (SELECT count(*) FROM agent_context_entries e
                   JOIN idle i ON i.id = e.conversation_id),
                (SELECT count(*) FROM agent_sessions s JOIN idle i ON i.id = s.conversation_id),
-               -- Idle conversations that nothing would refer to once the rest is pruned.
-               (SELECT count(*) FROM idle i
-                 WHERE i.marketing_preference IS DISTINCT FROM 'stop'
-                   AND NOT EXISTS (
-                       SELECT 1 FROM processed_webhook_messages m
-                        WHERE m.conversation_id = i.id
-                          AND m.message_id NOT IN (SELECT message_id FROM doomed))
-                   AND NOT EXISTS (
-                       SELECT 1 FROM conversation_state_transitions t
-                        WHERE t.conversation_id = i.id AND t.created_at >= v_cutoff
-                          AND (t.message_id IS NULL
-                               OR t.message_id NOT IN (SELECT message_id FROM doomed)))
-                   AND NOT EXISTS (
-                       SELECT 1 FROM webhook_dlq d
-                        WHERE d.conversation_id = i.id
-                          AND NOT (d.status IN ('resolved', 'purged')
-                                   AND d.updated_at < v_cutoff))
-                   AND NOT EXISTS (
-                       SELECT 1 FROM operator_replies r
-                        WHERE r.conversation_id = i.id
-                          AND r.id NOT IN (SELECT o.id FROM ops o))),
+               (SELECT count(*) FROM gone),
+               (SELECT count(*) FROM webhook_conversation_aliases a
+                  JOIN gone g ON g.id = a.conversation_id),
                (SELECT count(*) FROM wa_message_tombstones t WHERE t.forgotten_at < v_cutoff)
           INTO n_msg, n_other, n_parts, n_trans, n_dlq, n_ops, n_ctx, n_entries, n_sess,
-               n_conv, n_tomb;
+               n_conv, n_alias, n_tomb;
     ELSE
         -- Messages, with their reply parts and transitions.
         WITH v AS (
@@ -907,13 +918,18 @@ BEGIN
             ), sess AS (
                 DELETE FROM agent_sessions s USING v WHERE s.conversation_id = v.id
                 RETURNING 1
+            ), aliases AS (
+                -- Deleted by the cascade of their conversation; counted like the entries.
+                SELECT count(*) AS n FROM webhook_conversation_aliases a
+                  JOIN v ON v.id = a.conversation_id AND v.unused
             ), conv AS (
                 DELETE FROM webhook_conversations c USING v WHERE c.id = v.id AND v.unused
                 RETURNING 1
             )
             SELECT (SELECT count(*) FROM ctx), (SELECT n FROM entries),
-                   (SELECT count(*) FROM sess), (SELECT count(*) FROM conv)
-              INTO n_ctx, n_entries, n_sess, n_conv;
+                   (SELECT count(*) FROM sess), (SELECT count(*) FROM conv),
+                   (SELECT n FROM aliases)
+              INTO n_ctx, n_entries, n_sess, n_conv, n_alias;
         END IF;
 
         WITH v AS (
@@ -937,6 +953,7 @@ BEGIN
         ('agent_sessions', n_sess),
         ('operator_replies', n_ops),
         ('webhook_conversations', n_conv),
+        ('webhook_conversation_aliases', n_alias),
         ('wa_message_tombstones', n_tomb);
 END
 $$;
@@ -1839,6 +1856,19 @@ CREATE VIEW public.webhook_agent_performance WITH (security_invoker='true') AS
   GROUP BY agent_type;
 
 --
+-- Name: webhook_conversation_aliases; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.webhook_conversation_aliases (
+    alias text NOT NULL,
+    conversation_id bigint NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT webhook_conversation_aliases_alias_check CHECK ((alias <> ''::text))
+);
+
+ALTER TABLE ONLY public.webhook_conversation_aliases FORCE ROW LEVEL SECURITY;
+
+--
 -- Name: webhook_conversation_health; Type: VIEW; Schema: public; Owner: -
 --
 
@@ -2143,6 +2173,13 @@ ALTER TABLE ONLY public.wa_service_roles
     ADD CONSTRAINT wa_service_roles_role_name_key UNIQUE (role_name);
 
 --
+-- Name: webhook_conversation_aliases webhook_conversation_aliases_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.webhook_conversation_aliases
+    ADD CONSTRAINT webhook_conversation_aliases_pkey PRIMARY KEY (alias, conversation_id);
+
+--
 -- Name: webhook_conversations webhook_conversations_pkey; Type: CONSTRAINT; Schema: public; Owner: -
 --
 
@@ -2257,6 +2294,12 @@ CREATE INDEX wa_console_sessions_expires_idx ON public.wa_console_sessions USING
 --
 
 CREATE INDEX wa_message_tombstones_at_idx ON public.wa_message_tombstones USING btree (forgotten_at);
+
+--
+-- Name: webhook_conversation_aliases_conversation_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX webhook_conversation_aliases_conversation_idx ON public.webhook_conversation_aliases USING btree (conversation_id);
 
 --
 -- Name: webhook_conversations_activity_idx; Type: INDEX; Schema: public; Owner: -
@@ -2391,6 +2434,13 @@ ALTER TABLE ONLY public.wa_console_operator_numbers
 
 ALTER TABLE ONLY public.wa_console_sessions
     ADD CONSTRAINT wa_console_sessions_operator_fkey FOREIGN KEY (operator) REFERENCES public.wa_console_operators(name) ON DELETE CASCADE;
+
+--
+-- Name: webhook_conversation_aliases webhook_conversation_aliases_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.webhook_conversation_aliases
+    ADD CONSTRAINT webhook_conversation_aliases_conversation_id_fkey FOREIGN KEY (conversation_id) REFERENCES public.webhook_conversations(id) ON DELETE CASCADE;
 
 --
 -- Name: webhook_dlq webhook_dlq_conversation_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
@@ -2598,6 +2648,12 @@ CREATE POLICY wa_owner ON public.wa_runtime_settings USING (( SELECT public.wa_o
 CREATE POLICY wa_owner ON public.wa_service_roles USING (( SELECT public.wa_owns('public.wa_service_roles'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.wa_service_roles'::regclass) AS wa_owns));
 
 --
+-- Name: webhook_conversation_aliases wa_owner; Type: POLICY; Schema: public; Owner: -
+--
+
+CREATE POLICY wa_owner ON public.webhook_conversation_aliases USING (( SELECT public.wa_owns('public.webhook_conversation_aliases'::regclass) AS wa_owns)) WITH CHECK (( SELECT public.wa_owns('public.webhook_conversation_aliases'::regclass) AS wa_owns));
+
+--
 -- Name: webhook_conversations wa_owner; Type: POLICY; Schema: public; Owner: -
 --
 
@@ -2626,6 +2682,12 @@ ALTER TABLE public.wa_runtime_settings ENABLE ROW LEVEL SECURITY;
 --
 
 ALTER TABLE public.wa_service_roles ENABLE ROW LEVEL SECURITY;
+
+--
+-- Name: webhook_conversation_aliases; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.webhook_conversation_aliases ENABLE ROW LEVEL SECURITY;
 
 --
 -- Name: webhook_conversations; Type: ROW SECURITY; Schema: public; Owner: -

@@ -482,18 +482,38 @@ RETURNING message_id
 -- The customer's BSUID changed ($1 -> $2; Meta issues a new one when the phone number
 -- changes, $4 is then the new number): every conversation keyed by the old one takes the new
 -- one, with its context and history. One that a message under the new BSUID has already
--- started is left as it is (the two are not merged).
-UPDATE webhook_conversations c
-   SET customer_id = $2, user_id = $2,
-       parent_user_id = COALESCE(NULLIF($3, ''), c.parent_user_id),
-       -- Meta issues a new BSUID when the phone number changes: the old number is no longer
-       -- the customer's (replies to it would go astray), the new one is known only if shared.
-       wa_id = NULLIF($4, ''),
-       updated_at = now()
- WHERE c.user_id = $1 AND $1 <> '' AND $2 <> ''
-   AND NOT EXISTS (SELECT 1 FROM webhook_conversations d
-                    WHERE d.phone_number_id = c.phone_number_id AND d.customer_id = $2)
-RETURNING c.id
+-- started is left as it is (the two are not merged). Either way each keeps the identifiers it
+-- was and is known by (webhook_conversation_aliases, db/migrations/0031), so that `wa forget`
+-- of any of them finds it.
+WITH old AS MATERIALIZED (
+    SELECT c.id, c.phone_number_id, c.wa_id
+      FROM webhook_conversations c
+     WHERE c.user_id = $1 AND $1 <> '' AND $2 <> ''
+     ORDER BY c.id
+       FOR UPDATE
+), moved AS (
+    UPDATE webhook_conversations c
+       SET customer_id = $2, user_id = $2,
+           parent_user_id = COALESCE(NULLIF($3, ''), c.parent_user_id),
+           -- Meta issues a new BSUID when the phone number changes: the old number is no
+           -- longer the customer's (replies to it would go astray), the new one is known only
+           -- if shared.
+           wa_id = NULLIF($4, ''),
+           updated_at = now()
+      FROM old o
+     WHERE c.id = o.id
+       AND NOT EXISTS (SELECT 1 FROM webhook_conversations d
+                        WHERE d.phone_number_id = o.phone_number_id AND d.customer_id = $2)
+    RETURNING c.id
+), aliases AS (
+    INSERT INTO webhook_conversation_aliases (alias, conversation_id)
+    SELECT DISTINCT v.alias, o.id
+      FROM old o
+     CROSS JOIN LATERAL (VALUES (o.wa_id), ($1), ($2), (NULLIF($4, ''))) AS v (alias)
+     WHERE v.alias <> ''
+    ON CONFLICT DO NOTHING
+)
+SELECT id FROM moved
 
 -- name: apply_user_preferences
 -- Marketing messages stopped or resumed ($3), as of $4, by the customer of business number

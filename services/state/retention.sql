@@ -12,9 +12,11 @@ SELECT wa_record_prune($1::jsonb, $2)
 SELECT table_name, rows FROM wa_forget_customer($1, $2)
 
 -- name: customer_conversations
--- What wa_forget_customer erases: the customer's conversations on every business number.
+-- What wa_forget_customer erases: the customer's conversations on every business number,
+-- also those that knew them by an earlier phone number or BSUID (db/migrations/0031).
 SELECT id FROM webhook_conversations
  WHERE wa_id = $1 OR user_id = $1 OR customer_id = $1 OR parent_user_id = $1
+    OR id IN (SELECT a.conversation_id FROM webhook_conversation_aliases a WHERE a.alias = $1)
  ORDER BY id
 
 -- name: try_lock

@@ -14,13 +14,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 
 from common import config, kv, migrate
 from common.domain import Message, Status
+from services.gateway import parse
 from services.state import machine, retention, store
 from services.state.locks import Locks
 from services.state.settings import StateSettings
+from tests.support import payloads
 from tests.support.inbound import inbound as support_inbound
 from tests.support.servers import Postgres, Redis
 from tests.support.upgrades import migrated_before
@@ -370,6 +373,7 @@ async def test_forget_erases_one_customer_everywhere_and_keeps_a_duplicate_guard
         "agent_context_entries": 1,
         "agent_sessions": 1,
         "operator_replies": 1,
+        "webhook_conversation_aliases": 0,
         # messages, the reply, its parts, the person's reply
         "wa_message_tombstones": 2 + 1 + 2 + 1,
     }
@@ -435,6 +439,102 @@ async def test_forget_by_bsuid_finds_a_customer_without_a_phone_number(
     assert await pool.fetchval("SELECT count(*) FROM wa_erasure_audit WHERE kind = 'forget'") == 2
 
 
+async def changed_number(pool: asyncpg.Pool, old: str, new: str, new_phone: str) -> None:
+    """Meta's system message: the customer's number changed, so did their BSUID."""
+    system = payloads.message(
+        "system",
+        wa_id=new_phone,
+        user_id=old,
+        system={
+            "body": f"User changed to {new_phone}",
+            "type": "user_changed_number",
+            "wa_id": new_phone,
+            "user_id": new,
+            "previous_user_id": old,
+        },
+    )
+    doc = payloads.delivery(messages=[system])
+    doc["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = "100"  # customer()'s
+    delivery = parse.parse(orjson.dumps(doc))
+    await store.ingest_many(pool, [store.DeliveryIn([], [], "c", "", delivery.events)])
+
+
+async def test_forget_finds_a_customer_by_the_number_and_bsuid_they_had_before(
+    pool: asyncpg.Pool, locks: Locks
+) -> None:
+    """A changed number moves the conversation to the new number and BSUID; forgetting the
+    old ones still erases it, with the messages sent under them (db/migrations/0031)."""
+    old_phone, old, new = "15550000031", payloads.bsuid("gil-old"), payloads.bsuid("gil-new")
+    conv = await customer(pool, "gil", wa_id=old_phone, user_id=old, n=2)
+    await changed_number(pool, old, new, "15550000032")
+    assert await pool.fetchval(
+        "SELECT wa_id = '15550000032' AND user_id = $2 FROM webhook_conversations WHERE id = $1",
+        conv,
+        new,
+    )
+    erased = await retention.forget(pool, locks, old_phone, requested_by="operator")
+    assert erased["webhook_conversations"] == 1
+    assert erased["processed_webhook_messages"] == 2 + 1 + 1  # with the status and the event
+    assert erased["webhook_conversation_aliases"] >= 2
+    assert await rows_of(pool, conv) == dict.fromkeys(await rows_of(pool, conv), 0)
+    for value in (old_phone, old, new, "secret words gil"):
+        for table in (*TABLES, "webhook_conversation_aliases"):
+            assert not await pool.fetchval(
+                f"SELECT count(*) FROM {table} x WHERE x::text LIKE '%' || $1 || '%'", value
+            ), f"{value!r} still in {table}"
+
+
+async def test_forget_finds_the_conversation_a_changed_bsuid_left_behind(
+    pool: asyncpg.Pool, locks: Locks
+) -> None:
+    """The new BSUID had written first, so the old BSUID's conversation is left as it was
+    (not merged); forgetting the customer by the new BSUID or number erases both."""
+    old, new = payloads.bsuid("hal-old"), payloads.bsuid("hal-new")
+    before = await customer(pool, "hal-before", user_id=old, n=1)
+    after = await customer(pool, "hal-after", user_id=new, n=1)
+    await changed_number(pool, old, new, "15550000042")
+    assert (
+        await pool.fetchval("SELECT user_id FROM webhook_conversations WHERE id = $1", before)
+        == old
+    )
+    erased = await retention.forget(pool, locks, new, requested_by="operator")
+    assert erased["webhook_conversations"] == 2
+    for conv in (before, after):
+        assert await rows_of(pool, conv) == dict.fromkeys(await rows_of(pool, conv), 0)
+    assert not await pool.fetchval("SELECT count(*) FROM webhook_conversation_aliases")
+
+
+async def test_an_upgrade_keeps_the_earlier_identifiers_a_conversation_knew(
+    pg: Postgres, tmp_path: Path
+) -> None:
+    """Conversations moved by a BSUID change before 0031 get their earlier identifiers from
+    their messages, so that `wa forget` of the old number finds them after the upgrade."""
+    dsn = await migrated_before(pg, tmp_path / "before", "0031")
+    conn = await asyncpg.connect(dsn)
+    try:
+        conv = await conn.fetchval(
+            "INSERT INTO webhook_conversations (phone_number_id, customer_id, wa_id, user_id)"
+            " VALUES ('100', 'US.new', '15550000052', 'US.new') RETURNING id"
+        )
+        await conn.execute(
+            "INSERT INTO processed_webhook_messages (message_id, conversation_id,"
+            " phone_number_id, wa_id, user_id, kind, message_type, body, status, wa_timestamp,"
+            " payload, correlation_id)"
+            " VALUES ('wamid.h1', $1, '100', '15550000051', 'US.old', 'message', 'text',"
+            " 'secret', 'replied', now(), '{}', 'c'),"
+            " ('wamid.h2', $1, '100', '15550000052', 'US.new', 'message', 'text',"
+            " 'again', 'replied', now(), '{}', 'c')",
+            conv,
+        )
+        await migrate.migrate(dsn)
+        aliases = await conn.fetch(
+            "SELECT alias, conversation_id FROM webhook_conversation_aliases ORDER BY alias"
+        )
+        assert [tuple(a) for a in aliases] == [("15550000051", conv), ("US.old", conv)]
+    finally:
+        await conn.close()
+
+
 async def test_forget_waits_for_a_turn_in_flight_then_refuses(
     pool: asyncpg.Pool, locks: Locks
 ) -> None:
@@ -472,7 +572,7 @@ async def test_only_a_role_granted_execute_may_prune_or_forget(pool: asyncpg.Poo
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(f"SET LOCAL ROLE {role}")
             # It runs as its owner: the caller needs no privilege on the tables themselves.
-            assert len(await conn.fetch("SELECT * FROM wa_prune(90, 500, true)")) == 10
+            assert len(await conn.fetch("SELECT * FROM wa_prune(90, 500, true)")) == 11
     finally:
         await pool.execute(f"DROP OWNED BY {role}")
         await pool.execute(f"DROP ROLE {role}")

@@ -1,4 +1,5 @@
--- Erasure and retention cover a person's replies and the context's entries, and say so.
+-- Erasure and retention cover a person's replies, the context's entries, and a customer's
+-- earlier phone numbers and BSUIDs, and say so.
 --
 -- wa_forget_customer (0013) left two things to the cascades of the rows they belong to:
 -- operator_replies (a person's replies to the customer, with their text: 0017) went with the
@@ -19,6 +20,38 @@
 -- audit trail keeps no reply's text (below).
 CREATE INDEX operator_replies_created_idx ON operator_replies (created_at);
 
+-- `wa forget` found a customer's conversations by what the conversation row holds now. When
+-- Meta changes a customer's BSUID (and phone number), the conversation takes the new ones
+-- (services/state/queries.sql, apply_user_id_update): forgetting the old number then found
+-- nothing, though every message under it, with its text and the customer's name, was still
+-- there. And a conversation the old BSUID had, left as it was because the new one already
+-- had its own (the two are not merged), was missed by forgetting the new BSUID. Each
+-- conversation now keeps the identifiers it was known by (the state service writes them with
+-- the change), and forgetting any of them erases it. Backfilled from what the messages of
+-- each conversation name: the BSUID change's own event row is stored in the old
+-- conversation with the new BSUID (one full read of processed_webhook_messages, at upgrade).
+CREATE TABLE webhook_conversation_aliases (
+    alias text NOT NULL CHECK (alias <> ''),
+    conversation_id bigint NOT NULL REFERENCES webhook_conversations (id) ON DELETE CASCADE,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (alias, conversation_id)
+);
+CREATE INDEX webhook_conversation_aliases_conversation_idx
+    ON webhook_conversation_aliases (conversation_id);
+ALTER TABLE webhook_conversation_aliases ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+CREATE POLICY wa_owner ON webhook_conversation_aliases
+    USING ((SELECT wa_owns('webhook_conversation_aliases')))
+    WITH CHECK ((SELECT wa_owns('webhook_conversation_aliases')));
+
+INSERT INTO webhook_conversation_aliases (alias, conversation_id)
+SELECT DISTINCT v.alias, m.conversation_id
+  FROM processed_webhook_messages m
+  JOIN webhook_conversations c ON c.id = m.conversation_id
+ CROSS JOIN LATERAL (VALUES (m.wa_id), (m.user_id)) AS v (alias)
+ WHERE v.alias <> ''
+   AND v.alias IS DISTINCT FROM c.wa_id AND v.alias IS DISTINCT FROM c.user_id
+   AND v.alias IS DISTINCT FROM c.customer_id AND v.alias IS DISTINCT FROM c.parent_user_id;
+
 CREATE OR REPLACE FUNCTION wa_forget_customer(p_customer text, p_requested_by text) RETURNS TABLE(table_name text, rows bigint)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'public', 'pg_temp'
@@ -35,6 +68,7 @@ DECLARE
     n_entries bigint;
     n_sess bigint;
     n_ops bigint;
+    n_alias bigint;
     n_conv bigint;
     n_tomb bigint;
     v_counts jsonb;
@@ -49,6 +83,8 @@ BEGIN
         SELECT c.id FROM webhook_conversations c
          WHERE c.wa_id = p_customer OR c.user_id = p_customer
             OR c.customer_id = p_customer OR c.parent_user_id = p_customer
+            OR c.id IN (SELECT a.conversation_id FROM webhook_conversation_aliases a
+                         WHERE a.alias = p_customer)
          ORDER BY c.id
            FOR UPDATE) x;
     SELECT coalesce(array_agg(message_id), '{}') INTO v_ids FROM (
@@ -96,6 +132,8 @@ BEGIN
     GET DIAGNOSTICS n_sess = ROW_COUNT;
     DELETE FROM processed_webhook_messages m WHERE m.message_id = ANY (v_ids);
     GET DIAGNOSTICS n_msg = ROW_COUNT;
+    DELETE FROM webhook_conversation_aliases a WHERE a.conversation_id = ANY (v_convs);
+    GET DIAGNOSTICS n_alias = ROW_COUNT;
     DELETE FROM webhook_conversations c WHERE c.id = ANY (v_convs);
     GET DIAGNOSTICS n_conv = ROW_COUNT;
 
@@ -109,6 +147,7 @@ BEGIN
         'agent_context_entries', n_entries,
         'agent_sessions', n_sess,
         'operator_replies', n_ops,
+        'webhook_conversation_aliases', n_alias,
         'wa_message_tombstones', n_tomb);
     INSERT INTO wa_erasure_audit (kind, counts, requested_by)
     VALUES ('forget', v_counts, p_requested_by);
@@ -133,6 +172,7 @@ DECLARE
     n_entries bigint := 0;
     n_sess bigint := 0;
     n_ops bigint := 0;
+    n_alias bigint := 0;
     n_conv bigint := 0;
     n_tomb bigint := 0;
 BEGIN
@@ -167,6 +207,28 @@ BEGIN
                AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
                                 WHERE m.conversation_id = c.id
                                   AND m.status IN ('received', 'processing', 'failed'))
+        ), gone AS (
+            -- Idle conversations that nothing would refer to once the rest is pruned.
+            SELECT i.id FROM idle i
+             WHERE i.marketing_preference IS DISTINCT FROM 'stop'
+               AND NOT EXISTS (
+                   SELECT 1 FROM processed_webhook_messages m
+                    WHERE m.conversation_id = i.id
+                      AND m.message_id NOT IN (SELECT message_id FROM doomed))
+               AND NOT EXISTS (
+                   SELECT 1 FROM conversation_state_transitions t
+                    WHERE t.conversation_id = i.id AND t.created_at >= v_cutoff
+                      AND (t.message_id IS NULL
+                           OR t.message_id NOT IN (SELECT message_id FROM doomed)))
+               AND NOT EXISTS (
+                   SELECT 1 FROM webhook_dlq d
+                    WHERE d.conversation_id = i.id
+                      AND NOT (d.status IN ('resolved', 'purged')
+                               AND d.updated_at < v_cutoff))
+               AND NOT EXISTS (
+                   SELECT 1 FROM operator_replies r
+                    WHERE r.conversation_id = i.id
+                      AND r.id NOT IN (SELECT o.id FROM ops o))
         )
         SELECT (SELECT count(*) FROM doomed WHERE kind = 'message'),
                (SELECT count(*) FROM doomed WHERE kind <> 'message'),
@@ -184,30 +246,12 @@ BEGIN
                (SELECT count(*) FROM agent_context_entries e
                   JOIN idle i ON i.id = e.conversation_id),
                (SELECT count(*) FROM agent_sessions s JOIN idle i ON i.id = s.conversation_id),
-               -- Idle conversations that nothing would refer to once the rest is pruned.
-               (SELECT count(*) FROM idle i
-                 WHERE i.marketing_preference IS DISTINCT FROM 'stop'
-                   AND NOT EXISTS (
-                       SELECT 1 FROM processed_webhook_messages m
-                        WHERE m.conversation_id = i.id
-                          AND m.message_id NOT IN (SELECT message_id FROM doomed))
-                   AND NOT EXISTS (
-                       SELECT 1 FROM conversation_state_transitions t
-                        WHERE t.conversation_id = i.id AND t.created_at >= v_cutoff
-                          AND (t.message_id IS NULL
-                               OR t.message_id NOT IN (SELECT message_id FROM doomed)))
-                   AND NOT EXISTS (
-                       SELECT 1 FROM webhook_dlq d
-                        WHERE d.conversation_id = i.id
-                          AND NOT (d.status IN ('resolved', 'purged')
-                                   AND d.updated_at < v_cutoff))
-                   AND NOT EXISTS (
-                       SELECT 1 FROM operator_replies r
-                        WHERE r.conversation_id = i.id
-                          AND r.id NOT IN (SELECT o.id FROM ops o))),
+               (SELECT count(*) FROM gone),
+               (SELECT count(*) FROM webhook_conversation_aliases a
+                  JOIN gone g ON g.id = a.conversation_id),
                (SELECT count(*) FROM wa_message_tombstones t WHERE t.forgotten_at < v_cutoff)
           INTO n_msg, n_other, n_parts, n_trans, n_dlq, n_ops, n_ctx, n_entries, n_sess,
-               n_conv, n_tomb;
+               n_conv, n_alias, n_tomb;
     ELSE
         -- Messages, with their reply parts and transitions.
         WITH v AS (
@@ -329,13 +373,18 @@ BEGIN
             ), sess AS (
                 DELETE FROM agent_sessions s USING v WHERE s.conversation_id = v.id
                 RETURNING 1
+            ), aliases AS (
+                -- Deleted by the cascade of their conversation; counted like the entries.
+                SELECT count(*) AS n FROM webhook_conversation_aliases a
+                  JOIN v ON v.id = a.conversation_id AND v.unused
             ), conv AS (
                 DELETE FROM webhook_conversations c USING v WHERE c.id = v.id AND v.unused
                 RETURNING 1
             )
             SELECT (SELECT count(*) FROM ctx), (SELECT n FROM entries),
-                   (SELECT count(*) FROM sess), (SELECT count(*) FROM conv)
-              INTO n_ctx, n_entries, n_sess, n_conv;
+                   (SELECT count(*) FROM sess), (SELECT count(*) FROM conv),
+                   (SELECT n FROM aliases)
+              INTO n_ctx, n_entries, n_sess, n_conv, n_alias;
         END IF;
 
         WITH v AS (
@@ -359,6 +408,7 @@ BEGIN
         ('agent_sessions', n_sess),
         ('operator_replies', n_ops),
         ('webhook_conversations', n_conv),
+        ('webhook_conversation_aliases', n_alias),
         ('wa_message_tombstones', n_tomb);
 END
 $$;
