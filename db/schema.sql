@@ -789,7 +789,8 @@ BEGIN
                (SELECT count(*) FROM ops),
                (SELECT count(*) FROM agent_contexts a JOIN idle i ON i.id = a.conversation_id),
                (SELECT count(*) FROM agent_context_entries e
-                  JOIN idle i ON i.id = e.conversation_id),
+                 WHERE e.created_at < v_cutoff - interval '1 day'
+                    OR e.conversation_id IN (SELECT i.id FROM idle i)),
                (SELECT count(*) FROM agent_sessions s JOIN idle i ON i.id = s.conversation_id),
                (SELECT count(*) FROM gone),
                (SELECT count(*) FROM webhook_conversation_aliases a
@@ -859,6 +860,19 @@ BEGIN
         DELETE FROM operator_replies r USING v WHERE r.id = v.id;
         GET DIAGNOSTICS n_ops = ROW_COUNT;
 
+        -- Context entries begun a day before the cutoff (an entry takes messages for a day at
+        -- most: all of them are older than the cutoff), in conversations that go on too.
+        WITH v AS (
+            SELECT e.conversation_id, e.seq FROM agent_context_entries e
+             WHERE e.created_at < v_cutoff - interval '1 day'
+             ORDER BY e.created_at
+             LIMIT p_batch
+               FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM agent_context_entries e USING v
+         WHERE e.conversation_id = v.conversation_id AND e.seq = v.seq;
+        GET DIAGNOSTICS n_entries = ROW_COUNT;
+
         -- Old transitions of no message (a conversation's claims and releases) or of one gone.
         WITH v AS (
             SELECT t.id FROM conversation_state_transitions t
@@ -876,7 +890,7 @@ BEGIN
 
         -- Idle conversations, once what refers to them is gone: a conversation is only
         -- deleted when no message, transition, dead-letter item or person's reply is left.
-        IF n_msg + n_other + n_dlq + n_trans + n_ops = 0 THEN
+        IF n_msg + n_other + n_dlq + n_trans + n_ops + n_entries = 0 THEN
             WITH v AS (
                 SELECT c.id,
                        c.marketing_preference IS DISTINCT FROM 'stop'
@@ -926,7 +940,7 @@ BEGIN
                 DELETE FROM webhook_conversations c USING v WHERE c.id = v.id AND v.unused
                 RETURNING 1
             )
-            SELECT (SELECT count(*) FROM ctx), (SELECT n FROM entries),
+            SELECT (SELECT count(*) FROM ctx), n_entries + (SELECT n FROM entries),
                    (SELECT count(*) FROM sess), (SELECT count(*) FROM conv),
                    (SELECT n FROM aliases)
               INTO n_ctx, n_entries, n_sess, n_conv, n_alias;
@@ -1091,13 +1105,17 @@ BEGIN
         v_text := btrim(p_appended::text);
         v_text := substr(v_text, 2, length(v_text) - 2);
         -- To the newest entry (its last message is v_last - v_added: numbers are given in
-        -- order, under this row's lock) while it stays under 1,800 bytes; else a new one.
+        -- order, under this row's lock) while it stays under 1,800 bytes and a day old; else a
+        -- new one.
         UPDATE agent_context_entries x
            SET messages = x.messages || ',' || v_text, n = x.n + v_added
          WHERE x.conversation_id = p_conversation_id
            AND x.seq = (SELECT max(y.seq) FROM agent_context_entries y
                          WHERE y.conversation_id = p_conversation_id)
-           AND octet_length(x.messages) + octet_length(v_text) < 1800;
+           AND octet_length(x.messages) + octet_length(v_text) < 1800
+           -- An entry holds one day of messages at most: retention deletes it whole, by
+           -- its age (wa_prune).
+           AND x.created_at > now() - interval '1 day';
         IF NOT FOUND THEN
             INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
             VALUES (p_conversation_id, v_last - v_added + 1, v_added, v_text);
@@ -1382,6 +1400,7 @@ CREATE TABLE public.agent_context_entries (
     seq bigint NOT NULL,
     n integer NOT NULL,
     messages text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT agent_context_entries_messages_check CHECK (((messages <> ''::text) AND (json_typeof(((('['::text || messages) || ']'::text))::json) = 'array'::text))),
     CONSTRAINT agent_context_entries_n_check CHECK ((n > 0))
 )
@@ -2192,6 +2211,12 @@ ALTER TABLE ONLY public.webhook_conversations
 
 ALTER TABLE ONLY public.webhook_dlq
     ADD CONSTRAINT webhook_dlq_pkey PRIMARY KEY (id);
+
+--
+-- Name: agent_context_entries_created_idx; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX agent_context_entries_created_idx ON public.agent_context_entries USING btree (created_at);
 
 --
 -- Name: operator_replies_conversation_idx; Type: INDEX; Schema: public; Owner: -

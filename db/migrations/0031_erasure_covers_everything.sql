@@ -1,5 +1,6 @@
 -- Erasure and retention cover a person's replies, the context's entries, and a customer's
--- earlier phone numbers and BSUIDs, and say so.
+-- earlier phone numbers and BSUIDs, and say so; retention covers the context of a
+-- conversation that goes on.
 --
 -- wa_forget_customer (0013) left two things to the cascades of the rows they belong to:
 -- operator_replies (a person's replies to the customer, with their text: 0017) went with the
@@ -51,6 +52,106 @@ SELECT DISTINCT v.alias, m.conversation_id
  WHERE v.alias <> ''
    AND v.alias IS DISTINCT FROM c.wa_id AND v.alias IS DISTINCT FROM c.user_id
    AND v.alias IS DISTINCT FROM c.customer_id AND v.alias IS DISTINCT FROM c.parent_user_id;
+
+-- The context of a conversation that goes on was kept whatever its age: wa_prune deleted a
+-- context only with its idle conversation, and a save trims it by count only (the newest
+-- AGENT_CONTEXT_MAX_MESSAGES), so a customer who writes every few weeks kept a year of
+-- messages in it, against RETENTION_DAYS ("finished work and its history older than this is
+-- pruned"). An entry now knows when it began and takes messages for one day at most (a save
+-- starts a new entry after that: wa_save_turn below), so one that began a day before the
+-- cutoff holds nothing younger than it, and a pass deletes it by that date alone (an index
+-- entry per entry, not per message; the appends stay HOT). The agent reads what is left, as
+-- it reads a context trimmed by count. Entries from before this are dated by their
+-- context's last save less a day: what they hold is no younger than that save.
+ALTER TABLE agent_context_entries ADD COLUMN created_at timestamptz NOT NULL DEFAULT now();
+UPDATE agent_context_entries e
+   SET created_at = a.updated_at - interval '1 day'
+  FROM agent_contexts a
+ WHERE a.conversation_id = e.conversation_id;
+CREATE INDEX agent_context_entries_created_idx ON agent_context_entries (created_at);
+
+CREATE OR REPLACE FUNCTION wa_save_turn(p_conversation_id bigint, p_token bigint, p_message_id text, p_agent_type text, p_previous_agent_type text, p_appended json, p_keep integer, p_token_count integer, p_reply_text text, p_tokens_in bigint, p_tokens_out bigint, p_latency_ms bigint, p_correlation_id text, p_send_started boolean, p_reply_payload jsonb) RETURNS bigint
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_fence bigint;
+    v_added integer;
+    v_last bigint;
+    v_text text;
+BEGIN
+    IF p_keep IS NULL OR p_keep < 1 THEN
+        RAISE EXCEPTION 'wa_save_turn: a context keeps at least one message (p_keep %)', p_keep;
+    END IF;
+    IF json_typeof(p_appended) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'wa_save_turn: the messages appended are not a JSON array';
+    END IF;
+    SELECT c.fence_token INTO v_fence
+      FROM webhook_conversations c
+     WHERE c.id = p_conversation_id
+       FOR SHARE;
+    IF v_fence IS DISTINCT FROM p_token THEN
+        RETURN v_fence;
+    END IF;
+
+    v_added := json_array_length(p_appended);
+    INSERT INTO agent_contexts AS a
+        (conversation_id, agent_type, token_count, fence_token, correlation_id, last_seq)
+    VALUES (p_conversation_id, p_agent_type, p_token_count, p_token, p_correlation_id,
+            v_added)
+    ON CONFLICT (conversation_id) DO UPDATE
+       SET agent_type = EXCLUDED.agent_type,
+           token_count = EXCLUDED.token_count,
+           fence_token = EXCLUDED.fence_token,
+           correlation_id = EXCLUDED.correlation_id,
+           last_seq = a.last_seq + EXCLUDED.last_seq,
+           updated_at = now()
+    RETURNING a.last_seq INTO v_last;
+    IF v_added > 0 THEN
+        v_text := btrim(p_appended::text);
+        v_text := substr(v_text, 2, length(v_text) - 2);
+        -- To the newest entry (its last message is v_last - v_added: numbers are given in
+        -- order, under this row's lock) while it stays under 1,800 bytes and a day old; else a
+        -- new one.
+        UPDATE agent_context_entries x
+           SET messages = x.messages || ',' || v_text, n = x.n + v_added
+         WHERE x.conversation_id = p_conversation_id
+           AND x.seq = (SELECT max(y.seq) FROM agent_context_entries y
+                         WHERE y.conversation_id = p_conversation_id)
+           AND octet_length(x.messages) + octet_length(v_text) < 1800
+           -- An entry holds one day of messages at most: retention deletes it whole, by
+           -- its age (wa_prune).
+           AND x.created_at > now() - interval '1 day';
+        IF NOT FOUND THEN
+            INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
+            VALUES (p_conversation_id, v_last - v_added + 1, v_added, v_text);
+        END IF;
+    END IF;
+    -- The entries whose messages all fell out of the bound (the agent keeps the newest p_keep
+    -- of what it reads).
+    DELETE FROM agent_context_entries x
+     WHERE x.conversation_id = p_conversation_id AND x.seq + x.n - 1 <= v_last - p_keep;
+
+    UPDATE processed_webhook_messages m
+       SET reply_text = p_reply_text,
+           reply_payload = p_reply_payload,
+           agent_type = p_agent_type,
+           send_started_at = CASE WHEN p_send_started THEN now() ELSE m.send_started_at END,
+           updated_at = now()
+     WHERE m.message_id = p_message_id;
+
+    IF p_agent_type IS DISTINCT FROM p_previous_agent_type THEN
+        INSERT INTO conversation_state_transitions
+            (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
+             correlation_id)
+        VALUES (p_conversation_id, p_message_id, 'agent', p_previous_agent_type, p_agent_type,
+                'routed by keyword in message ' || p_message_id, p_token, p_correlation_id);
+    END IF;
+
+    PERFORM increment_session_metrics(p_conversation_id, p_agent_type, 1, p_tokens_in,
+                                      p_tokens_out, p_latency_ms, 0, p_correlation_id);
+    RETURN v_fence;
+END
+$$;
 
 CREATE OR REPLACE FUNCTION wa_forget_customer(p_customer text, p_requested_by text) RETURNS TABLE(table_name text, rows bigint)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -244,7 +345,8 @@ BEGIN
                (SELECT count(*) FROM ops),
                (SELECT count(*) FROM agent_contexts a JOIN idle i ON i.id = a.conversation_id),
                (SELECT count(*) FROM agent_context_entries e
-                  JOIN idle i ON i.id = e.conversation_id),
+                 WHERE e.created_at < v_cutoff - interval '1 day'
+                    OR e.conversation_id IN (SELECT i.id FROM idle i)),
                (SELECT count(*) FROM agent_sessions s JOIN idle i ON i.id = s.conversation_id),
                (SELECT count(*) FROM gone),
                (SELECT count(*) FROM webhook_conversation_aliases a
@@ -314,6 +416,19 @@ BEGIN
         DELETE FROM operator_replies r USING v WHERE r.id = v.id;
         GET DIAGNOSTICS n_ops = ROW_COUNT;
 
+        -- Context entries begun a day before the cutoff (an entry takes messages for a day at
+        -- most: all of them are older than the cutoff), in conversations that go on too.
+        WITH v AS (
+            SELECT e.conversation_id, e.seq FROM agent_context_entries e
+             WHERE e.created_at < v_cutoff - interval '1 day'
+             ORDER BY e.created_at
+             LIMIT p_batch
+               FOR UPDATE SKIP LOCKED
+        )
+        DELETE FROM agent_context_entries e USING v
+         WHERE e.conversation_id = v.conversation_id AND e.seq = v.seq;
+        GET DIAGNOSTICS n_entries = ROW_COUNT;
+
         -- Old transitions of no message (a conversation's claims and releases) or of one gone.
         WITH v AS (
             SELECT t.id FROM conversation_state_transitions t
@@ -331,7 +446,7 @@ BEGIN
 
         -- Idle conversations, once what refers to them is gone: a conversation is only
         -- deleted when no message, transition, dead-letter item or person's reply is left.
-        IF n_msg + n_other + n_dlq + n_trans + n_ops = 0 THEN
+        IF n_msg + n_other + n_dlq + n_trans + n_ops + n_entries = 0 THEN
             WITH v AS (
                 SELECT c.id,
                        c.marketing_preference IS DISTINCT FROM 'stop'
@@ -381,7 +496,7 @@ BEGIN
                 DELETE FROM webhook_conversations c USING v WHERE c.id = v.id AND v.unused
                 RETURNING 1
             )
-            SELECT (SELECT count(*) FROM ctx), (SELECT n FROM entries),
+            SELECT (SELECT count(*) FROM ctx), n_entries + (SELECT n FROM entries),
                    (SELECT count(*) FROM sess), (SELECT count(*) FROM conv),
                    (SELECT n FROM aliases)
               INTO n_ctx, n_entries, n_sess, n_conv, n_alias;

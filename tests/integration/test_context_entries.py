@@ -86,6 +86,33 @@ async def test_a_turns_save_writes_its_own_messages_not_the_whole_context(
     assert min(wal) < 6000 < len(stored), (wal, len(stored))
 
 
+async def test_an_entry_takes_messages_for_a_day_at_most(pool: asyncpg.Pool) -> None:
+    """Retention deletes an entry by the day it began (db/migrations/0031): a save adds to
+    the newest entry only while it is younger than a day."""
+    conversation, token = await _conversation(pool)
+    pair = orjson.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    for turn in range(2):
+        await pool.fetchval(_SAVE, conversation, token, f"m{turn}", pair.decode(), 100)
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM agent_context_entries WHERE conversation_id = $1", conversation
+        )
+        == 1
+    )
+    await pool.execute(
+        "UPDATE agent_context_entries SET created_at = now() - interval '25 hours'"
+        " WHERE conversation_id = $1",
+        conversation,
+    )
+    await pool.fetchval(_SAVE, conversation, token, "m2", pair.decode(), 100)
+    rows = await pool.fetch(
+        "SELECT seq, n FROM agent_context_entries WHERE conversation_id = $1 ORDER BY seq",
+        conversation,
+    )
+    assert [tuple(r) for r in rows] == [(1, 4), (5, 2)]
+    assert len(await _context(pool, conversation)) == 6
+
+
 async def test_a_context_entry_is_refused_unless_the_context_stays_valid_json(
     pool: asyncpg.Pool,
 ) -> None:

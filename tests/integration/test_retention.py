@@ -167,6 +167,9 @@ async def age(pool: asyncpg.Pool, conv: int, days: int) -> None:
         f"UPDATE agent_contexts SET updated_at = {at} WHERE conversation_id = $1", conv
     )
     await pool.execute(
+        f"UPDATE agent_context_entries SET created_at = {at} WHERE conversation_id = $1", conv
+    )
+    await pool.execute(
         f"UPDATE agent_sessions SET last_active_at = {at} WHERE conversation_id = $1", conv
     )
     await pool.execute(
@@ -282,9 +285,11 @@ async def test_prune_deletes_old_finished_work_and_keeps_what_is_still_needed(
     )
     assert out.counts["processed_webhook_messages"] == 6 + 2 + 2  # with the status webhooks
     # Reported as deleted, not left to a cascade: the old, needed and stop conversations'
-    # replies of a person, and the contexts' entries of the two idle ones (old, stop).
+    # replies of a person, and their contexts' entries (the needed one's by age: its
+    # conversation goes on).
     assert out.counts["operator_replies"] == 3
-    assert out.counts["agent_context_entries"] == 2
+    assert out.counts["agent_context_entries"] == 3
+    assert kept["agent_context_entries"] == 0
     audit = await pool.fetchrow("SELECT kind, counts::text, requested_by FROM wa_erasure_audit")
     assert audit is not None
     assert audit["kind"] == "prune" and audit["requested_by"] == "test"
@@ -314,6 +319,38 @@ async def test_prune_keeps_a_quiet_conversation_while_a_persons_recent_reply_is_
     out = await retention.prune(pool, 90, 500, requested_by="test")
     assert out.counts["operator_replies"] == 1 and out.counts["webhook_conversations"] == 1
     assert await rows_of(pool, conv) == dict.fromkeys(left, 0)
+
+
+async def test_prune_takes_the_old_part_of_the_context_of_a_conversation_that_goes_on(
+    pool: asyncpg.Pool,
+) -> None:
+    """A customer who writes every few weeks: the entries begun more than a day before the
+    cutoff go, the rest is read as the context, and the conversation goes on."""
+    conv = await customer(pool, "steady", wa_id="15550000007", n=1)
+    await pool.execute(
+        "INSERT INTO agent_context_entries (conversation_id, seq, n, messages, created_at)"
+        " VALUES ($1, 2, 1, $2, now() - interval '89 days'),"
+        " ($1, 3, 1, $3, now() - interval '10 days')",
+        conv,
+        '{"role": "user", "content": "a day before the cutoff, maybe"}',
+        '{"role": "user", "content": "ten days ago"}',
+    )
+    await pool.execute(
+        "UPDATE agent_context_entries SET created_at = now() - interval '120 days'"
+        " WHERE conversation_id = $1 AND seq = 1",
+        conv,
+    )
+    await pool.execute("UPDATE agent_contexts SET last_seq = 3 WHERE conversation_id = $1", conv)
+    dry = await retention.prune(pool, 90, 500, dry_run=True, requested_by="test")
+    out = await retention.prune(pool, 90, 500, requested_by="test")
+    assert out.counts == dry.counts
+    assert out.counts["agent_context_entries"] == 1
+    context = await pool.fetchval("SELECT (SELECT c FROM wa_context($1) c)", conv)
+    assert [m["content"] for m in orjson.loads(context)] == [
+        "a day before the cutoff, maybe",
+        "ten days ago",
+    ]
+    assert (await rows_of(pool, conv))["webhook_conversations"] == 1
 
 
 async def test_prune_goes_in_small_batches_until_nothing_is_left(pool: asyncpg.Pool) -> None:
