@@ -718,6 +718,7 @@ DECLARE
     n_sess bigint := 0;
     n_ops bigint := 0;
     n_alias bigint := 0;
+    n_names bigint := 0;
     n_conv bigint := 0;
     n_tomb bigint := 0;
 BEGIN
@@ -795,9 +796,16 @@ BEGIN
                (SELECT count(*) FROM gone),
                (SELECT count(*) FROM webhook_conversation_aliases a
                   JOIN gone g ON g.id = a.conversation_id),
+               (SELECT count(*) FROM idle i
+                 WHERE i.marketing_preference = 'stop'
+                   AND (i.contact_name IS NOT NULL OR i.username IS NOT NULL)
+                   AND NOT EXISTS (
+                       SELECT 1 FROM processed_webhook_messages m
+                        WHERE m.conversation_id = i.id
+                          AND m.message_id NOT IN (SELECT message_id FROM doomed))),
                (SELECT count(*) FROM wa_message_tombstones t WHERE t.forgotten_at < v_cutoff)
           INTO n_msg, n_other, n_parts, n_trans, n_dlq, n_ops, n_ctx, n_entries, n_sess,
-               n_conv, n_alias, n_tomb;
+               n_conv, n_alias, n_names, n_tomb;
     ELSE
         -- Messages, with their reply parts and transitions.
         WITH v AS (
@@ -944,6 +952,23 @@ BEGIN
                    (SELECT count(*) FROM sess), (SELECT count(*) FROM conv),
                    (SELECT n FROM aliases)
               INTO n_ctx, n_entries, n_sess, n_conv, n_alias;
+
+            -- Kept for their customer's opt-out: without the name and username.
+            WITH v AS (
+                SELECT c.id FROM webhook_conversations c
+                 WHERE c.status = 'idle' AND c.last_activity_at < v_cutoff
+                   AND c.marketing_preference = 'stop'
+                   AND (c.contact_name IS NOT NULL OR c.username IS NOT NULL)
+                   AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
+                                    WHERE m.conversation_id = c.id)
+                 ORDER BY c.id
+                 LIMIT p_batch
+                   FOR UPDATE SKIP LOCKED
+            )
+            UPDATE webhook_conversations c
+               SET contact_name = NULL, username = NULL, updated_at = now()
+              FROM v WHERE c.id = v.id;
+            GET DIAGNOSTICS n_names = ROW_COUNT;
         END IF;
 
         WITH v AS (
@@ -968,6 +993,7 @@ BEGIN
         ('operator_replies', n_ops),
         ('webhook_conversations', n_conv),
         ('webhook_conversation_aliases', n_alias),
+        ('webhook_conversations.contact_name', n_names),
         ('wa_message_tombstones', n_tomb);
 END
 $$;

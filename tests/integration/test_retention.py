@@ -279,6 +279,15 @@ async def test_prune_deletes_old_finished_work_and_keeps_what_is_still_needed(
         **dict.fromkeys(before[stop], 0),
         "webhook_conversations": 1,
     }
+    # What the opt-out is about stays; the customer's name goes.
+    kept_for_opt_out = await pool.fetchrow(
+        "SELECT wa_id, marketing_preference, contact_name, username"
+        " FROM webhook_conversations WHERE id = $1",
+        stop,
+    )
+    assert kept_for_opt_out is not None
+    assert tuple(kept_for_opt_out) == ("15550000004", "stop", None, None)
+    assert out.counts["webhook_conversations.contact_name"] == 1
     # The status webhook of the old reply went too (it names the customer's number).
     assert not await pool.fetchval(
         "SELECT count(*) FROM processed_webhook_messages WHERE wa_id = '15550000001'"
@@ -609,7 +618,7 @@ async def test_only_a_role_granted_execute_may_prune_or_forget(pool: asyncpg.Poo
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(f"SET LOCAL ROLE {role}")
             # It runs as its owner: the caller needs no privilege on the tables themselves.
-            assert len(await conn.fetch("SELECT * FROM wa_prune(90, 500, true)")) == 11
+            assert len(await conn.fetch("SELECT * FROM wa_prune(90, 500, true)")) == 12
     finally:
         await pool.execute(f"DROP OWNED BY {role}")
         await pool.execute(f"DROP ROLE {role}")
