@@ -160,6 +160,7 @@ CREATE OR REPLACE FUNCTION wa_forget_customer(p_customer text, p_requested_by te
 #variable_conflict use_column
 DECLARE
     v_convs bigint[];
+    v_keys text[];
     v_ids text[];
     n_msg bigint;
     n_parts bigint;
@@ -188,13 +189,25 @@ BEGIN
                          WHERE a.alias = p_customer)
          ORDER BY c.id
            FOR UPDATE) x;
+    -- The customer's identifiers: the one given, and what their conversations hold now (not
+    -- their earlier ones: a phone number given up may be someone else's by now). Status and
+    -- event rows without a conversation are found by these.
+    SELECT coalesce(array_agg(DISTINCT k), '{}') INTO v_keys FROM (
+        SELECT p_customer
+        UNION ALL
+        SELECT unnest(ARRAY[c.wa_id, c.user_id, c.customer_id, c.parent_user_id])
+          FROM webhook_conversations c
+         WHERE c.id = ANY (v_convs)) x (k)
+     WHERE k IS NOT NULL AND k <> '';
     SELECT coalesce(array_agg(message_id), '{}') INTO v_ids FROM (
         SELECT m.message_id FROM processed_webhook_messages m
          WHERE m.conversation_id = ANY (v_convs)
         UNION
         SELECT m.message_id FROM processed_webhook_messages m
-         WHERE m.conversation_id IS NULL
-           AND (m.wa_id = p_customer OR m.user_id = p_customer)) x;
+         WHERE m.conversation_id IS NULL AND m.wa_id = ANY (v_keys)
+        UNION
+        SELECT m.message_id FROM processed_webhook_messages m
+         WHERE m.conversation_id IS NULL AND m.user_id = ANY (v_keys)) x;
 
     INSERT INTO wa_message_tombstones (id_hash)
     SELECT DISTINCT sha256(convert_to(i, 'UTF8')) FROM (

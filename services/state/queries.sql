@@ -486,10 +486,11 @@ RETURNING message_id
 -- was and is known by (webhook_conversation_aliases, db/migrations/0031), so that `wa forget`
 -- of any of them finds it.
 WITH old AS MATERIALIZED (
-    SELECT c.id, c.phone_number_id, c.wa_id
+    -- Locked in the order ingest takes conversation rows (by business number and key).
+    SELECT c.id, c.phone_number_id, c.wa_id, c.parent_user_id
       FROM webhook_conversations c
      WHERE c.user_id = $1 AND $1 <> '' AND $2 <> ''
-     ORDER BY c.id
+     ORDER BY c.phone_number_id, c.customer_id
        FOR UPDATE
 ), moved AS (
     UPDATE webhook_conversations c
@@ -509,7 +510,8 @@ WITH old AS MATERIALIZED (
     INSERT INTO webhook_conversation_aliases (alias, conversation_id)
     SELECT DISTINCT v.alias, o.id
       FROM old o
-     CROSS JOIN LATERAL (VALUES (o.wa_id), ($1), ($2), (NULLIF($4, ''))) AS v (alias)
+     CROSS JOIN LATERAL (VALUES (o.wa_id), (o.parent_user_id), ($1), ($2), (NULLIF($4, '')))
+                        AS v (alias)
      WHERE v.alias <> ''
     ON CONFLICT DO NOTHING
 )

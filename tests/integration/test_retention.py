@@ -513,6 +513,24 @@ async def test_forget_finds_a_customer_by_the_number_and_bsuid_they_had_before(
     old_phone, old, new = "15550000031", payloads.bsuid("gil-old"), payloads.bsuid("gil-new")
     conv = await customer(pool, "gil", wa_id=old_phone, user_id=old, n=2)
     await changed_number(pool, old, new, "15550000032")
+    # A status about a reply on another business number, where the customer has no
+    # conversation: a row of its own, naming their new number.
+    await store.ingest(
+        pool,
+        [],
+        [
+            Status(
+                message_id="wamid.ELSEWHERE-gil",
+                phone_number_id="999",
+                recipient_id="15550000032",
+                status="read",
+                timestamp=int(time.time()),
+                payload_json="{}",
+            )
+        ],
+        "c",
+        "",
+    )
     assert await pool.fetchval(
         "SELECT wa_id = '15550000032' AND user_id = $2 FROM webhook_conversations WHERE id = $1",
         conv,
@@ -520,10 +538,11 @@ async def test_forget_finds_a_customer_by_the_number_and_bsuid_they_had_before(
     )
     erased = await retention.forget(pool, locks, old_phone, requested_by="operator")
     assert erased["webhook_conversations"] == 1
-    assert erased["processed_webhook_messages"] == 2 + 1 + 1  # with the status and the event
+    # with the status, the event, and the status on the other number
+    assert erased["processed_webhook_messages"] == 2 + 1 + 1 + 1
     assert erased["webhook_conversation_aliases"] >= 2
     assert await rows_of(pool, conv) == dict.fromkeys(await rows_of(pool, conv), 0)
-    for value in (old_phone, old, new, "secret words gil"):
+    for value in (old_phone, "15550000032", old, new, "secret words gil"):
         for table in (*TABLES, "webhook_conversation_aliases"):
             assert not await pool.fetchval(
                 f"SELECT count(*) FROM {table} x WHERE x::text LIKE '%' || $1 || '%'", value
