@@ -39,12 +39,19 @@ def customer_key(text: str) -> str:
     return text
 
 
-def _print_counts(counts: list[state_pb2.TableCount], verb: str) -> None:
+def _cleared(name: str) -> bool:
+    """A `table.column` count is of values cleared in rows that stay (a name kept no longer),
+    not of rows deleted."""
+    return "." in name
+
+
+def _print_counts(counts: list[state_pb2.TableCount], verb: str, cleared: str = "") -> None:
     width = max((len(c.table_name) for c in counts), default=0)
     for c in counts:
         if c.table_name == "wa_message_tombstones" and verb == "erased":
             continue
-        print(f"  {c.table_name:<{width}}  {c.rows:>8} {verb}")
+        said = cleared if cleared and _cleared(c.table_name) else verb
+        print(f"  {c.table_name:<{width}}  {c.rows:>8} {said}")
 
 
 async def prune(dry_run: bool, as_json: bool) -> int:
@@ -61,6 +68,7 @@ async def prune(dry_run: bool, as_json: bool) -> int:
             print(f"wa prune: {one_line(exc.details() or '')}", file=sys.stderr)
             return 1
     counts = {c.table_name: c.rows for c in resp.counts}
+    total = sum(n for name, n in counts.items() if not _cleared(name))
     if as_json:
         data = {
             "dry_run": resp.dry_run,
@@ -68,11 +76,10 @@ async def prune(dry_run: bool, as_json: bool) -> int:
             "batches": resp.batches,
             "complete": resp.complete,
             "counts": counts,
-            "total": sum(counts.values()),
+            "total": total,
         }
         print(orjson.dumps(data).decode())
         return 0
-    total = sum(counts.values())
     if dry_run:
         print(f"dry run: {total} row(s) older than {resp.retention_days} days would be deleted")
     else:
@@ -81,7 +88,11 @@ async def prune(dry_run: bool, as_json: bool) -> int:
             f"in {resp.batches} batch(es)"
             + ("" if resp.complete else "; work is left, the next pass goes on")
         )
-    _print_counts(list(resp.counts), "would go" if dry_run else "deleted")
+    _print_counts(
+        list(resp.counts),
+        "would go" if dry_run else "deleted",
+        "would be cleared" if dry_run else "cleared",
+    )
     return 0
 
 

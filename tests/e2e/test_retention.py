@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import asyncpg
@@ -90,22 +91,41 @@ async def test_wa_prune_dry_run_then_prune(start_system: StartSystem) -> None:
     # No background pass within the first minute: what the commands do is theirs alone.
     system = await start_system(RETENTION_INTERVAL_SECONDS="86400")
     old = await say(system, "old news", wa_id="15557000011")
+    # A customer who stopped marketing messages: the conversation stays, their name goes.
+    stopped = await say(system, "no more offers", wa_id="15557000012")
     pool = await system.db()
     await age(pool, await conversation_of(pool, old["id"]), 100)
+    stopped_conv = await conversation_of(pool, stopped["id"])
+    await pool.execute(
+        "UPDATE webhook_conversations SET marketing_preference = 'stop' WHERE id = $1",
+        stopped_conv,
+    )
+    await age(pool, stopped_conv, 100)
     before = {t: await pool.fetchval(f"SELECT count(*) FROM {t}") for t in ALL_TABLES}
 
     dry = await asyncio.to_thread(wa, system, "prune", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "would be deleted" in dry.stdout
     assert "processed_webhook_messages" in dry.stdout
+    assert re.search(r"webhook_conversations\.contact_name +1 would be cleared", dry.stdout)
     assert {t: await pool.fetchval(f"SELECT count(*) FROM {t}") for t in ALL_TABLES} == before
 
     done = await asyncio.to_thread(wa, system, "prune", "--json")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
-    assert data["counts"]["processed_webhook_messages"] == 1
+    assert data["counts"]["processed_webhook_messages"] == 2
     assert data["counts"]["webhook_conversations"] == 1
+    assert data["counts"]["webhook_conversations.contact_name"] == 1
+    # Rows deleted: a name cleared is not one.
+    assert data["total"] == sum(
+        n for table, n in data["counts"].items() if table != "webhook_conversations.contact_name"
+    )
     assert await tables_naming(pool, "15557000011") == []
+    assert await tables_naming(pool, "Test Customer") == []
+    assert (
+        await pool.fetchval("SELECT wa_id FROM webhook_conversations WHERE id = $1", stopped_conv)
+        == "15557000012"
+    )
 
     await system.sup.stop(["state"])
     for args in (("prune",), ("forget", "15557000011", "--yes")):
