@@ -758,7 +758,7 @@ BEGIN
                                          WHERE d.message_id = m.message_id
                                            AND d.status IN ('pending', 'retrying', 'dead'))))
         ), ops AS (
-            SELECT r.id, r.conversation_id FROM operator_replies r
+            SELECT r.id FROM operator_replies r
              WHERE r.created_at < v_cutoff AND coalesce(r.sent_at, r.created_at) < v_cutoff
         ), idle AS (
             SELECT c.* FROM webhook_conversations c
@@ -913,25 +913,10 @@ BEGIN
         -- deleted when no message, transition, dead-letter item or person's reply is left.
         IF n_msg + n_other + n_dlq + n_trans + n_ops + n_entries = 0 THEN
             WITH v AS (
-                SELECT c.id,
-                       c.marketing_preference IS DISTINCT FROM 'stop'
-                       AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
-                                        WHERE m.conversation_id = c.id)
-                       AND NOT EXISTS (SELECT 1 FROM conversation_state_transitions t
-                                        WHERE t.conversation_id = c.id)
-                       AND NOT EXISTS (SELECT 1 FROM webhook_dlq d
-                                        WHERE d.conversation_id = c.id)
-                       AND NOT EXISTS (SELECT 1 FROM operator_replies r
-                                        WHERE r.conversation_id = c.id) AS unused
+                SELECT c.id, u.unused
                   FROM webhook_conversations c
-                 WHERE c.status = 'idle' AND c.last_activity_at < v_cutoff
-                   AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
-                                    WHERE m.conversation_id = c.id
-                                      AND m.status IN ('received', 'processing', 'failed'))
-                   AND (EXISTS (SELECT 1 FROM agent_contexts a WHERE a.conversation_id = c.id)
-                        OR EXISTS (SELECT 1 FROM agent_sessions s
-                                    WHERE s.conversation_id = c.id)
-                        OR (c.marketing_preference IS DISTINCT FROM 'stop'
+                 CROSS JOIN LATERAL (
+                     SELECT c.marketing_preference IS DISTINCT FROM 'stop'
                             AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
                                              WHERE m.conversation_id = c.id)
                             AND NOT EXISTS (SELECT 1 FROM conversation_state_transitions t
@@ -939,10 +924,18 @@ BEGIN
                             AND NOT EXISTS (SELECT 1 FROM webhook_dlq d
                                              WHERE d.conversation_id = c.id)
                             AND NOT EXISTS (SELECT 1 FROM operator_replies r
-                                             WHERE r.conversation_id = c.id)))
+                                             WHERE r.conversation_id = c.id) AS unused) u
+                 WHERE c.status = 'idle' AND c.last_activity_at < v_cutoff
+                   AND NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
+                                    WHERE m.conversation_id = c.id
+                                      AND m.status IN ('received', 'processing', 'failed'))
+                   AND (EXISTS (SELECT 1 FROM agent_contexts a WHERE a.conversation_id = c.id)
+                        OR EXISTS (SELECT 1 FROM agent_sessions s
+                                    WHERE s.conversation_id = c.id)
+                        OR u.unused)
                  ORDER BY c.id
                  LIMIT p_batch
-                   FOR UPDATE SKIP LOCKED
+                   FOR UPDATE OF c SKIP LOCKED
             ), entries AS (
                 -- Deleted by the cascade of their context; counted here, in this statement's
                 -- snapshot, so that the report says so.
