@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from common import kv
-from services.state import handback, store
+from services.state import handback, machine, store
 from services.state.dispatcher import Dispatcher
 from services.state.locks import Locks
 from services.state.ports import TurnResult
@@ -93,41 +94,102 @@ async def replied(pool: asyncpg.Pool, ids: list[str], timeout: float) -> None:
             await asyncio.sleep(0.02)
 
 
-async def test_a_message_ingested_by_the_replica_without_the_lease_is_driven_by_the_holder(
-    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
-) -> None:
+@dataclasses.dataclass
+class Pair:
+    """Two replicas' dispatchers: `holder` drives the conversation (its pool is `hooked`),
+    `other` acts while the holder holds it."""
+
+    hooked: HookedPool
+    holder: Dispatcher
+    other: Dispatcher
+    other_locks: Watched
+    turns: list[tuple[str, str]]
+
+    async def race(
+        self,
+        pool: asyncpg.Pool,
+        conversation: int,
+        by_the_other: Callable[[], Awaitable[None]],
+        ids: list[str],
+    ) -> None:
+        """The holder drives the conversation; once it finds no message left, and before it
+        releases the lease, `by_the_other` makes one wait on the other replica, which is
+        notified and finds the lease taken. Every message of `ids` is answered by the holder,
+        none left to the sweeper (3 s of grace + up to 15 s of interval)."""
+
+        async def hook() -> None:
+            await by_the_other()
+            self.other.notify(conversation)
+            async with asyncio.timeout(5):
+                await self.other_locks.contended.wait()
+
+        self.hooked.when_empty = hook
+        self.holder.notify(conversation)
+        await replied(pool, ids, timeout=3)
+        assert self.hooked.when_empty is None  # the race was staged
+        assert self.turns == [("holder", i) for i in ids]
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(pool: asyncpg.Pool, redis_url: str, prefix: str) -> AsyncIterator[Pair]:
     turns: list[tuple[str, str]] = []
     hooked = HookedPool(pool)
-    async with redis_client(redis_server.url) as client:
+    async with redis_client(redis_url) as client:
         holder = Dispatcher(
             hooked,  # type: ignore[arg-type]
-            Locks(client, ttl_seconds=30, prefix=redis_prefix),
+            Locks(client, ttl_seconds=30, prefix=prefix),
             Agent(turns, "holder"),
             Dlq(),
         )
-        other_locks = Watched(client, ttl_seconds=30, prefix=redis_prefix)
+        other_locks = Watched(client, ttl_seconds=30, prefix=prefix)
         other = Dispatcher(pool, other_locks, Agent(turns, "other"), Dlq())
         try:
-            ((first,), _) = await store.ingest(pool, [inbound("wamid.H1")], [], "c1", "")
-            conversation = first.conversation_id
-
-            async def ingested_by_the_other_replica() -> None:
-                await store.ingest(pool, [inbound("wamid.H2")], [], "c2", "")
-                other.notify(conversation)
-                # The other replica finds the lease taken (and gives up) before the holder
-                # releases it.
-                async with asyncio.timeout(5):
-                    await other_locks.contended.wait()
-
-            hooked.when_empty = ingested_by_the_other_replica
-            holder.notify(conversation)
-            # The sweeper would take 3 s (grace) + up to 15 s (interval).
-            await replied(pool, ["wamid.H1", "wamid.H2"], timeout=3)
-            assert hooked.when_empty is None  # the race was staged
-            assert turns == [("holder", "wamid.H1"), ("holder", "wamid.H2")]
+            yield Pair(hooked, holder, other, other_locks, turns)
         finally:
             await holder.close()
             await other.close()
+
+
+async def test_a_message_ingested_by_the_replica_without_the_lease_is_driven_by_the_holder(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with two_replicas(pool, redis_server.url, redis_prefix) as r:
+        ((first,), _) = await store.ingest(pool, [inbound("wamid.H1")], [], "c1", "")
+        conversation = first.conversation_id
+
+        async def ingested_by_the_other_replica() -> None:
+            await store.ingest(pool, [inbound("wamid.H2")], [], "c2", "")
+
+        await r.race(pool, conversation, ingested_by_the_other_replica, ["wamid.H1", "wamid.H2"])
+
+
+async def test_a_message_redriven_by_the_replica_without_the_lease_is_driven_by_the_holder(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    """As above, with an operator's redrive instead of an ingest: it reaches the replica that
+    does not hold the conversation. Unlike an ingest, a redrive takes no lock on the
+    conversation row, so a lease kept in PostgreSQL alone would have to cover it another way
+    (README, "What a lease in PostgreSQL alone would save")."""
+    async with two_replicas(pool, redis_server.url, redis_prefix) as r:
+        ((first, failed), _) = await store.ingest(
+            pool, [inbound("wamid.R1"), inbound("wamid.R2")], [], "c1", ""
+        )
+        conversation = first.conversation_id
+        assert failed.conversation_id == conversation
+        # R2's turn failed earlier; an operator redrives it while the holder answers R1.
+        await store.transition(pool, "wamid.R2", machine.PROCESSING, "turn started")
+        await store.transition(pool, "wamid.R2", machine.FAILED, "ModelError: test")
+
+        async def redriven_by_the_other_replica() -> None:
+            await store.transition(
+                pool,
+                "wamid.R2",
+                machine.RECEIVED,
+                machine.OPERATOR_REDRIVE,
+                sources=store.REDRIVABLE,
+            )
+
+        await r.race(pool, conversation, redriven_by_the_other_replica, ["wamid.R1", "wamid.R2"])
 
 
 async def test_a_stopping_replica_finishes_its_turn_and_hands_the_rest_to_another(
