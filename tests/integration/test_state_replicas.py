@@ -106,11 +106,7 @@ class Pair:
     turns: list[tuple[str, str]]
 
     async def race(
-        self,
-        pool: asyncpg.Pool,
-        conversation: int,
-        by_the_other: Callable[[], Awaitable[None]],
-        ids: list[str],
+        self, conversation: int, by_the_other: Callable[[], Awaitable[None]], ids: list[str]
     ) -> None:
         """The holder drives the conversation; once it finds no message left, and before it
         releases the lease, `by_the_other` makes one wait on the other replica, which is
@@ -125,7 +121,7 @@ class Pair:
 
         self.hooked.when_empty = hook
         self.holder.notify(conversation)
-        await replied(pool, ids, timeout=3)
+        await replied(self.hooked.pool, ids, timeout=3)
         assert self.hooked.when_empty is None  # the race was staged
         assert self.turns == [("holder", i) for i in ids]
 
@@ -160,7 +156,7 @@ async def test_a_message_ingested_by_the_replica_without_the_lease_is_driven_by_
         async def ingested_by_the_other_replica() -> None:
             await store.ingest(pool, [inbound("wamid.H2")], [], "c2", "")
 
-        await r.race(pool, conversation, ingested_by_the_other_replica, ["wamid.H1", "wamid.H2"])
+        await r.race(conversation, ingested_by_the_other_replica, ["wamid.H1", "wamid.H2"])
 
 
 async def test_a_message_redriven_by_the_replica_without_the_lease_is_driven_by_the_holder(
@@ -189,7 +185,7 @@ async def test_a_message_redriven_by_the_replica_without_the_lease_is_driven_by_
                 sources=store.REDRIVABLE,
             )
 
-        await r.race(pool, conversation, redriven_by_the_other_replica, ["wamid.R1", "wamid.R2"])
+        await r.race(conversation, redriven_by_the_other_replica, ["wamid.R1", "wamid.R2"])
 
 
 async def test_a_stopping_replica_finishes_its_turn_and_hands_the_rest_to_another(
