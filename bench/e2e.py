@@ -14,7 +14,9 @@ are not the system and are not counted).
 
 `--statements` (embedded PostgreSQL only) preloads pg_stat_statements and prints, after the
 run, what PostgreSQL executed per message: each statement's calls and time per message, the
-commits per message, and the rows inserted, updated (HOT or not) and deleted per message.
+commits per message, and the rows inserted, updated (HOT or not) and deleted per message. Each
+statement's plans a call show one PostgreSQL plans again at every run instead of keeping a plan
+(db/migrations/0032_generic_turn_plans.sql).
 
 `--rate` offers the messages at a fixed rate instead of as fast as they are acknowledged. A
 burst's CPU per message falls as a backlog builds (a turn that finds the next message waiting
@@ -203,16 +205,23 @@ async def _statements_report(system: System, total: int) -> None:
     executor, functions' statements included as their own rows with `track=all`)."""
     db = await system.db()
     rows = await db.fetch(
-        "SELECT calls, total_exec_time, total_plan_time, rows, toplevel,"
+        "SELECT calls, plans, total_exec_time, total_plan_time, rows, toplevel,"
         " regexp_replace(left(query, 110), '\\s+', ' ', 'g') AS q"
         " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
-        " WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT 30"
+        " WHERE datname = current_database())"
+        " ORDER BY total_exec_time + total_plan_time DESC LIMIT 30"
     )
-    print("  PostgreSQL statements (per message: calls, µs; top level or inside a function):")
+    print(
+        "  PostgreSQL statements (per message: calls, µs in all, plans a call, µs of planning;"
+        " top level or inside a function):"
+    )
     for r in rows:
         us = 1000 * (r["total_exec_time"] + r["total_plan_time"]) / total
         where = "top" if r["toplevel"] else "fn "
-        print(f"    {r['calls'] / total:6.2f} {us:8.1f} µs {where} {r['q']}")
+        plans = r["plans"] / max(r["calls"], 1)
+        planning = 1000 * r["total_plan_time"] / total
+        calls = r["calls"] / total
+        print(f"    {calls:6.2f} {us:8.1f} µs {plans:5.2f} {planning:6.1f} {where} {r['q']}")
     db_row = await db.fetchrow(
         "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()"
     )
@@ -373,7 +382,7 @@ async def main() -> None:
             sys.exit("--statements needs the embedded PostgreSQL (unset DATABASE_URL)")
         os.environ["WA_PG_SETTINGS"] = (
             "shared_preload_libraries=pg_stat_statements pg_stat_statements.track=all "
-            + os.environ.get("WA_PG_SETTINGS", "")
+            "pg_stat_statements.track_planning=on " + os.environ.get("WA_PG_SETTINGS", "")
         )
     harness.analyzed_plans()
     per: int = args.per

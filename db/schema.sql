@@ -1225,6 +1225,7 @@ $$;
 
 CREATE FUNCTION public.wa_start_turn(p_conversation_id bigint, p_token bigint, OUT outcome text, OUT fence_token bigint, OUT id bigint, OUT message_id text, OUT conversation_id bigint, OUT phone_number_id text, OUT wa_id text, OUT message_type text, OUT wa_timestamp timestamp with time zone, OUT body text, OUT correlation_id text, OUT traceparent text, OUT attempts integer, OUT turn_resumes integer, OUT resumed boolean, OUT queued_because text, OUT contact_name text, OUT user_id text, OUT username text, OUT payload text, OUT reply_text text, OUT reply_payload text, OUT reply_message_id text, OUT agent_type text, OUT send_started_at timestamp with time zone, OUT absorbed_message_ids text[], OUT context_agent_type text, OUT context text, OUT last_customer_at timestamp with time zone, OUT db_now timestamp with time zone) RETURNS record
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 #variable_conflict use_column
 DECLARE
@@ -1339,6 +1340,7 @@ $$;
 
 CREATE FUNCTION public.wa_transition_message(p_message_id text, p_to_state text, p_from text[], p_reason text, p_token bigint, p_correlation_id text, p_reply_message_id text DEFAULT NULL::text, OUT outcome text, OUT from_state text, OUT fence_token bigint) RETURNS record
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 #variable_conflict use_column
 DECLARE
