@@ -44,6 +44,7 @@ GRANT EXECUTE ON FUNCTION wa_release_conversation TO :"state";  -- with a turn (
 GRANT EXECUTE ON FUNCTION wa_claim_turns, wa_finish_turns TO :"state";  -- batched (0022)
 GRANT EXECUTE ON FUNCTION wa_reply_status_seen TO :"state";  -- a send's delivery state (0029)
 GRANT EXECUTE ON FUNCTION wa_context TO :"state";  -- a turn's context, from its entries (0030)
+GRANT EXECUTE ON FUNCTION wa_ingest_messages, wa_ingest_statuses TO :"state";  -- ingest (0032)
 -- Retention and erasure: only through these functions, which run as the owner (0013).
 GRANT EXECUTE ON FUNCTION wa_prune, wa_record_prune, wa_forget_customer TO :"state";
 GRANT SELECT ON wa_message_tombstones TO :"state";  -- ingest: a forgotten id stays a duplicate

@@ -1,7 +1,10 @@
-"""The statements a turn runs inside its functions are planned once per connection, not at every
-call: planning one of them (an UPDATE of a table of eleven indexes, a read of the context)
-cost PostgreSQL more than running it. Counted by pg_stat_statements, which must be preloaded,
-so on a server of this test's own (embedded, whatever DATABASE_URL says)."""
+"""What a message costs PostgreSQL to plan: each statement of its way (the ingest of it and of
+its reply's statuses, the turn's claim, save and final move, alone or batched, and the
+statements inside their functions) is planned once per connection, not at every run. On tables
+with a business's history, PostgreSQL planned several at every run, and planning one (the
+ingest, an UPDATE of a table of eleven indexes) cost it more than running it
+(db/migrations/0032_generic_turn_plans.sql). Counted by pg_stat_statements, which must be
+preloaded, so on a server of this test's own (embedded, whatever DATABASE_URL says)."""
 
 from __future__ import annotations
 
@@ -14,11 +17,15 @@ import asyncpg
 import pytest
 
 from common import db
+from common.domain import Status
+from services.agent.saves import Save, Saves
 from services.state import machine, store
 from tests.support.inbound import inbound
 from tests.support.servers import Postgres
 
-TURNS = 40
+ROUNDS = 20
+# More than a replica sends alone at once (two statements in flight, common/coalesce.py).
+PER_ROUND = 5
 # A connection's first five runs of a statement are planned for their parameters (custom
 # plans); then PostgreSQL keeps a generic plan if it costs no more, else plans at every run.
 PLANS_AT_MOST = 7
@@ -86,27 +93,100 @@ async def test_a_turns_statements_are_not_planned_again_at_every_call(
     await pool.execute("SELECT pg_stat_statements_reset()")
 
     now = int(time.time())
-    for n in range(TURNS):
+    saves = Saves(pool)
+    for r in range(ROUNDS):
+        # Customers write at once, as to a busy replica: their messages come in one
+        # delivery, their turns' claims, saves and final moves go to PostgreSQL together
+        # (batched, services/state/store.py _TurnBatches and services/agent/saves.py) or alone
+        # (the first of each, and those of a quiet replica).
+        customers = [PER_ROUND * r + k + 1 for k in range(PER_ROUND)]
         rows, _ = await store.ingest(
-            pool, [inbound(f"wamid.P{n}", wa_id=f"1666{n + 1}", ts=now)], [], "c", ""
+            pool, [inbound(f"wamid.P{c}", wa_id=f"1666{c}", ts=now) for c in customers], [], "c", ""
         )
-        conversation = rows[0].conversation_id
-        token = await store.claim_conversation(pool, conversation, "me")
-        item = await store.next_message(pool, conversation, token)
-        assert item is not None and item.message_id == f"wamid.P{n}"
-        done = await store.finish_turn(
-            pool, item, machine.REPLIED, "replied", token, start_next=False
+        conversations = [row.conversation_id for row in rows]
+        claims = await asyncio.gather(
+            *(store.claim_turn_or_release(pool, c, "me") for c in conversations)
         )
-        assert done.from_state == machine.PROCESSING
+        await asyncio.gather(*(_save(saves, item, token) for token, item in claims))
+        # Half the replies recorded by the agent before the turn's final move, half left to it
+        # (sent, and left to the transition to record).
+        replies = {c: f"wamid.R{c}" for c in customers}
+        for c, (_, item) in zip(customers, claims, strict=True):
+            assert isinstance(item, store.WorkItem) and item.message_id == f"wamid.P{c}"
+            if c % 2:
+                await pool.execute(
+                    "UPDATE processed_webhook_messages SET reply_message_id = $1"
+                    " WHERE message_id = $2",
+                    replies[c],
+                    item.message_id,
+                )
+        finished = await asyncio.gather(
+            *(
+                store.finish_turn(
+                    pool,
+                    item,
+                    machine.REPLIED,
+                    "replied",
+                    token,
+                    start_next=True,
+                    reply_message_id=None if c % 2 else replies[c],
+                    release=True,
+                )
+                for c, (token, item) in zip(customers, claims, strict=True)
+                if isinstance(item, store.WorkItem)
+            )
+        )
+        assert [f.from_state for f in finished] == [machine.PROCESSING] * PER_ROUND
+        # Then Meta's statuses of the replies, a webhook for each.
+        for status in ("sent", "delivered", "read"):
+            for c in customers:
+                update = Status(replies[c], "100", f"1666{c}", status, now, "{}")
+                await store.ingest(pool, [], [update], "c", "")
+    await saves.close()
 
     counts = await pool.fetch(
         "SELECT calls, plans, regexp_replace(left(query, 90), '\\s+', ' ', 'g') AS q"
-        " FROM pg_stat_statements WHERE NOT toplevel AND calls >= $1",
-        TURNS,
+        " FROM pg_stat_statements WHERE calls >= $1",
+        ROUNDS // 2,
     )
-    # The turn's own statements ran: the message's move, and the read of its context.
+    # Every way ran: alone and batched, and the statements inside the functions.
     queries = " | ".join(r["q"] for r in counts)
-    assert "UPDATE processed_webhook_messages m SET status" in queries, queries
-    assert "wa_context(p_conversation_id)" in queries, queries
+    for ran in (
+        "WITH given AS",  # the ingest of messages
+        "WITH input AS",  # the ingest of statuses
+        "wa_claim_turn(",
+        "wa_claim_turns(",
+        "wa_save_turn(",
+        "wa_save_turns(",
+        "wa_finish_turn(",
+        "wa_finish_turns(",
+        "UPDATE processed_webhook_messages m SET status",
+        "wa_context(p_conversation_id)",
+    ):
+        assert ran in queries, (ran, queries)
     planned_again = [(r["q"], r["plans"], r["calls"]) for r in counts if r["plans"] > PLANS_AT_MOST]
     assert not planned_again, planned_again
+
+
+async def _save(saves: Saves, item: store.WorkItem | store.Released | None, token: int) -> None:
+    """The agent's save of a turn's reply before it sends it (services/agent/turn.py)."""
+    assert isinstance(item, store.WorkItem)
+    saved = await saves.save(
+        Save(
+            conversation_id=item.conversation_id,
+            token=token,
+            message_id=item.message_id,
+            agent_type="concierge",
+            previous_agent_type="concierge",
+            appended=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            keep=20,
+            token_count=12,
+            reply_text="hello",
+            tokens_in=5,
+            tokens_out=3,
+            latency_ms=10,
+            correlation_id="c",
+            send_started=True,
+        )
+    )
+    assert saved == token
