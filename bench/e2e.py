@@ -11,6 +11,7 @@ are not the system and are not counted).
     .venv/bin/python -m bench.e2e --curve --rate 400 20     # an offered load, 400 messages/s
     .venv/bin/python -m bench.e2e --curve --idle 30         # no load: background loops' CPU
     .venv/bin/python -m bench.e2e --history 50 10   # established customers, not new ones
+    .venv/bin/python -m bench.e2e --rows 200000 10  # on a business's history
 
 `--statements` (embedded PostgreSQL only) preloads pg_stat_statements and prints, after the
 run, what PostgreSQL executed per message: each statement's calls and time per message, the
@@ -25,6 +26,13 @@ sooner; at one offered rate below every configuration's capacity, each is measur
 same backlog, as customers load it.
 
 `--statements` also counts the audit rows per message by transition.
+
+`--rows N` first writes, in bulk, a business's history of N answered messages (20,000 other
+customers, two delivery statuses a reply, a context each) and analyzes it: what PostgreSQL
+plans for a statement depends on its tables' statistics, and a deployment's tables are not
+empty. On the empty tables of a plain run, planning every statement at every run costs little;
+on a history of 200,000 messages the ingest's plan alone cost more than running it (fixed by
+db/migrations/0032_generic_turn_plans.sql).
 
 `--history N` first sends every conversation N messages and waits for their replies, unmeasured:
 the measured messages then come from customers with a history (a context of up to
@@ -279,6 +287,7 @@ async def run(
     statements: bool = False,
     rate: float | None = None,
     history: int = 0,
+    rows: int = 0,
 ) -> tuple[float, float, float]:
     """One run; returns messages/s, CPU ms per message and the worst ack-to-reply seconds."""
     async with (
@@ -286,6 +295,8 @@ async def run(
         httpx.AsyncClient(timeout=10) as client,
     ):
         base = int(time.time())
+        if rows:
+            await _write_history(system, rows)
         if history:
             # The conversations' earlier messages, a second apart, before the measured ones.
             earlier = [
@@ -338,6 +349,57 @@ async def run(
         return sent / elapsed, ms, worst
 
 
+HISTORY_CUSTOMERS = 20_000
+# The business number the measured messages go to (cli.simulate.text_delivery's default).
+PHONE_NUMBER_ID = "100000000000001"
+
+
+async def _write_history(system: System, rows: int) -> None:
+    """`rows` answered messages of HISTORY_CUSTOMERS other customers of the same business
+    number, each reply with two delivery statuses, each customer with a context; analyzed."""
+    db = await system.db()
+    started = time.monotonic()
+    await db.execute(
+        """
+        WITH c AS (
+            INSERT INTO webhook_conversations (phone_number_id, wa_id, customer_id)
+            SELECT $1, '1666' || i, '1666' || i FROM generate_series(1, $2::integer) i
+            RETURNING id, wa_id
+        ), m AS (
+            INSERT INTO processed_webhook_messages
+                (message_id, kind, conversation_id, phone_number_id, wa_id, message_type,
+                 wa_timestamp, payload, status, correlation_id, finished_at, reply_message_id,
+                 reply_status)
+            SELECT 'old-' || c.id || '-' || k, 'message', c.id, $1, c.wa_id, 'text',
+                   now() - k * interval '1 minute', '{}', 'replied', 'c', now(),
+                   'out-' || c.id || '-' || k, 'read'
+              FROM c, generate_series(1, $3::integer) k
+            RETURNING reply_message_id, wa_id
+        ), s AS (
+            INSERT INTO processed_webhook_messages
+                (message_id, kind, phone_number_id, wa_id, message_type, wa_timestamp, payload,
+                 status, correlation_id, reply_message_id, reply_status)
+            SELECT 'status:' || m.reply_message_id || ':' || st, 'status', $1, m.wa_id, 'status',
+                   now(), '{}', 'skipped', 'c', m.reply_message_id, st
+              FROM m, unnest(ARRAY['sent', 'read']) st
+        ), a AS (
+            INSERT INTO agent_contexts (conversation_id, agent_type, last_seq)
+            SELECT c.id, 'concierge', 2 FROM c
+        )
+        INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
+        SELECT c.id, 1, 2,
+               '{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}'
+          FROM c
+        """,
+        PHONE_NUMBER_ID,
+        HISTORY_CUSTOMERS,
+        max(1, rows // HISTORY_CUSTOMERS),
+        timeout=600,
+    )
+    await db.execute("ANALYZE", timeout=600)
+    print(f"  (a history of {rows} messages written in {time.monotonic() - started:.0f} s)")
+
+
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.e2e",
@@ -366,6 +428,13 @@ def _arguments() -> argparse.Namespace:
         default=0,
         metavar="N",
         help="first send every conversation N messages, unmeasured (customers with a history)",
+    )
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first write a business's history of N answered messages, in bulk, unmeasured",
     )
     parser.add_argument(
         "--statements",
@@ -398,7 +467,14 @@ async def main() -> None:
                     (
                         scale,
                         *await run(
-                            s, graph_url, per, scale, args.statements, args.rate, args.history
+                            s,
+                            graph_url,
+                            per,
+                            scale,
+                            args.statements,
+                            args.rate,
+                            args.history,
+                            args.rows,
                         ),
                     )
                 )
