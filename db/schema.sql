@@ -157,8 +157,9 @@ $$;
 --
 
 CREATE FUNCTION public.increment_session_metrics(p_conversation_id bigint, p_agent_type text, p_turns integer, p_tokens_in bigint, p_tokens_out bigint, p_latency_ms bigint, p_errors integer, p_correlation_id text) RETURNS void
-    LANGUAGE sql
+    LANGUAGE plpgsql
     AS $$
+BEGIN
     INSERT INTO agent_sessions AS s
         (conversation_id, agent_type, turns, tokens_in, tokens_out, total_latency_ms, errors,
          correlation_id)
@@ -171,7 +172,8 @@ CREATE FUNCTION public.increment_session_metrics(p_conversation_id bigint, p_age
            total_latency_ms = s.total_latency_ms + EXCLUDED.total_latency_ms,
            errors = s.errors + EXCLUDED.errors,
            correlation_id = EXCLUDED.correlation_id,
-           last_active_at = now()
+           last_active_at = now();
+END
 $$;
 
 --
