@@ -397,7 +397,8 @@ async def _write_history(system: System, rows: int) -> None:
         timeout=600,
     )
     await db.execute("ANALYZE", timeout=600)
-    print(f"  (a history of {rows} messages written in {time.monotonic() - started:.0f} s)")
+    written = HISTORY_CUSTOMERS * max(1, rows // HISTORY_CUSTOMERS)
+    print(f"  (a history of {written} messages written in {time.monotonic() - started:.0f} s)")
 
 
 def _arguments() -> argparse.Namespace:

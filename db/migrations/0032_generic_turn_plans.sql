@@ -24,7 +24,7 @@ ALTER FUNCTION wa_start_turn(bigint, bigint)
 -- those names, moved here unchanged (their $n are the functions' arguments) so that they run
 -- with a generic plan too. Sent as they were, PostgreSQL planned each at every run once the
 -- tables held a business's history: a custom plan knows how many rows each unnest gives (one
--- or a few), the generic one assumes a hundred, so its estimate was the higher one for good.
+-- or a few), the generic one assumes ten, so its estimate was the higher one for good.
 -- Measured on 600,000 rows (tests/integration/test_turn_plans.py, with pg_stat_statements):
 -- a delivery of one message cost 833 µs of planning and 269 of running, one of a status 842
 -- and 157; with the generic plan 359 and 126, planned once per connection. In production each
@@ -301,7 +301,7 @@ $$;
 
 -- The batched claims and final moves (0022) are one statement each, over arrays: as SQL
 -- functions PostgreSQL 18 planned that statement at every call once the tables were large (the
--- custom plan knows how many items the arrays hold, the generic one assumes a hundred), and
+-- custom plan knows how many items the arrays hold, the generic one assumes ten), and
 -- PostgreSQL 15 plans every statement of a SQL function at every call anyway. As PL/pgSQL with
 -- a generic plan, each connection plans it once. The statement is unchanged; every column in
 -- it is qualified, so the output columns' names, variables in PL/pgSQL, meet none of it.

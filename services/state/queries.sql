@@ -18,6 +18,7 @@ SELECT * FROM wa_ingest_messages($1::text[], $2::text[], $3::text[], $4::text[],
                                  $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
                                  $15::text[], $16::text[])
     AS t(ord bigint, message_id text, conversation_id bigint, status text)
+ ORDER BY t.ord
 
 -- name: ingest_statuses
 -- Delivery statuses, each stored once per (outbound id, status); the outbound message's
