@@ -59,6 +59,7 @@ import httpx
 import orjson
 
 from cli.simulate import text_delivery, username_bsuid
+from devtools import history
 from devtools.system import SECRET, System
 
 from . import cpu, harness, load
@@ -349,55 +350,13 @@ async def run(
         return sent / elapsed, ms, worst
 
 
-HISTORY_CUSTOMERS = 20_000
 # The business number the measured messages go to (cli.simulate.text_delivery's default).
 PHONE_NUMBER_ID = "100000000000001"
 
 
 async def _write_history(system: System, rows: int) -> None:
-    """`rows` answered messages of HISTORY_CUSTOMERS other customers of the same business
-    number, each reply with two delivery statuses, each customer with a context; analyzed."""
-    db = await system.db()
     started = time.monotonic()
-    await db.execute(
-        """
-        WITH c AS (
-            INSERT INTO webhook_conversations (phone_number_id, wa_id, customer_id)
-            SELECT $1, '1666' || i, '1666' || i FROM generate_series(1, $2::integer) i
-            RETURNING id, wa_id
-        ), m AS (
-            INSERT INTO processed_webhook_messages
-                (message_id, kind, conversation_id, phone_number_id, wa_id, message_type,
-                 wa_timestamp, payload, status, correlation_id, finished_at, reply_message_id,
-                 reply_status)
-            SELECT 'old-' || c.id || '-' || k, 'message', c.id, $1, c.wa_id, 'text',
-                   now() - k * interval '1 minute', '{}', 'replied', 'c', now(),
-                   'out-' || c.id || '-' || k, 'read'
-              FROM c, generate_series(1, $3::integer) k
-            RETURNING reply_message_id, wa_id
-        ), s AS (
-            INSERT INTO processed_webhook_messages
-                (message_id, kind, phone_number_id, wa_id, message_type, wa_timestamp, payload,
-                 status, correlation_id, reply_message_id, reply_status)
-            SELECT 'status:' || m.reply_message_id || ':' || st, 'status', $1, m.wa_id, 'status',
-                   now(), '{}', 'skipped', 'c', m.reply_message_id, st
-              FROM m, unnest(ARRAY['sent', 'read']) st
-        ), a AS (
-            INSERT INTO agent_contexts (conversation_id, agent_type, last_seq)
-            SELECT c.id, 'concierge', 2 FROM c
-        )
-        INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
-        SELECT c.id, 1, 2,
-               '{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}'
-          FROM c
-        """,
-        PHONE_NUMBER_ID,
-        HISTORY_CUSTOMERS,
-        max(1, rows // HISTORY_CUSTOMERS),
-        timeout=600,
-    )
-    await db.execute("ANALYZE", timeout=600)
-    written = HISTORY_CUSTOMERS * max(1, rows // HISTORY_CUSTOMERS)
+    written = await history.write(await system.db(), PHONE_NUMBER_ID, rows)
     print(f"  (a history of {written} messages written in {time.monotonic() - started:.0f} s)")
 
 

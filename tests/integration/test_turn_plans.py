@@ -18,6 +18,7 @@ import pytest
 
 from common import db
 from common.domain import Status
+from devtools import history
 from services.agent.saves import Save, Saves
 from services.state import machine, store
 from tests.support.inbound import inbound
@@ -59,36 +60,9 @@ async def test_a_turns_statements_are_not_planned_again_at_every_call(
     counted: asyncpg.Pool,
 ) -> None:
     pool = counted
-    # A business with a history, analyzed: 20,000 customers, 200,000 answered messages.
-    await pool.execute(
-        """
-        INSERT INTO webhook_conversations (id, phone_number_id, wa_id, customer_id)
-        SELECT i, '100', '1666' || i, '1666' || i FROM generate_series(1, 20000) i;
-        SELECT setval(pg_get_serial_sequence('webhook_conversations', 'id'), 20000);
-        INSERT INTO processed_webhook_messages
-            (message_id, kind, conversation_id, phone_number_id, wa_id, message_type,
-             wa_timestamp, payload, status, correlation_id, finished_at, reply_message_id,
-             reply_status)
-        SELECT 'old' || i, 'message', 1 + i % 20000, '100', '1666' || (1 + i % 20000), 'text',
-               now() - i * interval '1 second', '{}', 'replied', 'c', now(), 'out' || i, 'read'
-          FROM generate_series(1, 200000) i;
-        -- Each reply's delivery statuses, as Meta sends them.
-        INSERT INTO processed_webhook_messages
-            (message_id, kind, phone_number_id, wa_id, message_type, wa_timestamp, payload,
-             status, correlation_id, reply_message_id, reply_status)
-        SELECT 'status' || i || s, 'status', '100', '1666' || (1 + i % 20000), 'status', now(),
-               '{}', 'skipped', 'c', 'out' || i, s
-          FROM generate_series(1, 200000) i, unnest(ARRAY['sent', 'read']) s;
-        INSERT INTO agent_contexts (conversation_id, agent_type, last_seq)
-        SELECT i, 'concierge', 10 FROM generate_series(1, 20000) i;
-        INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
-        SELECT c, 2 * s - 1, 2,
-               '{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}'
-          FROM generate_series(1, 5) s, generate_series(1, 20000) c;
-        ANALYZE;
-    """,
-        timeout=300,
-    )
+    # A business with a history, analyzed: 20,000 customers `1666<n>`, 200,000 answered
+    # messages, 400,000 delivery statuses, contexts of ten messages.
+    await history.write(pool, "100", 200_000, context_entries=5)
     await pool.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     await pool.execute("SELECT pg_stat_statements_reset()")
 
@@ -107,33 +81,35 @@ async def test_a_turns_statements_are_not_planned_again_at_every_call(
         claims = await asyncio.gather(
             *(store.claim_turn_or_release(pool, c, "me") for c in conversations)
         )
-        await asyncio.gather(*(_save(saves, item, token) for token, item in claims))
+        # Each claim started its conversation's turn (a missing one fails the comparison).
+        turns = [item for _, item in claims if isinstance(item, store.WorkItem)]
+        assert [t.message_id for t in turns] == [f"wamid.P{c}" for c in customers], claims
+        assert [t.fence_token for t in turns] == [token for token, _ in claims]
+        await asyncio.gather(*(_save(saves, turn) for turn in turns))
         # Half the replies recorded by the agent before the turn's final move, half left to it
         # (sent, and left to the transition to record).
         replies = {c: f"wamid.R{c}" for c in customers}
-        for c, (_, item) in zip(customers, claims, strict=True):
-            assert isinstance(item, store.WorkItem) and item.message_id == f"wamid.P{c}"
+        for c, turn in zip(customers, turns, strict=True):
             if c % 2:
                 await pool.execute(
                     "UPDATE processed_webhook_messages SET reply_message_id = $1"
                     " WHERE message_id = $2",
                     replies[c],
-                    item.message_id,
+                    turn.message_id,
                 )
         finished = await asyncio.gather(
             *(
                 store.finish_turn(
                     pool,
-                    item,
+                    turn,
                     machine.REPLIED,
                     "replied",
-                    token,
+                    turn.fence_token,
                     start_next=True,
                     reply_message_id=None if c % 2 else replies[c],
                     release=True,
                 )
-                for c, (token, item) in zip(customers, claims, strict=True)
-                if isinstance(item, store.WorkItem)
+                for c, turn in zip(customers, turns, strict=True)
             )
         )
         assert [f.from_state for f in finished] == [machine.PROCESSING] * PER_ROUND
@@ -164,7 +140,7 @@ async def test_a_turns_statements_are_not_planned_again_at_every_call(
         "wa_context(p_conversation_id)",
     ):
         assert ran in queries, (ran, queries)
-    # (Except the foreign keys' checks: one text, `SELECT 1 FROM ONLY ...`, stands for the
+    # (Except the foreign keys' checks: one text, `SELECT $2 FROM ONLY ...`, stands for the
     # check of each table that refers to the conversation, each with its own plans.)
     planned_again = [
         (r["q"], r["plans"], r["calls"])
@@ -174,13 +150,12 @@ async def test_a_turns_statements_are_not_planned_again_at_every_call(
     assert not planned_again, planned_again
 
 
-async def _save(saves: Saves, item: store.WorkItem | store.Released | None, token: int) -> None:
+async def _save(saves: Saves, item: store.WorkItem) -> None:
     """The agent's save of a turn's reply before it sends it (services/agent/turn.py)."""
-    assert isinstance(item, store.WorkItem)
     saved = await saves.save(
         Save(
             conversation_id=item.conversation_id,
-            token=token,
+            token=item.fence_token,
             message_id=item.message_id,
             agent_type="concierge",
             previous_agent_type="concierge",
@@ -195,4 +170,4 @@ async def _save(saves: Saves, item: store.WorkItem | store.Released | None, toke
             send_started=True,
         )
     )
-    assert saved == token
+    assert saved == item.fence_token
