@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import os
 import sys
 import time
@@ -116,6 +117,48 @@ async def _until_replied(
         assert time.monotonic() < deadline, "replies did not all arrive in 600 s"
         await asyncio.sleep(0.05)
     return counts
+
+
+STATUSES_PER_REPLY = 3  # sent, delivered, read (bench.graph)
+
+
+async def _statuses_stored(system: System, since: datetime.datetime) -> int:
+    """Status webhooks the system stored since `since` (its own clock: `now()`), read from
+    the index on their arrival time, so that asking costs little."""
+    stored: int = await (await system.db()).fetchval(
+        "SELECT count(*) FROM processed_webhook_messages"
+        " WHERE kind <> 'message' AND received_at >= $1 AND message_type = 'status'",
+        since,
+    )
+    return stored
+
+
+async def _db_now(system: System) -> datetime.datetime:
+    now: datetime.datetime = await (await system.db()).fetchval("SELECT now()")
+    return now
+
+
+async def _until_statuses(
+    client: httpx.AsyncClient,
+    graph_url: str,
+    system: System,
+    before: dict[str, int],
+    since: datetime.datetime,
+    total: int,
+) -> dict[str, int]:
+    """The stand-in's counts once every reply's statuses were posted and the system stored
+    them all (the gateway acknowledges before the state service stores them)."""
+    deadline = time.monotonic() + 600
+    expected = STATUSES_PER_REPLY * total
+    while True:
+        counts = await replies(client, graph_url)
+        posted = counts["statuses"] + counts["status_errors"]
+        posted -= before["statuses"] + before["status_errors"]
+        # The database is asked only once the stand-in has posted them all.
+        if posted >= expected and await _statuses_stored(system, since) >= expected:
+            return counts
+        assert time.monotonic() < deadline, "status webhooks were not all stored in 600 s"
+        await asyncio.sleep(0.05)
 
 
 CURVE = ("state=1,agent=1", "state=2,agent=2", "state=4,agent=4")
@@ -289,6 +332,7 @@ async def run(
     rate: float | None = None,
     history: int = 0,
     rows: int = 0,
+    statuses: bool = False,
 ) -> tuple[float, float, float]:
     """One run; returns messages/s, CPU ms per message and the worst ack-to-reply seconds."""
     async with (
@@ -315,6 +359,10 @@ async def run(
         if statements:
             await _statements_reset(system)
         batches_before = await _ingest_batches(client, system)
+        since = await _db_now(system)
+        if statuses:
+            target = {"url": f"{system.url}/webhook", "secret": SECRET}
+            await client.post(f"{graph_url}/statuses", json=target)
         wal_before = await _wal_lsn(system)
         cpu_before = _cpu(s, system)
         started = time.monotonic()
@@ -322,6 +370,8 @@ async def run(
         acked = time.monotonic() - started
         counts = await _until_replied(client, graph_url, before["sent"], total, started)
         elapsed = time.monotonic() - started
+        if statuses:
+            counts = await _until_statuses(client, graph_url, system, before, since, total)
         cpu_after = _cpu(s, system)
         wal = await _wal_since(system, wal_before)
         batches_after = await _ingest_batches(client, system)
@@ -337,6 +387,14 @@ async def run(
         print(f"  all acknowledged after {acked:.1f} s ({total / acked:.0f} acks/s)")
         print(f"  {sent} replies after {elapsed:.1f} s: {sent / elapsed:.0f} messages/s")
         print(f"  duplicates: {counts['duplicates'] - before['duplicates']}")
+        if statuses:
+            acked_statuses = counts["statuses"] - before["statuses"]
+            errors = counts["status_errors"] - before["status_errors"]
+            print(
+                f"  status webhooks (sent, delivered, read of each reply): {acked_statuses}"
+                f" acknowledged, {errors} refused, all stored after"
+                f" {time.monotonic() - started:.1f} s; CPU below includes them"
+            )
         print(f"  acknowledged to replied: worst {worst:.2f} s, p99 {p99:.2f} s")
         print(f"  PostgreSQL backends of the services: {backends}")
         calls = batches_after[0] - batches_before[0]
@@ -401,6 +459,12 @@ def _arguments() -> argparse.Namespace:
         action="store_true",
         help="what PostgreSQL executed per message (embedded PostgreSQL only)",
     )
+    parser.add_argument(
+        "--statuses",
+        action="store_true",
+        help="the Graph API stand-in posts every reply's statuses (sent, delivered, read) to"
+        " the system as Meta does; CPU per message includes them",
+    )
     return parser.parse_args()
 
 
@@ -435,6 +499,7 @@ async def main() -> None:
                             args.rate,
                             args.history,
                             args.rows,
+                            args.statuses,
                         ),
                     )
                 )

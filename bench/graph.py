@@ -5,10 +5,16 @@ Meta's servers and the model cost the system nothing on its own machine; the tes
 fakes cost this machine's CPU per call (README, Benchmarks), which a benchmark would count
 against the system. This one answers `POST .../messages` like the Graph API, counts replies
 per inbound message (`context.message_id`; mark-as-read calls are answered, not counted) and
-reports `{"sent": N, "answered": N, "duplicates": N, "last": T}` at `GET /replies` (calls,
-distinct message ids answered, ids answered more than once, `time.monotonic()` of the last
-reply); `POST /chat/completions` is an OpenAI-compatible model that echoes the last user
-message after MODEL_DELAY seconds.
+reports `{"sent": N, "answered": N, "duplicates": N, "last": T, "statuses": N,
+"status_errors": N}` at `GET /replies` (calls, distinct message ids answered, ids answered more
+than once, `time.monotonic()` of the last reply, status webhooks acknowledged and refused);
+`POST /chat/completions` is an OpenAI-compatible model that echoes the last user message after
+MODEL_DELAY seconds.
+
+Like Meta, it can also report on what was sent: after `POST /statuses` with
+`{"url": WEBHOOK_URL, "secret": APP_SECRET}`, every reply it answers is followed by three signed
+status webhooks to that URL, `sent`, `delivered` and `read`, one delivery each and in that order,
+over STATUS_CONNECTIONS keep-alive connections.
 
     python -m bench.graph PORT [MODEL_DELAY]
 """
@@ -24,19 +30,77 @@ from collections import Counter
 import orjson
 import uvloop
 
+from cli.simulate import status_delivery
+
+from . import load
+
+STATUS_CONNECTIONS = 16
+
 replies: Counter[str] = Counter()
 ids = itertools.count(1)
 model_delay = 0.0
 last_reply = 0.0
 
 
-def answer(body: bytes) -> bytes:
+class Statuses:
+    """Meta's status webhooks for the replies sent, posted to the system under test."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[str, str, dict[str, str]]] = asyncio.Queue()
+        self.acked = 0
+        self.errors = 0
+        self.workers: list[asyncio.Task[None]] = []
+
+    def start(self, url: str, secret: str) -> None:
+        for task in self.workers:
+            task.cancel()
+        self.workers = [
+            asyncio.create_task(self._post(url, secret)) for _ in range(STATUS_CONNECTIONS)
+        ]
+
+    def follow(self, phone_number_id: str, message_id: str, recipient: dict[str, str]) -> None:
+        if self.workers:
+            self.queue.put_nowait((phone_number_id, message_id, recipient))
+
+    async def _post(self, url: str, secret: str) -> None:
+        host, port, path = load.endpoint(url)
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        while True:
+            phone_number_id, message_id, recipient = await self.queue.get()
+            for status in ("sent", "delivered", "read"):
+                doc = status_delivery(
+                    message_id, status, phone_number_id=phone_number_id, **recipient
+                )
+                request = load.signed_request(f"{host}:{port}", path, secret, orjson.dumps(doc))
+                try:
+                    if connection is None:
+                        connection = await asyncio.open_connection(host, port)
+                    connection[1].write(request)
+                    ok = await load.read_response(connection[0]) == 200
+                except (OSError, asyncio.IncompleteReadError):
+                    # The system stopping, or a replica gone: counted; Meta would retry.
+                    connection, ok = None, False
+                self.acked += ok
+                self.errors += not ok
+
+
+statuses = Statuses()
+
+
+def answer(head: bytes, body: bytes) -> bytes:
     global last_reply
     doc = orjson.loads(body)
     if doc.get("status") == "read":
         return b'{"success":true}'
     replies[doc.get("context", {}).get("message_id", "")] += 1
     last_reply = time.monotonic()
+    wamid = f"wamid.bench{next(ids)}"
+    # POST /vXX.X/PHONE_NUMBER_ID/messages
+    phone_number_id = head.split(b" ", 2)[1].split(b"/")[2].decode()
+    if "recipient" in doc:
+        statuses.follow(phone_number_id, wamid, {"recipient_user_id": doc["recipient"]})
+    else:
+        statuses.follow(phone_number_id, wamid, {"recipient_id": doc.get("to", "")})
     # As the Graph API answers: the recipient as given, and as a phone number (`to`) or a
     # business-scoped user id (`recipient`).
     if "recipient" in doc:
@@ -47,7 +111,7 @@ def answer(body: bytes) -> bytes:
         {
             "messaging_product": "whatsapp",
             "contacts": [contact],
-            "messages": [{"id": f"wamid.bench{next(ids)}"}],
+            "messages": [{"id": wamid}],
         }
     )
 
@@ -92,12 +156,18 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                         "answered": answered,
                         "duplicates": duplicates,
                         "last": last_reply,
+                        "statuses": statuses.acked,
+                        "status_errors": statuses.errors,
                     }
                 )
+            elif head.startswith(b"POST /statuses"):
+                target = orjson.loads(body)
+                statuses.start(target["url"], target["secret"])
+                out = b"{}"
             elif head.startswith(b"POST /chat/completions"):
                 out = await model_answer(body)
             else:
-                out = answer(body)
+                out = answer(head, body)
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                 + str(len(out)).encode()

@@ -12,6 +12,10 @@ the Graph API stand-in (bench/graph.py, a fresh one per run) or until no reply h
   (it has no database);
 - lost: posted - answered when the run ends; duplicates: messages answered more than once.
 
+With --statuses the stand-in also posts every reply's three status webhooks (sent, delivered,
+read), as Meta does, to the system under test; the run then also waits until they are all
+acknowledged (and, for ours, stored), and CPU per message includes them.
+
 Every customer carries a business-scoped user id (as Meta names customers since BSUIDs: pywa
 4.5 cannot parse a contact without one); half also carry a phone number.
 
@@ -31,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,7 @@ from devtools.ports import free_port
 from devtools.system import SECRET, VERIFY_TOKEN
 
 from . import cpu, harness, load
+from .e2e import STATUSES_PER_REPLY, _db_now, _statuses_stored, _write_history
 from .e2e import _cpu as system_cpu
 
 CONVERSATIONS = 200
@@ -115,6 +120,7 @@ class Run:
     seconds: float
     cpu_ms: float | None  # per message posted; None without /proc
     cpu_parts: dict[str, float]  # the same per process (tree) or server
+    statuses: int = 0  # status webhooks acknowledged (--statuses)
 
     @property
     def rate(self) -> float:
@@ -146,9 +152,13 @@ async def burst(
     cpu_now: Any,
     kill: Any = None,
     rate: float | None = None,
+    statuses: bool = False,
+    stored: Callable[[], Awaitable[int]] | None = None,
 ) -> Run:
     """Posts the burst to `url` and waits for its replies; `cpu_now()` gives the system's CPU
-    seconds so far; `kill()`, if given, is called once every delivery is acknowledged."""
+    seconds so far; `kill()`, if given, is called once every delivery is acknowledged. With
+    `statuses`, also waits for the replies' status webhooks to be acknowledged and, when
+    `stored` is given, until it counts them all."""
     base = int(time.time())
     host = url.split("//")[1].split("/")[0]
     path = "/" + url.split("//")[1].partition("/")[2]
@@ -159,6 +169,8 @@ async def burst(
     ]
     total = len(requests)
     async with httpx.AsyncClient(timeout=10) as client:
+        if statuses:
+            await client.post(f"{graph_url}/statuses", json={"url": url, "secret": SECRET})
         before = cpu_now()
         started = time.monotonic()
         not_acked = await load.post_all(url, requests, CONNECTIONS, rate)
@@ -173,17 +185,64 @@ async def burst(
             if answered >= total or now - last_change > settle or now > deadline:
                 break
             await asyncio.sleep(0.05)
+        if statuses:
+            counts = await _statuses_done(client, graph_url, answered, settle, stored)
         after = cpu_now()
     seconds = (counts["last"] - started) if answered else 0.0
     parts = cpu.per_message(before, after, total)
     cpu_ms = sum(parts.values()) if parts else None
-    return Run(name, total, not_acked, answered, counts["duplicates"], seconds, cpu_ms, parts)
+    return Run(
+        name,
+        total,
+        not_acked,
+        answered,
+        counts["duplicates"],
+        seconds,
+        cpu_ms,
+        parts,
+        counts.get("statuses", 0),
+    )
 
 
-async def run_ours(s: harness.Servers, per: int, settle: float, rate: float | None = None) -> Run:
-    """One burst against a fresh system (its own database) on the shared servers."""
+async def _statuses_done(
+    client: httpx.AsyncClient,
+    graph_url: str,
+    answered: int,
+    settle: float,
+    stored: Callable[[], Awaitable[int]] | None,
+) -> dict[str, Any]:
+    """The stand-in's counts once the statuses of `answered` replies were all posted and, with
+    `stored`, stored; or once nothing moved for `settle` seconds."""
+    expected = STATUSES_PER_REPLY * answered
+    progress, last_change = (-1, -1), time.monotonic()
+    while True:
+        counts = await _replies(client, graph_url)
+        posted = counts["statuses"] + counts["status_errors"]
+        # The system is asked only once the stand-in has posted them all.
+        kept = await stored() if stored is not None and posted >= expected else posted
+        now = time.monotonic()
+        if (posted, kept) != progress:
+            progress, last_change = (posted, kept), now
+        if (posted >= expected and kept >= expected) or now - last_change > settle:
+            return counts
+        await asyncio.sleep(0.05)
+
+
+async def run_ours(
+    s: harness.Servers,
+    per: int,
+    settle: float,
+    rate: float | None = None,
+    statuses: bool = False,
+    rows: int = 0,
+) -> Run:
+    """One burst against a fresh system (its own database) on the shared servers; with `rows`,
+    after writing a business's history of that many messages."""
     with harness.graph_standin() as graph_url:
         async with s.system(WHATSAPP_API_BASE_URL=graph_url) as system:
+            if rows:
+                await _write_history(system, rows)
+            since = await _db_now(system)
             return await burst(
                 "ours",
                 f"{system.url}/webhook",
@@ -192,6 +251,8 @@ async def run_ours(s: harness.Servers, per: int, settle: float, rate: float | No
                 settle,
                 lambda: system_cpu(s, system),
                 rate=rate,
+                statuses=statuses,
+                stored=lambda: _statuses_stored(system, since),
             )
 
 
@@ -274,6 +335,7 @@ async def run_peer(
     log: Path,
     kill: bool,
     rate: float | None = None,
+    statuses: bool = False,
 ) -> Run:
     """One burst against a fresh pywa bot."""
     with harness.graph_standin() as graph_url:
@@ -287,6 +349,7 @@ async def run_peer(
                 lambda: cpu.snapshot({"pywa": pid}, {}),
                 (lambda: os.killpg(pid, signal.SIGKILL)) if kill else None,
                 rate,
+                statuses,
             )
 
 
@@ -297,7 +360,7 @@ def line(r: Run) -> str:
     return (
         f"{r.name:<20} {r.rate:6.0f} messages/s  CPU {cpu_ms}/message  answered {r.answered}"
         f"/{r.posted}  lost {r.lost}  duplicates {r.duplicates}  not acknowledged {r.not_acked}"
-        f"  ({r.seconds:.1f} s)"
+        f"  ({r.seconds:.1f} s)" + (f"  statuses {r.statuses}" if r.statuses else "")
     )
 
 
@@ -356,6 +419,19 @@ def main() -> None:
         help="offer the messages at this rate (messages/s) instead of as fast as acknowledged",
     )
     parser.add_argument(
+        "--statuses",
+        action="store_true",
+        help="the stand-in posts every reply's statuses (sent, delivered, read) as Meta does;"
+        " CPU per message includes them",
+    )
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="ours: first write a business's history of N answered messages (bench.e2e --rows)",
+    )
+    parser.add_argument(
         "--kill-after-ack",
         action="store_true",
         help="SIGKILL the pywa bot once every delivery is acknowledged: what it loses",
@@ -376,7 +452,7 @@ def main() -> None:
             for _ in range(args.repeat):
                 for name in names:
                     if s is not None and name == "ours":
-                        run = await run_ours(s, args.per, args.settle, args.rate)
+                        run = await run_ours(s, args.per, args.settle, args.rate, args.statuses)
                     else:
                         run = await run_peer(
                             name,
@@ -386,6 +462,7 @@ def main() -> None:
                             args.log,
                             args.kill_after_ack,
                             args.rate,
+                            args.statuses,
                         )
                     print(line(run), flush=True)
                     results.setdefault(name, []).append(run)
@@ -393,6 +470,8 @@ def main() -> None:
     asyncio.run(go())
     print()
     offered = f", offered at {args.rate:g}/s" if args.rate else ""
+    offered += ", each reply followed by 3 status webhooks" if args.statuses else ""
+    offered += f", ours on a history of {args.rows} messages" if args.rows else ""
     print(
         f"{args.per * CONVERSATIONS} messages over {CONVERSATIONS} conversations{offered},"
         " medians of"

@@ -57,6 +57,57 @@ def text_delivery(
         contact["user_id"] = message["from_user_id"] = user_id
     if username:
         contact["profile"]["username"] = "@" + username.lstrip("@")
+    return _delivery(phone_number_id, display_phone_number, contacts=[contact], messages=[message])
+
+
+def status_entry(
+    message_id: str,
+    status: str,
+    *,
+    recipient_id: str = "",
+    recipient_user_id: str = "",
+    timestamp: int | None = None,
+) -> dict[str, Any]:
+    """One status (`sent`, `delivered`, `read`, `failed`) of a message the business sent, as
+    Meta writes it: `recipient_id` names a phone number, `recipient_user_id` a BSUID; `sent`
+    and `delivered` carry the conversation and pricing."""
+    entry: dict[str, Any] = {
+        "id": message_id,
+        "status": status,
+        "timestamp": str(timestamp or int(time.time())),
+    }
+    if recipient_id:
+        entry["recipient_id"] = recipient_id
+    if recipient_user_id:
+        entry["recipient_user_id"] = recipient_user_id
+    if status in ("sent", "delivered"):
+        entry["conversation"] = {
+            "id": hashlib.sha256((recipient_id or recipient_user_id).encode()).hexdigest()[:32],
+            "origin": {"type": "service"},
+        }
+        entry["pricing"] = {"billable": True, "pricing_model": "PMP", "category": "service"}
+    return entry
+
+
+def status_delivery(
+    message_id: str,
+    status: str,
+    *,
+    recipient_id: str = "",
+    recipient_user_id: str = "",
+    phone_number_id: str = "100000000000001",
+    display_phone_number: str = "15550009999",
+) -> dict[str, Any]:
+    """A delivery exactly as Meta sends one status (`status_entry`)."""
+    entry = status_entry(
+        message_id, status, recipient_id=recipient_id, recipient_user_id=recipient_user_id
+    )
+    return _delivery(phone_number_id, display_phone_number, statuses=[entry])
+
+
+def _delivery(phone_number_id: str, display_phone_number: str, **value: Any) -> dict[str, Any]:
+    """The envelope of every delivery: one change of field `messages` holding `value`'s lists."""
+    metadata = {"display_phone_number": display_phone_number, "phone_number_id": phone_number_id}
     return {
         "object": "whatsapp_business_account",
         "entry": [
@@ -65,15 +116,7 @@ def text_delivery(
                 "changes": [
                     {
                         "field": "messages",
-                        "value": {
-                            "messaging_product": "whatsapp",
-                            "metadata": {
-                                "display_phone_number": display_phone_number,
-                                "phone_number_id": phone_number_id,
-                            },
-                            "contacts": [contact],
-                            "messages": [message],
-                        },
+                        "value": {"messaging_product": "whatsapp", "metadata": metadata, **value},
                     }
                 ],
             }

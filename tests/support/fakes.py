@@ -20,6 +20,7 @@ from typing import Any, Self
 
 import httpx
 
+from cli.simulate import status_delivery
 from devtools.system import ACCESS_TOKEN
 
 
@@ -135,41 +136,18 @@ class FakeGraph(FakeServer):
         if self.webhook is None:
             return
         url, secret = self.webhook
-        status: dict[str, Any] = {
-            "id": out_id,
-            "status": "sent",
-            "timestamp": str(int(time.time())),
-        }
         # Like Meta: recipient_id only when the message went to a phone number; the BSUID of
         # a message sent to one (Meta would name it for a phone too; this fake cannot know it).
-        if body.get("to"):
-            status["recipient_id"] = body["to"]
-        if body.get("recipient"):
-            status["recipient_user_id"] = body["recipient"]
+        doc = status_delivery(
+            out_id,
+            "sent",
+            recipient_id=body.get("to") or "",
+            recipient_user_id=body.get("recipient") or "",
+            phone_number_id=self.path_phone(body),
+        )
         if body.get("biz_opaque_callback_data"):
+            status = doc["entry"][0]["changes"][0]["value"]["statuses"][0]
             status["biz_opaque_callback_data"] = body["biz_opaque_callback_data"]
-        phone_number_id = self.path_phone(body)
-        doc = {
-            "object": "whatsapp_business_account",
-            "entry": [
-                {
-                    "id": "1",
-                    "changes": [
-                        {
-                            "field": "messages",
-                            "value": {
-                                "messaging_product": "whatsapp",
-                                "metadata": {
-                                    "display_phone_number": "1",
-                                    "phone_number_id": phone_number_id,
-                                },
-                                "statuses": [status],
-                            },
-                        }
-                    ],
-                }
-            ],
-        }
         data = json.dumps(doc).encode()
         sig = "sha256=" + hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
         for _ in range(60):

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any
 
-from cli.simulate import text_delivery
+from cli.simulate import status_entry, text_delivery
 from devtools.system import sign
 
 PHONE_NUMBER_ID = "100000000000001"
@@ -157,14 +157,7 @@ ALL_MESSAGE_TYPES = (
 def status(
     outbound_id: str, kind: str, recipient: str = "15550001111", **overrides: Any
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": outbound_id,
-        "status": kind,
-        "timestamp": str(int(time.time())),
-        "recipient_id": recipient,
-        "conversation": {"id": "conv-1", "origin": {"type": "service"}},
-        "pricing": {"billable": True, "pricing_model": "PMP", "category": "service"},
-    }
+    body = status_entry(outbound_id, kind, recipient_id=recipient)
     if kind == "failed":
         body["errors"] = [{"code": 131047, "title": "Re-engagement message"}]
     body.update(overrides)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cli import simulate
 from common import wire
 from services.gateway import parse
 from tests.support import payloads
@@ -50,6 +51,23 @@ def test_statuses_with_errors() -> None:
         ("failed", "131047"),
         ("read", ""),
     ]
+
+
+@pytest.mark.parametrize("status", ["sent", "delivered", "read"])
+def test_the_benchmarks_statuses_are_read_as_metas(status: str) -> None:
+    """bench.graph posts `status_delivery`s for every reply, to a phone number or a BSUID:
+    each must be read as the status of that reply, for that recipient and business number."""
+    by_phone = simulate.status_delivery(
+        "wamid.OUT1", status, recipient_id="15550001111", phone_number_id="100000000000009"
+    )
+    by_bsuid = simulate.status_delivery("wamid.OUT2", status, recipient_user_id="US.123")
+    read = [parse.parse(orjson.dumps(doc)).statuses for doc in (by_phone, by_bsuid)]
+    assert [(s.message_id, s.status, s.recipient_id, s.recipient_user_id) for [s] in read] == [
+        ("wamid.OUT1", status, "15550001111", ""),
+        ("wamid.OUT2", status, "", "US.123"),
+    ]
+    assert read[0][0].phone_number_id == "100000000000009"
+    assert read[1][0].phone_number_id == payloads.PHONE_NUMBER_ID
 
 
 def test_messages_without_id_sender_or_number_are_stored_as_skipped_not_dropped() -> None:
