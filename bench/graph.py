@@ -14,7 +14,8 @@ MODEL_DELAY seconds.
 Like Meta, it can also report on what was sent: after `POST /statuses` with
 `{"url": WEBHOOK_URL, "secret": APP_SECRET}`, every reply it answers is followed by three signed
 status webhooks to that URL, `sent`, `delivered` and `read`, one delivery each and in that order,
-over STATUS_CONNECTIONS keep-alive connections.
+over STATUS_CONNECTIONS keep-alive connections, each with the send's
+`biz_opaque_callback_data`.
 
     python -m bench.graph PORT [MODEL_DELAY]
 """
@@ -97,10 +98,13 @@ def answer(head: bytes, body: bytes) -> bytes:
     wamid = f"wamid.bench{next(ids)}"
     # POST /vXX.X/PHONE_NUMBER_ID/messages
     phone_number_id = head.split(b" ", 2)[1].split(b"/")[2].decode()
+    # As Meta: each status names the recipient as the send did, and repeats its callback data.
+    about = {"callback_data": doc.get("biz_opaque_callback_data", "")}
     if "recipient" in doc:
-        statuses.follow(phone_number_id, wamid, {"recipient_user_id": doc["recipient"]})
+        about["recipient_user_id"] = doc["recipient"]
     else:
-        statuses.follow(phone_number_id, wamid, {"recipient_id": doc.get("to", "")})
+        about["recipient_id"] = doc.get("to", "")
+    statuses.follow(phone_number_id, wamid, about)
     # As the Graph API answers: the recipient as given, and as a phone number (`to`) or a
     # business-scoped user id (`recipient`).
     if "recipient" in doc:

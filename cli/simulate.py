@@ -66,11 +66,13 @@ def status_entry(
     *,
     recipient_id: str = "",
     recipient_user_id: str = "",
+    callback_data: str = "",
     timestamp: int | None = None,
 ) -> dict[str, Any]:
     """One status (`sent`, `delivered`, `read`, `failed`) of a message the business sent, as
     Meta writes it: `recipient_id` names a phone number, `recipient_user_id` a BSUID; `sent`
-    and `delivered` carry the conversation and pricing."""
+    and `delivered` carry the conversation and pricing; `callback_data` is the send's
+    `biz_opaque_callback_data`, which Meta repeats in each of its statuses."""
     entry: dict[str, Any] = {
         "id": message_id,
         "status": status,
@@ -80,6 +82,8 @@ def status_entry(
         entry["recipient_id"] = recipient_id
     if recipient_user_id:
         entry["recipient_user_id"] = recipient_user_id
+    if callback_data:
+        entry["biz_opaque_callback_data"] = callback_data
     if status in ("sent", "delivered"):
         entry["conversation"] = {
             "id": hashlib.sha256((recipient_id or recipient_user_id).encode()).hexdigest()[:32],
@@ -95,12 +99,17 @@ def status_delivery(
     *,
     recipient_id: str = "",
     recipient_user_id: str = "",
+    callback_data: str = "",
     phone_number_id: str = "100000000000001",
     display_phone_number: str = "15550009999",
 ) -> dict[str, Any]:
     """A delivery exactly as Meta sends one status (`status_entry`)."""
     entry = status_entry(
-        message_id, status, recipient_id=recipient_id, recipient_user_id=recipient_user_id
+        message_id,
+        status,
+        recipient_id=recipient_id,
+        recipient_user_id=recipient_user_id,
+        callback_data=callback_data,
     )
     return _delivery(phone_number_id, display_phone_number, statuses=[entry])
 

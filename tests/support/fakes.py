@@ -143,11 +143,9 @@ class FakeGraph(FakeServer):
             "sent",
             recipient_id=body.get("to") or "",
             recipient_user_id=body.get("recipient") or "",
+            callback_data=body.get("biz_opaque_callback_data") or "",
             phone_number_id=self.path_phone(body),
         )
-        if body.get("biz_opaque_callback_data"):
-            status = doc["entry"][0]["changes"][0]["value"]["statuses"][0]
-            status["biz_opaque_callback_data"] = body["biz_opaque_callback_data"]
         data = json.dumps(doc).encode()
         sig = "sha256=" + hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
         for _ in range(60):
