@@ -29,6 +29,11 @@ DELIVERY_FAILED = Counter(
 PRUNED = Counter(
     "wa_retention_pruned_rows_total", "Rows deleted by retention (prune passes)", ["table"]
 )
+CLEARED = Counter(
+    "wa_retention_cleared_values_total",
+    "Values cleared by retention in rows it keeps (a customer's name beside an opt-out)",
+    ["column"],
+)
 PRUNE_RUNS = Counter(
     "wa_retention_prune_runs_total",
     "Background prune passes (ok, busy: another ran, error)",

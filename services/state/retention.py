@@ -45,6 +45,12 @@ class ConversationBusy(Exception):
     """A turn of the customer's conversation is in flight and did not end in time."""
 
 
+def cleared(name: str) -> bool:
+    """A `table.column` count is of values cleared in rows that stay (a customer's name kept
+    no longer), not of rows deleted."""
+    return "." in name
+
+
 @dataclass
 class Pruned:
     counts: dict[str, int] = field(default_factory=dict)
@@ -53,14 +59,21 @@ class Pruned:
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        """Rows deleted."""
+        return sum(n for name, n in self.counts.items() if not cleared(name))
+
+    @property
+    def cleared(self) -> int:
+        """Values cleared in rows that stay."""
+        return sum(n for name, n in self.counts.items() if cleared(name))
 
     def add(self, rows: list[asyncpg.Record]) -> int:
-        deleted = 0
+        """Adds a batch's counts; returns how many rows it deleted or changed."""
+        changed = 0
         for r in rows:
             self.counts[r["table_name"]] = self.counts.get(r["table_name"], 0) + int(r["rows"])
-            deleted += int(r["rows"])
-        return deleted
+            changed += int(r["rows"])
+        return changed
 
 
 async def prune(
@@ -95,7 +108,7 @@ async def prune(
                 out.batches += 1
                 if out.add(list(rows)) == 0:
                     break
-            if out.total:
+            if out.total or out.cleared:
                 await conn.execute(R["record_prune"], out.counts, requested_by)
         finally:
             # The pool's connections carry no session state: one whose lock cannot be let go
@@ -107,9 +120,10 @@ async def prune(
                 conn.terminate()
                 if not isinstance(exc, Exception):
                     raise
-    for table, n in out.counts.items():
+    for name, n in out.counts.items():
         if n:
-            metrics.PRUNED.labels(table).inc(n)
+            counter = metrics.CLEARED if cleared(name) else metrics.PRUNED
+            counter.labels(name).inc(n)
     return out
 
 
@@ -170,6 +184,7 @@ class Pruner:
             "prune pass",
             extra={
                 "deleted": out.total,
+                "cleared": out.cleared,
                 "counts": {k: v for k, v in out.counts.items() if v},
                 "batches": out.batches,
                 "complete": out.complete,

@@ -87,6 +87,47 @@ async def test_the_background_loop_prunes_old_finished_work(
     assert 'wa_retention_pruned_rows_total{table="processed_webhook_messages"} 1.0' in metrics
 
 
+async def test_a_pass_reports_names_cleared_apart_from_rows_deleted(
+    start_system: StartSystem,
+) -> None:
+    """An old conversation whose customer stopped marketing messages stays, its name goes: the
+    pass's log line and metrics count that name as cleared, not as a row deleted."""
+    system = await start_system(RETENTION_INTERVAL_SECONDS="1")
+    stopped = await say(system, "no more offers", wa_id="15557000003")
+    pool = await system.db()
+    conv = await conversation_of(pool, stopped["id"])
+    await pool.execute(
+        "UPDATE webhook_conversations SET marketing_preference = 'stop' WHERE id = $1", conv
+    )
+    await age(pool, conv, 100)
+
+    def passes() -> list[dict[str, Any]]:
+        return [r for r in system.log_lines("state") if r.get("msg") == "prune pass"]
+
+    async def cleared() -> bool:
+        return any(r["cleared"] for r in passes())
+
+    await wait_for(cleared, timeout=30)
+    [done] = [r for r in passes() if r["cleared"]]
+    assert done["cleared"] == 1
+    assert done["counts"]["webhook_conversations.contact_name"] == 1
+    # The message went (and its transitions); the conversation and its opt-out stayed.
+    assert done["deleted"] == sum(done["counts"].values()) - 1
+    assert done["counts"]["processed_webhook_messages"] >= 1
+    assert "webhook_conversations" not in done["counts"]
+    assert await pool.fetchval(
+        "SELECT contact_name IS NULL FROM webhook_conversations WHERE id = $1", conv
+    )
+    metrics = (await system.http.get(f"http://127.0.0.1:{system.ports['m_state']}/metrics")).text
+    cleared_line = (
+        'wa_retention_cleared_values_total{column="webhook_conversations.contact_name"} 1.0'
+    )
+    assert cleared_line in metrics
+    assert 'wa_retention_pruned_rows_total{table="webhook_conversations.contact_name"}' not in (
+        metrics
+    )
+
+
 async def test_wa_prune_dry_run_then_prune(start_system: StartSystem) -> None:
     # No background pass within the first minute: what the commands do is theirs alone.
     system = await start_system(RETENTION_INTERVAL_SECONDS="86400")

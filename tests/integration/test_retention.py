@@ -288,6 +288,11 @@ async def test_prune_deletes_old_finished_work_and_keeps_what_is_still_needed(
     assert kept_for_opt_out is not None
     assert tuple(kept_for_opt_out) == ("15550000004", "stop", None, None)
     assert out.counts["webhook_conversations.contact_name"] == 1
+    # A name cleared is no row deleted: the pass reports it apart.
+    assert (out.total, out.cleared) == (
+        sum(out.counts.values()) - 1,
+        1,
+    )
     # The status webhook of the old reply went too (it names the customer's number).
     assert not await pool.fetchval(
         "SELECT count(*) FROM processed_webhook_messages WHERE wa_id = '15550000001'"
