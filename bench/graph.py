@@ -12,10 +12,11 @@ than once, `time.monotonic()` of the last reply, status webhooks acknowledged an
 MODEL_DELAY seconds.
 
 Like Meta, it can also report on what was sent: after `POST /statuses` with
-`{"url": WEBHOOK_URL, "secret": APP_SECRET}`, every reply it answers is followed by three signed
-status webhooks to that URL, `sent`, `delivered` and `read`, one delivery each and in that order,
-over STATUS_CONNECTIONS keep-alive connections, each with the send's
-`biz_opaque_callback_data`.
+`{"url": WEBHOOK_URL, "secret": APP_SECRET}` (until one with `{"url": null}`), every reply it
+answers is followed by three signed status webhooks to that URL, `sent`, `delivered` and
+`read`, one delivery each and in that order, over STATUS_CONNECTIONS keep-alive connections,
+each with the send's `biz_opaque_callback_data`; one refused, or whose connection fails, is
+tried again (ATTEMPTS in all, then counted in `status_errors`).
 
     python -m bench.graph PORT [MODEL_DELAY]
 """
@@ -43,46 +44,73 @@ model_delay = 0.0
 last_reply = 0.0
 
 
+# What Meta sends for each message delivered and read, in this order.
+STATUSES = ("sent", "delivered", "read")
+# Attempts at one status webhook: a keep-alive connection the server closed meanwhile (uvicorn
+# closes idle ones after 5 s) or a refusal is tried again on a new connection, as Meta retries.
+ATTEMPTS = 5
+
+
 class Statuses:
     """Meta's status webhooks for the replies sent, posted to the system under test."""
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[str, str, dict[str, str]]] = asyncio.Queue()
         self.acked = 0
-        self.errors = 0
+        self.errors = 0  # status webhooks refused ATTEMPTS times, or that failed otherwise
         self.workers: list[asyncio.Task[None]] = []
 
     def start(self, url: str, secret: str) -> None:
+        """Posts the statuses of replies answered from now on to `url` (those of earlier ones,
+        still queued for an earlier target, are dropped)."""
+        for task in self.workers:
+            task.cancel()  # each closes its connection
+        self.queue = asyncio.Queue()
+        self.workers = [
+            asyncio.create_task(self._post(self.queue, url, secret))
+            for _ in range(STATUS_CONNECTIONS)
+        ]
+
+    def stop(self) -> None:
         for task in self.workers:
             task.cancel()
-        self.workers = [
-            asyncio.create_task(self._post(url, secret)) for _ in range(STATUS_CONNECTIONS)
-        ]
+        self.workers = []
 
     def follow(self, phone_number_id: str, message_id: str, recipient: dict[str, str]) -> None:
         if self.workers:
             self.queue.put_nowait((phone_number_id, message_id, recipient))
 
-    async def _post(self, url: str, secret: str) -> None:
+    async def _post(
+        self, queue: asyncio.Queue[tuple[str, str, dict[str, str]]], url: str, secret: str
+    ) -> None:
         host, port, path = load.endpoint(url)
         connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        while True:
-            phone_number_id, message_id, recipient = await self.queue.get()
-            for status in ("sent", "delivered", "read"):
-                doc = status_delivery(
-                    message_id, status, phone_number_id=phone_number_id, **recipient
-                )
-                request = load.signed_request(f"{host}:{port}", path, secret, orjson.dumps(doc))
-                try:
-                    if connection is None:
-                        connection = await asyncio.open_connection(host, port)
-                    connection[1].write(request)
-                    ok = await load.read_response(connection[0]) == 200
-                except (OSError, asyncio.IncompleteReadError):
-                    # The system stopping, or a replica gone: counted; Meta would retry.
-                    connection, ok = None, False
-                self.acked += ok
-                self.errors += not ok
+        try:
+            while True:
+                phone_number_id, message_id, recipient = await queue.get()
+                for status in STATUSES:
+                    doc = status_delivery(
+                        message_id, status, phone_number_id=phone_number_id, **recipient
+                    )
+                    request = load.signed_request(f"{host}:{port}", path, secret, orjson.dumps(doc))
+                    for attempt in range(ATTEMPTS):
+                        try:
+                            if connection is None:
+                                connection = await asyncio.open_connection(host, port)
+                            connection[1].write(request)
+                            if await load.read_response(connection[0]) == 200:
+                                self.acked += 1
+                                break
+                        except (OSError, ValueError, asyncio.IncompleteReadError):
+                            if connection is not None:
+                                connection[1].close()
+                            connection = None
+                        await asyncio.sleep(0.05 * 2**attempt)
+                    else:
+                        self.errors += 1
+        finally:
+            if connection is not None:
+                connection[1].close()
 
 
 statuses = Statuses()
@@ -166,7 +194,10 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 )
             elif head.startswith(b"POST /statuses"):
                 target = orjson.loads(body)
-                statuses.start(target["url"], target["secret"])
+                if target.get("url"):
+                    statuses.start(target["url"], target["secret"])
+                else:
+                    statuses.stop()
                 out = b"{}"
             elif head.startswith(b"POST /chat/completions"):
                 out = await model_answer(body)

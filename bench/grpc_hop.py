@@ -1,14 +1,15 @@
 """What one gRPC hop costs in CPU, at an offered rate and back to back: a unary call (as the
 gateway's `IngestBatch`) and one request and answer on a bidirectional stream (as the state
 service's `Agent.Turns`), between two processes on this machine, through grpc aio with the
-channel options every service's channels use (common/balancing.py; plaintext, so without the
-services' TLS).
+channel and server options every service uses (common/grpcserver.py; plaintext and without
+interceptors, so without the services' TLS and tracing hooks: a lower bound of their hop).
 
     .venv/bin/python -m bench.grpc_hop [--calls 1000] [--rate 100] [--rate 0 ...]
 
-Each line gives the client's and the server's CPU (from getrusage and /proc) per exchange.
-Rate 0 is back to back. This is why a message costs more CPU at 100 messages/s than in a burst:
-a burst shares each call among many messages and finds every process's caches warm.
+Each line gives the client's and the server's CPU per exchange (each process's own getrusage,
+read around the paced exchanges only). Rate 0 is back to back. This is why a message costs
+more CPU at 100 messages/s than in a burst: a burst shares each call among many messages and
+finds every process's caches warm.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import uvloop
 
-from common import balancing
+from common import grpcserver
 from devtools.ports import free_port
-
-from . import cpu
 
 PAYLOAD = b"x" * 300  # about one text message's IngestRequest
 WARM_UP = 50
@@ -42,14 +41,18 @@ async def serve(port: int) -> None:
     async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request
 
+    async def own_cpu(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return str(_own_cpu()).encode()
+
     async def echoes(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         async for request in requests:
             yield request
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=grpcserver.SERVER_OPTIONS)
     handlers = {
+        "Cpu": grpc.unary_unary_rpc_method_handler(own_cpu),
         "Unary": grpc.unary_unary_rpc_method_handler(echo),
         "Stream": grpc.stream_stream_rpc_method_handler(echoes),
     }
@@ -74,8 +77,9 @@ async def _paced(
 
 
 async def client(port: int, kind: str, rate: float, calls: int) -> None:
-    options = balancing.channel_options(retry_buffer_bytes=1 << 20)
+    options = grpcserver.CHANNEL_OPTIONS
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        server_cpu = channel.unary_unary("/hop.Hop/Cpu")
         if kind == "unary":
             unary = channel.unary_unary("/hop.Hop/Unary")
 
@@ -91,12 +95,13 @@ async def client(port: int, kind: str, rate: float, calls: int) -> None:
 
         for _ in range(WARM_UP):
             await one()
+        server_before = float(await server_cpu(b"", timeout=5))
         used, took = await _paced(rate, calls, one)
-    print(f"{used / calls * 1e6:.0f} {calls / took:.0f}", flush=True)
+        server_used = float(await server_cpu(b"", timeout=5)) - server_before
+    print(f"{used / calls * 1e6:.0f} {server_used / calls * 1e6:.0f} {calls / took:.0f}")
 
 
-def _measure(port: int, server_pid: int, kind: str, rate: float, calls: int) -> str:
-    before = cpu.snapshot({"server": server_pid}, {}).get("server", 0.0)
+def _measure(port: int, kind: str, rate: float, calls: int) -> str:
     argv = ["--client", str(port), kind, str(rate), str(calls)]
     out = subprocess.run(
         [sys.executable, "-m", "bench.grpc_hop", *argv],
@@ -104,10 +109,7 @@ def _measure(port: int, server_pid: int, kind: str, rate: float, calls: int) -> 
         text=True,
         check=True,
     ).stdout.split()
-    after = cpu.snapshot({"server": server_pid}, {}).get("server", 0.0)
-    client_us, per_second = float(out[0]), float(out[1])
-    # The server also served the client's warm-up: counted in, a small overestimate.
-    server_us = (after - before) / (calls + WARM_UP) * 1e6
+    client_us, server_us, per_second = (float(x) for x in out)
     pace = f"{rate:g}/s" if rate else "back to back"
     return (
         f"{kind:<6} {pace:>13}: client {client_us:5.0f} µs, server {server_us:5.0f} µs"
@@ -138,7 +140,7 @@ def main() -> None:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         for rate in args.rate or [100.0, 0.0]:
             for kind in ("unary", "stream"):
-                print(_measure(port, server.pid, kind, rate, args.calls), flush=True)
+                print(_measure(port, kind, rate, args.calls), flush=True)
     finally:
         server.terminate()
         server.wait(10)

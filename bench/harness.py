@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from devtools import history
 from devtools.ports import free_port
 from devtools.servers import Postgres, Redis
 from devtools.system import SECRET, System
@@ -53,6 +55,17 @@ class Servers:
             yield system
         finally:
             await system.stop()
+
+
+# The business number the measured messages go to (cli.simulate.text_delivery's default).
+PHONE_NUMBER_ID = "100000000000001"
+
+
+async def write_history(system: System, rows: int) -> None:
+    """A business's history of `rows` answered messages, in bulk (devtools/history.py)."""
+    started = time.monotonic()
+    written = await history.write(await system.db(), PHONE_NUMBER_ID, rows)
+    print(f"  (a history of {written} messages written in {time.monotonic() - started:.0f} s)")
 
 
 def analyzed_plans() -> None:

@@ -14,7 +14,7 @@ the Graph API stand-in (bench/graph.py, a fresh one per run) or until no reply h
 
 With --statuses the stand-in also posts every reply's three status webhooks (sent, delivered,
 read), as Meta does, to the system under test; the run then also waits until they are all
-acknowledged (and, for ours, stored), and CPU per message includes them.
+acknowledged (ours acknowledges a delivery once stored), and CPU per message includes them.
 
 Every customer carries a business-scoped user id (as Meta names customers since BSUIDs: pywa
 4.5 cannot parse a contact without one); half also carry a phone number.
@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,7 @@ from cli.simulate import text_delivery, username_bsuid
 from devtools.ports import free_port
 from devtools.system import SECRET, VERIFY_TOKEN
 
-from . import cpu, harness, load
-from .e2e import STATUSES_PER_REPLY, _db_now, _statuses_stored, _write_history
+from . import cpu, graph, harness, load
 from .e2e import _cpu as system_cpu
 
 CONVERSATIONS = 200
@@ -121,6 +120,7 @@ class Run:
     cpu_ms: float | None  # per message posted; None without /proc
     cpu_parts: dict[str, float]  # the same per process (tree) or server
     statuses: int = 0  # status webhooks acknowledged (--statuses)
+    statuses_refused: int = 0  # and refused, each after bench.graph.ATTEMPTS tries
 
     @property
     def rate(self) -> float:
@@ -153,12 +153,10 @@ async def burst(
     kill: Any = None,
     rate: float | None = None,
     statuses: bool = False,
-    stored: Callable[[], Awaitable[int]] | None = None,
 ) -> Run:
     """Posts the burst to `url` and waits for its replies; `cpu_now()` gives the system's CPU
     seconds so far; `kill()`, if given, is called once every delivery is acknowledged. With
-    `statuses`, also waits for the replies' status webhooks to be acknowledged and, when
-    `stored` is given, until it counts them all."""
+    `statuses`, also waits for the replies' status webhooks to be acknowledged."""
     base = int(time.time())
     host = url.split("//")[1].split("/")[0]
     path = "/" + url.split("//")[1].partition("/")[2]
@@ -186,7 +184,8 @@ async def burst(
                 break
             await asyncio.sleep(0.05)
         if statuses:
-            counts = await _statuses_done(client, graph_url, answered, settle, stored)
+            counts = await _statuses_done(client, graph_url, answered, settle)
+            await client.post(f"{graph_url}/statuses", json={"url": None})
         after = cpu_now()
     seconds = (counts["last"] - started) if answered else 0.0
     parts = cpu.per_message(before, after, total)
@@ -201,29 +200,23 @@ async def burst(
         cpu_ms,
         parts,
         counts.get("statuses", 0),
+        counts.get("status_errors", 0),
     )
 
 
 async def _statuses_done(
-    client: httpx.AsyncClient,
-    graph_url: str,
-    answered: int,
-    settle: float,
-    stored: Callable[[], Awaitable[int]] | None,
+    client: httpx.AsyncClient, graph_url: str, answered: int, settle: float
 ) -> dict[str, Any]:
-    """The stand-in's counts once the statuses of `answered` replies were all posted and, with
-    `stored`, stored; or once nothing moved for `settle` seconds."""
-    expected = STATUSES_PER_REPLY * answered
-    progress, last_change = (-1, -1), time.monotonic()
+    """The stand-in's counts once the statuses of `answered` replies were all acknowledged or
+    refused, or once none was for `settle` seconds."""
+    expected = len(graph.STATUSES) * answered
+    posted, last_change = -1, time.monotonic()
     while True:
         counts = await _replies(client, graph_url)
-        posted = counts["statuses"] + counts["status_errors"]
-        # The system is asked only once the stand-in has posted them all.
-        kept = await stored() if stored is not None and posted >= expected else posted
         now = time.monotonic()
-        if (posted, kept) != progress:
-            progress, last_change = (posted, kept), now
-        if (posted >= expected and kept >= expected) or now - last_change > settle:
+        if counts["statuses"] + counts["status_errors"] != posted:
+            posted, last_change = counts["statuses"] + counts["status_errors"], now
+        if posted >= expected or now - last_change > settle:
             return counts
         await asyncio.sleep(0.05)
 
@@ -241,8 +234,7 @@ async def run_ours(
     with harness.graph_standin() as graph_url:
         async with s.system(WHATSAPP_API_BASE_URL=graph_url) as system:
             if rows:
-                await _write_history(system, rows)
-            since = await _db_now(system)
+                await harness.write_history(system, rows)
             return await burst(
                 "ours",
                 f"{system.url}/webhook",
@@ -252,7 +244,6 @@ async def run_ours(
                 lambda: system_cpu(s, system),
                 rate=rate,
                 statuses=statuses,
-                stored=lambda: _statuses_stored(system, since),
             )
 
 
@@ -360,7 +351,8 @@ def line(r: Run) -> str:
     return (
         f"{r.name:<20} {r.rate:6.0f} messages/s  CPU {cpu_ms}/message  answered {r.answered}"
         f"/{r.posted}  lost {r.lost}  duplicates {r.duplicates}  not acknowledged {r.not_acked}"
-        f"  ({r.seconds:.1f} s)" + (f"  statuses {r.statuses}" if r.statuses else "")
+        f"  ({r.seconds:.1f} s)"
+        + (f"  statuses {r.statuses} (refused {r.statuses_refused})" if r.statuses else "")
     )
 
 
@@ -452,7 +444,9 @@ def main() -> None:
             for _ in range(args.repeat):
                 for name in names:
                     if s is not None and name == "ours":
-                        run = await run_ours(s, args.per, args.settle, args.rate, args.statuses)
+                        run = await run_ours(
+                            s, args.per, args.settle, args.rate, args.statuses, args.rows
+                        )
                     else:
                         run = await run_peer(
                             name,

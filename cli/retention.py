@@ -11,7 +11,7 @@ import orjson
 from wa.v1 import state_pb2, state_pb2_grpc
 
 from cli.settings import CliSettings
-from common import grpcserver
+from common import grpcserver, wire
 
 from .errors import calling, one_line
 
@@ -39,18 +39,12 @@ def customer_key(text: str) -> str:
     return text
 
 
-def _cleared(name: str) -> bool:
-    """A `table.column` count is of values cleared in rows that stay (a name kept no longer),
-    not of rows deleted."""
-    return "." in name
-
-
 def _print_counts(counts: list[state_pb2.TableCount], verb: str, cleared: str = "") -> None:
     width = max((len(c.table_name) for c in counts), default=0)
     for c in counts:
         if c.table_name == "wa_message_tombstones" and verb == "erased":
             continue
-        said = cleared if cleared and _cleared(c.table_name) else verb
+        said = cleared if cleared and wire.cleared_count(c.table_name) else verb
         print(f"  {c.table_name:<{width}}  {c.rows:>8} {said}")
 
 
@@ -68,7 +62,7 @@ async def prune(dry_run: bool, as_json: bool) -> int:
             print(f"wa prune: {one_line(exc.details() or '')}", file=sys.stderr)
             return 1
     counts = {c.table_name: c.rows for c in resp.counts}
-    total = sum(n for name, n in counts.items() if not _cleared(name))
+    total = sum(n for name, n in counts.items() if not wire.cleared_count(name))
     if as_json:
         data = {
             "dry_run": resp.dry_run,

@@ -35,6 +35,13 @@ MESSAGE_SIZE_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+# Every server's options, and every client channel's (besides a TLS name override).
+SERVER_OPTIONS = [("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS, *balancing.SERVER_OPTIONS]
+CHANNEL_OPTIONS = [
+    *balancing.channel_options(retry_buffer_bytes=MAX_MESSAGE_BYTES // 2),
+    ("grpc.keepalive_time_ms", 30000),
+    *MESSAGE_SIZE_OPTIONS,
+]
 
 # A set-up receives the server (to add its servicers) and yields the full names of its services;
 # everything it opened is closed when it exits, after the server has stopped.
@@ -68,7 +75,7 @@ async def serve(name: str, port: int, setup: Setup[S], settings: S) -> None:
     transport = tls.transport()
     server = grpc.aio.server(
         interceptors=interceptors(transport),
-        options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS, *balancing.SERVER_OPTIONS],
+        options=SERVER_OPTIONS,
     )
     readiness = probes.Readiness()
     probe_server: probes.ProbeServer | None = None
@@ -145,11 +152,7 @@ async def channel(
     if transport is _UNSET:
         transport = tls.transport()
     interceptors = telemetry.client_interceptors() if traced else []
-    options = [
-        *balancing.channel_options(retry_buffer_bytes=MAX_MESSAGE_BYTES // 2),
-        ("grpc.keepalive_time_ms", 30000),
-        *MESSAGE_SIZE_OPTIONS,
-    ]
+    options = list(CHANNEL_OPTIONS)
     if transport is None:
         ch = grpc.aio.insecure_channel(target, interceptors=interceptors, options=options)
     else:

@@ -165,3 +165,9 @@ DLQ_STATUS_NUMBER = cast(
 # and the agent's initial metadata saying it reads several turns per TurnsRequest (`more`,
 # protos/wa/v1/agent.proto). A peer of an earlier release sends neither: one turn a message.
 TURNS_MORE = ("wa-turns-more", "1")
+
+
+def cleared_count(table_name: str) -> bool:
+    """Whether a retention count (`TableCount.table_name`) is of values cleared in rows that
+    stay, named `table.column` (a customer's name kept no longer), not of rows deleted."""
+    return "." in table_name

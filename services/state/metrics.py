@@ -31,7 +31,8 @@ PRUNED = Counter(
 )
 CLEARED = Counter(
     "wa_retention_cleared_values_total",
-    "Values cleared by retention in rows it keeps (a customer's name beside an opt-out)",
+    "Values cleared by retention in rows it keeps: a customer's name and username beside an"
+    " opt-out, counted once per conversation",
     ["column"],
 )
 PRUNE_RUNS = Counter(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from common import retry, sqlfile, telemetry
+from common import retry, sqlfile, telemetry, wire
 
 from . import metrics
 from .locks import Lease, Locks
@@ -45,12 +45,6 @@ class ConversationBusy(Exception):
     """A turn of the customer's conversation is in flight and did not end in time."""
 
 
-def cleared(name: str) -> bool:
-    """A `table.column` count is of values cleared in rows that stay (a customer's name kept
-    no longer), not of rows deleted."""
-    return "." in name
-
-
 @dataclass
 class Pruned:
     counts: dict[str, int] = field(default_factory=dict)
@@ -60,12 +54,12 @@ class Pruned:
     @property
     def total(self) -> int:
         """Rows deleted."""
-        return sum(n for name, n in self.counts.items() if not cleared(name))
+        return sum(n for name, n in self.counts.items() if not wire.cleared_count(name))
 
     @property
     def cleared(self) -> int:
         """Values cleared in rows that stay."""
-        return sum(n for name, n in self.counts.items() if cleared(name))
+        return sum(n for name, n in self.counts.items() if wire.cleared_count(name))
 
     def add(self, rows: list[asyncpg.Record]) -> int:
         """Adds a batch's counts; returns how many rows it deleted or changed."""
@@ -122,7 +116,7 @@ async def prune(
                     raise
     for name, n in out.counts.items():
         if n:
-            counter = metrics.CLEARED if cleared(name) else metrics.PRUNED
+            counter = metrics.CLEARED if wire.cleared_count(name) else metrics.PRUNED
             counter.labels(name).inc(n)
     return out
 

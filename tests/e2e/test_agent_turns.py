@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cli.simulate import status_entry
 from tests.conftest import StartSystem
 from tests.e2e.test_dlq import wa, wa_json
 from tests.support import payloads
@@ -305,14 +306,7 @@ async def test_a_crash_between_two_parts_neither_repeats_nor_loses_a_part(
 
 
 def status_doc(out_id: str, status: str, wa_id: str, callback: str = "", code: int = 0) -> Any:
-    entry: dict[str, Any] = {
-        "id": out_id,
-        "status": status,
-        "timestamp": str(int(time.time())),
-        "recipient_id": wa_id,
-    }
-    if callback:
-        entry["biz_opaque_callback_data"] = callback
+    entry = status_entry(out_id, status, recipient_id=wa_id, callback_data=callback)
     if code:
         entry["errors"] = [{"code": code, "title": "Message undeliverable"}]
     return payloads.delivery(statuses=[entry])

@@ -111,10 +111,15 @@ async def test_a_pass_reports_names_cleared_apart_from_rows_deleted(
     [done] = [r for r in passes() if r["cleared"]]
     assert done["cleared"] == 1
     assert done["counts"]["webhook_conversations.contact_name"] == 1
-    # The message went (and its transitions); the conversation and its opt-out stayed.
     assert done["deleted"] == sum(done["counts"].values()) - 1
-    assert done["counts"]["processed_webhook_messages"] >= 1
-    assert "webhook_conversations" not in done["counts"]
+    # Over every pass: the message went (and its transitions); the conversation and its
+    # opt-out stayed.
+    deleted: dict[str, int] = {}
+    for r in passes():
+        for table, n in r["counts"].items():
+            deleted[table] = deleted.get(table, 0) + n
+    assert deleted["processed_webhook_messages"] >= 1
+    assert "webhook_conversations" not in deleted
     assert await pool.fetchval(
         "SELECT contact_name IS NULL FROM webhook_conversations WHERE id = $1", conv
     )

@@ -149,38 +149,24 @@ async def operator_reply(pool: asyncpg.Pool, conv: int, name: str, days: int = 0
 
 
 async def age(pool: asyncpg.Pool, conv: int, days: int) -> None:
-    """Moves everything of a conversation `days` into the past."""
+    """Moves everything of a conversation `days` into the past, in one transaction (a prune
+    pass running meanwhile sees all of it aged or none)."""
     at = f"now() - interval '{days} days'"
-    await pool.execute(
+    statements = (
         f"UPDATE processed_webhook_messages SET received_at = {at}, updated_at = {at}, "
         f"finished_at = {at} WHERE conversation_id = $1",
-        conv,
-    )
-    await pool.execute(
         f"UPDATE conversation_state_transitions SET created_at = {at} WHERE conversation_id = $1",
-        conv,
-    )
-    await pool.execute(
-        f"UPDATE webhook_conversations SET last_activity_at = {at} WHERE id = $1", conv
-    )
-    await pool.execute(
-        f"UPDATE agent_contexts SET updated_at = {at} WHERE conversation_id = $1", conv
-    )
-    await pool.execute(
-        f"UPDATE agent_context_entries SET created_at = {at} WHERE conversation_id = $1", conv
-    )
-    await pool.execute(
-        f"UPDATE agent_sessions SET last_active_at = {at} WHERE conversation_id = $1", conv
-    )
-    await pool.execute(
+        f"UPDATE webhook_conversations SET last_activity_at = {at} WHERE id = $1",
+        f"UPDATE agent_contexts SET updated_at = {at} WHERE conversation_id = $1",
+        f"UPDATE agent_context_entries SET created_at = {at} WHERE conversation_id = $1",
+        f"UPDATE agent_sessions SET last_active_at = {at} WHERE conversation_id = $1",
         f"UPDATE webhook_dlq SET created_at = {at}, updated_at = {at} WHERE conversation_id = $1",
-        conv,
-    )
-    await pool.execute(
         f"UPDATE operator_replies SET created_at = {at}, send_started_at = {at}, sent_at = {at} "
         "WHERE conversation_id = $1",
-        conv,
     )
+    async with pool.acquire() as conn, conn.transaction():
+        for statement in statements:
+            await conn.execute(statement, conv)
 
 
 async def dlq_item(pool: asyncpg.Pool, message_id: str, conv: int, status: str) -> None:

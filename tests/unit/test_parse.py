@@ -60,11 +60,16 @@ def test_the_benchmarks_statuses_are_read_as_metas(status: str) -> None:
     by_phone = simulate.status_delivery(
         "wamid.OUT1", status, recipient_id="15550001111", phone_number_id="100000000000009"
     )
-    by_bsuid = simulate.status_delivery("wamid.OUT2", status, recipient_user_id="US.123")
+    by_bsuid = simulate.status_delivery(
+        "wamid.OUT2", status, recipient_user_id="US.123", callback_data="wamid.IN2"
+    )
     read = [parse.parse(orjson.dumps(doc)).statuses for doc in (by_phone, by_bsuid)]
-    assert [(s.message_id, s.status, s.recipient_id, s.recipient_user_id) for [s] in read] == [
-        ("wamid.OUT1", status, "15550001111", ""),
-        ("wamid.OUT2", status, "", "US.123"),
+    assert [
+        (s.message_id, s.status, s.recipient_id, s.recipient_user_id, s.callback_data)
+        for [s] in read
+    ] == [
+        ("wamid.OUT1", status, "15550001111", "", ""),
+        ("wamid.OUT2", status, "", "US.123", "wamid.IN2"),
     ]
     assert read[0][0].phone_number_id == "100000000000009"
     assert read[1][0].phone_number_id == payloads.PHONE_NUMBER_ID
