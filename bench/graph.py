@@ -77,8 +77,7 @@ class Statuses:
         self.workers = []
 
     def follow(self, phone_number_id: str, message_id: str, recipient: dict[str, str]) -> None:
-        if self.workers:
-            self.queue.put_nowait((phone_number_id, message_id, recipient))
+        self.queue.put_nowait((phone_number_id, message_id, recipient))
 
     async def _post(
         self, queue: asyncio.Queue[tuple[str, str, dict[str, str]]], url: str, secret: str
@@ -124,21 +123,19 @@ def answer(head: bytes, body: bytes) -> bytes:
     replies[doc.get("context", {}).get("message_id", "")] += 1
     last_reply = time.monotonic()
     wamid = f"wamid.bench{next(ids)}"
-    # POST /vXX.X/PHONE_NUMBER_ID/messages
-    phone_number_id = head.split(b" ", 2)[1].split(b"/")[2].decode()
-    # As Meta: each status names the recipient as the send did, and repeats its callback data.
+    # As the Graph API answers: the recipient as given, and as a phone number (`to`) or a
+    # business-scoped user id (`recipient`). As Meta's statuses: the recipient named as the send
+    # named it, and the send's callback data repeated.
     about = {"callback_data": doc.get("biz_opaque_callback_data", "")}
     if "recipient" in doc:
+        contact = {"input": doc["recipient"], "user_id": doc["recipient"]}
         about["recipient_user_id"] = doc["recipient"]
     else:
-        about["recipient_id"] = doc.get("to", "")
-    statuses.follow(phone_number_id, wamid, about)
-    # As the Graph API answers: the recipient as given, and as a phone number (`to`) or a
-    # business-scoped user id (`recipient`).
-    if "recipient" in doc:
-        contact = {"input": doc["recipient"], "user_id": doc["recipient"]}
-    else:
         contact = {"input": doc.get("to", ""), "wa_id": doc.get("to", "")}
+        about["recipient_id"] = doc.get("to", "")
+    if statuses.workers:
+        # POST /vXX.X/PHONE_NUMBER_ID/messages
+        statuses.follow(head.split(b" ", 2)[1].split(b"/")[2].decode(), wamid, about)
     return orjson.dumps(
         {
             "messaging_product": "whatsapp",
