@@ -119,8 +119,8 @@ SELECT fence_token FROM fence
 -- it and were never recorded (services/agent/server.py, _SentReplies: a killed state
 -- service): message $1[n] was answered by reply $2[n]. Each recorded as record_sent would,
 -- where no reply is recorded yet. Not fenced, like a status webhook's confirmation
--- (services/state/queries.sql ingest_statuses, whose statement is wa_ingest_statuses in
--- db/migrations/0032): that Meta accepted this reply for this message stays true whoever holds
+-- (services/state/queries.sql ingest_statuses, whose statements are wa_ingest_statuses' in
+-- db/migrations/0033): that Meta accepted this reply for this message stays true whoever holds
 -- the conversation now, and a turn resumed after the crash must find it rather than send the
 -- reply again.
 -- It runs for every call's replies once the call has ended, and nearly always finds them all

@@ -23,7 +23,8 @@ SELECT * FROM wa_ingest_messages($1::text[], $2::text[], $3::text[], $4::text[],
 -- name: ingest_statuses
 -- Delivery statuses, each stored once per (outbound id, status); the outbound message's
 -- delivery state only moves forward (read never goes back to sent).
--- The statement is wa_ingest_statuses (db/migrations/0032_generic_turn_plans.sql), as above.
+-- The statements are wa_ingest_statuses' (db/migrations/0033_lean_status_ingest.sql): each runs
+-- with a generic plan, as above, and the rare ones only when needed.
 SELECT message_id
   FROM wa_ingest_statuses($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
                           $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],

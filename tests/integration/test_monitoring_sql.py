@@ -120,6 +120,15 @@ async def _nested_plan(pool: asyncpg.Pool, statement: str, query: str, *args: ob
     """The plan of the statement starting with `statement` that `query` runs inside a
     function, as auto_explain logs it (run, not only explained: a function's statements are
     planned when they run)."""
+    return "\n".join(m for m in await _nested_plans(pool, query, *args) if _runs(m, statement))
+
+
+def _runs(logged: str, statement: str) -> bool:
+    return f"Query Text: {statement}" in logged
+
+
+async def _nested_plans(pool: asyncpg.Pool, query: str, *args: object) -> list[str]:
+    """What auto_explain logs while `query` runs: the plan of each statement it runs."""
     logged: list[str] = []
 
     def log(_conn: object, message: object) -> None:
@@ -136,7 +145,7 @@ async def _nested_plan(pool: asyncpg.Pool, statement: str, query: str, *args: ob
         finally:
             await conn.execute("RESET ALL")
             conn.remove_log_listener(log)
-    return "\n".join(m for m in logged if f"Query Text: {statement}" in m)
+    return logged
 
 
 async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -> None:
@@ -174,16 +183,26 @@ async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -
     ):
         plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {query}"))
         assert "Index" in plan and "Seq Scan" not in plan, (query, plan)
-    # A batch of delivery statuses: the replies it is about, by their ids (each array one
-    # status: $5 the timestamps, $10 our callback data, the inbound message's id). The
-    # statement runs inside wa_ingest_statuses with a generic plan (db/migrations/0032): the
-    # plan checked is that one, made on this table.
+    # A batch of delivery statuses: the replies it is about, by their ids (each array two
+    # statuses: $5 the timestamps, $10 our callback data, the inbound message's id, whose
+    # replies were never recorded). Its statements run inside wa_ingest_statuses with generic
+    # plans (db/migrations/0032, 0033): the plans checked are those, made on this table: the
+    # statuses stored, their messages found, locked (two of them), confirmed and updated.
     now = dt.datetime.now(dt.UTC)
-    statuses: list[list[object]] = [["wamid.x"]] * 11
-    statuses[3], statuses[4], statuses[5], statuses[9] = ["sent"], [now], ["{}"], ["m500000"]
-    plan = await _nested_plan(pool, "WITH input AS", state_store.Q["ingest_statuses"], *statuses)
-    assert "Index Scan" in plan, plan
-    assert "Seq Scan on processed_webhook_messages" not in plan, plan
+    statuses: list[list[object]] = [["wamid.x", "wamid.y"]] * 11
+    statuses[3], statuses[4], statuses[5] = ["sent", "sent"], [now, now], ["{}", "{}"]
+    statuses[9] = ["m500000", "m500001"]
+    plans = await _nested_plans(pool, state_store.Q["ingest_statuses"], *statuses)
+    for statement in (
+        "WITH stored AS",
+        "SELECT array_agg(DISTINCT t.id)",
+        "SELECT 1 FROM processed_webhook_messages m",
+        "UPDATE processed_webhook_messages m SET reply_message_id",
+        "UPDATE processed_webhook_messages m SET reply_status",
+    ):
+        plan = "\n".join(p for p in plans if _runs(p, statement))
+        assert "Index Scan" in plan, (statement, plan)
+        assert "Seq Scan on processed_webhook_messages" not in plan, (statement, plan)
     # A delivery of a message, inside wa_ingest_messages, generic too.
     message: list[list[object]] = [["1"]] * 16
     message[0], message[5], message[8], message[9] = [["m-new"], [now], ["{}"], ["received"]]

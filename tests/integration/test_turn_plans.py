@@ -129,7 +129,9 @@ async def test_a_turns_statements_are_not_planned_again_at_every_call(
     queries = " | ".join(r["q"] for r in counts)
     for ran in (
         "WITH given AS",  # the ingest of messages
-        "WITH input AS",  # the ingest of statuses
+        "WITH stored AS",  # the ingest of statuses: stored, their messages found and updated
+        "SELECT array_agg(DISTINCT t.id)",
+        "UPDATE processed_webhook_messages m SET reply_status",
         "wa_claim_turn(",
         "wa_claim_turns(",
         "wa_save_turn(",
