@@ -61,6 +61,12 @@ def _tree(stats: list[Stat], root: int) -> float:
     return total
 
 
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU one process has spent so far (0 where /proc cannot tell)."""
+    stat = _stat(pid)
+    return stat.own if stat is not None else 0.0
+
+
 def snapshot(
     roots: Mapping[str, int | None], by_name: Mapping[str, Iterable[str]]
 ) -> dict[str, float]:

@@ -20,11 +20,12 @@
 --   * a send never recorded is confirmed (never by `failed`: that is no proof the customer has
 --     it, and the send is made again) only when one was found;
 --   * each reply's furthest delivery state is kept; it only moves forward.
--- Measured in one backend, on a history of 40,000 answered messages, the two versions called
--- in turn (16 rounds of 250 calls of one status and 40 of ten): 412 against 345 µs of the
--- backend's CPU for a status alone, 89 against 70 for each of ten (synchronous_commit off, to
--- leave out the flush, which is the same for both; with it on, 8 rounds: 550-570 against
--- 465-480 alone). Each statement reads by a key, so the generic plan is still the plan
+-- Measured in one backend, on a history of 40,000 answered messages, this version and 0032's
+-- called in turn, round after round (`python -m bench.status_ingest --rounds 16 --version
+-- db/migrations/0032_generic_turn_plans.sql`, with and without `--no-sync`): a status alone
+-- 495-502 µs of the backend's CPU against 590, each of ten in one call 92-95 against 106-114
+-- (this machine's speed drifts from run to run; the ratio held: 0.84-0.85 alone). Each
+-- statement reads by a key, so the generic plan is still the plan
 -- (tests/integration/test_monitoring_sql.py checks each on a million messages).
 CREATE OR REPLACE FUNCTION wa_ingest_statuses(
     text[], text[], text[], text[], timestamptz[], text[], text[], text[], text[], text[],
