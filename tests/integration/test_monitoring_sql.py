@@ -183,15 +183,16 @@ async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -
     ):
         plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {query}"))
         assert "Index" in plan and "Seq Scan" not in plan, (query, plan)
-    # A batch of delivery statuses: the replies it is about, by their ids (each array two
+    # A batch of delivery statuses: the replies it is about, by their ids (each array three
     # statuses: $5 the timestamps, $10 our callback data, the inbound message's id, whose
-    # replies were never recorded). Its statements run inside wa_ingest_statuses with generic
-    # plans (db/migrations/0032, 0033): the plans checked are those, made on this table: the
-    # statuses stored, their messages found, locked (two of them), confirmed and updated.
+    # replies were never recorded, and a part of a long reply). Its statements run inside
+    # wa_ingest_statuses with generic plans (db/migrations/0032, 0033): the plans checked are
+    # those, made on this table: the statuses stored, their messages found, locked (two of
+    # them), confirmed and updated, and the part updated.
     now = dt.datetime.now(dt.UTC)
-    statuses: list[list[object]] = [["wamid.x", "wamid.y"]] * 11
-    statuses[3], statuses[4], statuses[5] = ["sent", "sent"], [now, now], ["{}", "{}"]
-    statuses[9] = ["m500000", "m500001"]
+    statuses: list[list[object]] = [["wamid.x", "wamid.y", "wamid.z"]] * 11
+    statuses[3], statuses[4], statuses[5] = ["sent"] * 3, [now] * 3, ["{}"] * 3
+    statuses[9] = ["m500000", "m500001", "m500002#1"]
     plans = await _nested_plans(pool, state_store.Q["ingest_statuses"], *statuses)
     for statement in (
         "WITH stored AS",
@@ -203,6 +204,8 @@ async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -
         plan = "\n".join(p for p in plans if _runs(p, statement))
         assert "Index Scan" in plan, (statement, plan)
         assert "Seq Scan on processed_webhook_messages" not in plan, (statement, plan)
+    parts = "\n".join(p for p in plans if _runs(p, "UPDATE agent_reply_parts p"))
+    assert "agent_reply_parts_pkey" in parts, parts
     # A delivery of a message, inside wa_ingest_messages, generic too.
     message: list[list[object]] = [["1"]] * 16
     message[0], message[5], message[8], message[9] = [["m-new"], [now], ["{}"], ["received"]]

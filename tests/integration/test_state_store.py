@@ -67,6 +67,52 @@ async def test_statuses_are_idempotent_and_monotonic(pool: asyncpg.Pool) -> None
     assert state == "read"
 
 
+async def test_statuses_confirm_an_unrecorded_send_and_its_parts_in_one_call(
+    pool: asyncpg.Pool,
+) -> None:
+    """A turn died mid-send: its message has no recorded reply, and one of its long reply's
+    two parts has no recorded send. One call brings the reply's `sent` and `delivered` (with
+    our callback data, the message's id) and the second part's `sent`: the send is confirmed
+    and the reply gets the furthest state of the call (delivered), and the part its id."""
+    await store.ingest(pool, [inbound("wamid.IN")], [], "c", "")
+    await pool.execute(
+        "INSERT INTO agent_reply_parts (message_id, part, body, sent_id)"
+        " VALUES ('wamid.IN', 0, 'first', 'wamid.P0'), ('wamid.IN', 1, 'second', NULL)"
+    )
+
+    def st(outbound: str, kind: str, callback: str) -> Status:
+        return Status(
+            outbound, "100", "15550001111", kind, int(time.time()), "{}", callback_data=callback
+        )
+
+    _, n = await store.ingest(
+        pool,
+        [],
+        [
+            st("wamid.OUT", "sent", "wamid.IN"),
+            st("wamid.OUT", "delivered", "wamid.IN"),
+            st("wamid.P1", "sent", "wamid.IN#1"),
+        ],
+        "c",
+        "",
+    )
+    assert n == 3
+    row = await pool.fetchrow(
+        "SELECT reply_message_id, reply_status, reply_confirmed_by"
+        " FROM processed_webhook_messages WHERE message_id = 'wamid.IN'"
+    )
+    assert row is not None
+    assert row["reply_message_id"] == "wamid.OUT" and row["reply_status"] == "delivered"
+    assert (row["reply_confirmed_by"] or "").startswith("status webhook: ")
+    parts = await pool.fetch(
+        "SELECT part, sent_id, reply_status, confirmed_by FROM agent_reply_parts ORDER BY part"
+    )
+    assert [tuple(p) for p in parts] == [
+        (0, "wamid.P0", None, None),
+        (1, "wamid.P1", "sent", "status webhook: sent"),
+    ]
+
+
 async def test_next_message_is_the_oldest_by_whatsapp_timestamp(pool: asyncpg.Pool) -> None:
     base = int(time.time())
     msgs = [inbound(f"wamid.O{i}", ts=base + i) for i in (3, 1, 2, 0)]
