@@ -398,5 +398,10 @@ async def test_a_calls_replies_looked_at_again_are_found_by_their_keys_on_a_smal
             after = await _table_reads(conn)
     finally:
         await one.close()
+    # A probe reads the message's key entries: its live version's and those of the versions
+    # the turn and the test left (claimed, replied, recorded: up to four in all) until a probe
+    # finds them dead to every snapshot and marks them; while anything else holds a snapshot
+    # of this database (an autovacuum's ANALYZE on a shared server), none is marked. Reading
+    # the partial index on kind instead would be 40 entries a probe.
     scanned, entries = after[0] - before[0], after[1] - before[1]
-    assert scanned == 0 and entries <= 2 * calls * per_call, (scanned, entries)
+    assert scanned == 0 and entries <= 4 * calls * per_call, (scanned, entries)
