@@ -32,7 +32,7 @@ from collections import Counter
 import orjson
 import uvloop
 
-from cli.simulate import status_delivery
+from cli.simulate import status_delivery, status_entry
 
 from . import load
 
@@ -88,9 +88,13 @@ class Statuses:
             while True:
                 phone_number_id, message_id, recipient = await queue.get()
                 for status in STATUSES:
-                    doc = status_delivery(
-                        message_id, status, phone_number_id=phone_number_id, **recipient
+                    entry = status_entry(
+                        message_id,
+                        status,
+                        recipient_id=recipient.get("recipient_id", ""),
+                        recipient_user_id=recipient.get("recipient_user_id", ""),
                     )
+                    doc = status_delivery(entry, phone_number_id=phone_number_id)
                     request = load.signed_request(f"{host}:{port}", path, secret, orjson.dumps(doc))
                     for attempt in range(ATTEMPTS):
                         try:

@@ -57,7 +57,7 @@ def text_delivery(
         contact["user_id"] = message["from_user_id"] = user_id
     if username:
         contact["profile"]["username"] = "@" + username.lstrip("@")
-    return _delivery(phone_number_id, display_phone_number, contacts=[contact], messages=[message])
+    return envelope(phone_number_id, display_phone_number, contacts=[contact], messages=[message])
 
 
 def status_entry(
@@ -94,28 +94,18 @@ def status_entry(
 
 
 def status_delivery(
-    message_id: str,
-    status: str,
+    entry: dict[str, Any],
     *,
-    recipient_id: str = "",
-    recipient_user_id: str = "",
-    callback_data: str = "",
     phone_number_id: str = "100000000000001",
     display_phone_number: str = "15550009999",
 ) -> dict[str, Any]:
-    """A delivery exactly as Meta sends one status (`status_entry`)."""
-    entry = status_entry(
-        message_id,
-        status,
-        recipient_id=recipient_id,
-        recipient_user_id=recipient_user_id,
-        callback_data=callback_data,
-    )
-    return _delivery(phone_number_id, display_phone_number, statuses=[entry])
+    """A delivery exactly as Meta sends one status (a `status_entry`)."""
+    return envelope(phone_number_id, display_phone_number, statuses=[entry])
 
 
-def _delivery(phone_number_id: str, display_phone_number: str, **value: Any) -> dict[str, Any]:
-    """The envelope of every delivery: one change of field `messages` holding `value`'s lists."""
+def envelope(phone_number_id: str, display_phone_number: str, **value: Any) -> dict[str, Any]:
+    """The envelope of every delivery: one change of field `messages` holding `value`'s lists
+    (`contacts`, `messages`, `statuses`)."""
     metadata = {"display_phone_number": display_phone_number, "phone_number_id": phone_number_id}
     return {
         "object": "whatsapp_business_account",

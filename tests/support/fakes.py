@@ -20,7 +20,7 @@ from typing import Any, Self
 
 import httpx
 
-from cli.simulate import status_delivery
+from cli.simulate import status_delivery, status_entry
 from devtools.system import ACCESS_TOKEN
 
 
@@ -138,14 +138,14 @@ class FakeGraph(FakeServer):
         url, secret = self.webhook
         # Like Meta: recipient_id only when the message went to a phone number; the BSUID of
         # a message sent to one (Meta would name it for a phone too; this fake cannot know it).
-        doc = status_delivery(
+        entry = status_entry(
             out_id,
             "sent",
             recipient_id=body.get("to") or "",
             recipient_user_id=body.get("recipient") or "",
             callback_data=body.get("biz_opaque_callback_data") or "",
-            phone_number_id=self.path_phone(body),
         )
+        doc = status_delivery(entry, phone_number_id=self.path_phone(body))
         data = json.dumps(doc).encode()
         sig = "sha256=" + hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
         for _ in range(60):

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any
 
-from cli.simulate import status_entry, text_delivery
+from cli.simulate import envelope, status_entry, text_delivery
 from devtools.system import sign
 
 PHONE_NUMBER_ID = "100000000000001"
@@ -171,10 +171,7 @@ def delivery(
     usernames: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """`usernames`: BSUID -> username, for `contacts[].profile.username`."""
-    value: dict[str, Any] = {
-        "messaging_product": "whatsapp",
-        "metadata": {"display_phone_number": DISPLAY, "phone_number_id": PHONE_NUMBER_ID},
-    }
+    value: dict[str, Any] = {}
     if messages:
         contacts = []
         for wa, user in dict.fromkeys((m.get("from"), m.get("from_user_id")) for m in messages):
@@ -190,10 +187,7 @@ def delivery(
         value["messages"] = messages
     if statuses:
         value["statuses"] = statuses
-    return {
-        "object": "whatsapp_business_account",
-        "entry": [{"id": "200000000000002", "changes": [{"field": "messages", "value": value}]}],
-    }
+    return envelope(PHONE_NUMBER_ID, DISPLAY, **value)
 
 
 # What a customer sends by tapping and sharing, in the shapes Meta documents

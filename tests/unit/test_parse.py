@@ -58,10 +58,13 @@ def test_the_benchmarks_statuses_are_read_as_metas(status: str) -> None:
     """bench.graph posts `status_delivery`s for every reply, to a phone number or a BSUID:
     each must be read as the status of that reply, for that recipient and business number."""
     by_phone = simulate.status_delivery(
-        "wamid.OUT1", status, recipient_id="15550001111", phone_number_id="100000000000009"
+        simulate.status_entry("wamid.OUT1", status, recipient_id="15550001111"),
+        phone_number_id="100000000000009",
     )
     by_bsuid = simulate.status_delivery(
-        "wamid.OUT2", status, recipient_user_id="US.123", callback_data="wamid.IN2"
+        simulate.status_entry(
+            "wamid.OUT2", status, recipient_user_id="US.123", callback_data="wamid.IN2"
+        )
     )
     read = [parse.parse(orjson.dumps(doc)).statuses for doc in (by_phone, by_bsuid)]
     assert [
