@@ -62,7 +62,12 @@ def _tree(stats: list[Stat], root: int) -> float:
 
 
 def process_cpu(pid: int) -> float:
-    """Seconds of CPU one process has spent so far (0 where /proc cannot tell)."""
+    """Seconds of CPU one process has spent so far (0 where /proc cannot tell): from its
+    schedstat, in nanoseconds, where the kernel keeps one (its stat counts clock ticks, 10 ms)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     stat = _stat(pid)
     return stat.own if stat is not None else 0.0
 

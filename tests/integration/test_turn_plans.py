@@ -18,8 +18,8 @@ import pytest
 
 from common import db
 from common.domain import Status
-from devtools import history
-from services.agent.saves import Save, Saves
+from devtools import history, turns
+from services.agent.saves import Saves
 from services.state import machine, store
 from tests.support.inbound import inbound
 from tests.support.servers import Postgres
@@ -154,22 +154,5 @@ async def test_a_turns_statements_are_not_planned_again_at_every_call(
 
 async def _save(saves: Saves, item: store.WorkItem) -> None:
     """The agent's save of a turn's reply before it sends it (services/agent/turn.py)."""
-    saved = await saves.save(
-        Save(
-            conversation_id=item.conversation_id,
-            token=item.fence_token,
-            message_id=item.message_id,
-            agent_type="concierge",
-            previous_agent_type="concierge",
-            appended=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-            keep=20,
-            token_count=12,
-            reply_text="hello",
-            tokens_in=5,
-            tokens_out=3,
-            latency_ms=10,
-            correlation_id="c",
-            send_started=True,
-        )
-    )
+    saved = await saves.save(turns.answer_save(item))
     assert saved == item.fence_token
