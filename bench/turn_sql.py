@@ -1,7 +1,8 @@
 """What PostgreSQL spends on a message's way, step by step, as the services send it: the ingest
 of a customer's text message, its turn's claim, the save of its reply before the send, the
 turn's final move (with the send's id, the next turn's start and the conversation's release),
-and, with `--statuses`, its reply's three status webhooks. Each step is measured as the CPU of
+and, with `--statuses`, its reply's three status webhooks (those of customers writing at once
+in one call, as the gateway batches them). Each step is measured as the CPU of
 one backend (/proc/PID/schedstat) per message, on a business's history (devtools/history.py).
 
     .venv/bin/python -m bench.turn_sql [--rounds 6] [--rows 40000] [--together N]
@@ -146,10 +147,11 @@ class Run:
         if self.statuses:
 
             async def statuses() -> None:
-                # A webhook each, as Meta sends them.
+                # A webhook each, as Meta sends them; those of customers writing at once reach
+                # the state service together, in one call (the gateway's IngestBatch).
                 for status in ("sent", "delivered", "read"):
-                    for t, c in zip(turns, customers, strict=True):
-                        update = Status(
+                    updates = [
+                        Status(
                             f"{t.message_id}.out",
                             harness.PHONE_NUMBER_ID,
                             f"1666{c}",
@@ -157,7 +159,11 @@ class Run:
                             int(time.time()),
                             "{}",
                         )
-                        await store.ingest(pool, [], [update], "b", "")
+                        for t, c in zip(turns, customers, strict=True)
+                    ]
+                    _, stored = await store.ingest(pool, [], updates, "b", "")
+                    if stored != len(updates):
+                        raise RuntimeError(f"{stored} of {len(updates)} statuses stored")
 
             await self._step(d, "statuses", statuses)
         d.messages += self.together

@@ -692,8 +692,6 @@ $$;
 CREATE FUNCTION public.wa_ingest_messages(text[], text[], text[], text[], text[], timestamp with time zone[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[]) RETURNS SETOF record
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_generic_plan'
-    SET enable_hashjoin TO 'off'
-    SET enable_mergejoin TO 'off'
     AS $_$
 BEGIN
     RETURN QUERY
@@ -852,8 +850,6 @@ $_$;
 CREATE FUNCTION public.wa_ingest_statuses(text[], text[], text[], text[], timestamp with time zone[], text[], text[], text[], text[], text[], text[]) RETURNS SETOF text
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_generic_plan'
-    SET enable_hashjoin TO 'off'
-    SET enable_mergejoin TO 'off'
     AS $_$
 DECLARE
     v_rows bigint[];
