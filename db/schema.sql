@@ -1533,8 +1533,12 @@ DECLARE
     v_wa_id text;
     v_handoff_at timestamptz;
 BEGIN
-    SELECT c.fence_token, c.contact_name, c.wa_id, c.user_id, c.username, c.handoff_at
-      INTO fence_token, contact_name, v_wa_id, user_id, username, v_handoff_at
+    -- With the customer's last message time, the 24-hour window's start: every ingest of the
+    -- conversation's messages keeps it (GREATEST of their timestamps), in the row read anyway.
+    SELECT c.fence_token, c.contact_name, c.wa_id, c.user_id, c.username, c.handoff_at,
+           c.last_message_at
+      INTO fence_token, contact_name, v_wa_id, user_id, username, v_handoff_at,
+           last_customer_at
       FROM webhook_conversations c
      WHERE c.id = p_conversation_id
        FOR SHARE;
@@ -1595,12 +1599,6 @@ BEGIN
       INTO context_agent_type, context
       FROM agent_contexts a
      WHERE a.conversation_id = p_conversation_id;
-    -- One entry of processed_messages_customer_last_idx.
-    SELECT l.wa_timestamp INTO last_customer_at
-      FROM processed_webhook_messages l
-     WHERE l.conversation_id = p_conversation_id AND l.kind = 'message'
-     ORDER BY l.wa_timestamp DESC
-     LIMIT 1;
     db_now := now();
 
     INSERT INTO conversation_state_transitions

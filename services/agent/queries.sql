@@ -8,17 +8,16 @@
 -- name: turn_state
 -- The message's reply state and its conversation's context, in one round trip; its type and
 -- Meta's message object say what it is (services/agent/inbound.py). With the customer's last
--- message time in the conversation (the 24-hour window's start, one entry of
--- processed_messages_customer_last_idx) and the database's clock to compare it with.
+-- message time in the conversation (the 24-hour window's start, which every ingest of its
+-- messages keeps on the conversation: wa_start_turn and the operator's reply read it there too)
+-- and the database's clock to compare it with.
 SELECT m.conversation_id, m.status, m.reply_text, m.reply_message_id, m.agent_type,
        m.send_started_at, m.absorbed_message_ids, ctx.agent_type AS context_agent_type,
        (SELECT c::json FROM wa_context(m.conversation_id) c) AS context,
-       m.message_type, m.payload, m.reply_payload,
-       (SELECT l.wa_timestamp FROM processed_webhook_messages l
-         WHERE l.conversation_id = m.conversation_id AND l.kind = 'message'
-         ORDER BY l.wa_timestamp DESC LIMIT 1) AS last_customer_at,
+       m.message_type, m.payload, m.reply_payload, conv.last_message_at AS last_customer_at,
        now() AS db_now
   FROM processed_webhook_messages m
+  LEFT JOIN webhook_conversations conv ON conv.id = m.conversation_id
   LEFT JOIN agent_contexts ctx ON ctx.conversation_id = m.conversation_id
  WHERE m.message_id = $1 AND m.kind = 'message'
 

@@ -184,9 +184,12 @@ async def test_a_message_redriven_after_24_hours_never_calls_the_model(
     system = await start_system(**env)
     message_id = await say(system, "hello, are you open?", wait={"dead_lettered"})
     pool = await system.db()
-    # A day and an hour pass before an operator redrives it.
+    # A day and an hour pass before an operator redrives it (the message's time and its
+    # conversation's last message time with it).
     await pool.execute(
-        "UPDATE processed_webhook_messages SET wa_timestamp = wa_timestamp - interval '25 hours'"
+        "UPDATE processed_webhook_messages SET wa_timestamp = wa_timestamp - interval '25 hours';"
+        " UPDATE webhook_conversations"
+        " SET last_message_at = last_message_at - interval '25 hours'"
     )
     await redrive(system, message_id)
     if window_template:

@@ -150,8 +150,10 @@ async def test_a_stale_holder_outside_the_window_neither_stores_nor_sends_the_te
     pool: asyncpg.Pool, graph: FakeGraph
 ) -> None:
     conversation, token = await claimed(pool, "wamid.LATE")
+    # Two days pass: the customer's message, and its conversation's last message time with it.
     await pool.execute(
-        "UPDATE processed_webhook_messages SET wa_timestamp = now() - interval '2 days'"
+        "UPDATE processed_webhook_messages SET wa_timestamp = now() - interval '2 days';"
+        " UPDATE webhook_conversations SET last_message_at = now() - interval '2 days'"
     )
     await store.claim_conversation(pool, conversation, "driver-b")
     async with aiohttp.ClientSession() as http:

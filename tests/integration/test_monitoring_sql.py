@@ -232,11 +232,12 @@ async def test_one_hour_window_does_not_scan_every_message(pool: asyncpg.Pool) -
             plan,
         )
         assert "Seq Scan on processed_webhook_messages" not in plan, (q, plan)
-    # Every turn's state, with the customer's last message in a conversation of a million
-    # (the 24-hour window): one entry of the window's index, not the conversation's history.
+    # Every turn's state, with the customer's last message time in a conversation of a million
+    # (the 24-hour window): from the conversation's row, not the conversation's history.
     turn_state = agent_turn.Q["turn_state"].replace("$1", "'m500000'")
     plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {turn_state}"))
-    assert "processed_messages_customer_last_idx" in plan and "Seq Scan" not in plan, plan
+    assert "webhook_conversations_pkey" in plan and "Seq Scan" not in plan, plan
+    assert "processed_messages_customer_last_idx" not in plan, plan
 
 
 async def test_a_sends_furthest_status_is_read_inline_not_by_a_function_call(

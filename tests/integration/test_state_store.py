@@ -10,12 +10,14 @@ import asyncpg
 import orjson
 import pytest
 
-from common import kv
+from common import kv, sqlfile
 from common.domain import Status
 from services.state import machine, store
 from services.state.locks import Locks
 from tests.support.inbound import inbound
 from tests.support.servers import Redis
+
+agent_queries = sqlfile.load("services.agent", "queries.sql")
 
 
 async def test_concurrent_copies_of_one_message_store_it_once(pool: asyncpg.Pool) -> None:
@@ -335,6 +337,34 @@ async def test_a_claim_starts_the_first_turn_in_the_same_round_trip(pool: asyncp
         await store.next_message(pool, conv, token)
     with pytest.raises(store.UnknownMessage):
         await store.claim_turn(pool, conv + 1000, "me")
+
+
+async def test_a_turns_window_starts_at_the_customers_newest_message_whatever_came_last(
+    pool: asyncpg.Pool,
+) -> None:
+    """The 24-hour window's start a turn gets (wa_start_turn, and the agent's own read of a
+    turn's state) is the customer's newest message in the conversation by Meta's timestamp,
+    as the operator's reply reads it (db/migrations/0034): an older message delivered late,
+    the reply's statuses and another customer's messages do not move it."""
+    now = int(time.time())
+    rows, _ = await store.ingest(pool, [inbound("wamid.W2", ts=now - 60)], [], "c", "")
+    conv = rows[0].conversation_id
+    await store.ingest(pool, [inbound("wamid.W1", ts=now - 600)], [], "c", "")  # late
+    await store.ingest(pool, [inbound("wamid.X1", wa_id="15550002222", ts=now)], [], "c", "")
+    update = Status("wamid.R1", "100", "15550001111", "delivered", now, "{}")
+    await store.ingest(pool, [], [update], "c", "")
+
+    _, first = await store.claim_turn_or_release(pool, conv, "me")
+    assert isinstance(first, store.WorkItem) and first.message_id == "wamid.W1"
+    assert first.last_customer_at == now - 60
+    row = await pool.fetchrow(agent_queries["turn_state"], "wamid.W1")
+    assert row is not None and row["last_customer_at"].timestamp() == now - 60
+    # Without a message, no window: a conversation whose customer never wrote (an event's).
+    silent = await pool.fetchval(
+        "INSERT INTO webhook_conversations (phone_number_id, wa_id, customer_id)"
+        " VALUES ('100', '15550003333', '15550003333') RETURNING id"
+    )
+    assert await pool.fetchval("SELECT last_customer_at FROM wa_start_turn($1, 0)", silent) is None
 
 
 async def test_a_turn_starts_with_its_stored_state_and_finishes_recording_its_reply(
