@@ -12,8 +12,10 @@ CUSTOMERS = 20_000
 
 _HISTORY = """
 WITH c AS (
-    INSERT INTO webhook_conversations (phone_number_id, wa_id, customer_id)
-    SELECT $1, '1666' || i, '1666' || i FROM generate_series(1, $2::integer) i
+    -- Its last message time as the ingest keeps it: its newest message's (k = 1 below).
+    INSERT INTO webhook_conversations (phone_number_id, wa_id, customer_id, last_message_at)
+    SELECT $1, '1666' || i, '1666' || i, now() - interval '1 minute'
+      FROM generate_series(1, $2::integer) i
     RETURNING id, wa_id
 ), m AS (
     INSERT INTO processed_webhook_messages

@@ -229,7 +229,12 @@ async def test_every_reply_is_saved_with_a_hot_update(database_url: str) -> None
     finally:
         await saves.close()
         await one.close()
-    assert (saved, hot) == (3 * conversations, 3 * conversations)
+    # Every save HOT, but for one now and then without room: the room comes from pruning the
+    # page's dead versions, which a snapshot held meanwhile anywhere on the server (an
+    # autovacuum ANALYZE) can put off (117 of 120 once in the full suite, 120 alone). An index
+    # naming what the save writes makes none of them HOT.
+    assert saved == 3 * conversations
+    assert hot >= saved - 6, (saved, hot)
 
 
 async def _turns_started(pool: asyncpg.Pool, messages: list[Message]) -> list[store.WorkItem]:
