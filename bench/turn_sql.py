@@ -27,26 +27,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import shutil
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 
 from bench import harness
 from bench.cpu import process_cpu
-from common import db, migrate
+from common import db
 from common.domain import Message, Status
 from devtools import history, turns
+from devtools.servers import migrated_before
 from services.agent.saves import Saves
 from services.state import machine, store
 
 STEPS = ("ingest", "claim", "save", "finish", "statuses")
 MESSAGES_PER_ROUND = 200
 OWNER = "bench"
+T = TypeVar("T")
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Run:
         self._customers = itertools.cycle(range(1, history.CUSTOMERS + 1))
         self._n = 0
 
-    async def _step(self, d: Database, step: str, work: Callable[[], Awaitable[object]]) -> object:
+    async def _step(self, d: Database, step: str, work: Callable[[], Awaitable[T]]) -> T:
         before = process_cpu(d.backend)
         result = await work()
         d.cpu[step] = d.cpu.get(step, 0.0) + process_cpu(d.backend) - before
@@ -106,7 +106,7 @@ class Run:
                 raise RuntimeError("a message was found stored already")
             return [r.conversation_id for r in rows]
 
-        conversations: list[int] = await self._step(d, "ingest", ingest)  # type: ignore[assignment]
+        conversations = await self._step(d, "ingest", ingest)
 
         async def claim() -> list[store.WorkItem]:
             claims = await asyncio.gather(
@@ -117,7 +117,7 @@ class Run:
                 raise RuntimeError(f"the claims started {claims}, not {ids}")
             return turns
 
-        turns: list[store.WorkItem] = await self._step(d, "claim", claim)  # type: ignore[assignment]
+        turns = await self._step(d, "claim", claim)
 
         async def save() -> None:
             await asyncio.gather(*(_save(d.saves, t) for t in turns))
@@ -175,17 +175,13 @@ async def _database(
     if before is None:
         dsn = await servers.database()
     else:
-        folder = Path(tempfile.mkdtemp(prefix="wa-bench-migrations-"))
-        for path in migrate.pending_files():
-            if path.name < before:
-                shutil.copy(path, folder / path.name)
-        dsn = await servers.pg.create_database(None)
-        await migrate.migrate(dsn, folder)
-        shutil.rmtree(folder)
+        folder = servers.root / f"migrations-before-{before}"
+        dsn = await migrated_before(servers.pg, folder, before)
     pool = await db.create_pool(dsn, min_size=1, max_size=1)
     try:
+        # (Analyzed by history.write; vacuumed as a deployment's tables are.)
         await history.write(pool, harness.PHONE_NUMBER_ID, rows, context_entries=5)
-        await pool.execute("VACUUM ANALYZE")
+        await pool.execute("VACUUM")
     finally:
         await pool.close()
     return label, dsn

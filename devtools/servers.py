@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -188,3 +189,20 @@ class Redis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(15)
+
+
+async def migrated_before(pg: Postgres, folder: Path, first_new: str) -> str:
+    """A new database with the migrations before `first_new` (a file name's prefix, "0031")
+    applied, and no later one, as an earlier release left it; returns its DSN.
+    `migrate.migrate(dsn)` then upgrades it. `folder`, new, receives those migrations."""
+    await asyncio.to_thread(_copy_before, folder, first_new)
+    dsn = await pg.create_database(None)
+    await migrate.migrate(dsn, folder)
+    return dsn
+
+
+def _copy_before(folder: Path, first_new: str) -> None:
+    folder.mkdir()
+    for path in migrate.pending_files():
+        if path.name < first_new:
+            shutil.copy(path, folder / path.name)

@@ -10,14 +10,13 @@ import asyncpg
 import orjson
 import pytest
 
-from common import kv, sqlfile
+from common import kv
 from common.domain import Status
+from services.agent import turn as agent_turn
 from services.state import machine, store
 from services.state.locks import Locks
 from tests.support.inbound import inbound
 from tests.support.servers import Redis
-
-agent_queries = sqlfile.load("services.agent", "queries.sql")
 
 
 async def test_concurrent_copies_of_one_message_store_it_once(pool: asyncpg.Pool) -> None:
@@ -357,7 +356,7 @@ async def test_a_turns_window_starts_at_the_customers_newest_message_whatever_ca
     _, first = await store.claim_turn_or_release(pool, conv, "me")
     assert isinstance(first, store.WorkItem) and first.message_id == "wamid.W1"
     assert first.last_customer_at == now - 60
-    row = await pool.fetchrow(agent_queries["turn_state"], "wamid.W1")
+    row = await pool.fetchrow(agent_turn.Q["turn_state"], "wamid.W1")
     assert row is not None and row["last_customer_at"].timestamp() == now - 60
     # Without a message, no window: a conversation whose customer never wrote (an event's).
     silent = await pool.fetchval(
