@@ -738,7 +738,7 @@ BEGIN
         -- Each conversation's messages in this batch that are not stored yet, as this statement
         -- sees the table: counted into message_count by the one update of the conversation row.
         SELECT i.phone_number_id, i.customer_id, count(DISTINCT i.message_id)::integer AS added,
-               array_agg(DISTINCT i.message_id) AS ids
+               array_agg(DISTINCT i.message_id) AS ids, max(i.wa_timestamp) AS newest
           FROM input i
          WHERE NOT EXISTS (SELECT 1 FROM processed_webhook_messages m
                             WHERE m.message_id = i.message_id)
@@ -760,7 +760,10 @@ BEGIN
                parent_user_id = COALESCE(NULLIF(a.parent_user_id, ''), c.parent_user_id),
                username = COALESCE(NULLIF(a.username, ''), c.username),
                contact_name = COALESCE(NULLIF(a.contact_name, ''), c.contact_name),
-               last_message_at = GREATEST(c.last_message_at, a.wa_timestamp),
+               -- (GREATEST skips the NULL of a batch of copies only)
+               last_message_at = GREATEST(c.last_message_at,
+                   (SELECT f.newest FROM fresh f
+                     WHERE f.phone_number_id = a.phone_number_id AND f.customer_id = a.customer_id)),
                last_activity_at = now(), updated_at = now(),
                -- (rare: counted with a fresh snapshot, whoever changed the row since this began)
                message_count = c.message_count + wa_unstored_messages(
@@ -778,7 +781,7 @@ BEGIN
              correlation_id, last_message_at, message_count)
         SELECT k.phone_number_id, k.customer_id, NULLIF(k.wa_id, ''), NULLIF(k.user_id, ''),
                NULLIF(k.parent_user_id, ''), NULLIF(k.username, ''), NULLIF(k.contact_name, ''),
-               k.correlation_id, k.wa_timestamp, COALESCE(f.added, 0)
+               k.correlation_id, f.newest, COALESCE(f.added, 0)
           FROM keys k
           LEFT JOIN fresh f ON f.phone_number_id = k.phone_number_id
                            AND f.customer_id = k.customer_id
@@ -792,6 +795,7 @@ BEGIN
                 user_id = COALESCE(EXCLUDED.user_id, c.user_id),
                 parent_user_id = COALESCE(EXCLUDED.parent_user_id, c.parent_user_id),
                 username = COALESCE(EXCLUDED.username, c.username),
+                -- (NULL for copies only, which GREATEST skips)
                 last_message_at = GREATEST(c.last_message_at, EXCLUDED.last_message_at),
                 last_activity_at = now(),
                 -- The count this statement's snapshot saw is still the row's: no message was

@@ -4,7 +4,9 @@ concurrency, fencing of a stalled holder, audited refusals, monotonic delivery s
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
+from dataclasses import replace
 
 import asyncpg
 import orjson
@@ -364,6 +366,53 @@ async def test_a_turns_window_starts_at_the_customers_newest_message_whatever_ca
         " VALUES ('100', '15550003333', '15550003333') RETURNING id"
     )
     assert await pool.fetchval("SELECT last_customer_at FROM wa_start_turn($1, 0)", silent) is None
+
+
+async def test_copies_of_stored_messages_do_not_move_the_window(pool: asyncpg.Pool) -> None:
+    """Only messages stored now move a conversation's last message time, the window's start
+    (db/migrations/0035): Meta's retries of a message without a usable timestamp (stored with
+    the ingest's time) do not reopen a window that has closed, and a copy delivered again
+    with the customer's BSUID does not move the BSUID's other conversation."""
+    day_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=25)
+    undated = replace(inbound("wamid.U1"), timestamp=0)
+    rows, _ = await store.ingest(pool, [undated], [], "c", "")
+    conv = rows[0].conversation_id
+    # A day passes: the message and the conversation as they would be by then.
+    await pool.execute(
+        "UPDATE processed_webhook_messages SET wa_timestamp = $1 WHERE message_id = 'wamid.U1'",
+        day_ago,
+    )
+    await pool.execute(
+        "UPDATE webhook_conversations SET last_message_at = $1 WHERE id = $2", day_ago, conv
+    )
+    again, _ = await store.ingest(pool, [undated], [], "c", "")
+    assert again[0].duplicate
+    last = "SELECT last_message_at FROM webhook_conversations WHERE id = $1"
+    assert await pool.fetchval(last, conv) == day_ago
+
+    # The BSUID's conversation (a message sent under the BSUID alone, three hours ago), and the
+    # phone number's, with a message an hour ago; that message comes again, with the BSUID.
+    now = int(time.time())
+    bsuid = "US.13491208655302741918"
+    rows, _ = await store.ingest(
+        pool, [inbound("wamid.B1", "", user_id=bsuid, ts=now - 3 * 3600)], [], "c", ""
+    )
+    by_bsuid = rows[0].conversation_id
+    rows, _ = await store.ingest(
+        pool, [inbound("wamid.P1", "15550009999", ts=now - 3600)], [], "c", ""
+    )
+    by_phone = rows[0].conversation_id
+    assert by_bsuid != by_phone
+    copy = inbound("wamid.P1", "15550009999", user_id=bsuid, ts=now - 3600)
+    again, _ = await store.ingest(pool, [copy], [], "c", "")
+    assert again[0].duplicate
+    assert (await pool.fetchval(last, by_bsuid)).timestamp() == now - 3 * 3600
+    assert (await pool.fetchval(last, by_phone)).timestamp() == now - 3600
+    # A new message does move it, as ever.
+    await store.ingest(
+        pool, [inbound("wamid.B2", "15550009999", user_id=bsuid, ts=now - 60)], [], "c", ""
+    )
+    assert (await pool.fetchval(last, by_bsuid)).timestamp() == now - 60
 
 
 async def test_a_turn_starts_with_its_stored_state_and_finishes_recording_its_reply(
