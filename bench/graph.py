@@ -36,7 +36,10 @@ from cli.simulate import status_delivery, status_entry
 
 from . import load
 
-STATUS_CONNECTIONS = 16
+# Meta posts webhooks over many connections at once. Three statuses in a row per connection,
+# each answered up to 50 ms late (GATEWAY_STATUS_LINGER_SECONDS): 16 connections would carry
+# at most about 107 replies' statuses a second, too close to `--rate 100`.
+STATUS_CONNECTIONS = 64
 
 replies: Counter[str] = Counter()
 ids = itertools.count(1)

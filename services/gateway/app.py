@@ -198,7 +198,12 @@ async def _store(
         events=[wire.event_to_proto(e) for e in delivery.events],
     )
     try:
-        return await st.batcher.submit(request_pb)
+        # Statuses and nothing else may wait for company (batcher.py): no customer waits on
+        # them. A message, or a customer event that later messages may depend on, goes at once.
+        return await st.batcher.submit(
+            request_pb,
+            urgent=bool(delivery.messages or delivery.events or not delivery.statuses),
+        )
     except QueueFull as exc:
         DELIVERIES.labels("queue_full").inc()
         _QUEUE_FULL(error=str(exc))
@@ -306,6 +311,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
                 timeout=INGEST_TIMEOUT,
                 max_queued=settings.queue_max_deliveries,
                 max_queued_bytes=settings.queue_max_bytes,
+                linger_seconds=settings.status_linger_seconds,
             )
             readiness = Readiness(settings, stub, settings.ready_refresh_seconds)
             readiness.start()

@@ -16,6 +16,15 @@ deliveries (Meta sends up to 3 MB): a delivery larger than the cap goes in parts
 and is answered once every part is stored (a part stored before another failed is a duplicate
 when Meta retries).
 
+Deliveries that no customer waits on (Meta's delivery statuses: `sent`, `delivered`, `read` of
+each reply, three webhooks for every message answered) may linger up to `linger_seconds` for
+company: at a customer's pace each would otherwise be a call and a transaction of its own, and
+a call's fixed price, in the gateway, the state service and PostgreSQL, is several times what a
+status costs in a batch (README, "A message's way through PostgreSQL"). A delivery that is not
+allowed to wait (a message, a customer event) goes at once, as ever, and takes the lingering
+ones with it; so does a batch that is full. Meta waits seconds for an answer; a status's
+acknowledgement a few tens of milliseconds later costs nobody anything.
+
 What waits for a batch is bounded too, in deliveries and in bytes: when the state service is
 slower than the deliveries arrive, a delivery beyond either bound is refused at once
 (`QueueFull`: the gateway answers 503 with `Retry-After`, Meta retries) instead of growing the
@@ -28,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from dataclasses import dataclass
 
 import grpc
 from prometheus_client import Gauge, Histogram
@@ -59,7 +69,15 @@ FRAMING_BYTES = 16
 # GATEWAY_MAX_BODY_BYTES, which config caps at 16 MiB) larger than a batch still fits alone.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
 
-Pending = tuple[state_pb2.IngestRequest, int, asyncio.Future[state_pb2.IngestResponse]]
+
+@dataclass(slots=True)
+class Pending:
+    request: state_pb2.IngestRequest
+    size: int
+    future: asyncio.Future[state_pb2.IngestResponse]
+    urgent: bool
+    # By the loop's clock: when a delivery that may linger must be on its way.
+    due: float
 
 
 class IngestBatcher:
@@ -74,6 +92,7 @@ class IngestBatcher:
         stall_seconds: float = 0.05,
         max_queued: int = 1024,
         max_queued_bytes: int = 64 * 1024 * 1024,
+        linger_seconds: float = 0.0,
     ) -> None:
         self.stub = stub
         self.timeout = timeout
@@ -92,14 +111,21 @@ class IngestBatcher:
         self._senders = 0  # tasks of `_send`: each is in a call, or about to take the queue
         self._in_flight = 0  # calls being answered
         self._latest_start = 0.0  # of the latest call, by the loop's clock
+        self.linger_seconds = linger_seconds
+        self._urgent = 0  # queued deliveries that may not linger
+        self._timer: asyncio.TimerHandle | None = None  # sends what lingers when it is due
+        self._closing = False
 
-    async def submit(self, request: state_pb2.IngestRequest) -> state_pb2.IngestResponse:
+    async def submit(
+        self, request: state_pb2.IngestRequest, *, urgent: bool = True
+    ) -> state_pb2.IngestResponse:
+        """`request` stored; `urgent=False`: it may wait up to `linger_seconds` for others."""
         size = request.ByteSize() + FRAMING_BYTES
         if size <= self.max_batch_bytes:
-            return await self._submit(request, size)
+            return await self._submit(request, size, urgent)
         parts = split(request, self.max_batch_bytes)
         answers = await asyncio.gather(
-            *(self._submit(part, part.ByteSize() + FRAMING_BYTES) for part in parts)
+            *(self._submit(part, part.ByteSize() + FRAMING_BYTES, urgent) for part in parts)
         )
         return state_pb2.IngestResponse(
             results=[r for answer in answers for r in answer.results],
@@ -108,7 +134,7 @@ class IngestBatcher:
         )
 
     async def _submit(
-        self, request: state_pb2.IngestRequest, size: int
+        self, request: state_pb2.IngestRequest, size: int, urgent: bool
     ) -> state_pb2.IngestResponse:
         # (A delivery larger than the byte bound still waits alone: else it never could.)
         if len(self._queue) >= self.max_queued or (
@@ -120,15 +146,47 @@ class IngestBatcher:
         future: asyncio.Future[state_pb2.IngestResponse] = (
             asyncio.get_running_loop().create_future()
         )
-        self._queue.append((request, size, future))
+        loop = asyncio.get_running_loop()
+        urgent = urgent or self.linger_seconds <= 0
+        self._queue.append(
+            Pending(request, size, future, urgent, loop.time() + self.linger_seconds)
+        )
         self._queued_bytes += size
-        # (A task about to take the queue takes this delivery too.)
-        if self._senders == self._in_flight and self._may_call():
+        self._urgent += urgent
+        self._wake()
+        return await future
+
+    def _wake(self) -> None:
+        """Starts a call for what is queued when one may start and what is queued may not wait
+        longer; else makes sure the lingering deliveries are sent when the first is due."""
+        # (A task about to take the queue takes these deliveries too; while a call is being
+        # answered and does not stall, its task takes them once it is done.)
+        if not self._queue or self._senders != self._in_flight or not self._may_call():
+            return
+        if self._ready():
             self._senders += 1
             task = asyncio.create_task(self._send())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await future
+        elif self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(self._queue[0].due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._wake()
+
+    def _ready(self) -> bool:
+        """Whether what is queued goes now: something may not wait, a batch is full, or the
+        longest lingering delivery is due (the queue is in order: it is the first)."""
+        return (
+            self._closing
+            or self._urgent > 0
+            or len(self._queue) >= self.max_batch
+            or self._queued_bytes >= self.max_batch_bytes
+            # (Timers may fire up to the clock's resolution early.)
+            or self._queue[0].due <= asyncio.get_running_loop().time() + 0.001
+        )
 
     def _may_call(self) -> bool:
         """Whether a call may start besides those being answered: when none is, or when the
@@ -142,22 +200,24 @@ class IngestBatcher:
         try:
             # After each batch: the next one, unless another call is being answered (and does
             # not stall): that one's task takes what queued meanwhile once it is done.
-            while self._queue and self._may_call():
+            while self._queue and self._may_call() and self._ready():
                 await self._send_next()
         finally:
             self._senders -= 1
+            self._wake()  # what lingers, on its timer
 
     async def _send_next(self) -> None:
         batch = [self._queue.popleft()]
-        total = batch[0][1]
+        total = batch[0].size
         while (
             self._queue
             and len(batch) < self.max_batch
-            and total + self._queue[0][1] <= self.max_batch_bytes
+            and total + self._queue[0].size <= self.max_batch_bytes
         ):
-            total += self._queue[0][1]
+            total += self._queue[0].size
             batch.append(self._queue.popleft())
         self._queued_bytes -= total
+        self._urgent -= sum(p.urgent for p in batch)
         self._in_flight += 1
         self._latest_start = asyncio.get_running_loop().time()
         try:
@@ -169,7 +229,7 @@ class IngestBatcher:
         BATCH_SIZE.observe(len(batch))
         try:
             resp = await self.stub.IngestBatch(
-                state_pb2.IngestBatchRequest(deliveries=[r for r, _, _ in batch]),
+                state_pb2.IngestBatchRequest(deliveries=[p.request for p in batch]),
                 timeout=self.timeout,
             )
             answers = list(resp.deliveries)
@@ -181,19 +241,25 @@ class IngestBatcher:
                 if isinstance(exc, grpc.aio.AioRpcError)
                 else str(exc)
             )
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(IngestError(detail))
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(IngestError(detail))
             return
-        for (_, _, future), answer in zip(batch, answers, strict=True):
-            if future.done():
+        for p, answer in zip(batch, answers, strict=True):
+            if p.future.done():
                 continue
             if answer.HasField("error"):
-                future.set_exception(IngestError(answer.error.message))
+                p.future.set_exception(IngestError(answer.error.message))
             else:
-                future.set_result(answer)
+                p.future.set_result(answer)
 
     async def close(self) -> None:
+        """Sends what lingers at once, and waits for the calls under way (each bounded)."""
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, self.timeout)

@@ -42,6 +42,9 @@ class GatewaySettings(config.Base):
     # with Retry-After at once instead of queueing (memory stays bounded while state is slow).
     queue_max_deliveries: int = config.env("GATEWAY_QUEUE_MAX_DELIVERIES", 1024, gt=0)
     queue_max_bytes: int = config.env("GATEWAY_QUEUE_MAX_BYTES", 64 * 1024 * 1024, gt=0)
+    # A delivery of statuses only (no customer waits on it) may wait this long for others to
+    # share its call to the state service and its transaction (services/gateway/batcher.py).
+    status_linger_seconds: float = config.env("GATEWAY_STATUS_LINGER_SECONDS", 0.05, ge=0, le=1)
     retry_after_seconds: int = config.env("GATEWAY_RETRY_AFTER_SECONDS", 1, ge=0)
     # /readyz answers from a check made in the background this often.
     ready_refresh_seconds: float = config.env("GATEWAY_READY_REFRESH_SECONDS", 2.0, gt=0)

@@ -175,3 +175,59 @@ async def test_a_call_that_stalls_does_not_hold_the_next_deliveries(
     await asyncio.gather(first, second, third)
     assert [n for n, _ in servicer.batches] == [1, 1, 1]
     await batcher.close()
+
+
+# (`delivery(n, [])`: statuses only, as Meta sends each of a reply's.)
+async def test_statuses_at_a_customers_pace_linger_and_go_together(
+    state: tuple[State, state_pb2_grpc.StateStub],
+) -> None:
+    servicer, stub = state
+    batcher = IngestBatcher(stub, timeout=10, linger_seconds=0.5)
+    waiting = []
+    for n in range(5):  # one every 20 ms: without lingering, each a call of its own
+        waiting.append(asyncio.create_task(batcher.submit(delivery(n, []), urgent=False)))
+        await asyncio.sleep(0.02)
+    assert servicer.batches == [], "nothing went before the first was due"
+    answers = await asyncio.gather(*waiting)
+    assert [a.statuses_stored for a in answers] == [1] * 5
+    assert [n for n, _ in servicer.batches] == [5]
+
+    # An idle batcher still sends a message at once: nothing lingers but what may.
+    await batcher.submit(delivery(9, [10]))
+    assert [n for n, _ in servicer.batches] == [5, 1]
+    await batcher.close()
+
+
+async def test_a_message_takes_the_lingering_statuses_with_it(
+    state: tuple[State, state_pb2_grpc.StateStub],
+) -> None:
+    servicer, stub = state
+    batcher = IngestBatcher(stub, timeout=10, linger_seconds=60)
+    lingering = [
+        asyncio.create_task(batcher.submit(delivery(n, []), urgent=False)) for n in range(3)
+    ]
+    await asyncio.sleep(0.05)
+    assert servicer.batches == []
+    message = await asyncio.wait_for(batcher.submit(delivery(3, [10])), 10)
+    assert message.results[0].message_id == "m3.0"
+    await asyncio.wait_for(asyncio.gather(*lingering), 10)  # answered with it, not in 60 s
+    assert [n for n, _ in servicer.batches] == [4]
+    await batcher.close()
+
+
+async def test_a_full_batch_of_statuses_goes_without_waiting_and_close_sends_the_rest(
+    state: tuple[State, state_pb2_grpc.StateStub],
+) -> None:
+    servicer, stub = state
+    batcher = IngestBatcher(stub, timeout=10, linger_seconds=60, max_batch=4)
+    full = [asyncio.create_task(batcher.submit(delivery(n, []), urgent=False)) for n in range(4)]
+    await asyncio.wait_for(asyncio.gather(*full), 10)
+    assert [n for n, _ in servicer.batches] == [4]
+
+    rest = [asyncio.create_task(batcher.submit(delivery(n, []), urgent=False)) for n in range(2)]
+    await asyncio.sleep(0.05)
+    assert len(servicer.batches) == 1, "two of four: they wait"
+    # A gateway shutting down stores what lingers before it stops, instead of dropping it.
+    await asyncio.wait_for(batcher.close(), 10)
+    assert [a.statuses_stored for a in await asyncio.gather(*rest)] == [1, 1]
+    assert [n for n, _ in servicer.batches] == [4, 2]
