@@ -34,7 +34,6 @@ gateway's memory until it dies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -241,10 +240,13 @@ class IngestBatcher:
                 if isinstance(exc, grpc.aio.AioRpcError)
                 else str(exc)
             )
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(IngestError(detail))
+            _fail(batch, detail)
             return
+        except BaseException:
+            # (Cancelled at close, or a bug: the waiting requests are answered 503 all the same,
+            # and Meta delivers them again.)
+            _fail(batch, "the gateway stopped before the state service answered")
+            raise
         for p, answer in zip(batch, answers, strict=True):
             if p.future.done():
                 continue
@@ -260,9 +262,20 @@ class IngestBatcher:
             self._timer.cancel()
             self._timer = None
         self._wake()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, self.timeout)
+        # (A sender that ends may start another for what it left, a stalled call beside it:
+        # until none is left. Each call is bounded by the timeout, and nothing lingers now.)
+        while self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=self.timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+
+def _fail(batch: list[Pending], detail: str) -> None:
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(IngestError(detail))
 
 
 def split(request: state_pb2.IngestRequest, max_bytes: int) -> list[state_pb2.IngestRequest]:

@@ -17,11 +17,24 @@ from tests.support.system import System
 pytestmark = pytest.mark.e2e
 
 
+async def metric(system: System, name: str) -> int:
+    text = (await system.http.get(f"{system.url}/metrics")).text
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return int(float(found.group(1))) if found else 0
+
+
 async def calls(system: System) -> int:
     """`IngestBatch` calls the gateway made so far (its batch-size histogram's count)."""
-    text = (await system.http.get(f"{system.url}/metrics")).text
-    found = re.search(r"^wa_gateway_ingest_batch_size_count (\S+)$", text, re.MULTILINE)
-    return int(float(found.group(1))) if found else 0
+    return await metric(system, "wa_gateway_ingest_batch_size_count")
+
+
+async def queued(system: System, n: int) -> None:
+    """Until `n` deliveries wait in the gateway's queue (bounded)."""
+    for _ in range(200):
+        if await metric(system, "wa_gateway_ingest_queue_deliveries") == n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not {n} deliveries waiting")
 
 
 async def test_statuses_arriving_one_by_one_are_stored_in_one_call_with_the_next_message(
@@ -35,6 +48,7 @@ async def test_statuses_arriving_one_by_one_are_stored_in_one_call_with_the_next
         status = payloads.status(f"wamid.OUT{n}", kind)
         posts.append(asyncio.create_task(system.post(payloads.delivery(statuses=[status]))))
         await asyncio.sleep(0.03)
+    await queued(system, 4)  # all four lingering, none sent: then the message
     message = await system.post(payloads.text_delivery("and one more thing"))
     answers = await asyncio.gather(*posts)
     assert message.status_code == 200, message.text

@@ -407,7 +407,23 @@ async def test_copies_of_stored_messages_do_not_move_the_window(pool: asyncpg.Po
     again, _ = await store.ingest(pool, [copy], [], "c", "")
     assert again[0].duplicate
     assert (await pool.fetchval(last, by_bsuid)).timestamp() == now - 3 * 3600
-    assert (await pool.fetchval(last, by_phone)).timestamp() == now - 3600
+    # A copy that brings the BSUID of a customer known so far by phone number only: their
+    # conversation becomes the BSUID's (adopted), and keeps its time.
+    late = replace(inbound("wamid.U2", "15550008888"), timestamp=0)
+    rows, _ = await store.ingest(pool, [late], [], "c", "")
+    adopted = rows[0].conversation_id
+    await pool.execute(
+        "UPDATE webhook_conversations SET last_message_at = $1 WHERE id = $2", day_ago, adopted
+    )
+    other = "US.13491208655302741919"
+    again, _ = await store.ingest(pool, [replace(late, user_id=other)], [], "c", "")
+    assert again[0].duplicate
+    assert (
+        await pool.fetchval("SELECT customer_id FROM webhook_conversations WHERE id = $1", adopted)
+        == other
+    )
+    assert await pool.fetchval(last, adopted) == day_ago
+
     # A new message does move it, as ever.
     await store.ingest(
         pool, [inbound("wamid.B2", "15550009999", user_id=bsuid, ts=now - 60)], [], "c", ""
