@@ -39,6 +39,7 @@ from bench.cpu import process_cpu
 from common import db
 from common.domain import Message, Status
 from devtools import history, turns
+from devtools.inbound import inbound
 from devtools.servers import migrated_before
 from services.agent.saves import Saves
 from services.state import machine, store
@@ -60,16 +61,7 @@ class Database:
 
 
 def _message(message_id: str, customer: int) -> Message:
-    return Message(
-        message_id=message_id,
-        phone_number_id=harness.PHONE_NUMBER_ID,
-        wa_id=f"1666{customer}",
-        contact_name="Ann",
-        type="text",
-        timestamp=int(time.time()),
-        text="hi",
-        payload_json=f'{{"id": "{message_id}"}}',
-    )
+    return inbound(message_id, f"1666{customer}", phone_number_id=harness.PHONE_NUMBER_ID)
 
 
 async def _save(saves: Saves, item: store.WorkItem) -> None:
