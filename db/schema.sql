@@ -1001,11 +1001,14 @@ $$;
 --
 
 CREATE FUNCTION public.wa_owns(p_table regclass) RETURNS boolean
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-    SELECT pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE')
-      FROM pg_catalog.pg_class c
-     WHERE c.oid = p_table
+BEGIN
+    -- True for the table's owner (or a role with its rights): see 0012.
+    RETURN (SELECT pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE')
+              FROM pg_catalog.pg_class c
+             WHERE c.oid = p_table);
+END
 $$;
 
 --
