@@ -142,10 +142,8 @@ class IngestBatcher:
             raise QueueFull(
                 f"{len(self._queue)} deliveries ({self._queued_bytes} bytes) wait already"
             )
-        future: asyncio.Future[state_pb2.IngestResponse] = (
-            asyncio.get_running_loop().create_future()
-        )
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[state_pb2.IngestResponse] = loop.create_future()
         urgent = urgent or self.linger_seconds <= 0
         self._queue.append(
             Pending(request, size, future, urgent, loop.time() + self.linger_seconds)

@@ -18,13 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from common import grpcserver
 from tests.support import conversations as cv
 from tests.support.fakes import FakeGraph, FakeModel
+from tests.support.metrics import metric
 from tests.support.servers import Postgres, Redis
 from tests.support.system import SECRET, System
 
@@ -124,20 +123,6 @@ def assert_answered_once_in_order(
             assert seq == list(range(PER_CONVERSATION))
     if not cut_turns:
         assert [k for k in s.model.overlaps if k in ours] == []
-
-
-async def metric(port: int | None, name: str, labels: dict[str, str] | None = None) -> float:
-    """The sum of one replica's samples of `name` with `labels` (0 when absent)."""
-    assert port is not None
-    async with httpx.AsyncClient(timeout=5) as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    wanted = (labels or {}).items()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in wanted)
-    )
 
 
 async def per_replica(

@@ -19,8 +19,8 @@ from services.state import turn_calls
 from tests.conftest import StartSystem
 from tests.e2e.test_agent_turns import send, status_doc, wait_for
 from tests.e2e.test_dlq import wa
-from tests.e2e.test_scale import metric
 from tests.support.fakes import FakeGraph
+from tests.support.metrics import metric
 from tests.support.system import SECRET, System
 
 pytestmark = pytest.mark.e2e

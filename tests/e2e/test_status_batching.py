@@ -6,32 +6,26 @@ answered 200 once stored, and the gateway's own metric counts the calls."""
 from __future__ import annotations
 
 import asyncio
-import re
 
 import pytest
 
 from tests.conftest import StartSystem
 from tests.support import payloads
+from tests.support.metrics import metric
 from tests.support.system import System
 
 pytestmark = pytest.mark.e2e
 
 
-async def metric(system: System, name: str) -> int:
-    text = (await system.http.get(f"{system.url}/metrics")).text
-    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    return int(float(found.group(1))) if found else 0
-
-
-async def calls(system: System) -> int:
+async def calls(system: System) -> float:
     """`IngestBatch` calls the gateway made so far (its batch-size histogram's count)."""
-    return await metric(system, "wa_gateway_ingest_batch_size_count")
+    return await metric(system.ports["gateway"], "wa_gateway_ingest_batch_size_count")
 
 
 async def queued(system: System, n: int) -> None:
     """Until `n` deliveries wait in the gateway's queue (bounded)."""
     for _ in range(200):
-        if await metric(system, "wa_gateway_ingest_queue_deliveries") == n:
+        if await metric(system.ports["gateway"], "wa_gateway_ingest_queue_deliveries") == n:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"not {n} deliveries waiting")
