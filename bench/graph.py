@@ -2,7 +2,7 @@
 asyncio streams.
 
 Meta's servers and the model cost the system nothing on its own machine; the tests' threaded
-fakes cost this machine's CPU per call (README, Benchmarks), which a benchmark would count
+fakes cost this machine's CPU per call (docs/benchmarks.md), which a benchmark would count
 against the system. This one answers `POST .../messages` like the Graph API, counts replies
 per inbound message (`context.message_id`; mark-as-read calls are answered, not counted) and
 reports `{"sent": N, "answered": N, "duplicates": N, "last": T, "statuses": N,

@@ -4,7 +4,7 @@ CPython's cyclic collector runs a generation-0 pass every few hundred net alloca
 promotes what survives. With tracing on, each finished span waits in the export queue for a
 few hundred milliseconds, survives two passes and lands in the oldest generation, whose
 collections then walk the whole heap (every module, protobuf descriptor and gRPC object
-loaded at start): long pauses in the gateway (figures in README, Benchmarks). Freezing what
+loaded at start): long pauses in the gateway (figures in docs/benchmarks.md). Freezing what
 start-up allocated takes that out of every pass, and rarer young passes let queued spans be
 exported and freed before they are ever promoted (bench.ack tracing's method). Cyclic garbage
 still gets collected, at worst after 20,000 allocations.

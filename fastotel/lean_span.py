@@ -2,7 +2,7 @@
 
 An SDK span costs the gateway's event loop more per request than this one (a lock per span
 and per attribute write, each attribute cleaned by a generic recursive function, the SDK's own
-span metrics, a ReadableSpan copied at the end; figures in README, Benchmarks), and the loop's
+span metrics, a ReadableSpan copied at the end; figures in docs/benchmarks.md), and the loop's
 CPU is what the acknowledgement waits for (`python -m bench.ack tracing`). This span
 keeps what matters for a short span with a handful of scalar attributes, using the provider's
 own sampler, id generator, resource, limits and span processors: the sampler decides, the

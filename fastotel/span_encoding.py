@@ -2,7 +2,7 @@
 
 The SDK's encoder builds a protobuf object per span, attribute and value, then serialises the
 tree, in the export thread but holding the GIL the acknowledgement's event loop needs (figures
-in README, Benchmarks; `python -m bench.ack tracing`). Here the common case (a
+in docs/benchmarks.md; `python -m bench.ack tracing`). Here the common case (a
 span without events or links, attribute values of str, bool, int or float) is written
 directly, attribute pairs that repeat (method, route, status, phone number id) are encoded
 once, and anything else is handed to the SDK's own encoder for that span or attribute: the

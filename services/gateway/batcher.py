@@ -20,9 +20,9 @@ Deliveries that no customer waits on (Meta's delivery statuses: `sent`, `deliver
 each reply, three webhooks for every message answered) may linger up to `linger_seconds` for
 company: at a customer's pace each would otherwise be a call and a transaction of its own, and
 a call's fixed price, in the gateway, the state service and PostgreSQL, is several times what a
-status costs in a batch (README, "A message's way through PostgreSQL"). A delivery that is not
-allowed to wait (a message, a customer event) goes at once, as ever, and takes the lingering
-ones with it; so does a batch that is full. Meta waits seconds for an answer; a status's
+status costs in a batch (docs/benchmarks.md, "A message's way through PostgreSQL"). A delivery
+that is not allowed to wait (a message, a customer event) goes at once, as ever, and takes the
+lingering ones with it; so does a batch that is full. Meta waits seconds for an answer; a status's
 acknowledgement a few tens of milliseconds later costs nobody anything.
 
 What waits for a batch is bounded too, in deliveries and in bytes: when the state service is
@@ -112,7 +112,7 @@ class IngestBatcher:
         self._latest_start = 0.0  # of the latest call, by the loop's clock
         self.linger_seconds = linger_seconds
         self._urgent = 0  # queued deliveries that may not linger
-        self._timer: asyncio.TimerHandle | None = None  # sends what lingers when it is due
+        self._timer: asyncio.TimerHandle | None = None  # when to look again: a linger due, a stall
         self._closing = False
 
     async def submit(
@@ -156,18 +156,32 @@ class IngestBatcher:
     def _wake(self) -> None:
         """Starts a call for what is queued when one may start and what is queued may not wait
         longer; else makes sure the lingering deliveries are sent when the first is due."""
-        # (A task about to take the queue takes these deliveries too; while a call is being
-        # answered and does not stall, its task takes them once it is done.)
-        if not self._queue or self._senders != self._in_flight or not self._may_call():
+        # (A task about to take the queue takes these deliveries too.)
+        if not self._queue or self._senders != self._in_flight:
+            return
+        if not self._may_call():
+            # A call is being answered: its task takes these deliveries once it is done, or,
+            # should it stall first, another call does, without waiting for a next delivery
+            # to notice (else, at a quiet moment, they would wait for the stalled call's
+            # deadline). With the most calls under way, the first to end takes them.
+            if self._in_flight < self.max_in_flight:
+                self._wake_at(self._latest_start + self.stall_seconds + 0.002)
             return
         if self._ready():
             self._senders += 1
             task = asyncio.create_task(self._send())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(self._queue[0].due, self._on_timer)
+        else:
+            self._wake_at(self._queue[0].due)
+
+    def _wake_at(self, when: float) -> None:
+        """Looks at the queue again at `when` (by the loop's clock), or sooner."""
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -217,6 +231,9 @@ class IngestBatcher:
         self._urgent -= sum(p.urgent for p in batch)
         self._in_flight += 1
         self._latest_start = asyncio.get_running_loop().time()
+        if self._queue and self._in_flight < self.max_in_flight:
+            # What a full batch left behind goes in another call should this one stall.
+            self._wake_at(self._latest_start + self.stall_seconds + 0.002)
         try:
             await self._send_batch(batch)
         finally:
@@ -268,6 +285,9 @@ class IngestBatcher:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        if self._timer is not None:  # (a stall's, set while the last calls ran)
+            self._timer.cancel()
+            self._timer = None
 
 
 def _fail(batch: list[Pending], detail: str) -> None:

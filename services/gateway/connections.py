@@ -12,7 +12,7 @@ One timer a connection, not one a deadline: each phase (headers, body, keep-aliv
 writes its deadline, and the timer, when it fires, closes what is past its deadline or sleeps
 again until the nearest one. Deadlines only move later on a healthy connection, so a request
 arms no timer at all (three a request, armed and cancelled, cost the acknowledgement's
-throughput several per cent: README, Benchmarks). uvicorn's own keep-alive timer is folded in
+throughput several per cent: docs/benchmarks.md). uvicorn's own keep-alive timer is folded in
 the same way, with its meaning kept: idle `timeout_keep_alive` seconds after a response, the
 connection is closed.
 """

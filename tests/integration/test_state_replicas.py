@@ -165,7 +165,7 @@ async def test_a_message_redriven_by_the_replica_without_the_lease_is_driven_by_
     """As above, with an operator's redrive instead of an ingest: it reaches the replica that
     does not hold the conversation. Unlike an ingest, a redrive takes no lock on the
     conversation row, so a lease kept in PostgreSQL alone would have to cover it another way
-    (README, "What a lease in PostgreSQL alone would save")."""
+    (docs/benchmarks.md, "What a lease in PostgreSQL alone would save")."""
     async with two_replicas(pool, redis_server.url, redis_prefix) as r:
         ((first, failed), _) = await store.ingest(
             pool, [inbound("wamid.R1"), inbound("wamid.R2")], [], "c1", ""

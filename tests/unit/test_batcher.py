@@ -177,6 +177,49 @@ async def test_a_call_that_stalls_does_not_hold_the_next_deliveries(
     await batcher.close()
 
 
+@pytest.mark.parametrize("urgent", [True, False], ids=["message", "statuses"])
+async def test_a_delivery_queued_behind_a_call_that_then_stalls_goes_without_a_next_one(
+    state: tuple[State, state_pb2_grpc.StateStub], urgent: bool
+) -> None:
+    """Queued while a call was answered in time, then nothing else arrives (a quiet moment):
+    once that call stalls, the delivery goes in a call of its own, not after the stalled
+    call's deadline (10 s here)."""
+    servicer, stub = state
+    batcher = IngestBatcher(
+        stub, timeout=10, stall_seconds=0.5, max_in_flight=2, linger_seconds=0.1
+    )
+    await batcher.submit(delivery(9, [10]))  # the channel connected: calls start at once
+    servicer.open.clear()
+    first = asyncio.create_task(batcher.submit(delivery(0, [10])))
+    await _calls(servicer, 2)
+    queued = asyncio.create_task(batcher.submit(delivery(1, [10] if urgent else []), urgent=urgent))
+    await asyncio.sleep(0.15)
+    assert len(servicer.batches) == 2, "not stalled yet: it waits for the call under way"
+    await _calls(servicer, 3)  # (within 5 s; before this change, not before the first ended)
+    servicer.open.set()
+    await asyncio.wait_for(asyncio.gather(first, queued), 10)
+    assert [n for n, _ in servicer.batches] == [1, 1, 1]
+    await batcher.close()
+
+
+async def test_what_a_full_batch_leaves_goes_in_another_call_should_that_one_stall(
+    state: tuple[State, state_pb2_grpc.StateStub],
+) -> None:
+    servicer, stub = state
+    batcher = IngestBatcher(stub, timeout=10, stall_seconds=0.5, max_in_flight=2, max_batch=2)
+    await batcher.submit(delivery(9, [10]))  # the channel connected
+    servicer.open.clear()
+    three = [asyncio.create_task(batcher.submit(delivery(n, [10]))) for n in range(3)]
+    await _calls(servicer, 2)  # two of them; the third waits: the call is not stalled yet
+    await asyncio.sleep(0.15)
+    assert [n for n, _ in servicer.batches] == [1, 2]
+    await _calls(servicer, 3)  # once it stalls, with nothing else arriving
+    servicer.open.set()
+    await asyncio.wait_for(asyncio.gather(*three), 10)
+    assert [n for n, _ in servicer.batches] == [1, 2, 1]
+    await batcher.close()
+
+
 # (`delivery(n, [])`: statuses only, as Meta sends each of a reply's.)
 async def test_statuses_at_a_customers_pace_linger_and_go_together(
     state: tuple[State, state_pb2_grpc.StateStub],
