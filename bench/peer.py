@@ -104,8 +104,9 @@ PEERS: dict[str, Peer] = {
     ),
 }
 
-# The README's table: ours, pywa's defaults, the best settings found, the 64 handlers
-# in flight, and pywa's async client.
+# The first table (docs/benchmarks.md, "Against pywa"): ours, pywa's defaults, the best
+# settings found, the 64 handlers in flight, and pywa's async client. (The README's
+# keeps the first three: `--run ours --run pywa-default --run pywa-quiet`.)
 DEFAULT_RUNS = ["ours", "pywa-default", "pywa-quiet", "pywa-threads64", "pywa-async"]
 
 
