@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
-import grpc
 import orjson
 from wa.v1 import state_pb2, state_pb2_grpc
 
+from cli.errors import calling
 from cli.settings import CliSettings
 from common import grpcserver
 
@@ -27,14 +25,12 @@ FIELDS = (
 
 async def stats(hours: float, as_json: bool) -> int:
     settings = CliSettings.from_env()
+    # (Down or refused: one line and exit 2, as every command says it, cli/main.py.)
     async with grpcserver.channel(settings.state_addr) as ch:
-        try:
+        with calling("state", settings.state_addr):
             resp = await state_pb2_grpc.StateStub(ch).GetStats(
                 state_pb2.GetStatsRequest(hours=hours), timeout=30
             )
-        except grpc.aio.AioRpcError as exc:
-            print(f"cannot read the statistics: {exc.details()}", file=sys.stderr)
-            return 2
     data = {"hours": resp.hours, **{f: getattr(resp, f) for f in FIELDS}}
     if as_json:
         print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
