@@ -231,9 +231,7 @@ class IngestBatcher:
         self._urgent -= sum(p.urgent for p in batch)
         self._in_flight += 1
         self._latest_start = asyncio.get_running_loop().time()
-        if self._queue and self._in_flight < self.max_in_flight:
-            # What a full batch left behind goes in another call should this one stall.
-            self._wake_at(self._latest_start + self.stall_seconds + 0.002)
+        self._wake()  # what a full batch left: another call, should this one stall
         try:
             await self._send_batch(batch)
         finally:

@@ -4,7 +4,7 @@ request proved to come from Meta.
 This replaces opentelemetry-instrumentation-asgi on the gateway: that middleware cost several
 times more per request (collecting a dozen attributes, wrapping receive and send, recording its
 own metrics; figures in docs/benchmarks.md), and less again with the lean span of
-`fastotel.lean_span`; the acknowledgement's p50 is budgeted at 15 % for all of tracing
+`fastotel.lean_span`; the acknowledgement's p50 is budgeted at 5 % for all of tracing
 (`python -m bench.ack tracing`). The span follows the stable HTTP semantic conventions, with
 the attributes an operator searches by. Only for a process whose `init_telemetry` installed a
 tracer provider (the gateway adds it when export is on).
