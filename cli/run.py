@@ -182,6 +182,7 @@ async def run() -> int:
         await stop.wait()
     finally:
         say("[wa run] stopping")
+        sup.stopping()
         # Front door first, then the services, then the servers they use.
         await sup.stop([*scale.names("gateway"), CONSOLE], timeout=4)
         await sup.stop([r.name for r in scale.all() if r.service != "gateway"], timeout=4)

@@ -1,6 +1,12 @@
 """A small process supervisor: starts children, restarts one that dies (with backoff), and stops
 them all, politely then firmly, within a deadline. Children die with the supervisor even when
-it is killed (PR_SET_PDEATHSIG on Linux)."""
+it is killed (PR_SET_PDEATHSIG on Linux).
+
+Each child runs in a session of its own: a terminal's Ctrl-C (SIGINT to the whole foreground
+process group) reaches the supervisor alone, which stops the children in its own order. Had it
+reached them too, each would have stopped at once, in no order (a database before the services
+still writing to it), and the supervisor, not yet told it was stopping, would have restarted
+the first ones to exit."""
 
 from __future__ import annotations
 
@@ -78,6 +84,7 @@ class Supervisor:
                 stdout=out,
                 stderr=out,
                 user=spec.user,
+                start_new_session=True,
                 preexec_fn=die_with_parent,
             )
         finally:
@@ -115,6 +122,10 @@ class Supervisor:
         if child is None or child.process is None or child.process.returncode is not None:
             return None
         return child.process.pid
+
+    def stopping(self) -> None:
+        """Restarts nothing from now on: the children are about to be stopped, in stages."""
+        self._stopping = True
 
     async def stop(self, names: list[str] | None = None, timeout: float = 8.0) -> None:
         """Stops the named children (all by default) in the given order, each within `timeout`

@@ -250,3 +250,27 @@ def test_make_run_with_wa_scale_runs_prints_and_restarts_each_replica(make_run: 
     proc.wait(15)
     alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert alive == [] and time.monotonic() - started < 12
+
+
+def test_ctrl_c_stops_everything_in_order_and_restarts_nothing(make_run: tuple) -> None:  # type: ignore[type-arg]
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground process group, not only to
+    `make run`: the database and Redis must not stop (and be restarted by the supervisor,
+    which had not yet heard it was stopping) while the services still use them."""
+    proc, url, log = make_run
+    _wait_ready(url)
+    root = psutil.Process(proc.pid)
+    body, headers = payloads.sign(payloads.text_delivery("hello"), "dev-app-secret-change-me")
+    assert httpx.post(f"{url}/webhook", content=body, headers=headers).status_code == 200
+    family = [p.pid for p in root.children(recursive=True)]
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does (the fixture's own session)
+    proc.wait(15)
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert alive == [] and time.monotonic() - started < 12
+    output = log.read_text()
+    shutdown = output[output.index("[wa run] stopping") :]
+    assert "restarting" not in shutdown and "exited with" not in shutdown, shutdown[-3000:]
+    # Stopped in order: the services before the servers they use, so none of them lost its
+    # database or Redis while stopping.
+    assert shutdown.index("state: stopped") < shutdown.index("postgres: stopped"), shutdown
+    assert "Traceback" not in shutdown and '"level":"ERROR"' not in shutdown, shutdown
