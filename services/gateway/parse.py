@@ -5,7 +5,9 @@ skipped with a reason. Every element of a `messages` list becomes a stored messa
 cannot be answered (no id, no sender, a `phone_number_id` that is not a Cloud API id, a
 timestamp no clock holds) carries a `skip_reason` and is stored as skipped, never dropped. A
 well-formed body of an unexpected shape yields fewer events, never an exception; only a body
-that is not a JSON object is rejected.
+that is not a JSON object, or one nested deeper than JSON parsers go (about a thousand levels),
+is rejected. A body whose `object` is another product's (Messenger, Instagram: one Meta app
+may serve several, with one secret) yields nothing.
 
 Values are made storable one by one, never by editing encoded text: every string (object keys
 too) loses its NUL characters (PostgreSQL text cannot hold them) and has its lone surrogates
@@ -41,6 +43,8 @@ MAX_TIMESTAMP = 253_402_300_799
 MIN_INT, MAX_INT = -(2**63), 2**64 - 1
 # Messages that cannot be answered, and stored under a synthetic id when they have none.
 INVALID_ID_PREFIX = "invalid:"
+# The `object` of every WhatsApp Business Platform webhook.
+BUSINESS_ACCOUNT = "whatsapp_business_account"
 
 
 class NotADelivery(ValueError):
@@ -204,6 +208,13 @@ def parse_obj(doc: Any, *, cleaned: bool = False) -> Delivery:
     if not cleaned:
         doc = clean(doc)
     delivery = Delivery()
+    kind = doc.get("object")
+    if kind is not None and kind != BUSINESS_ACCOUNT:
+        # Meta signs every product's webhooks with the app's secret: a Messenger or Instagram
+        # delivery to this URL (one app for several products) is not a WhatsApp customer's,
+        # whatever its entries look like, and nothing in it is answered from a business number.
+        delivery.dropped.append(f"object {_str(kind)[:MAX_TYPE_CHARS]!r} is not WhatsApp's")
+        return delivery
     for entry in _list(doc.get("entry")):
         for change in _list(_dict(entry).get("changes")):
             value = _dict(_dict(change).get("value"))
@@ -310,14 +321,19 @@ def _message(raw: Any, phone: tuple[str, str], contacts: dict[str, Customer]) ->
     timestamp = _timestamp(message.get("timestamp"))
     if timestamp is None:
         reasons.append("timestamp is not a time in seconds between 1970 and 9999")
+    kind = _str(message.get("type"))[:MAX_TYPE_CHARS] or "unknown"
+    text = text_of(message)
+    if kind == "text" and not text.strip():
+        # WhatsApp sends no empty text: there is nothing to answer (the reply would be to "").
+        reasons.append("text message without text")
     return Message(
         message_id=message_id,
         phone_number_id=phone_number_id,
         wa_id=customer.wa_id,
         contact_name=customer.name,
-        type=_str(message.get("type"))[:MAX_TYPE_CHARS] or "unknown",
+        type=kind,
         timestamp=timestamp or 0,
-        text=text_of(message),
+        text=text,
         payload_json=_encode(message).decode(),
         skip_reason="; ".join(reasons),
         user_id=customer.user_id,

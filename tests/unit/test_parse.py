@@ -224,7 +224,29 @@ def test_text_round_trips(text: str) -> None:
     (m,) = parse.parse(json.dumps(doc).encode()).messages
     assert m.text == expected_text(text)
     assert orjson.loads(m.payload_json)["text"]["body"] == m.text
-    assert not m.skip_reason
+    assert m.skip_reason == ("" if m.text.strip() else "text message without text")
+
+
+@pytest.mark.parametrize("text", [{"body": ""}, {"body": " \n\t "}, {}, "not an object", None])
+def test_a_text_message_without_text_is_stored_skipped_not_answered(text: Any) -> None:
+    # WhatsApp sends no empty text; a reply would answer "" (the rules agent echoed it).
+    doc = payloads.delivery(messages=[payloads.message("text", text=text)])
+    (m,) = parse.parse(orjson.dumps(doc)).messages
+    assert m.type == "text" and m.skip_reason == "text message without text"
+
+
+@pytest.mark.parametrize("kind", ["page", "instagram", "user", 7])
+def test_another_products_webhook_yields_nothing(kind: Any) -> None:
+    # One Meta app may serve Messenger or Instagram as well, signing with the same secret: a
+    # message-shaped entry of theirs is not a WhatsApp customer's, and is never answered.
+    doc = {**payloads.delivery(messages=[payloads.message("text")]), "object": kind}
+    delivery = parse.parse(orjson.dumps(doc))
+    assert not delivery.messages and not delivery.statuses and not delivery.events
+    assert delivery.dropped and "is not WhatsApp's" in delivery.dropped[0]
+    # WhatsApp's own, and a body without `object` (as some tools post), are read as ever.
+    for same in ("whatsapp_business_account", None):
+        doc = {**doc, "object": same} if same else {k: v for k, v in doc.items() if k != "object"}
+        assert len(parse.parse(orjson.dumps(doc)).messages) == 1
 
 
 def assert_storable(value: str) -> None:
