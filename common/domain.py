@@ -65,6 +65,8 @@ class Event:
     payload_json: str
     preference_category: str = ""
     preference_value: str = ""
+    # The phone number before a change of number, when Meta says which (the sender's).
+    previous_wa_id: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

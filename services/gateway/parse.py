@@ -353,10 +353,9 @@ def _parse_value(value: dict[str, Any], delivery: Delivery) -> None:
         message = _message(raw, phone, contacts)
         if message.type == "system" and not phone[1]:
             # Whoever Meta names as its sender (the old BSUID, the new one, or nobody when no
-            # phone number may be shared), the message belongs to the customer's new BSUID.
-            current = _system_event(_dict(raw), message, delivery)
-            if current:
-                message = replace(message, user_id=current)
+            # phone number may be shared), the message belongs to the customer's new BSUID
+            # (or, without BSUIDs, to its new number).
+            message = _system_event(_dict(raw), message, delivery)
         delivery.messages.append(message)
     for raw in _list(value.get("statuses")):
         status = _dict(raw)
@@ -390,17 +389,31 @@ def _event_id(kind: str, phone_number_id: str, entry: Any) -> str:
     return f"{kind}:{hashlib.sha256(canonical).hexdigest()[:40]}"
 
 
-def _system_event(raw: dict[str, Any], message: Message, delivery: Delivery) -> str:
-    """A `system` message saying the customer's BSUID (and perhaps phone number) changed:
-    the event, and the customer's current BSUID ("" when it says nothing of the kind)."""
+def _system_event(raw: dict[str, Any], message: Message, delivery: Delivery) -> Message:
+    """A `system` message saying the customer's BSUID, or phone number, changed: the event,
+    and the message as the customer it now belongs to (unchanged when it says nothing of the
+    kind). The messages of its delivery are stored after its events, so under that customer
+    the message finds its conversation where the event moved it."""
     system = _dict(raw.get("system"))
     kind = _str(system.get("type"))
     if kind not in {"user_changed_user_id", "user_changed_number"}:
-        return ""
+        return message
     current, previous = _id(system.get("user_id")), _id(system.get("previous_user_id"))
-    new_phone = _id(system.get("wa_id")) if kind == "user_changed_number" else ""
-    if not (current and previous):
-        return ""
+    new_phone = old_phone = ""
+    if kind == "user_changed_number":
+        # `wa_id` since Graph API v12; `new_wa_id` before. The sender is the old number.
+        new_phone = _id(system.get("wa_id") or system.get("new_wa_id"))
+        old_phone = message.wa_id if message.wa_id != new_phone else ""
+    if current and previous:
+        # Not under the old number either: stored, the message would give the conversation
+        # back the number the change took from it (the ingest keeps the latest one it sees).
+        moved = replace(message, user_id=current, wa_id=new_phone)
+    elif new_phone and old_phone:
+        # No BSUIDs (Meta's shape before them): the number alone is the customer's key.
+        current = previous = ""
+        moved = replace(message, wa_id=new_phone)
+    else:
+        return message
     delivery.events.append(
         Event(
             event_id="user_id_update:" + message.message_id,
@@ -412,9 +425,10 @@ def _system_event(raw: dict[str, Any], message: Message, delivery: Delivery) -> 
             parent_user_id=_id(system.get("parent_user_id")),
             timestamp=message.timestamp,
             payload_json=message.payload_json,
+            previous_wa_id=old_phone,
         )
     )
-    return current
+    return moved
 
 
 def _parse_customer_events(field_name: str, value: dict[str, Any], delivery: Delivery) -> None:

@@ -216,9 +216,10 @@ ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
 WITH input AS (
     SELECT *
       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                  $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::text[])
+                  $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::text[],
+                  $12::text[])
            AS t(event_id, phone_number_id, kind, wa_id, user_id, previous_user_id,
-                preference, ts, payload, correlation_id, traceparent)
+                preference, ts, payload, correlation_id, traceparent, previous_wa_id)
 )
 INSERT INTO processed_webhook_messages
     (message_id, kind, conversation_id, phone_number_id, wa_id, user_id, message_type,
@@ -227,12 +228,16 @@ SELECT i.event_id, 'event',
        (SELECT c.id FROM webhook_conversations c
          WHERE c.phone_number_id = i.phone_number_id
            AND c.customer_id = COALESCE(NULLIF(i.previous_user_id, ''), NULLIF(i.user_id, ''),
-                                        i.wa_id)),
+                                        NULLIF(i.previous_wa_id, ''), i.wa_id)),
        i.phone_number_id, i.wa_id, NULLIF(i.user_id, ''), i.kind, i.ts, i.payload::jsonb,
        'skipped',
        CASE i.kind
-           WHEN 'user_id_update' THEN 'customer event: BSUID ' || i.previous_user_id
-                                      || ' is now ' || i.user_id
+           WHEN 'user_id_update' THEN
+               CASE WHEN i.previous_user_id = ''
+                    THEN 'customer event: phone number ' || i.previous_wa_id || ' is now '
+                         || i.wa_id
+                    ELSE 'customer event: BSUID ' || i.previous_user_id || ' is now ' || i.user_id
+               END
            ELSE 'customer event: marketing messages ' || i.preference
        END,
        i.correlation_id, i.traceparent
@@ -246,20 +251,35 @@ RETURNING message_id
 -- name: apply_user_id_update
 -- The customer's BSUID changed ($1 -> $2; Meta issues a new one when the phone number
 -- changes, $4 is then the new number): every conversation keyed by the old one takes the new
--- one, with its context and history. One that a message under the new BSUID has already
--- started is left as it is (the two are not merged). Either way each keeps the identifiers it
--- was and is known by (webhook_conversation_aliases, db/migrations/0031), so that `wa forget`
--- of any of them finds it.
-WITH old AS MATERIALIZED (
+-- one, with its context and history. A customer known to business number $6 by its phone
+-- number alone (no BSUID yet: a conversation from before them, or Meta's shape before them,
+-- which names no BSUID, $1 and $2 empty) changed its number from $5 to $4: that conversation
+-- takes the new BSUID, or else the new number, as its key. One that a message under the new
+-- key has already started is left as it is (the two are not merged). Either way each keeps the
+-- identifiers it was and is known by (webhook_conversation_aliases, db/migrations/0031), so
+-- that `wa forget` of any of them finds it.
+WITH by_bsuid AS (
+    SELECT c.id FROM webhook_conversations c WHERE c.user_id = $1 AND $1 <> '' AND $2 <> ''
+), by_phone AS (
+    -- Only where no conversation of this business number has the old BSUID: else that one is
+    -- the customer's (two rows cannot both take the new key).
+    SELECT c.id
+      FROM webhook_conversations c
+     WHERE c.phone_number_id = $6 AND c.customer_id = $5 AND c.user_id IS NULL AND $5 <> ''
+       AND COALESCE(NULLIF($2, ''), $4) <> ''
+       AND NOT EXISTS (SELECT 1 FROM by_bsuid b
+                         JOIN webhook_conversations d ON d.id = b.id
+                        WHERE d.phone_number_id = $6)
+), old AS MATERIALIZED (
     -- Locked in the order ingest takes conversation rows (by business number and key).
     SELECT c.id, c.phone_number_id, c.wa_id, c.parent_user_id
       FROM webhook_conversations c
-     WHERE c.user_id = $1 AND $1 <> '' AND $2 <> ''
+     WHERE c.id IN (SELECT id FROM by_bsuid UNION ALL SELECT id FROM by_phone)
      ORDER BY c.phone_number_id, c.customer_id
        FOR UPDATE
 ), moved AS (
     UPDATE webhook_conversations c
-       SET customer_id = $2, user_id = $2,
+       SET customer_id = COALESCE(NULLIF($2, ''), $4), user_id = NULLIF($2, ''),
            parent_user_id = COALESCE(NULLIF($3, ''), c.parent_user_id),
            -- Meta issues a new BSUID when the phone number changes: the old number is no
            -- longer the customer's (replies to it would go astray), the new one is known only
@@ -269,7 +289,8 @@ WITH old AS MATERIALIZED (
       FROM old o
      WHERE c.id = o.id
        AND NOT EXISTS (SELECT 1 FROM webhook_conversations d
-                        WHERE d.phone_number_id = o.phone_number_id AND d.customer_id = $2)
+                        WHERE d.phone_number_id = o.phone_number_id
+                          AND d.customer_id = COALESCE(NULLIF($2, ''), $4))
     RETURNING c.id
 ), aliases AS (
     INSERT INTO webhook_conversation_aliases (alias, conversation_id)

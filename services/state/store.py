@@ -203,6 +203,7 @@ async def _apply_events(conn: Conn, events: list[tuple[DeliveryIn, Event]]) -> s
         [e.payload_json or "{}" for _, e in events],
         [d.correlation_id for d, _ in events],
         [d.traceparent for d, _ in events],
+        [e.previous_wa_id for _, e in events],
     )
     stored = {r["message_id"] for r in rows}
     for _, e in sorted(events, key=lambda de: de[1].timestamp):
@@ -215,6 +216,8 @@ async def _apply_events(conn: Conn, events: list[tuple[DeliveryIn, Event]]) -> s
                 e.user_id,
                 e.parent_user_id,
                 e.wa_id,
+                e.previous_wa_id,
+                e.phone_number_id,
             )
         else:
             changed = await conn.fetch(

@@ -198,6 +198,117 @@ async def test_a_system_message_about_a_changed_number_moves_the_conversation_al
     assert (await conversation(pool, first.conversation_id))["wa_id"] == "15550003333"
 
 
+async def test_the_number_change_message_itself_leaves_the_new_number_in_place(
+    pool: asyncpg.Pool,
+) -> None:
+    """Stored with its event, as the gateway hands them over: sent from the old number, the
+    message must not give the conversation back the number the change took from it."""
+    pnid = payloads.PHONE_NUMBER_ID
+    old, new = payloads.bsuid("ida-old"), payloads.bsuid("ida-new")
+    (first,) = await ingest(
+        pool, inbound("wamid.j1", wa_id="15550001212", user_id=old, phone_number_id=pnid)
+    )
+    delivery = _number_change("15550001212", "15550003434", user_id=new, previous_user_id=old)
+    (system,) = await _store(pool, delivery)
+    assert system.conversation_id == first.conversation_id
+    after = await conversation(pool, first.conversation_id)
+    assert (after["customer_id"], after["wa_id"]) == (new, "15550003434")
+
+
+def _number_change(old_phone: str, new_phone: str, **bsuids: str) -> parse.Delivery:
+    """A customer's `user_changed_number` system message, as Meta sends it from the old number:
+    with the new and previous BSUIDs (`user_id`, `previous_user_id`) when given, else in the
+    shape from before BSUIDs (`new_wa_id` in releases before Graph API v12)."""
+    key = "wa_id" if bsuids else "new_wa_id"
+    system = payloads.message(
+        "system",
+        wa_id=old_phone,
+        system={
+            "body": f"User Gus changed from {old_phone} to {new_phone}",
+            "type": "user_changed_number",
+            key: new_phone,
+            **bsuids,
+        },
+    )
+    return parse.parse(orjson.dumps(payloads.delivery(messages=[system])))
+
+
+async def _store(pool: asyncpg.Pool, delivery: parse.Delivery) -> list[store.Ingested]:
+    (out,) = await store.ingest_many(
+        pool, [store.DeliveryIn(delivery.messages, [], "c", "", delivery.events)]
+    )
+    return out.results
+
+
+async def test_a_number_change_without_bsuids_keeps_the_conversation_under_the_new_number(
+    pool: asyncpg.Pool,
+) -> None:
+    """Meta's shape before BSUIDs: only the numbers. The conversation (and its context) is the
+    new number's; the old number gets no reply any more, and `wa forget` still finds it."""
+    pnid = payloads.PHONE_NUMBER_ID
+    (first,) = await ingest(pool, inbound("wamid.g1", wa_id="15550004444", phone_number_id=pnid))
+    delivery = _number_change("15550004444", "15550005555")
+    (event,) = delivery.events
+    assert (event.previous_wa_id, event.wa_id, event.user_id) == ("15550004444", "15550005555", "")
+    (system,) = await _store(pool, delivery)
+    assert system.conversation_id == first.conversation_id
+    after = await conversation(pool, first.conversation_id)
+    assert (after["customer_id"], after["wa_id"], after["user_id"]) == (
+        "15550005555",
+        "15550005555",
+        None,
+    )
+    (later,) = await ingest(pool, inbound("wamid.g2", wa_id="15550005555", phone_number_id=pnid))
+    assert later.conversation_id == first.conversation_id
+    assert await pool.fetchval("SELECT count(*) FROM webhook_conversations") == 1
+    reason = await pool.fetchval(
+        "SELECT status_reason FROM processed_webhook_messages WHERE kind = 'event'"
+    )
+    assert reason == "customer event: phone number 15550004444 is now 15550005555"
+    aliases = await pool.fetch(
+        "SELECT alias FROM webhook_conversation_aliases WHERE conversation_id = $1",
+        first.conversation_id,
+    )
+    assert "15550004444" in {a["alias"] for a in aliases}
+
+
+async def test_a_number_change_moves_a_conversation_known_by_its_number_alone_to_the_new_bsuid(
+    pool: asyncpg.Pool,
+) -> None:
+    """A customer who wrote only before BSUIDs (its conversation keyed by its number) changes
+    its number; Meta's message names both BSUIDs, neither of which the conversation knows."""
+    pnid = payloads.PHONE_NUMBER_ID
+    old, new = payloads.bsuid("gus-old"), payloads.bsuid("gus-new")
+    (first,) = await ingest(pool, inbound("wamid.h1", wa_id="15550006666", phone_number_id=pnid))
+    delivery = _number_change("15550006666", "15550007777", user_id=new, previous_user_id=old)
+    (system,) = await _store(pool, delivery)
+    assert system.conversation_id == first.conversation_id
+    after = await conversation(pool, first.conversation_id)
+    assert (after["customer_id"], after["wa_id"], after["user_id"]) == (new, "15550007777", new)
+    (later,) = await ingest(pool, inbound("wamid.h2", wa_id="", user_id=new, phone_number_id=pnid))
+    assert later.conversation_id == first.conversation_id
+
+
+async def test_a_number_change_prefers_the_bsuids_conversation_to_the_old_numbers(
+    pool: asyncpg.Pool,
+) -> None:
+    """Both exist (the customer wrote by number before BSUIDs, then without sharing its
+    number): the BSUID's conversation takes the new key, the other stays as it was, and the
+    delivery is stored (two rows taking one key would fail it at every retry)."""
+    pnid = payloads.PHONE_NUMBER_ID
+    old, new = payloads.bsuid("hal-old"), payloads.bsuid("hal-new")
+    (by_phone,) = await ingest(pool, inbound("wamid.i1", wa_id="15550008888", phone_number_id=pnid))
+    (by_user,) = await ingest(
+        pool, inbound("wamid.i2", wa_id="", user_id=old, phone_number_id=pnid)
+    )
+    assert by_phone.conversation_id != by_user.conversation_id
+    delivery = _number_change("15550008888", "15550009999", user_id=new, previous_user_id=old)
+    (system,) = await _store(pool, delivery)
+    assert system.conversation_id == by_user.conversation_id
+    assert (await conversation(pool, by_user.conversation_id))["customer_id"] == new
+    assert (await conversation(pool, by_phone.conversation_id))["customer_id"] == "15550008888"
+
+
 async def test_conversations_from_before_bsuids_keep_their_context_after_the_upgrade(
     pg: Postgres, tmp_path: Path
 ) -> None:
