@@ -44,6 +44,57 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+# The signals that stop `make run`, as bits of /proc/PID/status's SigCgt mask.
+_STOP_BITS = {sig: 1 << (sig - 1) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+PARENT_POLL_SECONDS = 0.25
+
+
+def _caught(pid: int) -> int | None:
+    """The signals `pid` catches (its SigCgt mask); None when that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _name(pid: int) -> str:
+    """The process's name (procfs, whose reads never block); "" when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
+async def _follow_make(stop: asyncio.Event) -> None:
+    """Sets `stop` when our parent, `make`, was sent a signal that stops it.
+
+    GNU make passes SIGTERM on to its children but not SIGINT or SIGHUP, which it expects the
+    terminal to have sent to them all (Ctrl-C does): it only waits for them to end. So a SIGINT
+    sent to make alone (`kill -INT <pid of make run>`, a harness's `send_signal`) stopped
+    nothing. While handling such a signal, make no longer catches it (it re-raises it once its
+    children are gone): Linux shows that in /proc, and that is our stop. Elsewhere (no /proc),
+    or under another parent, this does nothing."""
+    parent = os.getppid()
+    if _name(parent) not in {"make", "gmake"}:
+        return
+    before = _caught(parent)
+    if before is None:
+        return
+    watched = [bit for bit in _STOP_BITS.values() if before & bit]
+    while not stop.is_set():
+        await asyncio.sleep(PARENT_POLL_SECONDS)
+        now = _caught(parent)
+        if now is None or any(not now & bit for bit in watched):
+            say("[wa run] make was told to stop")
+            stop.set()
+            return
+
+
 async def _wait_postgres(dsn: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -105,6 +156,7 @@ async def run() -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    following = asyncio.create_task(_follow_make(stop), name="follow-make")
 
     sup = supervisor.Supervisor(on_event=lambda name, what: say(f"[wa run] {name}: {what}"))
     env: dict[str, str] = {}
@@ -187,6 +239,7 @@ async def run() -> int:
         await sup.stop([*scale.names("gateway"), CONSOLE], timeout=4)
         await sup.stop([r.name for r in scale.all() if r.service != "gateway"], timeout=4)
         await sup.stop(timeout=2)
+        following.cancel()
         say("[wa run] stopped")
     return 0
 

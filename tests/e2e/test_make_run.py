@@ -274,3 +274,18 @@ def test_ctrl_c_stops_everything_in_order_and_restarts_nothing(make_run: tuple) 
     # database or Redis while stopping.
     assert shutdown.index("state: stopped") < shutdown.index("postgres: stopped"), shutdown
     assert "Traceback" not in shutdown and '"level":"ERROR"' not in shutdown, shutdown
+
+
+def test_sigint_to_make_alone_stops_everything(make_run: tuple) -> None:  # type: ignore[type-arg]
+    """GNU make passes SIGTERM on to its children but not SIGINT, expecting the terminal to
+    have sent it to every process: a SIGINT to `make run`'s pid alone must stop it all too."""
+    proc, url, log = make_run
+    _wait_ready(url)
+    family = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(15)
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert alive == [] and time.monotonic() - started < 12, log.read_text()[-3000:]
+    shutdown = log.read_text().split("[wa run] stopping", 1)[1]
+    assert "restarting" not in shutdown, shutdown[-3000:]
