@@ -20,7 +20,7 @@ from wa.v1 import dlq_pb2, dlq_pb2_grpc, state_pb2, state_pb2_grpc
 from cli.settings import CliSettings
 from common import grpcserver, wire
 
-from .errors import calling
+from .errors import calling, one_line
 
 FIELDS = (
     "id",
@@ -221,6 +221,18 @@ async def retry(ids: list[int], all_items: bool, status: str, as_json: bool) -> 
                 return 2
             redriven.extend(resp.redriven)
             errors.extend(resp.errors)
+            if resp.state_unavailable:
+                if as_json:
+                    out = {"redriven": redriven, "errors": errors}
+                    print(orjson.dumps(out).decode())
+                print(
+                    f"wa dlq retry: the state service did not answer"
+                    f" ({one_line(resp.state_unavailable)}); redriven before that:"
+                    f" {', '.join(map(str, redriven)) or 'none'}; none other was (the one"
+                    " it did not answer for is pending again, redriven once it answers)",
+                    file=sys.stderr,
+                )
+                return 2
             remaining = list(resp.remaining)
             if not remaining or (not resp.redriven and not resp.errors):
                 break

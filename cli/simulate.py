@@ -15,6 +15,7 @@ import orjson
 from dotenv import dotenv_values
 from wa.v1 import state_pb2, state_pb2_grpc
 
+from cli import errors
 from cli.settings import CliSettings
 from common import grpcserver, wire
 from services.gateway import signature
@@ -153,6 +154,14 @@ async def simulate(text: str, wa_id: str, url: str, wait: float, username: str =
         except httpx.HTTPError as exc:
             print(f"wa simulate: cannot reach the gateway at {target}: {exc!r}", file=sys.stderr)
             return 2
+    if resp.status_code == 503:
+        # The gateway is up, and what it stores deliveries through is not (Meta would retry).
+        print(
+            f"wa simulate: the gateway at {target} cannot store the delivery now (503:"
+            f" {errors.one_line(resp.text)}): the state service or PostgreSQL is down",
+            file=sys.stderr,
+        )
+        return 2
     print(f"POST {target} -> {resp.status_code} {resp.text}")
     if resp.status_code != 200:
         return 1

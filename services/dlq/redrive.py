@@ -81,7 +81,10 @@ async def redrive_items(
     reason: str,
     *,
     operator: bool = False,
-) -> tuple[list[int], list[str]]:
+) -> tuple[list[int], list[str], str]:
+    """Hands the items over; returns those handed, an error line per item that was not and,
+    when the state service did not answer, what it said (the items after it are not tried:
+    each would wait for it too)."""
     done: list[int] = []
     errors: list[str] = []
     for item in items:
@@ -91,10 +94,12 @@ async def redrive_items(
         ) as span:
             span.set_attribute("wa.dlq_id", item.id)
             span.set_attribute("wa.operator", operator)
-            error = await _redrive_one(pool, state, item, reason, operator, done)
+            error, unavailable = await _redrive_one(pool, state, item, reason, operator, done)
             if error:
                 errors.append(error)
-    return done, errors
+            if unavailable:
+                return done, errors, unavailable
+    return done, errors, ""
 
 
 async def _redrive_one(
@@ -104,8 +109,9 @@ async def _redrive_one(
     reason: str,
     operator: bool,
     done: list[int],
-) -> str:
-    """Hands one claimed item over; returns an error text, or "" when handed."""
+) -> tuple[str, str]:
+    """Hands one claimed item over; returns an error text ("" when handed) and, when the
+    state service did not answer, what it said."""
     try:
         handed = await state.redrive(
             item.message_id, reason, item.correlation_id, operator=operator
@@ -115,7 +121,7 @@ async def _redrive_one(
         delay = retry.full_jitter(item.attempts, 1.0, 30.0) + 1.0
         await store.back_to_pending(pool, item.id, delay, str(exc))
         log.warning("redrive could not be handed over: %s", exc, extra={"dlq_id": item.id})
-        return f"{item.id}: {exc}"
+        return f"{item.id}: {exc}", str(exc)
     except asyncio.CancelledError:
         # The caller gave up (an operator's retry past its deadline): due again now rather
         # than `retrying` for nothing. Had the hand-over happened after all, the next one
@@ -140,7 +146,7 @@ async def _redrive_one(
             extra={"dlq_id": item.id, "message_id": item.message_id, "status": handed.status},
         )
     done.append(item.id)
-    return ""
+    return "", ""
 
 
 class Worker:

@@ -204,11 +204,17 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
                 if request.ids:
                     errors.append(f"{item_id}: unknown, resolved or purged")
                 continue  # --all: taken by the worker meanwhile
-            handed, failed = await redrive_items(
+            handed, failed, unavailable = await redrive_items(
                 self.pool, self.state, claimed, "redriven by an operator", operator=True
             )
             done.extend(handed)
             errors.extend(failed)
+            if unavailable:
+                # Each other hand-over would wait for it too; the item is pending again, and
+                # the worker redrives it once the state service answers.
+                return dlq_pb2.RetryResponse(
+                    redriven=done, errors=errors, state_unavailable=unavailable
+                )
         if remaining:
             log.info("operator retry: items left for the next call", extra={"n": len(remaining)})
         return dlq_pb2.RetryResponse(redriven=done, errors=errors, remaining=remaining)

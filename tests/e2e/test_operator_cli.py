@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,29 @@ async def test_health_is_healthy_then_down_when_a_service_stops(
     assert "system: down" in down.stdout
     line = next(x for x in down.stdout.splitlines() if " dlq " in x)
     assert "DOWN" in line and "UNAVAILABLE" in line
+
+
+async def test_commands_whose_service_is_up_say_so_in_one_line_when_the_state_service_is_down(
+    start_system: StartSystem,
+) -> None:
+    """The gateway and the dlq service answer, and what they need behind them does not: the
+    command still says in one line what is down and exits 2 (CONTRACT, Operator CLI)."""
+    system = await start_system()
+    # Three days old: outside the customer's 24-hour window, dead-lettered at once.
+    old = payloads.message("text", timestamp=str(int(time.time()) - 3 * 86400))
+    assert (await system.post(payloads.delivery(messages=[old]))).status_code == 200
+    await system.wait_status([old["id"]], {"dead_lettered"})
+    (item,) = await asyncio.to_thread(wa_json, system, "dlq", "list")
+    await system.sup.stop(["state"])
+    for args in (
+        ["simulate", "hi"],
+        ["dlq", "retry", str(item["id"])],
+        ["dlq", "retry", "--all"],
+    ):
+        done = await asyncio.to_thread(wa, system, *args)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"wa {args[0]}")
+        assert "Traceback" not in done.stderr and "state service" in done.stderr, done.stderr
 
 
 async def test_trace_shows_the_timeline_and_the_dlq_attempts(
