@@ -62,8 +62,12 @@ class Readiness:
         body = {"checked_seconds_ago": round(age, 3), "components": self._components}
         if age > self.max_age:
             return False, {"status": "not ready", "reason": "readiness check stale", **body}
-        ready = all(c["healthy"] for c in self._components)
-        return ready, {"status": "ready" if ready else "not ready", **body}
+        down = [c for c in self._components if not c["healthy"]]
+        if not down:
+            return True, {"status": "ready", **body}
+        # One line an operator (or a probe's log) reads first; the components say the rest.
+        reason = "; ".join(f"{c['name']}: {c.get('detail') or 'down'}" for c in down)
+        return False, {"status": "not ready", "reason": reason, **body}
 
     async def _run(self) -> None:
         while True:

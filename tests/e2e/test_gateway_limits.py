@@ -233,6 +233,8 @@ async def test_readyz_answers_from_a_cached_check_not_a_check_per_request(
         _, body = await readiness(system, lambda status, _: status == 503)
         assert [c["name"] for c in body["components"] if not c["healthy"]] == ["agent"]
         assert body["status"] == "not ready"
+        # The reason in one line, first: what is down and what it said.
+        assert body["reason"].startswith("agent: ") and "UNAVAILABLE" in body["reason"]
     finally:
         proxy.close()
 
