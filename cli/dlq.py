@@ -82,6 +82,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         "status",
         "attempts",
         "message_id",
+        "conversation",
         "customer",
         "error",
         "next_attempt",
@@ -93,6 +94,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             r["status"],
             str(r["attempts"]),
             r["message_id"],
+            str(r["conversation"] or "-"),
             customer(r),
             f"{r['error_class']}: {r['error_message']}"[:60],
             (r["next_attempt_at"] or "-")[:19],
@@ -263,5 +265,10 @@ async def purge(ids: list[int]) -> int:
     async with grpcserver.channel(settings.dlq_addr) as ch:
         with calling("dlq", settings.dlq_addr):
             resp = await dlq_pb2_grpc.DlqStub(ch).Purge(dlq_pb2.PurgeRequest(ids=ids), timeout=10)
+    asked = len(set(ids))
+    if resp.purged < asked:
+        # As `wa dlq retry` of an unknown id: said, and exit 1.
+        print(f"purged {resp.purged} of {asked} item(s): the others are unknown or purged already")
+        return 1
     print(f"purged {resp.purged} item(s)")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from common import config
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--json", action="store_true")
 
     st = sub.add_parser("stats", help="processing metrics: counts, avg, p95, p99")
-    st.add_argument("--hours", type=float, default=1.0)
+    st.add_argument("--hours", type=_hours, default=1.0, help="the last N hours (up to 2160)")
     st.add_argument("--json", action="store_true")
 
     tr = sub.add_parser("trace", help="a message's timeline and trace id")
@@ -133,6 +134,20 @@ GRPC_COMMANDS = frozenset(
 )
 
 
+def _hours(text: str) -> float:
+    """--hours: more than 0, at most 90 days (what the state service answers for)."""
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
+    if not 0 < hours <= MAX_STATS_HOURS:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_STATS_HOURS}")
+    return hours
+
+
+MAX_STATS_HOURS = 24 * 90
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     sub_command = getattr(args, "dlq_command", None) or getattr(args, "handoff_command", None)
@@ -150,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read the output stopped (`wa trace ... | head`): nothing is wrong, and
+        # nothing more can be said there. Python would complain again flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE
     except Exception as exc:
         what = _down(exc)
         if what is None:

@@ -75,6 +75,29 @@ async def test_commands_whose_service_is_up_say_so_in_one_line_when_the_state_se
     assert (await system.post(payloads.delivery(messages=[old]))).status_code == 200
     await system.wait_status([old["id"]], {"dead_lettered"})
     (item,) = await asyncio.to_thread(wa_json, system, "dlq", "list")
+    # The table shows what the contract lists: id, message id, conversation, status...
+    header, row = (await asyncio.to_thread(wa, system, "dlq", "list")).stdout.splitlines()
+    assert header.split()[:5] == ["ID", "STATUS", "ATTEMPTS", "MESSAGE_ID", "CONVERSATION"]
+    assert row.split()[:5] == [str(item["id"]), "dead", "1", old["id"], str(item["conversation"])]
+    # An id that is not there is said, as `wa dlq retry` says it.
+    unknown = await asyncio.to_thread(
+        wa, system, "dlq", "purge", "999999", str(item["id"] + 1), "--yes"
+    )
+    assert unknown.returncode == 1 and "purged 0 of 2 item(s)" in unknown.stdout, unknown.stdout
+    # Output read by something that stops reading (`wa ... | head`): no complaint, no traceback.
+    read, write = os.pipe()
+    os.close(read)
+    env = {k: v for k, v in {**os.environ, **system.env}.items() if k != "DATABASE_URL"}
+    piped = await asyncio.to_thread(
+        subprocess.run,
+        [WA, "dlq", "list", "--json"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=60,
+    )
+    os.close(write)
+    assert piped.returncode == 141 and piped.stderr == b"", piped.stderr
     await system.sup.stop(["state"])
     for args in (
         ["simulate", "hi"],
@@ -167,3 +190,12 @@ def test_every_command_says_in_one_line_that_what_it_needs_is_down_and_exits_2(
         assert done.stderr.startswith(f"wa {args[0]}"), done.stderr
     else:
         assert "system: down" in done.stdout
+
+
+@pytest.mark.parametrize("hours", ["0", "-1", "2161", "soon"])
+def test_stats_refuses_a_span_it_cannot_answer_for_before_calling(hours: str) -> None:
+    done = subprocess.run(
+        [WA, "stats", "--hours", hours], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "--hours" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
