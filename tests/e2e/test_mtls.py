@@ -79,6 +79,11 @@ async def test_no_caller_without_a_certificate_of_the_systems_ca_gets_anything(
         # The same port answers the system's own certificate.
         ok, detail = await grpcserver.check_health(target, transport=mine)
         assert ok, (name, detail)
+    # Refused in silence: the logs stay JSON lines (gRPC's C core logged each failed
+    # handshake on stderr, in its own format).
+    for name in ("state", "agent", "dlq"):
+        lines = system.log_path(name).read_text(errors="replace").splitlines()
+        assert all(line.startswith("{") for line in lines if line), (name, lines[-5:])
 
 
 async def test_a_certificate_of_the_system_calls_only_what_its_identity_calls(
