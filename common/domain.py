@@ -128,12 +128,19 @@ class TurnResult:
     # reply_message_id is sent and not yet recorded: the caller (which asked for it with
     # defer_sent_record) records it with the turn's final transition.
     sent_unrecorded: bool = False
+    # Why the fallback reply answered (the message could not be read); "" otherwise.
+    fallback: str = ""
 
     @property
     def detail(self) -> str:
         """How the turn ended, for the audit trail."""
         if self.outcome != "replied":
             return f"{self.error_class}: {self.error_message}"
+        if self.fallback:
+            return f"{self._sent()}; the fallback reply: {self.fallback}"
+        return self._sent()
+
+    def _sent(self) -> str:
         if self.parts > 1:
             return f"reply sent in {self.parts} messages, the last as {self.reply_message_id}"
         if self.confirmed_by_status:

@@ -162,9 +162,10 @@ class Agent:
             task.add_done_callback(self._background.discard)
         # Saving a new reply marks its send as started too (it follows at once).
         send_started = reply_text is None
+        fallback = ""  # (a resumed turn's reply was stored; why it was the fallback is not)
         if reply_text is None:
             try:
-                reply_text, agent_type, structured = await self._think(
+                reply_text, agent_type, structured, fallback = await self._think(
                     req,
                     state.context_agent_type,
                     state.context,
@@ -200,6 +201,8 @@ class Agent:
                 structured=structured,
                 defer_record=req.defer_sent_record,
             )
+        if fallback:
+            result = dataclasses.replace(result, fallback=fallback)
         return _answering(result, absorbed)
 
     async def _outside_window(
@@ -300,8 +303,10 @@ class Agent:
         deadline: Deadline = UNBOUNDED,
         message: tuple[str, Any] = ("text", None),
         burst: debounce.Burst = debounce.NONE,
-    ) -> tuple[str, str, replies.Structured | None]:
-        """`message`: the stored message's type and Meta's object of it."""
+    ) -> tuple[str, str, replies.Structured | None, str]:
+        """The reply, its agent type, its buttons or list if any, and why the fallback reply
+        answered ("" when the model did). `message`: the stored message's type and Meta's
+        object of it."""
         history: list[dict[str, Any]] = list(context) if context is not None else []
         current = self.catalog.resume_from(context_agent)
         said = await self._understand(req, *message, deadline)
@@ -390,7 +395,7 @@ class Agent:
                 f"could not store the model's answer: {exc!r}", error_class="DatabaseUnavailable"
             ) from exc
         _check_fence(req, fence)
-        return text, agent.name, structured
+        return text, agent.name, structured, ""
 
     async def _understand(
         self, req: TurnRequest, message_type: str, payload: Any, deadline: Deadline
@@ -405,7 +410,7 @@ class Agent:
 
     async def _fall_back(
         self, req: TurnRequest, current: str, said: inbound.Fallback
-    ) -> tuple[str, str, None]:
+    ) -> tuple[str, str, None, str]:
         """The fallback reply, stored (fenced, marked as being sent) like a model's answer so
         that it is sent exactly once; the model is not called, the context not changed."""
         agent_type = self.catalog.get(current).name
@@ -422,7 +427,7 @@ class Agent:
             agent_type,
             self.graph.enabled and limits.length(self.fallback_reply) <= limits.TEXT_BODY_MAX,
         )
-        return self.fallback_reply, agent_type, None
+        return self.fallback_reply, agent_type, None, said.reason
 
     async def _fenced(self, req: TurnRequest, query: str, *args: Any) -> None:
         """One write of the turn (queries.sql), applied only while the turn's fence token is

@@ -249,6 +249,14 @@ async def test_without_transcription_a_voice_note_gets_the_fallback_and_no_model
         msg["id"],
     )
     assert row is not None and row["reply_text"] == FALLBACK and row["reply_message_id"]
+    # An operator reading the message's timeline sees why it got the fallback reply.
+    reason = await pool.fetchval(
+        "SELECT reason FROM conversation_state_transitions"
+        " WHERE message_id = $1 AND to_state = 'replied'",
+        msg["id"],
+    )
+    assert reason.startswith("reply sent as ") and "; the fallback reply: " in reason, reason
+    assert "TRANSCRIPTION_URL" in reason, reason
 
 
 async def test_a_too_large_voice_note_is_refused_before_being_read_whole(
