@@ -40,6 +40,7 @@ async def health(as_json: bool) -> int:
     settings = CliSettings.from_env()
     components, checks = await system_health(settings, timeout=10)
     components.append(await _gateway(settings))
+    # (A component that could not be checked counts as down: nothing says it is not.)
     unhealthy = {c["name"] for c in components if not c["healthy"]}
     failing = [c for c in checks if c["status"] not in ("ok", "unknown")]
     if unhealthy & DOWN_IF_UNHEALTHY:
@@ -58,7 +59,7 @@ async def health(as_json: bool) -> int:
         return code
     print(f"system: {status}")
     for c in components:
-        mark = "ok  " if c["healthy"] else "DOWN"
+        mark = "ok  " if c["healthy"] else "?   " if c.get("unknown") else "DOWN"
         print(f"  {mark} {c['name']:<9} {c['detail']}")
     for c in checks:
         print(f"  {c['status']:<8} {c['name']:<20} {c['detail']}")

@@ -56,8 +56,13 @@ async def check_components(
         try:
             resp = await state.CheckDependencies(state_pb2.CheckDependenciesRequest(), timeout=3)
         except grpc.aio.AioRpcError as exc:
+            # Not known to be down: only the state service checks them. Not healthy either, so
+            # not ready; `wa health` shows them as unknown, the state service as down.
             reason = f"state service cannot check it: {exc.code().name}"
-            return [{"name": n, "healthy": False, "detail": reason} for n in ("postgres", "redis")]
+            return [
+                {"name": n, "healthy": False, "unknown": True, "detail": reason}
+                for n in ("postgres", "redis")
+            ]
         return [{"name": c.name, "healthy": c.healthy, "detail": c.detail} for c in resp.components]
 
     async def service(name: str, target: str) -> dict[str, Any]:

@@ -108,6 +108,14 @@ async def test_commands_whose_service_is_up_say_so_in_one_line_when_the_state_se
         assert done.returncode == 2, done.stdout + done.stderr
         assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"wa {args[0]}")
         assert "Traceback" not in done.stderr and "state service" in done.stderr, done.stderr
+    # PostgreSQL and Redis are up: with the state service that checks them down, they are
+    # unknown, not down.
+    health = await asyncio.to_thread(wa, system, "health")
+    assert health.returncode == 2
+    lines = {line.split()[1]: line.split()[0] for line in health.stdout.splitlines()[1:6]}
+    assert lines["state"] == "DOWN" and lines["postgres"] == "?" and lines["redis"] == "?", (
+        health.stdout
+    )
 
 
 async def test_trace_shows_the_timeline_and_the_dlq_attempts(
