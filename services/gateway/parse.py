@@ -407,7 +407,12 @@ def _system_event(raw: dict[str, Any], message: Message, delivery: Delivery) -> 
     if current and previous:
         # Not under the old number either: stored, the message would give the conversation
         # back the number the change took from it (the ingest keeps the latest one it sees).
-        moved = replace(message, user_id=current, wa_id=new_phone)
+        moved = replace(
+            message,
+            user_id=current,
+            wa_id=new_phone,
+            parent_user_id=_id(system.get("parent_user_id")),
+        )
     elif new_phone and old_phone:
         # No BSUIDs (Meta's shape before them): the number alone is the customer's key.
         current = previous = ""

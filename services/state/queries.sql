@@ -225,10 +225,17 @@ INSERT INTO processed_webhook_messages
     (message_id, kind, conversation_id, phone_number_id, wa_id, user_id, message_type,
      wa_timestamp, payload, status, status_reason, correlation_id, traceparent)
 SELECT i.event_id, 'event',
-       (SELECT c.id FROM webhook_conversations c
-         WHERE c.phone_number_id = i.phone_number_id
-           AND c.customer_id = COALESCE(NULLIF(i.previous_user_id, ''), NULLIF(i.user_id, ''),
-                                        NULLIF(i.previous_wa_id, ''), i.wa_id)),
+       -- The conversation it is about: by the old BSUID, else the old number (one known by
+       -- its number alone), else the customer's current key.
+       COALESCE((SELECT c.id FROM webhook_conversations c
+                  WHERE c.phone_number_id = i.phone_number_id
+                    AND c.customer_id = NULLIF(i.previous_user_id, '')),
+                (SELECT c.id FROM webhook_conversations c
+                  WHERE c.phone_number_id = i.phone_number_id
+                    AND c.customer_id = NULLIF(i.previous_wa_id, '')),
+                (SELECT c.id FROM webhook_conversations c
+                  WHERE c.phone_number_id = i.phone_number_id
+                    AND c.customer_id = COALESCE(NULLIF(i.user_id, ''), i.wa_id))),
        i.phone_number_id, i.wa_id, NULLIF(i.user_id, ''), i.kind, i.ts, i.payload::jsonb,
        'skipped',
        CASE i.kind
@@ -254,29 +261,42 @@ RETURNING message_id
 -- one, with its context and history. A customer known to business number $6 by its phone
 -- number alone (no BSUID yet: a conversation from before them, or Meta's shape before them,
 -- which names no BSUID, $1 and $2 empty) changed its number from $5 to $4: that conversation
--- takes the new BSUID, or else the new number, as its key. One that a message under the new
--- key has already started is left as it is (the two are not merged). Either way each keeps the
--- identifiers it was and is known by (webhook_conversation_aliases, db/migrations/0031), so
--- that `wa forget` of any of them finds it.
+-- takes the new BSUID, or else the new number, as its key. One that cannot (a conversation
+-- under the new key exists already: the two are not merged; or, for the number's, the
+-- customer's BSUID has one of this business number) keeps its history under a key no delivery
+-- names, without the number: carriers give numbers out again, and the next owner must not
+-- find it. Either way each keeps the identifiers it was and is known by
+-- (webhook_conversation_aliases, db/migrations/0031), so that `wa forget` of any of them
+-- finds it.
 WITH by_bsuid AS (
     SELECT c.id FROM webhook_conversations c WHERE c.user_id = $1 AND $1 <> '' AND $2 <> ''
-), by_phone AS (
-    -- Only where no conversation of this business number has the old BSUID: else that one is
-    -- the customer's (two rows cannot both take the new key).
+), by_number AS (
     SELECT c.id
       FROM webhook_conversations c
      WHERE c.phone_number_id = $6 AND c.customer_id = $5 AND c.user_id IS NULL AND $5 <> ''
-       AND COALESCE(NULLIF($2, ''), $4) <> ''
-       AND NOT EXISTS (SELECT 1 FROM by_bsuid b
-                         JOIN webhook_conversations d ON d.id = b.id
-                        WHERE d.phone_number_id = $6)
 ), old AS MATERIALIZED (
-    -- Locked in the order ingest takes conversation rows (by business number and key).
-    SELECT c.id, c.phone_number_id, c.wa_id, c.parent_user_id
+    -- Locked in the order ingest takes conversation rows (by business number and key). The
+    -- conditions again: re-checked on a row another transaction changed meanwhile.
+    SELECT c.id, c.phone_number_id, c.wa_id, c.parent_user_id, c.user_id
       FROM webhook_conversations c
-     WHERE c.id IN (SELECT id FROM by_bsuid UNION ALL SELECT id FROM by_phone)
+     WHERE c.id IN (SELECT id FROM by_bsuid UNION ALL SELECT id FROM by_number)
+       AND ((c.user_id = $1 AND $1 <> '' AND $2 <> '')
+            OR (c.phone_number_id = $6 AND c.customer_id = $5 AND c.user_id IS NULL))
      ORDER BY c.phone_number_id, c.customer_id
        FOR UPDATE
+), target AS (
+    SELECT o.id,
+           COALESCE(NULLIF($2, ''), $4) <> ''
+           -- The number's conversation only where the BSUID has none on that business number:
+           -- two rows cannot take one key.
+           AND (o.user_id IS NOT NULL
+                OR NOT EXISTS (SELECT 1 FROM old b
+                                WHERE b.user_id IS NOT NULL
+                                  AND b.phone_number_id = o.phone_number_id))
+           AND NOT EXISTS (SELECT 1 FROM webhook_conversations d
+                            WHERE d.phone_number_id = o.phone_number_id
+                              AND d.customer_id = COALESCE(NULLIF($2, ''), $4)) AS moves
+      FROM old o
 ), moved AS (
     UPDATE webhook_conversations c
        SET customer_id = COALESCE(NULLIF($2, ''), $4), user_id = NULLIF($2, ''),
@@ -286,12 +306,17 @@ WITH by_bsuid AS (
            -- if shared.
            wa_id = NULLIF($4, ''),
            updated_at = now()
-      FROM old o
-     WHERE c.id = o.id
-       AND NOT EXISTS (SELECT 1 FROM webhook_conversations d
-                        WHERE d.phone_number_id = o.phone_number_id
-                          AND d.customer_id = COALESCE(NULLIF($2, ''), $4))
+      FROM target t
+     WHERE c.id = t.id AND t.moves
     RETURNING c.id
+), kept AS (
+    UPDATE webhook_conversations c
+       SET customer_id = CASE WHEN c.user_id IS NULL THEN 'number-changed:' || c.id
+                              ELSE c.customer_id END,
+           wa_id = NULL,
+           updated_at = now()
+      FROM target t
+     WHERE c.id = t.id AND NOT t.moves
 ), aliases AS (
     INSERT INTO webhook_conversation_aliases (alias, conversation_id)
     SELECT DISTINCT v.alias, o.id

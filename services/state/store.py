@@ -158,10 +158,11 @@ async def ingest_many(pool: asyncpg.Pool, deliveries: list[DeliveryIn]) -> list[
         # Customer events are stored and applied together or not at all (a stored event is a
         # duplicate when Meta retries it, so it must not be stored unapplied).
         async with conn.transaction() if events else contextlib.nullcontext():
-            # A changed BSUID first: the messages of this delivery then find their
-            # conversation under the new one.
-            applied = await _apply_events(conn, events) if events else set()
-            rows = await _insert_messages(conn, messages) if messages else []
+            if not events:
+                rows = await _insert_messages(conn, messages) if messages else []
+                applied: set[str] = set()
+            else:
+                rows, applied = await _around_events(conn, messages, events)
     seen: set[str] = set()
     results: dict[int, list[Ingested]] = {id(d): [] for d in deliveries}
     for (d, m), row in zip(messages, rows, strict=True):
@@ -184,6 +185,35 @@ async def ingest_many(pool: asyncpg.Pool, deliveries: list[DeliveryIn]) -> list[
             event_counts[id(d)] += 1
             applied.discard(ev.event_id)
     return [DeliveryOut(results[id(d)], counts[id(d)], event_counts[id(d)]) for d in deliveries]
+
+
+async def _around_events(
+    conn: Conn,
+    messages: list[tuple[DeliveryIn, Message]],
+    events: list[tuple[DeliveryIn, Event]],
+) -> tuple[list[asyncpg.Record], set[str]]:
+    """The messages' rows (in order) and the events stored now. A changed BSUID or number
+    applies from its own moment: the messages sent before it (a text just before the change,
+    in the same delivery or batch) are stored first, under the key they name, in the
+    conversation the change then moves; the others after it, so that they find their
+    conversation under the new key."""
+    changes = [e.timestamp for _, e in events if e.kind == "user_id_update"]
+    cut = min(changes) if changes else 0
+    early = [i for i, (_, m) in enumerate(messages) if m.timestamp < cut]
+    late = [i for i, (_, m) in enumerate(messages) if m.timestamp >= cut]
+    rows: list[asyncpg.Record | None] = [None] * len(messages)
+    if early:
+        for i, row in zip(
+            early, await _insert_messages(conn, [messages[i] for i in early]), strict=True
+        ):
+            rows[i] = row
+    applied = await _apply_events(conn, events)
+    if late:
+        for i, row in zip(
+            late, await _insert_messages(conn, [messages[i] for i in late]), strict=True
+        ):
+            rows[i] = row
+    return [r for r in rows if r is not None], applied
 
 
 async def _apply_events(conn: Conn, events: list[tuple[DeliveryIn, Event]]) -> set[str]:

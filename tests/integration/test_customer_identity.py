@@ -208,11 +208,22 @@ async def test_the_number_change_message_itself_leaves_the_new_number_in_place(
     (first,) = await ingest(
         pool, inbound("wamid.j1", wa_id="15550001212", user_id=old, phone_number_id=pnid)
     )
-    delivery = _number_change("15550001212", "15550003434", user_id=new, previous_user_id=old)
+    delivery = _number_change(
+        "15550001212",
+        "15550003434",
+        user_id=new,
+        previous_user_id=old,
+        parent_user_id="US.PARENT.NEW",
+        previous_parent_user_id="US.PARENT.OLD",
+    )
     (system,) = await _store(pool, delivery)
     assert system.conversation_id == first.conversation_id
     after = await conversation(pool, first.conversation_id)
     assert (after["customer_id"], after["wa_id"]) == (new, "15550003434")
+    parent = await pool.fetchval(
+        "SELECT parent_user_id FROM webhook_conversations WHERE id = $1", first.conversation_id
+    )
+    assert parent == "US.PARENT.NEW"
 
 
 def _number_change(old_phone: str, new_phone: str, **bsuids: str) -> parse.Delivery:
@@ -220,9 +231,13 @@ def _number_change(old_phone: str, new_phone: str, **bsuids: str) -> parse.Deliv
     with the new and previous BSUIDs (`user_id`, `previous_user_id`) when given, else in the
     shape from before BSUIDs (`new_wa_id` in releases before Graph API v12)."""
     key = "wa_id" if bsuids else "new_wa_id"
+    sender = {}  # sent as the customer was known: its previous parent BSUID, if any
+    if "previous_parent_user_id" in bsuids:
+        sender["from_parent_user_id"] = bsuids["previous_parent_user_id"]
     system = payloads.message(
         "system",
         wa_id=old_phone,
+        **sender,
         system={
             "body": f"User Gus changed from {old_phone} to {new_phone}",
             "type": "user_changed_number",
@@ -285,6 +300,13 @@ async def test_a_number_change_moves_a_conversation_known_by_its_number_alone_to
     assert system.conversation_id == first.conversation_id
     after = await conversation(pool, first.conversation_id)
     assert (after["customer_id"], after["wa_id"], after["user_id"]) == (new, "15550007777", new)
+    # The change is in that conversation's timeline.
+    assert (
+        await pool.fetchval(
+            "SELECT conversation_id FROM processed_webhook_messages WHERE kind = 'event'"
+        )
+        == first.conversation_id
+    )
     (later,) = await ingest(pool, inbound("wamid.h2", wa_id="", user_id=new, phone_number_id=pnid))
     assert later.conversation_id == first.conversation_id
 
@@ -306,7 +328,60 @@ async def test_a_number_change_prefers_the_bsuids_conversation_to_the_old_number
     (system,) = await _store(pool, delivery)
     assert system.conversation_id == by_user.conversation_id
     assert (await conversation(pool, by_user.conversation_id))["customer_id"] == new
-    assert (await conversation(pool, by_phone.conversation_id))["customer_id"] == "15550008888"
+    await _the_old_number_is_no_ones(pool, by_phone.conversation_id, "15550008888")
+
+
+async def _the_old_number_is_no_ones(pool: asyncpg.Pool, conversation_id: int, old: str) -> None:
+    """The conversation left under the old number keeps its history, not the number: carriers
+    give numbers out again, and the next owner's first message must start a conversation of its
+    own. `wa forget` of the old number still finds it (an alias)."""
+    left = await conversation(pool, conversation_id)
+    assert left["wa_id"] is None and left["customer_id"] == f"number-changed:{conversation_id}"
+    pnid = payloads.PHONE_NUMBER_ID
+    (stranger,) = await ingest(pool, inbound(f"wamid.next-{old}", wa_id=old, phone_number_id=pnid))
+    assert stranger.conversation_id != conversation_id
+    assert (
+        await pool.fetchval(
+            "SELECT conversation_id FROM webhook_conversation_aliases WHERE alias = $1", old
+        )
+        == conversation_id
+    )
+
+
+async def test_a_number_change_to_a_number_that_already_wrote_leaves_the_old_number_behind(
+    pool: asyncpg.Pool,
+) -> None:
+    """The customer wrote from the new number before Meta's message about the change came (it
+    started a conversation of its own there): the two are not merged, and the old number's
+    conversation no longer answers to the old number."""
+    pnid = payloads.PHONE_NUMBER_ID
+    (before,) = await ingest(pool, inbound("wamid.k1", wa_id="15550002121", phone_number_id=pnid))
+    (already,) = await ingest(pool, inbound("wamid.k2", wa_id="15550002323", phone_number_id=pnid))
+    (system,) = await _store(pool, _number_change("15550002121", "15550002323"))
+    assert system.conversation_id == already.conversation_id
+    await _the_old_number_is_no_ones(pool, before.conversation_id, "15550002121")
+
+
+async def test_a_text_sent_just_before_the_change_of_number_stays_with_its_conversation(
+    pool: asyncpg.Pool,
+) -> None:
+    """In the same delivery (or batch) as the change, a text the customer sent from the old
+    number before it belongs to the conversation the change moves, not to a new one under the
+    number it no longer has."""
+    pnid = payloads.PHONE_NUMBER_ID
+    (first,) = await ingest(pool, inbound("wamid.l1", wa_id="15550004545", phone_number_id=pnid))
+    earlier = payloads.message(
+        "text", wa_id="15550004545", timestamp=str(int(time.time()) - 10), text={"body": "hi"}
+    )
+    change = _number_change("15550004545", "15550006767")
+    texts = parse.parse(orjson.dumps(payloads.delivery(messages=[earlier]))).messages
+    (out,) = await store.ingest_many(
+        pool,
+        [store.DeliveryIn([*texts, *change.messages], [], "c", "", change.events)],
+    )
+    assert [r.conversation_id for r in out.results] == [first.conversation_id] * 2
+    assert (await conversation(pool, first.conversation_id))["wa_id"] == "15550006767"
+    assert await pool.fetchval("SELECT count(*) FROM webhook_conversations") == 1
 
 
 async def test_conversations_from_before_bsuids_keep_their_context_after_the_upgrade(
