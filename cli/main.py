@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import select
 import sys
 
 from common import config
@@ -165,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
+        if not _reader_gone():
+            print(f"wa {command}: {_down(exc)}", file=sys.stderr)  # a socket's, not stdout's
+            return 2
         # Whoever read the output stopped (`wa trace ... | head`): nothing is wrong, and
         # nothing more can be said there. Python would complain again flushing stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -176,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug, not something down: its traceback is what is needed
         print(f"wa {command}: {what}", file=sys.stderr)
         return 2
+
+
+def _reader_gone() -> bool:
+    """stdout is a pipe (or socket) whose reader closed its end."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll(), or stdout has no descriptor
+        return False
 
 
 def _down(exc: Exception) -> str | None:

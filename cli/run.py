@@ -154,7 +154,10 @@ async def run() -> int:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # (SIGHUP: the terminal closed. Its children, each in a session of its own, hear none
+    # of these: the default action would leave them to PR_SET_PDEATHSIG, all at once, or
+    # without it, running.)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     following = asyncio.create_task(_follow_make(stop), name="follow-make")
 
@@ -236,8 +239,9 @@ async def run() -> int:
         say("[wa run] stopping")
         sup.stopping()
         # Front door first, then the services, then the servers they use.
-        await sup.stop([*scale.names("gateway"), CONSOLE], timeout=4)
-        await sup.stop([r.name for r in scale.all() if r.service != "gateway"], timeout=4)
+        # Within the contract's 10 s, with time to spare for noticing the signal.
+        await sup.stop([*scale.names("gateway"), CONSOLE], timeout=3.5)
+        await sup.stop([r.name for r in scale.all() if r.service != "gateway"], timeout=3.5)
         await sup.stop(timeout=2)
         following.cancel()
         say("[wa run] stopped")

@@ -155,10 +155,11 @@ async def simulate(text: str, wa_id: str, url: str, wait: float, username: str =
             print(f"wa simulate: cannot reach the gateway at {target}: {exc!r}", file=sys.stderr)
             return 2
     if resp.status_code == 503:
-        # The gateway is up, and what it stores deliveries through is not (Meta would retry).
+        # The gateway is up, and what it stores deliveries through is down or overloaded
+        # (its body says which; Meta would retry).
         print(
             f"wa simulate: the gateway at {target} cannot store the delivery now (503:"
-            f" {errors.one_line(resp.text)}): the state service or PostgreSQL is down",
+            f" {errors.one_line(resp.text)})",
             file=sys.stderr,
         )
         return 2

@@ -6,5 +6,6 @@ import os
 # for every failed TLS handshake (any caller without a certificate of the system's CA). Only
 # its errors are kept; the services log everything else themselves, as JSON lines
 # (common/logs.py). gRPC reads this when it loads, so it is set here, before any service
-# imports it; a value in the environment wins.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# imports it; a value set in the environment wins.
+if not os.environ.get("GRPC_VERBOSITY"):
+    os.environ["GRPC_VERBOSITY"] = "ERROR"

@@ -117,6 +117,18 @@ UPDATE webhook_dlq
        updated_at = now()
  WHERE id = $1 AND status = 'retrying'
 
+-- name: refused
+-- The state service answered that the message cannot be redriven (it is gone): dead, with
+-- why, for an operator to see and purge; never due again.
+UPDATE webhook_dlq
+   SET status = 'dead',
+       next_attempt_at = NULL,
+       history = history || jsonb_build_array(jsonb_build_object(
+           'at', now(), 'error_class', 'RedriveRefused', 'error_message', $2::text,
+           'deferred', false)),
+       updated_at = now()
+ WHERE id = $1 AND status = 'retrying'
+
 -- name: resolve_message
 UPDATE webhook_dlq
    SET status = 'resolved', resolved_at = now(), updated_at = now()

@@ -71,7 +71,17 @@ class AgentStatusPort(Protocol):
 
 
 class RedriveUnavailable(Exception):
-    pass
+    """The hand-over did not happen and may later: `unreachable` when the state service did
+    not answer at all (else it answered with an error that may pass)."""
+
+    def __init__(self, said: str, *, unreachable: bool = True) -> None:
+        super().__init__(said)
+        self.unreachable = unreachable
+
+
+class RedriveRefused(Exception):
+    """The state service answered that the message cannot be redriven, now or ever (it does
+    not exist any more): the item is dead, for an operator to see and purge."""
 
 
 async def redrive_items(
@@ -121,7 +131,13 @@ async def _redrive_one(
         delay = retry.full_jitter(item.attempts, 1.0, 30.0) + 1.0
         await store.back_to_pending(pool, item.id, delay, str(exc))
         log.warning("redrive could not be handed over: %s", exc, extra={"dlq_id": item.id})
-        return f"{item.id}: {exc}", str(exc)
+        return f"{item.id}: {exc}", str(exc) if exc.unreachable else ""
+    except RedriveRefused as exc:
+        # Never again: retried, it would come back every few seconds for ever.
+        REDRIVES.labels("refused").inc()
+        await store.refused(pool, item.id, str(exc))
+        log.warning("redrive refused, the item is dead: %s", exc, extra={"dlq_id": item.id})
+        return f"{item.id}: refused: {exc}", ""
     except asyncio.CancelledError:
         # The caller gave up (an operator's retry past its deadline): due again now rather
         # than `retrying` for nothing. Had the hand-over happened after all, the next one

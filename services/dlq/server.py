@@ -18,9 +18,15 @@ from common import db, grpcserver, logs, roles, wire
 from services.dlq.settings import DlqSettings
 
 from . import store
-from .redrive import Handed, RedriveUnavailable, Worker, redrive_items
+from .redrive import Handed, RedriveRefused, RedriveUnavailable, Worker, redrive_items
 
 log = logging.getLogger(__name__)
+
+# The state service did not answer: the hand-over may succeed later, and every other one
+# would wait for it now.
+UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# It answered that the message cannot be redriven, ever (it is gone: `wa forget`, pruning).
+REDRIVE_NEVER = frozenset({grpc.StatusCode.NOT_FOUND})
 
 # One operator Retry call considers at most this many items (`--all`) and works for at most
 # RETRY_CALL_SECONDS, stopping before its deadline: the rest is returned as `remaining`.
@@ -87,7 +93,10 @@ class GrpcState:
                 timeout=self.timeout,
             )
         except grpc.aio.AioRpcError as exc:
-            raise RedriveUnavailable(f"{exc.code().name}: {exc.details()}") from exc
+            said = f"{exc.code().name}: {exc.details()}"
+            if exc.code() in REDRIVE_NEVER:
+                raise RedriveRefused(said) from exc
+            raise RedriveUnavailable(said, unreachable=exc.code() in UNREACHABLE) from exc
         return Handed(accepted=bool(resp.accepted), status=resp.status)
 
 

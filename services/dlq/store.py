@@ -100,6 +100,10 @@ async def back_to_pending(pool: asyncpg.Pool, item_id: int, delay: float, error:
     await pool.execute(Q["back_to_pending"], item_id, delay, error)
 
 
+async def refused(pool: asyncpg.Pool, item_id: int, error: str) -> None:
+    await pool.execute(Q["refused"], item_id, error)
+
+
 async def resolve_message(pool: asyncpg.Pool, message_id: str) -> bool:
     return bool(await pool.fetch(Q["resolve_message"], message_id))
 

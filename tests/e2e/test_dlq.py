@@ -396,3 +396,24 @@ async def test_an_operator_retry_past_its_deadline_strands_nothing(
     assert done.returncode == 0, done.stdout + done.stderr
     assert set((await system.statuses()).values()) == {"received"}
     assert await stranded() == 0
+
+
+async def test_an_item_whose_message_is_gone_is_dead_not_retried_for_ever(
+    start_system: StartSystem,
+) -> None:
+    """The state service answers NOT_FOUND for a message that no longer exists: the item can
+    never be redriven. It goes dead with why, for an operator to purge; retried, it would come
+    back every few seconds for ever. The other items of the same `wa dlq retry` are tried."""
+    system = await start_system(DLQ_POLL_SECONDS="0.2")
+    pool = await system.db()
+    gone = await pool.fetchval(
+        "INSERT INTO webhook_dlq (message_id, error_class, status, next_attempt_at)"
+        " VALUES ('wamid.GONE', 'ModelHTTP500', 'dead', NULL) RETURNING id"
+    )
+    done = await asyncio.to_thread(wa, system, "dlq", "retry", str(gone), "999999")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{gone}: refused: NOT_FOUND" in done.stdout and "999999: unknown" in done.stdout
+    row = await pool.fetchrow("SELECT status, next_attempt_at, history FROM webhook_dlq")
+    assert row is not None
+    assert row["status"] == "dead" and row["next_attempt_at"] is None
+    assert json.loads(row["history"])[-1]["error_class"] == "RedriveRefused"
