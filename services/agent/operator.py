@@ -77,6 +77,9 @@ class OperatorReplies:
     ) -> OperatorSent:
         if not idempotency_key.strip():
             raise InvalidReply("an idempotency key is required (one per operator action)")
+        if "\x00" in text or "\x00" in idempotency_key or "\x00" in customer:
+            # PostgreSQL's text cannot hold it (a customer's is dropped at the gateway).
+            raise InvalidReply("the answer, key or customer contains a NUL character")
         try:
             limits.check_text(text)
         except limits.LimitError as exc:

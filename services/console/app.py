@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import ipaddress
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -129,6 +130,9 @@ async def login_page(request: Request) -> Response:
     return resp
 
 
+LOGIN_REFUSED = "wrong name or password, or too many failed logins: try again in a few minutes"
+
+
 async def login(request: Request) -> Response:
     settings: ConsoleSettings = request.app.state.settings
     form = await request.form()
@@ -137,7 +141,9 @@ async def login(request: Request) -> Response:
         raise HTTPException(403, "CSRF token missing or wrong: reload the login page")
     name = str(form.get("name", "")).strip()
     password = str(form.get("password", ""))
-    error = "wrong name or password"
+    # One answer for a wrong name, a wrong password and a locked name: a lock-out said as
+    # such told anyone at the login page which names are operators'.
+    error = LOGIN_REFUSED
     token = None
     async with _pool(request).acquire() as conn:
         try:
@@ -150,7 +156,7 @@ async def login(request: Request) -> Response:
                 session_ttl=datetime.timedelta(hours=settings.session_hours),
             )
         except operators.LockedOut as exc:
-            error = f"too many failed logins: {exc}"
+            log.info("console login refused: the name is locked", extra={"until": str(exc)})
         if token is not None:
             await operators.record(conn, name, "login", name)
     if token is None:
@@ -202,11 +208,17 @@ async def overview(request: Request) -> Response:
     return _page(request, name, sess, **ctx)
 
 
+# The longest span of hours a filter takes: ten years (beyond, PostgreSQL's intervals and
+# dates overflow).
+MAX_HOURS = 24 * 3660.0
+
+
 def _float(value: str) -> float:
     try:
-        return max(0.0, float(value))
+        hours = float(value)
     except ValueError:
         return 0.0
+    return min(max(0.0, hours), MAX_HOURS) if math.isfinite(hours) else 0.0
 
 
 async def conversations(request: Request) -> Response:
@@ -477,6 +489,14 @@ async def _not_logged_in(request: Request, exc: Exception) -> Response:
     return RedirectResponse("/login", status_code=303)
 
 
+async def _bad_value(request: Request, exc: Exception) -> Response:
+    """A value PostgreSQL cannot take (a NUL character, an id past bigint, a span of hours
+    past any date): the request is wrong, not the console."""
+    return await _http_error(
+        request, HTTPException(400, "a value in the request cannot be used: " + str(exc)[:200])
+    )
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if _htmx(request):
@@ -544,7 +564,11 @@ def create_app(settings: ConsoleSettings) -> Any:
             ),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ],
-        exception_handlers={NotLoggedIn: _not_logged_in, HTTPException: _http_error},
+        exception_handlers={
+            NotLoggedIn: _not_logged_in,
+            HTTPException: _http_error,
+            asyncpg.DataError: _bad_value,
+        },
         lifespan=lifespan,
     )
     app.state.settings = settings

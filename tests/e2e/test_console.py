@@ -124,13 +124,20 @@ async def test_a_viewer_sees_but_cannot_act(console: System) -> None:
 async def test_five_failed_logins_lock_the_name_even_for_the_right_password(
     console: System,
 ) -> None:
+    refused = "wrong name or password, or too many failed logins"
     for _ in range(5):
         client, resp = await login(console, "ada", "not the password")
         await client.aclose()
-        assert resp.status_code == 401 and "wrong name or password" in resp.text
+        assert resp.status_code == 401 and refused in resp.text
     client, resp = await login(console, "ada", PASSWORD)
     await client.aclose()
-    assert resp.status_code == 401 and "too many failed logins" in resp.text
+    assert resp.status_code == 401 and refused in resp.text
+    # Said as a name that is no operator's is: the lock-out does not tell who is one.
+    for _ in range(7):
+        client, unknown = await login(console, "nobody-here", "not the password")
+        await client.aclose()
+        assert unknown.status_code == 401
+    assert _message(unknown.text) == _message(resp.text) and refused in _message(resp.text)
     # Another name is not locked; the lock-out is in the audit trail.
     client, resp = await login(console, "vic", PASSWORD)
     await client.aclose()
@@ -139,6 +146,44 @@ async def test_five_failed_logins_lock_the_name_even_for_the_right_password(
     assert await pool.fetchval(
         "SELECT count(*) FROM wa_console_audit WHERE action = 'locked out' AND operator = 'ada'"
     )
+
+
+def _message(page: str) -> str:
+    """The login page's error line."""
+    found = re.search(r'class="error"[^>]*>([^<]*)<', page)
+    assert found, page
+    return found.group(1)
+
+
+async def test_malformed_values_are_refused_with_a_400_never_a_500(console: System) -> None:
+    """What PostgreSQL cannot take (a NUL, an id past bigint, a span past any date) is the
+    request's fault: a 400 with the page's usual headers, and the next request on the same
+    connection is served."""
+    huge = "99999999999999999999"
+    async with logged_in(console, "ada") as (client, token):
+        for path in (
+            f"/conversations/{huge}",
+            f"/conversations/{huge}/live",
+            f"/conversations?before=2020-01-01_{huge}",
+            "/conversations?q=%00",
+            "/conversations?agent=%00",
+            "/dlq?error_class=%00",
+        ):
+            resp = await client.get(path)
+            assert resp.status_code == 400, (path, resp.status_code)
+            assert resp.headers["x-frame-options"] == "DENY"
+        for path in ("/conversations?hours=1e12", "/conversations?hours=inf", "/dlq?hours=1e300"):
+            assert (await client.get(path)).status_code == 200, path
+        for data in (
+            {"ids": huge, "action": "retry"},
+            {"scope": "all", "hours": "1e300", "action": "retry"},
+            {"scope": "all", "error_class": "\x00", "action": "retry"},
+        ):
+            resp = await client.post("/dlq/dry-run", data={"csrf": token, **data})
+            assert resp.status_code in (200, 400), (data, resp.status_code)
+        resp = await client.post(f"/conversations/{huge}/take-over", data={"csrf": token})
+        assert resp.status_code in (400, 404), resp.status_code
+        assert (await client.get("/")).status_code == 200
 
 
 async def test_an_operator_limited_to_one_number_cannot_open_anothers_conversation(

@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
 import pytest
+from wa.v1 import agent_pb2, agent_pb2_grpc
 
+from common import grpcserver
 from tests.conftest import StartSystem
 from tests.e2e.test_dlq import wa, wa_json
 from tests.support import payloads
@@ -148,6 +151,19 @@ async def test_an_operator_reply_is_sent_once_per_invocation_even_when_retried(
         done = await asyncio.to_thread(wa, system, "reply", CUSTOMER, "Anything else?")
         assert done.returncode == 0, done.stderr
     assert len(sends_saying(graph, "Anything else?")) == 2
+
+    # A NUL (a form can carry one; PostgreSQL's text cannot) is refused as such, not an
+    # UNKNOWN error with a traceback in the agent's log.
+    target = f"127.0.0.1:{system.ports['agent']}"
+    async with grpcserver.channel(target, transport=system.transport()) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await agent_pb2_grpc.AgentStub(ch).SendOperatorReply(
+                agent_pb2.SendOperatorReplyRequest(
+                    customer=CUSTOMER, text="a\x00b", idempotency_key="k-nul"
+                ),
+                timeout=10,
+            )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
     assert len(graph.sends) == sends + 3
     assert len(model.requests) == 1  # operators' answers never call the model
 
