@@ -8,8 +8,10 @@ from collections.abc import Iterator
 
 import grpc
 
+from common import grpcserver
+
 # Codes that mean "the service did not answer", as opposed to "it answered no".
-UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+UNREACHABLE = grpcserver.UNREACHABLE
 
 
 class ServiceDown(Exception):

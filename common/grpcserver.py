@@ -37,6 +37,10 @@ MESSAGE_SIZE_OPTIONS = [
 ]
 # Every server's options, and every client channel's (besides a TLS name override).
 SERVER_OPTIONS = [("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS, *balancing.SERVER_OPTIONS]
+# The codes of a call that found no one to answer it, or no one in time (as opposed to a
+# service that answered no): what callers report as "down", and may try again later.
+UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
 CHANNEL_OPTIONS = [
     *balancing.channel_options(retry_buffer_bytes=MAX_MESSAGE_BYTES // 2),
     ("grpc.keepalive_time_ms", 30000),

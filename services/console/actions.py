@@ -126,7 +126,18 @@ async def health(
 
 
 class Refused(Exception):
-    """A service refused an operator's action (not found, outside the 24-hour window, ...)."""
+    """A service refused an operator's action (not found, outside the 24-hour window, ...);
+    `down`: it did not answer at all (the action may be tried again once it is back)."""
+
+    def __init__(self, said: str, *, down: bool = False) -> None:
+        super().__init__(said)
+        self.down = down
+
+
+def _refused(service: str, exc: grpc.aio.AioRpcError) -> Refused:
+    if exc.code() in grpcserver.UNREACHABLE:
+        return Refused(f"the {service} service did not answer: try again shortly", down=True)
+    return Refused(f"{exc.code().name}: {exc.details()}")
 
 
 def customer_key(conv: Any) -> str:
@@ -159,7 +170,7 @@ async def _state_call(settings: config.Base, method: str, request: Any) -> None:
         try:
             await getattr(state_pb2_grpc.StateStub(ch), method)(request, timeout=10)
         except grpc.aio.AioRpcError as exc:
-            raise Refused(f"{exc.code().name}: {exc.details()}") from exc
+            raise _refused("state", exc) from exc
 
 
 async def reply(
@@ -181,5 +192,5 @@ async def reply(
                 timeout=30,
             )
         except grpc.aio.AioRpcError as exc:
-            raise Refused(f"{exc.code().name}: {exc.details()}") from exc
+            raise _refused("agent", exc) from exc
     return resp

@@ -52,6 +52,10 @@ TICKS = {"sent": "✓", "delivered": "✓✓", "read": "✓✓", "failed": "✗"
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.globals["ticks"] = TICKS
+# Bidirectional overrides and isolates a customer typed (U+202E reverses what follows it):
+# shown as what they are, so that no text a customer wrote can disguise what comes after it.
+BIDI_CONTROLS = {c: f"<U+{c:04X}>" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+templates.env.filters["shown"] = lambda text: str(text).translate(BIDI_CONTROLS) if text else text
 
 
 class NotLoggedIn(Exception):
@@ -193,10 +197,15 @@ async def overview(request: Request) -> Response:
         data = await store.overview(conn)
         audit = await store.audit(conn, limit=10)
     components, checks = await actions.health(settings, settings.gateway_url)
+    if sess.operator.numbers:
+        # The database's checks count every business number's messages and dead letters: an
+        # operator limited to some numbers sees its own figures above, not those.
+        checks = []
     ctx = {
         "data": data,
         "components": components,
         "checks": checks,
+        "checks_limited": bool(sess.operator.numbers),
         "audit": audit,
         "rate_chart": charts.bars(data["per_minute"], "messages per minute, last hour"),
         "p95_chart": charts.bars(
@@ -331,6 +340,7 @@ async def dlq(request: Request) -> Response:
         name,
         sess,
         items=items,
+        shown_max=store.DLQ_SHOWN,
         f=f,
         choices=choices,
         audit=audit,
@@ -464,6 +474,8 @@ async def handoff_action(request: Request) -> Response:
         else:
             await actions.reply(settings, conv, text, key, who)
     except actions.Refused as exc:
+        if exc.down:
+            raise HTTPException(503, f"{action} not done: {exc}") from None
         raise HTTPException(409, f"{action} refused: {exc}") from None
     back = str(form.get("back", ""))
     target = "/handoffs" if back == "handoffs" else f"/conversations/{conv['id']}"

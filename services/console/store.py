@@ -88,7 +88,9 @@ async def conversations(conn: Conn, f: ConversationFilter) -> list[asyncpg.Recor
 
     if f.q:
         needle = f.q.strip().lstrip("+@")
-        like = arg(f"%{needle}%")
+        # A % or _ typed is looked for as itself, not as LIKE's wildcard.
+        escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        like = arg(f"%{escaped}%")
         where.append(
             f"(c.wa_id = {arg(needle)} OR c.wa_id LIKE {like} OR c.contact_name ILIKE {like} "
             f"OR c.username ILIKE {like} OR c.user_id = {arg(needle)})"
@@ -197,7 +199,11 @@ def _dlq_where(f: DlqFilter) -> tuple[str, list[Any]]:
     return " AND ".join(where), args
 
 
-async def dlq_items(conn: Conn, f: DlqFilter, limit: int = 100) -> list[asyncpg.Record]:
+# Dead letters a page lists, newest first.
+DLQ_SHOWN = 100
+
+
+async def dlq_items(conn: Conn, f: DlqFilter, limit: int = DLQ_SHOWN) -> list[asyncpg.Record]:
     where, args = _dlq_where(f)
     return list(
         await conn.fetch(

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # The state service did not answer: the hand-over may succeed later, and every other one
 # would wait for it now.
-UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+UNREACHABLE = grpcserver.UNREACHABLE
 # It answered that the message cannot be redriven, ever (it is gone: `wa forget`, pruning).
 REDRIVE_NEVER = frozenset({grpc.StatusCode.NOT_FOUND})
 

@@ -186,6 +186,50 @@ async def test_malformed_values_are_refused_with_a_400_never_a_500(console: Syst
         assert (await client.get("/")).status_code == 200
 
 
+async def test_what_an_operator_sees_is_its_own_and_shown_as_typed(console: System) -> None:
+    """The database's checks count every number's messages: not for an operator of one. A
+    customer's right-to-left override is shown as what it is. A search for % finds a %. More
+    dead letters than a page lists say so."""
+    name = "Eve\u202eevil"
+    msg = payloads.message("text", wa_id="15550009191")
+    doc = delivery_to(NUMBER_A, [msg])
+    doc["entry"][0]["changes"][0]["value"]["contacts"][0]["profile"]["name"] = name
+    await console.deliver(doc)
+    await console.wait_status([msg["id"]], {"replied"})
+    pool = await console.db()
+    cid = await pool.fetchval("SELECT id FROM webhook_conversations WHERE wa_id = '15550009191'")
+    await pool.execute(
+        "INSERT INTO webhook_dlq (message_id, conversation_id, error_class, status)"
+        " SELECT 'wamid.many-' || n, $1, 'ModelHTTP500', 'dead' FROM generate_series(1, 101) n",
+        cid,
+    )
+    async with logged_in(console, "ada") as (client, _):
+        assert "dlq_dead" in (await client.get("/")).text
+        page = (await client.get(f"/conversations/{cid}")).text
+        assert "Eve&lt;U+202E&gt;evil" in page and "\u202e" not in page
+        assert "15550009191" not in (await client.get("/conversations?q=%25")).text
+        assert "The newest 100 are shown" in (await client.get("/dlq")).text
+    async with logged_in(console, "lim") as (client, _):
+        overview = (await client.get("/")).text
+        assert "dlq_dead" not in overview and "operators of every number only" in overview
+
+
+async def test_an_action_while_the_state_service_is_down_is_a_503_in_plain_words(
+    console: System,
+) -> None:
+    msg = payloads.message("text", wa_id="15550009292")
+    await console.deliver(delivery_to(NUMBER_A, [msg]))
+    await console.wait_status([msg["id"]], {"replied"})
+    pool = await console.db()
+    cid = await pool.fetchval("SELECT id FROM webhook_conversations WHERE wa_id = '15550009292'")
+    await console.sup.stop(["state"])
+    async with logged_in(console, "ada") as (client, token):
+        resp = await client.post(f"/conversations/{cid}/take-over", data={"csrf": token})
+        assert resp.status_code == 503, resp.status_code
+        assert "the state service did not answer: try again shortly" in resp.text
+        assert "connections to all backends" not in resp.text
+
+
 async def test_an_operator_limited_to_one_number_cannot_open_anothers_conversation(
     console: System,
 ) -> None:
