@@ -321,6 +321,7 @@ def _dlq_filter(params: Any) -> store.DlqFilter:
         status=status if status in (*store.OPEN_DLQ, "resolved", "purged") else "",
         error_class=str(params.get("error_class", ""))[:200],
         since_hours=_float(str(params.get("hours", ""))),
+        message_id=str(params.get("message", ""))[:256],
     )
 
 
@@ -474,6 +475,16 @@ async def handoff_action(request: Request) -> Response:
         else:
             await actions.reply(settings, conv, text, key, who)
     except actions.Refused as exc:
+        # The attempt is in the trail already (above, before it was made); so is its failure.
+        async with store.as_operator(_pool(request), sess.operator.name) as conn:
+            await operators.record(
+                conn,
+                sess.operator.name,
+                f"{action} failed",
+                f"conversation {conv['id']}",
+                conv["phone_number_id"],
+                {"error": str(exc)[:500], **detail},
+            )
         if exc.down:
             raise HTTPException(503, f"{action} not done: {exc}") from None
         raise HTTPException(409, f"{action} refused: {exc}") from None

@@ -185,6 +185,7 @@ class DlqFilter:
     status: str = ""  # "" = every open status
     error_class: str = ""
     since_hours: float = 0.0
+    message_id: str = ""  # one message's items (a conversation page links to them)
 
 
 def _dlq_where(f: DlqFilter) -> tuple[str, list[Any]]:
@@ -196,6 +197,9 @@ def _dlq_where(f: DlqFilter) -> tuple[str, list[Any]]:
     if f.since_hours > 0:
         args.append(f.since_hours * 3600)
         where.append(f"d.created_at >= now() - make_interval(secs => ${len(args)})")
+    if f.message_id:
+        args.append(f.message_id)
+        where.append(f"d.message_id = ${len(args)}")
     return " AND ".join(where), args
 
 

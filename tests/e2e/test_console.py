@@ -209,6 +209,18 @@ async def test_what_an_operator_sees_is_its_own_and_shown_as_typed(console: Syst
         assert "Eve&lt;U+202E&gt;evil" in page and "\u202e" not in page
         assert "15550009191" not in (await client.get("/conversations?q=%25")).text
         assert "The newest 100 are shown" in (await client.get("/dlq")).text
+        # A message's dead letter is linked as itself, not as the whole list.
+        own = await pool.fetchval(
+            "INSERT INTO webhook_dlq (message_id, conversation_id, error_class, status)"
+            " VALUES ($1, $2, 'ModelHTTP500', 'dead') RETURNING id",
+            msg["id"],
+            cid,
+        )
+        page = (await client.get(f"/conversations/{cid}/live")).text
+        link = re.search(r'href="(/dlq\?message=[^"]+)">dead letter (\d+)<', page)
+        assert link and int(link.group(2)) == own, page
+        listed = (await client.get(link.group(1).replace("&amp;", "&"))).text
+        assert re.findall(r'name="ids" value="(\d+)"', listed) == [str(own)]
     async with logged_in(console, "lim") as (client, _):
         overview = (await client.get("/")).text
         assert "dlq_dead" not in overview and "operators of every number only" in overview
@@ -228,6 +240,13 @@ async def test_an_action_while_the_state_service_is_down_is_a_503_in_plain_words
         assert resp.status_code == 503, resp.status_code
         assert "the state service did not answer: try again shortly" in resp.text
         assert "connections to all backends" not in resp.text
+    # The trail says that it was tried, and that it failed.
+    actions = await pool.fetch(
+        "SELECT action, detail FROM wa_console_audit WHERE target = $1 ORDER BY id",
+        f"conversation {cid}",
+    )
+    assert [a["action"] for a in actions] == ["take-over", "take-over failed"]
+    assert "did not answer" in json.loads(actions[1]["detail"])["error"]
 
 
 async def test_an_operator_limited_to_one_number_cannot_open_anothers_conversation(
