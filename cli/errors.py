@@ -10,9 +10,6 @@ import grpc
 
 from common import grpcserver
 
-# Codes that mean "the service did not answer", as opposed to "it answered no".
-UNREACHABLE = grpcserver.UNREACHABLE
-
 
 class ServiceDown(Exception):
     """A service the command needs did not answer."""
@@ -28,7 +25,7 @@ def calling(service: str, target: str) -> Iterator[None]:
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        if exc.code() not in UNREACHABLE:
+        if exc.code() not in grpcserver.UNREACHABLE:
             raise
         raise ServiceDown(
             f"the {service} service at {target} did not answer "

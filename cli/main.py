@@ -9,6 +9,7 @@ import select
 import sys
 
 from common import config
+from common.domain import STATS_MAX_HOURS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--json", action="store_true")
 
     st = sub.add_parser("stats", help="processing metrics: counts, avg, p95, p99")
-    st.add_argument("--hours", type=_hours, default=1.0, help="the last N hours (up to 2160)")
+    st.add_argument(
+        "--hours", type=_hours, default=1.0, help=f"the last N hours (up to {STATS_MAX_HOURS})"
+    )
     st.add_argument("--json", action="store_true")
 
     tr = sub.add_parser("trace", help="a message's timeline and trace id")
@@ -141,12 +144,9 @@ def _hours(text: str) -> float:
         hours = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
-    if not 0 < hours <= MAX_STATS_HOURS:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_STATS_HOURS}")
+    if not 0 < hours <= STATS_MAX_HOURS:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {STATS_MAX_HOURS}")
     return hours
-
-
-MAX_STATS_HOURS = 24 * 90
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ def say(text: str) -> None:
 
 
 # The signals that stop `make run`, as bits of /proc/PID/status's SigCgt mask.
-_STOP_BITS = {sig: 1 << (sig - 1) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+_STOP_BITS = tuple(1 << (sig - 1) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 PARENT_POLL_SECONDS = 0.25
 
 
@@ -85,7 +85,7 @@ async def _follow_make(stop: asyncio.Event) -> None:
     before = _caught(parent)
     if before is None:
         return
-    watched = [bit for bit in _STOP_BITS.values() if before & bit]
+    watched = [bit for bit in _STOP_BITS if before & bit]
     while not stop.is_set():
         await asyncio.sleep(PARENT_POLL_SECONDS)
         now = _caught(parent)

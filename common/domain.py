@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The longest span `State.GetStats` answers for (GetStatsRequest.hours), in hours: 90 days.
+STATS_MAX_HOURS = 24 * 90
+
 
 @dataclass(frozen=True, slots=True)
 class Message:

@@ -22,10 +22,8 @@ from .redrive import Handed, RedriveRefused, RedriveUnavailable, Worker, redrive
 
 log = logging.getLogger(__name__)
 
-# The state service did not answer: the hand-over may succeed later, and every other one
-# would wait for it now.
-UNREACHABLE = grpcserver.UNREACHABLE
-# It answered that the message cannot be redriven, ever (it is gone: `wa forget`, pruning).
+# The state service answered that the message cannot be redriven, ever (it is gone:
+# `wa forget`, pruning).
 REDRIVE_NEVER = frozenset({grpc.StatusCode.NOT_FOUND})
 
 # One operator Retry call considers at most this many items (`--all`) and works for at most
@@ -96,7 +94,9 @@ class GrpcState:
             said = f"{exc.code().name}: {exc.details()}"
             if exc.code() in REDRIVE_NEVER:
                 raise RedriveRefused(said) from exc
-            raise RedriveUnavailable(said, unreachable=exc.code() in UNREACHABLE) from exc
+            raise RedriveUnavailable(
+                said, unreachable=exc.code() in grpcserver.UNREACHABLE
+            ) from exc
         return Handed(accepted=bool(resp.accepted), status=resp.status)
 
 

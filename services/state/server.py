@@ -221,8 +221,10 @@ class StateServicer(state_pb2_grpc.StateServicer):
         self, request: state_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> state_pb2.GetStatsResponse:
         hours = request.hours or 1.0
-        if hours <= 0 or hours > 24 * 90:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hours must be in (0, 2160]")
+        if hours <= 0 or hours > domain.STATS_MAX_HOURS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"hours must be in (0, {domain.STATS_MAX_HOURS}]"
+            )
         row = await self.pool.fetchrow(store.Q["performance_stats"], hours)
         assert row is not None
         return state_pb2.GetStatsResponse(
