@@ -140,13 +140,14 @@ async def test_what_records_replies_being_recorded_waits_for_their_turns_without
     the batch has recorded both replies)."""
     blocker, finisher = connections
     turns = await two_turns(pool)
-    # Conversation B's row is held elsewhere, so the batch stops between A and B, as a
-    # batch does behind an ingest of B's next message.
+    # Message B's row is held elsewhere (as by another status of B's reply being stored), so
+    # the batch stops between A's message and B's. (It takes both conversations' rows first,
+    # db/migrations/0037, then the messages in the same order.)
     hold = blocker.transaction()
     await hold.start()
     await blocker.execute(
-        "SELECT 1 FROM webhook_conversations WHERE id = $1 FOR NO KEY UPDATE",
-        turns.b.conversation_id,
+        "SELECT 1 FROM processed_webhook_messages WHERE message_id = 'wamid.B1'"
+        " FOR NO KEY UPDATE"
     )
     finishing = asyncio.create_task(finish_a_then_b(finisher, turns))
     await _waiting_for_a_lock(pool, finisher.get_server_pid())  # holds A, waits for B

@@ -1,0 +1,465 @@
+-- A batch of turns' claims, and of their final moves, in a few statements for the whole batch
+-- instead of a few for each turn (issue 16: PostgreSQL's CPU per message).
+--
+-- Since 0022 wa_claim_turns and wa_finish_turns ran their single functions once per item: a
+-- burst's batch of 16 turns ran about a hundred statements (the claim, the turn's start and its
+-- five statements, the release), each paying PostgreSQL's executor start and end, for a few
+-- index probes of row work each. `bench.turn_sql --together 16` put a claim at 391 µs and a
+-- finish at 399 µs of backend CPU a message, against 158 µs for the ingest, which is one
+-- statement for the whole batch. Each step is now one statement over the batch: the claims'
+-- updates, the messages' moves, the next turns' starts (with the releases of conversations
+-- where none waits).
+--
+-- What stays the same: each item's outcome, fences, audit rows and returned row are what its
+-- single function gives (wa_claim_turn, wa_finish_turn, wa_start_turn), tested item by item in
+-- tests/integration/test_set_based_turns.py. Locks are taken in the order every batch and
+-- ingest takes them (0022: by the conversations' keys): first every conversation row of the
+-- batch, then the messages, by conversation. Items of one batch no longer see each other's
+-- writes, which only matters for two items of one conversation (or one message): such a batch
+-- runs its items one by one, as before. A deadlock with a statement that locks in another
+-- order still undoes the whole batch, and the state service then runs each item alone.
+
+-- The oldest waiting message of each conversation moved to processing, as wa_start_turn does
+-- for one, and, with p_release_from, each conversation where none waits released as
+-- wa_release_conversation does. The caller holds the conversation rows' locks and gives them
+-- in the order of their keys (the messages are locked in that order). One row per item, its
+-- place in the arrays first.
+CREATE FUNCTION wa_start_turns(
+    p_conversation_ids bigint[],
+    p_tokens bigint[],
+    p_release_from text[]
+) RETURNS TABLE (
+    ord integer,
+    outcome text,
+    fence_token bigint,
+    id bigint,
+    message_id text,
+    conversation_id bigint,
+    phone_number_id text,
+    wa_id text,
+    message_type text,
+    wa_timestamp timestamp with time zone,
+    body text,
+    correlation_id text,
+    traceparent text,
+    attempts integer,
+    turn_resumes integer,
+    resumed boolean,
+    queued_because text,
+    contact_name text,
+    user_id text,
+    username text,
+    payload text,
+    reply_text text,
+    reply_payload text,
+    reply_message_id text,
+    agent_type text,
+    send_started_at timestamp with time zone,
+    absorbed_message_ids text[],
+    context_agent_type text,
+    context text,
+    last_customer_at timestamp with time zone,
+    db_now timestamp with time zone,
+    released boolean
+)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    -- Handed off to a person: what waits is kept for the person, no turn starts (0017). Rare;
+    -- the main statement below then finds nothing waiting there.
+    PERFORM wa_hold_for_person(h.id, h.fence_token, h.handoff_at)
+       FROM (SELECT c.id, c.fence_token, c.handoff_at
+               FROM unnest(p_conversation_ids, p_tokens) WITH ORDINALITY
+                    AS u(conversation_id, token, n)
+               JOIN webhook_conversations c ON c.id = u.conversation_id
+              WHERE c.fence_token = u.token AND c.handoff_at IS NOT NULL
+              ORDER BY u.n) AS h;
+
+    RETURN QUERY
+    WITH given AS MATERIALIZED (
+        -- The conversations' rows, with the customer's last message time: the 24-hour
+        -- window's start (every ingest keeps it).
+        SELECT u.n::integer AS n, u.conversation_id AS cid, u.token, c.fence_token AS fence,
+               c.contact_name AS name, c.wa_id AS number, c.user_id AS bsuid,
+               c.username AS handle, c.handoff_at, c.last_message_at
+          FROM unnest(p_conversation_ids, p_tokens) WITH ORDINALITY AS u(conversation_id, token, n)
+          LEFT JOIN webhook_conversations c ON c.id = u.conversation_id
+         ORDER BY u.n
+    ), picked AS MATERIALIZED (
+        -- (A nested loop over `given` in its order: the messages are locked by conversation.)
+        SELECT g.n, w.id AS row_id, w.message_id AS mid, w.correlation_id AS cor,
+               w.status_reason AS why, w.status = 'processing' AS again
+          FROM given g
+          CROSS JOIN LATERAL (
+              SELECT m.id, m.status, m.message_id, m.correlation_id, m.status_reason
+                FROM processed_webhook_messages m
+               WHERE m.conversation_id = g.cid AND m.status IN ('received', 'processing')
+               ORDER BY m.wa_timestamp, m.id
+               LIMIT 1
+                 FOR UPDATE) AS w
+         WHERE g.fence = g.token AND g.handoff_at IS NULL
+    ), started AS (
+        UPDATE processed_webhook_messages m
+           SET status = 'processing',
+               status_reason = NULL,
+               attempts = m.attempts + 1,
+               turn_resumes = m.turn_resumes + CASE WHEN p.again THEN 1 ELSE 0 END,
+               started_at = now(),
+               updated_at = now()
+          FROM picked p
+         WHERE m.id = p.row_id
+        RETURNING p.n, m.id, m.message_id, m.conversation_id, m.phone_number_id, m.wa_id,
+                  m.message_type, m.wa_timestamp, m.body, m.correlation_id, m.traceparent,
+                  m.attempts, m.turn_resumes, m.payload::text AS payload, m.reply_text,
+                  m.reply_payload::text AS reply_payload, m.reply_message_id, m.agent_type,
+                  m.send_started_at, m.absorbed_message_ids
+    ), audit AS (
+        INSERT INTO conversation_state_transitions
+            (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
+             correlation_id)
+        SELECT g.cid, p.mid, 'message', s.from_state, s.to_state,
+               CASE WHEN p.again THEN 'resumed: its previous turn never finished'
+                    ELSE 'turn started' END,
+               g.token, p.cor
+          FROM picked p
+          JOIN given g ON g.n = p.n
+         CROSS JOIN (VALUES (1, 'processing', 'received'), (2, 'received', 'processing'))
+               AS s (k, from_state, to_state)
+         WHERE s.k = 2 OR p.again
+         ORDER BY p.n, s.k
+    ), freed AS (
+        UPDATE webhook_conversations c
+           SET status = 'idle', lock_owner = NULL, locked_at = NULL, updated_at = now()
+          FROM given g
+         WHERE p_release_from IS NOT NULL AND c.id = g.cid AND g.fence = g.token
+           AND c.fence_token = g.token AND c.status = ANY (p_release_from)
+           AND NOT EXISTS (SELECT 1 FROM picked p WHERE p.n = g.n)
+        RETURNING g.n, c.id, c.fence_token
+    ), freed_audit AS (
+        INSERT INTO conversation_state_transitions
+            (conversation_id, entity, from_state, to_state, reason, fence_token)
+        SELECT f.id, 'conversation', 'active', 'idle', 'no waiting messages', f.fence_token
+          FROM freed f
+         ORDER BY f.n
+    )
+    SELECT g.n,
+           CASE WHEN g.fence IS DISTINCT FROM g.token THEN 'stale'
+                WHEN s.id IS NULL THEN 'none'
+                ELSE 'started' END,
+           g.fence, s.id, s.message_id, s.conversation_id, s.phone_number_id,
+           CASE WHEN s.id IS NOT NULL THEN COALESCE(g.number, NULLIF(s.wa_id, ''), '') END,
+           s.message_type, s.wa_timestamp, s.body, s.correlation_id, s.traceparent,
+           s.attempts, s.turn_resumes, p.again,
+           -- The reason of its last move to 'received' (ingest and every transition write the
+           -- two together), without reading the transitions.
+           CASE WHEN p.again THEN 'resumed: its previous turn never finished' ELSE p.why END,
+           g.name, g.bsuid, g.handle, s.payload, s.reply_text, s.reply_payload,
+           s.reply_message_id, s.agent_type, s.send_started_at, s.absorbed_message_ids,
+           x.agent_type, x.context, g.last_message_at,
+           CASE WHEN s.id IS NOT NULL THEN now() END,
+           EXISTS (SELECT 1 FROM freed f WHERE f.n = g.n)
+      FROM given g
+      LEFT JOIN picked p ON p.n = g.n
+      LEFT JOIN started s ON s.n = g.n
+      LEFT JOIN LATERAL (
+          SELECT a.agent_type, (SELECT t FROM wa_context(a.conversation_id) t) AS context
+            FROM agent_contexts a
+           WHERE a.conversation_id = s.conversation_id
+      ) AS x ON true
+     ORDER BY g.n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION wa_claim_turns(
+    p_conversation_ids bigint[],
+    p_owners text[],
+    p_sources text[],
+    p_release_from text[] DEFAULT NULL::text[]
+) RETURNS TABLE (
+    ord integer,
+    claimed bigint,
+    outcome text,
+    fence_token bigint,
+    id bigint,
+    message_id text,
+    conversation_id bigint,
+    phone_number_id text,
+    wa_id text,
+    message_type text,
+    wa_timestamp timestamp with time zone,
+    body text,
+    correlation_id text,
+    traceparent text,
+    attempts integer,
+    turn_resumes integer,
+    resumed boolean,
+    queued_because text,
+    contact_name text,
+    user_id text,
+    username text,
+    payload text,
+    reply_text text,
+    reply_payload text,
+    reply_message_id text,
+    agent_type text,
+    send_started_at timestamp with time zone,
+    absorbed_message_ids text[],
+    context_agent_type text,
+    context text,
+    last_customer_at timestamp with time zone,
+    db_now timestamp with time zone,
+    released boolean
+)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_items integer[];
+    v_ids bigint[];
+    v_owners text[];
+    v_tokens bigint[];
+BEGIN
+    IF (SELECT count(DISTINCT x) FROM unnest(p_conversation_ids) AS x)
+       < cardinality(p_conversation_ids) THEN
+        -- Two claims of one conversation: the second sees the first's, one by one (0022).
+        RETURN QUERY
+            SELECT t.ord::integer, c.*
+              FROM (SELECT u.conversation_id, u.owner, u.ord
+                      FROM unnest(p_conversation_ids, p_owners)
+                           WITH ORDINALITY AS u(conversation_id, owner, ord)
+                      LEFT JOIN webhook_conversations w ON w.id = u.conversation_id
+                     ORDER BY w.phone_number_id, w.customer_id, u.conversation_id, u.ord) AS t
+             CROSS JOIN LATERAL wa_claim_turn(t.conversation_id, t.owner, p_sources,
+                                              p_release_from) AS c;
+        RETURN;
+    END IF;
+
+    -- The items in the order of their conversations' keys (a conversation that does not
+    -- exist comes last: its claim finds nothing).
+    SELECT array_agg(u.n::integer ORDER BY w.phone_number_id, w.customer_id, u.cid, u.n),
+           array_agg(u.cid ORDER BY w.phone_number_id, w.customer_id, u.cid, u.n),
+           array_agg(u.owner ORDER BY w.phone_number_id, w.customer_id, u.cid, u.n)
+      INTO v_items, v_ids, v_owners
+      FROM unnest(p_conversation_ids, p_owners) WITH ORDINALITY AS u(cid, owner, n)
+      LEFT JOIN webhook_conversations w ON w.id = u.cid;
+
+    -- The claims: each fencing token moved on, each conversation marked active (audited).
+    WITH locked AS MATERIALIZED (
+        SELECT c.id AS cid, c.status AS was
+          FROM webhook_conversations c
+         WHERE c.id = ANY (v_ids)
+         ORDER BY c.phone_number_id, c.customer_id, c.id
+           FOR NO KEY UPDATE
+    ), moved AS (
+        UPDATE webhook_conversations c
+           SET fence_token = c.fence_token + 1, status = 'active', lock_owner = u.owner,
+               locked_at = now(), updated_at = now()
+          FROM locked l
+          JOIN unnest(v_ids, v_owners) AS u(cid, owner) ON u.cid = l.cid
+         WHERE c.id = l.cid AND l.was = ANY (p_sources)
+        RETURNING c.id AS cid, c.fence_token AS token, l.was, u.owner
+    ), audit AS (
+        INSERT INTO conversation_state_transitions
+            (conversation_id, entity, from_state, to_state, reason, fence_token)
+        SELECT m.cid, 'conversation', m.was, 'active',
+               CASE WHEN m.was = 'idle' THEN 'claimed' ELSE 'taken over from a previous holder'
+               END || ' by ' || m.owner, m.token
+          FROM moved m
+         ORDER BY array_position(v_ids, m.cid)
+    )
+    SELECT array_agg(m.token ORDER BY k.n)
+      INTO v_tokens
+      FROM unnest(v_ids) WITH ORDINALITY AS k(cid, n)
+      LEFT JOIN moved m ON m.cid = k.cid;
+
+    -- Each claimed conversation's turn (an unclaimed one, with no token, starts nothing).
+    RETURN QUERY
+        SELECT k.item, k.token, s.outcome, s.fence_token, s.id, s.message_id,
+               s.conversation_id, s.phone_number_id, s.wa_id, s.message_type, s.wa_timestamp,
+               s.body, s.correlation_id, s.traceparent, s.attempts, s.turn_resumes, s.resumed,
+               s.queued_because, s.contact_name, s.user_id, s.username, s.payload,
+               s.reply_text, s.reply_payload, s.reply_message_id, s.agent_type,
+               s.send_started_at, s.absorbed_message_ids, s.context_agent_type, s.context,
+               s.last_customer_at, s.db_now, s.released
+          FROM unnest(v_items, v_tokens) WITH ORDINALITY AS k(item, token, n)
+          LEFT JOIN wa_start_turns(v_ids, v_tokens, p_release_from) AS s
+                 ON s.ord = k.n AND k.token IS NOT NULL
+         ORDER BY k.n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION wa_finish_turns(
+    p_message_ids text[],
+    p_to_states text[],
+    p_from text[],
+    p_reasons text[],
+    p_tokens bigint[],
+    p_correlation_ids text[],
+    p_conversation_ids bigint[],
+    p_next boolean[],
+    p_reply_message_ids text[],
+    p_release_from text[] DEFAULT NULL::text[]
+) RETURNS TABLE (
+    ord integer,
+    finished text,
+    finished_from text,
+    finished_fence bigint,
+    outcome text,
+    fence_token bigint,
+    id bigint,
+    message_id text,
+    conversation_id bigint,
+    phone_number_id text,
+    wa_id text,
+    message_type text,
+    wa_timestamp timestamp with time zone,
+    body text,
+    correlation_id text,
+    traceparent text,
+    attempts integer,
+    turn_resumes integer,
+    resumed boolean,
+    queued_because text,
+    contact_name text,
+    user_id text,
+    username text,
+    payload text,
+    reply_text text,
+    reply_payload text,
+    reply_message_id text,
+    agent_type text,
+    send_started_at timestamp with time zone,
+    absorbed_message_ids text[],
+    context_agent_type text,
+    context text,
+    last_customer_at timestamp with time zone,
+    db_now timestamp with time zone,
+    absorbed text[],
+    released boolean
+)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_finished text[];
+    v_from text[];
+    v_fence bigint[];
+    v_items integer[];
+    v_ids bigint[];
+    v_tokens bigint[];
+BEGIN
+    IF (SELECT count(DISTINCT x) FROM unnest(p_conversation_ids) AS x)
+           < cardinality(p_conversation_ids)
+       OR (SELECT count(DISTINCT x) FROM unnest(p_message_ids) AS x)
+           < cardinality(p_message_ids) THEN
+        -- Two items of one conversation or message: each sees the one before, one by one.
+        RETURN QUERY
+            SELECT t.ord::integer, f.*
+              FROM (SELECT u.*
+                      FROM unnest(p_message_ids, p_to_states, p_reasons, p_tokens,
+                                  p_correlation_ids, p_conversation_ids, p_next,
+                                  p_reply_message_ids)
+                           WITH ORDINALITY AS u(message_id, to_state, reason, token,
+                                                correlation_id, conversation_id, next,
+                                                reply_message_id, ord)
+                      LEFT JOIN webhook_conversations w ON w.id = u.conversation_id
+                     ORDER BY w.phone_number_id, w.customer_id, u.conversation_id, u.ord) AS t
+             CROSS JOIN LATERAL wa_finish_turn(t.message_id, t.to_state, p_from, t.reason,
+                                               t.token, t.correlation_id, t.conversation_id,
+                                               t.next, '{}', '{}', '', t.reply_message_id,
+                                               p_release_from) AS f;
+        RETURN;
+    END IF;
+
+    -- The conversations first, then their messages: the order every writer of the two rows
+    -- takes them in (wa_finish_turn), across conversations by their keys.
+    PERFORM 1
+       FROM webhook_conversations c
+      WHERE c.id = ANY (p_conversation_ids)
+      ORDER BY c.phone_number_id, c.customer_id, c.id
+        FOR NO KEY UPDATE;
+
+    -- Each message's move, judged as wa_transition_message judges one: unknown (no such
+    -- message), stale (its conversation's token is not the turn's), illegal (not from a state
+    -- it may leave for this one), else done: moved and audited.
+    WITH given AS (
+        SELECT u.*
+          FROM unnest(p_message_ids, p_to_states, p_reasons, p_tokens, p_correlation_ids,
+                      p_conversation_ids, p_next, p_reply_message_ids)
+               WITH ORDINALITY AS u(mid, to_state, reason, token, cor, cid, next, reply_id, n)
+    ), current AS MATERIALIZED (
+        SELECT g.n, m.id AS row_id, m.status AS was, m.conversation_id AS mcid,
+               c.fence_token AS fence, m.kind, m.correlation_id AS mcor
+          FROM given g
+          JOIN processed_webhook_messages m ON m.message_id = g.mid
+          LEFT JOIN webhook_conversations c ON c.id = m.conversation_id
+         ORDER BY c.phone_number_id, c.customer_id, m.conversation_id, m.id
+           FOR UPDATE OF m
+    ), judged AS MATERIALIZED (
+        SELECT g.*, c.row_id, c.was, c.mcid, c.fence, c.mcor,
+               CASE WHEN c.row_id IS NULL OR c.kind <> 'message' THEN 'unknown'
+                    WHEN g.token IS NOT NULL AND c.fence IS DISTINCT FROM g.token THEN 'stale'
+                    WHEN NOT (c.was = ANY (p_from)) THEN 'illegal'
+                    ELSE 'done' END AS verdict
+          FROM given g
+          LEFT JOIN current c ON c.n = g.n
+    ), moved AS (
+        UPDATE processed_webhook_messages m
+           SET status = j.to_state,
+               status_reason = NULLIF(j.reason, ''),
+               attempts = m.attempts + CASE WHEN j.to_state = 'processing' THEN 1 ELSE 0 END,
+               started_at = CASE WHEN j.to_state = 'processing' THEN now() ELSE m.started_at END,
+               finished_at = CASE WHEN j.to_state IN ('replied', 'skipped', 'failed',
+                                                      'dead_lettered')
+                                  THEN now() ELSE m.finished_at END,
+               reply_message_id = COALESCE(j.reply_id, m.reply_message_id),
+               -- A status that arrived before the send was recorded still counts.
+               reply_status = CASE
+                   WHEN j.reply_id IS NULL THEN m.reply_status
+                   ELSE (SELECT seen FROM wa_reply_status_seen(j.reply_id) seen)
+               END,
+               updated_at = now()
+          FROM judged j
+         WHERE m.id = j.row_id AND j.verdict = 'done'
+        RETURNING m.id
+    ), errors AS (
+        UPDATE webhook_conversations c
+           SET error_count = c.error_count + 1, updated_at = now()
+          FROM judged j
+         WHERE j.verdict = 'done' AND j.to_state = 'failed' AND c.id = j.mcid
+        RETURNING c.id
+    ), audit AS (
+        INSERT INTO conversation_state_transitions
+            (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
+             correlation_id)
+        SELECT j.mcid, j.mid, 'message', j.was, j.to_state, j.reason, j.token,
+               COALESCE(NULLIF(j.cor, ''), j.mcor)
+          FROM judged j
+         WHERE j.verdict = 'done'
+         ORDER BY j.n
+    )
+    SELECT array_agg(j.verdict ORDER BY j.n),
+           array_agg(j.was ORDER BY j.n),
+           array_agg(j.fence ORDER BY j.n),
+           -- The next turns to look for, in the order of their conversations' keys.
+           array_agg(j.n::integer ORDER BY w.phone_number_id, w.customer_id, j.cid)
+               FILTER (WHERE j.verdict = 'done' AND j.next),
+           array_agg(j.cid ORDER BY w.phone_number_id, w.customer_id, j.cid)
+               FILTER (WHERE j.verdict = 'done' AND j.next),
+           array_agg(j.token ORDER BY w.phone_number_id, w.customer_id, j.cid)
+               FILTER (WHERE j.verdict = 'done' AND j.next)
+      INTO v_finished, v_from, v_fence, v_items, v_ids, v_tokens
+      FROM judged j
+      LEFT JOIN webhook_conversations w ON w.id = j.cid;
+
+    RETURN QUERY
+        SELECT t.n::integer, t.verdict, t.was, t.fence,
+               COALESCE(s.outcome, 'unasked'), s.fence_token, s.id, s.message_id,
+               s.conversation_id, s.phone_number_id, s.wa_id, s.message_type, s.wa_timestamp,
+               s.body, s.correlation_id, s.traceparent, s.attempts, s.turn_resumes, s.resumed,
+               s.queued_because, s.contact_name, s.user_id, s.username, s.payload,
+               s.reply_text, s.reply_payload, s.reply_message_id, s.agent_type,
+               s.send_started_at, s.absorbed_message_ids, s.context_agent_type, s.context,
+               s.last_customer_at, s.db_now, '{}'::text[], s.released
+          FROM unnest(v_finished, v_from, v_fence) WITH ORDINALITY AS t(verdict, was, fence, n)
+          LEFT JOIN (SELECT v_items[r.ord] AS item, r.*
+                       FROM wa_start_turns(v_ids, v_tokens, p_release_from) AS r) AS s
+                 ON s.item = t.n
+         ORDER BY t.n;
+END
+$$;

@@ -1,0 +1,265 @@
+"""A batch of turns' claims, or of their final moves, does to each item what the single
+function does to it alone (db/migrations/0037: the batch functions work on the whole batch in
+a few statements, no longer by calling the single function per item).
+
+Each comparison runs the batch in a transaction, notes what it answered and what the tables
+then hold, and rolls it back; then the single functions, item by item, from the same start.
+Both must answer the same rows and leave the same messages, conversations and audit trail
+(timestamps aside). The items cover every outcome: a turn started, resumed, none waiting (the
+conversation released), handed off to a person, a stale token, an illegal move, an unknown
+message or conversation, a failure counted on its conversation, a reply whose status came
+first."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from common.domain import Status
+from services.state import handoff, machine, store
+from tests.support.inbound import inbound
+
+ACTIVE_FROM = machine.conversation_sources(machine.ACTIVE)
+IDLE_FROM = machine.conversation_sources(machine.IDLE)
+# What a run may differ in: when it happened.
+CLOCKS = {"db_now", "locked_at", "updated_at", "created_at", "started_at", "finished_at"}
+
+Snapshot = dict[str, list[tuple[Any, ...]]]
+
+
+async def snapshot(conn: asyncpg.Connection) -> Snapshot:
+    return {
+        "messages": [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT message_id, status, status_reason, attempts, turn_resumes,"
+                " reply_message_id, reply_status FROM processed_webhook_messages ORDER BY id"
+            )
+        ],
+        "conversations": [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT id, status, fence_token, lock_owner, error_count, handoff_at IS NOT NULL"
+                " FROM webhook_conversations ORDER BY id"
+            )
+        ],
+        # In order within each conversation (the batch writes conversations' rows in another
+        # order across conversations than one item after another does).
+        "audit": [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT conversation_id, message_id, entity, from_state, to_state, reason,"
+                " fence_token, correlation_id FROM conversation_state_transitions"
+                " ORDER BY conversation_id, id"
+            )
+        ],
+    }
+
+
+def answered(row: asyncpg.Record) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in CLOCKS and k != "ord"}
+
+
+async def undone(
+    conn: asyncpg.Connection, run: Callable[[], Awaitable[list[dict[str, Any]]]]
+) -> tuple[list[dict[str, Any]], Snapshot]:
+    """What `run` answers and leaves, then rolled back."""
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        rows = await run()
+        return rows, await snapshot(conn)
+    finally:
+        await tx.rollback()
+
+
+async def conversation(pool: asyncpg.Pool, wa_id: str, *message_ids: str) -> int:
+    now = int(time.time())
+    rows, _ = await store.ingest(
+        pool, [inbound(m, wa_id=wa_id, ts=now + n) for n, m in enumerate(message_ids)], [], "c", ""
+    )
+    return rows[0].conversation_id
+
+
+async def started(pool: asyncpg.Pool, conversation_id: int) -> tuple[int, store.WorkItem]:
+    token, item = await store.claim_turn(pool, conversation_id, "earlier")
+    assert item is not None
+    return token, item
+
+
+async def test_a_batch_of_claims_does_what_each_claim_does_alone(pool: asyncpg.Pool) -> None:
+    waiting = await conversation(pool, "15550000001", "wamid.W1", "wamid.W2")
+    answered_before = await conversation(pool, "15550000002", "wamid.A1")
+    token, item = await started(pool, answered_before)
+    await store.finish_turn(pool, item, machine.REPLIED, "replied", token, start_next=False)
+    # A turn whose holder died mid-turn: taken over, resumed.
+    cut_off = await conversation(pool, "15550000003", "wamid.C1")
+    await started(pool, cut_off)
+    # Handed off to a person, with a message waiting since: held for the person.
+    person = await conversation(pool, "15550000004", "wamid.P1")
+    token, item = await started(pool, person)
+    await handoff.finish_handing_off(
+        pool, item, machine.REPLIED, "replied", token, start_next=False
+    )
+    await conversation(pool, "15550000004", "wamid.P2")
+    items = [person, 999_999, waiting, cut_off, answered_before]
+
+    async with pool.acquire() as conn:
+
+        async def batch() -> list[dict[str, Any]]:
+            rows = await conn.fetch(
+                "SELECT * FROM wa_claim_turns($1, $2, $3, $4)",
+                items,
+                [f"owner-{n}" for n in range(len(items))],
+                ACTIVE_FROM,
+                IDLE_FROM,
+            )
+            by_item = {r["ord"]: answered(r) for r in rows}
+            return [by_item[n + 1] for n in range(len(items))]
+
+        async def alone() -> list[dict[str, Any]]:
+            return [
+                answered(
+                    await conn.fetchrow(
+                        "SELECT * FROM wa_claim_turn($1, $2, $3, $4)",
+                        c,
+                        f"owner-{n}",
+                        ACTIVE_FROM,
+                        IDLE_FROM,
+                    )
+                )
+                for n, c in enumerate(items)
+            ]
+
+        together, after_together = await undone(conn, batch)
+        one_by_one, after_one_by_one = await undone(conn, alone)
+
+    assert [r["outcome"] for r in together] == [
+        "none",  # handed off: P2 kept for the person
+        None,  # no such conversation: not claimed
+        "started",
+        "started",
+        "none",
+    ]
+    assert together[3]["resumed"] and together[3]["message_id"] == "wamid.C1"
+    assert [r["released"] for r in together] == [True, None, False, False, True]
+    assert together == one_by_one
+    assert after_together == after_one_by_one
+
+
+async def test_a_batch_of_final_moves_does_what_each_does_alone(pool: asyncpg.Pool) -> None:
+    now = int(time.time())
+    next_waits = await conversation(pool, "15550000001", "wamid.N1", "wamid.N2")
+    none_waits = await conversation(pool, "15550000002", "wamid.E1")
+    moved_on = await conversation(pool, "15550000003", "wamid.S1")
+    twice = await conversation(pool, "15550000004", "wamid.T1")
+    fails = await conversation(pool, "15550000005", "wamid.F1", "wamid.F2")
+    status_first = await conversation(pool, "15550000006", "wamid.R1")
+    turns = {c: await started(pool, c) for c in (next_waits, none_waits, moved_on, twice, fails)}
+    turns[status_first] = await started(pool, status_first)
+    # A new holder took the conversation over since its turn began.
+    await store.claim_turn(pool, moved_on, "newer")
+    # Finished already: replied -> replied is no move.
+    token, item = turns[twice]
+    await store.finish_turn(pool, item, machine.REPLIED, "replied", token, start_next=False)
+    # The reply's status came before its send was recorded.
+    await store.ingest(
+        pool, [], [Status("wamid.OUT-R1", "100", "15550000006", "delivered", now, "{}")], "c", ""
+    )
+
+    def move(c: int, to_state: str, *, next_: bool = True, reply: str | None = None) -> tuple:
+        token, item = turns[c]
+        return (item.message_id, to_state, f"{to_state} here", token, "", c, next_, reply)
+
+    items = [
+        move(status_first, machine.REPLIED, reply="wamid.OUT-R1"),
+        move(fails, machine.FAILED, next_=False),
+        move(moved_on, machine.REPLIED),
+        ("wamid.nothing", machine.REPLIED, "replied", 1, "", next_waits + 1000, True, None),
+        move(twice, machine.REPLIED),
+        move(none_waits, machine.SKIPPED),
+        move(next_waits, machine.REPLIED),
+    ]
+
+    async with pool.acquire() as conn:
+
+        async def batch() -> list[dict[str, Any]]:
+            # (One list of legal sources for all: every move here is to a final state.)
+            rows = await conn.fetch(
+                "SELECT * FROM wa_finish_turns($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                [i[0] for i in items],
+                [i[1] for i in items],
+                machine.message_sources(machine.REPLIED),
+                [i[2] for i in items],
+                [i[3] for i in items],
+                [i[4] for i in items],
+                [i[5] for i in items],
+                [i[6] for i in items],
+                [i[7] for i in items],
+                IDLE_FROM,
+            )
+            by_item = {r["ord"]: answered(r) for r in rows}
+            return [by_item[n + 1] for n in range(len(items))]
+
+        async def alone() -> list[dict[str, Any]]:
+            return [
+                answered(
+                    await conn.fetchrow(
+                        "SELECT * FROM wa_finish_turn($1, $2, $3, $4, $5, $6, $7, $8,"
+                        " '{}', '{}', '', $9, $10)",
+                        i[0],
+                        i[1],
+                        machine.message_sources(machine.REPLIED),
+                        i[2],
+                        i[3],
+                        i[4],
+                        i[5],
+                        i[6],
+                        i[7],
+                        IDLE_FROM,
+                    )
+                )
+                for i in items
+            ]
+
+        together, after_together = await undone(conn, batch)
+        one_by_one, after_one_by_one = await undone(conn, alone)
+
+    assert [(r["finished"], r["outcome"]) for r in together] == [
+        ("done", "none"),
+        ("done", "unasked"),
+        ("stale", "unasked"),
+        ("unknown", "unasked"),
+        ("illegal", "unasked"),
+        ("done", "none"),
+        ("done", "started"),
+    ]
+    assert together[6]["message_id"] == "wamid.N2"
+    assert [r["released"] for r in together] == [True, None, None, None, None, True, False]
+    assert together == one_by_one
+    assert after_together == after_one_by_one
+    replied = {m[0]: m for m in after_together["messages"]}
+    assert replied["wamid.R1"][5:] == ("wamid.OUT-R1", "delivered")
+    errors = {c[0]: c[4] for c in after_together["conversations"]}
+    assert errors[fails] == 1
+
+
+async def test_a_batch_with_two_items_of_one_conversation_runs_them_one_after_the_other(
+    pool: asyncpg.Pool,
+) -> None:
+    c = await conversation(pool, "15550000001", "wamid.D1", "wamid.D2")
+    rows = await pool.fetch(
+        "SELECT * FROM wa_claim_turns($1, $2, $3, $4)",
+        [c, c],
+        ["first", "second"],
+        ACTIVE_FROM,
+        IDLE_FROM,
+    )
+    # The second claim took the conversation over from the first, and resumed its turn.
+    by_item = {r["ord"]: r for r in rows}
+    assert by_item[2]["claimed"] == by_item[1]["claimed"] + 1
+    assert (by_item[1]["message_id"], by_item[1]["resumed"]) == ("wamid.D1", False)
+    assert (by_item[2]["message_id"], by_item[2]["resumed"]) == ("wamid.D1", True)
