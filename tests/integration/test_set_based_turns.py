@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from common.db import Conn
 from common.domain import Status
 from services.state import handoff, machine, store
 from tests.support.inbound import inbound
@@ -30,7 +31,7 @@ CLOCKS = {"db_now", "locked_at", "updated_at", "created_at", "started_at", "fini
 Snapshot = dict[str, list[tuple[Any, ...]]]
 
 
-async def snapshot(conn: asyncpg.Connection) -> Snapshot:
+async def snapshot(conn: Conn) -> Snapshot:
     return {
         "messages": [
             tuple(r)
@@ -59,12 +60,24 @@ async def snapshot(conn: asyncpg.Connection) -> Snapshot:
     }
 
 
-def answered(row: asyncpg.Record) -> dict[str, Any]:
+def answered(row: asyncpg.Record | None) -> dict[str, Any]:
+    assert row is not None
     return {k: v for k, v in row.items() if k not in CLOCKS and k != "ord"}
 
 
+async def by_item(conn: Conn, query: str, *args: Any) -> list[dict[str, Any]]:
+    """A batch function's rows, in its items' order."""
+    rows = {r["ord"]: answered(r) for r in await conn.fetch(query, *args)}
+    return [rows[n + 1] for n in range(len(rows))]
+
+
+async def each_alone(conn: Conn, query: str, calls: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """The single function's row for each call, one after the other."""
+    return [answered(await conn.fetchrow(query, *args)) for args in calls]
+
+
 async def undone(
-    conn: asyncpg.Connection, run: Callable[[], Awaitable[list[dict[str, Any]]]]
+    conn: Conn, run: Callable[[], Awaitable[list[dict[str, Any]]]]
 ) -> tuple[list[dict[str, Any]], Snapshot]:
     """What `run` answers and leaves, then rolled back."""
     tx = conn.transaction()
@@ -108,31 +121,20 @@ async def test_a_batch_of_claims_does_what_each_claim_does_alone(pool: asyncpg.P
     items = [person, 999_999, waiting, cut_off, answered_before]
 
     async with pool.acquire() as conn:
+        owners = [f"owner-{n}" for n in range(len(items))]
 
-        async def batch() -> list[dict[str, Any]]:
-            rows = await conn.fetch(
-                "SELECT * FROM wa_claim_turns($1, $2, $3, $4)",
-                items,
-                [f"owner-{n}" for n in range(len(items))],
-                ACTIVE_FROM,
-                IDLE_FROM,
+        def batch() -> Awaitable[list[dict[str, Any]]]:
+            return by_item(
+                conn, "SELECT * FROM wa_claim_turns($1, $2, $3, $4)", items, owners,
+                ACTIVE_FROM, IDLE_FROM,
+            )  # fmt: skip
+
+        def alone() -> Awaitable[list[dict[str, Any]]]:
+            return each_alone(
+                conn,
+                "SELECT * FROM wa_claim_turn($1, $2, $3, $4)",
+                [(c, o, ACTIVE_FROM, IDLE_FROM) for c, o in zip(items, owners, strict=True)],
             )
-            by_item = {r["ord"]: answered(r) for r in rows}
-            return [by_item[n + 1] for n in range(len(items))]
-
-        async def alone() -> list[dict[str, Any]]:
-            return [
-                answered(
-                    await conn.fetchrow(
-                        "SELECT * FROM wa_claim_turn($1, $2, $3, $4)",
-                        c,
-                        f"owner-{n}",
-                        ACTIVE_FROM,
-                        IDLE_FROM,
-                    )
-                )
-                for n, c in enumerate(items)
-            ]
 
         together, after_together = await undone(conn, batch)
         one_by_one, after_one_by_one = await undone(conn, alone)
@@ -170,7 +172,9 @@ async def test_a_batch_of_final_moves_does_what_each_does_alone(pool: asyncpg.Po
         pool, [], [Status("wamid.OUT-R1", "100", "15550000006", "delivered", now, "{}")], "c", ""
     )
 
-    def move(c: int, to_state: str, *, next_: bool = True, reply: str | None = None) -> tuple:
+    def move(
+        c: int, to_state: str, *, next_: bool = True, reply: str | None = None
+    ) -> tuple[Any, ...]:
         token, item = turns[c]
         return (item.message_id, to_state, f"{to_state} here", token, "", c, next_, reply)
 
@@ -185,45 +189,24 @@ async def test_a_batch_of_final_moves_does_what_each_does_alone(pool: asyncpg.Po
     ]
 
     async with pool.acquire() as conn:
+        # (One list of legal sources for all: every move here is to a final state.)
+        sources = machine.message_sources(machine.REPLIED)
 
-        async def batch() -> list[dict[str, Any]]:
-            # (One list of legal sources for all: every move here is to a final state.)
-            rows = await conn.fetch(
+        def batch() -> Awaitable[list[dict[str, Any]]]:
+            columns = [[i[k] for i in items] for k in range(8)]
+            return by_item(
+                conn,
                 "SELECT * FROM wa_finish_turns($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                [i[0] for i in items],
-                [i[1] for i in items],
-                machine.message_sources(machine.REPLIED),
-                [i[2] for i in items],
-                [i[3] for i in items],
-                [i[4] for i in items],
-                [i[5] for i in items],
-                [i[6] for i in items],
-                [i[7] for i in items],
-                IDLE_FROM,
-            )
-            by_item = {r["ord"]: answered(r) for r in rows}
-            return [by_item[n + 1] for n in range(len(items))]
+                columns[0], columns[1], sources, *columns[2:], IDLE_FROM,
+            )  # fmt: skip
 
-        async def alone() -> list[dict[str, Any]]:
-            return [
-                answered(
-                    await conn.fetchrow(
-                        "SELECT * FROM wa_finish_turn($1, $2, $3, $4, $5, $6, $7, $8,"
-                        " '{}', '{}', '', $9, $10)",
-                        i[0],
-                        i[1],
-                        machine.message_sources(machine.REPLIED),
-                        i[2],
-                        i[3],
-                        i[4],
-                        i[5],
-                        i[6],
-                        i[7],
-                        IDLE_FROM,
-                    )
-                )
-                for i in items
-            ]
+        def alone() -> Awaitable[list[dict[str, Any]]]:
+            return each_alone(
+                conn,
+                "SELECT * FROM wa_finish_turn($1, $2, $3, $4, $5, $6, $7, $8,"
+                " '{}', '{}', '', $9, $10)",
+                [(i[0], i[1], sources, *i[2:], IDLE_FROM) for i in items],
+            )
 
         together, after_together = await undone(conn, batch)
         one_by_one, after_one_by_one = await undone(conn, alone)

@@ -146,8 +146,8 @@ async def test_what_records_replies_being_recorded_waits_for_their_turns_without
     hold = blocker.transaction()
     await hold.start()
     await blocker.execute(
-        "SELECT 1 FROM processed_webhook_messages WHERE message_id = 'wamid.B1'"
-        " FOR NO KEY UPDATE"
+        "SELECT 1 FROM processed_webhook_messages WHERE message_id = $1 FOR NO KEY UPDATE",
+        turns.b.message_id,
     )
     finishing = asyncio.create_task(finish_a_then_b(finisher, turns))
     await _waiting_for_a_lock(pool, finisher.get_server_pid())  # holds A, waits for B
