@@ -1660,13 +1660,50 @@ $$;
 
 CREATE FUNCTION public.wa_save_turns(p_turns jsonb) RETURNS TABLE(ord integer, fence_token bigint)
     LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
     AS $$
 #variable_conflict use_column
 DECLARE
     t record;
+    v_one_by_one boolean;
 BEGIN
-    FOR t IN
-        SELECT s.*
+    SELECT count(*) > count(DISTINCT s.conversation_id)
+           OR bool_or(s.keep IS NULL OR s.keep < 1
+                      OR json_typeof(s.appended) IS DISTINCT FROM 'array')
+      INTO v_one_by_one
+      FROM jsonb_to_recordset(p_turns) AS s(conversation_id bigint, keep integer, appended json);
+    IF v_one_by_one THEN
+        FOR t IN
+            SELECT s.*
+              FROM ROWS FROM (jsonb_to_recordset(p_turns) AS (
+                       conversation_id bigint, token bigint, message_id text, agent_type text,
+                       previous_agent_type text, appended json, keep integer, token_count integer,
+                       reply_text text, tokens_in bigint, tokens_out bigint, latency_ms bigint,
+                       correlation_id text, send_started boolean, reply_payload jsonb,
+                       absorbed text[]))
+                   WITH ORDINALITY
+                   AS s(conversation_id, token, message_id, agent_type, previous_agent_type,
+                        appended, keep, token_count, reply_text, tokens_in, tokens_out,
+                        latency_ms, correlation_id, send_started, reply_payload, absorbed, n)
+              LEFT JOIN webhook_conversations w ON w.id = s.conversation_id
+             ORDER BY w.phone_number_id, w.customer_id, s.conversation_id, s.n
+        LOOP
+            ord := t.n;
+            fence_token := wa_save_turn(t.conversation_id, t.token, t.message_id, t.agent_type,
+                                        t.previous_agent_type, t.appended, t.keep, t.token_count,
+                                        t.reply_text, t.tokens_in, t.tokens_out, t.latency_ms,
+                                        t.correlation_id, t.send_started, t.reply_payload);
+            PERFORM wa_save_burst(t.conversation_id, t.token, t.message_id, t.absorbed);
+            RETURN NEXT;
+        END LOOP;
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH given AS MATERIALIZED (
+        SELECT s.*, json_array_length(s.appended) AS added,
+               -- The messages without the array's brackets: appended to an entry's as text.
+               substr(btrim(s.appended::text), 2, length(btrim(s.appended::text)) - 2) AS text
           FROM ROWS FROM (jsonb_to_recordset(p_turns) AS (
                    conversation_id bigint, token bigint, message_id text, agent_type text,
                    previous_agent_type text, appended json, keep integer, token_count integer,
@@ -1674,22 +1711,107 @@ BEGIN
                    correlation_id text, send_started boolean, reply_payload jsonb,
                    absorbed text[]))
                WITH ORDINALITY
-               AS s(conversation_id, token, message_id, agent_type, previous_agent_type,
-                    appended, keep, token_count, reply_text, tokens_in, tokens_out,
-                    latency_ms, correlation_id, send_started, reply_payload, absorbed, n)
-          -- An unlocked read, for the order only (a conversation that does not exist comes
-          -- last: its save finds no fence and writes nothing).
-          LEFT JOIN webhook_conversations w ON w.id = s.conversation_id
-         ORDER BY w.phone_number_id, w.customer_id, s.conversation_id, s.n
-    LOOP
-        ord := t.n;
-        fence_token := wa_save_turn(t.conversation_id, t.token, t.message_id, t.agent_type,
-                                    t.previous_agent_type, t.appended, t.keep, t.token_count,
-                                    t.reply_text, t.tokens_in, t.tokens_out, t.latency_ms,
-                                    t.correlation_id, t.send_started, t.reply_payload);
-        PERFORM wa_save_burst(t.conversation_id, t.token, t.message_id, t.absorbed);
-        RETURN NEXT;
-    END LOOP;
+               AS s(cid, token, mid, agent, previous_agent, appended, keep, token_count,
+                    reply, tokens_in, tokens_out, latency_ms, cor, send_started, reply_payload,
+                    absorbed, n)
+    ), locked AS MATERIALIZED (
+        SELECT c.id AS cid, c.fence_token AS fence,
+               row_number() OVER () AS k
+          FROM (SELECT c.id, c.fence_token
+                  FROM webhook_conversations c
+                 WHERE c.id IN (SELECT g.cid FROM given g)
+                 ORDER BY c.phone_number_id, c.customer_id, c.id
+                   FOR SHARE) AS c
+    ), ok AS MATERIALIZED (
+        -- The turns that still hold their conversation, in the order of its key.
+        SELECT g.*, l.k
+          FROM given g
+          JOIN locked l ON l.cid = g.cid AND l.fence = g.token
+         ORDER BY l.k
+    ), ctx AS (
+        INSERT INTO agent_contexts AS a
+            (conversation_id, agent_type, token_count, fence_token, correlation_id, last_seq)
+        SELECT o.cid, o.agent, o.token_count, o.token, o.cor, o.added
+          FROM ok o
+         ORDER BY o.k
+        ON CONFLICT (conversation_id) DO UPDATE
+           SET agent_type = EXCLUDED.agent_type,
+               token_count = EXCLUDED.token_count,
+               fence_token = EXCLUDED.fence_token,
+               correlation_id = EXCLUDED.correlation_id,
+               last_seq = a.last_seq + EXCLUDED.last_seq,
+               updated_at = now()
+        RETURNING a.conversation_id AS cid, a.last_seq AS last
+    ), grown AS (
+        -- To the newest entry while it stays under 1,800 bytes and a day old (wa_save_turn);
+        -- else a new one, below.
+        UPDATE agent_context_entries x
+           SET messages = x.messages || ',' || o.text, n = x.n + o.added
+          FROM ok o
+         WHERE o.added > 0 AND x.conversation_id = o.cid
+           AND x.seq = (SELECT max(y.seq) FROM agent_context_entries y
+                         WHERE y.conversation_id = o.cid)
+           AND octet_length(x.messages) + octet_length(o.text) < 1800
+           AND x.created_at > now() - interval '1 day'
+        RETURNING x.conversation_id AS cid, x.seq
+    ), fresh AS (
+        INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
+        SELECT o.cid, c.last - o.added + 1, o.added, o.text
+          FROM ok o
+          JOIN ctx c ON c.cid = o.cid
+         WHERE o.added > 0 AND NOT EXISTS (SELECT 1 FROM grown r WHERE r.cid = o.cid)
+         ORDER BY o.k
+    ), dropped AS (
+        -- The entries whose messages all fell out of the bound (what grew keeps its newest).
+        DELETE FROM agent_context_entries x
+         USING ok o
+          JOIN ctx c ON c.cid = o.cid
+         WHERE x.conversation_id = o.cid AND x.seq + x.n - 1 <= c.last - o.keep
+           AND NOT EXISTS (SELECT 1 FROM grown r WHERE r.cid = x.conversation_id
+                                                   AND r.seq = x.seq)
+    ), replied AS (
+        UPDATE processed_webhook_messages m
+           SET reply_text = o.reply,
+               reply_payload = o.reply_payload,
+               agent_type = o.agent,
+               send_started_at = CASE WHEN o.send_started THEN now() ELSE m.send_started_at END,
+               -- The debounced burst it answers (wa_save_burst).
+               absorbed_message_ids = CASE
+                   WHEN cardinality(o.absorbed) > 0 AND m.kind = 'message'
+                        AND m.conversation_id = o.cid THEN o.absorbed
+                   ELSE m.absorbed_message_ids END,
+               updated_at = now()
+          FROM ok o
+         WHERE m.message_id = o.mid
+    ), routed AS (
+        INSERT INTO conversation_state_transitions
+            (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
+             correlation_id)
+        SELECT o.cid, o.mid, 'agent', o.previous_agent, o.agent,
+               'routed by keyword in message ' || o.mid, o.token, o.cor
+          FROM ok o
+         WHERE o.agent IS DISTINCT FROM o.previous_agent
+         ORDER BY o.k
+    ), sessions AS (
+        INSERT INTO agent_sessions AS s
+            (conversation_id, agent_type, turns, tokens_in, tokens_out, total_latency_ms,
+             errors, correlation_id)
+        SELECT o.cid, o.agent, 1, o.tokens_in, o.tokens_out, o.latency_ms, 0, o.cor
+          FROM ok o
+         ORDER BY o.k
+        ON CONFLICT (conversation_id, agent_type) DO UPDATE
+           SET turns = s.turns + EXCLUDED.turns,
+               tokens_in = s.tokens_in + EXCLUDED.tokens_in,
+               tokens_out = s.tokens_out + EXCLUDED.tokens_out,
+               total_latency_ms = s.total_latency_ms + EXCLUDED.total_latency_ms,
+               errors = s.errors + EXCLUDED.errors,
+               correlation_id = EXCLUDED.correlation_id,
+               last_active_at = now()
+    )
+    SELECT g.n::integer, l.fence
+      FROM given g
+      LEFT JOIN locked l ON l.cid = g.cid
+     ORDER BY g.n;
 END
 $$;
 

@@ -98,26 +98,30 @@ class Saves:
         ]
 
     async def _one(self, s: Save) -> int | None:
-        fence: int | None = await self.pool.fetchval(
-            Q["save_turn"],
-            s.conversation_id,
-            s.token,
-            s.message_id,
-            s.agent_type,
-            s.previous_agent_type,
-            s.appended,
-            s.token_count,
-            s.reply_text,
-            s.tokens_in,
-            s.tokens_out,
-            s.latency_ms,
-            s.correlation_id,
-            s.send_started,
-            s.absorbed,
-            s.reply_payload,
-            s.keep,
-        )
+        fence: int | None = await self.pool.fetchval(Q["save_turn"], *save_turn_args(s))
         return fence
+
+
+def save_turn_args(s: Save) -> tuple[Any, ...]:
+    """The arguments of the statement that saves one turn alone (queries.sql save_turn)."""
+    return (
+        s.conversation_id,
+        s.token,
+        s.message_id,
+        s.agent_type,
+        s.previous_agent_type,
+        s.appended,
+        s.token_count,
+        s.reply_text,
+        s.tokens_in,
+        s.tokens_out,
+        s.latency_ms,
+        s.correlation_id,
+        s.send_started,
+        s.absorbed,
+        s.reply_payload,
+        s.keep,
+    )
 
 
 async def _outcome(call: Awaitable[int | None]) -> int | BaseException | None:

@@ -20,6 +20,7 @@ import asyncpg
 
 from common.db import Conn
 from common.domain import Status
+from services.agent import saves
 from services.state import handoff, machine, store
 from tests.support.inbound import inbound
 
@@ -45,6 +46,37 @@ async def snapshot(conn: Conn) -> Snapshot:
             for r in await conn.fetch(
                 "SELECT id, status, fence_token, lock_owner, error_count, handoff_at IS NOT NULL"
                 " FROM webhook_conversations ORDER BY id"
+            )
+        ],
+        "replies": [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT message_id, reply_text, reply_payload, agent_type,"
+                " send_started_at IS NOT NULL, absorbed_message_ids"
+                " FROM processed_webhook_messages ORDER BY id"
+            )
+        ],
+        "contexts": [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT conversation_id, agent_type, token_count, fence_token, correlation_id,"
+                " last_seq FROM agent_contexts ORDER BY conversation_id"
+            )
+        ],
+        "entries": [
+            tuple(r)
+            for r in await conn.fetch(
+                # As JSON: a batch's jsonb argument writes its messages' text with spaces.
+                "SELECT conversation_id, seq, n, ('[' || messages || ']')::jsonb"
+                " FROM agent_context_entries ORDER BY conversation_id, seq"
+            )
+        ],
+        "sessions": [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT conversation_id, agent_type, turns, tokens_in, tokens_out,"
+                " total_latency_ms, errors, correlation_id FROM agent_sessions"
+                " ORDER BY conversation_id, agent_type"
             )
         ],
         # In order within each conversation (the batch writes conversations' rows in another
@@ -246,3 +278,86 @@ async def test_a_batch_with_two_items_of_one_conversation_runs_them_one_after_th
     assert by_item[2]["claimed"] == by_item[1]["claimed"] + 1
     assert (by_item[1]["message_id"], by_item[1]["resumed"]) == ("wamid.D1", False)
     assert (by_item[2]["message_id"], by_item[2]["resumed"]) == ("wamid.D1", True)
+
+
+def save(
+    c: int, token: int, message_id: str, *words: str, keep: int = 20, **changes: Any
+) -> saves.Save:
+    """A turn's save: its question and answer appended to the context."""
+    fields: dict[str, Any] = {
+        "conversation_id": c,
+        "token": token,
+        "message_id": message_id,
+        "agent_type": "concierge",
+        "previous_agent_type": "concierge",
+        "appended": [{"role": "user", "content": w} for w in words],
+        "keep": keep,
+        "token_count": 7 * len(words),
+        "reply_text": f"answer to {message_id}",
+        "tokens_in": 11,
+        "tokens_out": 13,
+        "latency_ms": 17,
+        "correlation_id": f"cor-{message_id}",
+        "send_started": False,
+    }
+    return saves.Save(**(fields | changes))
+
+
+async def test_a_batch_of_saves_does_what_each_save_does_alone(pool: asyncpg.Pool) -> None:
+    grows, fresh, full, moved_on, burst = [
+        await conversation(pool, f"1555000000{n}", f"wamid.G{n}", f"wamid.H{n}") for n in range(5)
+    ]
+    turns = {c: await started(pool, c) for c in (grows, fresh, full, moved_on, burst)}
+    saver = saves.Saves(pool)
+    try:
+        # Contexts saved by earlier turns: a small entry, and one near its 1,800 bytes.
+        for c in (grows, burst):
+            await saver.save(save(c, turns[c][0], turns[c][1].message_id, "hello", "hi"))
+        await saver.save(save(full, turns[full][0], turns[full][1].message_id, "x" * 1750))
+    finally:
+        await saver.close()
+    await store.claim_turn(pool, moved_on, "newer")
+
+    def turn(c: int, *words: str, **changes: Any) -> saves.Save:
+        token, item = turns[c]
+        return save(c, token, item.message_id, *words, **changes)
+
+    batch = [
+        turn(full, "more", "words", keep=1),  # a new entry; the full one falls out
+        turn(moved_on, "late"),  # another holder since: nothing written
+        save(999_999, 1, "wamid.nowhere", "lost"),  # no such conversation
+        turn(fresh, "first", agent_type="support", previous_agent_type=None),  # routed
+        turn(grows, "and", "again"),  # to the newest entry
+        turn(
+            burst,
+            "one",
+            "two",
+            send_started=True,
+            reply_payload={"type": "interactive"},
+            absorbed=["wamid.H4"],
+        ),
+    ]
+    async with pool.acquire() as conn:
+
+        async def together() -> list[dict[str, Any]]:
+            rows = await conn.fetch(saves.Q["save_turns"], batch)
+            return [dict(r) for r in sorted(rows, key=lambda r: r["ord"])]
+
+        async def alone() -> list[dict[str, Any]]:
+            return [
+                {"ord": n, "fence_token": await conn.fetchval(
+                    saves.Q["save_turn"], *saves.save_turn_args(s)
+                )}
+                for n, s in enumerate(batch, 1)
+            ]  # fmt: skip
+
+        rows, after_together = await undone(conn, together)
+        one_by_one, after_one_by_one = await undone(conn, alone)
+
+    tokens = [turns[full][0], turns[moved_on][0] + 1, None, turns[fresh][0], turns[grows][0]]
+    assert [r["fence_token"] for r in rows] == [*tokens, turns[burst][0]]
+    assert rows == one_by_one
+    assert after_together == after_one_by_one
+    entries = [e[:3] for e in after_together["entries"]]
+    assert (full, 2, 2) in entries and (full, 1, 1) not in entries
+    assert (grows, 1, 4) in entries
