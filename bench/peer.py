@@ -16,12 +16,18 @@ With --statuses the stand-in also posts every reply's three status webhooks (sen
 read), as Meta does, to the system under test; the run then also waits until they are all
 acknowledged (ours acknowledges a delivery once stored), and CPU per message includes them.
 
+Ours marks each message read, with a typing indicator, as its turn starts (the agent's
+mark_read: two Graph API calls a message, with the reply). With --typing the pywa bot does the
+same (`Message.indicate_typing` before its reply), so that both do the same work; its rows are
+then named `<setting>+typing`. Without it, the bot only replies.
+
 Every customer carries a business-scoped user id (as Meta names customers since BSUIDs: pywa
 4.5 cannot parse a contact without one); half also carry a phone number.
 
 pywa is an optional extra: `uv sync --extra peer` (or `make bench-peer`).
 
-    .venv/bin/python -m bench.peer [--per 25] [--repeat 3] [--run ours --run pywa-quiet ...]
+    .venv/bin/python -m bench.peer [--per 25] [--repeat 3] [--typing]
+        [--run ours --run pywa-quiet ...]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import statistics
@@ -64,6 +71,9 @@ class Peer:
     pool_timeout: str | None = None  # None: httpx's 5 s; "none": wait for ever
     workers: int | None = None
     log_level: str | None = None  # None: `pywa run`'s own default, info
+    # Each message marked read with a typing indicator before its reply: the Graph API calls
+    # ours makes for a message (the agent's mark_read), so the same work for both.
+    typing: bool = False
     about: str = ""
 
 
@@ -260,6 +270,7 @@ def peer_env(peer: Peer, graph_url: str) -> dict[str, str]:
         ("PEER_THREADS", peer.threads),
         ("PEER_CONNECTIONS", peer.connections),
         ("PEER_POOL_TIMEOUT", peer.pool_timeout),
+        ("PEER_TYPING", "1" if peer.typing else None),
     ):
         env.pop(key, None)
         if value is not None:
@@ -425,6 +436,12 @@ def main() -> None:
         help="ours: first write a business's history of N answered messages (bench.e2e --rows)",
     )
     parser.add_argument(
+        "--typing",
+        action="store_true",
+        help="the pywa bot marks each message read with a typing indicator before replying,"
+        " as ours does",
+    )
+    parser.add_argument(
         "--kill-after-ack",
         action="store_true",
         help="SIGKILL the pywa bot once every delivery is acknowledged: what it loses",
@@ -449,9 +466,12 @@ def main() -> None:
                             s, args.per, args.settle, args.rate, args.statuses, args.rows
                         )
                     else:
+                        peer = PEERS[name]
+                        if args.typing:
+                            name, peer = f"{name}+typing", dataclasses.replace(peer, typing=True)
                         run = await run_peer(
                             name,
-                            PEERS[name],
+                            peer,
                             args.per,
                             args.settle,
                             args.log,

@@ -13,6 +13,8 @@ and configures it through the environment, which also reaches uvicorn's worker p
     PEER_CONNECTIONS   the httpx pool's connection limit (default: httpx's, 100)
     PEER_POOL_TIMEOUT  seconds a request may wait for a pooled connection, `none` for ever
                        (default: httpx's, 5 s, like its other timeouts)
+    PEER_TYPING        `1`: mark each message read with a typing indicator before replying
+                       (`Message.indicate_typing`), as our agent does (its mark_read)
     PEER_APP_SECRET, PEER_VERIFY_TOKEN, PEER_TOKEN, PEER_PHONE_ID
 
 pywa has no setting for the Graph API's URL (it sets `https://graph.facebook.com/vX` as the
@@ -54,6 +56,10 @@ def _point_at_standin(session: httpx.Client | httpx.AsyncClient) -> None:
     )
 
 
+def _typing() -> bool:
+    return os.environ.get("PEER_TYPING") == "1"
+
+
 def _common() -> dict[str, Any]:
     return {
         "phone_id": os.environ.get("PEER_PHONE_ID", "100000000000001"),
@@ -76,7 +82,11 @@ def _build_sync() -> object:
     wa = WhatsApp(session=session, **_common())
     _point_at_standin(session)
 
+    typing = _typing()
+
     def echo(client: WhatsApp, msg: types.Message) -> None:
+        if typing:
+            msg.indicate_typing()
         msg.reply_text(f"echo: {msg.text}", quote=True)
 
     wa.add_handlers(handlers.MessageHandler(echo, filters.text))
@@ -90,7 +100,11 @@ def _build_async() -> object:
     wa = WhatsApp(session=session, **_common())
     _point_at_standin(session)
 
+    typing = _typing()
+
     async def echo(client: WhatsApp, msg: types.Message) -> None:
+        if typing:
+            await msg.indicate_typing()
         await msg.reply_text(f"echo: {msg.text}", quote=True)
 
     wa.add_handlers(handlers.MessageHandler(echo, filters.text))
