@@ -42,7 +42,7 @@ GRANT EXECUTE ON FUNCTION wa_start_turn, wa_claim_turn, wa_finish_turn, wa_trans
 GRANT EXECUTE ON FUNCTION wa_hold_for_person TO :"state";  -- handoff (0017)
 GRANT EXECUTE ON FUNCTION wa_release_conversation TO :"state";  -- with a turn (0020)
 GRANT EXECUTE ON FUNCTION wa_claim_turns, wa_finish_turns TO :"state";  -- batched (0022)
-GRANT EXECUTE ON FUNCTION wa_start_turns TO :"state";  -- batched, set-based (0037)
+GRANT EXECUTE ON FUNCTION wa_start_turns, wa_lock_turn_messages TO :"state";  -- set-based (0037)
 GRANT EXECUTE ON FUNCTION wa_reply_status_seen TO :"state";  -- a send's delivery state (0029)
 GRANT EXECUTE ON FUNCTION wa_context TO :"state";  -- a turn's context, from its entries (0030)
 GRANT EXECUTE ON FUNCTION wa_ingest_messages, wa_ingest_statuses TO :"state";  -- ingest (0032)

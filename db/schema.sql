@@ -311,6 +311,11 @@ BEGIN
       FROM unnest(v_ids) WITH ORDINALITY AS k(cid, n)
       LEFT JOIN moved m ON m.cid = k.cid;
 
+    PERFORM wa_lock_turn_messages(
+        ARRAY(SELECT k.cid FROM unnest(v_ids, v_tokens) AS k(cid, token)
+               WHERE k.token IS NOT NULL),
+        '{}');
+
     -- Each claimed conversation's turn (an unclaimed one, with no token, starts nothing).
     RETURN QUERY
         SELECT k.item, k.token, s.outcome, s.fence_token, s.id, s.message_id,
@@ -600,6 +605,10 @@ BEGIN
       WHERE c.id = ANY (p_conversation_ids)
       ORDER BY c.phone_number_id, c.customer_id, c.id
         FOR NO KEY UPDATE;
+    PERFORM wa_lock_turn_messages(
+        ARRAY(SELECT u.cid FROM unnest(p_conversation_ids, p_next) AS u(cid, next)
+               WHERE u.next),
+        p_message_ids);
 
     -- Each message's move, judged as wa_transition_message judges one: unknown (no such
     -- message), stale (its conversation's token is not the turn's), illegal (not from a state
@@ -615,8 +624,6 @@ BEGIN
           FROM given g
           JOIN processed_webhook_messages m ON m.message_id = g.mid
           LEFT JOIN webhook_conversations c ON c.id = m.conversation_id
-         ORDER BY c.phone_number_id, c.customer_id, m.conversation_id, m.id
-           FOR UPDATE OF m
     ), judged AS MATERIALIZED (
         SELECT g.*, c.row_id, c.was, c.mcid, c.fence, c.mcor,
                CASE WHEN c.row_id IS NULL OR c.kind <> 'message' THEN 'unknown'
@@ -1147,6 +1154,39 @@ END
 $_$;
 
 --
+-- Name: wa_lock_turn_messages(bigint[], text[]); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.wa_lock_turn_messages(p_conversation_ids bigint[], p_message_ids text[]) RETURNS void
+    LANGUAGE plpgsql
+    SET plan_cache_mode TO 'force_generic_plan'
+    AS $$
+BEGIN
+    PERFORM 1
+       FROM processed_webhook_messages m
+       LEFT JOIN webhook_conversations c ON c.id = m.conversation_id
+      WHERE m.id IN (SELECT t.id
+                       FROM processed_webhook_messages t
+                      WHERE t.message_id = ANY (p_message_ids)
+                     UNION ALL
+                     SELECT w.id
+                       FROM webhook_conversations v
+                      CROSS JOIN LATERAL (
+                          SELECT t.id
+                            FROM processed_webhook_messages t
+                           WHERE t.conversation_id = v.id
+                             AND t.status IN ('received', 'processing')
+                             AND t.message_id <> ALL (p_message_ids)
+                           ORDER BY t.wa_timestamp, t.id
+                           -- (LIMIT NULL: all of them)
+                           LIMIT CASE WHEN v.handoff_at IS NULL THEN 1 END) AS w
+                      WHERE v.id = ANY (p_conversation_ids))
+      ORDER BY c.phone_number_id, c.customer_id, m.conversation_id, m.id
+        FOR UPDATE OF m;
+END
+$$;
+
+--
 -- Name: wa_operator_may(text); Type: FUNCTION; Schema: public; Owner: -
 --
 
@@ -1666,6 +1706,8 @@ CREATE FUNCTION public.wa_save_turns(p_turns jsonb) RETURNS TABLE(ord integer, f
 DECLARE
     t record;
     v_one_by_one boolean;
+    v_fences bigint[];
+    v_lasts bigint[];
 BEGIN
     SELECT count(*) > count(DISTINCT s.conversation_id)
            OR bool_or(s.keep IS NULL OR s.keep < 1
@@ -1699,21 +1741,16 @@ BEGIN
         RETURN;
     END IF;
 
-    RETURN QUERY
+    -- The fences, under the conversations' shared locks (in the order of their keys), and the
+    -- contexts of the turns that hold theirs. An operator's answer may hold a context's row:
+    -- the upsert waits for it and counts on its newest version; what the answer added to the
+    -- entries is read by the next statement.
     WITH given AS MATERIALIZED (
-        SELECT s.*, json_array_length(s.appended) AS added,
-               -- The messages without the array's brackets: appended to an entry's as text.
-               substr(btrim(s.appended::text), 2, length(btrim(s.appended::text)) - 2) AS text
+        SELECT s.*
           FROM ROWS FROM (jsonb_to_recordset(p_turns) AS (
-                   conversation_id bigint, token bigint, message_id text, agent_type text,
-                   previous_agent_type text, appended json, keep integer, token_count integer,
-                   reply_text text, tokens_in bigint, tokens_out bigint, latency_ms bigint,
-                   correlation_id text, send_started boolean, reply_payload jsonb,
-                   absorbed text[]))
-               WITH ORDINALITY
-               AS s(cid, token, mid, agent, previous_agent, appended, keep, token_count,
-                    reply, tokens_in, tokens_out, latency_ms, cor, send_started, reply_payload,
-                    absorbed, n)
+                   conversation_id bigint, token bigint, agent_type text, appended json,
+                   token_count integer, correlation_id text))
+               WITH ORDINALITY AS s(cid, token, agent, appended, token_count, cor, n)
     ), locked AS MATERIALIZED (
         SELECT c.id AS cid, c.fence_token AS fence,
                row_number() OVER () AS k
@@ -1722,18 +1759,13 @@ BEGIN
                  WHERE c.id IN (SELECT g.cid FROM given g)
                  ORDER BY c.phone_number_id, c.customer_id, c.id
                    FOR SHARE) AS c
-    ), ok AS MATERIALIZED (
-        -- The turns that still hold their conversation, in the order of its key.
-        SELECT g.*, l.k
-          FROM given g
-          JOIN locked l ON l.cid = g.cid AND l.fence = g.token
-         ORDER BY l.k
     ), ctx AS (
         INSERT INTO agent_contexts AS a
             (conversation_id, agent_type, token_count, fence_token, correlation_id, last_seq)
-        SELECT o.cid, o.agent, o.token_count, o.token, o.cor, o.added
-          FROM ok o
-         ORDER BY o.k
+        SELECT g.cid, g.agent, g.token_count, g.token, g.cor, json_array_length(g.appended)
+          FROM given g
+          JOIN locked l ON l.cid = g.cid AND l.fence = g.token
+         ORDER BY l.k
         ON CONFLICT (conversation_id) DO UPDATE
            SET agent_type = EXCLUDED.agent_type,
                token_count = EXCLUDED.token_count,
@@ -1742,6 +1774,40 @@ BEGIN
                last_seq = a.last_seq + EXCLUDED.last_seq,
                updated_at = now()
         RETURNING a.conversation_id AS cid, a.last_seq AS last
+    )
+    SELECT array_agg(l.fence ORDER BY g.n), array_agg(c.last ORDER BY g.n)
+      INTO v_fences, v_lasts
+      FROM given g
+      LEFT JOIN locked l ON l.cid = g.cid
+      LEFT JOIN ctx c ON c.cid = g.cid;
+
+    -- The rest of each saved turn: its context's entries, its reply (the message locked in the
+    -- order of the conversations' keys first), the routing's audit row, the session's figures.
+    RETURN QUERY
+    WITH given AS MATERIALIZED (
+        SELECT s.*, json_array_length(s.appended) AS added,
+               -- The messages without the array's brackets: appended to an entry's as text.
+               substr(btrim(s.appended::text), 2, length(btrim(s.appended::text)) - 2) AS text,
+               v_lasts[s.n] AS last
+          FROM ROWS FROM (jsonb_to_recordset(p_turns) AS (
+                   conversation_id bigint, token bigint, message_id text, agent_type text,
+                   previous_agent_type text, appended json, keep integer,
+                   reply_text text, tokens_in bigint, tokens_out bigint, latency_ms bigint,
+                   correlation_id text, send_started boolean, reply_payload jsonb,
+                   absorbed text[]))
+               WITH ORDINALITY
+               AS s(cid, token, mid, agent, previous_agent, appended, keep, reply, tokens_in,
+                    tokens_out, latency_ms, cor, send_started, reply_payload, absorbed, n)
+    ), ok AS MATERIALIZED (
+        -- The turns that hold their conversation: their context was saved above.
+        SELECT g.* FROM given g WHERE g.last IS NOT NULL
+    ), held AS MATERIALIZED (
+        SELECT m.id
+          FROM processed_webhook_messages m
+          JOIN ok o ON o.mid = m.message_id
+          LEFT JOIN webhook_conversations c ON c.id = m.conversation_id
+         ORDER BY c.phone_number_id, c.customer_id, m.conversation_id, m.id
+           FOR NO KEY UPDATE OF m
     ), grown AS (
         -- To the newest entry while it stays under 1,800 bytes and a day old (wa_save_turn);
         -- else a new one, below.
@@ -1756,17 +1822,15 @@ BEGIN
         RETURNING x.conversation_id AS cid, x.seq
     ), fresh AS (
         INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
-        SELECT o.cid, c.last - o.added + 1, o.added, o.text
+        SELECT o.cid, o.last - o.added + 1, o.added, o.text
           FROM ok o
-          JOIN ctx c ON c.cid = o.cid
          WHERE o.added > 0 AND NOT EXISTS (SELECT 1 FROM grown r WHERE r.cid = o.cid)
-         ORDER BY o.k
+         ORDER BY o.cid
     ), dropped AS (
         -- The entries whose messages all fell out of the bound (what grew keeps its newest).
         DELETE FROM agent_context_entries x
          USING ok o
-          JOIN ctx c ON c.cid = o.cid
-         WHERE x.conversation_id = o.cid AND x.seq + x.n - 1 <= c.last - o.keep
+         WHERE x.conversation_id = o.cid AND x.seq + x.n - 1 <= o.last - o.keep
            AND NOT EXISTS (SELECT 1 FROM grown r WHERE r.cid = x.conversation_id
                                                    AND r.seq = x.seq)
     ), replied AS (
@@ -1782,7 +1846,8 @@ BEGIN
                    ELSE m.absorbed_message_ids END,
                updated_at = now()
           FROM ok o
-         WHERE m.message_id = o.mid
+          JOIN held h ON true
+         WHERE m.message_id = o.mid AND m.id = h.id
     ), routed AS (
         INSERT INTO conversation_state_transitions
             (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
@@ -1791,14 +1856,14 @@ BEGIN
                'routed by keyword in message ' || o.mid, o.token, o.cor
           FROM ok o
          WHERE o.agent IS DISTINCT FROM o.previous_agent
-         ORDER BY o.k
+         ORDER BY o.cid
     ), sessions AS (
         INSERT INTO agent_sessions AS s
             (conversation_id, agent_type, turns, tokens_in, tokens_out, total_latency_ms,
              errors, correlation_id)
         SELECT o.cid, o.agent, 1, o.tokens_in, o.tokens_out, o.latency_ms, 0, o.cor
           FROM ok o
-         ORDER BY o.k
+         ORDER BY o.cid
         ON CONFLICT (conversation_id, agent_type) DO UPDATE
            SET turns = s.turns + EXCLUDED.turns,
                tokens_in = s.tokens_in + EXCLUDED.tokens_in,
@@ -1808,9 +1873,8 @@ BEGIN
                correlation_id = EXCLUDED.correlation_id,
                last_active_at = now()
     )
-    SELECT g.n::integer, l.fence
+    SELECT g.n::integer, v_fences[g.n]
       FROM given g
-      LEFT JOIN locked l ON l.cid = g.cid
      ORDER BY g.n;
 END
 $$;

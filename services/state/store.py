@@ -153,7 +153,7 @@ async def ingest_many(pool: asyncpg.Pool, deliveries: list[DeliveryIn]) -> list[
     statuses = [(d, s) for d in deliveries for s in d.statuses]
     events = [(d, e) for d in deliveries for e in d.events]
     async with pool.acquire() as conn:
-        stored = await _insert_statuses(conn, statuses) if statuses else set()
+        stored = await insert_statuses(conn, statuses) if statuses else set()
         # One statement is atomic by itself: no BEGIN/COMMIT round trips.
         # Customer events are stored and applied together or not at all (a stored event is a
         # duplicate when Meta retries it, so it must not be stored unapplied).
@@ -448,7 +448,9 @@ async def _insert_messages(
     )
 
 
-async def _insert_statuses(conn: Conn, statuses: list[tuple[DeliveryIn, Status]]) -> set[str]:
+async def insert_statuses(conn: Conn, statuses: list[tuple[DeliveryIn, Status]]) -> set[str]:
+    """Stores delivery statuses, each with the delivery it came in, in the caller's transaction;
+    returns the keys of those stored (not already known)."""
     rows = await conn.fetch(
         Q["ingest_statuses"],
         [s.message_id for _, s in statuses],

@@ -12,17 +12,23 @@ first."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import orjson
+import pytest
+from asyncpg.transaction import Transaction
 
+from common import db, roles, sqlfile
 from common.db import Conn
 from common.domain import Status
-from services.agent import saves
+from services.agent import operator, saves
 from services.state import handoff, machine, store
 from tests.support.inbound import inbound
+from tests.support.locks import waiters, waiting_for_a_lock
 
 ACTIVE_FROM = machine.conversation_sources(machine.ACTIVE)
 IDLE_FROM = machine.conversation_sources(machine.IDLE)
@@ -30,6 +36,7 @@ IDLE_FROM = machine.conversation_sources(machine.IDLE)
 CLOCKS = {"db_now", "locked_at", "updated_at", "created_at", "started_at", "finished_at"}
 
 Snapshot = dict[str, list[tuple[Any, ...]]]
+AGENT_Q = sqlfile.load("services.agent", "queries.sql")
 
 
 async def snapshot(conn: Conn) -> Snapshot:
@@ -361,3 +368,190 @@ async def test_a_batch_of_saves_does_what_each_save_does_alone(pool: asyncpg.Poo
     entries = [e[:3] for e in after_together["entries"]]
     assert (full, 2, 2) in entries and (full, 1, 1) not in entries
     assert (grows, 1, 4) in entries
+
+
+# While a batch waits for a row another transaction holds, what that transaction commits is
+# what the batch must build on; and a batch must take message rows in the order the status
+# ingest takes them, or the two deadlock.
+
+
+@pytest.fixture
+async def two(database_url: str) -> AsyncIterator[tuple[Conn, Conn]]:
+    """A connection holding what the test has it hold, and one for the batch (the services'
+    own, with their JSON codecs)."""
+    own = await db.create_pool(database_url, min_size=2, max_size=2)
+    try:
+        async with own.acquire() as holder, own.acquire() as batcher:
+            yield holder, batcher
+    finally:
+        await own.close()
+
+
+def status(outbound_id: str, wa_id: str, state: str, callback: str = "") -> Status:
+    return Status(outbound_id, "100", wa_id, state, int(time.time()), "{}", callback_data=callback)
+
+
+async def holding(conn: Conn, query: str, *args: Any) -> Transaction:
+    """`query` run in a transaction left open."""
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute(query, *args)
+    return tx
+
+
+async def test_a_final_move_that_waited_for_a_status_keeps_what_the_status_stored(
+    pool: asyncpg.Pool, two: tuple[Conn, Conn]
+) -> None:
+    holder, batcher = two
+    a = await conversation(pool, "15550000001", "wamid.A1")
+    b = await conversation(pool, "15550000002", "wamid.B1")
+    ta, tb = (await started(pool, a))[0], (await started(pool, b))[0]
+    # Meta's `delivered` for A's reply, with our callback data, is being stored as the turns
+    # finish: it holds A's message.
+    delivered = status("wamid.OUT-A", "15550000001", "delivered", callback="wamid.A1")
+    tx = holder.transaction()
+    await tx.start()
+    await store.insert_statuses(holder, [(store.DeliveryIn([], [delivered], "cor", ""), delivered)])
+    finishing = asyncio.create_task(
+        batcher.fetch(
+            "SELECT * FROM wa_finish_turns($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            ["wamid.A1", "wamid.B1"],
+            [machine.REPLIED] * 2,
+            machine.message_sources(machine.REPLIED),
+            ["replied"] * 2,
+            [ta, tb],
+            ["", ""],
+            [a, b],
+            [False, False],
+            ["wamid.OUT-A", None],
+        )
+    )
+    await waiting_for_a_lock(pool, batcher.get_server_pid())
+    await tx.commit()
+    assert [r["finished"] for r in await asyncio.wait_for(finishing, 10)] == ["done", "done"]
+    row = await pool.fetchrow(
+        "SELECT status, reply_message_id, reply_status FROM processed_webhook_messages"
+        " WHERE message_id = 'wamid.A1'"
+    )
+    assert row is not None and tuple(row) == ("replied", "wamid.OUT-A", "delivered")
+
+
+async def test_a_save_that_waited_for_an_operators_answer_adds_to_the_context_after_it(
+    pool: asyncpg.Pool, two: tuple[Conn, Conn]
+) -> None:
+    holder, batcher = two
+    c = await conversation(pool, "15550000001", "wamid.C1")
+    d = await conversation(pool, "15550000002", "wamid.D1")
+    (tc, ic), (td, id_) = await started(pool, c), await started(pool, d)
+    saver = saves.Saves(pool)
+    try:
+        await saver.save(save(c, tc, ic.message_id, "q0", "a0"))
+    finally:
+        await saver.close()
+    # A person answers the customer meanwhile: the answer is being added to the context.
+    reply_id = await pool.fetchval(
+        operator.Q["store"], "key-1", c, "100", "ada", "a person here", "cor-op"
+    )
+    answer = {"role": "assistant", "content": "a person here", "operator": "ada"}
+    tx = await holding(holder, operator.Q["sent"], reply_id, "wamid.OP", "concierge", answer, 5)
+    saving = asyncio.create_task(
+        batcher.fetch(
+            saves.Q["save_turns"],
+            [save(c, tc, ic.message_id, "q1", "a1"), save(d, td, id_.message_id, "hello")],
+        )
+    )
+    await waiting_for_a_lock(pool, batcher.get_server_pid())
+    await tx.commit()
+    await asyncio.wait_for(saving, 10)
+    context = orjson.loads(await pool.fetchval("SELECT wa_context($1)", c))
+    assert [m["content"] for m in context] == ["q0", "a0", "a person here", "q1", "a1"]
+
+
+@pytest.mark.parametrize("step", ["claims", "final moves"])
+async def test_a_batch_and_a_status_delivery_take_messages_in_one_order(
+    pool: asyncpg.Pool, two: tuple[Conn, Conn], step: str
+) -> None:
+    """The batch waits for B's message, which another transaction holds; meanwhile a status
+    delivery for replies of A and B comes. Each must wait for the other's rows in the same
+    order, or PostgreSQL breaks the cycle by failing one (deadlock_timeout is 1 s)."""
+    holder, batcher = two
+    a = await conversation(pool, "15550000001", "wamid.A1", "wamid.A2")
+    b = await conversation(pool, "15550000002", "wamid.B1")
+    ta, tb = (await started(pool, a))[0], (await started(pool, b))[0]
+    # Replies sent and recorded by the agent, B's and one of A: of the message its claim
+    # resumes, or of the one its next turn starts.
+    answered = "wamid.A1" if step == "claims" else "wamid.A2"
+    await pool.fetch(
+        AGENT_Q["record_unanswered_sends"], [answered, "wamid.B1"], ["wamid.OUT-A", "wamid.OUT-B"]
+    )
+    if step == "claims":
+        # A's holder died mid-turn (its turn is taken over); B was handed to a person.
+        await pool.fetchval(handoff.Q["hand_off"], b, tb, "wamid.B1", "support", "cor")
+        batch = batcher.fetch(
+            "SELECT * FROM wa_claim_turns($1, $2, $3, $4)", [a, b], ["me", "me"], ACTIVE_FROM,
+            IDLE_FROM,
+        )  # fmt: skip
+    else:
+        batch = batcher.fetch(
+            "SELECT * FROM wa_finish_turns($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            ["wamid.A1", "wamid.B1"], [machine.REPLIED] * 2,
+            machine.message_sources(machine.REPLIED), ["replied"] * 2, [ta, tb], ["", ""],
+            [a, b], [True, False], [None, None], IDLE_FROM,
+        )  # fmt: skip
+    tx = await holding(
+        holder, "SELECT 1 FROM processed_webhook_messages WHERE message_id = 'wamid.B1' FOR UPDATE"
+    )
+    batching = asyncio.create_task(batch)
+    await waiting_for_a_lock(pool, batcher.get_server_pid())
+    statuses = [
+        status("wamid.OUT-A", "15550000001", "sent"),
+        status("wamid.OUT-B", "15550000002", "sent"),
+    ]
+    storing = asyncio.create_task(store.ingest(pool, [], statuses, "c", ""))
+    await waiters(pool, 2)
+    await tx.commit()
+    rows = await asyncio.wait_for(batching, 10)
+    await asyncio.wait_for(storing, 10)
+    by_item = {r["ord"]: r for r in rows}
+    if step == "claims":
+        assert (by_item[1]["outcome"], by_item[1]["resumed"]) == ("started", True)
+        assert by_item[2]["outcome"] == "none"  # held for the person
+    else:
+        assert [by_item[n]["finished"] for n in (1, 2)] == ["done", "done"]
+        assert by_item[1]["message_id"] == "wamid.A2"
+
+
+async def test_each_batch_runs_as_its_services_role(pool: asyncpg.Pool, database_url: str) -> None:
+    """Connected as the state and agent services are (db/privileges.sql): a batch refused for
+    want of a right would fall back, item by item, to the single functions, unseen."""
+    urls = await roles.provision(database_url)
+    a = await conversation(pool, "15550000001", "wamid.A1")
+    b = await conversation(pool, "15550000002", "wamid.B1")
+    state = await db.create_pool(urls["state"], min_size=1, max_size=1)
+    agent = await db.create_pool(urls["agent"], min_size=1, max_size=1)
+    try:
+        claimed = await by_item(
+            state, "SELECT * FROM wa_claim_turns($1, $2, $3, $4)", [a, b], ["me", "me"],
+            ACTIVE_FROM, IDLE_FROM,
+        )  # fmt: skip
+        assert [r["outcome"] for r in claimed] == ["started", "started"]
+        tokens = [r["claimed"] for r in claimed]
+        saved = await agent.fetch(
+            saves.Q["save_turns"],
+            [
+                save(c, t, m, "hi")
+                for c, t, m in zip([a, b], tokens, ["wamid.A1", "wamid.B1"], strict=True)
+            ],
+        )
+        assert sorted(r["fence_token"] for r in saved) == sorted(tokens)
+        finished = await by_item(
+            state,
+            "SELECT * FROM wa_finish_turns($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            ["wamid.A1", "wamid.B1"], [machine.REPLIED] * 2,
+            machine.message_sources(machine.REPLIED), ["replied"] * 2, tokens, ["", ""],
+            [a, b], [True, True], ["wamid.OUT-A", "wamid.OUT-B"], IDLE_FROM,
+        )  # fmt: skip
+        assert [(r["finished"], r["released"]) for r in finished] == [("done", True)] * 2
+    finally:
+        await state.close()
+        await agent.close()

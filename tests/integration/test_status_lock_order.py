@@ -24,6 +24,7 @@ from common import sqlfile
 from common.domain import Status
 from services.state import machine, store
 from tests.support.inbound import inbound
+from tests.support.locks import waiters, waiting_for_a_lock
 
 pytestmark = pytest.mark.asyncio
 AGENT_Q = sqlfile.load("services.agent", "queries.sql")
@@ -91,19 +92,6 @@ async def finish_a_then_b(conn: asyncpg.Connection, t: Turns) -> list[asyncpg.Re
     )
 
 
-async def _until(pool: asyncpg.Pool, query: str, *args: object) -> None:
-    """Until `query` answers true (a lock wait PostgreSQL shows; nothing to await instead)."""
-    for _ in range(250):
-        if await pool.fetchval(query, *args):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never true: {query}")
-
-
-async def _waiting_for_a_lock(pool: asyncpg.Pool, pid: int) -> None:
-    await _until(pool, "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid)
-
-
 async def statuses_b_first(pool: asyncpg.Pool) -> int:
     """The replies' `sent` statuses arrive, B's first; how many it stored."""
     statuses = [
@@ -150,7 +138,7 @@ async def test_what_records_replies_being_recorded_waits_for_their_turns_without
         turns.b.message_id,
     )
     finishing = asyncio.create_task(finish_a_then_b(finisher, turns))
-    await _waiting_for_a_lock(pool, finisher.get_server_pid())  # holds A, waits for B
+    await waiting_for_a_lock(pool, finisher.get_server_pid())  # holds A, waits for B
     storing = asyncio.create_task(recording(pool))
     await asyncio.sleep(0.3)
     assert not storing.done()  # it waits for message A, which the batch holds...
@@ -168,16 +156,6 @@ async def test_what_records_replies_being_recorded_waits_for_their_turns_without
         ("wamid.A1", "replied", "wamid.OUT-A", "sent"),
         ("wamid.B1", "replied", "wamid.OUT-B", "sent"),
     ]
-
-
-async def _waiters(pool: asyncpg.Pool, n: int) -> None:
-    """Until `n` backends wait for a lock."""
-    await _until(
-        pool,
-        "SELECT count(*) >= $1 FROM pg_stat_activity"
-        " WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        n,
-    )
 
 
 async def test_a_status_delivered_with_a_message_does_not_hold_the_messages_conversation(
@@ -208,9 +186,9 @@ async def test_a_status_delivered_with_a_message_does_not_hold_the_messages_conv
             "",
         )
     )
-    await _waiters(pool, 1)
+    await waiters(pool, 1)
     finishing = asyncio.create_task(finish_a_then_b(finisher, turns))
-    await _waiting_for_a_lock(pool, finisher.get_server_pid())  # holds A, waits for B
+    await waiting_for_a_lock(pool, finisher.get_server_pid())  # holds A, waits for B
     await hold.rollback()  # the batch stores B2 and goes on
     # Neither is failed as a deadlock's victim (deadlock_timeout is 1 s).
     (new,), _ = await asyncio.wait_for(storing, timeout=10)
