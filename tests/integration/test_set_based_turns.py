@@ -104,7 +104,7 @@ def answered(row: asyncpg.Record | None) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in CLOCKS and k != "ord"}
 
 
-async def by_item(conn: Conn, query: str, *args: Any) -> list[dict[str, Any]]:
+async def by_item(conn: Conn | asyncpg.Pool, query: str, *args: Any) -> list[dict[str, Any]]:
     """A batch function's rows, in its items' order."""
     rows = {r["ord"]: answered(r) for r in await conn.fetch(query, *args)}
     return [rows[n + 1] for n in range(len(rows))]
