@@ -385,6 +385,12 @@ async def test_conversations_are_paged_by_keyset_and_filtered(console: System) -
         rest = set(re.findall(r"\+(155500070\d\d)", second.text))
         assert len(rest) == 5 and not rest & shown
         assert "before=" not in second.text, "the last page links to no further one"
+        assert 'rel="first"' not in first.text
+        newest = re.search(r'href="([^"]*)" rel="first"', second.text)
+        assert newest and newest.group(1) == "/conversations?", "a link back to the newest"
+        filtered = await client.get(older.group(1).replace("&amp;", "&") + "&q=1555")
+        back = re.search(r'href="([^"]*)" rel="first"', filtered.text)
+        assert back and back.group(1) == "/conversations?q=1555", "with the same filters"
         active = await client.get("/conversations", params={"state": "active", "q": "1555"})
         assert "No conversation matches" in active.text  # all replied: idle again
         other = await client.get("/conversations", params={"number": NUMBER_B})
