@@ -607,7 +607,7 @@ BEGIN
         FOR NO KEY UPDATE;
     PERFORM wa_lock_turn_messages(
         ARRAY(SELECT u.cid FROM unnest(p_conversation_ids, p_next) AS u(cid, next)
-               WHERE u.next),
+               WHERE u.next IS NOT FALSE),
         p_message_ids);
 
     -- Each message's move, judged as wa_transition_message judges one: unknown (no such
@@ -672,11 +672,11 @@ BEGIN
            array_agg(j.fence ORDER BY j.n),
            -- The next turns to look for, in the order of their conversations' keys.
            array_agg(j.n::integer ORDER BY w.phone_number_id, w.customer_id, j.cid)
-               FILTER (WHERE j.verdict = 'done' AND j.next),
+               FILTER (WHERE j.verdict = 'done' AND j.next IS NOT FALSE),
            array_agg(j.cid ORDER BY w.phone_number_id, w.customer_id, j.cid)
-               FILTER (WHERE j.verdict = 'done' AND j.next),
+               FILTER (WHERE j.verdict = 'done' AND j.next IS NOT FALSE),
            array_agg(j.token ORDER BY w.phone_number_id, w.customer_id, j.cid)
-               FILTER (WHERE j.verdict = 'done' AND j.next)
+               FILTER (WHERE j.verdict = 'done' AND j.next IS NOT FALSE)
       INTO v_finished, v_from, v_fence, v_items, v_ids, v_tokens
       FROM judged j
       LEFT JOIN webhook_conversations w ON w.id = j.cid;
@@ -2121,9 +2121,13 @@ DECLARE
     v_correlation_id text;
     v_kind text;
 BEGIN
-    IF p_to_state = 'failed' THEN
-        -- Its error_count is written below: the conversation is locked first, in the order
-        -- wa_start_turn takes the two rows, so two holders never wait on each other.
+    IF p_to_state IN ('failed', 'received') THEN
+        -- A failure's error_count is written below; a message made to wait again (a redrive,
+        -- a turn whose agent did not answer) is what a batch of turns locks its conversation
+        -- for before it looks for waiting messages (wa_lock_turn_messages, 0037): whatever makes
+        -- a message wait holds its conversation's row, as the ingest does. The conversation is
+        -- locked first, in the order wa_start_turn takes the two rows, so two holders never
+        -- wait on each other.
         PERFORM 1 FROM webhook_conversations c
           WHERE c.id = (SELECT m.conversation_id FROM processed_webhook_messages m
                          WHERE m.message_id = p_message_id)

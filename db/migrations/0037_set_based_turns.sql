@@ -418,7 +418,7 @@ BEGIN
         FOR NO KEY UPDATE;
     PERFORM wa_lock_turn_messages(
         ARRAY(SELECT u.cid FROM unnest(p_conversation_ids, p_next) AS u(cid, next)
-               WHERE u.next),
+               WHERE u.next IS NOT FALSE),
         p_message_ids);
 
     -- Each message's move, judged as wa_transition_message judges one: unknown (no such
@@ -483,11 +483,11 @@ BEGIN
            array_agg(j.fence ORDER BY j.n),
            -- The next turns to look for, in the order of their conversations' keys.
            array_agg(j.n::integer ORDER BY w.phone_number_id, w.customer_id, j.cid)
-               FILTER (WHERE j.verdict = 'done' AND j.next),
+               FILTER (WHERE j.verdict = 'done' AND j.next IS NOT FALSE),
            array_agg(j.cid ORDER BY w.phone_number_id, w.customer_id, j.cid)
-               FILTER (WHERE j.verdict = 'done' AND j.next),
+               FILTER (WHERE j.verdict = 'done' AND j.next IS NOT FALSE),
            array_agg(j.token ORDER BY w.phone_number_id, w.customer_id, j.cid)
-               FILTER (WHERE j.verdict = 'done' AND j.next)
+               FILTER (WHERE j.verdict = 'done' AND j.next IS NOT FALSE)
       INTO v_finished, v_from, v_fence, v_items, v_ids, v_tokens
       FROM judged j
       LEFT JOIN webhook_conversations w ON w.id = j.cid;
@@ -692,5 +692,98 @@ BEGIN
     SELECT g.n::integer, v_fences[g.n]
       FROM given g
      ORDER BY g.n;
+END
+$$;
+
+-- Only a statement that holds a conversation's row may make one of its messages wait: the
+-- batches lock every message they may start while holding the conversation (above), and a
+-- message made to wait meanwhile by a redrive, which locked the conversation only to fail a
+-- message, was started unlocked, with a context read before the lock's wait. Unchanged but for
+-- the lock; the plan setting of 0032 repeated (CREATE OR REPLACE drops it).
+CREATE OR REPLACE FUNCTION wa_transition_message(
+    p_message_id text,
+    p_to_state text,
+    p_from text[],
+    p_reason text,
+    p_token bigint,
+    p_correlation_id text,
+    p_reply_message_id text DEFAULT NULL::text,
+    OUT outcome text,
+    OUT from_state text,
+    OUT fence_token bigint
+) RETURNS record
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+DECLARE
+    v_id bigint;
+    v_conversation_id bigint;
+    v_correlation_id text;
+    v_kind text;
+BEGIN
+    IF p_to_state IN ('failed', 'received') THEN
+        -- A failure's error_count is written below; a message made to wait again (a redrive,
+        -- a turn whose agent did not answer) is what a batch of turns locks its conversation
+        -- for before it looks for waiting messages (wa_lock_turn_messages, 0037): whatever makes
+        -- a message wait holds its conversation's row, as the ingest does. The conversation is
+        -- locked first, in the order wa_start_turn takes the two rows, so two holders never
+        -- wait on each other.
+        PERFORM 1 FROM webhook_conversations c
+          WHERE c.id = (SELECT m.conversation_id FROM processed_webhook_messages m
+                         WHERE m.message_id = p_message_id)
+            FOR NO KEY UPDATE;
+    END IF;
+    -- By its unique key alone: with `kind = 'message'` in the condition, a plan made while the
+    -- table is small may read the whole partial index on kind instead (same estimated cost),
+    -- and that plan is kept. The message_id is unique across kinds, so this reads one row.
+    SELECT m.id, m.status, m.conversation_id, c.fence_token, m.kind
+      INTO v_id, from_state, v_conversation_id, fence_token, v_kind
+      FROM processed_webhook_messages m
+      LEFT JOIN webhook_conversations c ON c.id = m.conversation_id
+     WHERE m.message_id = p_message_id
+       FOR UPDATE OF m;
+    IF NOT FOUND OR v_kind <> 'message' THEN
+        outcome := 'unknown';
+        RETURN;
+    END IF;
+    IF p_token IS NOT NULL AND fence_token IS DISTINCT FROM p_token THEN
+        outcome := 'stale';
+        RETURN;
+    END IF;
+    IF NOT (from_state = ANY (p_from)) THEN
+        outcome := 'illegal';
+        RETURN;
+    END IF;
+
+    UPDATE processed_webhook_messages m
+       SET status = p_to_state,
+           status_reason = NULLIF(p_reason, ''),
+           attempts = m.attempts + CASE WHEN p_to_state = 'processing' THEN 1 ELSE 0 END,
+           started_at = CASE WHEN p_to_state = 'processing' THEN now() ELSE m.started_at END,
+           finished_at = CASE WHEN p_to_state IN ('replied', 'skipped', 'failed',
+                                                  'dead_lettered')
+                              THEN now() ELSE m.finished_at END,
+           reply_message_id = COALESCE(p_reply_message_id, m.reply_message_id),
+           -- A status that arrived before the send was recorded still counts.
+           reply_status = CASE
+               WHEN p_reply_message_id IS NULL THEN m.reply_status
+               ELSE (SELECT seen FROM wa_reply_status_seen(p_reply_message_id) seen)
+           END,
+           updated_at = now()
+     WHERE m.id = v_id
+    RETURNING m.correlation_id INTO v_correlation_id;
+
+    -- Only on failure, so the happy path costs nothing more.
+    IF p_to_state = 'failed' AND v_conversation_id IS NOT NULL THEN
+        UPDATE webhook_conversations c
+           SET error_count = c.error_count + 1, updated_at = now()
+         WHERE c.id = v_conversation_id;
+    END IF;
+
+    INSERT INTO conversation_state_transitions
+        (conversation_id, message_id, entity, from_state, to_state, reason, fence_token,
+         correlation_id)
+    VALUES (v_conversation_id, p_message_id, 'message', from_state, p_to_state, p_reason,
+            p_token, COALESCE(NULLIF(p_correlation_id, ''), v_correlation_id));
+    outcome := 'done';
 END
 $$;

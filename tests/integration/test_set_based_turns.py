@@ -555,3 +555,42 @@ async def test_each_batch_runs_as_its_services_role(pool: asyncpg.Pool, database
     finally:
         await state.close()
         await agent.close()
+
+
+async def test_a_redrive_waits_for_the_batch_that_holds_its_conversation(
+    pool: asyncpg.Pool, two: tuple[Conn, Conn]
+) -> None:
+    """A message made to wait again (a redrive) while a batch of claims holds its conversation
+    waits for the batch: the batch starts what waited when it looked, with its locks taken
+    first, and the redriven message is the next turn's."""
+    holder, batcher = two
+    c = await conversation(pool, "15550000001", "wamid.M1")
+    token, item = await started(pool, c)
+    await store.finish_turn(
+        pool, item, machine.FAILED, "gave up", token, start_next=True, release=True
+    )
+    await conversation(pool, "15550000001", "wamid.M2")
+    # M2's row is held elsewhere (a status webhook being stored), so the claim waits for it,
+    # holding the conversation.
+    tx = await holding(
+        holder, "SELECT 1 FROM processed_webhook_messages WHERE message_id = 'wamid.M2' FOR UPDATE"
+    )
+    claiming = asyncio.create_task(
+        batcher.fetch(
+            "SELECT * FROM wa_claim_turns($1, $2, $3, $4)", [c], ["me"], ACTIVE_FROM, IDLE_FROM
+        )
+    )
+    await waiting_for_a_lock(pool, batcher.get_server_pid())
+    redriving = asyncio.create_task(
+        store.transition(pool, "wamid.M1", machine.RECEIVED, "redriven", sources=store.REDRIVABLE)
+    )
+    await waiters(pool, 2)
+    assert not redriving.done()
+    await tx.commit()
+    (claimed,) = await asyncio.wait_for(claiming, 10)
+    assert (claimed["outcome"], claimed["message_id"]) == ("started", "wamid.M2")
+    assert await asyncio.wait_for(redriving, 10) == machine.FAILED
+    waiting = await pool.fetch(
+        "SELECT message_id, status FROM processed_webhook_messages ORDER BY id"
+    )
+    assert [tuple(r) for r in waiting] == [("wamid.M1", "received"), ("wamid.M2", "processing")]
