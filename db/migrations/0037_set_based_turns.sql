@@ -1,14 +1,14 @@
--- A batch of turns' claims, and of their final moves, in a few statements for the whole batch
--- instead of a few for each turn (issue 16: PostgreSQL's CPU per message).
+-- A batch of turns' claims, saves and final moves, each in a few statements for the whole
+-- batch instead of a few for each turn (issue 16: PostgreSQL's CPU per message).
 --
--- Since 0022 wa_claim_turns and wa_finish_turns ran their single functions once per item: a
+-- Since 0022 (0023 for the saves) the batch functions ran their single ones once per item: a
 -- burst's batch of 16 turns ran about a hundred statements (the claim, the turn's start and its
 -- five statements, the release), each paying PostgreSQL's executor start and end, for a few
 -- index probes of row work each. `bench.turn_sql --together 16` put a claim at 391 µs and a
 -- finish at 399 µs of backend CPU a message, against 158 µs for the ingest, which is one
 -- statement for the whole batch. Each step is now one statement over the batch: the claims'
 -- updates, the messages' moves, the next turns' starts (with the releases of conversations
--- where none waits).
+-- where none waits), the saves' contexts and then the rest of the saves.
 --
 -- What stays the same: each item's outcome, fences, audit rows and returned row are what its
 -- single function gives (wa_claim_turn, wa_finish_turn, wa_start_turn), tested item by item in
