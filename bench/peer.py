@@ -466,11 +466,11 @@ def main() -> None:
                             s, args.per, args.settle, args.rate, args.statuses, args.rows
                         )
                     else:
-                        peer = PEERS[name]
+                        peer, label = PEERS[name], name
                         if args.typing:
-                            name, peer = f"{name}+typing", dataclasses.replace(peer, typing=True)
+                            peer, label = dataclasses.replace(peer, typing=True), f"{name}+typing"
                         run = await run_peer(
-                            name,
+                            label,
                             peer,
                             args.per,
                             args.settle,
@@ -480,7 +480,7 @@ def main() -> None:
                             args.statuses,
                         )
                     print(line(run), flush=True)
-                    results.setdefault(name, []).append(run)
+                    results.setdefault(run.name, []).append(run)
 
     asyncio.run(go())
     print()

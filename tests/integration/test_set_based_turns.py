@@ -20,7 +20,6 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from asyncpg.transaction import Transaction
 
 from common import db, roles, sqlfile
 from common.db import Conn
@@ -28,7 +27,7 @@ from common.domain import Status
 from services.agent import operator, saves
 from services.state import handoff, machine, store
 from tests.support.inbound import inbound
-from tests.support.locks import waiters, waiting_for_a_lock
+from tests.support.locks import holding, waiters, waiting_for_a_lock
 
 ACTIVE_FROM = machine.conversation_sources(machine.ACTIVE)
 IDLE_FROM = machine.conversation_sources(machine.IDLE)
@@ -389,14 +388,6 @@ async def two(database_url: str) -> AsyncIterator[tuple[Conn, Conn]]:
 
 def status(outbound_id: str, wa_id: str, state: str, callback: str = "") -> Status:
     return Status(outbound_id, "100", wa_id, state, int(time.time()), "{}", callback_data=callback)
-
-
-async def holding(conn: Conn, query: str, *args: Any) -> Transaction:
-    """`query` run in a transaction left open."""
-    tx = conn.transaction()
-    await tx.start()
-    await conn.execute(query, *args)
-    return tx
 
 
 async def test_a_final_move_that_waited_for_a_status_keeps_what_the_status_stored(

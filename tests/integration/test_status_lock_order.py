@@ -24,7 +24,7 @@ from common import sqlfile
 from common.domain import Status
 from services.state import machine, store
 from tests.support.inbound import inbound
-from tests.support.locks import waiters, waiting_for_a_lock
+from tests.support.locks import holding, waiters, waiting_for_a_lock
 
 pytestmark = pytest.mark.asyncio
 AGENT_Q = sqlfile.load("services.agent", "queries.sql")
@@ -131,9 +131,8 @@ async def test_what_records_replies_being_recorded_waits_for_their_turns_without
     # Message B's row is held elsewhere (as by another status of B's reply being stored), so
     # the batch stops between A's message and B's. (It takes both conversations' rows first,
     # db/migrations/0037, then the messages in the same order.)
-    hold = blocker.transaction()
-    await hold.start()
-    await blocker.execute(
+    hold = await holding(
+        blocker,
         "SELECT 1 FROM processed_webhook_messages WHERE message_id = $1 FOR NO KEY UPDATE",
         turns.b.message_id,
     )
@@ -168,14 +167,13 @@ async def test_a_status_delivered_with_a_message_does_not_hold_the_messages_conv
     turns = await two_turns(pool)
     # Another delivery of B's new message is being stored, not yet committed: the batch
     # below stores it after B's conversation row (which it updates) and waits here.
-    hold = blocker.transaction()
-    await hold.start()
-    await blocker.execute(
+    hold = await holding(
+        blocker,
         """INSERT INTO processed_webhook_messages
                (message_id, kind, phone_number_id, wa_id, message_type, wa_timestamp,
                 payload, status, correlation_id)
            VALUES ('wamid.B2', 'message', '100', '15550000002', 'text', now(), '{}',
-                   'skipped', 'blocker')"""
+                   'skipped', 'blocker')""",
     )
     storing = asyncio.create_task(
         store.ingest(

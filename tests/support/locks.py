@@ -4,8 +4,12 @@ else to await when a statement is meant to block behind another transaction."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
+from asyncpg.transaction import Transaction
+
+from common.db import Conn
 
 
 async def until(pool: asyncpg.Pool, query: str, *args: object) -> None:
@@ -30,3 +34,11 @@ async def waiters(pool: asyncpg.Pool, n: int) -> None:
         " WHERE datname = current_database() AND wait_event_type = 'Lock'",
         n,
     )
+
+
+async def holding(conn: Conn, query: str, *args: Any) -> Transaction:
+    """`query` run in a transaction left open: its rows stay locked until the test ends it."""
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute(query, *args)
+    return tx
