@@ -143,3 +143,73 @@ async def test_a_call_running_alone_is_cancelled_with_its_caller_and_frees_its_p
     run.delay = 0
     assert await c.submit(4) == 40  # runs at once: the cancelled call left no batch behind
     assert run.batches == [[2], [4]]
+
+
+class Timed:
+    """A run whose batches take `slow` seconds when they hold `slow_arg`, else `fast`; it
+    records each batch and how many ran at once when it started."""
+
+    def __init__(self, *, fast: float = 0.01, slow: float = 1.0, slow_arg: int = -1) -> None:
+        self.fast, self.slow, self.slow_arg = fast, slow, slow_arg
+        self.batches: list[list[int]] = []
+        self.running = 0
+        self.started: list[tuple[float, int]] = []  # (loop time, batches running then)
+
+    async def __call__(self, args: list[int]) -> Sequence[int | BaseException]:
+        self.batches.append(list(args))
+        self.running += 1
+        self.started.append((asyncio.get_running_loop().time(), self.running))
+        try:
+            await asyncio.sleep(self.slow if self.slow_arg in args else self.fast)
+        finally:
+            self.running -= 1
+        return args
+
+
+async def test_calls_made_while_a_batch_runs_wait_for_it_though_another_may_run() -> None:
+    run = Timed(fast=0.01)
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=2, stall_seconds=0.2)
+    assert list(await asyncio.gather(*(c.submit(a) for a in range(10)))) == list(range(10))
+    # Not [[0], [1], [2..9]]: a second batch beside the first would halve every batch of a
+    # burst.
+    assert run.batches == [[0], list(range(1, 10))]
+    assert max(n for _, n in run.started) == 1
+
+
+async def test_calls_behind_a_stalled_batch_go_in_another_without_waiting_for_it() -> None:
+    run = Timed(fast=0.01, slow=5.0, slow_arg=0)
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=2, stall_seconds=0.05)
+    stuck = asyncio.create_task(c.submit(0))
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    assert await asyncio.wait_for(c.submit(1), 2.0) == 1
+    assert loop.time() - asked >= 0.05  # it waited for the stall, not less
+    assert not stuck.done()
+    # Both places taken: a third waits for one of them.
+    third = asyncio.create_task(c.submit(2))
+    assert await asyncio.wait_for(third, 2.0) == 2
+    stuck.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stuck
+
+
+async def test_once_a_stalled_batch_ends_the_calls_go_one_batch_at_a_time_again() -> None:
+    # A fast batch is far from stalling, even on a busy machine.
+    run = Timed(fast=0.01, slow=0.8, slow_arg=100)
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=2, stall_seconds=0.2)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    first = asyncio.create_task(c.submit(1))  # alone
+    await asyncio.sleep(0)
+    slow = asyncio.create_task(c.submit(100))  # the next batch, which stalls
+    calls = [first, slow]
+    while loop.time() - began < 1.3:
+        calls.append(asyncio.create_task(c.submit(2)))
+        await asyncio.sleep(0.005)
+    await asyncio.gather(*calls)
+    slow_ended = began + 0.01 + 0.8
+    assert any(n == 2 for _, n in run.started), "a batch beside the stalled one"
+    # After the slow batch ended, one batch at a time (with some leeway for the clock).
+    after = [n for t, n in run.started if t > slow_ended + 0.05]
+    assert after and max(after) == 1
