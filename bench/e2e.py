@@ -225,6 +225,42 @@ async def _ingest_batches(client: httpx.AsyncClient, system: System) -> tuple[fl
     return found["count"], found["sum"]
 
 
+async def _batches(client: httpx.AsyncClient, system: System) -> dict[tuple[str, str], list[float]]:
+    """Each process's coalesced batches so far (common/coalesce.py's histogram on its
+    /metrics): (process, operation) -> [batches, calls]."""
+    found: dict[tuple[str, str], list[float]] = {}
+    for replica in system.scale.all():
+        if replica.metrics_port is None or replica.service not in ("state", "agent"):
+            continue
+        url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
+        for line in (await client.get(url)).text.splitlines():
+            for i, part in enumerate(("count", "sum")):
+                head = f'wa_coalesced_batch_size_{part}{{operation="'
+                if line.startswith(head):
+                    operation = line[len(head) :].split('"', 1)[0]
+                    found.setdefault((replica.name, operation), [0.0, 0.0])[i] = float(
+                        line.split()[-1]
+                    )
+    return found
+
+
+def _report_batches(
+    before: dict[tuple[str, str], list[float]],
+    after: dict[tuple[str, str], list[float]],
+    total: int,
+) -> None:
+    """Calls a batch and batches a message, by operation and process: what each replica
+    groups depends on what it sees."""
+    parts: list[str] = []
+    for (name, operation), (batches, calls) in sorted(after.items(), key=lambda kv: kv[0][::-1]):
+        was = before.get((name, operation), [0.0, 0.0])
+        n, c = batches - was[0], calls - was[1]
+        if n:
+            parts.append(f"{operation} {name} {c / n:.1f} ({n / total:.2f})")
+    if parts:
+        print("  calls a batch (batches a message): " + ", ".join(parts))
+
+
 async def _statements_reset(system: System) -> None:
     db = await system.db()
     await db.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -338,6 +374,7 @@ async def run(
         if statements:
             await _statements_reset(system)
         batches_before = await _ingest_batches(client, system)
+        coalesced_before = await _batches(client, system)
         if statuses:
             target = {"url": f"{system.url}/webhook", "secret": SECRET}
             await client.post(f"{graph_url}/statuses", json=target)
@@ -355,6 +392,7 @@ async def run(
         cpu_after = _cpu(s, system)
         wal = await _wal_since(system, wal_before)
         batches_after = await _ingest_batches(client, system)
+        coalesced_after = await _batches(client, system)
         sent = counts["sent"] - before["sent"]
         worst, p99 = await _latency(system)
         backends = await _backends(system)
@@ -379,6 +417,7 @@ async def run(
         if calls:
             per_call = (batches_after[1] - batches_before[1]) / calls
             print(f"  deliveries per IngestBatch call: {per_call:.1f} ({calls:.0f} calls)")
+        _report_batches(coalesced_before, coalesced_after, total)
         ms = _report_cpu(cpu.per_message(cpu_before, cpu_after, total), system)
         print(f"  WAL per message: {wal / total / 1024:.1f} kB")
         if statements:
