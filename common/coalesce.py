@@ -74,6 +74,7 @@ class Coalescer(Generic[A, R]):
         self._in_flight = 0  # batches running: callers' own and our tasks
         self._starts: list[float] = []  # of the batches running, by the loop's clock
         self._timer: asyncio.TimerHandle | None = None  # when the latest batch counts as stalled
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._size = BATCH_SIZE.labels(name)
 
     async def submit(self, arg: A) -> R:
@@ -97,15 +98,17 @@ class Coalescer(Generic[A, R]):
     def _stalled(self) -> bool:
         """Whether every batch running has run for `stall_seconds` at least."""
         return not self._starts or (
-            asyncio.get_running_loop().time() - max(self._starts) >= self.stall_seconds
+            asyncio.get_running_loop().time() - self._starts[-1] >= self.stall_seconds
         )
 
     def _arm(self) -> None:
         """Calls wait behind a running batch: look again when it would count as stalled."""
-        if self._queue and self._starts and self._timer is None:
-            if self._in_flight < self.max_in_flight:
-                loop = asyncio.get_running_loop()
-                self._timer = loop.call_at(max(self._starts) + self.stall_seconds, self._stall)
+        if self._queue and self._starts and self._in_flight < self.max_in_flight:
+            loop = asyncio.get_running_loop()
+            if self._timer is not None and self._timer_loop is loop:
+                return
+            self._timer_loop = loop
+            self._timer = loop.call_at(self._starts[-1] + self.stall_seconds, self._stall)
 
     def _stall(self) -> None:
         self._timer = None
@@ -115,6 +118,8 @@ class Coalescer(Generic[A, R]):
         self._size.observe(len(args))
         start = asyncio.get_running_loop().time()
         self._starts.append(start)
+        if self._queue:  # (never on the alone path) what this batch left: relief when it stalls
+            self._arm()
         try:
             outcomes = await self._run(args)
         finally:
@@ -128,6 +133,8 @@ class Coalescer(Generic[A, R]):
         if the latest has stalled and another may start."""
         if not self._queue or self._in_flight >= self.max_in_flight:
             return
+        if self._in_flight > len(self._starts):
+            return  # a drain of ours has not started yet: it takes the queue
         if self._in_flight and not self._stalled():
             self._arm()
             return
@@ -154,29 +161,37 @@ class Coalescer(Generic[A, R]):
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
-                    continue
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    if future.done():
-                        continue  # its caller stopped waiting
-                    if isinstance(outcome, BaseException):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
-                if not self._stalled():
+                else:
+                    for (_, future), outcome in zip(batch, outcomes, strict=True):
+                        if future.done():
+                            continue  # its caller stopped waiting
+                        if isinstance(outcome, BaseException):
+                            future.set_exception(outcome)
+                        else:
+                            future.set_result(outcome)
+                if self._in_flight - 1 > len(self._starts) or not self._stalled():
                     # Another batch runs (started while this one stalled, or the other way
                     # round) and has not stalled itself: what queues waits for it, one batch
                     # at a time again.
                     break
         finally:
             self._in_flight -= 1
-            self._more()
+            # (A drain closed after its loop ended, at shutdown, has no loop to start one on.)
+            with contextlib.suppress(RuntimeError):
+                self._more()
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Waits (at most `timeout` seconds) for the queued batches in flight; new calls still
-        run. (A call running alone is its caller's to wait for.)"""
-        if self._timer is not None:
+        """Waits (at most `timeout` seconds) until no call is queued and no batch of ours
+        runs; new calls still run. (A call running alone is its caller's to wait for.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # A drain may leave the queue to a batch started after this began (`break`), or to a
+        # call running alone whose end starts the next drain: wait for those too.
+        while (self._tasks or self._queue) and loop.time() < deadline:
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+            else:
+                await asyncio.sleep(0.005)
+        if self._timer is not None and not self._queue:
             self._timer.cancel()
             self._timer = None
-        if self._tasks:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait(set(self._tasks), timeout=timeout)

@@ -213,3 +213,122 @@ async def test_once_a_stalled_batch_ends_the_calls_go_one_batch_at_a_time_again(
     # After the slow batch ended, one batch at a time (with some leeway for the clock).
     after = [n for t, n in run.started if t > slow_ended + 0.05]
     assert after and max(after) == 1
+
+
+class Checked:
+    """A run that records each batch and checks, as each starts, that every batch already
+    running has run `stall` seconds at least (one batch at a time, but for a stall)."""
+
+    def __init__(
+        self, stall: float, durations: dict[int, float], fail: frozenset[int] = frozenset()
+    ) -> None:
+        self.stall, self.durations, self.fail = stall, durations, fail
+        self.running: list[float] = []
+        self.batches: list[list[int]] = []
+        self.beside_fresh: list[list[int]] = []  # batches started beside one not stalled
+
+    async def __call__(self, args: list[int]) -> Sequence[int | BaseException]:
+        now = asyncio.get_running_loop().time()
+        if any(now - started < self.stall - 0.02 for started in self.running):
+            self.beside_fresh.append(list(args))
+        self.batches.append(list(args))
+        self.running.append(now)
+        try:
+            await asyncio.sleep(self.durations.get(args[0], 0.01))
+        finally:
+            self.running.remove(now)
+        if args[0] in self.fail:
+            raise ConnectionError("the batch failed")
+        return args
+
+
+async def test_a_drain_about_to_start_is_not_taken_for_a_stalled_batch() -> None:
+    run = Checked(stall=10.0, durations={})
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=2, stall_seconds=10.0)
+
+    async def caller() -> None:
+        await c.submit(0)  # alone; its end starts a drain for 1, which has not run yet
+        other = asyncio.create_task(c.submit(2))
+        await c.submit(3)  # made before that drain runs: it must not start another
+        await other
+
+    first = asyncio.create_task(caller())
+    await asyncio.sleep(0)
+    await asyncio.gather(first, c.submit(1))
+    assert run.beside_fresh == [], run.batches
+
+
+async def test_after_a_failed_batch_the_next_still_waits_for_the_one_running() -> None:
+    # 0 runs alone; 1 goes beside it once it stalls, and fails; 2 goes when 0 ends (1 has
+    # stalled by then); 3 comes while 1 and 2 run, and must wait for 2 to stall, not go as
+    # soon as the failed 1 ends.
+    run = Checked(stall=0.2, durations={0: 0.7, 1: 0.6, 2: 0.6, 3: 0.1}, fail=frozenset({1}))
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=2, stall_seconds=0.2)
+
+    async def at(delay: float, arg: int) -> int | BaseException:
+        await asyncio.sleep(delay)
+        try:
+            return await c.submit(arg)
+        except ConnectionError as exc:
+            return exc
+
+    outcomes = await asyncio.gather(at(0, 0), at(0.02, 1), at(0.4, 2), at(0.74, 3))
+    assert isinstance(outcomes[1], ConnectionError) and list(outcomes[::2]) == [0, 2]
+    assert outcomes[3] == 3
+    assert run.beside_fresh == [], run.batches
+
+
+async def test_close_waits_for_every_queued_call_even_those_a_drain_left_to_another() -> None:
+    run = Checked(stall=0.2, durations={0: 0.7, 1: 0.6, 2: 0.6, 3: 0.1})
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=2, stall_seconds=0.2)
+
+    async def at(delay: float, arg: int) -> int:
+        await asyncio.sleep(delay)
+        return await c.submit(arg)
+
+    calls = [asyncio.create_task(at(d, a)) for d, a in [(0, 0), (0.02, 1), (0.4, 2), (0.74, 3)]]
+    await asyncio.sleep(0.6)
+    await c.close()
+    assert [t.done() for t in calls[1:]] == [True, True, True]
+    assert [t.result() for t in calls[1:]] == [1, 2, 3]
+    await calls[0]
+
+
+async def test_a_coalescer_used_on_a_second_event_loop_still_relieves_a_stalled_batch() -> None:
+    # (Loops of their own, in a thread: this test's loop runs the thread.)
+    await asyncio.to_thread(_two_loops)
+
+
+def _two_loops() -> None:
+    durations = {0: 0.5}
+
+    async def run(args: list[int]) -> Sequence[int | BaseException]:
+        await asyncio.sleep(durations.get(args[0], 0.01))
+        return args
+
+    c: Coalescer[int, int] = Coalescer("t", run, max_in_flight=2, stall_seconds=0.05)
+
+    async def stall_then_leave() -> None:
+        # A call queued behind a stalled batch arms a timer; the loop ends before it fires.
+        slow = asyncio.create_task(c.submit(0))
+        await asyncio.sleep(0)
+        queued = asyncio.create_task(c.submit(1))
+        await asyncio.sleep(0.01)
+        slow.cancel()
+        queued.cancel()
+        await asyncio.gather(slow, queued, return_exceptions=True)
+
+    asyncio.run(stall_then_leave())
+
+    async def again() -> float:
+        c._queue.clear()  # what the first loop left queued went with it
+        slow = asyncio.create_task(c.submit(0))
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        assert await asyncio.wait_for(c.submit(1), 2.0) == 1
+        waited = loop.time() - asked
+        await slow
+        return waited
+
+    assert asyncio.run(again()) < 0.4  # the stall's relief, not the slow batch's end
