@@ -63,6 +63,8 @@ from typing import Any
 
 import httpx
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from cli.simulate import text_delivery, username_bsuid
 from devtools.system import SECRET, System
@@ -213,16 +215,24 @@ async def _backends(system: System) -> str:
     return f"{sum(r['n'] for r in rows)} ({parts})"
 
 
+async def _samples(client: httpx.AsyncClient, url: str) -> list[Sample]:
+    """Every sample a process's /metrics shows, read as a Prometheus scraper reads them."""
+    text = (await client.get(url)).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
 async def _ingest_batches(client: httpx.AsyncClient, system: System) -> tuple[float, float]:
     """The gateway's IngestBatch calls so far and the deliveries they carried (its /metrics;
     with gateway replicas, the one that answered)."""
-    text = (await client.get(f"{system.url}/metrics")).text
-    found = dict.fromkeys(("count", "sum"), 0.0)
-    for line in text.splitlines():
-        for part in found:
-            if line.startswith(f"wa_gateway_ingest_batch_size_{part} "):
-                found[part] = float(line.split()[1])
-    return found["count"], found["sum"]
+    found = {s.name: s.value for s in await _samples(client, f"{system.url}/metrics")}
+    return (
+        found.get("wa_gateway_ingest_batch_size_count", 0.0),
+        found.get("wa_gateway_ingest_batch_size_sum", 0.0),
+    )
+
+
+# The coalescers' histogram (common/coalesce.py): batches, and the calls they carried.
+_COALESCED = {"wa_coalesced_batch_size_count": 0, "wa_coalesced_batch_size_sum": 1}
 
 
 async def _batches(client: httpx.AsyncClient, system: System) -> dict[tuple[str, str], list[float]]:
@@ -233,14 +243,11 @@ async def _batches(client: httpx.AsyncClient, system: System) -> dict[tuple[str,
         if replica.metrics_port is None or replica.service not in ("state", "agent"):
             continue
         url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
-        for line in (await client.get(url)).text.splitlines():
-            for i, part in enumerate(("count", "sum")):
-                head = f'wa_coalesced_batch_size_{part}{{operation="'
-                if line.startswith(head):
-                    operation = line[len(head) :].split('"', 1)[0]
-                    found.setdefault((replica.name, operation), [0.0, 0.0])[i] = float(
-                        line.split()[-1]
-                    )
+        for sample in await _samples(client, url):
+            i = _COALESCED.get(sample.name)
+            if i is not None:
+                key = (replica.name, sample.labels["operation"])
+                found.setdefault(key, [0.0, 0.0])[i] = sample.value
     return found
 
 
