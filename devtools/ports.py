@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import socket
@@ -29,31 +30,66 @@ def _ephemeral_floor() -> int:
         return 32768
 
 
-def _claim(port: int) -> bool:
+def _claimer_gone(path: Path) -> bool:
+    """Whether the process that claimed this port has exited."""
+    try:
+        pid = int(path.read_text() or "0")
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's
+    return False
+
+
+def _claim(port: int, *, reclaim_from_exited: bool = False) -> bool:
     """Whether no other process handed this port out in the last _CLAIM_SECONDS; if so, it is
-    this process's now. Only an exclusive create claims, so two processes cannot both win; an
-    old claim is removed for a later call to take."""
+    this process's now. Only an exclusive create claims, so two processes cannot both win. An
+    old claim is removed for a later call to take; with `reclaim_from_exited`, one whose process
+    has exited is taken over at once (a preferred port: `make run` again gets it)."""
     path = _CLAIMS / str(port)
     try:
         _CLAIMS.mkdir(exist_ok=True)
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        return True
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
-        try:
-            if time.time() - path.stat().st_mtime > _CLAIM_SECONDS:
-                path.unlink()
-        except OSError:
-            pass
-        return False
+        return _reclaim(path, exited_too=reclaim_from_exited) and _claim(port)
     except OSError:
         return True  # no shared directory to claim in: this process's own set still holds
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def _reclaim(path: Path, *, exited_too: bool) -> bool:
+    """Removes a claim that is old (or, `exited_too`, whose process has exited); whether it
+    did. Under a lock, so two processes that both found it so cannot remove each other's new
+    claim."""
+    try:
+        with open(_CLAIMS / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = time.time() - path.stat().st_mtime > _CLAIM_SECONDS
+            if old or (exited_too and _claimer_gone(path)):
+                path.unlink()
+                return True
+    except OSError:
+        pass
+    return False
 
 
 def free_port(preferred: int = 0) -> int:
-    """`preferred` when it is free on 127.0.0.1, else a free port below the kernel's range for
-    outgoing connections. A port from that range (what binding to port 0 gives) can be taken
-    by any outgoing connection (to PostgreSQL, Redis, ...) between this call and the server's
-    bind; one below it can only be taken by another listener."""
+    """`preferred` when it is free on 127.0.0.1 and no live process claimed it, else a free
+    port below the kernel's range for outgoing connections. A port from that range (what
+    binding to port 0 gives) can be taken by any outgoing connection (to PostgreSQL, Redis, ...)
+    between this call and the server's bind; one below it can only be taken by another
+    listener. (Two `make run`s starting at once both found 16379 free for their Valkey before
+    either bound it, when a preferred port was not claimed: the second's Valkey never started.)"""
     candidates = [preferred] if preferred else []
     floor = _ephemeral_floor()
     if floor > _LOWEST_PORT + 100:
@@ -68,8 +104,8 @@ def free_port(preferred: int = 0) -> int:
             except OSError:
                 continue
             port = int(s.getsockname()[1])
-        # (A port asked for by number is the caller's choice: `make run` again takes it again.)
-        if port in _handed_out or (port != preferred and not _claim(port)):
+        # A port asked for by number is taken again by the next `make run` once the last exited.
+        if port in _handed_out or not _claim(port, reclaim_from_exited=port == preferred):
             continue
         _handed_out.add(port)
         return port

@@ -23,16 +23,20 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _wait_ready(url: str, timeout: float = 60) -> None:
+def _wait_ready(make_run: tuple[subprocess.Popen[bytes], str, Path], timeout: float = 90) -> None:
+    """Until the gateway is ready; else fails with the end of what `make run` printed (and as
+    soon as it has exited), so a failure in CI says why."""
+    proc, url, log = make_run
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{url}/readyz", timeout=3).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise TimeoutError("make run did not become ready")
+    state = "did not become ready" if proc.poll() is None else f"exited with {proc.returncode}"
+    raise TimeoutError(f"make run {state}:\n{log.read_text(errors='replace')[-4000:]}")
 
 
 def _service_pid(root: psutil.Process, module: str) -> int | None:
@@ -88,7 +92,7 @@ def make_run(
 def test_make_run_serves_and_sigterm_leaves_nothing_behind(make_run: tuple) -> None:  # type: ignore[type-arg]
     proc, url, log = make_run
     run_dir = log.parent / "run"
-    _wait_ready(url)
+    _wait_ready(make_run)
     root = psutil.Process(proc.pid)
     family = [p.pid for p in root.children(recursive=True)]
     names = " ".join(" ".join(psutil.Process(p).cmdline()) for p in family)
@@ -198,7 +202,7 @@ def _services(root: psutil.Process) -> dict[str, int]:
 @pytest.mark.parametrize("make_run", [{"WA_SCALE": "agent=2,state=2,gateway=2"}], indirect=True)
 def test_make_run_with_wa_scale_runs_prints_and_restarts_each_replica(make_run: tuple) -> None:  # type: ignore[type-arg]
     proc, url, log = make_run
-    _wait_ready(url)
+    _wait_ready(make_run)
     root = psutil.Process(proc.pid)
     expected = {
         "services.state": 2,
@@ -257,7 +261,7 @@ def test_ctrl_c_stops_everything_in_order_and_restarts_nothing(make_run: tuple) 
     `make run`: the database and Redis must not stop (and be restarted by the supervisor,
     which had not yet heard it was stopping) while the services still use them."""
     proc, url, log = make_run
-    _wait_ready(url)
+    _wait_ready(make_run)
     root = psutil.Process(proc.pid)
     body, headers = payloads.sign(payloads.text_delivery("hello"), "dev-app-secret-change-me")
     assert httpx.post(f"{url}/webhook", content=body, headers=headers).status_code == 200
@@ -279,8 +283,8 @@ def test_ctrl_c_stops_everything_in_order_and_restarts_nothing(make_run: tuple) 
 def test_sigint_to_make_alone_stops_everything(make_run: tuple) -> None:  # type: ignore[type-arg]
     """GNU make passes SIGTERM on to its children but not SIGINT, expecting the terminal to
     have sent it to every process: a SIGINT to `make run`'s pid alone must stop it all too."""
-    proc, url, log = make_run
-    _wait_ready(url)
+    proc, _url, log = make_run
+    _wait_ready(make_run)
     family = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)

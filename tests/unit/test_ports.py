@@ -58,18 +58,43 @@ def test_two_processes_are_never_handed_the_same_port() -> None:
     assert theirs & ours == set()  # ~11 in common without the claims (500 x 500 / ~22,700)
 
 
-def test_a_preferred_port_is_taken_again_by_the_next_run() -> None:
-    # `make run`, stopped and run again, gets the port it asked for, claimed or not.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
-    assert free_port(free) == free
-    other = subprocess.run(
-        [sys.executable, "-c", f"from devtools.ports import free_port; print(free_port({free}))"],
-        capture_output=True,
+def _in_another_process(code: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", "from devtools.ports import free_port\n" + code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         text=True,
-        check=True,
-        timeout=60,
         cwd=Path(__file__).resolve().parents[2],
     )
-    assert int(other.stdout) == free
+
+
+def _unbound_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_preferred_port_is_taken_again_by_the_next_run() -> None:
+    # `make run`, stopped and run again, gets the port it asked for.
+    free = _unbound_port()
+    for _ in range(2):
+        run = _in_another_process(f"print(free_port({free}))")
+        out, _ = run.communicate(timeout=60)
+        assert int(out) == free
+
+
+def test_a_preferred_port_another_live_process_was_handed_is_passed_over() -> None:
+    # Two `make run`s starting at once both asked for 16379 for their Valkey and both got it,
+    # neither having bound it yet: the second Valkey never started, nor did that system.
+    free = _unbound_port()
+    first = _in_another_process(f"print(free_port({free}), flush=True)\ninput()")
+    try:
+        assert first.stdout is not None
+        assert int(first.stdout.readline()) == free
+        second = _in_another_process(f"print(free_port({free}))")
+        out, _ = second.communicate(timeout=60)
+        assert int(out) != free
+        assert free_port(free) != free
+    finally:
+        first.communicate("\n", timeout=60)
+    assert free_port(free) == free  # its claimer has exited
