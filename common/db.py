@@ -15,6 +15,34 @@ CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
 
 
+# Arrays of built-in types (bigint[], boolean[], timestamptz[], ...). asyncpg knows the scalars
+# but learns each of these per connection, the first time a statement passes or returns one, by
+# a catalog query that PostgreSQL plans at every call: 6-10 ms of its CPU each, three or four a
+# connection (a pool reopens its connections after a minute idle, and every replica has its own
+# pool). Their descriptions are the same on every server (built-in types have fixed OIDs), so a
+# process asks once, for all of them, and tells every later connection.
+_BUILTIN_ARRAYS = (
+    1000, 1001, 1002, 1003, 1005, 1007, 1009, 1015, 1016, 1021, 1022, 1028,
+    1115, 1182, 1185, 1187, 1231, 2951, 199, 3807,
+)  # fmt: skip
+_builtin_array_types: list[Any] | None = None
+
+
+async def _learn_builtin_arrays(conn: asyncpg.Connection) -> None:
+    global _builtin_array_types
+    # (asyncpg's private API, hence Any; an asyncpg without it learns them as before.)
+    raw: Any = conn
+    try:
+        settings = raw._protocol.get_settings()
+        if _builtin_array_types is None:
+            missing = [oid for oid in _BUILTIN_ARRAYS if settings.get_data_codec(oid) is None]
+            rows, _ = await raw._introspect_types(missing, CONNECT_TIMEOUT)
+            _builtin_array_types = list(rows)
+        settings.register_data_types(_builtin_array_types)
+    except AttributeError:
+        return
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for kind in ("json", "jsonb"):
         await conn.set_type_codec(
@@ -23,6 +51,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
             decoder=orjson.loads,
             schema="pg_catalog",
         )
+    # After the codecs: setting one forgets every type learnt.
+    await _learn_builtin_arrays(conn)
 
 
 async def _no_session_state(conn: asyncpg.Connection) -> None:

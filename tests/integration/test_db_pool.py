@@ -3,6 +3,9 @@ asyncpg's own release (ROLLBACK, close) whenever something is."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import decimal
 from typing import Any
 
 import asyncpg
@@ -76,3 +79,43 @@ async def test_a_released_proxy_is_unusable(one: asyncpg.Pool) -> None:
         pass
     with pytest.raises(asyncpg.InterfaceError):
         await con.fetchval("SELECT 1")
+
+
+async def test_new_connections_ask_the_catalog_for_no_builtin_array_type(database_url: str) -> None:
+    """asyncpg learns each array type (bigint[], boolean[], timestamptz[], ...) per connection
+    with a catalog query PostgreSQL plans every time (6-10 ms of its CPU each, three or four
+    a connection); the pool's connections are told them instead (common/db.py)."""
+    asked: list[str] = []
+    when = datetime.datetime(2026, 12, 6, tzinfo=datetime.UTC)
+    for _ in range(2):  # the process's first pool, and a later one
+        p = await db.create_pool(database_url, min_size=2, max_size=2)
+        try:
+            cons = [await p.acquire(), await p.acquire()]
+            for con in cons:
+                con.add_query_logger(lambda record: asked.append(record.query))
+                row = await con.fetchrow(
+                    "SELECT $1::bigint[] AS a, $2::boolean[] AS b, $3::timestamptz[] AS t,"
+                    " $4::name[] AS n, $5::numeric[] AS x, $6::jsonb[] AS j",
+                    [1, 2**40],
+                    [True, False],
+                    [when],
+                    ["wa"],
+                    [decimal.Decimal("1.5")],
+                    [{"k": [1, "v"]}],
+                )
+                assert row is not None
+                assert dict(row) == {
+                    "a": [1, 2**40],
+                    "b": [True, False],
+                    "t": [when],
+                    "n": ["wa"],
+                    "x": [decimal.Decimal("1.5")],
+                    "j": [{"k": [1, "v"]}],
+                }
+            await asyncio.sleep(0)  # query loggers are called soon after, not during
+            for con in cons:
+                await p.release(con)
+        finally:
+            await p.close()
+    assert len(asked) == 4
+    assert not [q for q in asked if "typeinfo_tree" in q]
