@@ -24,15 +24,19 @@ def test_ports_are_free_distinct_and_below_the_range_outgoing_connections_use() 
             s.bind(("127.0.0.1", port))
 
 
+def _unbound_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def test_a_preferred_port_is_used_when_free_and_passed_over_when_taken() -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         taken = held.getsockname()[1]
         assert free_port(taken) != taken
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
+    free = _unbound_port()
     assert free_port(free) == free
 
 
@@ -66,12 +70,6 @@ def _in_another_process(code: str) -> subprocess.Popen[str]:
         text=True,
         cwd=Path(__file__).resolve().parents[2],
     )
-
-
-def _unbound_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_a_preferred_port_is_taken_again_by_the_next_run() -> None:
