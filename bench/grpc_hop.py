@@ -1,8 +1,9 @@
 """What one gRPC hop costs in CPU, at an offered rate and back to back: a unary call (as the
-gateway's `IngestBatch`) and one request and answer on a bidirectional stream (as the state
-service's `Agent.Turns`), between two processes on this machine, through grpc aio with the
-channel and server options every service uses (common/grpcserver.py; plaintext and without
-interceptors, so without the services' TLS and tracing hooks: a lower bound of their hop).
+gateway's `IngestBatch` was) and one request and answer on a bidirectional stream (as the
+gateway's `State.Ingests` and the state service's `Agent.Turns`), between two processes on this
+machine, through grpc aio with the channel and server options every service uses
+(common/grpcserver.py; plaintext and without interceptors, so without the services' TLS and
+tracing hooks: a lower bound of their hop).
 
     .venv/bin/python -m bench.grpc_hop [--calls 1000] [--rate 100] [--rate 0 ...]
 

@@ -20,6 +20,7 @@ CALLERS: dict[str, frozenset[str]] = {
     for method, callers in {
         # services/gateway (acknowledging deliveries; /readyz via common/components.py).
         "/wa.v1.State/IngestBatch": {"gateway"},
+        "/wa.v1.State/Ingests": {"gateway"},
         "/wa.v1.State/CheckDependencies": {"gateway", "operator", "console"},
         # services/dlq (redrive).
         "/wa.v1.State/Redrive": {"dlq"},

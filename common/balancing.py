@@ -28,6 +28,9 @@ load. Not retried by the channel:
   that refuses every write of the first attempt).
 - `Agent.Turns`: the same turns, many to a call (services/state/turn_calls.py); a call that
   breaks fails each turn it owes as UNAVAILABLE, for the driver to ask again the same way.
+- `State.Ingests`: the gateway's batches, many to a call (services/gateway/batcher.py); a
+  call that breaks fails each batch it owes as UNAVAILABLE, and the gateway sends it again
+  itself, as this policy does for `IngestBatch` (storing a delivery twice stores it once).
 - `Dlq.Enqueue`: a repeat counts one more attempt against the message; the state service's
   sweeper hands over a failure whose hand-over failed.
 - `Dlq.Retry`, `Dlq.Purge`: an operator's; a repeat's answer would misreport what the first did.

@@ -246,16 +246,17 @@ def annotate(span: Span, **attributes: str | int) -> None:
 # tracing on, in the span attributes and baggage); no interceptor of ours sits on the hot path.
 
 
-# Health checks are not traced, nor IngestBatch: one group-committed call stores deliveries of
-# many traces (each delivery's context travels in its own `traceparent` field, and its trace
-# goes on from there when its turn starts); the gateway's request span covers the call. Spans
-# per delivery in the state service cost the acknowledgement about a tenth of its p50 on
-# their own (`python -m bench.ack tracing`).
+# Health checks are not traced, nor IngestBatch and Ingests: one group-committed call stores
+# deliveries of many traces (each delivery's context travels in its own `traceparent` field, and
+# its trace goes on from there when its turn starts); the gateway's request span covers the
+# call. Spans per delivery in the state service cost the acknowledgement about a tenth of its
+# p50 on their own (`python -m bench.ack tracing`).
 UNTRACED_METHODS = frozenset(
     {
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
         "/wa.v1.State/IngestBatch",
+        "/wa.v1.State/Ingests",
         # One call carries the turns of many messages; each turn continues its own trace from
         # its request's traceparent (services/agent/server.py, Turns).
         "/wa.v1.Agent/Turns",

@@ -1,5 +1,5 @@
 """Group commit for acknowledgements: deliveries that arrive while a batch is being stored go
-together in the next `State.IngestBatch` call (one gRPC call and one transaction for many).
+together in the next batch (one transaction for many), sent on `State.Ingests` (`IngestCalls`).
 
 Nothing waits for a timer: an idle gateway sends each delivery at once; a busy one sends what
 queued up meanwhile. Each delivery is still answered only once its own batch is stored.
@@ -42,6 +42,9 @@ import grpc
 from prometheus_client import Gauge, Histogram
 from wa.v1 import state_pb2, state_pb2_grpc
 
+from common import retry
+from common.streamcalls import CallError, StreamCalls
+
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = Histogram(
@@ -60,6 +63,86 @@ class IngestError(Exception):
 
 class QueueFull(IngestError):
     """Too much waits for the state service already: the delivery was not queued."""
+
+
+# Calls of `State.Ingests` open for new batches at a time, and how long each takes them
+# (common/streamcalls.py: new calls go to the state service's replicas in turn).
+WIDTH = 4
+CALL_SECONDS = 1.0
+# A batch's call breaking (the replica went away) is re-sent this many times in all, with a
+# backoff, within the batch's timeout: as the channel's retry policy does for `IngestBatch`
+# (common/balancing.py); storing a delivery twice stores it once.
+MAX_ATTEMPTS = 4
+RETRY_BASE_SECONDS = 0.05
+RETRY_MAX_SECONDS = 1.0
+
+
+def _late(seconds: float) -> CallError:
+    return CallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"not stored within {seconds:.1f} s")
+
+
+class IngestCalls:
+    """Batches stored through `State.Ingests`, many to a call (common/streamcalls.py): at a
+    customer's pace each batch would otherwise be a unary `IngestBatch` call of its own, whose
+    set-up costs the gateway and the state service more CPU than storing a delivery does. A
+    state service of an earlier release (UNIMPLEMENTED, a rolling deploy) gets unary calls."""
+
+    def __init__(
+        self,
+        stub: state_pb2_grpc.StateStub,
+        timeout: float,
+        *,
+        width: int = WIDTH,
+        call_seconds: float = CALL_SECONDS,
+    ) -> None:
+        self.stub = stub
+        self.timeout = timeout
+        self.unary = False
+        # A call's own deadline only bounds a call that somehow does not end: each batch's
+        # own time is over before it.
+        call_timeout = call_seconds + timeout + 5.0
+        self._calls: StreamCalls[state_pb2.IngestBatchRequest, state_pb2.IngestBatchResponse] = (
+            StreamCalls(
+                "state-ingests",
+                lambda: stub.Ingests(timeout=call_timeout),
+                lambda batch: state_pb2.IngestsRequest(id=batch[0][0], batch=batch[0][1]),
+                lambda r: ((r.id, r.code, r.details, r.batch),),
+                width=width,
+                call_seconds=call_seconds,
+            )
+        )
+
+    async def store(self, batch: state_pb2.IngestBatchRequest) -> state_pb2.IngestBatchResponse:
+        """Each delivery's answer; raises CallError (or grpc.aio.AioRpcError, for a unary
+        call) when the batch could not be stored."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        attempt = 1
+        while not self.unary:
+            try:
+                return await self._calls.ask(batch, deadline - loop.time(), _late)
+            except CallError as exc:
+                if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                    log.warning("the state service has no Ingests: each batch is a call")
+                    self.unary = True
+                    break
+                delay = retry.full_jitter(attempt, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS)
+                if (
+                    exc.code != grpc.StatusCode.UNAVAILABLE
+                    or attempt == MAX_ATTEMPTS
+                    or loop.time() + delay >= deadline
+                ):
+                    raise
+                log.info("a batch's call broke (%s): sending it again", exc)
+                attempt += 1
+                await asyncio.sleep(delay)
+        answer: state_pb2.IngestBatchResponse = await self.stub.IngestBatch(
+            batch, timeout=max(0.0, deadline - loop.time())
+        )
+        return answer
+
+    def close(self) -> None:
+        self._calls.close()
 
 
 # What a delivery adds to an IngestBatchRequest besides its own bytes: a field tag and a length.
@@ -95,6 +178,7 @@ class IngestBatcher:
     ) -> None:
         self.stub = stub
         self.timeout = timeout
+        self.calls = IngestCalls(stub, timeout)
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
         self._queue: deque[Pending] = deque()
@@ -240,14 +324,13 @@ class IngestBatcher:
     async def _send_batch(self, batch: list[Pending]) -> None:
         BATCH_SIZE.observe(len(batch))
         try:
-            resp = await self.stub.IngestBatch(
-                state_pb2.IngestBatchRequest(deliveries=[p.request for p in batch]),
-                timeout=self.timeout,
+            resp = await self.calls.store(
+                state_pb2.IngestBatchRequest(deliveries=[p.request for p in batch])
             )
             answers = list(resp.deliveries)
             if len(answers) != len(batch):
                 raise IngestError(f"state answered {len(answers)} of {len(batch)} deliveries")
-        except (grpc.aio.AioRpcError, IngestError) as exc:
+        except (grpc.aio.AioRpcError, CallError, IngestError) as exc:
             detail = (
                 f"{exc.code().name}: {exc.details()}"
                 if isinstance(exc, grpc.aio.AioRpcError)
@@ -286,6 +369,7 @@ class IngestBatcher:
         if self._timer is not None:  # (a stall's, set while the last calls ran)
             self._timer.cancel()
             self._timer = None
+        self.calls.close()
 
 
 def _fail(batch: list[Pending], detail: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import functools
@@ -97,11 +98,65 @@ class StateServicer(state_pb2_grpc.StateServicer):
         self.locks = locks
         self.dispatcher = dispatcher
         self.settings = settings or StateSettings()
+        # Batches of `Ingests` calls being stored, whether or not their caller still waits.
+        self._ingesting: set[asyncio.Task[None]] = set()
 
     async def IngestBatch(
         self, request: state_pb2.IngestBatchRequest, context: grpc.aio.ServicerContext
     ) -> state_pb2.IngestBatchResponse:
         return state_pb2.IngestBatchResponse(deliveries=await self._ingest(request.deliveries))
+
+    async def Ingests(
+        self,
+        requests: AsyncIterator[state_pb2.IngestsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[state_pb2.IngestsResponse]:
+        """Each batch read is stored at once, beside the others; each answer is written as
+        its batch is stored. The call ends when the caller has stopped writing and every batch
+        is answered."""
+        answers: asyncio.Queue[state_pb2.IngestsResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(request: state_pb2.IngestsRequest) -> None:
+            try:
+                stored = await self._ingest(request.batch.deliveries)
+            except Exception as exc:  # as a unary call's handler failing would end it
+                log.exception("a batch of deliveries failed")
+                answers.put_nowait(
+                    state_pb2.IngestsResponse(
+                        id=request.id, code=grpc.StatusCode.UNKNOWN.value[0], details=repr(exc)
+                    )
+                )
+                return
+            answers.put_nowait(
+                state_pb2.IngestsResponse(
+                    id=request.id, batch=state_pb2.IngestBatchResponse(deliveries=stored)
+                )
+            )
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    # A fresh context each: a batch's log lines carry its own correlation id.
+                    task = asyncio.create_task(one(request), context=contextvars.Context())
+                    for tasks in (running, self._ingesting):
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+            finally:
+                if running:
+                    await asyncio.wait(set(running))
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read(), name="ingests-reader")
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # raises what ended the reading (the caller went away)
+        finally:
+            # A caller that goes away stops the reading, not the batches: each is stored and
+            # its conversations driven (self._ingesting keeps them); the caller answers Meta
+            # 503 for it, and the delivery Meta sends again is a duplicate.
+            reader.cancel()
 
     async def _ingest(
         self, requests: Sequence[state_pb2.IngestRequest]

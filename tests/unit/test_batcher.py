@@ -1,4 +1,6 @@
-"""The gateway's group commit against a real gRPC server that enforces its message limit."""
+"""The gateway's group commit against a real gRPC server that enforces its message limit: one
+that takes batches many to a call (`State.Ingests`), and one of an earlier release that has only
+the unary `IngestBatch`."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import pytest
 from wa.v1 import common_pb2, state_pb2, state_pb2_grpc
 
 from common import grpcserver, tls
-from services.gateway.batcher import IngestBatcher, QueueFull
+from services.gateway import batcher as batcher_module
+from services.gateway.batcher import IngestBatcher, IngestError, QueueFull
 
 LIMIT = 256 * 1024  # the server's receive limit in this test
 CAP = LIMIT // 4  # the batcher's cap per batch
@@ -43,13 +46,69 @@ class State(state_pb2_grpc.StateServicer):
         )
 
 
-@pytest.fixture
-async def state(tmp_path: Path) -> AsyncIterator[tuple[State, state_pb2_grpc.StateStub]]:
+class StreamingState(State):
+    """The same answers, many batches to an `Ingests` call, each answered when it is done.
+    `broken`: calls that end UNAVAILABLE once they have read a batch, without answering it (a
+    replica that went away); `refused`: batches answered with their own error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streams = 0
+        self.unary = 0
+        self.broken = 0
+        self.refused: set[str] = set()
+
+    async def IngestBatch(
+        self, request: state_pb2.IngestBatchRequest, context: grpc.aio.ServicerContext
+    ) -> state_pb2.IngestBatchResponse:
+        self.unary += 1
+        return await super().IngestBatch(request, context)
+
+    async def Ingests(
+        self,
+        requests: AsyncIterator[state_pb2.IngestsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[state_pb2.IngestsResponse]:
+        self.streams += 1
+        answers: asyncio.Queue[state_pb2.IngestsResponse | None] = asyncio.Queue()
+
+        async def one(request: state_pb2.IngestsRequest) -> None:
+            if request.batch.deliveries[0].correlation_id in self.refused:
+                self.batches.append((len(request.batch.deliveries), request.batch.ByteSize()))
+                code = grpc.StatusCode.INTERNAL.value[0]
+                answers.put_nowait(state_pb2.IngestsResponse(id=request.id, code=code))
+                return
+            batch = await State.IngestBatch(self, request.batch, context)
+            answers.put_nowait(state_pb2.IngestsResponse(id=request.id, batch=batch))
+
+        async def read() -> None:
+            running = set()
+            async for request in requests:
+                if self.broken:
+                    self.broken -= 1
+                    self.batches.append((len(request.batch.deliveries), request.batch.ByteSize()))
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+                running.add(asyncio.create_task(one(request)))
+            if running:
+                await asyncio.wait(running)
+            answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        while (answer := await answers.get()) is not None:
+            yield answer
+        await reader
+
+
+@pytest.fixture(params=["streams", "unary"], ids=["ingests", "earlier-release"])
+async def state(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[State, state_pb2_grpc.StateStub]]:
     """The servicer behind what the services' servers have (mutual TLS, the authorization of
-    each call), called as the gateway calls it."""
+    each call), called as the gateway calls it: a state service of this release, and one of an
+    earlier release, without `Ingests`."""
     tls.create(tmp_path)
     as_state = tls.Credentials.load(tmp_path, "state")
-    servicer = State()
+    servicer = StreamingState() if request.param == "streams" else State()
     server = grpc.aio.server(
         interceptors=grpcserver.interceptors(as_state),
         options=[("grpc.max_receive_message_length", LIMIT)],
@@ -274,3 +333,56 @@ async def test_a_full_batch_of_statuses_goes_without_waiting_and_close_sends_the
     await asyncio.wait_for(batcher.close(), 10)
     assert [a.statuses_stored for a in await asyncio.gather(*rest)] == [1, 1]
     assert [n for n, _ in servicer.batches] == [4, 2]
+
+
+async def test_batches_go_many_to_a_call_and_an_earlier_release_gets_one_call_each(
+    state: tuple[State, state_pb2_grpc.StateStub], caplog: pytest.LogCaptureFixture
+) -> None:
+    servicer, stub = state
+    batcher = IngestBatcher(stub, timeout=10)
+    for n in range(12):  # one at a time, as at a customer's pace: each its own batch
+        answer = await batcher.submit(delivery(n, [10]))
+        assert answer.results[0].message_id == f"m{n}.0"
+    assert [n for n, _ in servicer.batches] == [1] * 12
+    if isinstance(servicer, StreamingState):
+        assert servicer.unary == 0
+        assert servicer.streams <= batcher_module.WIDTH, "calls are kept open and reused"
+    else:
+        assert "the state service has no Ingests" in caplog.text
+    await batcher.close()
+
+
+async def test_a_batch_whose_call_breaks_is_sent_again_and_one_refused_is_not(
+    tmp_path: Path,
+) -> None:
+    tls.create(tmp_path)
+    as_state = tls.Credentials.load(tmp_path, "state")
+    servicer = StreamingState()
+    server = grpc.aio.server(interceptors=grpcserver.interceptors(as_state))
+    state_pb2_grpc.add_StateServicer_to_server(servicer, server)
+    port = grpcserver.bind(server, "127.0.0.1", 0, as_state)
+    await server.start()
+    as_gateway = tls.Credentials.load(tmp_path, "gateway")
+    async with grpcserver.channel(f"127.0.0.1:{port}", transport=as_gateway) as channel:
+        batcher = IngestBatcher(state_pb2_grpc.StateStub(channel), timeout=10)
+        # Its call ends UNAVAILABLE before answering (the replica may or may not have stored
+        # it): sent again on another call, and stored (a second store of it is a duplicate).
+        servicer.broken = 2
+        answer = await asyncio.wait_for(batcher.submit(delivery(0, [10])), 10)
+        assert answer.results[0].message_id == "m0.0"
+        assert [n for n, _ in servicer.batches] == [1, 1, 1]
+        assert servicer.streams == 3 and servicer.unary == 0
+        # Never more than MAX_ATTEMPTS calls: then the delivery is refused (503: Meta retries).
+        servicer.broken = batcher_module.MAX_ATTEMPTS
+        with pytest.raises(IngestError, match="UNAVAILABLE"):
+            await asyncio.wait_for(batcher.submit(delivery(1, [10])), 10)
+        assert servicer.broken == 0
+        # An answer that says the batch failed is the batch's: not sent again.
+        servicer.refused.add("c2")
+        before = len(servicer.batches)
+        with pytest.raises(IngestError, match="INTERNAL"):
+            await asyncio.wait_for(batcher.submit(delivery(2, [10])), 10)
+        assert len(servicer.batches) == before + 1
+        assert (await batcher.submit(delivery(3, [10]))).results[0].message_id == "m3.0"
+        await batcher.close()
+    await server.stop(None)
