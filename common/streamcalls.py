@@ -46,6 +46,14 @@ I = TypeVar("I")  # noqa: E741 (a request's payload, as the caller gives it)
 A = TypeVar("A")  # an answer's payload, as the caller gets it
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# What a server answers a call it will not serve at all, before reading a request.
+_REFUSED = frozenset(
+    {
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
 
 
 class CallError(Exception):
@@ -95,6 +103,9 @@ class _Call(Generic[I, A]):
         self._reader = asyncio.create_task(
             self._read(), name=f"{owner.name}-reader", context=contextvars.Context()
         )
+        # Retired when its time to take requests is over, used or not: an idle call left open
+        # would hold its server's graceful stop until the call's own deadline.
+        self._retiring = asyncio.get_running_loop().call_later(owner.call_seconds, self.retire)
 
     @property
     def queued(self) -> bool:
@@ -140,8 +151,14 @@ class _Call(Generic[I, A]):
             if self.retired and not self.ended:
                 await self._call.done_writing()
         except Exception as exc:  # any failure to write fails the call's requests
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _REFUSED:
+                # The server refused the call itself, before reading anything: as the reader
+                # has it (a caller falls back, or stops), not taken for a broken call.
+                self._fail_all(CallError(exc.code(), exc.details() or ""))
+                return
             # A request whose write failed may have reached the server: like a unary call
-            # lost mid-way, it is "unavailable".
+            # lost mid-way, it is "unavailable". (Not the write's own status: a write that
+            # meets the call's end can make grpc record INTERNAL for a call that only broke.)
             self._fail_all(CallError(grpc.StatusCode.UNAVAILABLE, f"sending it: {exc!r}"))
 
     async def _read(self) -> None:
@@ -158,6 +175,7 @@ class _Call(Generic[I, A]):
             raise
         finally:
             self.ended = True
+            self._retiring.cancel()
             self._fail_all(error)
 
     def _answer(self, request_id: int, code: int, details: str, answer: A | None) -> None:
@@ -182,6 +200,7 @@ class _Call(Generic[I, A]):
                 future.set_exception(error)
 
     def cancel(self) -> None:
+        self._retiring.cancel()
         self._call.cancel()
 
 

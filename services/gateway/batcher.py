@@ -71,10 +71,18 @@ WIDTH = 4
 CALL_SECONDS = 1.0
 # A batch's call breaking (the replica went away) is re-sent this many times in all, with a
 # backoff, within the batch's timeout: as the channel's retry policy does for `IngestBatch`
-# (common/balancing.py); storing a delivery twice stores it once.
+# (common/balancing.py); storing a delivery twice stores it once. And throttled as it is
+# there: each broken call takes a token, each stored batch gives back a tenth of one, and no
+# batch is sent again while half the tokens are gone (the state service is down: retries
+# would only double the load).
 MAX_ATTEMPTS = 4
 RETRY_BASE_SECONDS = 0.05
 RETRY_MAX_SECONDS = 1.0
+RETRY_TOKENS = 100.0
+RETRY_TOKEN_RATIO = 0.1
+# After a state service answered that it has no `Ingests` (an earlier release, in a rolling
+# deploy), batches go in unary calls for this long, then `Ingests` is tried again.
+UNARY_SECONDS = 60.0
 
 
 def _late(seconds: float) -> CallError:
@@ -85,7 +93,8 @@ class IngestCalls:
     """Batches stored through `State.Ingests`, many to a call (common/streamcalls.py): at a
     customer's pace each batch would otherwise be a unary `IngestBatch` call of its own, whose
     set-up costs the gateway and the state service more CPU than storing a delivery does. A
-    state service of an earlier release (UNIMPLEMENTED, a rolling deploy) gets unary calls."""
+    state service of an earlier release (UNIMPLEMENTED, a rolling deploy) gets unary calls
+    for UNARY_SECONDS at a time."""
 
     def __init__(
         self,
@@ -97,19 +106,20 @@ class IngestCalls:
     ) -> None:
         self.stub = stub
         self.timeout = timeout
-        self.unary = False
+        self._unary_until = 0.0  # by the loop's clock
+        self._tokens = RETRY_TOKENS
         # A call's own deadline only bounds a call that somehow does not end: each batch's
         # own time is over before it.
         call_timeout = call_seconds + timeout + 5.0
-        self._calls: StreamCalls[state_pb2.IngestBatchRequest, state_pb2.IngestBatchResponse] = (
-            StreamCalls(
-                "state-ingests",
-                lambda: stub.Ingests(timeout=call_timeout),
-                lambda batch: state_pb2.IngestsRequest(id=batch[0][0], batch=batch[0][1]),
-                lambda r: ((r.id, r.code, r.details, r.batch),),
-                width=width,
-                call_seconds=call_seconds,
-            )
+        self._calls: StreamCalls[
+            tuple[state_pb2.IngestBatchRequest, float], state_pb2.IngestBatchResponse
+        ] = StreamCalls(
+            "state-ingests",
+            lambda: stub.Ingests(timeout=call_timeout),
+            _ingests_request,
+            lambda r: ((r.id, r.code, r.details, r.batch),),
+            width=width,
+            call_seconds=call_seconds,
         )
 
     async def store(self, batch: state_pb2.IngestBatchRequest) -> state_pb2.IngestBatchResponse:
@@ -118,31 +128,47 @@ class IngestCalls:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         attempt = 1
-        while not self.unary:
+        while loop.time() >= self._unary_until:
+            left = deadline - loop.time()
             try:
-                return await self._calls.ask(batch, deadline - loop.time(), _late)
+                answer = await self._calls.ask((batch, left), left, _late)
             except CallError as exc:
                 if exc.code == grpc.StatusCode.UNIMPLEMENTED:
-                    log.warning("the state service has no Ingests: each batch is a call")
-                    self.unary = True
+                    log.warning(
+                        "the state service has no Ingests: each batch is a call for %g s",
+                        UNARY_SECONDS,
+                    )
+                    self._unary_until = loop.time() + UNARY_SECONDS
                     break
                 delay = retry.full_jitter(attempt, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS)
+                if exc.code == grpc.StatusCode.UNAVAILABLE:
+                    self._tokens = max(0.0, self._tokens - 1)
                 if (
                     exc.code != grpc.StatusCode.UNAVAILABLE
                     or attempt == MAX_ATTEMPTS
+                    or self._tokens <= RETRY_TOKENS / 2
                     or loop.time() + delay >= deadline
                 ):
                     raise
                 log.info("a batch's call broke (%s): sending it again", exc)
                 attempt += 1
                 await asyncio.sleep(delay)
-        answer: state_pb2.IngestBatchResponse = await self.stub.IngestBatch(
-            batch, timeout=max(0.0, deadline - loop.time())
-        )
-        return answer
+            else:
+                self._tokens = min(RETRY_TOKENS, self._tokens + RETRY_TOKEN_RATIO)
+                return answer
+        answer = await self.stub.IngestBatch(batch, timeout=max(0.0, deadline - loop.time()))
+        return answer  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self._calls.close()
+
+
+def _ingests_request(
+    queued: list[tuple[int, tuple[state_pb2.IngestBatchRequest, float]]],
+) -> state_pb2.IngestsRequest:
+    # One batch a message: the state service does not read several (it announces none).
+    ((batch_id, (batch, seconds)),) = queued
+    return state_pb2.IngestsRequest(id=batch_id, batch=batch, timeout_seconds=seconds)
 
 
 # What a delivery adds to an IngestBatchRequest besides its own bytes: a field tag and a length.

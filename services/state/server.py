@@ -74,6 +74,13 @@ def _delivery_in(request: state_pb2.IngestRequest) -> store.DeliveryIn:
 
 _ingest_result = wire.to_proto(store.Ingested, state_pb2.IngestResult)
 
+
+def _ingests_error(
+    request_id: int, code: grpc.StatusCode, details: str = ""
+) -> state_pb2.IngestsResponse:
+    return state_pb2.IngestsResponse(id=request_id, code=code.value[0], details=details)
+
+
 # The ingest counter's children, looked up once per label (`labels` per message is a lock and
 # a dict lookup each).
 _ingested: dict[str, Counter] = {}
@@ -118,15 +125,22 @@ class StateServicer(state_pb2_grpc.StateServicer):
         running: set[asyncio.Task[None]] = set()
 
         async def one(request: state_pb2.IngestsRequest) -> None:
+            # Untraced, as IngestBatch (common/telemetry.py): each delivery's trace goes on
+            # from its own traceparent when its turn starts. Bounded by the batch's deadline,
+            # as a unary call's handler is cancelled at its own: past it the gateway has
+            # answered 503, and a batch still waiting (for a connection, a lock) only holds up
+            # the ones behind it.
             try:
-                stored = await self._ingest(request.batch.deliveries)
+                with telemetry.untraced():
+                    async with asyncio.timeout(request.timeout_seconds or None):
+                        stored = await self._ingest(request.batch.deliveries)
+            except TimeoutError:
+                log.warning("a batch of deliveries was not stored within its deadline")
+                answers.put_nowait(_ingests_error(request.id, grpc.StatusCode.DEADLINE_EXCEEDED))
+                return
             except Exception as exc:  # as a unary call's handler failing would end it
                 log.exception("a batch of deliveries failed")
-                answers.put_nowait(
-                    state_pb2.IngestsResponse(
-                        id=request.id, code=grpc.StatusCode.UNKNOWN.value[0], details=repr(exc)
-                    )
-                )
+                answers.put_nowait(_ingests_error(request.id, grpc.StatusCode.UNKNOWN, repr(exc)))
                 return
             answers.put_nowait(
                 state_pb2.IngestsResponse(
@@ -153,10 +167,17 @@ class StateServicer(state_pb2_grpc.StateServicer):
                 yield answer
             await reader  # raises what ended the reading (the caller went away)
         finally:
-            # A caller that goes away stops the reading, not the batches: each is stored and
-            # its conversations driven (self._ingesting keeps them); the caller answers Meta
-            # 503 for it, and the delivery Meta sends again is a duplicate.
+            # A caller that goes away stops the reading, not the batches: each is stored (or
+            # cancelled at its deadline) and its conversations driven (self._ingesting keeps
+            # them, `drain` waits for them); a delivery Meta sends again is a duplicate.
             reader.cancel()
+
+    async def drain(self, timeout: float) -> None:
+        """On the way out, after the gRPC server has stopped: the batches of `Ingests` calls
+        still being stored (each bounded by its own deadline) finish, and notify the
+        dispatcher, before it closes."""
+        if self._ingesting:
+            await asyncio.wait(set(self._ingesting), timeout=timeout)
 
     async def _ingest(
         self, requests: Sequence[state_pb2.IngestRequest]
@@ -576,13 +597,13 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
             background.append(asyncio.create_task(_resume_all(pool, dispatcher), name="resume"))
         else:
             log.warning("WA_ENHANCED_PROCESSING=false: ingest and acknowledge only")
-        state_pb2_grpc.add_StateServicer_to_server(
-            StateServicer(pool, locks, dispatcher, settings), server
-        )
+        servicer = StateServicer(pool, locks, dispatcher, settings)
+        state_pb2_grpc.add_StateServicer_to_server(servicer, server)
         try:
             yield [state_pb2.DESCRIPTOR.services_by_name["State"].full_name]
         finally:
             pruner.stop()
+            await servicer.drain(INGEST_DRAIN_SECONDS)
             # Scale-in: take nothing more, let the turns in flight finish, release every lease
             # and hand what waits to the other replicas (handback.py). The sweeper heartbeats
             # meanwhile, so nobody breaks the leases of turns that are finishing.
@@ -601,6 +622,11 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
                     await task
             await redis.aclose()
             await pool.close()
+
+
+# How long a stopping replica waits for the batches still being stored: each is bounded by
+# its own deadline (the gateway's INGEST_TIMEOUT), this only by a caller that sent none.
+INGEST_DRAIN_SECONDS = 6.0
 
 
 def turn_deadline_seconds(settings: config.TurnLimits) -> float:

@@ -3,6 +3,7 @@ common/streamcalls.py), against the real state service over mutual TLS."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -83,3 +84,40 @@ async def test_batches_on_one_call_are_each_answered_by_id_and_their_messages_an
         with pytest.raises(grpc.aio.AioRpcError):
             await call.read()
         assert await call.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_batch_past_its_deadline_is_cancelled_not_stored_later(
+    start_system: StartSystem, graph: FakeGraph
+) -> None:
+    """Past its deadline the gateway has answered Meta 503: a batch still waiting (here for a
+    row lock) is cancelled, as a unary call's handler is, instead of holding up the batches
+    behind it and storing what Meta will send again."""
+    system = await start_system()
+    first = payloads.message("text", wa_id="15550002003")
+    target = f"127.0.0.1:{system.ports['state']}"
+    async with grpcserver.channel(target, transport=system.transport("gateway")) as channel:
+        stub = state_pb2_grpc.StateStub(channel)
+        await _ingests(stub.Ingests(timeout=30), {1: [_ingest_request(payloads.delivery([first]))]})
+        await system.wait_status([first["id"]], {"replied"}, timeout=20)
+
+        late = payloads.message("text", wa_id="15550002003")
+        pool = await system.db()
+        async with pool.acquire() as conn, conn.transaction():
+            # The customer's conversation, locked as a long transaction would hold it.
+            await conn.execute(
+                "SELECT 1 FROM webhook_conversations WHERE wa_id = '15550002003' FOR UPDATE"
+            )
+            call = stub.Ingests(timeout=30)
+            batch = state_pb2.IngestBatchRequest(
+                deliveries=[_ingest_request(payloads.delivery([late]))]
+            )
+            await call.write(state_pb2.IngestsRequest(id=2, batch=batch, timeout_seconds=1.0))
+            answer = await asyncio.wait_for(call.read(), 10)
+            assert answer.id == 2
+            assert answer.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+            await call.done_writing()
+        await asyncio.sleep(1.0)  # the lock is gone: a batch still running would store it now
+        stored = await pool.fetchval(
+            "SELECT count(*) FROM processed_webhook_messages WHERE message_id = $1", late["id"]
+        )
+        assert stored == 0

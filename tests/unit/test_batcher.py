@@ -54,6 +54,8 @@ class StreamingState(State):
     def __init__(self) -> None:
         super().__init__()
         self.streams = 0
+        self.ended = 0  # calls whose handler returned
+        self.timeouts: list[float] = []  # each batch's deadline, as read
         self.unary = 0
         self.broken = 0
         self.refused: set[str] = set()
@@ -73,6 +75,7 @@ class StreamingState(State):
         answers: asyncio.Queue[state_pb2.IngestsResponse | None] = asyncio.Queue()
 
         async def one(request: state_pb2.IngestsRequest) -> None:
+            self.timeouts.append(request.timeout_seconds)
             if request.batch.deliveries[0].correlation_id in self.refused:
                 self.batches.append((len(request.batch.deliveries), request.batch.ByteSize()))
                 code = grpc.StatusCode.INTERNAL.value[0]
@@ -97,6 +100,7 @@ class StreamingState(State):
         while (answer := await answers.get()) is not None:
             yield answer
         await reader
+        self.ended += 1
 
 
 @pytest.fixture(params=["streams", "unary"], ids=["ingests", "earlier-release"])
@@ -384,5 +388,63 @@ async def test_a_batch_whose_call_breaks_is_sent_again_and_one_refused_is_not(
             await asyncio.wait_for(batcher.submit(delivery(2, [10])), 10)
         assert len(servicer.batches) == before + 1
         assert (await batcher.submit(delivery(3, [10]))).results[0].message_id == "m3.0"
+        await batcher.close()
+    await server.stop(None)
+
+
+async def test_a_call_ends_once_its_time_is_over_even_unused_and_batches_carry_their_deadline(
+    tmp_path: Path,
+) -> None:
+    """An idle call left open would hold a stopping state replica's graceful stop until the
+    call's own deadline; each batch says how long the gateway waits for it."""
+    tls.create(tmp_path)
+    as_state = tls.Credentials.load(tmp_path, "state")
+    servicer = StreamingState()
+    server = grpc.aio.server(interceptors=grpcserver.interceptors(as_state))
+    state_pb2_grpc.add_StateServicer_to_server(servicer, server)
+    port = grpcserver.bind(server, "127.0.0.1", 0, as_state)
+    await server.start()
+    as_gateway = tls.Credentials.load(tmp_path, "gateway")
+    async with grpcserver.channel(f"127.0.0.1:{port}", transport=as_gateway) as channel:
+        batcher = IngestBatcher(state_pb2_grpc.StateStub(channel), timeout=10)
+        batcher.calls = batcher_module.IngestCalls(batcher.stub, 10, call_seconds=0.3)
+        await batcher.submit(delivery(0, [10]))
+        assert servicer.streams == 1 and 9 < servicer.timeouts[0] <= 10
+        for _ in range(100):
+            if servicer.ended == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert servicer.ended == 1, "the call ended by itself, with nothing more to send"
+        await batcher.submit(delivery(1, [10]))  # on a call of its own
+        assert servicer.streams == 2
+        await batcher.close()
+    await server.stop(None)
+
+
+async def test_broken_calls_are_sent_again_only_while_most_calls_succeed(tmp_path: Path) -> None:
+    """A state service that is down: after about fifty broken calls each batch is tried once,
+    not four times (the channel's retry throttling for IngestBatch, common/balancing.py)."""
+    tls.create(tmp_path)
+    as_state = tls.Credentials.load(tmp_path, "state")
+    servicer = StreamingState()
+    server = grpc.aio.server(interceptors=grpcserver.interceptors(as_state))
+    state_pb2_grpc.add_StateServicer_to_server(servicer, server)
+    port = grpcserver.bind(server, "127.0.0.1", 0, as_state)
+    await server.start()
+    as_gateway = tls.Credentials.load(tmp_path, "gateway")
+    async with grpcserver.channel(f"127.0.0.1:{port}", transport=as_gateway) as channel:
+        batcher = IngestBatcher(state_pb2_grpc.StateStub(channel), timeout=10)
+        servicer.broken = 10_000
+        tried = []
+        for n in range(24):
+            before = len(servicer.batches)
+            with pytest.raises(IngestError, match="UNAVAILABLE"):
+                await batcher.submit(delivery(n, [10]))
+            tried.append(len(servicer.batches) - before)
+        assert tried[:12] == [batcher_module.MAX_ATTEMPTS] * 12
+        assert tried[-8:] == [1] * 8
+        # Up again: stored, and each success gives back a tenth of a token.
+        servicer.broken = 0
+        assert (await batcher.submit(delivery(99, [10]))).results[0].message_id == "m99.0"
         await batcher.close()
     await server.stop(None)
