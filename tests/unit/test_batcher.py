@@ -5,6 +5,7 @@ the unary `IngestBatch`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -101,6 +102,24 @@ class StreamingState(State):
             yield answer
         await reader
         self.ended += 1
+
+
+@contextlib.asynccontextmanager
+async def streaming_state(tmp_path: Path) -> AsyncIterator[tuple[StreamingState, grpc.aio.Channel]]:
+    """A state service with Ingests, and the gateway's channel to it."""
+    tls.create(tmp_path)
+    as_state = tls.Credentials.load(tmp_path, "state")
+    servicer = StreamingState()
+    server = grpc.aio.server(interceptors=grpcserver.interceptors(as_state))
+    state_pb2_grpc.add_StateServicer_to_server(servicer, server)
+    port = grpcserver.bind(server, "127.0.0.1", 0, as_state)
+    await server.start()
+    as_gateway = tls.Credentials.load(tmp_path, "gateway")
+    try:
+        async with grpcserver.channel(f"127.0.0.1:{port}", transport=as_gateway) as channel:
+            yield servicer, channel
+    finally:
+        await server.stop(None)
 
 
 @pytest.fixture(params=["streams", "unary"], ids=["ingests", "earlier-release"])
@@ -359,15 +378,7 @@ async def test_batches_go_many_to_a_call_and_an_earlier_release_gets_one_call_ea
 async def test_a_batch_whose_call_breaks_is_sent_again_and_one_refused_is_not(
     tmp_path: Path,
 ) -> None:
-    tls.create(tmp_path)
-    as_state = tls.Credentials.load(tmp_path, "state")
-    servicer = StreamingState()
-    server = grpc.aio.server(interceptors=grpcserver.interceptors(as_state))
-    state_pb2_grpc.add_StateServicer_to_server(servicer, server)
-    port = grpcserver.bind(server, "127.0.0.1", 0, as_state)
-    await server.start()
-    as_gateway = tls.Credentials.load(tmp_path, "gateway")
-    async with grpcserver.channel(f"127.0.0.1:{port}", transport=as_gateway) as channel:
+    async with streaming_state(tmp_path) as (servicer, channel):
         batcher = IngestBatcher(state_pb2_grpc.StateStub(channel), timeout=10)
         # Its call ends UNAVAILABLE before answering (the replica may or may not have stored
         # it): sent again on another call, and stored (a second store of it is a duplicate).
@@ -389,7 +400,6 @@ async def test_a_batch_whose_call_breaks_is_sent_again_and_one_refused_is_not(
         assert len(servicer.batches) == before + 1
         assert (await batcher.submit(delivery(3, [10]))).results[0].message_id == "m3.0"
         await batcher.close()
-    await server.stop(None)
 
 
 async def test_a_call_ends_once_its_time_is_over_even_unused_and_batches_carry_their_deadline(
@@ -397,15 +407,7 @@ async def test_a_call_ends_once_its_time_is_over_even_unused_and_batches_carry_t
 ) -> None:
     """An idle call left open would hold a stopping state replica's graceful stop until the
     call's own deadline; each batch says how long the gateway waits for it."""
-    tls.create(tmp_path)
-    as_state = tls.Credentials.load(tmp_path, "state")
-    servicer = StreamingState()
-    server = grpc.aio.server(interceptors=grpcserver.interceptors(as_state))
-    state_pb2_grpc.add_StateServicer_to_server(servicer, server)
-    port = grpcserver.bind(server, "127.0.0.1", 0, as_state)
-    await server.start()
-    as_gateway = tls.Credentials.load(tmp_path, "gateway")
-    async with grpcserver.channel(f"127.0.0.1:{port}", transport=as_gateway) as channel:
+    async with streaming_state(tmp_path) as (servicer, channel):
         batcher = IngestBatcher(state_pb2_grpc.StateStub(channel), timeout=10)
         batcher.calls = batcher_module.IngestCalls(batcher.stub, 10, call_seconds=0.3)
         await batcher.submit(delivery(0, [10]))
@@ -418,21 +420,12 @@ async def test_a_call_ends_once_its_time_is_over_even_unused_and_batches_carry_t
         await batcher.submit(delivery(1, [10]))  # on a call of its own
         assert servicer.streams == 2
         await batcher.close()
-    await server.stop(None)
 
 
 async def test_broken_calls_are_sent_again_only_while_most_calls_succeed(tmp_path: Path) -> None:
     """A state service that is down: after about fifty broken calls each batch is tried once,
     not four times (the channel's retry throttling for IngestBatch, common/balancing.py)."""
-    tls.create(tmp_path)
-    as_state = tls.Credentials.load(tmp_path, "state")
-    servicer = StreamingState()
-    server = grpc.aio.server(interceptors=grpcserver.interceptors(as_state))
-    state_pb2_grpc.add_StateServicer_to_server(servicer, server)
-    port = grpcserver.bind(server, "127.0.0.1", 0, as_state)
-    await server.start()
-    as_gateway = tls.Credentials.load(tmp_path, "gateway")
-    async with grpcserver.channel(f"127.0.0.1:{port}", transport=as_gateway) as channel:
+    async with streaming_state(tmp_path) as (servicer, channel):
         batcher = IngestBatcher(state_pb2_grpc.StateStub(channel), timeout=10)
         servicer.broken = 10_000
         tried = []
@@ -447,4 +440,3 @@ async def test_broken_calls_are_sent_again_only_while_most_calls_succeed(tmp_pat
         servicer.broken = 0
         assert (await batcher.submit(delivery(99, [10]))).results[0].message_id == "m99.0"
         await batcher.close()
-    await server.stop(None)
