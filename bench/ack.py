@@ -1,6 +1,6 @@
 """Acknowledgement benchmarks, each against a baseline measured in the same run.
 
-1. Throughput: our gateway (signature, parse, gRPC IngestBatch to state, durable insert)
+1. Throughput: our gateway (signature, parse, gRPC State.Ingests to state, durable insert)
    against a bare Starlette endpoint that checks the signature and does one asyncpg insert,
    on the same PostgreSQL. Target: ratio >= 0.9.
 2. Tracing: ack p50 with OTLP export on (to a local sink) against off. Target: within 5 %.

@@ -37,8 +37,8 @@ db/migrations/0032_generic_turn_plans.sql).
 
 `--statuses` has the Graph API stand-in post every reply's statuses (`sent`, `delivered`,
 `read`, each its own signed delivery, as Meta does) to the system; the run also waits until
-they are all acknowledged, and CPU per message includes them. "Deliveries per IngestBatch
-call" then counts status deliveries too.
+they are all acknowledged, and CPU per message includes them. "Deliveries per ingest
+batch" then counts status deliveries too.
 
 `--history N` first sends every conversation N messages and waits for their replies, unmeasured:
 the measured messages then come from customers with a history (a context of up to
@@ -222,7 +222,7 @@ async def _samples(client: httpx.AsyncClient, url: str) -> list[Sample]:
 
 
 async def _ingest_batches(client: httpx.AsyncClient, system: System) -> tuple[float, float]:
-    """The gateway's IngestBatch calls so far and the deliveries they carried (its /metrics;
+    """The gateway's ingest batches so far and the deliveries they carried (its /metrics;
     with gateway replicas, the one that answered)."""
     found = {s.name: s.value for s in await _samples(client, f"{system.url}/metrics")}
     return (
@@ -423,7 +423,7 @@ async def run(
         calls = batches_after[0] - batches_before[0]
         if calls:
             per_call = (batches_after[1] - batches_before[1]) / calls
-            print(f"  deliveries per IngestBatch call: {per_call:.1f} ({calls:.0f} calls)")
+            print(f"  deliveries per ingest batch: {per_call:.1f} ({calls:.0f} batches)")
         _report_batches(coalesced_before, coalesced_after, total)
         ms = _report_cpu(cpu.per_message(cpu_before, cpu_after, total), system)
         print(f"  WAL per message: {wal / total / 1024:.1f} kB")

@@ -231,7 +231,7 @@ def _answer(
     duplicates = sum(1 for r in resp.results if r.duplicate)
     stored = len(resp.results) - duplicates + resp.statuses_stored + resp.events_stored
     if span.is_recording():
-        # The group-committed IngestBatch call serves many traces and has no span of its own:
+        # The group-committed batch (State.Ingests) serves many traces and has no span of its own:
         # this span's duration includes it, and says what it stored.
         span.set_attributes({"wa.stored": stored, "wa.duplicates": duplicates})
     STORED.inc()

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = Histogram(
     "wa_gateway_ingest_batch_size",
-    "Deliveries per IngestBatch call",
+    "Deliveries per batch stored (one Ingests message, or IngestBatch call)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 

@@ -149,7 +149,7 @@ async def test_a_full_ingest_queue_answers_503_with_retry_after_at_once(
     assert state is not None
     deliveries = [text(f"while state is stalled {n}", wa_id=f"1555000{n:04d}") for n in range(24)]
     ids = [d["entry"][0]["changes"][0]["value"]["messages"][0]["id"] for d in deliveries]
-    os.kill(state, signal.SIGSTOP)  # IngestBatch calls now wait: deliveries pile up
+    os.kill(state, signal.SIGSTOP)  # batches now wait: deliveries pile up
     try:
         posts = [asyncio.create_task(system.post(d)) for d in deliveries]
         done, _ = await asyncio.wait(posts, timeout=3)
