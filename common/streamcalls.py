@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -39,8 +38,6 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from common.deadlines import Deadlines, Late
-
-log = logging.getLogger(__name__)
 
 I = TypeVar("I")  # noqa: E741 (a request's payload, as the caller gives it)
 A = TypeVar("A")  # an answer's payload, as the caller gets it
@@ -63,11 +60,6 @@ class CallError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
-
-
-def status_code(number: int) -> grpc.StatusCode:
-    """The status code a response's numeric `code` field names."""
-    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
 
 
 # Opens a call of the streaming method (with its own deadline and request metadata).
@@ -187,7 +179,7 @@ class _Call(Generic[I, A]):
                 self.owner.orphan(item, answer)
             return
         if code:
-            future.set_exception(CallError(status_code(code), details))
+            future.set_exception(CallError(_CODES.get(code, grpc.StatusCode.UNKNOWN), details))
         else:
             future.set_result(answer)  # type: ignore[arg-type]
 
