@@ -47,10 +47,12 @@ CHANNEL_OPTIONS = [
     *MESSAGE_SIZE_OPTIONS,
 ]
 
-# A set-up receives the server (to add its servicers) and yields the full names of its services;
-# everything it opened is closed when it exits, after the server has stopped.
+# A set-up receives the server (to add its servicers) and an event set when the process is told
+# to stop, before the server stops taking calls (what should stop first, taking on new work,
+# can); it yields the full names of its services. Everything it opened is closed when it exits,
+# after the server has stopped.
 S = TypeVar("S", bound=config.Base)
-Setup = Callable[[grpc.aio.Server, S], AbstractAsyncContextManager[list[str]]]
+Setup = Callable[[grpc.aio.Server, S, asyncio.Event], AbstractAsyncContextManager[list[str]]]
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -85,7 +87,7 @@ async def serve(name: str, port: int, setup: Setup[S], settings: S) -> None:
     probe_server: probes.ProbeServer | None = None
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    async with setup(server, settings) as service_names:
+    async with setup(server, settings, stop) as service_names:
         reflection.enable_server_reflection(
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )

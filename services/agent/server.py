@@ -430,7 +430,9 @@ def make_reader(
 
 
 @contextlib.asynccontextmanager
-async def setup(server: grpc.aio.Server, settings: AgentSettings) -> AsyncIterator[list[str]]:
+async def setup(
+    server: grpc.aio.Server, settings: AgentSettings, stopping: asyncio.Event
+) -> AsyncIterator[list[str]]:
     try:
         catalog = agents.load(settings.agent_config)
     except agents.AgentConfigError as exc:

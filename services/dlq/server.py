@@ -243,7 +243,9 @@ class DlqServicer(dlq_pb2_grpc.DlqServicer):
 
 
 @contextlib.asynccontextmanager
-async def setup(server: grpc.aio.Server, settings: DlqSettings) -> AsyncIterator[list[str]]:
+async def setup(
+    server: grpc.aio.Server, settings: DlqSettings, stopping: asyncio.Event
+) -> AsyncIterator[list[str]]:
     pool = await db.create_pool(
         settings.require_database(), max_size=settings.pool_size("dlq"), application_name="wa-dlq"
     )

@@ -16,7 +16,9 @@ This replica's own notifications reach its driver directly (`_dirty`), so with o
 or without contention, a hold costs no look at all; LISTEN/NOTIFY or Redis pub/sub would wake
 every replica for every message. Pub/sub is
 used for one rare event only: a replica that stops hands its conversations back (`close`,
-services/state/handback.py), since it cannot take them again itself.
+services/state/handback.py), since it cannot take them again itself. It does so as it lets go
+of each, not once it has let go of all: a conversation released early in a stop and handed
+back only at its end would wait, unseen by any other replica but their sweepers.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from opentelemetry import trace
 
 from common import retry, telemetry
 
-from . import handoff, machine, metrics, store
+from . import handback, handoff, machine, metrics, store
 from .locks import Lease, Locks
 from .ports import AgentPort, AgentUnavailable, DlqPort, DlqUnavailable, Failure, TurnResult
 
@@ -74,13 +76,19 @@ class Dispatcher:
         self._failures: dict[int, int] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._closing = False
-        # Conversations this replica stops driving while closing: handed back to the others.
-        self._handback: set[int] = set()
+        # While closing: the conversations handed back to the other replicas, those waiting to
+        # be (this replica let go of them), and the task that hands them back.
+        self._handed: set[int] = set()
+        self._giving: set[int] = set()
+        self._giver: asyncio.Task[None] | None = None
+        self._unheard = 0
 
     def notify(self, conversation_id: int) -> None:
         """There may be work for this conversation; drive it unless already driving it."""
         if self._closing:
-            self._handback.add(conversation_id)
+            # Its driver, if it has one, hands it back on its way out.
+            if conversation_id not in self._tasks:
+                self._give(conversation_id)
             return
         if conversation_id in self._tasks:
             self._dirty.add(conversation_id)
@@ -106,7 +114,7 @@ class Dispatcher:
 
     def _later(self, conversation_id: int) -> None:
         if self._closing:
-            self._handback.add(conversation_id)
+            self._give(conversation_id)
             return
         failures = self._failures.get(conversation_id, 0) + 1
         self._failures[conversation_id] = failures
@@ -122,13 +130,14 @@ class Dispatcher:
     async def close(self, grace: float = 0.0) -> set[int]:
         """Stops taking turns: a turn in flight has `grace` seconds to finish, then it is cut off
         (whoever takes the conversation next resumes it; its fencing token refuses the cut
-        turn's late writes). Every lease is released on the way out. Returns the conversations
-        this replica was driving, or was asked to, which may still have work waiting."""
+        turn's late writes). Every conversation this replica lets go of, with work waiting, is
+        handed back to the other replicas as it lets go of it: in the lease's release when it
+        held one (locks.py), else at once (handback.py). Returns those handed back."""
         self._closing = True
         for conversation_id, handle in self._timers.items():
             handle.cancel()
-            self._handback.add(conversation_id)
-        self._handback.update(self._tasks)
+            self._give(conversation_id)
+        self._timers.clear()
         tasks = list(self._tasks.values())
         if tasks and grace > 0:
             # Drivers stop before their next turn (see _hold) and release their conversation.
@@ -136,23 +145,82 @@ class Dispatcher:
             tasks = list(running)
         for task in tasks:
             task.cancel()
-        if not tasks:
-            return set(self._handback)
-        # A cancelled driver still releases its conversation and lease on the way out; if
-        # PostgreSQL or Redis hangs, shutdown goes on without it (the lease expires by itself
-        # and the sweeper resumes the turn).
-        done, pending = await asyncio.wait(tasks, timeout=self.close_timeout)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.warning("a conversation driver failed while stopping: %r", task.exception())
-        if pending:
+        if tasks:
+            # A cancelled driver still releases its conversation and lease on the way out; if
+            # PostgreSQL or Redis hangs, shutdown goes on without it (the lease expires by
+            # itself and the sweeper resumes the turn).
+            done, pending = await asyncio.wait(tasks, timeout=self.close_timeout)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning("a conversation driver failed while stopping: %r", task.exception())
+            if pending:
+                log.warning(
+                    "%d conversation drivers did not stop within %.1f s; leaving them",
+                    len(pending),
+                    self.close_timeout,
+                    extra={"drivers": sorted(t.get_name() for t in pending)},
+                )
+                for conversation_id, task in list(self._tasks.items()):
+                    if task in pending:
+                        self._give(conversation_id)
+        if self._giver is not None:
+            # Each hand-back is bounded (handback.HANDBACK_TIMEOUT); no driver gives any more.
+            await asyncio.wait([self._giver], timeout=2 * handback.HANDBACK_TIMEOUT)
+        if self._unheard:
             log.warning(
-                "%d conversation drivers did not stop within %.1f s; leaving them",
-                len(pending),
-                self.close_timeout,
-                extra={"drivers": sorted(t.get_name() for t in pending)},
+                "no other state replica heard %d conversations handed back; the next start "
+                "resumes them",
+                self._unheard,
             )
-        return set(self._handback)
+            self._unheard = 0
+        return set(self._handed)
+
+    def _give(self, conversation_id: int) -> None:
+        """Closing: hands a conversation this replica does not hold back to the others, now
+        (with those given meanwhile), if work waits."""
+        if conversation_id in self._handed:
+            return
+        self._giving.add(conversation_id)
+        if self._giver is None or self._giver.done():
+            self._giver = asyncio.create_task(
+                self._hand_back(), name="handback-give", context=contextvars.Context()
+            )
+
+    async def _hand_back(self) -> None:
+        with telemetry.untraced():  # housekeeping of a stopping replica, no message's trace
+            while self._giving:
+                giving, self._giving = self._giving - self._handed, set()
+                self._handed.update(
+                    await handback.hand_back(
+                        self.pool,
+                        self.locks.client,
+                        self.locks.prefix,
+                        self.locks.instance,
+                        giving,
+                    )
+                )
+
+    async def _release_handing_back(self, lease: Lease) -> None:
+        """Closing: releases a held conversation and hands it back in the same step (locks.py),
+        when work waits or someone asked for it meanwhile."""
+        conversation_id = lease.conversation_id
+        try:
+            waiting = await store.has_waiting(self.pool, conversation_id)
+        except Exception:
+            waiting = True  # whoever takes it looks for itself
+        published, heard = await self.locks.release_handing_back(
+            lease, handback.payload(self.locks.instance, [conversation_id]), waiting
+        )
+        if not published:
+            return
+        self._handed.add(conversation_id)
+        metrics.HANDBACK.labels("given").inc()
+        log.info(
+            "handed conversations back",
+            extra={"conversations": 1, "receivers": int(heard), "conversation_id": conversation_id},
+        )
+        if not heard:
+            self._unheard += 1
 
     async def _drive(self, conversation_id: int) -> None:
         # Claiming, leases and the queue are the conversation's, not one message's: untraced.
@@ -167,7 +235,11 @@ class Dispatcher:
             # can slip in; a pending retry timer will notify by itself.
             if self._tasks.get(conversation_id) is asyncio.current_task():
                 del self._tasks[conversation_id]
-            if conversation_id in self._dirty and conversation_id not in self._timers:
+            if self._closing:
+                # Not handed back in its release (none, or it found nothing waiting): the
+                # hand-back looks again, now that the conversation is free.
+                self._give(conversation_id)
+            elif conversation_id in self._dirty and conversation_id not in self._timers:
                 self.notify(conversation_id)
 
     async def _drive_untraced(self, conversation_id: int) -> None:
@@ -176,8 +248,7 @@ class Dispatcher:
             try:
                 while True:
                     if self._closing:
-                        self._handback.add(conversation_id)
-                        return
+                        return  # handed back on the way out (_drive)
                     self._dirty.discard(conversation_id)
                     try:
                         held = await self._hold(conversation_id)
@@ -254,7 +325,10 @@ class Dispatcher:
                 with contextlib.suppress(Exception):
                     await store.release_conversation(self.pool, conversation_id, token)
             with contextlib.suppress(Exception):
-                await self.locks.release(lease)
+                if self._closing:
+                    await self._release_handing_back(lease)
+                else:
+                    await self.locks.release(lease)
         return lease
 
     async def _turn(

@@ -4,7 +4,9 @@ other replicas, over Redis pub/sub, so that none of them waits for a sweeper.
 Only at shutdown: while it runs, a replica that releases a conversation takes it again itself
 when work arrived meanwhile (services/state/dispatcher.py). A replica that stops cannot, and
 the messages other replicas ingested for its conversations while it held them were dropped by
-those replicas' dispatchers (the lease was taken). Pub/sub is fire-and-forget, which is enough
+those replicas' dispatchers (the lease was taken). A conversation it holds is handed back by
+the lease's release itself (services/state/locks.py); one it does not hold (asked for while
+stopping, or waiting for a retry) by `hand_back`. Pub/sub is fire-and-forget, which is enough
 here: if no replica hears it (the last one stopping, Redis down), the next start resumes every
 waiting conversation and the sweepers recover what is left, as after a crash.
 """
@@ -22,6 +24,7 @@ import redis.asyncio as aioredis
 from common import retry
 
 from . import metrics, store
+from .locks import handback_channel
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,8 @@ RESUBSCRIBE_MAX_SECONDS = 10.0
 LISTEN_SECONDS = 15.0
 
 
-def channel(prefix: str) -> str:
-    return f"{prefix}handback"
+def payload(instance: str, conversations: list[int]) -> bytes:
+    return orjson.dumps({"from": instance, "conversations": conversations})
 
 
 async def hand_back(
@@ -46,8 +49,9 @@ async def hand_back(
     instance: str,
     conversations: set[int],
 ) -> list[int]:
-    """Publishes those of `conversations` with work waiting; returns them. Called once every
-    lease of this replica is released, so a replica that hears it can take them at once."""
+    """Publishes those of `conversations` with work waiting; returns them. Called for
+    conversations this replica does not hold, so a replica that hears it can take them at
+    once."""
     if not conversations:
         return []
     try:
@@ -55,8 +59,8 @@ async def hand_back(
             waiting = await store.waiting_among(pool, sorted(conversations))
             if not waiting:
                 return []
-            payload = orjson.dumps({"from": instance, "conversations": waiting})
-            receivers = await redis.publish(channel(prefix), payload)
+            message = payload(instance, waiting)
+            receivers = await redis.publish(handback_channel(prefix), message)
     except Exception as exc:
         log.warning("could not hand conversations back; the sweepers will: %r", exc)
         return []
@@ -82,7 +86,7 @@ class Listener:
         notify: Callable[[int], None],
     ) -> None:
         self.redis = redis
-        self.channel = channel(prefix)
+        self.channel = handback_channel(prefix)
         self.instance = instance
         self.notify = notify
         self._stop = asyncio.Event()

@@ -51,6 +51,22 @@ if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('del', KEYS[1])
 return 1 + 2 * redis.call('del', KEYS[2])
 """
+# A stopping replica's release (services/state/dispatcher.py, `close`): also publishes the
+# conversation on the hand-back channel (services/state/handback.py) when work waits (ARGV[2])
+# or someone asked for it meanwhile. In the same script, so there is no moment at which the
+# conversation is free and no other replica has been told: a sweeper looking then would take
+# its waiting messages as abandoned. Bits of the answer: 1 released, 2 asked, 4 published and
+# heard by some replica.
+_RELEASE_HANDING_BACK = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('del', KEYS[1])
+local asked = redis.call('del', KEYS[2])
+local heard = 0
+if asked == 1 or ARGV[2] == '1' then
+  heard = math.min(redis.call('publish', ARGV[3], ARGV[4]), 1)
+end
+return 1 + 2 * asked + 4 * heard
+"""
 # The mark outlives any hold (a hold renews its lease while its turns run); one left behind
 # by a dead holder costs the next holder one look, nothing more.
 WANTED_TTL_MS = 3_600_000
@@ -62,13 +78,18 @@ return 0
 """
 
 
+def handback_channel(prefix: str) -> str:
+    """The pub/sub channel of stopping replicas' hand-backs (services/state/handback.py)."""
+    return f"{prefix}handback"
+
+
 @dataclass(frozen=True, slots=True)
 class _Call:
     """One script call: the script, its keys, its arguments."""
 
     script: AsyncScript
     keys: tuple[str, ...]
-    args: tuple[str | int, ...]
+    args: tuple[str | int | bytes, ...]
 
 
 @dataclass
@@ -99,6 +120,8 @@ class Locks:
         self._release = client.register_script(_RELEASE)
         self._acquire = client.register_script(_ACQUIRE)
         self._release_asked = client.register_script(_RELEASE_ASKED)
+        self._release_handing_back = client.register_script(_RELEASE_HANDING_BACK)
+        self.handback_channel = handback_channel(prefix)
         self._renew = client.register_script(_RENEW)
         self._calls: Coalescer[_Call, object] = Coalescer("redis_lease", self._run_batch)
         # The leases of the holds running (keep_renewed), and the one timer that renews them.
@@ -136,6 +159,20 @@ class Locks:
         lease.wanted = answer != 1
         return answer in (1, 3)
 
+    async def release_handing_back(
+        self, lease: Lease, payload: bytes, waiting: bool
+    ) -> tuple[bool, bool]:
+        """`release`, publishing `payload` on the hand-back channel in the same step when work
+        waits or someone asked for the conversation (`_RELEASE_HANDING_BACK`). Returns whether
+        it was published, and whether some replica heard it."""
+        keys = (self.lock_key(lease.conversation_id), self.wanted_key(lease.conversation_id))
+        args = (lease.owner, int(waiting), self.handback_channel, payload)
+        answer = await self._run(self._release_handing_back, keys, *args)
+        answer = int(answer)  # type: ignore[call-overload]
+        lease.wanted = answer & 2 != 0
+        published = answer & 1 != 0 and (waiting or lease.wanted)
+        return published, answer & 4 != 0
+
     async def renew(self, lease: Lease) -> bool:
         asked = time.monotonic()
         keys = (self.lock_key(lease.conversation_id),)
@@ -146,7 +183,9 @@ class Locks:
             lease.renewed_at = asked
         return ok
 
-    async def _run(self, script: AsyncScript, keys: tuple[str, ...], *args: str | int) -> object:
+    async def _run(
+        self, script: AsyncScript, keys: tuple[str, ...], *args: str | int | bytes
+    ) -> object:
         """One script call, sent with whatever other calls wait (module docstring)."""
         return await self._calls.submit(_Call(script, keys, args))
 

@@ -529,7 +529,9 @@ def caller_identity(context: grpc.aio.ServicerContext) -> str:
 
 
 @contextlib.asynccontextmanager
-async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterator[list[str]]:
+async def setup(
+    server: grpc.aio.Server, settings: StateSettings, stopping: asyncio.Event
+) -> AsyncIterator[list[str]]:
     # The owner migrates (`make run`, `wa migrate`, compose's job); this role cannot, and
     # will not run on a database its code does not match.
     with telemetry.untraced():
@@ -599,21 +601,20 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
             log.warning("WA_ENHANCED_PROCESSING=false: ingest and acknowledge only")
         servicer = StateServicer(pool, locks, dispatcher, settings)
         state_pb2_grpc.add_StateServicer_to_server(servicer, server)
+        scale_in = asyncio.create_task(
+            _stop_taking_turns(stopping, listener, dispatcher, settings.drain_seconds),
+            name="scale-in",
+        )
         try:
             yield [state_pb2.DESCRIPTOR.services_by_name["State"].full_name]
         finally:
+            stopping.set()  # also when the server failed rather than was told to stop
             pruner.stop()
             await servicer.drain(INGEST_DRAIN_SECONDS)
-            # Scale-in: take nothing more, let the turns in flight finish, release every lease
-            # and hand what waits to the other replicas (handback.py). The sweeper heartbeats
-            # meanwhile, so nobody breaks the leases of turns that are finishing.
-            if listener is not None:
-                listener.stop()
+            await scale_in
             if dispatcher is not None:
-                leaving = await dispatcher.close(settings.drain_seconds)
-                await handback.hand_back(
-                    pool, redis, settings.redis_prefix, locks.instance, leaving
-                )
+                # What the batches stored since were notified for goes back too.
+                await dispatcher.close()
             if sweeper is not None:
                 sweeper.stop()
             for task in background:
@@ -622,6 +623,24 @@ async def setup(server: grpc.aio.Server, settings: StateSettings) -> AsyncIterat
                     await task
             await redis.aclose()
             await pool.close()
+
+
+async def _stop_taking_turns(
+    stopping: asyncio.Event,
+    listener: handback.Listener | None,
+    dispatcher: Dispatcher | None,
+    drain_seconds: float,
+) -> None:
+    """Scale-in, from the moment the replica is told to stop: it starts no turn, lets those
+    in flight finish, releases every lease and hands what waits to the other replicas
+    (handback.py), while its server still stores what the gateways send (and hands that back
+    too). The sweeper heartbeats meanwhile, so nobody breaks the leases of turns that are
+    finishing."""
+    await stopping.wait()
+    if listener is not None:
+        listener.stop()
+    if dispatcher is not None:
+        await dispatcher.close(drain_seconds)
 
 
 # How long a stopping replica waits for the batches still being stored: each is bounded by

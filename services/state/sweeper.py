@@ -134,6 +134,8 @@ class Sweeper:
                 why = "stuck past the timeout" if alive else "its holder's process is gone"
                 log.warning("broke a conversation lease: %s", why, extra={"conversation_id": conv})
                 metrics.RECOVERED.labels("lease").inc()
+            elif self.dispatcher.driving(conv):
+                continue  # handed over while we looked (a stopping replica's hand-back)
             else:
                 metrics.RECOVERED.labels("unstarted").inc()
             recovered.append(conv)

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError
 
 from common import kv
+from services.state.locks import Locks
 from tests.e2e.test_dlq import wa, wait_for
 from tests.support import payloads
 from tests.support.fakes import FakeGraph
@@ -82,6 +83,11 @@ async def test_only_the_state_service_gets_in_and_only_to_what_it_uses(
         assert await state.set(f"{PREFIX}probe", "1", px=10_000)
         assert await state.get(f"{PREFIX}probe") == "1"
         assert await state.publish(f"{PREFIX}handback", "{}") >= 1  # the service listens
+        # A stopping replica's release publishes from inside its script (services/state/locks.py).
+        locks = Locks(state, ttl_seconds=30, prefix=PREFIX)
+        lease = await locks.acquire(10**12)
+        assert lease is not None
+        assert await locks.release_handing_back(lease, b"{}", waiting=True) == (True, True)
         # ...but nothing outside its prefix, and none of the commands it does not use.
         for command in (
             ("SET", "other:probe", "1"),

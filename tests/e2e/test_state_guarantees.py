@@ -130,6 +130,34 @@ async def test_sigkill_mid_burst_every_acknowledged_message_is_replied_once(
         assert seq == sorted(seq)
 
 
+async def test_a_state_service_told_to_stop_starts_no_turn_and_its_next_start_answers(
+    start_system: StartSystem, graph: FakeGraph, conv_model: FakeModel
+) -> None:
+    """SIGTERM (scale-in, a deploy): the turn in flight finishes, the message waiting behind it
+    is not started, though the server still takes calls for a moment (the gateway's open
+    stream); with no other replica to take it, the next start answers it."""
+    conv_model.delay = 0.6
+    system = await start_system(**conv_model.env())
+    base = int(time.time())
+    first, doc = cv.message_doc(1, 0, base)
+    second, doc_2 = cv.message_doc(1, 1, base)
+    assert (await system.post(doc)).status_code == 200
+    assert (await system.post(doc_2)).status_code == 200
+    assert await asyncio.to_thread(conv_model.wait_for, lambda: len(conv_model.requests) == 1)
+    # The first turn ends 0.6 s after it started: well before the server has stopped (it
+    # waits for the gateway's calls, opened just now, to end).
+    await system.sup.stop(system.replicas("state"), timeout=15)
+    assert cv.seen_by_model(conv_model) == {"c001": [0]}
+    assert (await system.statuses()) == {first: "replied", second: "received"}
+    assert [e for e in system.events if "killing it" in e] == []
+    assert any("no other state replica heard" in m["msg"] for m in system.log_lines("state"))
+
+    await system.start(("state",))
+    await system.wait_status([second], {"replied"})
+    assert cv.seen_by_model(conv_model) == {"c001": [0, 1]}
+    assert cv.replies_per_message(graph) == {first: 1, second: 1}
+
+
 async def test_processing_switched_off_acknowledges_only_and_resumes_in_order(
     start_system: StartSystem, graph: FakeGraph, conv_model: FakeModel
 ) -> None:

@@ -188,48 +188,119 @@ async def test_a_message_redriven_by_the_replica_without_the_lease_is_driven_by_
         await r.race(conversation, redriven_by_the_other_replica, ["wamid.R1", "wamid.R2"])
 
 
-async def test_a_stopping_replica_finishes_its_turn_and_hands_the_rest_to_another(
-    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
-) -> None:
-    turns: list[tuple[str, str]] = []
-    async with redis_client(redis_server.url) as client:
-        locks = Locks(client, ttl_seconds=30, prefix=redis_prefix)
-        stopping_agent = Agent(turns, "stopping", delay=0.3)
+@contextlib.asynccontextmanager
+async def scaling_in(
+    pool: asyncpg.Pool, redis_url: str, prefix: str, stopping_agent: Agent
+) -> AsyncIterator[tuple[Dispatcher, Locks]]:
+    """A replica about to stop (its dispatcher and locks, driving with `stopping_agent`) and one
+    that stays, listening for hand-backs and answering as "staying" in the agent's log."""
+    async with redis_client(redis_url) as client:
+        locks = Locks(client, ttl_seconds=30, prefix=prefix)
         stopping = Dispatcher(pool, locks, stopping_agent, Dlq())
-        staying_locks = Locks(client, ttl_seconds=30, prefix=redis_prefix)
-        staying = Dispatcher(pool, staying_locks, Agent(turns, "staying"), Dlq())
-        listener = handback.Listener(client, redis_prefix, staying_locks.instance, staying.notify)
+        staying_locks = Locks(client, ttl_seconds=30, prefix=prefix)
+        staying = Dispatcher(pool, staying_locks, Agent(stopping_agent.log, "staying"), Dlq())
+        listener = handback.Listener(client, prefix, staying_locks.instance, staying.notify)
         listening = asyncio.create_task(listener.run())
         try:
             async with asyncio.timeout(5):
                 await listener.subscribed.wait()
-            ids = [f"wamid.S{n}" for n in range(3)]
-            base = 1_700_000_000
-            ingested, _ = await store.ingest(
-                pool, [inbound(m, ts=base + n) for n, m in enumerate(ids)], [], "c", ""
-            )
-            conversation = ingested[0].conversation_id
-            stopping.notify(conversation)
-            async with asyncio.timeout(5):
-                await stopping_agent.started.wait()
-
-            # SIGTERM: the turn in flight (0.3 s) has 5 s to finish; the rest goes back.
-            leaving = await stopping.close(grace=5.0)
-            assert leaving == {conversation}
-            assert await locks.holder(conversation) is None  # its lease is released
-            assert turns == [("stopping", "wamid.S0")]  # finished, not cut off
-            assert await handback.hand_back(
-                pool, client, redis_prefix, locks.instance, leaving
-            ) == [conversation]
-            await replied(pool, ids, timeout=3)
-            assert turns == [
-                ("stopping", "wamid.S0"),
-                ("staying", "wamid.S1"),
-                ("staying", "wamid.S2"),
-            ]
-            # Nothing waits any more: a second hand-back names nothing.
-            assert await handback.hand_back(pool, client, redis_prefix, "x", leaving) == []
+            yield stopping, locks
         finally:
             listener.stop()
             await listening
             await staying.close()
+
+
+async def test_a_stopping_replica_finishes_its_turn_and_hands_the_rest_to_another(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    turns: list[tuple[str, str]] = []
+    stopping_agent = Agent(turns, "stopping", delay=0.3)
+    async with scaling_in(pool, redis_server.url, redis_prefix, stopping_agent) as (
+        stopping,
+        locks,
+    ):
+        ids = [f"wamid.S{n}" for n in range(3)]
+        base = 1_700_000_000
+        ingested, _ = await store.ingest(
+            pool, [inbound(m, ts=base + n) for n, m in enumerate(ids)], [], "c", ""
+        )
+        conversation = ingested[0].conversation_id
+        stopping.notify(conversation)
+        async with asyncio.timeout(5):
+            await stopping_agent.started.wait()
+
+        # SIGTERM: the turn in flight (0.3 s) has 5 s to finish; the rest goes back, in the
+        # release of its lease.
+        assert await stopping.close(grace=5.0) == {conversation}
+        assert await locks.holder(conversation) is None  # its lease is released
+        assert turns[0] == ("stopping", "wamid.S0")  # finished, not cut off
+        await replied(pool, ids, timeout=3)
+        assert turns == [
+            ("stopping", "wamid.S0"),
+            ("staying", "wamid.S1"),
+            ("staying", "wamid.S2"),
+        ]
+        # Nothing waits any more: a hand-back names nothing.
+        assert await handback.hand_back(pool, locks.client, redis_prefix, "x", {conversation}) == []
+
+
+class SlowOnce(Agent):
+    """Answers `slow_id` after 2 s, every other turn after 0.1 s; `slow` is set once the slow
+    turn has started."""
+
+    def __init__(self, log: list[tuple[str, str]], replica: str, slow_id: str) -> None:
+        super().__init__(log, replica)
+        self.slow_id = slow_id
+        self.slow = asyncio.Event()
+
+    async def reply(self, item: store.WorkItem, token: int) -> TurnResult:
+        if item.message_id == self.slow_id:
+            self.slow.set()
+        self.delay = 2.0 if item.message_id == self.slow_id else 0.1
+        return await super().reply(item, token)
+
+
+async def test_a_stopping_replica_hands_back_each_conversation_as_it_lets_go_of_it(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    """A conversation whose turn ends early in a stop goes back then, not once the slowest
+    turn of the replica has ended: until handed back, its waiting messages are seen by no
+    replica but the sweepers."""
+    turns: list[tuple[str, str]] = []
+    stopping_agent = SlowOnce(turns, "stopping", "wamid.B0")
+    async with scaling_in(pool, redis_server.url, redis_prefix, stopping_agent) as (stopping, _):
+        base = 1_700_000_000
+        quick = ["wamid.A0", "wamid.A1", "wamid.A2"]
+        ingested, _ = await store.ingest(
+            pool,
+            [
+                *(inbound(m, "15550000001", ts=base + n) for n, m in enumerate(quick)),
+                inbound("wamid.B0", "15550000002", ts=base),
+                inbound("wamid.B1", "15550000002", ts=base + 1),
+            ],
+            [],
+            "c",
+            "",
+        )
+        conversations = sorted({i.conversation_id for i in ingested})
+        assert len(conversations) == 2
+        for conversation in conversations:
+            stopping.notify(conversation)
+        async with asyncio.timeout(5):
+            await stopping_agent.slow.wait()  # both turns in flight: A0 ends in 0.1 s, B0 in 2
+
+        closing = asyncio.create_task(stopping.close(grace=5.0))
+        await replied(pool, quick, timeout=1.5)
+        assert not closing.done()  # B0's turn still runs
+        assert await closing == set(conversations)
+        await replied(pool, ["wamid.B0", "wamid.B1"], timeout=3)
+        assert sorted(turns) == sorted(
+            [
+                ("stopping", "wamid.A0"),
+                ("staying", "wamid.A1"),
+                ("staying", "wamid.A2"),
+                ("stopping", "wamid.B0"),
+                ("staying", "wamid.B1"),
+            ]
+        )

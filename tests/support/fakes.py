@@ -15,12 +15,13 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 
 import httpx
 
 from cli.simulate import status_delivery, status_entry
+from devtools.loopback import LoopbackServer
 from devtools.system import ACCESS_TOKEN
 
 
@@ -83,8 +84,7 @@ class FakeServer:
                     outer.requests.append(rec)
                 outer.respond_get(self, rec)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = LoopbackServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import gzip
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from devtools.loopback import LoopbackServer
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,7 @@ class OtlpReceiver:
                 self.end_headers()
                 self.wfile.write(answer)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = LoopbackServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
