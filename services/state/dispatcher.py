@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import time
 
@@ -82,12 +83,18 @@ class Dispatcher:
         self._giving: set[int] = set()
         self._giver: asyncio.Task[None] | None = None
         self._unheard = 0
+        # Those whose driver's last release handed them back (its exit need not), and those
+        # whose driver is letting go of them (a close does not cut that short).
+        self._released_back: set[int] = set()
+        self._letting_go: set[int] = set()
 
     def notify(self, conversation_id: int) -> None:
         """There may be work for this conversation; drive it unless already driving it."""
         if self._closing:
-            # Its driver, if it has one, hands it back on its way out.
-            if conversation_id not in self._tasks:
+            if conversation_id in self._tasks:
+                # Its driver hands it back on its way out, this too (_drive).
+                self._dirty.add(conversation_id)
+            else:
                 self._give(conversation_id)
             return
         if conversation_id in self._tasks:
@@ -102,12 +109,15 @@ class Dispatcher:
         )
         self._tasks[conversation_id] = task
         # The driver deregisters itself (see _drive); this only covers a task cancelled before
-        # it ever ran, and never removes a successor registered meanwhile.
-        task.add_done_callback(
-            lambda t: (
-                self._tasks.pop(conversation_id) if self._tasks.get(conversation_id) is t else None
-            )
-        )
+        # it ever ran (by a close: its conversation goes back), and never removes a successor
+        # registered meanwhile.
+        task.add_done_callback(functools.partial(self._ended, conversation_id))
+
+    def _ended(self, conversation_id: int, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(conversation_id) is task:
+            del self._tasks[conversation_id]
+            if self._closing:
+                self._give(conversation_id)
 
     def driving(self, conversation_id: int) -> bool:
         return conversation_id in self._tasks
@@ -143,8 +153,13 @@ class Dispatcher:
             # Drivers stop before their next turn (see _hold) and release their conversation.
             _, running = await asyncio.wait(tasks, timeout=grace)
             tasks = list(running)
-        for task in tasks:
-            task.cancel()
+        cut = set(tasks)
+        for conversation_id, task in list(self._tasks.items()):
+            # One letting go of its conversation is not cut short: cut between the release of
+            # the conversation and of its lease, it would leave the lease held until it
+            # expired (the conversation's messages waiting as long).
+            if task in cut and conversation_id not in self._letting_go:
+                task.cancel()
         if tasks:
             # A cancelled driver still releases its conversation and lease on the way out; if
             # PostgreSQL or Redis hangs, shutdown goes on without it (the lease expires by
@@ -160,12 +175,15 @@ class Dispatcher:
                     self.close_timeout,
                     extra={"drivers": sorted(t.get_name() for t in pending)},
                 )
-                for conversation_id, task in list(self._tasks.items()):
-                    if task in pending:
-                        self._give(conversation_id)
-        if self._giver is not None:
-            # Each hand-back is bounded (handback.HANDBACK_TIMEOUT); no driver gives any more.
-            await asyncio.wait([self._giver], timeout=2 * handback.HANDBACK_TIMEOUT)
+        # Each hand-back is bounded (handback.HANDBACK_TIMEOUT); one may start while another
+        # ends, until every driver has gone.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 2 * handback.HANDBACK_TIMEOUT
+        while self._giver is not None and not self._giver.done():
+            if (left := until - loop.time()) <= 0:
+                log.warning("handing conversations back did not end in time; leaving it")
+                break
+            await asyncio.wait([self._giver], timeout=left)
         if self._unheard:
             log.warning(
                 "no other state replica heard %d conversations handed back; the next start "
@@ -177,9 +195,8 @@ class Dispatcher:
 
     def _give(self, conversation_id: int) -> None:
         """Closing: hands a conversation this replica does not hold back to the others, now
-        (with those given meanwhile), if work waits."""
-        if conversation_id in self._handed:
-            return
+        (with those given meanwhile), if work waits. Again if it was handed back before: the
+        replica still stores what the gateways send until its server has stopped."""
         self._giving.add(conversation_id)
         if self._giver is None or self._giver.done():
             self._giver = asyncio.create_task(
@@ -189,7 +206,7 @@ class Dispatcher:
     async def _hand_back(self) -> None:
         with telemetry.untraced():  # housekeeping of a stopping replica, no message's trace
             while self._giving:
-                giving, self._giving = self._giving - self._handed, set()
+                giving, self._giving = self._giving, set()
                 self._handed.update(
                     await handback.hand_back(
                         self.pool,
@@ -214,6 +231,7 @@ class Dispatcher:
         if not published:
             return
         self._handed.add(conversation_id)
+        self._released_back.add(conversation_id)
         metrics.HANDBACK.labels("given").inc()
         log.info(
             "handed conversations back",
@@ -236,9 +254,13 @@ class Dispatcher:
             if self._tasks.get(conversation_id) is asyncio.current_task():
                 del self._tasks[conversation_id]
             if self._closing:
-                # Not handed back in its release (none, or it found nothing waiting): the
+                # Unless its release handed it back, and nothing was notified since, the
                 # hand-back looks again, now that the conversation is free.
-                self._give(conversation_id)
+                released_back = conversation_id in self._released_back
+                self._released_back.discard(conversation_id)
+                if not released_back or conversation_id in self._dirty:
+                    self._dirty.discard(conversation_id)
+                    self._give(conversation_id)
             elif conversation_id in self._dirty and conversation_id not in self._timers:
                 self.notify(conversation_id)
 
@@ -321,14 +343,18 @@ class Dispatcher:
                         break
                     following = await self._turn(lease, item, token)
         finally:
-            if token is not None and not lease.lost and not released:
+            self._letting_go.add(conversation_id)
+            try:
+                if token is not None and not lease.lost and not released:
+                    with contextlib.suppress(Exception):
+                        await store.release_conversation(self.pool, conversation_id, token)
                 with contextlib.suppress(Exception):
-                    await store.release_conversation(self.pool, conversation_id, token)
-            with contextlib.suppress(Exception):
-                if self._closing:
-                    await self._release_handing_back(lease)
-                else:
-                    await self.locks.release(lease)
+                    if self._closing:
+                        await self._release_handing_back(lease)
+                    else:
+                        await self.locks.release(lease)
+            finally:
+                self._letting_go.discard(conversation_id)
         return lease
 
     async def _turn(

@@ -63,7 +63,10 @@ redis.call('del', KEYS[1])
 local asked = redis.call('del', KEYS[2])
 local heard = 0
 if asked == 1 or ARGV[2] == '1' then
-  heard = math.min(redis.call('publish', ARGV[3], ARGV[4]), 1)
+  -- pcall: the lease is released whatever becomes of the message (an ACL without the
+  -- channel); unheard, the conversation waits for the sweepers, as if nobody had listened.
+  local receivers = redis.pcall('publish', ARGV[3], ARGV[4])
+  if type(receivers) == 'number' and receivers > 0 then heard = 1 end
 end
 return 1 + 2 * asked + 4 * heard
 """
@@ -169,9 +172,9 @@ class Locks:
         args = (lease.owner, int(waiting), self.handback_channel, payload)
         answer = await self._run(self._release_handing_back, keys, *args)
         answer = int(answer)  # type: ignore[call-overload]
-        lease.wanted = answer & 2 != 0
-        published = answer & 1 != 0 and (waiting or lease.wanted)
-        return published, answer & 4 != 0
+        released, asked = answer & 1 != 0, answer & 2 != 0
+        lease.wanted = asked or not released  # as `release`: unknown, so assumed
+        return released and (waiting or asked), answer & 4 != 0
 
     async def renew(self, lease: Lease) -> bool:
         asked = time.monotonic()

@@ -611,16 +611,20 @@ async def setup(
             stopping.set()  # also when the server failed rather than was told to stop
             pruner.stop()
             await servicer.drain(INGEST_DRAIN_SECONDS)
-            await scale_in
-            if dispatcher is not None:
-                # What the batches stored since were notified for goes back too.
-                await dispatcher.close()
+            try:
+                await scale_in
+            except Exception:
+                log.exception("stopping the dispatcher failed; the sweepers recover its work")
             if sweeper is not None:
                 sweeper.stop()
             for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if dispatcher is not None:
+                # Nothing notifies it any more: what the batches stored since it closed (and
+                # the sweeper found) goes back too, before Redis and the pool close.
+                await dispatcher.close()
             await redis.aclose()
             await pool.close()
 

@@ -190,13 +190,18 @@ async def test_a_message_redriven_by_the_replica_without_the_lease_is_driven_by_
 
 @contextlib.asynccontextmanager
 async def scaling_in(
-    pool: asyncpg.Pool, redis_url: str, prefix: str, stopping_agent: Agent
+    pool: asyncpg.Pool,
+    redis_url: str,
+    prefix: str,
+    stopping_agent: Agent,
+    stopping_pool: Any = None,
 ) -> AsyncIterator[tuple[Dispatcher, Locks]]:
-    """A replica about to stop (its dispatcher and locks, driving with `stopping_agent`) and one
-    that stays, listening for hand-backs and answering as "staying" in the agent's log."""
+    """A replica about to stop (its dispatcher and locks, driving with `stopping_agent`, on
+    `stopping_pool` if given) and one that stays, listening for hand-backs and answering as
+    "staying" in the agent's log."""
     async with redis_client(redis_url) as client:
         locks = Locks(client, ttl_seconds=30, prefix=prefix)
-        stopping = Dispatcher(pool, locks, stopping_agent, Dlq())
+        stopping = Dispatcher(stopping_pool or pool, locks, stopping_agent, Dlq())
         staying_locks = Locks(client, ttl_seconds=30, prefix=prefix)
         staying = Dispatcher(pool, staying_locks, Agent(stopping_agent.log, "staying"), Dlq())
         listener = handback.Listener(client, prefix, staying_locks.instance, staying.notify)
@@ -304,3 +309,91 @@ async def test_a_stopping_replica_hands_back_each_conversation_as_it_lets_go_of_
                 ("staying", "wamid.B1"),
             ]
         )
+
+
+async def test_a_message_stored_after_its_conversation_went_back_goes_back_too(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Until its server has stopped, a stopping replica still stores what the gateways send
+    on their open streams: a conversation it handed back once goes back again."""
+    turns: list[tuple[str, str]] = []
+    agent = Agent(turns, "stopping", delay=0.3)
+    async with scaling_in(pool, redis_server.url, redis_prefix, agent) as (stopping, _):
+        base = 1_700_000_000
+        ingested, _ = await store.ingest(
+            pool, [inbound("wamid.X0", ts=base), inbound("wamid.X1", ts=base + 1)], [], "c", ""
+        )
+        conversation = ingested[0].conversation_id
+        stopping.notify(conversation)
+        async with asyncio.timeout(5):
+            await agent.started.wait()
+        assert await stopping.close(grace=5.0) == {conversation}
+        await replied(pool, ["wamid.X0", "wamid.X1"], timeout=3)
+
+        ingested, _ = await store.ingest(pool, [inbound("wamid.X2", ts=base + 2)], [], "c", "")
+        assert ingested[0].conversation_id == conversation
+        stopping.notify(conversation)  # as the state's Ingests handler does after storing
+        await stopping.close()  # as the set-up does once its server has stopped
+        await replied(pool, ["wamid.X2"], timeout=3)
+        assert turns == [
+            ("stopping", "wamid.X0"),
+            ("staying", "wamid.X1"),
+            ("staying", "wamid.X2"),
+        ]
+
+
+class SlowLook:
+    """The real pool, whose look for waiting work takes 0.5 s (a busy pool at shutdown)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if query == store.Q["has_waiting"]:
+            await asyncio.sleep(0.5)
+        return await self.pool.fetchval(query, *args, **kwargs)
+
+
+async def test_a_driver_letting_go_when_the_grace_ends_is_not_cut_short(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Cut between releasing its conversation and its lease, a driver would leave the lease
+    held until it expired, and the conversation's messages waiting as long."""
+    turns: list[tuple[str, str]] = []
+    agent = Agent(turns, "stopping", delay=0.2)
+    async with scaling_in(
+        pool, redis_server.url, redis_prefix, agent, stopping_pool=SlowLook(pool)
+    ) as (stopping, locks):
+        base = 1_700_000_000
+        ingested, _ = await store.ingest(
+            pool, [inbound("wamid.Y0", ts=base), inbound("wamid.Y1", ts=base + 1)], [], "c", ""
+        )
+        conversation = ingested[0].conversation_id
+        stopping.notify(conversation)
+        async with asyncio.timeout(5):
+            await agent.started.wait()
+        # Y0's turn ends at 0.2 s; the driver then looks for waiting work until 0.7 s, past
+        # the grace.
+        assert await stopping.close(grace=0.5) == {conversation}
+        assert await locks.holder(conversation) is None
+        await replied(pool, ["wamid.Y0", "wamid.Y1"], timeout=3)
+        assert turns == [("stopping", "wamid.Y0"), ("staying", "wamid.Y1")]
+
+
+async def test_a_conversation_notified_as_the_stop_begins_goes_back(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    """A driver the close cancels before it ever ran (DRAIN_SECONDS=0, or an ingest's notify
+    in the same pass of the event loop) still hands its conversation back."""
+    turns: list[tuple[str, str]] = []
+    agent = Agent(turns, "stopping")
+    async with scaling_in(pool, redis_server.url, redis_prefix, agent) as (stopping, _):
+        ingested, _ = await store.ingest(pool, [inbound("wamid.Z0", ts=1_700_000_000)], [], "c", "")
+        conversation = ingested[0].conversation_id
+        stopping.notify(conversation)
+        assert await stopping.close() == {conversation}
+        await replied(pool, ["wamid.Z0"], timeout=3)
+        assert turns == [("staying", "wamid.Z0")]
