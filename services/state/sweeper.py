@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 # Work younger than this is still in the hands of whoever acknowledged it.
 UNSTARTED_GRACE_SECONDS = 3.0
+# A conversation found free with work waiting is looked at again this long after, before it is
+# taken as abandoned: one just released and about to be taken again (by its holder, which looks
+# for work after each release, or by the replica a stopping one handed it to) is not.
+SETTLE_SECONDS = 0.1
 # A process whose heartbeat is older than this is gone; its leases can be broken.
 HEARTBEAT_TTL_SECONDS = 5.0
 # How often each replica heartbeats and looks whether a sweep is due.
@@ -120,26 +124,33 @@ class Sweeper:
         candidates = await store.sweep_candidates(
             self.pool, UNSTARTED_GRACE_SECONDS, self.stuck_timeout
         )
+        free: list[int] = []
         for row in candidates:
             conv = int(row["conversation_id"])
             if self.dispatcher.driving(conv):
                 continue
             owner = await self.locks.holder(conv)
-            if owner is not None:
-                alive = await self.locks.holder_alive(owner)
-                if alive and not row["stuck"]:
-                    continue
-                if not await self.locks.break_lock(conv, owner):
-                    continue
-                why = "stuck past the timeout" if alive else "its holder's process is gone"
-                log.warning("broke a conversation lease: %s", why, extra={"conversation_id": conv})
-                metrics.RECOVERED.labels("lease").inc()
-            elif self.dispatcher.driving(conv):
-                continue  # handed over while we looked (a stopping replica's hand-back)
-            else:
-                metrics.RECOVERED.labels("unstarted").inc()
+            if owner is None:
+                free.append(conv)
+                continue
+            alive = await self.locks.holder_alive(owner)
+            if alive and not row["stuck"]:
+                continue
+            if not await self.locks.break_lock(conv, owner):
+                continue
+            why = "stuck past the timeout" if alive else "its holder's process is gone"
+            log.warning("broke a conversation lease: %s", why, extra={"conversation_id": conv})
+            metrics.RECOVERED.labels("lease").inc()
             recovered.append(conv)
             self.dispatcher.notify(conv)
+        if free:
+            await asyncio.sleep(SETTLE_SECONDS)
+            for conv in free:
+                if self.dispatcher.driving(conv) or await self.locks.holder(conv) is not None:
+                    continue
+                metrics.RECOVERED.labels("unstarted").inc()
+                recovered.append(conv)
+                self.dispatcher.notify(conv)
         for row in await store.failed_not_dead_lettered(self.pool, UNSTARTED_GRACE_SECONDS):
             reason = row["status_reason"] or "failed"
             error_class, _, error_message = reason.partition(": ")

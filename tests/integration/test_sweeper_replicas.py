@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -111,3 +112,35 @@ async def test_a_replica_that_dies_holding_the_turn_to_sweep_delays_no_recovery(
                 await agent.done.wait()
         await dispatcher.close(0.0)
     assert agent.replied == ["wamid.SW1"]
+
+
+class TakenAfterTheLook(Locks):
+    """Locks whose first look at a conversation's holder finds none, and right after which
+    `other` (another replica) takes it: as when a stopping replica's hand-back, or the
+    releasing holder's own look for work, comes just after the sweeper's look."""
+
+    def __init__(self, *args: Any, other: Locks, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.other = other
+        self.taken = False
+
+    async def holder(self, conversation_id: int) -> str | None:
+        owner = await super().holder(conversation_id)
+        if owner is None and not self.taken:
+            self.taken = await self.other.acquire(conversation_id) is not None
+        return owner
+
+
+async def test_a_conversation_taken_just_after_the_sweeper_found_it_free_is_not_recovered(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sweeper, "UNSTARTED_GRACE_SECONDS", 0.0)
+    async with redis_client(redis_server.url) as client:
+        ((item,), _) = await store.ingest(pool, [inbound("wamid.SW2")], [], "c1", "")
+        other = Locks(client, ttl_seconds=30, prefix=redis_prefix)
+        locks = TakenAfterTheLook(client, ttl_seconds=30, prefix=redis_prefix, other=other)
+        dispatcher = Dispatcher(pool, locks, Agent(expect=0), Dlq())
+        sweeping = Sweeper(pool, locks, dispatcher, Dlq(), stuck_timeout=8.0)
+        assert await sweeping.sweep_once() == []
+        assert locks.taken and not dispatcher.driving(item.conversation_id)
+        await dispatcher.close(0.0)
