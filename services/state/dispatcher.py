@@ -84,9 +84,12 @@ class Dispatcher:
         self._giver: asyncio.Task[None] | None = None
         self._unheard = 0
         # Those whose driver's last release handed them back (its exit need not), and those
-        # whose driver is letting go of them (a close does not cut that short).
+        # whose driver is taking or letting go of their lease (a close does not cut that short:
+        # cut, it would leave the lease held, and the conversation waiting, until it expired).
         self._released_back: set[int] = set()
-        self._letting_go: set[int] = set()
+        self._lease_steps: set[int] = set()
+        # After the last close nothing is handed back any more (Redis and the pool close).
+        self._closed = False
 
     def notify(self, conversation_id: int) -> None:
         """There may be work for this conversation; drive it unless already driving it."""
@@ -137,16 +140,20 @@ class Dispatcher:
         self._timers.pop(conversation_id, None)
         self.notify(conversation_id)
 
-    async def close(self, grace: float = 0.0) -> set[int]:
+    async def close(self, grace: float = 0.0, *, last: bool = False) -> set[int]:
         """Stops taking turns: a turn in flight has `grace` seconds to finish, then it is cut off
         (whoever takes the conversation next resumes it; its fencing token refuses the cut
         turn's late writes). Every conversation this replica lets go of, with work waiting, is
         handed back to the other replicas as it lets go of it: in the lease's release when it
-        held one (locks.py), else at once (handback.py). Returns those handed back."""
+        held one (locks.py), else at once (handback.py). Returns those handed back. Called again
+        with `last` (the set-up's finally, once nothing notifies it any more): it waits for the
+        hand-backs started since, cuts off even drivers in a lease step, and hands nothing back
+        afterwards."""
         self._closing = True
         for conversation_id, handle in self._timers.items():
             handle.cancel()
-            self._give(conversation_id)
+            if conversation_id not in self._tasks:  # else its driver hands it back
+                self._give(conversation_id)
         self._timers.clear()
         tasks = list(self._tasks.values())
         if tasks and grace > 0:
@@ -158,7 +165,7 @@ class Dispatcher:
             # One letting go of its conversation is not cut short: cut between the release of
             # the conversation and of its lease, it would leave the lease held until it
             # expired (the conversation's messages waiting as long).
-            if task in cut and conversation_id not in self._letting_go:
+            if task in cut and (last or conversation_id not in self._lease_steps):
                 task.cancel()
         if tasks:
             # A cancelled driver still releases its conversation and lease on the way out; if
@@ -191,12 +198,19 @@ class Dispatcher:
                 self._unheard,
             )
             self._unheard = 0
+        self._closed = last
         return set(self._handed)
 
     def _give(self, conversation_id: int) -> None:
         """Closing: hands a conversation this replica does not hold back to the others, now
         (with those given meanwhile), if work waits. Again if it was handed back before: the
         replica still stores what the gateways send until its server has stopped."""
+        if self._closed:
+            log.warning(
+                "a conversation was let go of after the last close; the sweepers recover it",
+                extra={"conversation_id": conversation_id},
+            )
+            return
         self._giving.add(conversation_id)
         if self._giver is None or self._giver.done():
             self._giver = asyncio.create_task(
@@ -309,17 +323,22 @@ class Dispatcher:
     async def _hold(self, conversation_id: int) -> Lease | None:
         """Claims the conversation and runs its waiting turns; returns the released lease (which
         says whether another driver asked for it meanwhile), None when someone else holds it."""
+        self._lease_steps.add(conversation_id)
         try:
             lease = await self.locks.acquire(conversation_id)
         except Exception:
             metrics.LOCK_ERRORS.inc()
             raise
+        finally:
+            self._lease_steps.discard(conversation_id)
         if lease is None:
             metrics.LOCK_CONTENDED.inc()
             return None
         token: int | None = None
         released = False
         try:
+            if self._closing:
+                return lease  # taken as the stop began: handed back at once (finally), no turn
             async with self.locks.keep_renewed(lease):
                 # The claim starts the first turn in the same round trip, and a replied turn
                 # the next one; finding none, either also releases the conversation.
@@ -343,7 +362,7 @@ class Dispatcher:
                         break
                     following = await self._turn(lease, item, token)
         finally:
-            self._letting_go.add(conversation_id)
+            self._lease_steps.add(conversation_id)
             try:
                 if token is not None and not lease.lost and not released:
                     with contextlib.suppress(Exception):
@@ -354,7 +373,7 @@ class Dispatcher:
                     else:
                         await self.locks.release(lease)
             finally:
-                self._letting_go.discard(conversation_id)
+                self._lease_steps.discard(conversation_id)
         return lease
 
     async def _turn(

@@ -91,6 +91,8 @@ class Listener:
         self.notify = notify
         self._stop = asyncio.Event()
         self.subscribed = asyncio.Event()
+        # Set once `run` has returned: unsubscribed, so no publisher counts this replica.
+        self.stopped = asyncio.Event()
         self._waiting: asyncio.Task[object] | None = None
 
     def stop(self) -> None:
@@ -99,6 +101,12 @@ class Listener:
             self._waiting.cancel()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.stopped.set()
+
+    async def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
             try:

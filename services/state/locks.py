@@ -262,6 +262,15 @@ class Locks:
         value = await self.client.get(self.lock_key(conversation_id))
         return str(value) if value is not None else None
 
+    async def holders(self, conversation_ids: list[int]) -> list[str | None]:
+        """`holder` of each, in one round trip (a pipeline, not MGET: the keys need not share a
+        Redis Cluster slot)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for conversation_id in conversation_ids:
+                pipe.get(self.lock_key(conversation_id))
+            values = await pipe.execute()
+        return [str(value) if value is not None else None for value in values]
+
     async def holder_alive(self, owner: str) -> bool:
         instance = owner.split(":", 1)[0]
         return bool(await self.client.exists(self.heartbeat_key(instance)))

@@ -624,7 +624,7 @@ async def setup(
             if dispatcher is not None:
                 # Nothing notifies it any more: what the batches stored since it closed (and
                 # the sweeper found) goes back too, before Redis and the pool close.
-                await dispatcher.close()
+                await dispatcher.close(last=True)
             await redis.aclose()
             await pool.close()
 
@@ -642,11 +642,17 @@ async def _stop_taking_turns(
     finishing."""
     await stopping.wait()
     if listener is not None:
+        # Unsubscribed first, so that this replica's own hand-backs do not count it as a
+        # replica that heard them.
         listener.stop()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LISTENER_STOP_SECONDS):
+                await listener.stopped.wait()
     if dispatcher is not None:
         await dispatcher.close(drain_seconds)
 
 
+LISTENER_STOP_SECONDS = 1.0
 # How long a stopping replica waits for the batches still being stored: each is bounded by
 # its own deadline (the gateway's INGEST_TIMEOUT), this only by a caller that sent none.
 INGEST_DRAIN_SECONDS = 6.0

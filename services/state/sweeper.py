@@ -145,8 +145,8 @@ class Sweeper:
             self.dispatcher.notify(conv)
         if free:
             await asyncio.sleep(SETTLE_SECONDS)
-            for conv in free:
-                if self.dispatcher.driving(conv) or await self.locks.holder(conv) is not None:
+            for conv, owner in zip(free, await self.locks.holders(free), strict=True):
+                if owner is not None or self.dispatcher.driving(conv):
                     continue
                 metrics.RECOVERED.labels("unstarted").inc()
                 recovered.append(conv)

@@ -195,12 +195,13 @@ async def scaling_in(
     prefix: str,
     stopping_agent: Agent,
     stopping_pool: Any = None,
+    stopping_locks: type[Locks] = Locks,
 ) -> AsyncIterator[tuple[Dispatcher, Locks]]:
     """A replica about to stop (its dispatcher and locks, driving with `stopping_agent`, on
-    `stopping_pool` if given) and one that stays, listening for hand-backs and answering as
-    "staying" in the agent's log."""
+    `stopping_pool` and with `stopping_locks` if given) and one that stays, listening for
+    hand-backs and answering as "staying" in the agent's log."""
     async with redis_client(redis_url) as client:
-        locks = Locks(client, ttl_seconds=30, prefix=prefix)
+        locks = stopping_locks(client, ttl_seconds=30, prefix=prefix)
         stopping = Dispatcher(stopping_pool or pool, locks, stopping_agent, Dlq())
         staying_locks = Locks(client, ttl_seconds=30, prefix=prefix)
         staying = Dispatcher(pool, staying_locks, Agent(stopping_agent.log, "staying"), Dlq())
@@ -397,3 +398,32 @@ async def test_a_conversation_notified_as_the_stop_begins_goes_back(
         assert await stopping.close() == {conversation}
         await replied(pool, ["wamid.Z0"], timeout=3)
         assert turns == [("staying", "wamid.Z0")]
+
+
+class SlowAnswer(Locks):
+    """Locks whose acquire's answer comes 0.3 s after Redis took the lease."""
+
+    async def acquire(self, conversation_id: int) -> Any:
+        lease = await super().acquire(conversation_id)
+        await asyncio.sleep(0.3)
+        return lease
+
+
+async def test_a_driver_taking_its_lease_as_the_stop_begins_hands_it_back_unused(
+    pool: asyncpg.Pool, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Cut while its lease was being taken, a driver would leave it held with no one to
+    release it; it is not cut, and it starts no turn with the lease: it hands it back."""
+    turns: list[tuple[str, str]] = []
+    agent = Agent(turns, "stopping")
+    async with scaling_in(
+        pool, redis_server.url, redis_prefix, agent, stopping_locks=SlowAnswer
+    ) as (stopping, locks):
+        ingested, _ = await store.ingest(pool, [inbound("wamid.L0", ts=1_700_000_000)], [], "c", "")
+        conversation = ingested[0].conversation_id
+        stopping.notify(conversation)
+        await asyncio.sleep(0.1)  # the lease is taken; its answer is on its way
+        assert await stopping.close() == {conversation}
+        assert await locks.holder(conversation) is None
+        await replied(pool, ["wamid.L0"], timeout=3)
+        assert turns == [("staying", "wamid.L0")]
