@@ -162,9 +162,8 @@ class Dispatcher:
             tasks = list(running)
         cut = set(tasks)
         for conversation_id, task in list(self._tasks.items()):
-            # One letting go of its conversation is not cut short: cut between the release of
-            # the conversation and of its lease, it would leave the lease held until it
-            # expired (the conversation's messages waiting as long).
+            # One taking or letting go of its lease is not cut short (_lease_steps), but by
+            # the last close, when the lease is left to expire whatever happens.
             if task in cut and (last or conversation_id not in self._lease_steps):
                 task.cancel()
         if tasks:
