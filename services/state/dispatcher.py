@@ -155,16 +155,14 @@ class Dispatcher:
             if conversation_id not in self._tasks:  # else its driver hands it back
                 self._give(conversation_id)
         self._timers.clear()
-        tasks = list(self._tasks.values())
+        tasks = set(self._tasks.values())
         if tasks and grace > 0:
             # Drivers stop before their next turn (see _hold) and release their conversation.
-            _, running = await asyncio.wait(tasks, timeout=grace)
-            tasks = list(running)
-        cut = set(tasks)
+            _, tasks = await asyncio.wait(tasks, timeout=grace)
         for conversation_id, task in list(self._tasks.items()):
             # One taking or letting go of its lease is not cut short (_lease_steps), but by
             # the last close, when the lease is left to expire whatever happens.
-            if task in cut and (last or conversation_id not in self._lease_steps):
+            if task in tasks and (last or conversation_id not in self._lease_steps):
                 task.cancel()
         if tasks:
             # A cancelled driver still releases its conversation and lease on the way out; if

@@ -94,6 +94,20 @@ async def replied(pool: asyncpg.Pool, ids: list[str], timeout: float) -> None:
             await asyncio.sleep(0.02)
 
 
+async def driving(pool: asyncpg.Pool, dispatcher: Dispatcher, agent: Agent, ids: list[str]) -> int:
+    """Ingests `ids` from one customer, a second apart, has `dispatcher` drive them, and
+    returns their conversation once `agent` has started the first turn."""
+    base = 1_700_000_000
+    ingested, _ = await store.ingest(
+        pool, [inbound(m, ts=base + n) for n, m in enumerate(ids)], [], "c", ""
+    )
+    conversation = ingested[0].conversation_id
+    dispatcher.notify(conversation)
+    async with asyncio.timeout(5):
+        await agent.started.wait()
+    return conversation
+
+
 @dataclasses.dataclass
 class Pair:
     """Two replicas' dispatchers: `holder` drives the conversation (its pool is `hooked`),
@@ -227,14 +241,7 @@ async def test_a_stopping_replica_finishes_its_turn_and_hands_the_rest_to_anothe
         locks,
     ):
         ids = [f"wamid.S{n}" for n in range(3)]
-        base = 1_700_000_000
-        ingested, _ = await store.ingest(
-            pool, [inbound(m, ts=base + n) for n, m in enumerate(ids)], [], "c", ""
-        )
-        conversation = ingested[0].conversation_id
-        stopping.notify(conversation)
-        async with asyncio.timeout(5):
-            await stopping_agent.started.wait()
+        conversation = await driving(pool, stopping, stopping_agent, ids)
 
         # SIGTERM: the turn in flight (0.3 s) has 5 s to finish; the rest goes back, in the
         # release of its lease.
@@ -320,18 +327,11 @@ async def test_a_message_stored_after_its_conversation_went_back_goes_back_too(
     turns: list[tuple[str, str]] = []
     agent = Agent(turns, "stopping", delay=0.3)
     async with scaling_in(pool, redis_server.url, redis_prefix, agent) as (stopping, _):
-        base = 1_700_000_000
-        ingested, _ = await store.ingest(
-            pool, [inbound("wamid.X0", ts=base), inbound("wamid.X1", ts=base + 1)], [], "c", ""
-        )
-        conversation = ingested[0].conversation_id
-        stopping.notify(conversation)
-        async with asyncio.timeout(5):
-            await agent.started.wait()
+        conversation = await driving(pool, stopping, agent, ["wamid.X0", "wamid.X1"])
         assert await stopping.close(grace=5.0) == {conversation}
         await replied(pool, ["wamid.X0", "wamid.X1"], timeout=3)
 
-        ingested, _ = await store.ingest(pool, [inbound("wamid.X2", ts=base + 2)], [], "c", "")
+        ingested, _ = await store.ingest(pool, [inbound("wamid.X2", ts=1_700_000_002)], [], "c", "")
         assert ingested[0].conversation_id == conversation
         stopping.notify(conversation)  # as the state's Ingests handler does after storing
         await stopping.close()  # as the set-up does once its server has stopped
@@ -368,14 +368,7 @@ async def test_a_driver_letting_go_when_the_grace_ends_is_not_cut_short(
     async with scaling_in(
         pool, redis_server.url, redis_prefix, agent, stopping_pool=SlowLook(pool)
     ) as (stopping, locks):
-        base = 1_700_000_000
-        ingested, _ = await store.ingest(
-            pool, [inbound("wamid.Y0", ts=base), inbound("wamid.Y1", ts=base + 1)], [], "c", ""
-        )
-        conversation = ingested[0].conversation_id
-        stopping.notify(conversation)
-        async with asyncio.timeout(5):
-            await agent.started.wait()
+        conversation = await driving(pool, stopping, agent, ["wamid.Y0", "wamid.Y1"])
         # Y0's turn ends at 0.2 s; the driver then looks for waiting work until 0.7 s, past
         # the grace.
         assert await stopping.close(grace=0.5) == {conversation}
