@@ -124,6 +124,12 @@ async def _wait_redis(url: str, timeout: float = 15.0) -> None:
         await client.aclose()
 
 
+# `make run` stops the services within SERVICES_STOP_SECONDS; the agent's turns in flight
+# finish (or are cut off) within this, unless AGENT_DRAIN_SECONDS says otherwise.
+SERVICES_STOP_SECONDS = 3.5
+RUN_AGENT_DRAIN_SECONDS = "3"
+
+
 def _dev_defaults(env: dict[str, str]) -> list[str]:
     """Fills development-only values from .env.example; returns what was filled."""
     filled: list[str] = []
@@ -207,6 +213,10 @@ async def run() -> int:
         for key in filled:
             env[key] = base[key]
             say(f"[wa run] {key} is not set: using the DEVELOPMENT value from .env.example")
+        if not base.get("AGENT_DRAIN_SECONDS"):
+            # Its turns in flight get what the services' stage of the stop below allows, not
+            # the 20 s a deployment's orchestrator gives (the contract's 10 s for all).
+            env["AGENT_DRAIN_SECONDS"] = RUN_AGENT_DRAIN_SECONDS
         for replica in scale.all():
             name = replica.service
             service_env = {**env, **scale.env_for(replica)}
@@ -241,7 +251,9 @@ async def run() -> int:
         # Front door first, then the services, then the servers they use.
         # Within the contract's 10 s, with time to spare for noticing the signal.
         await sup.stop([*scale.names("gateway"), CONSOLE], timeout=3.5)
-        await sup.stop([r.name for r in scale.all() if r.service != "gateway"], timeout=3.5)
+        await sup.stop(
+            [r.name for r in scale.all() if r.service != "gateway"], timeout=SERVICES_STOP_SECONDS
+        )
         await sup.stop(timeout=2)
         following.cancel()
         say("[wa run] stopped")

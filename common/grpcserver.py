@@ -26,6 +26,7 @@ from . import authz, balancing, config, probes, runtime, telemetry, tls
 
 log = logging.getLogger(__name__)
 
+# How long a stopping server answers the calls in flight, unless its service says (`main`).
 GRACE_SECONDS = 5.0
 # Every server and channel sends and receives messages up to this size: a delivery of up to
 # GATEWAY_MAX_BODY_BYTES (at most 16 MiB) carries its text and its raw payload, and the gateway
@@ -75,7 +76,9 @@ def interceptors(transport: tls.Transport) -> list[grpc.aio.ServerInterceptor]:
     return [*telemetry.server_interceptors(), *([authz.Authorize()] if transport else [])]
 
 
-async def serve(name: str, port: int, setup: Setup[S], settings: S) -> None:
+async def serve(
+    name: str, port: int, setup: Setup[S], settings: S, grace: float = GRACE_SECONDS
+) -> None:
     stop = asyncio.Event()
     install_stop_signals(stop)
     transport = tls.transport()
@@ -128,18 +131,25 @@ async def serve(name: str, port: int, setup: Setup[S], settings: S) -> None:
             log.info("stopping")
             readiness.serving = False
             await health_servicer.enter_graceful_shutdown()
-            await server.stop(GRACE_SECONDS)
+            await server.stop(grace)
     if probe_server is not None:
         await asyncio.to_thread(probe_server.close)
     telemetry.shutdown_telemetry()
     log.info("stopped")
 
 
-def main(name: str, settings_cls: type[S], port_of: Callable[[S], int], setup: Setup[S]) -> None:
-    """Entry point of a gRPC service process."""
+def main(
+    name: str,
+    settings_cls: type[S],
+    port_of: Callable[[S], int],
+    setup: Setup[S],
+    grace_of: Callable[[S], float] = lambda _: GRACE_SECONDS,
+) -> None:
+    """Entry point of a gRPC service process. `grace_of`: how long, once told to stop, its
+    server answers the calls in flight before it cuts them."""
     settings = runtime.load_settings(settings_cls, name)
     try:
-        uvloop.run(serve(name, port_of(settings), setup, settings))
+        uvloop.run(serve(name, port_of(settings), setup, settings, grace_of(settings)))
     except config.ConfigError as exc:
         log.critical("configuration error: %s", exc)
         raise SystemExit(2) from exc

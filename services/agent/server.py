@@ -38,6 +38,8 @@ Q = sqlfile.load("services.agent", "queries.sql")
 RECHECK_SECONDS = 2.0
 # On the way out, how long the records not yet done may take (after the gRPC server's grace).
 CLOSE_SECONDS = 3.0
+# How long turns cut off at the end of a drain may take to unwind (their statements cancelled).
+CUT_SECONDS = 1.0
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
@@ -196,6 +198,33 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     "after_seconds": after,
                 },
             )
+
+    async def drain(self, stopping: asyncio.Event, seconds: float) -> None:
+        """Scale-in: from the moment the process is told to stop, the turns running (and those
+        its callers' open calls still send, until those calls retire) have `seconds` to
+        finish and be answered; the gRPC server's grace is as long. Those still running then
+        are cut off: their callers ask again elsewhere under a new fencing token, and a reply
+        one had sent waits for its record or its status webhook there (turn.py)."""
+        await stopping.wait()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while self._running and (left := until - loop.time()) > 0:
+            await asyncio.wait(set(self._running), timeout=left)
+        if self._running:
+            log.warning(
+                "cutting off turns still running at the end of the drain",
+                extra={
+                    "turns": len(self._running),
+                    "drain_seconds": seconds,
+                    "message_ids": sorted(
+                        t.get_name().removeprefix("turn-") for t in self._running
+                    ),
+                },
+            )
+            cut = set(self._running)
+            for task in cut:
+                task.cancel()
+            await asyncio.wait(cut, timeout=CUT_SECONDS)
 
     async def close(self) -> None:
         """On the way out (SIGTERM), once the gRPC server has stopped: the records waiting to
@@ -470,9 +499,14 @@ async def setup(
         )
         servicer = AgentServicer(agent, OperatorReplies(pool, catalog, graph))
         agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
+        drained = asyncio.create_task(
+            servicer.drain(stopping, settings.drain_seconds), name="scale-in"
+        )
         try:
             yield [agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name]
         finally:
+            stopping.set()  # also when the server failed rather than was told to stop
+            await drained  # the turns' time to finish, as long as the server's grace
             await servicer.close()  # the server has stopped: no call ends any more
             await agent.saves.close()  # the batches of saves in flight, before their pool
             await pool.close()

@@ -158,6 +158,56 @@ async def test_a_state_service_told_to_stop_starts_no_turn_and_its_next_start_an
     assert cv.replies_per_message(graph) == {first: 1, second: 1}
 
 
+async def _agent_stopped_mid_turn(
+    start_system: StartSystem, conv_model: FakeModel, model_seconds: float, drain: str
+) -> tuple[System, str]:
+    """A system whose agent got SIGTERM while the model answered one message's turn; after
+    the agent has stopped, on its own or not."""
+    conv_model.delay = model_seconds
+    system = await start_system(**conv_model.env(AGENT_DRAIN_SECONDS=drain))
+    message, doc = cv.message_doc(1, 0, int(time.time()))
+    assert (await system.post(doc)).status_code == 200
+    assert await asyncio.to_thread(conv_model.wait_for, lambda: len(conv_model.requests) == 1)
+    await system.sup.stop(system.replicas("agent"), timeout=30)
+    return system, message
+
+
+async def test_an_agent_told_to_stop_finishes_its_slow_turn_and_answers_it(
+    start_system: StartSystem, graph: FakeGraph, conv_model: FakeModel
+) -> None:
+    """SIGTERM to an agent (scale-in, a deploy) while a model takes 6 s, longer than any
+    service's default gRPC grace: the turn runs to its end within AGENT_DRAIN_SECONDS and its
+    answer reaches the state service, so the model is asked once; nothing waits for a
+    restart."""
+    system, message = await _agent_stopped_mid_turn(start_system, conv_model, 6.0, "20")
+    await system.wait_status([message], {"replied"}, timeout=10)
+    assert [e for e in system.events if "killing it" in e] == []
+    assert cv.replies_per_message(graph) == {message: 1}
+    assert not any("cutting off" in m["msg"] for m in system.log_lines("agent"))
+
+    await system.start(("agent",))
+    await asyncio.sleep(1.0)  # a turn asked again would reach the model by now
+    assert cv.seen_by_model(conv_model) == {"c001": [0]}
+
+
+async def test_an_agent_whose_drain_ends_cuts_its_turn_off_and_it_is_asked_again(
+    start_system: StartSystem, graph: FakeGraph, conv_model: FakeModel
+) -> None:
+    """A turn longer than the agent's drain is cut off when the drain ends, in the open (the
+    agent says which messages' turns); the process stops on its own, and the turn is asked
+    again and answered once."""
+    system, message = await _agent_stopped_mid_turn(start_system, conv_model, 4.0, "1")
+    assert [e for e in system.events if "killing it" in e] == []
+    cut = [m for m in system.log_lines("agent") if m["msg"].startswith("cutting off")]
+    assert [m["message_ids"] for m in cut] == [[message]]
+
+    conv_model.delay = 0.0
+    await system.start(("agent",))
+    await system.wait_status([message], {"replied"}, timeout=60)
+    assert cv.seen_by_model(conv_model) == {"c001": [0, 0]}
+    assert cv.replies_per_message(graph) == {message: 1}
+
+
 async def test_processing_switched_off_acknowledges_only_and_resumes_in_order(
     start_system: StartSystem, graph: FakeGraph, conv_model: FakeModel
 ) -> None:

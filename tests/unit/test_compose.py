@@ -25,6 +25,7 @@ from cli.run import SERVICES, service_command
 from cli.settings import CliSettings
 from common import config, kv
 from services.console.settings import ConsoleSettings
+from tests.support.grace import longest_stop
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -133,6 +134,14 @@ def _env(spec: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
+def duration_seconds(text: str) -> float:
+    """A compose duration (`30s`, `1m30s`, `500ms`) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    unit = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
 def structure_problems(doc: Mapping[str, Any]) -> list[str]:
     """What README promises of the file, as a list of what is wrong."""
     problems: list[str] = []
@@ -186,6 +195,12 @@ def structure_problems(doc: Mapping[str, Any]) -> list[str]:
         own = DATABASE_URLS[name]
         if urls != ({own} if own else set()):
             problems.append(f"{name}: database URLs {sorted(urls)}, expected only {own}")
+        grace = duration_seconds(str(spec.get("stop_grace_period", "10s")))
+        if grace < longest_stop(name, env):
+            problems.append(
+                f"{name}: stop_grace_period {grace:g} s kills it before it can stop on its own"
+                f" ({longest_stop(name, env):g} s)"
+            )
     for name, spec in services.items():
         if name != "migrate" and "DATABASE_URL" in _env(spec):
             problems.append(f"{name}: gets the owner's DATABASE_URL")
@@ -320,6 +335,10 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "healthcheck without login": lambda d: d["services"]["redis"]["healthcheck"].update(
         test=["CMD", "redis-cli", "ping"]
     ),
+    "a grace shorter than the agent's drain": lambda d: d["services"]["agent"][
+        "environment"
+    ].update(AGENT_DRAIN_SECONDS="40"),
+    "the default grace": lambda d: d["services"]["state"].pop("stop_grace_period"),
     "Redis URL in the agent": lambda d: d["services"]["agent"]["environment"].update(
         REDIS_URL="redis://wa-state:x@redis:6379/0"
     ),

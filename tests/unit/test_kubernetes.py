@@ -20,6 +20,7 @@ from cli.settings import CliSettings
 from common import kv
 from devtools import kustomize
 from devtools.kustomize import KustomizeError, Object
+from tests.support.grace import longest_stop
 from tests.unit.test_compose import SECRET_NAME, known_variables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,6 +115,13 @@ def deployment_problems(objects: list[Object]) -> list[str]:
             problems.append(f"{name}: mounts a Kubernetes API token it does not need")
         if container.get("command") != service_command(name, "python"):
             problems.append(f"{name}: {container.get('command')} is not what make run starts")
+        values = {k: str(e["value"]) for k, e in _env(container).items() if "value" in e}
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        if grace < longest_stop(name, values):
+            problems.append(
+                f"{name}: terminationGracePeriodSeconds {grace} kills it before it can stop on"
+                f" its own ({longest_stop(name, values):g} s)"
+            )
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         tls = mounts.get("/etc/wa/tls", {})
@@ -412,6 +420,12 @@ MUTATIONS: dict[str, Callable[[list[Object]], None]] = {
     "a schema wait with another URL": lambda o: _deployment(o, "dlq")["spec"]["template"]["spec"][
         "initContainers"
     ][0]["env"][1]["valueFrom"]["secretKeyRef"].update(key="state-url"),
+    "a grace shorter than the agent's drain": lambda o: _container(_deployment(o, "agent"))[
+        "env"
+    ].append({"name": "AGENT_DRAIN_SECONDS", "value": "40"}),
+    "a grace shorter than the state's drain": lambda o: _deployment(o, "state")["spec"]["template"][
+        "spec"
+    ].update(terminationGracePeriodSeconds=10),
     "service links": lambda o: _deployment(o, "gateway")["spec"]["template"]["spec"].pop(
         "enableServiceLinks"
     ),
