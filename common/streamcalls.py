@@ -53,6 +53,14 @@ _REFUSED = frozenset(
 )
 
 
+def _said(exc: Exception) -> str:
+    """A failure in one line, as a message's recorded reason shows it to an operator: a gRPC
+    error's code and details, without its multi-line repr and debug string."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details() or ''}"
+    return repr(exc)
+
+
 class CallError(Exception):
     """The request's call, or the server for this request, ended with `code`."""
 
@@ -151,7 +159,7 @@ class _Call(Generic[I, A]):
             # A request whose write failed may have reached the server: like a unary call
             # lost mid-way, it is "unavailable". (Not the write's own status: a write that
             # meets the call's end can make grpc record INTERNAL for a call that only broke.)
-            self._fail_all(CallError(grpc.StatusCode.UNAVAILABLE, f"sending it: {exc!r}"))
+            self._fail_all(CallError(grpc.StatusCode.UNAVAILABLE, f"sending it: {_said(exc)}"))
 
     async def _read(self) -> None:
         error = CallError(grpc.StatusCode.UNAVAILABLE, "the call ended without answering")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
 from tests.conftest import StartSystem
+from tests.e2e.test_agent_turns import transitions, wait_for
 from tests.support import conversations as cv
 from tests.support import payloads
 from tests.support.fakes import FakeGraph, FakeModel
@@ -158,6 +159,10 @@ async def test_a_state_service_told_to_stop_starts_no_turn_and_its_next_start_an
     assert cv.replies_per_message(graph) == {first: 1, second: 1}
 
 
+async def _at_least(listed: Callable[[], Awaitable[list[str]]], count: int) -> bool:
+    return len(await listed()) >= count
+
+
 async def _agent_stopped_mid_turn(
     start_system: StartSystem, conv_model: FakeModel, model_seconds: float, drain: str
 ) -> tuple[System, str]:
@@ -195,17 +200,26 @@ async def test_an_agent_whose_drain_ends_cuts_its_turn_off_and_it_is_asked_again
 ) -> None:
     """A turn longer than the agent's drain is cut off when the drain ends, in the open (the
     agent says which messages' turns); the process stops on its own, and the turn is asked
-    again and answered once."""
+    again and answered once. Meanwhile the state service finds no agent, and says so in the
+    message's history in one line an operator can read (`wa trace`)."""
     system, message = await _agent_stopped_mid_turn(start_system, conv_model, 4.0, "1")
     assert [e for e in system.events if "killing it" in e] == []
     cut = [m for m in system.log_lines("agent") if m["msg"].startswith("cutting off")]
     assert [m["message_ids"] for m in cut] == [[message]]
 
+    async def reasons() -> list[str]:
+        return [r for r in await transitions(system, message) if r and r.startswith("agent ")]
+
+    # The cut call's, then attempts on no agent at all.
+    await wait_for(lambda: _at_least(reasons, 3), what="three attempts on no agent")
     conv_model.delay = 0.0
     await system.start(("agent",))
     await system.wait_status([message], {"replied"}, timeout=60)
     assert cv.seen_by_model(conv_model) == {"c001": [0, 0]}
     assert cv.replies_per_message(graph) == {message: 1}
+    said = await reasons()
+    assert all(r.startswith("agent unavailable: UNAVAILABLE: ") for r in said), said
+    assert [r for r in said if "\n" in r or "debug_error_string" in r] == []
 
 
 async def test_processing_switched_off_acknowledges_only_and_resumes_in_order(
