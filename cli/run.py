@@ -124,10 +124,11 @@ async def _wait_redis(url: str, timeout: float = 15.0) -> None:
         await client.aclose()
 
 
-# `make run` stops the services within SERVICES_STOP_SECONDS; the agent's turns in flight
-# finish (or are cut off) within this, unless AGENT_DRAIN_SECONDS says otherwise.
+# `make run` stops the services within SERVICES_STOP_SECONDS: the state's and the agent's
+# turns in flight finish (or are cut off) within these drains, unless the environment sets
+# them, not the 15 and 20 s that a deployment's orchestrator (30 s) allows.
 SERVICES_STOP_SECONDS = 3.5
-RUN_AGENT_DRAIN_SECONDS = "3"
+RUN_DRAINS = {"DRAIN_SECONDS": "3", "AGENT_DRAIN_SECONDS": "3"}
 
 
 def _dev_defaults(env: dict[str, str]) -> list[str]:
@@ -213,10 +214,7 @@ async def run() -> int:
         for key in filled:
             env[key] = base[key]
             say(f"[wa run] {key} is not set: using the DEVELOPMENT value from .env.example")
-        if not base.get("AGENT_DRAIN_SECONDS"):
-            # Its turns in flight get what the services' stage of the stop below allows, not
-            # the 20 s a deployment's orchestrator gives (the contract's 10 s for all).
-            env["AGENT_DRAIN_SECONDS"] = RUN_AGENT_DRAIN_SECONDS
+        env.update({k: v for k, v in RUN_DRAINS.items() if not base.get(k)})
         for replica in scale.all():
             name = replica.service
             service_env = {**env, **scale.env_for(replica)}

@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import orjson
 
-from cli.run import RUN_AGENT_DRAIN_SECONDS
+from cli.run import RUN_DRAINS
 from common import roles, tls
 from services.gateway import signature
 
@@ -67,8 +67,8 @@ class System:
             "DLQ_GRPC_PORT": str(self.ports["dlq"]),
             "LOG_LEVEL": "INFO",
             "OTEL_SDK_DISABLED": "true",
-            # As `make run` gives it: a stopped agent's teardown stays short.
-            "AGENT_DRAIN_SECONDS": RUN_AGENT_DRAIN_SECONDS,
+            # As `make run` sets them: a stopped service's teardown stays short.
+            **RUN_DRAINS,
             # Each system its own CA: one system's certificates are refused by another's.
             "GRPC_TLS_DIR": str(root / "tls"),
             **env,
