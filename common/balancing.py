@@ -13,6 +13,10 @@ Replicas come and go:
   the policy below;
 - it is reconnected with a backoff capped at RECONNECT_MAX_MS, so a restarted one is back within
   seconds (gRPC's own cap is 120 s);
+- a replica that accepts connections and never answers their TLS handshake (frozen by SIGSTOP,
+  a starved or swapped-out host: its kernel still completes the TCP handshake) is given up on
+  after CONNECT_TIMEOUT_MS, not gRPC's 20 s, so a call to it fails (or goes to another
+  replica) in seconds and an operator's command says so;
 - with DNS, a lost connection asks the resolver again (at most every DNS_MIN_RESOLVE_MS), and
   servers close each connection after a while (`SERVER_OPTIONS`, max connection age) so that
   clients also look up replicas that were added while nothing failed.
@@ -62,6 +66,7 @@ MAX_ATTEMPTS = 4  # the first and three retries
 INITIAL_BACKOFF = "0.05s"
 MAX_BACKOFF = "1s"
 RECONNECT_MAX_MS = 2000
+CONNECT_TIMEOUT_MS = 5000
 DNS_MIN_RESOLVE_MS = 2000
 # A server closes a connection this old (gracefully: calls on it finish, however long), so that
 # its clients resolve the target again and find replicas added since.
@@ -105,6 +110,8 @@ def channel_options(retry_buffer_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.per_rpc_retry_buffer_size", retry_buffer_bytes),
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
+        # gRPC's name for the least time a connection attempt (TCP and TLS) is given.
+        ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
         ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RESOLVE_MS),
     ]
 

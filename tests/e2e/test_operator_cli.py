@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -200,6 +201,40 @@ def test_every_command_says_in_one_line_that_what_it_needs_is_down_and_exits_2(
         assert done.stderr.startswith(f"wa {args[0]}"), done.stderr
     else:
         assert "system: down" in done.stdout
+
+
+# A service frozen (SIGSTOP, a starved or swapped-out host): the kernel completes the TCP
+# handshake for its listening socket, and nothing answers the TLS handshake after it.
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dlq", "list"],
+        ["dlq", "retry", "--all"],
+        ["stats"],
+        ["trace", "wamid.X"],
+        ["prune", "--dry-run"],
+        ["handoff", "list"],
+        ["reply", "15550001111", "hi"],
+    ],
+)
+def test_a_command_whose_service_is_frozen_says_so_in_one_line_within_seconds(
+    args: list[str], tmp_path: Path
+) -> None:
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(64)  # and never accepts
+        target = f"127.0.0.1:{frozen.getsockname()[1]}"
+        tls.create(tmp_path / "tls")
+        env = {**os.environ, "GRPC_TLS_DIR": str(tmp_path / "tls")}
+        env.update(STATE_ADDR=target, DLQ_ADDR=target, AGENT_ADDR=target)
+        # Well within the calls' own deadlines (10 to 60 s), and gRPC's 20-s default for a
+        # connection attempt, which is what a command waited before.
+        done = subprocess.run(
+            [WA, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=15
+        )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"wa {args[0]}"), done.stderr
+    assert "did not answer" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("hours", ["0", "-1", "2161", "soon"])
