@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from cli.settings import CliSettings
 from common import config, files, kv, logs, migrate, roles, tls
 from common.redact import mask_url
 from devtools import embedded, replicas, supervisor
-from devtools.ports import free_port
+from devtools.ports import free_port, reserve
 from services.console.settings import ConsoleSettings
 
 log = logging.getLogger("wa.run")
@@ -168,6 +169,8 @@ async def run() -> int:
         loop.add_signal_handler(sig, stop.set)
     following = asyncio.create_task(_follow_make(stop), name="follow-make")
 
+    # Held until the end: no outgoing connection takes a replica's port (devtools/ports.py).
+    held = _reserve_ports(scale, settings.grpc_host)
     sup = supervisor.Supervisor(on_event=lambda name, what: say(f"[wa run] {name}: {what}"))
     env: dict[str, str] = {}
     database_url = settings.database_url
@@ -254,6 +257,8 @@ async def run() -> int:
         )
         await sup.stop(timeout=2)
         following.cancel()
+        for sock in held:
+            sock.close()
         say("[wa run] stopped")
     return 0
 
@@ -299,6 +304,20 @@ def _replicas(settings: CliSettings) -> replicas.Plan:
         port_for=free_port,
         pool_size=settings.database_pool_size,
     )
+
+
+def _reserve_ports(scale: replicas.Plan, host: str) -> list[socket.socket]:
+    """Every gRPC and metrics port the replicas will listen on, reserved (`ports.reserve`); a
+    port that cannot be reserved any more is left for its replica's bind to report."""
+    held = []
+    for replica in scale.all():
+        for port in (replica.grpc_port, replica.metrics_port):
+            if port:
+                try:
+                    held.append(reserve(port, host))
+                except OSError as exc:
+                    log.warning("port %s cannot be reserved: %s", port, exc.strerror)
+    return held
 
 
 def _print_endpoints(

@@ -110,3 +110,20 @@ def free_port(preferred: int = 0) -> int:
         _handed_out.add(port)
         return port
     raise OSError("no free port")
+
+
+def reserve(port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A socket bound to `port` and never listening, for as long as it stays open: the kernel
+    then never gives that port to an outgoing connection, and a server (which, as gRPC's and
+    the probes' do, sets SO_REUSEADDR) still binds and listens on it, and binds it again after
+    a restart. `make run`'s replica ports (the contract's 50051 and up) lie in the range the
+    kernel draws outgoing connections' ports from: a service's connection to Redis once took
+    one between the plan and the bind, and that replica never started."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s

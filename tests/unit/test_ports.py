@@ -5,10 +5,14 @@ metrics port and restarted forever)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from devtools.ports import free_port
 
@@ -96,3 +100,62 @@ def test_a_preferred_port_another_live_process_was_handed_is_passed_over() -> No
     finally:
         first.communicate("\n", timeout=60)
     assert free_port(free) == free  # its claimer has exited
+
+
+# Run in a network namespace of its own whose outgoing connections draw from 11 ports: nine
+# connections then take every port not reserved. Prints the ports they got, then binds a gRPC
+# server (the services' options) on the reserved ports and, after it stopped, once more.
+_CROWDED = """
+import asyncio, json, socket, sys
+import grpc
+from common.grpcserver import SERVER_OPTIONS
+from devtools.ports import reserve
+
+async def main(reserved):
+    target = socket.socket()
+    target.bind(("127.0.0.1", 30000))
+    target.listen(64)
+    held = [reserve(p) for p in reserved]
+    conns = [socket.create_connection(("127.0.0.1", 30000)) for _ in range(9)]
+    print(json.dumps(sorted(c.getsockname()[1] for c in conns)))
+    for attempt in range(2):
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        for p in (40003, 40005):
+            server.add_insecure_port(f"127.0.0.1:{p}")
+        await server.start()
+        for p in (40003, 40005):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{p}") as ch:
+                await asyncio.wait_for(ch.channel_ready(), 5)
+        await server.stop(0)
+    print("served")
+
+asyncio.run(main([int(p) for p in sys.argv[1:]]))
+"""
+
+
+def _crowded(*reserved: int) -> subprocess.CompletedProcess[str]:
+    script = (
+        "ip link set lo up && echo '40000 40010' > /proc/sys/net/ipv4/ip_local_port_range"
+        f' && exec {sys.executable} -c "$0" "$@"'
+    )
+    return subprocess.run(
+        ["unshare", "--net", "sh", "-c", script, _CROWDED, *map(str, reserved)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+
+
+def test_a_reserved_port_is_no_outgoing_connections_and_a_server_still_binds_it() -> None:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs unshare and ip (util-linux, iproute2)")
+    # Without the reservation, the connections take the servers' ports and the bind fails.
+    unreserved = _crowded()
+    if unreserved.stderr.startswith("unshare:"):
+        pytest.skip(f"cannot make a network namespace here: {unreserved.stderr.strip()}")
+    assert unreserved.returncode != 0 and 40003 in json.loads(unreserved.stdout), unreserved
+    reserved = _crowded(40003, 40005)
+    assert reserved.returncode == 0, reserved.stderr
+    taken, said = reserved.stdout.splitlines()
+    assert {40003, 40005}.isdisjoint(json.loads(taken)) and said == "served"
