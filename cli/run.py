@@ -126,10 +126,10 @@ async def _wait_redis(url: str, timeout: float = 15.0) -> None:
 
 
 # `make run` stops the services within SERVICES_STOP_SECONDS: the state's and the agent's
-# turns in flight finish (or are cut off) within these drains, unless the environment sets
-# them, not the 15 and 20 s that a deployment's orchestrator (30 s) allows.
+# turns in flight finish (or are cut off) within these drains, with time left to unwind,
+# unless the environment sets them: not the 15 and 20 s a deployment's orchestrator allows.
 SERVICES_STOP_SECONDS = 3.5
-RUN_DRAINS = {"DRAIN_SECONDS": "3", "AGENT_DRAIN_SECONDS": "3"}
+RUN_DRAINS = {"DRAIN_SECONDS": "2", "AGENT_DRAIN_SECONDS": "2"}
 
 
 def _dev_defaults(env: dict[str, str]) -> list[str]:
@@ -316,7 +316,7 @@ def _reserve_ports(scale: replicas.Plan, host: str) -> list[socket.socket]:
                 try:
                     held.append(reserve(port, host))
                 except OSError as exc:
-                    log.warning("port %s cannot be reserved: %s", port, exc.strerror)
+                    log.warning("port %s cannot be reserved: %s", port, exc)
     return held
 
 

@@ -16,7 +16,8 @@ Replicas come and go:
 - a replica that accepts connections and never answers their TLS handshake (frozen by SIGSTOP,
   a starved or swapped-out host: its kernel still completes the TCP handshake) is given up on
   after CONNECT_TIMEOUT_MS, not gRPC's 20 s, so a call to it fails (or goes to another
-  replica) in seconds and an operator's command says so;
+  replica) in seconds and an operator's command says so (a peer that freezes on a connection
+  already open is noticed by the keepalive pings instead: grpcserver.CHANNEL_OPTIONS);
 - with DNS, a lost connection asks the resolver again (at most every DNS_MIN_RESOLVE_MS), and
   servers close each connection after a while (`SERVER_OPTIONS`, max connection age) so that
   clients also look up replicas that were added while nothing failed.

@@ -119,10 +119,11 @@ def reserve(port: int, host: str = "127.0.0.1") -> socket.socket:
     a restart. `make run`'s replica ports (the contract's 50051 and up) lie in the range the
     kernel draws outgoing connections' ports from: a service's connection to Redis once took
     one between the plan and the bind, and that replica never started."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    s = socket.socket(family, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port))
+        s.bind(address)
     except OSError:
         s.close()
         raise

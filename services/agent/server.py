@@ -199,32 +199,29 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 },
             )
 
-    async def drain(self, stopping: asyncio.Event, seconds: float) -> None:
-        """Scale-in: from the moment the process is told to stop, the turns running (and those
-        its callers' open calls still send, until those calls retire) have `seconds` to
-        finish and be answered; the gRPC server's grace is as long. Those still running then
-        are cut off: their callers ask again elsewhere under a new fencing token, and a reply
-        one had sent waits for its record or its status webhook there (turn.py)."""
-        await stopping.wait()
+    async def finish_turns(self, until: float) -> None:
+        """Scale-in, once the gRPC server has stopped (no turn starts any more): the turns still
+        running (those whose calls the server's grace cut, or whose callers went away) run
+        until `until` (the loop's clock: the drain's end, AGENT_DRAIN_SECONDS after the stop,
+        as long as the server's grace). Those still running then are cut off: their callers
+        ask again elsewhere under a new fencing token, and a reply one had sent waits for its
+        record or its status webhook there (turn.py)."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + seconds
         while self._running and (left := until - loop.time()) > 0:
             await asyncio.wait(set(self._running), timeout=left)
-        if self._running:
-            log.warning(
-                "cutting off turns still running at the end of the drain",
-                extra={
-                    "turns": len(self._running),
-                    "drain_seconds": seconds,
-                    "message_ids": sorted(
-                        t.get_name().removeprefix("turn-") for t in self._running
-                    ),
-                },
-            )
-            cut = set(self._running)
-            for task in cut:
-                task.cancel()
-            await asyncio.wait(cut, timeout=CUT_SECONDS)
+        if not self._running:
+            return
+        cut = set(self._running)
+        log.warning(
+            "cutting off turns still running at the end of the drain",
+            extra={
+                "turns": len(cut),
+                "message_ids": sorted(t.get_name().removeprefix("turn-") for t in cut),
+            },
+        )
+        for task in cut:
+            task.cancel()
+        await asyncio.wait(cut, timeout=CUT_SECONDS)
 
     async def close(self) -> None:
         """On the way out (SIGTERM), once the gRPC server has stopped: the records waiting to
@@ -499,14 +496,21 @@ async def setup(
         )
         servicer = AgentServicer(agent, OperatorReplies(pool, catalog, graph))
         agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
-        drained = asyncio.create_task(
-            servicer.drain(stopping, settings.drain_seconds), name="scale-in"
+        drain_ends = asyncio.create_task(
+            _after(stopping, settings.drain_seconds), name="drain-deadline"
         )
         try:
             yield [agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name]
         finally:
             stopping.set()  # also when the server failed rather than was told to stop
-            await drained  # the turns' time to finish, as long as the server's grace
-            await servicer.close()  # the server has stopped: no call ends any more
+            # The server has stopped (its grace is the drain): the turns' time to finish.
+            await servicer.finish_turns(await drain_ends)
+            await servicer.close()  # no call ends any more
             await agent.saves.close()  # the batches of saves in flight, before their pool
             await pool.close()
+
+
+async def _after(stopping: asyncio.Event, seconds: float) -> float:
+    """The loop's time `seconds` after `stopping` is set."""
+    await stopping.wait()
+    return asyncio.get_running_loop().time() + seconds

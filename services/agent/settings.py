@@ -35,7 +35,7 @@ class AgentSettings(config.TurnLimits):
     context_max_messages: int = config.env("AGENT_CONTEXT_MAX_MESSAGES", 100, ge=2, le=10_000)
     # On SIGTERM, how long the turns in flight may take to finish and be answered before they
     # are cut off (and asked again on another replica): the gRPC server's grace. Within the
-    # orchestrator's (30 s in compose and Kubernetes; `make run` gives 3 s).
+    # orchestrator's (30 s in compose and Kubernetes; `make run` gives 2 s).
     drain_seconds: float = config.env("AGENT_DRAIN_SECONDS", 20.0, ge=0)
     breaker_threshold: int = config.env("AGENT_BREAKER_THRESHOLD", 5)
     breaker_reset_seconds: float = config.env("AGENT_BREAKER_RESET_SECONDS", 30.0)

@@ -55,6 +55,10 @@ def backoff(failures: int) -> float:
     return retry.full_jitter(failures, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS)
 
 
+# How long a close waits for the drivers it cut off to release their conversations.
+CLOSE_TIMEOUT = 3.0
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -64,7 +68,7 @@ class Dispatcher:
         dlq: DlqPort,
         *,
         max_concurrent: int = 64,
-        close_timeout: float = 3.0,
+        close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
         self.pool = pool
         self.close_timeout = close_timeout

@@ -19,8 +19,8 @@ class StateSettings(config.TurnLimits):
     max_concurrent_conversations: int = config.env("MAX_CONCURRENT_CONVERSATIONS", 64)
     # On SIGTERM, how long the turns in flight may take to finish before they are cut off and
     # their conversations handed back to the other replicas: long enough for a model's usual
-    # answer, within the orchestrator's grace (30 s in compose and Kubernetes; `make run`
-    # gives 3 s).
+    # answer, within the orchestrator's grace (45 s in compose and Kubernetes; `make run`
+    # gives 2 s).
     drain_seconds: float = config.env("DRAIN_SECONDS", 15.0, ge=0)
     retention_days: int = config.env("RETENTION_DAYS", 90)
     retention_interval_seconds: float = config.env("RETENTION_INTERVAL_SECONDS", 3600.0, gt=0)

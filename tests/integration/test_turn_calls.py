@@ -514,3 +514,45 @@ async def test_the_agent_on_its_way_out_looks_again_at_once(creds: tls.Credentia
     async with asyncio.timeout(agent_server.RECHECK_SECONDS / 2):
         await servicer.close()
     assert sending.recorded == [{"m1": "wamid.OUT.m1", "m2": "wamid.OUT.m2"}]
+
+
+class Slow:
+    """An agent whose turns take the seconds their text says; it notes which were cut off."""
+
+    def __init__(self) -> None:
+        self.pool = self
+        self.ended: dict[str, str] = {}
+
+    async def reply(self, req: TurnRequest, deadline: Deadline) -> TurnResult:
+        try:
+            await asyncio.sleep(float(req.text))
+        except asyncio.CancelledError:
+            self.ended[req.message_id] = "cut off"
+            raise
+        self.ended[req.message_id] = "finished"
+        return TurnResult(outcome="replied", reply_text="r")
+
+
+async def test_a_stopping_agent_lets_its_turns_run_until_the_drain_ends_then_cuts_them_off(
+    creds: tls.Credentials, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM: once the server has stopped (its grace cut the call), the turns still running
+    finish until the drain's end; the one still running then is cut off, and said so."""
+    slow, port = Slow(), free_port()
+    servicer = AgentServicer(cast(Agent, slow), replies=cast(OperatorReplies, object()))
+    async with serving(servicer, port, creds):
+        async with grpcserver.channel(f"127.0.0.1:{port}", transport=creds) as ch:
+            call = agent_pb2_grpc.AgentStub(ch).Turns(timeout=10, metadata=(wire.TURNS_MORE,))
+            for i, seconds in ((1, "0.3"), (2, "30")):
+                request = agent_pb2.TurnsRequest(
+                    id=i, turn=turn(f"m{i}", seconds), timeout_seconds=60
+                )
+                await call.write(request)
+            await asyncio.sleep(0.1)
+            call.cancel()  # as the server's grace ends the call
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(5):
+        await servicer.finish_turns(loop.time() + 0.8)
+    assert slow.ended == {"m1": "finished", "m2": "cut off"}
+    (said,) = [r for r in caplog.records if r.getMessage().startswith("cutting off turns")]
+    assert said.message_ids == ["m2"]  # type: ignore[attr-defined]

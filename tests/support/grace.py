@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from common import config, grpcserver
 from services.agent import server as agent_server
 from services.agent.settings import AgentSettings
+from services.state import dispatcher, handback
 from services.state import server as state_server
 from services.state.settings import StateSettings
 
@@ -28,11 +29,17 @@ def longest_stop(service: str, env: Mapping[str, str]) -> float:
         drain = _setting(env, "AGENT_DRAIN_SECONDS", AgentSettings, "drain_seconds")
         own = drain + agent_server.CUT_SECONDS + agent_server.CLOSE_SECONDS
     elif service == "state":
-        # The server's grace beside the turns' drain, then the batches still being stored.
+        # Beside the server's grace and then the batches still being stored: the listener's
+        # stop, the turns' drain, the cut drivers' releases and the hand-backs. Then the
+        # last close: the cut drivers and hand-backs again (state/server.py's set-up).
         drain = _setting(env, "DRAIN_SECONDS", StateSettings, "drain_seconds")
+        close = dispatcher.CLOSE_TIMEOUT + 2 * handback.HANDBACK_TIMEOUT
         own = (
-            max(grpcserver.GRACE_SECONDS, state_server.LISTENER_STOP_SECONDS + drain)
-            + state_server.INGEST_DRAIN_SECONDS
+            max(
+                grpcserver.GRACE_SECONDS + state_server.INGEST_DRAIN_SECONDS,
+                state_server.LISTENER_STOP_SECONDS + drain + close,
+            )
+            + close
         )
     else:
         own = grpcserver.GRACE_SECONDS

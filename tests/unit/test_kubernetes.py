@@ -117,10 +117,15 @@ def deployment_problems(objects: list[Object]) -> list[str]:
             problems.append(f"{name}: {container.get('command')} is not what make run starts")
         values = {k: str(e["value"]) for k, e in _env(container).items() if "value" in e}
         grace = pod.get("terminationGracePeriodSeconds", 30)
-        if grace < longest_stop(name, values):
+        # The preStop hook's time counts against the grace.
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {})
+        waits = float(pre_stop["command"][1]) if pre_stop.get("command", [""])[0] == "sleep" else 0
+        if name == "gateway" and waits < 2:
+            problems.append("gateway: no preStop wait for its endpoints to be removed")
+        if grace < waits + longest_stop(name, values):
             problems.append(
                 f"{name}: terminationGracePeriodSeconds {grace} kills it before it can stop on"
-                f" its own ({longest_stop(name, values):g} s)"
+                f" its own ({waits:g} + {longest_stop(name, values):g} s)"
             )
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -426,6 +431,12 @@ MUTATIONS: dict[str, Callable[[list[Object]], None]] = {
     "a grace shorter than the state's drain": lambda o: _deployment(o, "state")["spec"]["template"][
         "spec"
     ].update(terminationGracePeriodSeconds=10),
+    "no preStop wait on the gateway": lambda o: _container(_deployment(o, "gateway")).pop(
+        "lifecycle"
+    ),
+    "a preStop wait longer than the grace": lambda o: _container(_deployment(o, "gateway"))[
+        "lifecycle"
+    ]["preStop"]["exec"].update(command=["sleep", "29"]),
     "service links": lambda o: _deployment(o, "gateway")["spec"]["template"]["spec"].pop(
         "enableServiceLinks"
     ),
