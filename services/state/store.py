@@ -718,7 +718,8 @@ _Outcome = asyncpg.Record | None | BaseException
 
 
 class _TurnBatches:
-    """A pool's claims and finishes, each gathered into batch statements."""
+    """A pool's claims, finishes and looks for waiting work, each gathered into batch
+    statements."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         # Weak: this lives in a WeakKeyDictionary keyed by the pool.
@@ -727,6 +728,17 @@ class _TurnBatches:
         self.finishes: Coalescer[_Call, asyncpg.Record | None] = Coalescer(
             "finish_turn", self._finishes
         )
+        # With replicas, many holders release conversations another replica asked for at once
+        # (a burst): each look alone took a connection of its own, and grew both pools to
+        # their limit (20 backends against 4 for one replica, each planning for itself).
+        self.looks: Coalescer[int, bool] = Coalescer("has_waiting", self._looks)
+
+    async def _looks(self, conversation_ids: list[int]) -> list[bool | BaseException]:
+        pool = self._pool()
+        if pool is None:
+            raise RuntimeError("the pool is gone")
+        waiting = set(await waiting_among(pool, conversation_ids))
+        return [c in waiting for c in conversation_ids]
 
     async def _claims(self, calls: list[_Call]) -> list[_Outcome]:
         def columns(group: list[_Call]) -> tuple[Any, ...]:
@@ -925,7 +937,12 @@ async def record_illegal(
 
 
 async def has_waiting(pool: asyncpg.Pool, conversation_id: int) -> bool:
-    return bool(await pool.fetchval(Q["has_waiting"], conversation_id))
+    """Whether the conversation has a message waiting or in flight; looks made at once go in
+    one statement (`_TurnBatches.looks`)."""
+    batches = _batches(pool)
+    if batches is None:
+        return bool(await pool.fetchval(Q["has_waiting"], conversation_id))
+    return await batches.looks.submit(conversation_id)
 
 
 async def waiting_among(pool: asyncpg.Pool, conversation_ids: list[int]) -> list[int]:

@@ -559,3 +559,26 @@ async def test_a_redrive_never_requeues_a_message_whose_turn_is_running(
         )
     status = "SELECT status FROM processed_webhook_messages WHERE message_id = 'wamid.RUN'"
     assert await pool.fetchval(status) == "processing"
+
+
+async def test_looks_for_waiting_work_made_at_once_share_statements_and_connections(
+    pool: asyncpg.Pool,
+) -> None:
+    """With replicas, many holders look for waiting work at once after their releases: each
+    gets its own conversation's answer, and together they take a connection or two of the
+    pool, not one each (which grew every replica's pool to its limit in a burst)."""
+    msgs = [inbound(f"wamid.L{i}", wa_id=f"1555000{i:04d}") for i in range(40)]
+    await store.ingest(pool, msgs, [], "c", "")
+    rows = await pool.fetch("SELECT message_id, conversation_id FROM processed_webhook_messages")
+    conversation = {r["message_id"]: r["conversation_id"] for r in rows}
+    answered = [conversation[f"wamid.L{i}"] for i in range(0, 40, 2)]
+    await pool.execute(
+        "UPDATE processed_webhook_messages SET status = 'replied'"
+        " WHERE conversation_id = ANY ($1::bigint[])",
+        answered,
+    )
+    assert pool.get_size() == 1
+    ids = [conversation[f"wamid.L{i}"] for i in range(40)]
+    looks = await asyncio.gather(*(store.has_waiting(pool, c) for c in ids))
+    assert looks == [c not in answered for c in ids]
+    assert pool.get_size() <= 3
