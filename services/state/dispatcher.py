@@ -316,7 +316,14 @@ class Dispatcher:
                     # the sweeper.
                     if not held.wanted:
                         return
-                    if not await store.has_waiting(self.pool, conversation_id):
+                    try:
+                        waiting = await store.has_waiting(self.pool, conversation_id)
+                    except Exception as exc:
+                        # (One failed statement answers a whole batch of looks.) The next
+                        # hold looks for itself: it claims the conversation, or lets it go.
+                        log.warning("looking for waiting work failed: %r", exc)
+                        waiting = True
+                    if not waiting:
                         return
             finally:
                 metrics.ACTIVE_CONVERSATIONS.dec()

@@ -111,10 +111,13 @@ SELECT EXISTS (
 
 -- name: waiting_among
 -- Which of these conversations have messages waiting or in flight (a stopping replica's
--- hand-back names only those).
-SELECT DISTINCT conversation_id
-  FROM processed_webhook_messages
- WHERE conversation_id = ANY ($1::bigint[]) AND status IN ('received', 'processing')
+-- hand-back names only those; holders' looks after their releases, many at once). Each
+-- stops at its first such message (a conversation with a backlog has many).
+SELECT DISTINCT c.id AS conversation_id
+  FROM unnest($1::bigint[]) AS c(id)
+ WHERE EXISTS (
+    SELECT 1 FROM processed_webhook_messages m
+     WHERE m.conversation_id = c.id AND m.status IN ('received', 'processing'))
 
 -- name: sweep_candidates
 -- Conversations with work acknowledged a while ago and not finished: never started (received),

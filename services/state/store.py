@@ -737,7 +737,10 @@ class _TurnBatches:
         pool = self._pool()
         if pool is None:
             raise RuntimeError("the pool is gone")
-        waiting = set(await waiting_among(pool, conversation_ids))
+        # Housekeeping after releases, part of no message's trace (as every caller's look is;
+        # a queued batch runs in the Coalescer's own task, which knows nothing of that).
+        with telemetry.untraced():
+            waiting = set(await waiting_among(pool, conversation_ids))
         return [c in waiting for c in conversation_ids]
 
     async def _claims(self, calls: list[_Call]) -> list[_Outcome]:

@@ -11,6 +11,7 @@ from dataclasses import replace
 import asyncpg
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from common import kv
 from common.domain import Status
@@ -579,6 +580,13 @@ async def test_looks_for_waiting_work_made_at_once_share_statements_and_connecti
     )
     assert pool.get_size() == 1
     ids = [conversation[f"wamid.L{i}"] for i in range(40)]
+
+    def statements() -> float:
+        labels = {"operation": "has_waiting"}
+        return REGISTRY.get_sample_value("wa_coalesced_batch_size_count", labels) or 0.0
+
+    before = statements()
     looks = await asyncio.gather(*(store.has_waiting(pool, c) for c in ids))
     assert looks == [c not in answered for c in ids]
+    assert statements() - before <= 3
     assert pool.get_size() <= 3
