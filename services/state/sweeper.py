@@ -124,12 +124,11 @@ class Sweeper:
         candidates = await store.sweep_candidates(
             self.pool, UNSTARTED_GRACE_SECONDS, self.stuck_timeout
         )
+        rows = [r for r in candidates if not self.dispatcher.driving(int(r["conversation_id"]))]
+        owners = await self.locks.holders([int(r["conversation_id"]) for r in rows])
         free: list[int] = []
-        for row in candidates:
+        for row, owner in zip(rows, owners, strict=True):
             conv = int(row["conversation_id"])
-            if self.dispatcher.driving(conv):
-                continue
-            owner = await self.locks.holder(conv)
             if owner is None:
                 free.append(conv)
                 continue

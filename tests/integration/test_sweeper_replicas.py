@@ -124,11 +124,12 @@ class TakenAfterTheLook(Locks):
         self.other = other
         self.taken = False
 
-    async def holder(self, conversation_id: int) -> str | None:
-        owner = await super().holder(conversation_id)
-        if owner is None and not self.taken:
-            self.taken = await self.other.acquire(conversation_id) is not None
-        return owner
+    async def holders(self, conversation_ids: list[int]) -> list[str | None]:
+        owners = await super().holders(conversation_ids)
+        for conversation_id, owner in zip(conversation_ids, owners, strict=True):
+            if owner is None and not self.taken:
+                self.taken = await self.other.acquire(conversation_id) is not None
+        return owners
 
 
 async def test_a_conversation_taken_just_after_the_sweeper_found_it_free_is_not_recovered(

@@ -196,10 +196,10 @@ def structure_problems(doc: Mapping[str, Any]) -> list[str]:
         if urls != ({own} if own else set()):
             problems.append(f"{name}: database URLs {sorted(urls)}, expected only {own}")
         grace = duration_seconds(str(spec.get("stop_grace_period", "10s")))
-        if grace < longest_stop(name, env):
+        if grace < (stops := longest_stop(name, env)):
             problems.append(
                 f"{name}: stop_grace_period {grace:g} s kills it before it can stop on its own"
-                f" ({longest_stop(name, env):g} s)"
+                f" ({stops:g} s)"
             )
     for name, spec in services.items():
         if name != "migrate" and "DATABASE_URL" in _env(spec):

@@ -122,10 +122,10 @@ def deployment_problems(objects: list[Object]) -> list[str]:
         waits = float(pre_stop["command"][1]) if pre_stop.get("command", [""])[0] == "sleep" else 0
         if name == "gateway" and waits < 2:
             problems.append("gateway: no preStop wait for its endpoints to be removed")
-        if grace < waits + longest_stop(name, values):
+        if grace < waits + (stops := longest_stop(name, values)):
             problems.append(
                 f"{name}: terminationGracePeriodSeconds {grace} kills it before it can stop on"
-                f" its own ({waits:g} + {longest_stop(name, values):g} s)"
+                f" its own ({waits:g} + {stops:g} s)"
             )
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
