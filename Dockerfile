@@ -43,14 +43,16 @@ ENV PYTHONUNBUFFERED=1 \
     RUN_DIR=/tmp/wa
 # A numeric user, so that Kubernetes' runAsNonRoot can verify it. The code stays root-owned:
 # the services cannot change it even where the root filesystem is writable. The directories
-# under /var/lib/wa/tls are the mount points of docker-compose.yml's certs job (a named volume
-# mounted on them for the first time takes their owner, so that job can write as this user).
+# under /var/lib/wa/tls are the mount points of docker-compose.yml's certs job, and /etc/wa/tls
+# the services' mount point of the same volumes. Each is this user's: an empty named volume
+# takes the owner and mode of the mount point of whichever container is created with it
+# first, and `docker compose up` creates every container before it starts the certs job, so
+# a root-owned /etc/wa/tls would leave the job unable to write its files.
 RUN groupadd --system --gid 10001 wa \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp wa \
  && install -d -o 10001 -g 10001 -m 0700 \
       /var/lib/wa/tls/ca /var/lib/wa/tls/state /var/lib/wa/tls/agent /var/lib/wa/tls/dlq \
-      /var/lib/wa/tls/gateway /var/lib/wa/tls/operator /var/lib/wa/tls/console \
- && install -d -m 0755 /etc/wa/tls
+      /var/lib/wa/tls/gateway /var/lib/wa/tls/operator /var/lib/wa/tls/console /etc/wa/tls
 COPY --from=build /app /app
 WORKDIR /app
 USER 10001:10001

@@ -26,10 +26,11 @@ ENVIRONMENT_ONLY = frozenset(
 
 
 # Each service's PostgreSQL pool at most, when it runs alone: state and agent run many turns at
-# once, dlq a worker and its operators' calls. Replicas of a service share PostgreSQL: each
-# backend costs it memory and, per backend, the warm-up of its caches and of every function's
-# plans, so replicas divide this rather than multiply it.
-POOL_SIZES = {"state": 20, "agent": 20, "dlq": 10}
+# once, dlq a worker and its operators' calls, the console its operators' pages. Replicas of a
+# service share PostgreSQL: each backend costs it memory and, per backend, the warm-up of its
+# caches and of every function's plans, so replicas divide this rather than multiply it
+# (DATABASE_POOL_SIZE in compose and Kubernetes, which tests/unit check against a budget).
+POOL_SIZES = {"state": 20, "agent": 20, "dlq": 10, "console": 10}
 
 
 class ConfigError(Exception):

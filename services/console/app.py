@@ -555,7 +555,10 @@ def create_app(settings: ConsoleSettings) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.pool = await db.create_pool(
-            settings.require_database(), min_size=1, max_size=10, application_name="wa-console"
+            settings.require_database(),
+            min_size=1,
+            max_size=settings.pool_size("console"),
+            application_name="wa-console",
         )
         app.state.jobs = actions.Jobs()
         try:

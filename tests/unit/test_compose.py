@@ -206,6 +206,11 @@ def structure_problems(doc: Mapping[str, Any]) -> list[str]:
             problems.append(f"{name}: gets the owner's DATABASE_URL")
     if "data" in (services["gateway"].get("networks") or []):
         problems.append("gateway: on the database network")
+    # The image's entrypoint initializes a fresh volume on a server of the Unix socket alone:
+    # a check over the socket calls it healthy before the migrate job can connect over TCP.
+    check = services["postgres"].get("healthcheck", {}).get("test", [])
+    if "pg_isready" not in check or "-h" not in check or check[check.index("-h") + 1][:1] == "/":
+        problems.append("postgres: the healthcheck does not connect over TCP")
     return problems + redis_problems(services)
 
 
@@ -342,6 +347,9 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "Redis URL in the agent": lambda d: d["services"]["agent"]["environment"].update(
         REDIS_URL="redis://wa-state:x@redis:6379/0"
     ),
+    "postgres healthy on its socket": lambda d: d["services"]["postgres"]["healthcheck"].update(
+        test=["CMD", "pg_isready", "-U", "wa_owner", "-d", "wa"]
+    ),
 }
 
 
@@ -407,6 +415,133 @@ def test_the_certs_job_gives_each_service_only_its_own_key() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for identity in ("ca", *IDENTITIES):
         assert f"/var/lib/wa/tls/{identity}" in dockerfile
+
+
+# The contract's scaled command: `docker compose up --scale gateway=2 --scale state=2
+# --scale agent=3 --scale dlq=2`.
+SCALE = {"gateway": 2, "state": 2, "agent": 3, "dlq": 2}
+# PostgreSQL's defaults: max_connections, and the superuser_reserved_connections among them.
+PG_MAX_CONNECTIONS = 100
+PG_RESERVED = 3
+
+
+def postgres_connections(doc: Mapping[str, Any], scale: Mapping[str, int]) -> tuple[int, list[str]]:
+    """The most connections our containers open to PostgreSQL at `scale`: each running
+    service's replicas times its pool (DATABASE_POOL_SIZE, which each must set: unset, every
+    replica opens its whole service's POOL_SIZES share), one for each one-shot job and tool."""
+    total, problems = 0, []
+    for name, spec in doc["services"].items():
+        env = _env(spec)
+        if not _ours(spec) or not any(k.endswith("DATABASE_URL") for k in env):
+            continue
+        if _one_shot(spec) or spec.get("profiles"):
+            total += 1
+            continue
+        pool = env.get("DATABASE_POOL_SIZE")
+        if pool is None:
+            problems.append(
+                f"{name}: no DATABASE_POOL_SIZE (each replica would open up to "
+                f"{config.POOL_SIZES.get(name)})"
+            )
+            continue
+        total += scale.get(name, 1) * int(pool)
+    return total, problems
+
+
+def connection_problems(doc: Mapping[str, Any], scale: Mapping[str, int]) -> list[str]:
+    total, problems = postgres_connections(doc, scale)
+    command = " ".join(map(str, doc["services"]["postgres"].get("command") or []))
+    found = re.search(r"max_connections=(\d+)", command)
+    allowed = (int(found[1]) if found else PG_MAX_CONNECTIONS) - PG_RESERVED
+    if total > allowed:
+        problems.append(f"{total} PostgreSQL connections at {dict(scale)}, {allowed} allowed")
+    return problems
+
+
+def test_scaled_services_fit_in_postgresqls_connections() -> None:
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    command = " ".join(f"--scale {name}={n}" for name, n in SCALE.items())
+    assert f"docker compose up {command}" in readme
+    assert connection_problems(compose(), SCALE) == []
+    total, _ = postgres_connections(compose(), SCALE)
+    assert f"{total} of PostgreSQL's connections" in readme
+
+
+def test_the_connection_check_rejects_an_unbounded_pool_or_too_many_replicas() -> None:
+    unbounded = compose()
+    del unbounded["services"]["agent"]["environment"]["DATABASE_POOL_SIZE"]
+    assert any("agent: no DATABASE_POOL_SIZE" in p for p in connection_problems(unbounded, SCALE))
+    assert connection_problems(compose(), {**SCALE, "agent": 30}) != []
+    larger = compose()
+    larger["services"]["postgres"]["command"] = ["postgres", "-c", "max_connections=400"]
+    assert connection_problems(larger, {**SCALE, "agent": 30}) == []
+
+
+def image_directories(dockerfile: str) -> dict[str, str]:
+    """Each directory the Dockerfile makes with `install -d`, and its owner (`root` when none
+    is given)."""
+    joined = re.sub(r"\\\n", " ", dockerfile)
+    made: dict[str, str] = {}
+    for command in re.findall(r"install -d ([^&\n]*)", joined):
+        words = command.split()
+        owner = "root"
+        paths = []
+        i = 0
+        while i < len(words):
+            if words[i] in ("-o", "-g", "-m"):
+                if words[i] == "-o":
+                    owner = words[i + 1]
+                i += 2
+                continue
+            paths.append(words[i])
+            i += 1
+        made.update(dict.fromkeys(paths, owner))
+    return made
+
+
+def volume_owner_problems(doc: Mapping[str, Any], dockerfile: str) -> list[str]:
+    """A named volume that one of our containers writes must be that user's at every mount
+    point in our image: an empty volume takes the owner of the mount point of whichever
+    container is created with it first (Docker copies the image's directory into it), and
+    `docker compose up` creates every container before it starts any."""
+    users = re.findall(r"^USER (\d+)", dockerfile, re.M)
+    user = users[-1] if users else "root"
+    made = image_directories(dockerfile)
+    mounts: dict[str, list[tuple[str, str, bool]]] = {}
+    for name, spec in doc["services"].items():
+        if not _ours(spec):
+            continue
+        for volume in spec.get("volumes", []):
+            source, target, *mode = str(volume).split(":")
+            if source in doc.get("volumes", {}):
+                mounts.setdefault(source, []).append((name, target, mode != ["ro"]))
+    problems = []
+    for volume, points in mounts.items():
+        writers = [name for name, _, writes in points if writes]
+        if not writers:
+            continue
+        for name, target, _ in points:
+            owner = made.get(target)
+            if owner != user:
+                problems.append(
+                    f"{volume}: written by {writers}, mounted by {name} on {target}, which the "
+                    f"image {'does not make' if owner is None else f'makes owned by {owner}'}"
+                )
+    return problems
+
+
+def test_a_volume_a_job_writes_is_its_user_at_every_mount_point() -> None:
+    assert volume_owner_problems(compose(), _dockerfile()) == []
+
+
+def test_the_volume_owner_check_rejects_a_root_owned_mount_point() -> None:
+    text = _dockerfile()
+    root_owned = text.replace(" /etc/wa/tls\n", "\n") + "RUN install -d -m 0755 /etc/wa/tls\n"
+    assert root_owned != text
+    problems = volume_owner_problems(compose(), root_owned)
+    assert problems and all("/etc/wa/tls" in p for p in problems)
+    unmade = text.replace(" /etc/wa/tls\n", "\n")
+    assert volume_owner_problems(compose(), unmade) != []
 
 
 def test_the_console_is_on_loopback_with_the_operator_role_and_what_make_run_starts() -> None:

@@ -6,6 +6,7 @@ manifests is checked on the result. Each check is also shown to reject a broken 
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -471,6 +472,85 @@ def test_grpc_services_are_headless_and_the_gateway_is_not() -> None:
     assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {
         NAMESPACE
     }
+
+
+# At most what the manifests open to PostgreSQL at once: what a managed PostgreSQL of a small
+# production size allows (its max_connections less the provider's reserved ones).
+CONNECTION_BUDGET = 200
+
+
+def _surge(deployment: Object, replicas: int) -> int:
+    """The pods a rolling update adds beside `replicas` (maxSurge: 25 % by default)."""
+    strategy = deployment["spec"].get("strategy", {})
+    surge = strategy.get("rollingUpdate", {}).get("maxSurge", "25%")
+    if strategy.get("type") == "Recreate":
+        return 0
+    if isinstance(surge, str) and surge.endswith("%"):
+        return math.ceil(replicas * int(surge[:-1]) / 100)
+    return int(surge)
+
+
+def postgres_connections(objects: list[Object]) -> tuple[int, list[str]]:
+    """The most connections the manifests open to PostgreSQL at once: each Deployment with a
+    database URL at its autoscaler's maximum (else its replicas) plus a rolling update's surge,
+    times its pool (DATABASE_POOL_SIZE, which each must set: unset, every pod would open its
+    whole service's POOL_SIZES share); one for each Job."""
+    most = {
+        o["spec"]["scaleTargetRef"]["name"]: int(o["spec"]["maxReplicas"])
+        for o in objects
+        if o["kind"] == "HorizontalPodAutoscaler"
+    }
+    total, problems = 0, []
+    for obj in objects:
+        if obj["kind"] not in ("Deployment", "Job"):
+            continue
+        containers = obj["spec"]["template"]["spec"]["containers"]
+        env = {k: e for c in containers for k, e in _env(c).items()}
+        if not any(k.endswith("DATABASE_URL") for k in env):
+            continue
+        name = obj["metadata"]["name"]
+        if obj["kind"] == "Job":
+            total += 1
+            continue
+        pool = env.get("DATABASE_POOL_SIZE", {}).get("value")
+        if pool is None:
+            problems.append(f"{name}: no DATABASE_POOL_SIZE")
+            continue
+        replicas = most.get(name, obj["spec"].get("replicas", 1))
+        total += (replicas + _surge(obj, replicas)) * int(pool)
+    if total > CONNECTION_BUDGET:
+        problems.append(f"{total} PostgreSQL connections at most, over {CONNECTION_BUDGET}")
+    return total, problems
+
+
+def test_every_pod_fits_in_postgresqls_connections_and_the_readme_says_how_many() -> None:
+    readme = " ".join((KUBERNETES / "README.md").read_text().split())
+    for directory, name in ((PRODUCTION, "production overlay"), (BASE, "base")):
+        total, problems = postgres_connections(render(directory))
+        assert problems == []
+        assert f"the {name} opens at most {total} connections to PostgreSQL" in readme
+
+
+def test_the_connection_check_rejects_an_unbounded_pool_or_a_larger_autoscaler() -> None:
+    objects = render()
+    unbounded = copy.deepcopy(objects)
+    container = _container(_deployment(unbounded, "agent"))
+    container["env"] = [e for e in container["env"] if e["name"] != "DATABASE_POOL_SIZE"]
+    assert "agent: no DATABASE_POOL_SIZE" in postgres_connections(unbounded)[1]
+    wider = copy.deepcopy(objects)
+    find(wider, "HorizontalPodAutoscaler", "agent")["spec"]["maxReplicas"] = 40
+    assert postgres_connections(wider)[1] != []
+    assert postgres_connections(wider)[0] > postgres_connections(objects)[0]
+
+
+def test_the_readme_removes_the_previous_migrate_job_before_applying() -> None:
+    # A Job's pod template is immutable: `kubectl apply` of a new image's Job beside the
+    # previous release's (kept an hour for its logs) is refused, and no migration runs.
+    readme = (KUBERNETES / "README.md").read_text()
+    job = find(render(), "Job", "migrate")
+    assert job["spec"].get("ttlSecondsAfterFinished", 0) > 0
+    delete = readme.index("kubectl -n wa delete job migrate --ignore-not-found")
+    assert delete < readme.index("kubectl apply -k deploy/kubernetes/overlays/production")
 
 
 def test_disruption_budgets_and_autoscalers() -> None:
