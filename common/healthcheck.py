@@ -6,11 +6,8 @@ healthy, 1 not, 2 misused or misconfigured."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import urllib.request
-
-from . import config, grpcserver, tls
 
 USAGE = "usage: python -m common.healthcheck grpc HOST:PORT [IDENTITY] | http URL"
 
@@ -22,6 +19,12 @@ def main(argv: list[str]) -> int:
         return 2
     kind, target, *rest = argv
     if kind == "grpc":
+        # Imported here: gRPC, OpenTelemetry and pydantic take over a second of CPU to import,
+        # which the http check, run every few seconds by compose, must not pay.
+        import asyncio
+
+        from . import config, grpcserver, tls
+
         try:
             tls.configure(config.Base.from_env(), rest[0] if rest else "operator")
         except config.ConfigError as exc:
