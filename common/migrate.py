@@ -12,6 +12,7 @@ from pathlib import Path
 
 import asyncpg
 
+from . import retry
 from .config import ConfigError
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "db" / "migrations"
@@ -127,6 +128,44 @@ async def require_current(dsn: str, directory: Path = MIGRATIONS) -> None:
 
 
 WAIT_POLL_SECONDS = 2.0
+# How long the owner's job (`python -m common.migrate`) waits for PostgreSQL to accept a
+# connection: compose starts it once the server's healthcheck passes, and Kubernetes as soon as
+# it is scheduled, but a server that is still starting, restarting or failing over refuses for
+# a while, and the job runs once (compose does not restart it, and every service waits for it).
+SERVER_WAIT_SECONDS = 60.0
+# What a server that is not there yet answers: nothing listening (or no route yet), "the
+# database system is starting up", a connection closed by a server that is shutting down.
+_NOT_YET = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+
+
+async def wait_for_server(dsn: str, seconds: float) -> None:
+    """Returns once PostgreSQL accepts a connection at `dsn`; raises the last refusal after
+    `seconds`. A refusal of the login itself (a wrong password) is raised at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    attempt = 0
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=max(1.0, min(10.0, deadline - loop.time())))
+        except _NOT_YET as exc:
+            attempt += 1
+            left = deadline - loop.time()
+            if left <= 0:
+                raise
+            if attempt == 1:
+                log.info(
+                    "waiting for PostgreSQL to accept connections",
+                    extra={"error": f"{type(exc).__name__}: {exc}", "seconds": seconds},
+                )
+            await asyncio.sleep(min(left, retry.full_jitter(attempt, 0.25, 2.0)))
+        else:
+            await conn.close()
+            return
 
 
 async def wait_current(dsn: str, seconds: float, directory: Path = MIGRATIONS) -> list[str]:
@@ -154,7 +193,8 @@ async def wait_current(dsn: str, seconds: float, directory: Path = MIGRATIONS) -
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m common.migrate [--check | --wait SECONDS]`: apply and provision the services'
-    roles (what compose's job runs); or (--check) exit 1 when any is pending; or (--wait)
+    roles (what compose's and Kubernetes' job runs, once PostgreSQL accepts connections: up to
+    `--server-wait` seconds); or (--check) exit 1 when any is pending; or (--wait)
     wait for the owner to apply them, exit 1 if still pending after SECONDS (a Kubernetes
     init container's, with the service's own URL: `--url-from STATE_DATABASE_URL`)."""
     import argparse
@@ -166,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if migrations are pending")
     parser.add_argument(
         "--wait", type=float, metavar="SECONDS", help="wait until none is pending, at most this"
+    )
+    parser.add_argument(
+        "--server-wait",
+        type=float,
+        default=SERVER_WAIT_SECONDS,
+        metavar="SECONDS",
+        help="applying: wait this long at most for PostgreSQL to accept connections",
     )
     parser.add_argument(
         "--url-from",
@@ -190,6 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             log.warning("pending migrations", extra={"pending": missing})
         return 1 if missing else 0
+    dsn = settings.require_database()
+    try:
+        asyncio.run(wait_for_server(dsn, args.server_wait))
+    except _NOT_YET as exc:
+        log.error(
+            "PostgreSQL did not accept a connection within %g s: %s: %s",
+            args.server_wait,
+            type(exc).__name__,
+            exc,
+        )
+        return 1
     asyncio.run(roles.migrate_and_provision(settings))
     return 0
 
