@@ -267,10 +267,21 @@ async def healthz(request: Request) -> Response:
     return _json(200, status="ok")
 
 
+# `/readyz?for=ingest`: what a delivery's acknowledgement needs, the state service and the
+# PostgreSQL it stores in. What routes Meta's deliveries to a gateway (a load balancer's or
+# Kubernetes' readiness) asks this: a gateway that can store a delivery durably takes it while
+# the agent, the dlq or Redis is down (its turn waits, nothing is lost); with `/readyz`, one of
+# those down would take every gateway out of service at once.
+READY_FOR = {"ingest": frozenset({"state", "postgres"})}
+
+
 async def readyz(request: Request) -> Response:
     """The last background check's result (services/gateway/readiness.py), never a new one."""
     st: GatewayState = request.app.state.gw
-    ready, body = st.readiness.answer()
+    scope = request.query_params.get("for")
+    if scope is not None and scope not in READY_FOR:
+        return _json(400, error=f"for= takes one of {sorted(READY_FOR)}")
+    ready, body = st.readiness.answer(READY_FOR[scope] if scope is not None else None)
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

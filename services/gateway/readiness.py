@@ -54,15 +54,18 @@ class Readiness:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._channels.aclose()
 
-    def answer(self) -> tuple[bool, dict[str, Any]]:
-        """(ready, the body of `/readyz`)."""
+    def answer(self, needed: frozenset[str] | None = None) -> tuple[bool, dict[str, Any]]:
+        """(ready, the body of `/readyz`): every component up, or those `needed` (by name)."""
         if self._components is None:
             return False, {"status": "not ready", "reason": "not checked yet", "components": []}
         age = time.monotonic() - self._checked_at
-        body = {"checked_seconds_ago": round(age, 3), "components": self._components}
+        components = [
+            c for c in self._components if needed is None or c["name"] in needed | {"gateway"}
+        ]
+        body = {"checked_seconds_ago": round(age, 3), "components": components}
         if age > self.max_age:
             return False, {"status": "not ready", "reason": "readiness check stale", **body}
-        down = [c for c in self._components if not c["healthy"]]
+        down = [c for c in components if not c["healthy"]]
         if not down:
             return True, {"status": "ready", **body}
         # One line an operator (or a probe's log) reads first; the components say the rest.

@@ -81,5 +81,8 @@ async def test_readiness_checks_reuse_their_connections_to_the_services(
             await asyncio.sleep(0.1)
         assert await _checks(system) >= start + 20
         assert (await system.http.get(f"{system.url}/readyz")).status_code == 200
+        assert (await system.http.get(f"{system.url}/readyz?for=ingest")).status_code == 200
+        unknown = await system.http.get(f"{system.url}/readyz?for=everything")
+        assert unknown.status_code == 400 and "ingest" in unknown.json()["error"]
         # Twenty checks later, no new connection (one a check before).
         assert proxy.accepted == connections, (connections, proxy.accepted)

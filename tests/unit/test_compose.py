@@ -573,7 +573,8 @@ def test_the_proxy_balances_every_gateway_replica_found_by_dns() -> None:
     assert re.search(r"nameserver \S+ 127\.0\.0\.11:53", cfg)
     assert re.search(r"server-template gateway \d+ gateway:8080 check", cfg)
     assert "resolvers docker" in re.search(r"default-server .*", cfg).group(0)  # type: ignore[union-attr]
-    assert "http-check send meth GET uri /readyz" in cfg
+    # Routed to while it can store a delivery, not only while every service is up.
+    assert "http-check send meth GET uri /readyz?for=ingest\n" in cfg
     assert "monitor-uri /proxy-healthz" in cfg
     assert "/proxy-healthz" in " ".join(proxy["healthcheck"]["test"])
 

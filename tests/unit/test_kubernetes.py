@@ -85,7 +85,9 @@ def deployment_problems(objects: list[Object]) -> list[str]:
         pod = deployment["spec"]["template"]["spec"]
         container = _container(deployment)
         port = "http" if name == "gateway" else "metrics"
-        for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        # The gateway is routed to while it can store a delivery (services/gateway/app.py).
+        ready = "/readyz?for=ingest" if name == "gateway" else "/readyz"
+        for probe, path in (("readinessProbe", ready), ("livenessProbe", "/healthz")):
             get = container.get(probe, {}).get("httpGet", {})
             if (get.get("path"), get.get("port")) != (path, port):
                 problems.append(f"{name}: {probe} is not GET {path} on port {port}")
