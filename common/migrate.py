@@ -18,6 +18,10 @@ from .config import ConfigError
 MIGRATIONS = Path(__file__).resolve().parent.parent / "db" / "migrations"
 # Any constant works; it only has to be the same for every starter.
 LOCK_KEY = 0x57A_6E7
+# Held by the owner's job from its first migration to its last grant (roles.migrate_and_provision),
+# shared by a service waiting for the schema (`--wait`): the migrations are committed one by one
+# before the grants on their new tables are, and a service let in between would be refused them.
+PROVISION_LOCK_KEY = 0x57A_6E8
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +100,16 @@ async def _verified(conn: asyncpg.Connection, directory: Path, *, record: bool =
     return {r["version"] for r in rows}
 
 
+BEING_APPLIED = "(being applied, and the services' privileges with them)"
+
+
 async def pending(dsn: str, directory: Path = MIGRATIONS) -> list[str]:
+    """The migrations not applied yet (BEING_APPLIED while the owner's job migrates and grants;
+    its lock ends with the connection, so a job that dies holds nobody up)."""
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock_shared($1)", PROVISION_LOCK_KEY):
+            return [BEING_APPLIED]
         exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
         done = (
             {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}

@@ -288,8 +288,15 @@ async def migrate_and_provision(settings: RoleSettings) -> dict[str, str]:
     """Migrations, then each service's login role and privileges; says (never printing a
     password) which roles play which service and where generated URLs were written."""
     dsn = settings.require_database()
-    await migrate.migrate(dsn)
-    urls, written = await provision_configured(dsn, settings)
+    # Held until every grant is made: a service waiting for the schema (migrate --wait) waits
+    # for its privileges on the new tables too.
+    held = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await held.execute("SELECT pg_advisory_lock($1)", migrate.PROVISION_LOCK_KEY)
+        await migrate.migrate(dsn)
+        urls, written = await provision_configured(dsn, settings)
+    finally:
+        await held.close()  # (the lock goes with its session)
     log.info(
         "database roles provisioned",
         extra={

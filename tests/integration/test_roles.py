@@ -563,3 +563,40 @@ async def test_each_service_role_can_wait_for_the_migrations_its_code_needs(pg: 
         assert done.returncode == 0, done.stderr
     finally:
         await conn.close()
+
+
+async def test_a_service_waits_for_its_privileges_not_only_for_the_migrations(
+    pg: Postgres,
+) -> None:
+    """The owner's job commits each migration, then grants the services their privileges on
+    the new tables: `migrate --wait` (a Kubernetes init container's) lets a service start only
+    once the job has done both, not between them."""
+    dsn = await pg.create_database(None)
+    await migrate.migrate(dsn)
+    urls = await roles.provision(dsn)
+    variable = roles.VARIABLES["agent"]
+
+    def wait(seconds: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "common.migrate", "--wait", seconds, "--url-from", variable],
+            env={**os.environ, variable: urls["agent"]},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    job = await asyncpg.connect(dsn, timeout=10)
+    try:
+        # Every migration is applied; the job is still granting (it holds its lock).
+        await job.execute("SELECT pg_advisory_lock($1)", migrate.PROVISION_LOCK_KEY)
+        held = await asyncio.to_thread(wait, "0.5")
+        assert held.returncode == 1, held.stderr
+        assert "being applied" in held.stderr, held.stderr
+        waiting = asyncio.create_task(asyncio.to_thread(wait, "30"))
+        await asyncio.sleep(1)
+        assert not waiting.done()
+        await job.execute("SELECT pg_advisory_unlock($1)", migrate.PROVISION_LOCK_KEY)
+        done = await waiting
+        assert done.returncode == 0, done.stderr
+    finally:
+        await job.close()
