@@ -66,6 +66,11 @@ class Readiness:
         if age > self.max_age:
             return False, {"status": "not ready", "reason": "readiness check stale", **body}
         down = [c for c in components if not c["healthy"]]
+        # One the check could not name (a check that failed as a whole) is not up either.
+        down += [
+            {"name": name, "healthy": False, "detail": "not checked"}
+            for name in sorted((needed or frozenset()) - {c["name"] for c in components})
+        ]
         if not down:
             return True, {"status": "ready", **body}
         # One line an operator (or a probe's log) reads first; the components say the rest.
@@ -85,6 +90,10 @@ class Readiness:
             )
         except Exception as exc:  # the loop goes on; what failed is the answer
             components = [{"name": "gateway", "healthy": False, "detail": f"check failed: {exc!r}"}]
+        self.record(components)
+
+    def record(self, components: list[dict[str, Any]]) -> None:
+        """A check's result: what `answer` says from now on."""
         self._components = components
         self._checked_at = time.monotonic()
         ready = all(c["healthy"] for c in components)
