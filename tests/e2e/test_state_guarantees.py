@@ -58,10 +58,8 @@ async def test_forty_conversations_in_parallel_one_turn_at_a_time_in_order(
             ids.append(message_id)
             assert (await system.post(doc)).status_code == 200
 
-    started = time.monotonic()
     await asyncio.gather(*(converse(c) for c in range(40)))
     await system.wait_status(ids, {"replied"}, timeout=120)
-    elapsed = time.monotonic() - started
     replies = cv.replies_per_message(graph)
     assert len(ids) == 200 and set(replies) == set(ids) and set(replies.values()) == {1}
     per_customer: dict[str, int] = {}
@@ -73,8 +71,9 @@ async def test_forty_conversations_in_parallel_one_turn_at_a_time_in_order(
     order = cv.seen_by_model(conv_model)
     assert len(order) == 40 and all(seq == [0, 1, 2, 3, 4] for seq in order.values())
     assert conv_model.overlaps == []
-    # Conversations ran side by side: 200 turns of >= 50 ms each did not take 10 s in a row.
-    assert elapsed < 200 * conv_model.delay
+    # Conversations ran side by side: the model answered several at once (measured where it
+    # answers, not by the clock, which a loaded machine stretches).
+    assert conv_model.most_at_once >= 4, conv_model.most_at_once
 
 
 async def test_messages_of_one_delivery_are_processed_in_timestamp_order(

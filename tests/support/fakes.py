@@ -455,6 +455,8 @@ class FakeModel(FakeServer):
         self.in_flight: dict[str, int] = {}
         self.overlaps: list[str] = []
         self.served: list[dict[str, int]] = []  # the usage of every successful answer
+        self._running = 0
+        self.most_at_once = 0  # calls answered at the same time, whatever their keys
 
     def env(self, **extra: str) -> dict[str, str]:
         """The settings that point the agent service at this server."""
@@ -472,6 +474,8 @@ class FakeModel(FakeServer):
             self.in_flight[k] = self.in_flight.get(k, 0) + 1
             if k and self.in_flight[k] > 1:
                 self.overlaps.append(k)
+            self._running += 1
+            self.most_at_once = max(self.most_at_once, self._running)
             scripted = self.script.popleft() if self.script else None
         try:
             if self.delay:
@@ -507,6 +511,7 @@ class FakeModel(FakeServer):
         finally:
             with self.lock:
                 self.in_flight[k] -= 1
+                self._running -= 1
 
 
 class FlakyReadsGraph(FakeGraph):
