@@ -223,7 +223,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "migrate":
         from common import migrate
 
-        return migrate.main(["--check"] if args.check else [])
+        return migrate.main(["--check"] if args.check else ["--server-wait", "0"])
     if args.command == "simulate":
         from . import simulate
 

@@ -249,16 +249,21 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("pending migrations", extra={"pending": missing})
         return 1 if missing else 0
     dsn = settings.require_database()
-    try:
-        asyncio.run(wait_for_server(dsn, args.server_wait))
-    except _NOT_YET as exc:
-        log.error(
-            "PostgreSQL did not accept a connection within %g s: %s: %s",
-            args.server_wait,
-            type(exc).__name__,
-            exc,
-        )
-        return 1
+    # (`wa migrate`, an operator's command, passes 0: a server that is down is said at once.)
+    if args.server_wait > 0:
+        try:
+            asyncio.run(wait_for_server(dsn, args.server_wait))
+        except _NOT_YET as exc:
+            log.error(
+                "PostgreSQL did not accept a connection within %g s: %s: %s",
+                args.server_wait,
+                type(exc).__name__,
+                exc,
+            )
+            return 1
+        except asyncpg.PostgresError as exc:
+            log.error("PostgreSQL refused the owner's login: %s: %s", type(exc).__name__, exc)
+            return 1
     asyncio.run(roles.migrate_and_provision(settings))
     return 0
 

@@ -54,18 +54,31 @@ async def _forwarder(port: int, dsn: str) -> AsyncIterator[None]:
         finally:
             writer.close()
 
+    relays: set[asyncio.Task[None]] = set()
+
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if host.startswith("/"):
-            up_reader, up_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{target}")
-        else:
-            up_reader, up_writer = await asyncio.open_connection(host, target)
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        task = asyncio.current_task()
+        assert task is not None
+        relays.add(task)
+        try:
+            if host.startswith("/"):
+                socket = f"{host}/.s.PGSQL.{target}"
+                up_reader, up_writer = await asyncio.open_unix_connection(socket)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(host, target)
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            relays.discard(task)
 
     server = await asyncio.start_server(relay, "127.0.0.1", port)
     try:
         yield
     finally:
         server.close()
+        for task in list(relays):
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        await server.wait_closed()
 
 
 async def _job(dsn: str, run_dir: Path, *args: str) -> asyncio.subprocess.Process:

@@ -600,3 +600,41 @@ async def test_a_service_waits_for_its_privileges_not_only_for_the_migrations(
         assert done.returncode == 0, done.stderr
     finally:
         await job.close()
+
+
+async def test_the_owners_job_holds_its_lock_from_the_first_migration_to_the_last_grant(
+    pg: Postgres, tmp_path: Path
+) -> None:
+    """What `migrate --wait` respects (above) is held by the job itself for as long as it
+    migrates and grants, and let go when it is done."""
+    dsn = await pg.create_database(None)
+    watcher = await asyncpg.connect(dsn, timeout=10)
+    refused = 0
+    done = False
+
+    async def watch() -> None:
+        nonlocal refused
+        while not done:
+            if await watcher.fetchval(
+                "SELECT pg_try_advisory_lock_shared($1)", migrate.PROVISION_LOCK_KEY
+            ):
+                await watcher.execute(
+                    "SELECT pg_advisory_unlock_shared($1)", migrate.PROVISION_LOCK_KEY
+                )
+            else:
+                refused += 1
+            await asyncio.sleep(0.005)
+
+    watching = asyncio.create_task(watch())
+    try:
+        settings = roles.RoleSettings.from_env({"DATABASE_URL": dsn, "RUN_DIR": str(tmp_path)})
+        await roles.migrate_and_provision(settings)
+        done = True
+        await watching
+        assert refused > 0, "the job never held its lock"
+        # Let go: a waiting service now finds everything applied.
+        assert await migrate.pending(dsn) == []
+    finally:
+        done = True
+        await watching
+        await watcher.close()

@@ -479,6 +479,9 @@ def test_grpc_services_are_headless_and_the_gateway_is_not() -> None:
 # At most what the manifests open to PostgreSQL at once: what a managed PostgreSQL of a small
 # production size allows (its max_connections less the provider's reserved ones).
 CONNECTION_BUDGET = 200
+# The owner's job: its lock's session beside the one that migrates or grants
+# (common/roles.migrate_and_provision).
+JOB_CONNECTIONS = 2
 
 
 def _surge(deployment: Object, replicas: int) -> int:
@@ -496,7 +499,7 @@ def postgres_connections(objects: list[Object]) -> tuple[int, list[str]]:
     """The most connections the manifests open to PostgreSQL at once: each Deployment with a
     database URL at its autoscaler's maximum (else its replicas) plus a rolling update's surge,
     times its pool (DATABASE_POOL_SIZE, which each must set: unset, every pod would open its
-    whole service's POOL_SIZES share); one for each Job."""
+    whole service's POOL_SIZES share); JOB_CONNECTIONS for each Job."""
     most = {
         o["spec"]["scaleTargetRef"]["name"]: int(o["spec"]["maxReplicas"])
         for o in objects
@@ -512,7 +515,7 @@ def postgres_connections(objects: list[Object]) -> tuple[int, list[str]]:
             continue
         name = obj["metadata"]["name"]
         if obj["kind"] == "Job":
-            total += 1
+            total += JOB_CONNECTIONS
             continue
         pool = env.get("DATABASE_POOL_SIZE", {}).get("value")
         if pool is None:
