@@ -423,21 +423,23 @@ SCALE = {"gateway": 2, "state": 2, "agent": 3, "dlq": 2}
 # PostgreSQL's defaults: max_connections, and the superuser_reserved_connections among them.
 PG_MAX_CONNECTIONS = 100
 PG_RESERVED = 3
+# The owner's migrate job: its lock's session beside the one that migrates or grants
+# (common/roles.migrate_and_provision).
+JOB_CONNECTIONS = 2
 
 
 def postgres_connections(doc: Mapping[str, Any], scale: Mapping[str, int]) -> tuple[int, list[str]]:
     """The most connections our containers open to PostgreSQL at `scale`: each running
     service's replicas times its pool (DATABASE_POOL_SIZE, which each must set: unset, every
-    replica opens its whole service's POOL_SIZES share); two for the owner's migrate job (its
-    lock's session beside the one that migrates: common/roles.migrate_and_provision), one for
-    each other one-shot job and tool."""
+    replica opens its whole service's POOL_SIZES share); JOB_CONNECTIONS for the owner's
+    migrate job, one for each other one-shot job and tool."""
     total, problems = 0, []
     for name, spec in doc["services"].items():
         env = _env(spec)
         if not _ours(spec) or not any(k.endswith("DATABASE_URL") for k in env):
             continue
         if _one_shot(spec) or spec.get("profiles"):
-            total += 2 if "DATABASE_URL" in env else 1
+            total += JOB_CONNECTIONS if "DATABASE_URL" in env else 1
             continue
         pool = env.get("DATABASE_POOL_SIZE")
         if pool is None:

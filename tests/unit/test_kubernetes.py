@@ -22,7 +22,7 @@ from common import kv
 from devtools import kustomize
 from devtools.kustomize import KustomizeError, Object
 from tests.support.grace import longest_stop
-from tests.unit.test_compose import SECRET_NAME, known_variables
+from tests.unit.test_compose import JOB_CONNECTIONS, SECRET_NAME, known_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -479,9 +479,6 @@ def test_grpc_services_are_headless_and_the_gateway_is_not() -> None:
 # At most what the manifests open to PostgreSQL at once: what a managed PostgreSQL of a small
 # production size allows (its max_connections less the provider's reserved ones).
 CONNECTION_BUDGET = 200
-# The owner's job: its lock's session beside the one that migrates or grants
-# (common/roles.migrate_and_provision).
-JOB_CONNECTIONS = 2
 
 
 def _surge(deployment: Object, replicas: int) -> int:
