@@ -17,6 +17,7 @@ import httpx
 from devtools.system import sign
 from tests.conftest import StartSystem
 from tests.support import payloads
+from tests.support.relay import Relay
 from tests.support.system import SECRET, System, readiness
 
 # Bounds on how long the gateway may take to act, not performance assertions: without the
@@ -176,45 +177,11 @@ async def test_a_full_ingest_queue_answers_503_with_retry_after_at_once(
     await system.wait_status(ids, {"replied"}, timeout=60)
 
 
-class CountingProxy:
-    """A TCP proxy that counts the connections made through it (TLS passes through)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while chunk := await src.read(65536):
-                    dst.write(chunk)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
 async def test_readyz_answers_from_a_cached_check_not_a_check_per_request(
     start_system: StartSystem,
 ) -> None:
     system = await start_system()
-    proxy = CountingProxy(system.ports["agent"])
+    proxy = Relay(upstream=("127.0.0.1", system.ports["agent"]))
     port = await proxy.start()
     try:
         # Only the gateway reaches the agent through the proxy.
@@ -222,13 +189,13 @@ async def test_readyz_answers_from_a_cached_check_not_a_check_per_request(
             "gateway", AGENT_ADDR=f"127.0.0.1:{port}", GATEWAY_READY_REFRESH_SECONDS="5"
         )
         await system.wait_ready()
-        before, started = proxy.connections, time.monotonic()
+        before, started = proxy.accepted, time.monotonic()
         for _ in range(40):
             assert (await system.http.get(f"{system.url}/readyz")).status_code == 200
         elapsed = time.monotonic() - started
         # A check opens two connections to the agent (health, breaker status); one runs every
         # 5 s. A check per request would have opened 80.
-        assert proxy.connections - before <= 2 * (elapsed / 5 + 2), proxy.connections - before
+        assert proxy.accepted - before <= 2 * (elapsed / 5 + 2), proxy.accepted - before
         await system.sup.stop(["agent"])
         _, body = await readiness(system, lambda status, _: status == 503)
         assert [c["name"] for c in body["components"] if not c["healthy"]] == ["agent"]
@@ -236,7 +203,7 @@ async def test_readyz_answers_from_a_cached_check_not_a_check_per_request(
         # The reason in one line, first: what is down and what it said.
         assert body["reason"].startswith("agent: ") and "UNAVAILABLE" in body["reason"]
     finally:
-        proxy.close()
+        await proxy.close()
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:

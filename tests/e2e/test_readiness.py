@@ -5,51 +5,15 @@ a check that opened its own paid a connection and a TLS handshake to every servi
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
 
 from devtools.ports import free_port
 from tests.conftest import StartSystem
+from tests.support.relay import Relay
 from tests.support.system import System
 
 pytestmark = pytest.mark.e2e
-
-
-class CountingProxy:
-    """A TCP proxy that counts the connections it accepts; forwards to `upstream` once set."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.upstream: int | None = None
-        self.accepted = 0
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        if self.upstream is None:
-            writer.close()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
-        except OSError:
-            writer.close()
-            return
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[CountingProxy]:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        async with server:
-            yield self
 
 
 async def _checks(system: System) -> float:
@@ -64,14 +28,13 @@ async def _checks(system: System) -> float:
 async def test_readiness_checks_reuse_their_connections_to_the_services(
     start_system: StartSystem,
 ) -> None:
-    proxy = CountingProxy()
-    async with proxy.running():
+    async with Relay(free_port()) as proxy:
         # Every service reaches the dlq service through the proxy: the state and the agent
         # each over their one channel, the gateway's readiness over its own.
         system = await start_system(
             wait=False, DLQ_ADDR=f"127.0.0.1:{proxy.port}", GATEWAY_READY_REFRESH_SECONDS="0.1"
         )
-        proxy.upstream = system.ports["dlq"]
+        proxy.upstream = ("127.0.0.1", system.ports["dlq"])
         await system.wait_ready()
         start = await _checks(system)
         connections = proxy.accepted

@@ -5,10 +5,8 @@ within a bound, instead of failing the whole start on its first refusal."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -16,18 +14,10 @@ import asyncpg
 
 from common import migrate
 from devtools.ports import free_port
+from tests.support.relay import Relay
 from tests.support.servers import Postgres
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _address(dsn: str) -> tuple[str, int]:
-    """Where `dsn`'s server listens: a host, or a Unix socket's directory, and a port."""
-    parts = urlsplit(dsn)
-    query = parse_qs(parts.query)
-    host = query.get("host", [parts.hostname or "127.0.0.1"])[0]
-    port = int(query.get("port", [parts.port or 5432])[0])
-    return host, port
 
 
 def _through(dsn: str, port: int) -> str:
@@ -39,46 +29,13 @@ def _through(dsn: str, port: int) -> str:
     return urlunsplit(("postgresql", f"{user}127.0.0.1:{port}", parts.path, "", ""))
 
 
-@contextlib.asynccontextmanager
-async def _forwarder(port: int, dsn: str) -> AsyncIterator[None]:
-    """Listens on 127.0.0.1:`port` and relays each connection to `dsn`'s server."""
-    host, target = _address(dsn)
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-
-    relays: set[asyncio.Task[None]] = set()
-
-    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        relays.add(task)
-        try:
-            if host.startswith("/"):
-                socket = f"{host}/.s.PGSQL.{target}"
-                up_reader, up_writer = await asyncio.open_unix_connection(socket)
-            else:
-                up_reader, up_writer = await asyncio.open_connection(host, target)
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        finally:
-            relays.discard(task)
-
-    server = await asyncio.start_server(relay, "127.0.0.1", port)
-    try:
-        yield
-    finally:
-        server.close()
-        for task in list(relays):
-            task.cancel()
-        await asyncio.gather(*relays, return_exceptions=True)
-        await server.wait_closed()
+def _upstream(dsn: str) -> tuple[str, int] | str:
+    """Where `dsn`'s server listens: a host and port, or a Unix socket's path."""
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or "127.0.0.1"])[0]
+    port = int(query.get("port", [parts.port or 5432])[0])
+    return f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
 
 
 async def _job(dsn: str, run_dir: Path, *args: str) -> asyncio.subprocess.Process:
@@ -121,7 +78,7 @@ async def test_the_job_waits_for_a_server_that_starts_after_it(
         assert "waiting for PostgreSQL" in waiting[-1], waiting
         await asyncio.sleep(1.0)
         assert job.returncode is None
-        async with _forwarder(port, dsn):
+        async with Relay(port, _upstream(dsn)):
             rest = await _lines_until(job, "\0")
             assert await asyncio.wait_for(job.wait(), 60) == 0, rest
     finally:
