@@ -15,6 +15,12 @@ arms no timer at all (three a request, armed and cancelled, cost the acknowledge
 throughput several per cent: docs/benchmarks.md). uvicorn's own keep-alive timer is folded in
 the same way, with its meaning kept: idle `timeout_keep_alive` seconds after a response, the
 connection is closed.
+
+Liveness (`/healthz`) is exempt from the concurrency limit: a flood that fills it must not get
+the gateway restarted by its liveness probe, which would drop every connection, Meta's too, and
+move the flood to the other replicas. It answers a constant, with no I/O, so the exemption
+frees nothing a flood could use. Readiness and `/metrics` stay under the limit: a gateway
+answering 503 to deliveries should leave the rotation, and metrics are work.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ _NOTHING = 0  # a request is being answered: no deadline
 _HEADERS = 1  # a request line and headers, within the header timeout
 _BODY = 2  # the rest of a body, within the body timeout
 _NEVER = math.inf
+# Answered whatever the concurrency limit (module docstring): the probe's request, no query.
+UNLIMITED_PATHS = frozenset({b"/healthz"})
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -92,7 +100,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         deadline = self._deadline = self.loop.time() + self.body_timeout
         if deadline < self._timer_at:
             self._arm(deadline)
-        super().on_headers_complete()
+        if self.limit_concurrency is not None and self.url in UNLIMITED_PATHS:
+            # uvicorn checks its limit inside on_headers_complete: lifted for this request.
+            limit, self.limit_concurrency = self.limit_concurrency, None
+            try:
+                super().on_headers_complete()
+            finally:
+                self.limit_concurrency = limit
+        else:
+            super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.transport is self.transport:  # (not an upgrade)
             cycle.transport = OneWrite(self.transport)  # type: ignore[assignment]

@@ -124,7 +124,7 @@ async def test_oversized_headers_are_answered_431(start_system: StartSystem) -> 
     writer.close()
 
 
-async def test_beyond_the_concurrency_limit_requests_get_503_not_a_wait(
+async def test_beyond_the_concurrency_limit_requests_get_503_not_a_wait_but_liveness_answers(
     start_system: StartSystem,
 ) -> None:
     system = await start_system(GATEWAY_MAX_CONCURRENCY="4", GATEWAY_HEADER_TIMEOUT_SECONDS="60")
@@ -134,6 +134,10 @@ async def test_beyond_the_concurrency_limit_requests_get_503_not_a_wait(
         body, headers = sign(text("over the limit"), SECRET)
         refused = await client.post(f"{system.url}/webhook", content=body, headers=headers)
         assert refused.status_code == 503
+        # Still alive to its liveness probe (not restarted for being flooded), no longer ready.
+        alive = await client.get(f"{system.url}/healthz")
+        assert alive.status_code == 200, alive.text
+        assert (await client.get(f"{system.url}/readyz")).status_code == 503
         for _, writer in held:
             writer.close()
         await asyncio.sleep(0.5)
