@@ -23,6 +23,7 @@ class AgentType:
     # Empty: AGENT_MODEL's.
     model: str
     temperature: float
+    # 0: AGENT_TOKEN_LIMIT's; else at most this many tokens, however high that is.
     token_limit: int
     keywords: tuple[str, ...]
     # What to do with an answer longer than one WhatsApp text message: split | trim.
@@ -77,12 +78,13 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "description": str,
     "system_prompt": str,
     "temperature": (int, float),
-    "token_limit": int,
     "keywords": list,
 }
-# Settings an agent type may leave out: `model` falls back to AGENT_MODEL.
+# Settings an agent type may leave out: `model` falls back to AGENT_MODEL, `token_limit` to
+# AGENT_TOKEN_LIMIT (the shipped agent types leave both to the deployment).
 _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "model": str,
+    "token_limit": int,
     "long_replies": str,
     "debounce_seconds": (int, float),
     "handoff": bool,
@@ -150,7 +152,7 @@ def load(path: Path) -> AgentCatalog:
             raise AgentConfigError(
                 f"{path}:{_line_of(text, name, 'temperature')}: temperature must be in [0, 2]"
             )
-        if spec["token_limit"] <= 0:
+        if spec.get("token_limit", 1) <= 0:
             raise AgentConfigError(
                 f"{path}:{_line_of(text, name, 'token_limit')}: token_limit must be positive"
             )
@@ -189,7 +191,7 @@ def load(path: Path) -> AgentCatalog:
             system_prompt=spec["system_prompt"].strip(),
             model=spec.get("model", "").strip(),
             temperature=float(spec["temperature"]),
-            token_limit=int(spec["token_limit"]),
+            token_limit=int(spec.get("token_limit", 0)),
             keywords=tuple(str(k).lower() for k in spec["keywords"]),
             long_replies=long_replies,
             debounce_seconds=debounce,

@@ -325,7 +325,7 @@ class Agent:
         user["tokens"] = window.message_tokens(user)
         history.append(user)
         costs = [m.get("tokens") or window.message_tokens(m) for m in history]
-        limit = min(self.token_limit, agent.token_limit)
+        limit = min(self.token_limit, agent.token_limit or self.token_limit)
         win = window.fit(agent.system_prompt, history, limit, costs)
         started = time.perf_counter()
         with tracer.start_as_current_span("agent.model") as span:

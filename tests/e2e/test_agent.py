@@ -85,6 +85,24 @@ async def test_the_token_window_keeps_the_system_prompt_and_the_newest_messages(
     assert len(json.loads(stored)) == 50
 
 
+async def test_agent_token_limit_widens_the_window_of_the_shipped_agent_types(
+    start_system: StartSystem, model: FakeModel
+) -> None:
+    # The shipped agent types name no token limit of their own: AGENT_TOKEN_LIMIT above the
+    # default 4,000 lets a long conversation's whole history reach the model.
+    system = await start_system(**model.env(AGENT_TOKEN_LIMIT="20000"))
+    base = int(time.time())
+    words = "the quick brown fox jumps over a lazy dog near the river bank today".split()
+    for n in range(6):
+        text = f"message {n}: " + " ".join(words[i % len(words)] for i in range(400))
+        await say(system, text, ts=base + n)
+    last = model.requests[-1].body["messages"]
+    used = sum(window.message_tokens(m) for m in last) + window.REPLY_PRIMING
+    assert used > 4000
+    kept_users = [int(m["content"].split(":")[0].split()[1]) for m in last if m["role"] == "user"]
+    assert kept_users == list(range(6))
+
+
 async def test_model_500_twice_then_one_reply(
     start_system: StartSystem, model: FakeModel, graph: FakeGraph
 ) -> None:

@@ -362,12 +362,10 @@ async def test_the_agent_types_own_model_wins_over_agent_model(
     start_system: StartSystem, model: FakeModel, tmp_path: Path
 ) -> None:
     shipped = (ROOT / "config" / "agents.toml").read_text()
-    head, bookings = shipped.split("[agents.bookings]")
-    # The concierge names no model (AGENT_MODEL is its default); bookings names its own.
-    head = head.replace('model = "gpt-4o-mini"\n', "")
-    bookings = bookings.replace('model = "gpt-4o-mini"', 'model = "bookings-model"', 1)
+    head, bookings = shipped.split("[agents.bookings]\n")
+    # The shipped concierge names no model (AGENT_MODEL is its); bookings is given its own.
     config = tmp_path / "agents.toml"
-    config.write_text(head + "[agents.bookings]" + bookings)
+    config.write_text(head + '[agents.bookings]\nmodel = "bookings-model"\n' + bookings)
     system = await start_system(**model.env(AGENT_CONFIG=str(config)))
     first = await send(system, "good evening")
     await system.wait_status([first], {"replied"})
