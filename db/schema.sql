@@ -1950,7 +1950,7 @@ BEGIN
            updated_at = now()
      WHERE m.id = v_id
     RETURNING m.id, m.message_id, m.conversation_id, m.phone_number_id,
-              COALESCE(v_wa_id, NULLIF(m.wa_id, ''), ''),
+              COALESCE(v_wa_id, ''),
               m.message_type, m.wa_timestamp, m.body, m.correlation_id, m.traceparent,
               m.attempts, m.turn_resumes, m.payload::text, m.reply_text, m.reply_payload::text,
               m.reply_message_id, m.agent_type, m.send_started_at, m.absorbed_message_ids
@@ -2070,7 +2070,7 @@ BEGIN
                 WHEN s.id IS NULL THEN 'none'
                 ELSE 'started' END,
            g.fence, s.id, s.message_id, s.conversation_id, s.phone_number_id,
-           CASE WHEN s.id IS NOT NULL THEN COALESCE(g.number, NULLIF(s.wa_id, ''), '') END,
+           CASE WHEN s.id IS NOT NULL THEN COALESCE(g.number, '') END,
            s.message_type, s.wa_timestamp, s.body, s.correlation_id, s.traceparent,
            s.attempts, s.turn_resumes, p.again,
            -- The reason of its last move to 'received' (ingest and every transition write the

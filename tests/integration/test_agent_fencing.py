@@ -6,6 +6,7 @@ API played over real HTTP."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -254,3 +255,20 @@ async def test_a_holder_taken_over_mid_part_records_the_part_it_sent_and_starts_
     assert len(parts) > 1
     assert parts[0]["sent_id"].startswith("wamid.OUT") and parts[0]["send_started_at"] is None
     assert all(p["sent_id"] is None and p["send_started_at"] is None for p in parts[1:])
+
+
+async def test_a_turn_with_no_number_or_user_id_fails_to_the_dlq_without_a_send(
+    pool: asyncpg.Pool, graph: FakeGraph, agent: Agent
+) -> None:
+    # A customer whose number changed, with no business-scoped user id known (db/migrations/
+    # 0038): the old number is not theirs any more, and there is nobody to send to.
+    conversation, token = await claimed(pool, "wamid.NOBODY")
+    nobody = dataclasses.replace(request("wamid.NOBODY", conversation, token), wa_id="")
+    result = await agent.reply(nobody)
+    assert (result.outcome, result.error_class, result.retryable) == (
+        "failed",
+        "NoRecipient",
+        False,
+    )
+    assert graph.sends == []
+    assert (await reply_row(pool, "wamid.NOBODY"))["reply_text"] is None

@@ -13,7 +13,7 @@ import orjson
 from common import migrate
 from common.domain import Event, Message, Status
 from services.gateway import parse
-from services.state import store
+from services.state import machine, store
 from tests.support import payloads
 from tests.support.inbound import inbound as support_inbound
 from tests.support.servers import Postgres
@@ -527,3 +527,53 @@ async def test_a_status_finds_its_conversation_by_bsuid_or_by_phone_number(
         by_user.conversation_id,
         by_phone.conversation_id,
     ]
+
+
+async def _changed_number(pool: asyncpg.Pool, name: str, phone: str) -> tuple[int, str]:
+    """A customer known by their phone number and a BSUID writes, then Meta says their number
+    changed (`user_changed_user_id`, no number shared) before the turn starts. Returns the
+    conversation and the new BSUID."""
+    old, new = payloads.bsuid(f"{name}-old"), payloads.bsuid(f"{name}-new")
+    waiting = inbound(
+        f"wamid.{name}1", wa_id=phone, user_id=old, phone_number_id=payloads.PHONE_NUMBER_ID
+    )
+    (first,) = await ingest(pool, waiting)
+    system = payloads.message(
+        "system",
+        wa_id=None,
+        system={
+            "body": f"User {name} changed from {old} to {new}",
+            "type": "user_changed_user_id",
+            "user_id": new,
+            "previous_user_id": old,
+        },
+    )
+    delivery = parse.parse(orjson.dumps(payloads.delivery(messages=[system])))
+    await store.ingest_many(
+        pool, [store.DeliveryIn(delivery.messages, [], "c", "", delivery.events)]
+    )
+    assert (await conversation(pool, first.conversation_id))["wa_id"] is None
+    return first.conversation_id, new
+
+
+async def test_a_message_waiting_across_a_number_change_is_answered_at_the_new_id_not_the_old(
+    pool: asyncpg.Pool,
+) -> None:
+    # The old number may be someone else's now: the turn names no phone number, and the agent
+    # addresses the customer by their new BSUID. Both ways a turn starts: alone
+    # (wa_claim_turn) and in a batch (wa_claim_turns).
+    alone, alone_id = await _changed_number(pool, "grace", "15550007001")
+    _, item = await store.claim_turn(pool, alone, "owner-1")
+    assert item is not None and item.message_id == "wamid.grace1"
+    assert (item.wa_id, item.user_id) == ("", alone_id)
+
+    batched, batched_id = await _changed_number(pool, "heidi", "15550007002")
+    row = await pool.fetchrow(
+        "SELECT message_id, wa_id, user_id FROM wa_claim_turns($1, $2, $3, $4)",
+        [batched],
+        ["owner-2"],
+        machine.conversation_sources(machine.ACTIVE),
+        None,
+    )
+    assert row is not None
+    assert dict(row) == {"message_id": "wamid.heidi1", "wa_id": "", "user_id": batched_id}
