@@ -326,6 +326,10 @@ def _message(raw: Any, phone: tuple[str, str], contacts: dict[str, Customer]) ->
     if kind == "text" and not text.strip():
         # WhatsApp sends no empty text: there is nothing to answer (the reply would be to "").
         reasons.append("text message without text")
+    if message.get("group_id") not in (None, ""):
+        # Meta's Groups API: `from` is the member who wrote. Answered like a one-to-one message,
+        # the reply would go to that member privately, quoting the group, for every member.
+        reasons.append("a message in a WhatsApp group: only one-to-one conversations are answered")
     return Message(
         message_id=message_id,
         phone_number_id=phone_number_id,

@@ -235,6 +235,21 @@ def test_a_text_message_without_text_is_stored_skipped_not_answered(text: Any) -
     assert m.type == "text" and m.skip_reason == "text message without text"
 
 
+@pytest.mark.parametrize("kind", ["text", "image", "audio", "interactive"])
+def test_a_message_in_a_group_is_stored_skipped_not_answered_privately(kind: str) -> None:
+    # Meta's group messages webhook: `from` is the member who wrote, `group_id` the group.
+    doc = payloads.delivery(
+        messages=[payloads.message(kind, group_id="Y2FwaV9ncm91cDpFWEFNUExFX0dST1VQX0lE")]
+    )
+    (m,) = parse.parse(orjson.dumps(doc)).messages
+    assert m.type == kind and m.wa_id == payloads.message(kind)["from"]
+    assert m.skip_reason == (
+        "a message in a WhatsApp group: only one-to-one conversations are answered"
+    )
+    one_to_one = payloads.delivery(messages=[payloads.message(kind)])
+    assert parse.parse(orjson.dumps(one_to_one)).messages[0].skip_reason == ""
+
+
 @pytest.mark.parametrize("kind", ["page", "instagram", "user", 7])
 def test_another_products_webhook_yields_nothing(kind: Any) -> None:
     # One Meta app may serve Messenger or Instagram as well, signing with the same secret: a
