@@ -89,3 +89,36 @@ async def test_a_handed_off_conversation_starts_no_turn_and_a_sent_cut_off_turn_
         ("cut-unsent", "processing", "skipped", "c2"),
         ("new", "received", "skipped", "c3"),
     ]
+
+
+async def test_a_conversation_taken_over_lists_the_messages_the_bot_had_not_answered(
+    pool: asyncpg.Pool,
+) -> None:
+    # The agent was down: two messages wait when an operator takes the conversation over.
+    # They are the person's now (the next turn start holds them), so the list shows them.
+    await pool.execute("""
+        INSERT INTO webhook_conversations (id, phone_number_id, wa_id, customer_id)
+        VALUES (1, '1', '1555', '1555');
+        INSERT INTO processed_webhook_messages
+            (message_id, kind, conversation_id, phone_number_id, wa_id, message_type,
+             wa_timestamp, payload, status, correlation_id, received_at)
+        VALUES ('answered', 'message', 1, '1', '1555', 'text', now() - interval '9 min', '{}',
+                'replied', 'c0', now() - interval '9 min'),
+               ('first', 'message', 1, '1', '1555', 'text', now() - interval '5 min', '{}',
+                'received', 'c1', now() - interval '5 min'),
+               ('second', 'message', 1, '1', '1555', 'text', now() - interval '4 min', '{}',
+                'received', 'c2', now() - interval '4 min');
+    """)
+    taken = await handoff.take_over(pool, "1555", "1", "ops@example.com")
+    assert not taken.already
+    (listed,) = await handoff.waiting(pool)
+    assert listed.waiting_count == 2
+    assert [m["message_id"] for m in listed.messages] == ["first", "second"]
+    # Taken over with nothing waiting: from now on, as before.
+    await pool.execute(
+        "UPDATE webhook_conversations SET handoff_at = NULL; "
+        "UPDATE processed_webhook_messages SET status = 'skipped'"
+    )
+    await handoff.take_over(pool, "1555", "1", "ops@example.com")
+    (listed,) = await handoff.waiting(pool)
+    assert listed.waiting_count == 0 and listed.messages == []
