@@ -16,6 +16,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 from dotenv import dotenv_values
+from pydantic import TypeAdapter, ValidationError
 
 from cli import certs
 from cli.settings import CliSettings
@@ -133,14 +134,28 @@ RUN_DRAINS = {"DRAIN_SECONDS": "2", "AGENT_DRAIN_SECONDS": "2"}
 
 
 def _dev_defaults(env: dict[str, str]) -> list[str]:
-    """Fills development-only values from .env.example; returns what was filled."""
+    """Fills development-only values from .env.example; returns what was filled. Not the app
+    secret when signatures are skipped: the gateway refuses the two together."""
     filled: list[str] = []
     example = {k: v for k, v in dotenv_values(ROOT / ".env.example").items() if v}
-    for key in ("WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN"):
+    keys = ["WHATSAPP_VERIFY_TOKEN"]
+    if not _skips_signature(env):
+        keys.insert(0, "WHATSAPP_APP_SECRET")
+    for key in keys:
         if not env.get(key) and key in example:
             env[key] = example[key]
             filled.append(key)
     return filled
+
+
+def _skips_signature(env: dict[str, str]) -> bool:
+    """Whether WHATSAPP_SKIP_SIGNATURE asks for it, read as the gateway reads it (a value the
+    gateway refuses is its to report)."""
+    value = env.get("WHATSAPP_SKIP_SIGNATURE", "")
+    try:
+        return bool(value) and TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return False
 
 
 async def run() -> int:

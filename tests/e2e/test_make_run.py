@@ -199,6 +199,19 @@ def _services(root: psutil.Process) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.parametrize("make_run", [{"WHATSAPP_SKIP_SIGNATURE": "true"}], indirect=True)
+def test_make_run_with_signatures_skipped_takes_unsigned_deliveries(make_run: tuple) -> None:  # type: ignore[type-arg]
+    # The development opt-out: make run fills no development app secret then (the gateway
+    # refuses a secret and the opt-out together, and would never come up).
+    _, url, log = make_run
+    _wait_ready(make_run)
+    body = payloads.text_delivery("unsigned, on purpose")
+    answered = httpx.post(f"{url}/webhook", json=body, timeout=10)
+    assert answered.status_code == 200, answered.text
+    output = log.read_text()
+    assert "WHATSAPP_APP_SECRET is not set" not in output
+
+
 @pytest.mark.parametrize("make_run", [{"WA_SCALE": "agent=2,state=2,gateway=2"}], indirect=True)
 def test_make_run_with_wa_scale_runs_prints_and_restarts_each_replica(make_run: tuple) -> None:  # type: ignore[type-arg]
     proc, url, log = make_run
