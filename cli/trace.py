@@ -1,4 +1,4 @@
-"""`wa trace MESSAGE_ID|PHONE`: a message's timeline and its trace id."""
+"""`wa trace MESSAGE_ID|PHONE|BSUID`: a message's timeline and its trace id."""
 
 from __future__ import annotations
 
@@ -28,21 +28,32 @@ def customer_key(target: str) -> str:
     return target.lstrip("+") if target.lstrip("+").isdigit() else target
 
 
+def lookups(target: str) -> list[state_pb2.GetTimelineRequest]:
+    """What `target` may name, in the order to ask: a message id by its prefix, a phone number
+    by its digits; anything else a customer (a business-scoped user id or a username) and, if
+    no customer, a message whose id Meta did not prefix."""
+    as_message = state_pb2.GetTimelineRequest(message_id=target, limit=20)
+    as_customer = state_pb2.GetTimelineRequest(wa_id=customer_key(target), limit=20)
+    if is_message_id(target):
+        return [as_message]
+    if target.lstrip("+").isdigit():
+        return [as_customer]
+    return [as_customer, as_message]
+
+
 async def trace(target: str, as_json: bool) -> int:
     settings = CliSettings.from_env()
-    by_message = is_message_id(target)
-    request = state_pb2.GetTimelineRequest(
-        message_id=target if by_message else "",
-        wa_id="" if by_message else customer_key(target),
-        limit=20,
-    )
+    candidates = lookups(target)
     async with grpcserver.channel(settings.state_addr) as ch:
-        try:
-            with calling("state", settings.state_addr):
-                tl = await state_pb2_grpc.StateStub(ch).GetTimeline(request, timeout=10)
-        except grpc.aio.AioRpcError as exc:  # NOT_FOUND: no such message or customer
-            print(f"{target}: {exc.details()}", file=sys.stderr)
-            return 1
+        for request in candidates:
+            try:
+                with calling("state", settings.state_addr):
+                    tl = await state_pb2_grpc.StateStub(ch).GetTimeline(request, timeout=10)
+                break
+            except grpc.aio.AioRpcError as exc:  # NOT_FOUND: no such message or customer
+                if exc.code() != grpc.StatusCode.NOT_FOUND or request is candidates[-1]:
+                    print(f"{target}: {exc.details()}", file=sys.stderr)
+                    return 1
     messages = [
         {
             "message_id": m.message_id,

@@ -138,6 +138,20 @@ async def test_trace_shows_the_timeline_and_the_dlq_attempts(
     assert "trace id" in by_phone.stdout and "dead-letter item" in by_phone.stdout
 
 
+async def test_trace_finds_a_message_whose_id_has_no_wamid_prefix(
+    start_system: StartSystem,
+) -> None:
+    system = await start_system()
+    msg = payloads.message("text", id="test-msg-1", wa_id="15557770001", text={"body": "hi"})
+    assert (await system.post(payloads.delivery(messages=[msg]))).status_code == 200
+    await system.wait_status(["test-msg-1"], {"replied"})
+    by_id = await asyncio.to_thread(wa_json, system, "trace", "test-msg-1")
+    assert [m["message_id"] for m in by_id["messages"]] == ["test-msg-1"]
+    assert by_id["messages"][0]["status"] == "replied"
+    unknown = await asyncio.to_thread(wa, system, "trace", "no-such-thing")
+    assert unknown.returncode == 1 and "no-such-thing" in unknown.stderr
+
+
 async def test_simulate_sends_a_signed_message_and_reports_the_reply(
     start_system: StartSystem, graph: FakeGraph
 ) -> None:
