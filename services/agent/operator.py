@@ -23,6 +23,7 @@ from common import customers, sqlfile
 
 from . import limits, service_window, window
 from .agents import AgentCatalog
+from .backends import clean_text
 from .deadline import UNBOUNDED, Deadline
 from .graph import GraphClient, GraphError
 
@@ -152,14 +153,37 @@ class OperatorReplies:
             )
         entry: dict[str, Any] = {"role": "assistant", "content": text, "operator": operator}
         entry["tokens"] = window.message_tokens(entry)
+        # What the customer said to the person since the previous answer (held, never a turn's)
+        # goes into the context before the answer: the bot, once released, knows what was asked.
+        entries = [*await self._held_since(conversation_id, reply_id), entry]
         await self.pool.execute(
-            Q["sent"], reply_id, sent_id, self.catalog.default, entry, entry["tokens"]
+            Q["sent"],
+            reply_id,
+            sent_id,
+            self.catalog.default,
+            entries,
+            sum(e["tokens"] for e in entries),
         )
         log.info(
             "operator reply sent",
             extra={"conversation_id": conversation_id, "reply_id": sent_id, "operator": operator},
         )
         return OperatorSent(sent_id, conversation_id, conv["phone_number_id"])
+
+    async def _held_since(self, conversation_id: int, reply_id: int) -> list[dict[str, Any]]:
+        """The customer's text held for a person since this conversation's previous operator
+        answer, as the context's user messages, oldest first."""
+        rows = await self.pool.fetch(Q["held_since_last_answer"], conversation_id, reply_id)
+        held = []
+        for row in rows:
+            said: dict[str, Any] = {
+                "role": "user",
+                "content": clean_text(row["body"]),
+                "message_id": row["message_id"],
+            }
+            said["tokens"] = window.message_tokens(said)
+            held.append(said)
+        return held
 
     async def _earlier(self, row: asyncpg.Record, deadline: Deadline) -> OperatorSent | None:
         """What an earlier request with the same key did: sent (returned as a duplicate), being

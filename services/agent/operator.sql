@@ -45,9 +45,26 @@ RETURNING id
 -- The Graph API answered: this attempt did not deliver (a later request may send it).
 UPDATE operator_replies SET send_started_at = NULL, error_code = $2 WHERE id = $1
 
+-- name: held_since_last_answer
+-- The customer's texts held for a person (wa_hold_for_person) in conversation $1 since its
+-- last operator answer other than $2 was sent (all of them before the first), oldest first:
+-- they go into the context before answer $2 (`sent`). By the conversation's messages by
+-- received_at (indexed); a few rows.
+SELECT m.message_id, m.body
+  FROM processed_webhook_messages m
+ WHERE m.conversation_id = $1 AND m.kind = 'message' AND m.status = 'skipped'
+   AND m.status_reason LIKE 'waiting for a person%' AND m.body <> ''
+   AND m.received_at > COALESCE((SELECT max(r.sent_at) FROM operator_replies r
+                                  WHERE r.conversation_id = $1 AND r.id <> $2),
+                                '-infinity')
+ ORDER BY m.received_at, m.id
+ LIMIT 50
+
 -- name: sent
 -- Sent as $2 ('' when recorded, not sent): recorded, audited in the conversation's timeline,
--- and added to the agent's context so that the bot knows what was said once it answers again.
+-- and added to the agent's context, after the customer's messages held since the previous
+-- answer ($4: a JSON array of the context's messages, the answer last), so that the bot knows
+-- what was asked and said once it answers again.
 WITH sent AS (
     UPDATE operator_replies r
        SET sent_id = NULLIF($2, ''), sent_at = now()
@@ -76,5 +93,7 @@ WITH sent AS (
     RETURNING a.conversation_id, a.last_seq
 )
 INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
-SELECT c.conversation_id, c.last_seq, 1, $4::json::text
+SELECT c.conversation_id, c.last_seq, json_array_length($4::json),
+       (SELECT string_agg(e::text, ',' ORDER BY k) FROM json_array_elements($4::json)
+                                                    WITH ORDINALITY AS x (e, k))
   FROM context c

@@ -177,6 +177,29 @@ async def test_an_operator_reply_is_sent_once_per_invocation_even_when_retried(
     assert "Hi, Ana here." in said and said.count("Anything else?") == 2
 
 
+async def test_after_the_release_the_bot_knows_what_the_customer_asked_the_person(
+    start_system: StartSystem, model: FakeModel
+) -> None:
+    system = await start_system(**model.env())
+    await say(system, "I need an operator", {"replied"})
+    await say(system, "can I move my table to friday?", {"skipped"})
+    for answer in ("Yes, done: Friday at 8.", "Anything else?"):
+        done = await asyncio.to_thread(wa, system, "reply", CUSTOMER, answer)
+        assert done.returncode == 0, done.stderr
+    assert (await asyncio.to_thread(wa, system, "handoff", "release", CUSTOMER)).returncode == 0
+    await say(system, "thanks!", {"replied"})
+    said = [(m["role"], m["content"]) for m in model.requests[-1].body["messages"]]
+    asked = ("user", "can I move my table to friday?")
+    # Once, in its place: before the person's answers, not again before the second one.
+    assert said.count(asked) == 1
+    at = said.index(asked)
+    assert said[at + 1 : at + 3] == [
+        ("assistant", "Yes, done: Friday at 8."),
+        ("assistant", "Anything else?"),
+    ]
+    assert said[-1] == ("user", "thanks!")
+
+
 async def test_operator_replies_refused_outside_the_window_for_unknown_or_ambiguous_customers(
     start_system: StartSystem, model: FakeModel, graph: FakeGraph
 ) -> None:

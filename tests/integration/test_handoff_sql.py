@@ -38,6 +38,7 @@ async def test_handoff_queries_use_indexes_on_a_large_table(pool: asyncpg.Pool) 
         _bound(handoff.Q["list_handoffs"], "''", "100", "20"),
         _bound(handoff.Q["customer_conversations"], "'15557'", "''"),
         _bound(operator.Q["customer_conversations"], "'15557'", "'1'"),
+        _bound(operator.Q["held_since_last_answer"], "7", "0"),
         # What wa_hold_for_person locks and moves.
         "SELECT m.id FROM processed_webhook_messages m WHERE m.conversation_id = 7 "
         "AND m.status IN ('received', 'processing') ORDER BY m.wa_timestamp, m.id FOR UPDATE",
