@@ -100,10 +100,13 @@ async def test_commands_whose_service_is_up_say_so_in_one_line_when_the_state_se
     os.close(write)
     assert piped.returncode == 141 and piped.stderr == b"", piped.stderr
     await system.sup.stop(["state"])
+    # `--all` first, while the item is dead: a redrive that the state service did not take
+    # puts the item back to pending, where the dlq worker may be retrying it when `--all`
+    # looks (it then finds nothing to redrive); a redrive by id takes it in any of those.
     for args in (
         ["simulate", "hi"],
-        ["dlq", "retry", str(item["id"])],
         ["dlq", "retry", "--all"],
+        ["dlq", "retry", str(item["id"])],
     ):
         done = await asyncio.to_thread(wa, system, *args)
         assert done.returncode == 2, done.stdout + done.stderr
