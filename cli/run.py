@@ -133,13 +133,13 @@ SERVICES_STOP_SECONDS = 3.5
 RUN_DRAINS = {"DRAIN_SECONDS": "2", "AGENT_DRAIN_SECONDS": "2"}
 
 
-def _dev_defaults(env: dict[str, str]) -> list[str]:
+def _dev_defaults(env: dict[str, str], *, skips_signature: bool) -> list[str]:
     """Fills development-only values from .env.example; returns what was filled. Not the app
     secret when signatures are skipped: the gateway refuses the two together."""
     filled: list[str] = []
     example = {k: v for k, v in dotenv_values(ROOT / ".env.example").items() if v}
     keys = ["WHATSAPP_VERIFY_TOKEN"]
-    if not _skips_signature(env):
+    if not skips_signature:
         keys.insert(0, "WHATSAPP_APP_SECRET")
     for key in keys:
         if not env.get(key) and key in example:
@@ -149,8 +149,9 @@ def _dev_defaults(env: dict[str, str]) -> list[str]:
 
 
 def _skips_signature(env: dict[str, str]) -> bool:
-    """Whether WHATSAPP_SKIP_SIGNATURE asks for it, read as the gateway reads it (a value the
-    gateway refuses is its to report)."""
+    """Whether WHATSAPP_SKIP_SIGNATURE asks for it, read as the gateway reads it: from the
+    environment only, never from .env (common/config.py, ENVIRONMENT_ONLY); a value the
+    gateway refuses is its to report."""
     value = env.get("WHATSAPP_SKIP_SIGNATURE", "")
     try:
         return bool(value) and TypeAdapter(bool).validate_python(value)
@@ -228,7 +229,7 @@ async def run() -> int:
         if tls_dir is not None:
             env["GRPC_TLS_DIR"] = str(tls_dir)
         base = {**config.dotenv(), **os.environ, **env}
-        filled = _dev_defaults(base)
+        filled = _dev_defaults(base, skips_signature=_skips_signature({**os.environ, **env}))
         for key in filled:
             env[key] = base[key]
             say(f"[wa run] {key} is not set: using the DEVELOPMENT value from .env.example")

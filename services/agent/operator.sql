@@ -46,19 +46,28 @@ RETURNING id
 UPDATE operator_replies SET send_started_at = NULL, error_code = $2 WHERE id = $1
 
 -- name: held_since_last_answer
--- The customer's texts held for a person (wa_hold_for_person) in conversation $1 since its
--- last operator answer other than $2 was sent (all of them before the first), oldest first:
--- they go into the context before answer $2 (`sent`). By the conversation's messages by
--- received_at (indexed); a few rows.
-SELECT m.message_id, m.body
-  FROM processed_webhook_messages m
- WHERE m.conversation_id = $1 AND m.kind = 'message' AND m.status = 'skipped'
-   AND m.status_reason LIKE 'waiting for a person%' AND m.body <> ''
-   AND m.received_at > COALESCE((SELECT max(r.sent_at) FROM operator_replies r
-                                  WHERE r.conversation_id = $1 AND r.id <> $2),
-                                '-infinity')
- ORDER BY m.received_at, m.id
- LIMIT 50
+-- The customer's texts held for a person (wa_hold_for_person) in conversation $1 during its
+-- current handoff (received since it began, as list_handoffs counts them; none when it is not
+-- handed off) and since its last operator answer other than $2 was sent: they go into the
+-- context before answer $2 (`sent`). The newest 50, oldest first. By the conversation's
+-- messages by received_at (indexed); a few rows.
+SELECT x.message_id, x.body FROM (
+    SELECT m.id, m.message_id, m.body, m.received_at
+      FROM webhook_conversations c
+      LEFT JOIN processed_webhook_messages h ON h.message_id = c.handoff_message_id
+      JOIN processed_webhook_messages m ON m.conversation_id = c.id
+     WHERE c.id = $1 AND c.handoff_at IS NOT NULL
+       AND m.kind = 'message' AND m.status = 'skipped'
+       AND m.status_reason LIKE 'waiting for a person%' AND m.body <> ''
+       AND m.received_at >= COALESCE(h.received_at, c.handoff_at)
+       AND m.message_id IS DISTINCT FROM c.handoff_message_id
+       AND m.received_at > COALESCE((SELECT max(r.sent_at) FROM operator_replies r
+                                      WHERE r.conversation_id = $1 AND r.id <> $2),
+                                    '-infinity')
+     ORDER BY m.received_at DESC, m.id DESC
+     LIMIT 50
+) x
+ ORDER BY x.received_at, x.id
 
 -- name: sent
 -- Sent as $2 ('' when recorded, not sent): recorded, audited in the conversation's timeline,
@@ -81,19 +90,21 @@ WITH sent AS (
            s.correlation_id
       FROM sent s
 ), context AS (
-    -- The message's number in the context (db/migrations/0030): taken on the row, after a
-    -- turn's save of the same conversation if one holds it.
+    -- The messages' numbers in the context (db/migrations/0030: an entry holds seq to
+    -- seq + n - 1, and last_seq moves on by n): taken on the row, after a turn's save of the
+    -- same conversation if one holds it.
     INSERT INTO agent_contexts AS a (conversation_id, agent_type, token_count, last_seq)
-    SELECT s.conversation_id, $3, $5, 1
+    SELECT s.conversation_id, $3, $5, json_array_length($4::json)
       FROM sent s
     ON CONFLICT (conversation_id) DO UPDATE
        SET token_count = a.token_count + EXCLUDED.token_count,
-           last_seq = a.last_seq + 1,
+           last_seq = a.last_seq + EXCLUDED.last_seq,
            updated_at = now()
     RETURNING a.conversation_id, a.last_seq
 )
 INSERT INTO agent_context_entries (conversation_id, seq, n, messages)
-SELECT c.conversation_id, c.last_seq, json_array_length($4::json),
+SELECT c.conversation_id, c.last_seq - json_array_length($4::json) + 1,
+       json_array_length($4::json),
        (SELECT string_agg(e::text, ',' ORDER BY k) FROM json_array_elements($4::json)
                                                     WITH ORDINALITY AS x (e, k))
   FROM context c

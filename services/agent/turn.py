@@ -120,17 +120,6 @@ class Agent:
             )
         reply_text = state.reply_text
         agent_type = state.agent_type or ""
-        if self.graph.enabled and not (req.wa_id or req.user_id):
-            # The customer's number changed and Meta named no user id for them: the old number
-            # is not theirs any more (db/migrations/0038). Nothing to send to, so no model call.
-            return TurnResult(
-                outcome="failed",
-                error_class="NoRecipient",
-                error_message="the customer's phone number changed and no new number or "
-                "business-scoped user id is known for them",
-                retryable=False,
-                agent_type=agent_type,
-            )
         structured = stored_reply(state.reply_payload)
         parts: list[str] = []
         if reply_text is not None:
@@ -146,6 +135,19 @@ class Agent:
             confirmed = await self._await_confirmation(req, deadline)
             if confirmed is not None:
                 return dataclasses.replace(confirmed, absorbed_message_ids=absorbed)
+        if self.graph.enabled and not (req.wa_id or req.user_id):
+            # The customer's number changed and Meta named no user id for them: the old number
+            # is not theirs any more (db/migrations/0038). Nothing to send to, so no model call.
+            # (After the wait above: a send already made may yet be confirmed.)
+            return TurnResult(
+                outcome="failed",
+                error_class="NoRecipient",
+                error_message="the customer's phone number changed and no new number or "
+                "business-scoped user id is known for them",
+                retryable=False,
+                agent_type=agent_type,
+                absorbed_message_ids=absorbed,
+            )
         closed = window_closed(state, structured)
         if closed is not None:
             result = await self._outside_window(req, agent_type, closed, deadline)

@@ -90,15 +90,15 @@ SELECT c.id, c.phone_number_id, c.wa_id, c.user_id, c.username, c.contact_name, 
 -- name: take_over
 -- An operator takes the conversation over: handed off now, unless it already was (its time
 -- then comes back, `taken` false). Audited with who. The messages waiting for the person are
--- those received since (no handoff message), and those the bot had not answered yet: its
--- handoff time is then the oldest of those's arrival, so that list_handoffs shows them (the
--- next turn start holds them for the person, wa_hold_for_person).
+-- those received since (no handoff message), and those still waiting for a turn: its handoff
+-- time is then the oldest of those's arrival, so that list_handoffs shows them (the next turn
+-- start holds them for the person, wa_hold_for_person). Not a turn in flight: it still ends.
 WITH taken AS (
     UPDATE webhook_conversations c
        SET handoff_at = LEAST(now(), (SELECT min(m.received_at)
                                         FROM processed_webhook_messages m
                                        WHERE m.conversation_id = c.id AND m.kind = 'message'
-                                         AND m.status IN ('received', 'processing'))),
+                                         AND m.status = 'received')),
            handoff_message_id = NULL, updated_at = now()
      WHERE c.id = $1 AND c.handoff_at IS NULL
     RETURNING c.id, c.phone_number_id, c.handoff_at

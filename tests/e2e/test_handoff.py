@@ -198,6 +198,13 @@ async def test_after_the_release_the_bot_knows_what_the_customer_asked_the_perso
         ("assistant", "Anything else?"),
     ]
     assert said[-1] == ("user", "thanks!")
+    # The context's entries number its messages without gaps or overlaps (seq to seq + n - 1),
+    # and the context's last number is the last of them: what pruning the context relies on.
+    pool = await system.db()
+    entries = await pool.fetch("SELECT seq, n FROM agent_context_entries ORDER BY seq")
+    assert [e["seq"] for e in entries[1:]] == [e["seq"] + e["n"] for e in entries[:-1]]
+    last = await pool.fetchval("SELECT last_seq FROM agent_contexts")
+    assert last == entries[-1]["seq"] + entries[-1]["n"] - 1
 
 
 async def test_operator_replies_refused_outside_the_window_for_unknown_or_ambiguous_customers(
