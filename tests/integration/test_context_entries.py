@@ -157,7 +157,7 @@ async def test_an_operators_reply_sent_while_a_turn_runs_stays_in_the_context(
         operator.Q["store"], "key-1", conversation, "1", "ann", "A person here.", "c"
     )
     person = {"role": "assistant", "content": "A person here.", "tokens": 7}
-    await pool.execute(operator.Q["sent"], reply, "wamid.op", "concierge", person, 7)
+    await pool.execute(operator.Q["sent"], reply, "wamid.op", "concierge", [person], 7)
     assert await pool.fetchval(_SAVE, conversation, token, "m2", turn(2), 100) == token
     assert await _context(pool, conversation) == [
         *read_by_the_turn,

@@ -444,7 +444,7 @@ async def test_a_save_that_waited_for_an_operators_answer_adds_to_the_context_af
         operator.Q["store"], "key-1", c, "100", "ada", "a person here", "cor-op"
     )
     answer = {"role": "assistant", "content": "a person here", "operator": "ada"}
-    tx = await holding(holder, operator.Q["sent"], reply_id, "wamid.OP", "concierge", answer, 5)
+    tx = await holding(holder, operator.Q["sent"], reply_id, "wamid.OP", "concierge", [answer], 5)
     saving = asyncio.create_task(
         batcher.fetch(
             saves.Q["save_turns"],
