@@ -281,9 +281,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return asyncio.run(retention.prune(args.dry_run, args.json))
     if args.command == "forget":
+        from common import customers
+
         from . import retention
 
-        customer = retention.customer_key(args.customer)
+        customer = customers.key(args.customer)
         if not customer:
             print("name a customer: a phone number or a BSUID", file=sys.stderr)
             return 2

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 
 import grpc
@@ -27,16 +26,6 @@ REFUSED = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
-_PHONE = re.compile(r"^\+?[\d\s().-]+$")
-
-
-def customer_key(text: str) -> str:
-    """A phone number as WhatsApp writes it (digits only: "+1 555-000 1111" is 15550001111);
-    anything else (a BSUID, "US.1349...") as given."""
-    text = text.strip()
-    if _PHONE.match(text):
-        return re.sub(r"\D", "", text)
-    return text
 
 
 def _print_counts(counts: list[state_pb2.TableCount], verb: str, cleared: str = "") -> None:

@@ -133,14 +133,16 @@ SERVICES_STOP_SECONDS = 3.5
 RUN_DRAINS = {"DRAIN_SECONDS": "2", "AGENT_DRAIN_SECONDS": "2"}
 
 
+# What `make run` may fill from .env.example when unset (never a deployment's).
+DEVELOPMENT_VALUES = ("WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN")
+
+
 def _dev_defaults(env: dict[str, str], *, skips_signature: bool) -> list[str]:
     """Fills development-only values from .env.example; returns what was filled. Not the app
     secret when signatures are skipped: the gateway refuses the two together."""
     filled: list[str] = []
     example = {k: v for k, v in dotenv_values(ROOT / ".env.example").items() if v}
-    keys = ["WHATSAPP_VERIFY_TOKEN"]
-    if not skips_signature:
-        keys.insert(0, "WHATSAPP_APP_SECRET")
+    keys = ("WHATSAPP_VERIFY_TOKEN",) if skips_signature else DEVELOPMENT_VALUES
     for key in keys:
         if not env.get(key) and key in example:
             env[key] = example[key]

@@ -19,13 +19,17 @@ CONVERSATION_EVENTS = frozenset({"handoff", "operator"})
 
 
 def is_message_id(target: str) -> bool:
-    """WhatsApp message ids (and ours for messages stored without one); anything else names
-    a customer: a phone number, a business-scoped user id or a username."""
+    """WhatsApp message ids (and ours for messages stored without one) by their prefix; other
+    message ids are told from customers only by asking (`lookups`)."""
     return target.startswith(("wamid.", "invalid:"))
 
 
+def is_phone_number(target: str) -> bool:
+    return target.lstrip("+").isdigit()
+
+
 def customer_key(target: str) -> str:
-    return target.lstrip("+") if target.lstrip("+").isdigit() else target
+    return target.lstrip("+") if is_phone_number(target) else target
 
 
 def lookups(target: str) -> list[state_pb2.GetTimelineRequest]:
@@ -36,7 +40,7 @@ def lookups(target: str) -> list[state_pb2.GetTimelineRequest]:
     as_customer = state_pb2.GetTimelineRequest(wa_id=customer_key(target), limit=20)
     if is_message_id(target):
         return [as_message]
-    if target.lstrip("+").isdigit():
+    if is_phone_number(target):
         return [as_customer]
     return [as_customer, as_message]
 

@@ -152,7 +152,7 @@ def load(path: Path) -> AgentCatalog:
             raise AgentConfigError(
                 f"{path}:{_line_of(text, name, 'temperature')}: temperature must be in [0, 2]"
             )
-        if spec.get("token_limit", 1) <= 0:
+        if "token_limit" in spec and spec["token_limit"] <= 0:
             raise AgentConfigError(
                 f"{path}:{_line_of(text, name, 'token_limit')}: token_limit must be positive"
             )

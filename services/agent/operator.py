@@ -174,16 +174,7 @@ class OperatorReplies:
         """The customer's text held for a person since this conversation's previous operator
         answer, as the context's user messages, oldest first."""
         rows = await self.pool.fetch(Q["held_since_last_answer"], conversation_id, reply_id)
-        held = []
-        for row in rows:
-            said: dict[str, Any] = {
-                "role": "user",
-                "content": clean_text(row["body"]),
-                "message_id": row["message_id"],
-            }
-            said["tokens"] = window.message_tokens(said)
-            held.append(said)
-        return held
+        return [window.user_message(clean_text(r["body"]), r["message_id"]) for r in rows]
 
     async def _earlier(self, row: asyncpg.Record, deadline: Deadline) -> OperatorSent | None:
         """What an earlier request with the same key did: sent (returned as a duplicate), being

@@ -330,12 +330,7 @@ class Agent:
         text = _lines([said.text, *burst.texts]) or said.text
         routed = self.catalog.route(current, _lines([said.route_text, *burst.texts]), said.choice)
         agent = self.catalog.get(routed)
-        user: dict[str, Any] = {
-            "role": "user",
-            "content": clean_text(text),
-            "message_id": req.message_id,
-        }
-        user["tokens"] = window.message_tokens(user)
+        user = window.user_message(clean_text(text), req.message_id)
         history.append(user)
         costs = [m.get("tokens") or window.message_tokens(m) for m in history]
         limit = min(self.token_limit, agent.token_limit or self.token_limit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from typing import Any
 
 import tiktoken
 
@@ -28,6 +29,14 @@ def count(text: str) -> int:
 
 def message_tokens(message: dict[str, str]) -> int:
     return count(message["content"]) + PER_MESSAGE_OVERHEAD
+
+
+def user_message(content: str, message_id: str) -> dict[str, Any]:
+    """The customer's words as the context keeps them: a user message that names the message
+    it came from, with its tokens counted (a turn's, or one held for a person)."""
+    message: dict[str, Any] = {"role": "user", "content": content, "message_id": message_id}
+    message["tokens"] = message_tokens(message)
+    return message
 
 
 @lru_cache(maxsize=64)
